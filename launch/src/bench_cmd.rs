@@ -1,0 +1,171 @@
+//! `tessera bench`: collective benchmarks in nccl-tests terms, and the GEMM benchmark.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use serde::{Deserialize, Serialize};
+use tessera_collectives::Communicator;
+use tessera_collectives::bench as cbench;
+
+use crate::launcher::{JobSpec, launch};
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// All-reduce over N local rank processes (TCP ring): size, count, time, algbw, busbw.
+    Allreduce(AllreduceArgs),
+    /// Every collective in N local rank processes, checked against a naive reference.
+    CollectivesSelftest {
+        /// Rank processes to start on this machine.
+        #[arg(long, default_value_t = 2)]
+        nproc: usize,
+    },
+    /// Single-precision GEMM throughput of the CPU device, beside numpy (OpenBLAS) when present.
+    Gemm(GemmArgs),
+}
+
+#[derive(Args, Serialize, Deserialize, Clone, Debug)]
+pub struct AllreduceArgs {
+    /// Rank processes to start on this machine.
+    #[arg(long, default_value_t = 2)]
+    #[serde(skip)]
+    pub nproc: usize,
+    /// Sizes in bytes: a range MIN..MAX doubling (e.g. 1K..256M), or a list (64M,128M).
+    #[arg(long, default_value = "1K..64M")]
+    pub sizes: String,
+    /// Timed iterations per size.
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// Untimed warm-up iterations per size.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Check every result element against the exact expected sum.
+    #[arg(long)]
+    pub check: bool,
+    /// One JSON object per size instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct GemmArgs {
+    /// Square sizes n (C = A·B with n×n matrices).
+    #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096")]
+    pub sizes: Vec<usize>,
+    /// Threads for the GEMM (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Repetitions per size (the best is reported).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Skip the numpy comparison.
+    #[arg(long)]
+    pub no_peer: bool,
+}
+
+pub fn bench(cmd: BenchCommand) -> Result<ExitCode> {
+    match cmd {
+        BenchCommand::Allreduce(a) => {
+            // Validate sizes here so a typo fails before any process starts.
+            cbench::parse_sizes(&a.sizes).map_err(|e| anyhow::anyhow!("--sizes: {e}"))?;
+            let spec = JobSpec {
+                rank_args: vec![
+                    "--job".into(),
+                    "bench-allreduce".into(),
+                    "--job-args".into(),
+                    serde_json::to_string(&a)?,
+                ],
+                total_steps: None,
+                label: "allreduce".into(),
+            };
+            launch(a.nproc, &spec, 30.0)
+        }
+        BenchCommand::CollectivesSelftest { nproc } => {
+            let spec = JobSpec {
+                rank_args: vec!["--job".into(), "collectives-selftest".into()],
+                total_steps: None,
+                label: "selftest".into(),
+            };
+            launch(nproc, &spec, 30.0)
+        }
+        BenchCommand::Gemm(g) => gemm(&g),
+    }
+}
+
+/// The part of `bench allreduce` that runs inside each rank; returns rank 0's report.
+pub fn allreduce_rank(comm: &mut dyn Communicator, job_args: &str) -> Result<String> {
+    let a: AllreduceArgs =
+        serde_json::from_str(job_args).context("decoding benchmark arguments")?;
+    let sizes = cbench::parse_sizes(&a.sizes).map_err(|e| anyhow::anyhow!("--sizes: {e}"))?;
+    let rows = cbench::bench_all_reduce(comm, &sizes, a.iters, a.warmup, a.check)?;
+    if a.check && rows.iter().any(|r| r.check == Some(false)) {
+        bail!("all-reduce results were wrong (see the check column)");
+    }
+    let world = comm.world();
+    if a.json {
+        let mut out = String::new();
+        for r in &rows {
+            out += &serde_json::to_string(&serde_json::json!({
+                "op": "all_reduce",
+                "ranks": world,
+                "size_bytes": r.size_bytes,
+                "count": r.count,
+                "time_us": r.time_us,
+                "algbw": r.algbw_gbs,
+                "busbw": r.busbw_gbs,
+                "check": r.check,
+            }))?;
+            out.push('\n');
+        }
+        Ok(out)
+    } else {
+        Ok(format!(
+            "# tessera TCP ring, {} timed iterations per size\n{}",
+            a.iters,
+            cbench::format_table(&rows, world)
+        ))
+    }
+}
+
+fn gemm(g: &GemmArgs) -> Result<ExitCode> {
+    let threads = if g.threads == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    } else {
+        g.threads
+    };
+    let peer = if g.no_peer { None } else { numpy_gflops(&g.sizes, g.reps) };
+    println!("# sgemm C = A·B, n×n f32, {threads} thread(s); GFLOP/s = 2n³/t, best of {}", g.reps);
+    println!("{:>6} {:>12} {:>14} {:>8}", "n", "tessera", "numpy(BLAS)", "ratio");
+    for (i, &n) in g.sizes.iter().enumerate() {
+        let ours = tessera_rank::device::sgemm_gflops(n, threads, g.reps);
+        match peer.as_ref().and_then(|p| p.get(i)) {
+            Some(&theirs) => {
+                println!("{n:>6} {ours:>12.1} {theirs:>14.1} {:>8.2}", ours / theirs)
+            }
+            None => println!("{n:>6} {ours:>12.1} {:>14} {:>8}", "-", "-"),
+        }
+    }
+    if peer.is_none() && !g.no_peer {
+        eprintln!("(no peer figure: python3 with numpy was not found; pip install numpy)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// numpy's float32 matmul GFLOP/s at the same sizes, measured now, if python3 and numpy exist.
+fn numpy_gflops(sizes: &[usize], reps: usize) -> Option<Vec<f64>> {
+    let script = format!(
+        "import numpy as np, time\n\
+         for n in {sizes:?}:\n\
+         \x20   a = np.random.rand(n, n).astype(np.float32); b = np.random.rand(n, n).astype(np.float32)\n\
+         \x20   a @ b\n\
+         \x20   best = min((lambda t0: (a @ b, time.perf_counter() - t0)[1])(time.perf_counter()) for _ in range({reps}))\n\
+         \x20   print(2 * n**3 / best / 1e9)\n"
+    );
+    let out = std::process::Command::new("python3").arg("-c").arg(script).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let vals: Vec<f64> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    (vals.len() == sizes.len()).then_some(vals)
+}

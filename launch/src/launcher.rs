@@ -1,0 +1,357 @@
+//! `tessera run`: a coordinator on loopback plus N rank processes on this machine.
+//!
+//! The launcher prefixes every line a rank prints with its rank, forwards Ctrl-C/SIGTERM, shows
+//! a progress bar fed by the ranks' heartbeats, and when a rank dies, tells the coordinator (which
+//! aborts every other rank), stops what is left, and exits non-zero naming the rank and its exit
+//! status. When every rank succeeds it prints rank 0's report (the JSON summary) last, on stdout.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use tessera_coordinator::{CoordinatorConfig, CoordinatorHandle};
+use tessera_rank::config::Config;
+
+use crate::TrainArgs;
+
+/// How long the other ranks get to exit by themselves after one failed, before SIGKILL.
+const GRACE: Duration = Duration::from_secs(10);
+
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    SIGNAL.store(sig, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() {
+    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+}
+
+/// Describes an exit status for people: "exit code 3" or "signal 9 (SIGKILL)".
+pub fn describe_status(status: ExitStatus) -> String {
+    if let Some(code) = status.code() {
+        return format!("exit code {code}");
+    }
+    match status.signal() {
+        Some(sig) => {
+            let name = match sig {
+                libc::SIGKILL => " (SIGKILL)",
+                libc::SIGTERM => " (SIGTERM)",
+                libc::SIGINT => " (SIGINT)",
+                libc::SIGSEGV => " (SIGSEGV)",
+                libc::SIGABRT => " (SIGABRT)",
+                libc::SIGBUS => " (SIGBUS)",
+                _ => "",
+            };
+            format!("signal {sig}{name}")
+        }
+        None => "unknown status".into(),
+    }
+}
+
+/// What the launcher is running: the arguments after `tessera rank`, and the step count for
+/// the progress bar.
+pub struct JobSpec {
+    pub rank_args: Vec<String>,
+    pub total_steps: Option<u64>,
+    pub label: String,
+}
+
+pub fn run_training(nproc: usize, train: &TrainArgs, heartbeat_timeout: f64) -> Result<ExitCode> {
+    // Resolve once here so that a bad config fails before any process starts, and print it.
+    let cfg = Config::load(train.config.as_deref(), &train.overrides)?;
+    std::fs::create_dir_all(&cfg.run.out_dir)
+        .with_context(|| format!("creating run.out_dir {}", cfg.run.out_dir.display()))?;
+    let resolved = cfg.run.out_dir.join("config.toml");
+    std::fs::write(&resolved, cfg.to_toml())
+        .with_context(|| format!("writing {}", resolved.display()))?;
+    eprintln!("# resolved config (saved to {})", resolved.display());
+    eprint!("{}", cfg.to_toml());
+    let mut rank_args = Vec::new();
+    if let Some(c) = &train.config {
+        rank_args.push("--config".into());
+        rank_args.push(c.display().to_string());
+    }
+    for o in &train.overrides {
+        rank_args.push("--set".into());
+        rank_args.push(o.clone());
+    }
+    let spec = JobSpec { rank_args, total_steps: Some(cfg.run.steps), label: "train".into() };
+    launch(nproc, &spec, heartbeat_timeout)
+}
+
+struct Printer {
+    bar: ProgressBar,
+    lock: Mutex<()>,
+}
+
+impl Printer {
+    fn line(&self, to_stderr: bool, text: &str) {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.bar.suspend(|| {
+            if to_stderr {
+                let _ = writeln!(std::io::stderr(), "{text}");
+            } else {
+                let _ = writeln!(std::io::stdout(), "{text}");
+            }
+        });
+    }
+}
+
+fn forward_lines(
+    stream: impl Read + Send + 'static,
+    prefix: String,
+    to_stderr: bool,
+    printer: Arc<Printer>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let reader = BufReader::new(stream);
+        for line in reader.split(b'\n') {
+            let Ok(line) = line else { break };
+            let text = String::from_utf8_lossy(&line);
+            printer.line(to_stderr, &format!("{prefix}{}", text.trim_end_matches('\r')));
+        }
+    })
+}
+
+fn signal_children(children: &mut [Option<Child>], sig: libc::c_int) {
+    for child in children.iter_mut().flatten() {
+        // SAFETY: kill(2) on a pid we spawned and have not reaped yet.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, sig);
+        }
+    }
+}
+
+/// Starts the coordinator and `nproc` ranks running `spec`, and supervises them.
+pub fn launch(nproc: usize, spec: &JobSpec, heartbeat_timeout: f64) -> Result<ExitCode> {
+    if nproc == 0 {
+        bail!("--nproc must be at least 1");
+    }
+    install_signal_handlers();
+    let token = tessera_coordinator::generate_token();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the coordinator's runtime")?;
+    let coord_cfg = CoordinatorConfig {
+        heartbeat_timeout: Duration::from_secs_f64(heartbeat_timeout),
+        ..CoordinatorConfig::new(nproc, token.clone())
+    };
+    let coordinator: CoordinatorHandle = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the coordinator on 127.0.0.1")?;
+        tessera_coordinator::serve(coord_cfg, listener).await.context("starting the coordinator")
+    })?;
+    let addr = coordinator.local_addr().to_string();
+
+    let report_dir = tempdir_for_reports()?;
+    let report_file = report_dir.join("report");
+
+    let bar = match spec.total_steps {
+        Some(n) => {
+            let b = ProgressBar::new(n);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} {msg} [{bar:30}] step {pos}/{len} {elapsed_precise} eta {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            b
+        }
+        None => ProgressBar::hidden(),
+    };
+    let printer = Arc::new(Printer { bar: bar.clone(), lock: Mutex::new(()) });
+
+    let exe = std::env::current_exe().context("locating the tessera executable")?;
+    let mut children: Vec<Option<Child>> = Vec::with_capacity(nproc);
+    let mut forwarders = Vec::new();
+    for i in 0..nproc {
+        let mut cmd = Command::new(&exe);
+        cmd.arg("rank")
+            .args(&spec.rank_args)
+            .env("TESSERA_COORDINATOR", &addr)
+            .env("TESSERA_TOKEN", &token)
+            .env("TESSERA_LAUNCH_RANK", i.to_string())
+            .env("TESSERA_LAUNCH_WORLD", nproc.to_string())
+            .env("TESSERA_LOCAL_RANK", i.to_string())
+            .env("TESSERA_LOCAL_WORLD", nproc.to_string())
+            .env("TESSERA_REPORT_FILE", &report_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                signal_children(&mut children, libc::SIGKILL);
+                return Err(e).with_context(|| format!("starting rank {i} ({})", exe.display()));
+            }
+        };
+        let prefix = format!("[rank {i}] ");
+        if let Some(out) = child.stdout.take() {
+            forwarders.push(forward_lines(out, prefix.clone(), false, printer.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            forwarders.push(forward_lines(err, prefix, true, printer.clone()));
+        }
+        children.push(Some(child));
+    }
+
+    let mut first_failure: Option<(usize, ExitStatus)> = None;
+    let mut failed_at: Option<Instant> = None;
+    let mut interrupted: Option<(i32, Instant)> = None;
+    let mut statuses: Vec<Option<ExitStatus>> = vec![None; nproc];
+    loop {
+        for (i, slot) in children.iter_mut().enumerate() {
+            let Some(child) = slot.as_mut() else { continue };
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    statuses[i] = Some(status);
+                    *slot = None;
+                    if !status.success() && first_failure.is_none() && interrupted.is_none() {
+                        first_failure = Some((i, status));
+                        failed_at = Some(Instant::now());
+                        coordinator.mark_failed(
+                            i as u32,
+                            &format!("exited with {}", describe_status(status)),
+                        );
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    printer.line(true, &format!("tessera run: waiting for rank {i}: {e}"));
+                }
+            }
+        }
+        if children.iter().all(Option::is_none) {
+            break;
+        }
+        let sig = SIGNAL.swap(0, Ordering::SeqCst);
+        if sig != 0 {
+            if interrupted.is_none() {
+                printer.line(
+                    true,
+                    &format!("tessera run: got signal {sig}; stopping the ranks (again to kill)"),
+                );
+                interrupted = Some((sig, Instant::now()));
+                signal_children(&mut children, libc::SIGTERM);
+            } else {
+                signal_children(&mut children, libc::SIGKILL);
+            }
+        }
+        let deadline_passed = failed_at.is_some_and(|t| t.elapsed() > GRACE)
+            || interrupted.is_some_and(|(_, t)| t.elapsed() > GRACE);
+        if deadline_passed {
+            signal_children(&mut children, libc::SIGKILL);
+        }
+        if let Some(p) = coordinator.progress().iter().find(|p| p.rank == 0) {
+            if let Some(progress) = &p.progress {
+                bar.set_position(progress.step);
+                if let Some(loss) = progress.loss {
+                    bar.set_message(format!("{} loss {loss:.4}", spec.label));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for f in forwarders {
+        let _ = f.join();
+    }
+    bar.finish_and_clear();
+    if let Err(e) = runtime.block_on(coordinator.shutdown()) {
+        eprintln!("tessera run: stopping the coordinator: {e}");
+    }
+    drop(runtime);
+
+    let result = if let Some((sig, _)) = interrupted {
+        eprintln!("tessera run: interrupted by signal {sig}; all ranks stopped");
+        Ok(ExitCode::from(130))
+    } else if let Some((rank, status)) = first_failure {
+        let others: Vec<String> = statuses
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != rank)
+            .map(|(i, s)| format!("rank {i}: {}", s.map_or("not reaped".into(), describe_status)))
+            .collect();
+        eprintln!(
+            "tessera run: rank {rank} failed ({}); the other ranks were stopped [{}]",
+            describe_status(status),
+            others.join(", ")
+        );
+        Ok(ExitCode::FAILURE)
+    } else {
+        match std::fs::read_to_string(&report_file) {
+            Ok(report) => {
+                print!("{report}");
+                if !report.ends_with('\n') {
+                    println!();
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!(
+                    "tessera run: every rank exited 0 but rank 0 wrote no report to {}: {e}",
+                    report_file.display()
+                );
+                Ok(ExitCode::FAILURE)
+            }
+        }
+    };
+    let _ = std::fs::remove_dir_all(&report_dir);
+    result
+}
+
+fn tempdir_for_reports() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("tessera-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// `tessera coordinator`: serve until every rank finished (exit 0) or the job aborted (exit 1).
+pub fn standalone_coordinator(
+    bind: &str,
+    world: usize,
+    heartbeat_timeout: f64,
+    join_timeout: f64,
+) -> Result<ExitCode> {
+    let token = std::env::var("TESSERA_TOKEN").context(
+        "the standalone coordinator needs the job token in TESSERA_TOKEN (any secret string, \
+         the same for every rank)",
+    )?;
+    if world == 0 {
+        bail!("--world must be at least 1");
+    }
+    let cfg = CoordinatorConfig {
+        heartbeat_timeout: Duration::from_secs_f64(heartbeat_timeout),
+        join_timeout: Duration::from_secs_f64(join_timeout),
+        ..CoordinatorConfig::new(world, token)
+    };
+    let outcome = tessera_coordinator::run_standalone(cfg, bind, |addr| {
+        eprintln!("tessera coordinator: listening on {addr} for {world} ranks");
+    });
+    match outcome {
+        Ok(()) => {
+            eprintln!("tessera coordinator: all {world} ranks finished");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(tessera_coordinator::CoordinatorError::Aborted(info)) => {
+            eprintln!("tessera coordinator: job aborted: {info}");
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => Err(e).context(format!("running the coordinator on {bind}")),
+    }
+}

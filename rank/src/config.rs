@@ -1,0 +1,368 @@
+//! The run configuration: one TOML file plus `--set key=value` overrides.
+//!
+//! Keys that scripts and docs rely on are stable: `run.steps`, `run.seed`, `batch.global`,
+//! `optim.name`, `optim.lr`. Every table rejects unknown keys, so a typo is an error that names
+//! the key instead of a silently ignored setting. The resolved configuration is printed, saved
+//! beside the outputs, and hashed; every rank checks the hash at rendezvous.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::data::SynthSpec;
+use crate::model::ModelConfig;
+
+/// The default job, embedded so that `tessera run --nproc 4` needs no file.
+pub const DEFAULT_CONFIG: &str = include_str!("../../examples/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config {origin} is not valid TOML: {message}")]
+    Syntax { origin: String, message: String },
+    #[error(
+        "--set {arg}: expected key=value with a dotted key such as optim.lr=0.1 or run.steps=100"
+    )]
+    BadOverride { arg: String },
+    #[error("--set {key}: {message}")]
+    Override { key: String, message: String },
+    #[error("config {origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub run: RunConfig,
+    #[serde(default)]
+    pub batch: BatchConfig,
+    #[serde(default)]
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub optim: OptimConfig,
+    #[serde(default)]
+    pub eval: EvalConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Optimizer steps to train.
+    pub steps: u64,
+    /// Seed for initialisation, sampling and synthetic data (same on every rank).
+    pub seed: u64,
+    /// Evaluate every this many steps (0: only at the end).
+    pub eval_every: u64,
+    /// Write a metrics line every this many steps.
+    pub log_every: u64,
+    /// Where metrics, the resolved config and the final parameters go.
+    pub out_dir: PathBuf,
+    /// Kernel threads per rank; 0 = the machine's cores divided by the ranks on this host.
+    pub threads: usize,
+    /// Per-collective timeout in seconds: a peer silent for longer is declared dead.
+    pub collective_timeout_s: f64,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            steps: 100,
+            seed: 0,
+            eval_every: 0,
+            log_every: 10,
+            out_dir: PathBuf::from("runs/latest"),
+            threads: 0,
+            collective_timeout_s: 600.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// Global batch: examples per optimizer step over all ranks together.
+    pub global: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig { global: 256 }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// `synth`: generate the latent-variable task in memory from `[data.synth]` (same on every
+    /// rank); `shards`: read `train` and `eval` shard files.
+    pub source: DataSource,
+    pub train: Option<PathBuf>,
+    pub eval: Option<PathBuf>,
+    pub synth: SynthSpec,
+    /// Two-view (SimCLR-style) training from a labeled shard of 8×8 images: every step draws
+    /// two fresh augmented views of each image (±1-pixel shift, 10% masking, noise 0.1),
+    /// deterministic in (seed, step, position in the global batch).
+    pub two_views: bool,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            source: DataSource::Synth,
+            train: None,
+            eval: None,
+            synth: SynthSpec::default(),
+            two_views: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DataSource {
+    Synth,
+    Shards,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// `sgd` (momentum, optional Nesterov). LARS, TVLARS and LAMB come with their own issue.
+    pub name: String,
+    /// Peak learning rate (after warm-up).
+    pub lr: f64,
+    pub momentum: f64,
+    pub nesterov: bool,
+    /// L2 weight decay, applied to tensors with two or more dimensions only.
+    pub weight_decay: f64,
+    /// Linear warm-up from 0 over this many steps.
+    pub warmup_steps: u64,
+    /// `cosine` (to `min_lr_ratio`·lr at the last step) or `constant`.
+    pub schedule: String,
+    pub min_lr_ratio: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            name: "sgd".into(),
+            lr: 0.1,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 0.0,
+            warmup_steps: 0,
+            schedule: "cosine".into(),
+            min_lr_ratio: 0.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Held-out examples used for evaluation (0: all).
+    pub max_examples: usize,
+    /// For contrastive models trained on images: labeled shards for a k-NN probe of tower a.
+    pub knn_train: Option<PathBuf>,
+    pub knn_test: Option<PathBuf>,
+    pub knn_k: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig { max_examples: 0, knn_train: None, knn_test: None, knn_k: 5 }
+    }
+}
+
+impl Config {
+    /// Parses `text` (from `origin`, for messages), applies `overrides` (`key=value`), and
+    /// validates the result. Relative data paths are resolved against `base_dir`.
+    pub fn resolve(
+        text: &str,
+        origin: &str,
+        overrides: &[String],
+        base_dir: Option<&Path>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError::Syntax { origin: origin.to_string(), message: e.to_string() }
+        })?;
+        for arg in overrides {
+            apply_override(&mut table, arg)?;
+        }
+        let mut cfg: Config =
+            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
+                ConfigError::Invalid {
+                    origin: origin.to_string(),
+                    message: e.message().to_string(),
+                }
+            })?;
+        if let Some(base) = base_dir {
+            for p in [
+                &mut cfg.data.train,
+                &mut cfg.data.eval,
+                &mut cfg.eval.knn_train,
+                &mut cfg.eval.knn_test,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if p.is_relative() && !p.exists() && base.join(&*p).exists() {
+                    *p = base.join(&*p);
+                }
+            }
+        }
+        cfg.validate()
+            .map_err(|message| ConfigError::Invalid { origin: origin.to_string(), message })?;
+        Ok(cfg)
+    }
+
+    /// Reads a config file (or the embedded default when `path` is None).
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Config, ConfigError> {
+        match path {
+            None => Config::resolve(DEFAULT_CONFIG, "<embedded default>", overrides, None),
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?;
+                Config::resolve(&text, &p.display().to_string(), overrides, p.parent())
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.run.steps == 0 {
+            return Err("run.steps must be at least 1".into());
+        }
+        if self.batch.global == 0 {
+            return Err("batch.global must be at least 1".into());
+        }
+        if self.optim.name != "sgd" {
+            return Err(format!(
+                "optim.name = {:?} is not available yet; use \"sgd\"",
+                self.optim.name
+            ));
+        }
+        if !(self.optim.lr.is_finite() && self.optim.lr >= 0.0) {
+            return Err(format!("optim.lr = {} must be a finite number >= 0", self.optim.lr));
+        }
+        if !(0.0..1.0).contains(&self.optim.momentum) {
+            return Err(format!("optim.momentum = {} must be in [0, 1)", self.optim.momentum));
+        }
+        if !matches!(self.optim.schedule.as_str(), "cosine" | "constant") {
+            return Err(format!(
+                "optim.schedule = {:?}: use \"cosine\" or \"constant\"",
+                self.optim.schedule
+            ));
+        }
+        if self.run.collective_timeout_s <= 0.0 {
+            return Err("run.collective_timeout_s must be > 0".into());
+        }
+        if self.data.source == DataSource::Synth {
+            self.data.synth.validate().map_err(|e| e.to_string())?;
+        }
+        if self.data.source == DataSource::Shards && self.data.train.is_none() {
+            return Err(
+                "data.source = \"shards\" needs data.train = \"path/to/train.shard\"".into()
+            );
+        }
+        Ok(())
+    }
+
+    /// The resolved configuration as TOML (printed at start-up and saved beside the outputs).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// SHA-256 of the resolved configuration, hex; equal on every rank of one job.
+    pub fn hash(&self) -> String {
+        let digest = Sha256::digest(self.to_toml().as_bytes());
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError> {
+    let (key, raw) = arg
+        .split_once('=')
+        .filter(|(k, _)| !k.trim().is_empty())
+        .ok_or_else(|| ConfigError::BadOverride { arg: arg.to_string() })?;
+    let key = key.trim();
+    let value = parse_value(raw.trim());
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut cur = table;
+    for (i, part) in parts.iter().enumerate() {
+        if i + 1 == parts.len() {
+            cur.insert(part.to_string(), value);
+            return Ok(());
+        }
+        let entry =
+            cur.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = match entry {
+            toml::Value::Table(t) => t,
+            _ => {
+                return Err(ConfigError::Override {
+                    key: key.to_string(),
+                    message: format!("{} is a value, not a table", parts[..=i].join(".")),
+                });
+            }
+        };
+    }
+    Ok(())
+}
+
+/// A TOML value if `raw` parses as one (number, bool, string in quotes, array), else a string.
+fn parse_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match doc.parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_resolves() {
+        let cfg = Config::load(None, &[]).unwrap();
+        assert!(cfg.run.steps > 0);
+        assert_eq!(cfg.hash(), Config::load(None, &[]).unwrap().hash());
+    }
+
+    #[test]
+    fn overrides_apply_and_change_the_hash() {
+        let base = Config::load(None, &[]).unwrap();
+        let cfg = Config::load(
+            None,
+            &["run.steps=7".into(), "optim.lr=0.5".into(), "run.out_dir=somewhere".into()],
+        )
+        .unwrap();
+        assert_eq!(cfg.run.steps, 7);
+        assert_eq!(cfg.optim.lr, 0.5);
+        assert_eq!(cfg.run.out_dir, PathBuf::from("somewhere"));
+        assert_ne!(cfg.hash(), base.hash());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::load(None, &["optim.lrr=0.5".into()]).unwrap_err().to_string();
+        assert!(err.contains("lrr"), "{err}");
+    }
+
+    #[test]
+    fn bad_override_syntax() {
+        let err = Config::load(None, &["steps".into()]).unwrap_err().to_string();
+        assert!(err.contains("key=value"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_explained() {
+        let err = Config::load(None, &["run.steps=0".into()]).unwrap_err().to_string();
+        assert!(err.contains("run.steps"), "{err}");
+        let err = Config::load(None, &["optim.name=\"adamw\"".into()]).unwrap_err().to_string();
+        assert!(err.contains("optim.name"), "{err}");
+    }
+}

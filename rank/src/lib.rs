@@ -1,0 +1,11 @@
+//! One Tessera rank: device kernels, models, losses, data and the training loop.
+
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod eval;
+pub mod loss;
+pub mod model;
+pub mod optim;
+pub mod rng;
+pub mod train;

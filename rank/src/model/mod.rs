@@ -1,0 +1,787 @@
+//! Models: MLP / residual-MLP towers, the dual encoder (CLIP/LiT), the shared tower (SimCLR)
+//! and the classifier.
+//!
+//! # Architecture
+//!
+//! A tower maps `input_dim → output_dim`:
+//!
+//! ```text
+//! h = x·W_in + b_in                                   (input_dim → width)
+//! repeat depth times:  u = Linear(act(norm(h)))       (width → width)
+//!                      h = h + u   (residual = true)  or  h = u
+//! y = Linear(act(norm(h)))                            (width → output_dim, own norm)
+//! ```
+//!
+//! `norm` is a LayerNorm with its own γ, β (or the identity for `norm = "none"`), `act` GELU
+//! (tanh approximation) or ReLU. With `residual = false` this is the plain MLP with
+//! `depth + 1` hidden activations; with `residual = true` the pre-norm residual MLP.
+//! Contrastive towers L2-normalise `y` (features on the unit sphere); the classifier does not.
+//!
+//! # Parameters
+//!
+//! All parameters live in one contiguous `Vec<f32>` (tower a, then tower b, then the logit
+//! scale `t` as a 0-dim tensor), gradients in one buffer of the same layout;
+//! [`Model::param_groups`] lists every tensor exactly once. Linear weights are stored
+//! `fan_in × fan_out` (row-major), so a layer is `Y = X·W + b`.
+//!
+//! Initialisation is deterministic from the seed (same on every rank): weights
+//! `N(0, 1/fan_in)` (the linear inside a residual block additionally scaled by
+//! `1/√depth` so the residual stream's variance stays bounded), biases and LayerNorm β zero,
+//! LayerNorm γ one, `t = logit_scale_init`. Tensor `k` draws from `Rng::stream(seed, k)`.
+
+use crate::device::Device;
+use crate::rng::Rng;
+use serde::{Deserialize, Serialize};
+
+#[cfg(test)]
+mod tests;
+
+/// The LayerNorm epsilon.
+pub const LN_EPS: f32 = 1e-5;
+
+/// What the model is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// Two towers (CLIP / LiT): view a through tower a, view b through tower b.
+    #[default]
+    Dual,
+    /// One tower for both views (SimCLR).
+    Shared,
+    /// One tower whose outputs are class logits.
+    Classifier,
+}
+
+/// Per-layer normalisation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Norm {
+    #[default]
+    LayerNorm,
+    None,
+}
+
+/// Activation function.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    #[default]
+    Gelu,
+    Relu,
+}
+
+/// One MLP tower (`[model.tower_a]`, `[model.tower_b]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TowerConfig {
+    /// Input features.
+    pub input_dim: usize,
+    /// Hidden width.
+    pub width: usize,
+    /// Hidden blocks between the input and output layers (0 allowed).
+    pub depth: usize,
+    /// Output features (embedding dimension, or the number of classes for a classifier).
+    pub output_dim: usize,
+    /// `"layernorm"` or `"none"`.
+    pub norm: Norm,
+    /// `"gelu"` or `"relu"`.
+    pub activation: Activation,
+    /// Residual blocks `h + Linear(act(norm(h)))` instead of `Linear(act(norm(h)))`.
+    pub residual: bool,
+}
+
+impl Default for TowerConfig {
+    fn default() -> Self {
+        TowerConfig {
+            input_dim: 32,
+            width: 128,
+            depth: 2,
+            output_dim: 32,
+            norm: Norm::LayerNorm,
+            activation: Activation::Gelu,
+            residual: true,
+        }
+    }
+}
+
+fn default_logit_scale_init() -> f32 {
+    (1.0f32 / 0.07).ln()
+}
+
+fn default_logit_scale_max() -> f32 {
+    100.0
+}
+
+/// The `[model]` table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// `"dual"`, `"shared"` or `"classifier"`.
+    #[serde(default)]
+    pub kind: ModelKind,
+    /// The tower for view a (and view b in shared mode; the only tower of a classifier).
+    #[serde(default)]
+    pub tower_a: TowerConfig,
+    /// The tower for view b (dual only; ignored otherwise).
+    #[serde(default)]
+    pub tower_b: TowerConfig,
+    /// LiT: tower b is frozen (dual only): its gradients stay zero.
+    #[serde(default)]
+    pub freeze_b: bool,
+    /// Initial `t`, the logit scale being `s = exp(t)`. Default `ln(1/0.07)`.
+    #[serde(default = "default_logit_scale_init")]
+    pub logit_scale_init: f32,
+    /// Upper bound of `s = exp(t)`. Default 100.
+    #[serde(default = "default_logit_scale_max")]
+    pub logit_scale_max: f32,
+    /// Classifier only: the number of classes; must equal `tower_a.output_dim` when given.
+    #[serde(default)]
+    pub num_classes: Option<usize>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            kind: ModelKind::Dual,
+            tower_a: TowerConfig::default(),
+            tower_b: TowerConfig::default(),
+            freeze_b: false,
+            logit_scale_init: default_logit_scale_init(),
+            logit_scale_max: default_logit_scale_max(),
+            num_classes: None,
+        }
+    }
+}
+
+/// A configuration the model cannot be built from.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ModelError {
+    #[error(
+        "model.{tower}.{field} = 0: every dimension of a tower must be at least 1; set it in the [model.{tower}] table"
+    )]
+    ZeroDim { tower: &'static str, field: &'static str },
+    #[error(
+        "model.tower_a.output_dim = {a} but model.tower_b.output_dim = {b}: the two towers of a dual encoder must embed into the same dimension; make them equal"
+    )]
+    OutputMismatch { a: usize, b: usize },
+    #[error(
+        "model.num_classes = {num_classes} but model.tower_a.output_dim = {output_dim}: a classifier's tower outputs one logit per class; make them equal"
+    )]
+    ClassMismatch { num_classes: usize, output_dim: usize },
+    #[error(
+        "model.freeze_b = true needs model.kind = \"dual\" (got {kind:?}): only a dual encoder has a tower b to freeze"
+    )]
+    FreezeNeedsDual { kind: ModelKind },
+    #[error(
+        "model.logit_scale_init = {init} with model.logit_scale_max = {max}: need a finite init with exp(init) <= max and max > 0; the default init is ln(1/0.07) ≈ 2.659 and max 100"
+    )]
+    LogitScale { init: f32, max: f32 },
+    #[error("model has {0} parameters, more than this build can address; shrink the towers")]
+    TooLarge(usize),
+}
+
+/// One parameter tensor's place in the parameter (and gradient) buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamGroup {
+    /// e.g. `a.in.weight`, `a.blocks.0.ln.gamma`, `b.out.bias`, `logit_scale`.
+    pub name: String,
+    pub offset: usize,
+    pub len: usize,
+    /// `[fan_in, fan_out]` for weights, `[n]` for biases and LayerNorm γ/β, `[]` for the logit
+    /// scale.
+    pub shape: Vec<usize>,
+    /// False for a frozen tower's tensors.
+    pub trainable: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Linear {
+    w: usize,
+    b: usize,
+    fan_in: usize,
+    fan_out: usize,
+}
+
+/// `Linear(act(norm(h)))`.
+#[derive(Clone, Debug)]
+struct Unit {
+    ln: Option<(usize, usize)>,
+    lin: Linear,
+}
+
+#[derive(Clone, Debug)]
+struct Tower {
+    cfg: TowerConfig,
+    input: Linear,
+    blocks: Vec<Unit>,
+    head: Unit,
+    normalize: bool,
+    trainable: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+struct UnitCache {
+    /// Input of the unit (`batch × fan_in`).
+    h: Vec<f32>,
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
+    /// Activation input: the LayerNorm output (empty when `norm = none`: then it is `h`).
+    z: Vec<f32>,
+    /// Activation output, the input of the linear.
+    a: Vec<f32>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct TowerCache {
+    batch: usize,
+    x: Vec<f32>,
+    units: Vec<UnitCache>,
+    /// L2-normalised output and the norms (contrastive towers only).
+    feat: Vec<f32>,
+    norms: Vec<f32>,
+}
+
+struct Layout {
+    groups: Vec<ParamGroup>,
+    next: usize,
+}
+
+impl Layout {
+    fn add(&mut self, name: String, shape: Vec<usize>, trainable: bool) -> usize {
+        let len = shape.iter().product::<usize>();
+        let offset = self.next;
+        self.groups.push(ParamGroup { name, offset, len, shape, trainable });
+        self.next += len;
+        offset
+    }
+
+    fn linear(&mut self, prefix: &str, fan_in: usize, fan_out: usize, trainable: bool) -> Linear {
+        let w = self.add(format!("{prefix}.weight"), vec![fan_in, fan_out], trainable);
+        let b = self.add(format!("{prefix}.bias"), vec![fan_out], trainable);
+        Linear { w, b, fan_in, fan_out }
+    }
+
+    fn unit(
+        &mut self,
+        prefix: &str,
+        norm: Norm,
+        fan_in: usize,
+        fan_out: usize,
+        trainable: bool,
+    ) -> Unit {
+        let ln = match norm {
+            Norm::LayerNorm => {
+                let g = self.add(format!("{prefix}.ln.gamma"), vec![fan_in], trainable);
+                let b = self.add(format!("{prefix}.ln.beta"), vec![fan_in], trainable);
+                Some((g, b))
+            }
+            Norm::None => None,
+        };
+        Unit { ln, lin: self.linear(prefix, fan_in, fan_out, trainable) }
+    }
+
+    fn tower(&mut self, name: &str, cfg: &TowerConfig, normalize: bool, trainable: bool) -> Tower {
+        let input = self.linear(&format!("{name}.in"), cfg.input_dim, cfg.width, trainable);
+        let blocks = (0..cfg.depth)
+            .map(|i| {
+                self.unit(&format!("{name}.blocks.{i}"), cfg.norm, cfg.width, cfg.width, trainable)
+            })
+            .collect();
+        let head =
+            self.unit(&format!("{name}.out"), cfg.norm, cfg.width, cfg.output_dim, trainable);
+        Tower { cfg: cfg.clone(), input, blocks, head, normalize, trainable }
+    }
+}
+
+fn validate_tower(tower: &'static str, t: &TowerConfig) -> Result<(), ModelError> {
+    for (field, v) in [("input_dim", t.input_dim), ("width", t.width), ("output_dim", t.output_dim)]
+    {
+        if v == 0 {
+            return Err(ModelError::ZeroDim { tower, field });
+        }
+    }
+    Ok(())
+}
+
+/// Splits one buffer into two disjoint mutable ranges (`o1 + l1 <= o2`).
+fn two_mut(
+    buf: &mut [f32],
+    o1: usize,
+    l1: usize,
+    o2: usize,
+    l2: usize,
+) -> (&mut [f32], &mut [f32]) {
+    let (lo, hi) = buf.split_at_mut(o2);
+    (&mut lo[o1..o1 + l1], &mut hi[..l2])
+}
+
+fn act_fwd<D: Device>(dev: &D, act: Activation, x: &[f32], y: &mut [f32]) {
+    match act {
+        Activation::Gelu => dev.gelu_fwd(x, y),
+        Activation::Relu => dev.relu_fwd(x, y),
+    }
+}
+
+fn act_bwd<D: Device>(dev: &D, act: Activation, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    match act {
+        Activation::Gelu => dev.gelu_bwd(x, dy, dx),
+        Activation::Relu => dev.relu_bwd(x, dy, dx),
+    }
+}
+
+fn linear_fwd<D: Device>(dev: &D, p: &[f32], l: &Linear, x: &[f32], batch: usize) -> Vec<f32> {
+    let mut y = vec![0.0; batch * l.fan_out];
+    let w = &p[l.w..l.w + l.fan_in * l.fan_out];
+    dev.gemm(false, false, batch, l.fan_out, l.fan_in, 1.0, x, w, 0.0, &mut y);
+    dev.bias_add(&mut y, &p[l.b..l.b + l.fan_out], batch, l.fan_out);
+    y
+}
+
+/// Accumulates dW, db; returns dX when `want_dx`.
+#[allow(clippy::too_many_arguments)]
+fn linear_bwd<D: Device>(
+    dev: &D,
+    p: &[f32],
+    g: &mut [f32],
+    l: &Linear,
+    x: &[f32],
+    dy: &[f32],
+    batch: usize,
+    want_dx: bool,
+) -> Vec<f32> {
+    let (fi, fo) = (l.fan_in, l.fan_out);
+    dev.gemm(true, false, fi, fo, batch, 1.0, x, dy, 1.0, &mut g[l.w..l.w + fi * fo]);
+    dev.bias_grad(dy, batch, fo, &mut g[l.b..l.b + fo]);
+    if !want_dx {
+        return Vec::new();
+    }
+    let mut dx = vec![0.0; batch * fi];
+    dev.gemm(false, true, batch, fi, fo, 1.0, dy, &p[l.w..l.w + fi * fo], 0.0, &mut dx);
+    dx
+}
+
+fn unit_fwd<D: Device>(
+    dev: &D,
+    p: &[f32],
+    act: Activation,
+    u: &Unit,
+    h: &[f32],
+    batch: usize,
+) -> (Vec<f32>, UnitCache) {
+    let n = u.lin.fan_in;
+    let mut c = UnitCache::default();
+    if let Some((go, bo)) = u.ln {
+        c.z = vec![0.0; batch * n];
+        c.mean = vec![0.0; batch];
+        c.rstd = vec![0.0; batch];
+        dev.layernorm_fwd(
+            h,
+            &p[go..go + n],
+            &p[bo..bo + n],
+            batch,
+            n,
+            LN_EPS,
+            &mut c.z,
+            &mut c.mean,
+            &mut c.rstd,
+        );
+    }
+    c.a = vec![0.0; batch * n];
+    act_fwd(dev, act, if u.ln.is_some() { &c.z } else { h }, &mut c.a);
+    let y = linear_fwd(dev, p, &u.lin, &c.a, batch);
+    c.h = h.to_vec();
+    (y, c)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn unit_bwd<D: Device>(
+    dev: &D,
+    p: &[f32],
+    g: &mut [f32],
+    act: Activation,
+    u: &Unit,
+    c: &UnitCache,
+    dy: &[f32],
+    batch: usize,
+) -> Vec<f32> {
+    let n = u.lin.fan_in;
+    let da = linear_bwd(dev, p, g, &u.lin, &c.a, dy, batch, true);
+    let pre = if u.ln.is_some() { &c.z } else { &c.h };
+    let mut dz = vec![0.0; batch * n];
+    act_bwd(dev, act, pre, &da, &mut dz);
+    match u.ln {
+        Some((go, bo)) => {
+            let mut dh = vec![0.0; batch * n];
+            let (dgamma, dbeta) = two_mut(g, go, n, bo, n);
+            dev.layernorm_bwd(
+                &c.h,
+                &p[go..go + n],
+                &c.mean,
+                &c.rstd,
+                &dz,
+                batch,
+                n,
+                &mut dh,
+                dgamma,
+                dbeta,
+            );
+            dh
+        }
+        None => dz,
+    }
+}
+
+impl Tower {
+    fn forward<D: Device>(
+        &self,
+        dev: &D,
+        p: &[f32],
+        x: &[f32],
+        batch: usize,
+        keep: bool,
+    ) -> (Vec<f32>, Option<TowerCache>) {
+        let cfg = &self.cfg;
+        assert_eq!(
+            x.len(),
+            batch * cfg.input_dim,
+            "tower input has {} values, expected batch {batch} x input_dim {}",
+            x.len(),
+            cfg.input_dim
+        );
+        let mut cache = TowerCache { batch, ..TowerCache::default() };
+        let mut h = linear_fwd(dev, p, &self.input, x, batch);
+        for u in &self.blocks {
+            let (y, c) = unit_fwd(dev, p, cfg.activation, u, &h, batch);
+            if cfg.residual {
+                dev.add_inplace(&mut h, &y);
+            } else {
+                h = y;
+            }
+            if keep {
+                cache.units.push(c);
+            }
+        }
+        let (y, c) = unit_fwd(dev, p, cfg.activation, &self.head, &h, batch);
+        if keep {
+            cache.units.push(c);
+            cache.x = x.to_vec();
+        }
+        let out = if self.normalize {
+            let mut f = vec![0.0; y.len()];
+            let mut norms = vec![0.0; batch];
+            dev.l2_normalize_fwd(&y, batch, cfg.output_dim, &mut f, &mut norms);
+            if keep {
+                cache.feat = f.clone();
+                cache.norms = norms;
+            }
+            f
+        } else {
+            y
+        };
+        (out, keep.then_some(cache))
+    }
+
+    fn backward<D: Device>(
+        &self,
+        dev: &D,
+        p: &[f32],
+        g: &mut [f32],
+        cache: &TowerCache,
+        dout: &[f32],
+    ) {
+        let cfg = &self.cfg;
+        let batch = cache.batch;
+        assert_eq!(
+            dout.len(),
+            batch * cfg.output_dim,
+            "output gradient has {} values, expected batch {batch} x output_dim {}",
+            dout.len(),
+            cfg.output_dim
+        );
+        if !self.trainable {
+            return;
+        }
+        let dy = if self.normalize {
+            let mut d = vec![0.0; dout.len()];
+            dev.l2_normalize_bwd(&cache.feat, &cache.norms, dout, batch, cfg.output_dim, &mut d);
+            d
+        } else {
+            dout.to_vec()
+        };
+        let nb = self.blocks.len();
+        let mut dh = unit_bwd(dev, p, g, cfg.activation, &self.head, &cache.units[nb], &dy, batch);
+        for (u, c) in self.blocks.iter().zip(&cache.units).rev() {
+            let dx = unit_bwd(dev, p, g, cfg.activation, u, c, &dh, batch);
+            if cfg.residual {
+                dev.add_inplace(&mut dh, &dx);
+            } else {
+                dh = dx;
+            }
+        }
+        linear_bwd(dev, p, g, &self.input, &cache.x, &dh, batch, false);
+    }
+}
+
+/// A model: parameters, gradients and the activations of the last training forward.
+#[derive(Clone, Debug)]
+pub struct Model {
+    cfg: ModelConfig,
+    towers: Vec<Tower>,
+    t_offset: Option<usize>,
+    groups: Vec<ParamGroup>,
+    params: Vec<f32>,
+    grads: Vec<f32>,
+    cache_a: Option<TowerCache>,
+    cache_b: Option<TowerCache>,
+}
+
+impl Model {
+    /// Validates `cfg` and initialises the parameters deterministically from `seed`.
+    pub fn new(cfg: &ModelConfig, seed: u64) -> Result<Model, ModelError> {
+        validate_tower("tower_a", &cfg.tower_a)?;
+        match cfg.kind {
+            ModelKind::Dual => {
+                validate_tower("tower_b", &cfg.tower_b)?;
+                if cfg.tower_a.output_dim != cfg.tower_b.output_dim {
+                    return Err(ModelError::OutputMismatch {
+                        a: cfg.tower_a.output_dim,
+                        b: cfg.tower_b.output_dim,
+                    });
+                }
+            }
+            ModelKind::Classifier => {
+                if let Some(k) = cfg.num_classes
+                    && k != cfg.tower_a.output_dim
+                {
+                    return Err(ModelError::ClassMismatch {
+                        num_classes: k,
+                        output_dim: cfg.tower_a.output_dim,
+                    });
+                }
+            }
+            ModelKind::Shared => {}
+        }
+        if cfg.freeze_b && cfg.kind != ModelKind::Dual {
+            return Err(ModelError::FreezeNeedsDual { kind: cfg.kind });
+        }
+        let contrastive = cfg.kind != ModelKind::Classifier;
+        if contrastive
+            && !(cfg.logit_scale_init.is_finite()
+                && cfg.logit_scale_max > 0.0
+                && cfg.logit_scale_init <= cfg.logit_scale_max.ln())
+        {
+            return Err(ModelError::LogitScale {
+                init: cfg.logit_scale_init,
+                max: cfg.logit_scale_max,
+            });
+        }
+
+        let mut layout = Layout { groups: Vec::new(), next: 0 };
+        let mut towers = vec![layout.tower("a", &cfg.tower_a, contrastive, true)];
+        if cfg.kind == ModelKind::Dual {
+            towers.push(layout.tower("b", &cfg.tower_b, true, !cfg.freeze_b));
+        }
+        let t_offset = contrastive.then(|| layout.add("logit_scale".into(), vec![], true));
+        let total = layout.next;
+        if total > (isize::MAX as usize) / 8 {
+            return Err(ModelError::TooLarge(total));
+        }
+        let mut params = vec![0.0f32; total];
+        for (k, g) in layout.groups.iter().enumerate() {
+            let dst = &mut params[g.offset..g.offset + g.len];
+            if g.name == "logit_scale" {
+                dst[0] = cfg.logit_scale_init;
+            } else if g.name.ends_with(".ln.gamma") {
+                dst.fill(1.0);
+            } else if g.name.ends_with(".weight") {
+                let mut std = 1.0 / (g.shape[0] as f64).sqrt();
+                let tower = if g.name.starts_with("b.") { &cfg.tower_b } else { &cfg.tower_a };
+                if tower.residual && g.name.contains(".blocks.") {
+                    std /= (tower.depth as f64).sqrt();
+                }
+                let mut rng = Rng::stream(seed, k as u64);
+                dst.iter_mut().for_each(|v| *v = (rng.normal() * std) as f32);
+            }
+        }
+        Ok(Model {
+            cfg: cfg.clone(),
+            towers,
+            t_offset,
+            groups: layout.groups,
+            grads: vec![0.0; total],
+            params,
+            cache_a: None,
+            cache_b: None,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn kind(&self) -> ModelKind {
+        self.cfg.kind
+    }
+
+    /// The feature dimension of a contrastive model, or the number of classes.
+    pub fn output_dim(&self) -> usize {
+        self.cfg.tower_a.output_dim
+    }
+
+    /// Total number of parameters (the length of `params()` and `grads()`).
+    pub fn num_params(&self) -> usize {
+        self.params.len()
+    }
+
+    /// Every tensor, in buffer order; together they cover the buffer exactly once.
+    pub fn param_groups(&self) -> Vec<ParamGroup> {
+        self.groups.clone()
+    }
+
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    pub fn params_mut(&mut self) -> &mut [f32] {
+        &mut self.params
+    }
+
+    pub fn grads(&self) -> &[f32] {
+        &self.grads
+    }
+
+    pub fn grads_mut(&mut self) -> &mut [f32] {
+        &mut self.grads
+    }
+
+    /// Both buffers at once (for the optimizer).
+    pub fn params_and_grads_mut(&mut self) -> (&mut [f32], &mut [f32]) {
+        (&mut self.params, &mut self.grads)
+    }
+
+    pub fn zero_grads(&mut self) {
+        self.grads.fill(0.0);
+    }
+
+    fn tower_b(&self) -> &Tower {
+        self.towers.get(1).unwrap_or(&self.towers[0])
+    }
+
+    fn assert_contrastive(&self, what: &str) {
+        assert!(
+            self.cfg.kind != ModelKind::Classifier,
+            "Model::{what} needs a contrastive model (kind = dual or shared), this one is a classifier"
+        );
+    }
+
+    fn assert_classifier(&self, what: &str) {
+        assert!(
+            self.cfg.kind == ModelKind::Classifier,
+            "Model::{what} needs kind = classifier, this model is {:?}",
+            self.cfg.kind
+        );
+    }
+
+    /// Training forward of both views (`a`: `batch × tower_a.input_dim`, `b`: `batch ×
+    /// tower_b.input_dim`, or tower a's in shared mode). Returns the L2-normalised features
+    /// (`batch × output_dim` each) and keeps the activations for [`Model::backward_pair`].
+    ///
+    /// # Panics
+    /// On a classifier, or when the input lengths do not match `batch` and the input dims.
+    pub fn forward_pair<D: Device>(
+        &mut self,
+        dev: &D,
+        a: &[f32],
+        b: &[f32],
+        batch: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        self.assert_contrastive("forward_pair");
+        let (fa, ca) = self.towers[0].forward(dev, &self.params, a, batch, true);
+        let tb = self.tower_b();
+        let (fb, cb) = tb.forward(dev, &self.params, b, batch, tb.trainable);
+        self.cache_a = ca;
+        self.cache_b = cb;
+        (fa, fb)
+    }
+
+    /// Backward of the last [`Model::forward_pair`] from the feature gradients, ACCUMULATING
+    /// into the gradient buffer. A frozen tower b receives nothing.
+    ///
+    /// # Panics
+    /// Without a preceding `forward_pair`, or on length mismatches.
+    pub fn backward_pair<D: Device>(&mut self, dev: &D, d_feat_a: &[f32], d_feat_b: &[f32]) {
+        self.assert_contrastive("backward_pair");
+        let ca = self
+            .cache_a
+            .take()
+            .expect("Model::backward_pair called without a forward_pair before it");
+        self.towers[0].backward(dev, &self.params, &mut self.grads, &ca, d_feat_a);
+        let tb = self.towers.get(1).unwrap_or(&self.towers[0]);
+        if let Some(cb) = self.cache_b.take() {
+            tb.backward(dev, &self.params, &mut self.grads, &cb, d_feat_b);
+        }
+    }
+
+    /// Inference features of view a (no activations kept).
+    pub fn embed_a<D: Device>(&self, dev: &D, x: &[f32], batch: usize) -> Vec<f32> {
+        self.assert_contrastive("embed_a");
+        self.towers[0].forward(dev, &self.params, x, batch, false).0
+    }
+
+    /// Inference features of view b (tower a in shared mode).
+    pub fn embed_b<D: Device>(&self, dev: &D, x: &[f32], batch: usize) -> Vec<f32> {
+        self.assert_contrastive("embed_b");
+        self.tower_b().forward(dev, &self.params, x, batch, false).0
+    }
+
+    /// The raw parameter `t` (0 for a classifier).
+    pub fn logit_scale_param(&self) -> f32 {
+        self.t_offset.map_or(0.0, |o| self.params[o])
+    }
+
+    /// `s = exp(t)` (1 for a classifier).
+    pub fn logit_scale(&self) -> f32 {
+        self.logit_scale_param().exp()
+    }
+
+    /// Adds `dt` to `∂L/∂t` (no-op on a classifier).
+    pub fn add_logit_scale_grad(&mut self, dt: f32) {
+        if let Some(o) = self.t_offset {
+            self.grads[o] += dt;
+        }
+    }
+
+    /// Clamps `t ≤ ln(logit_scale_max)`; call after every optimizer step.
+    pub fn clamp_logit_scale(&mut self) {
+        if let Some(o) = self.t_offset {
+            let max = self.cfg.logit_scale_max.ln();
+            if self.params[o] > max {
+                self.params[o] = max;
+            }
+        }
+    }
+
+    /// Training forward of a classifier: logits `batch × num_classes`, activations kept.
+    pub fn forward_logits<D: Device>(&mut self, dev: &D, x: &[f32], batch: usize) -> Vec<f32> {
+        self.assert_classifier("forward_logits");
+        let (y, c) = self.towers[0].forward(dev, &self.params, x, batch, true);
+        self.cache_a = c;
+        y
+    }
+
+    /// Backward of the last [`Model::forward_logits`], accumulating into the gradients.
+    pub fn backward_logits<D: Device>(&mut self, dev: &D, d_logits: &[f32]) {
+        self.assert_classifier("backward_logits");
+        let c = self
+            .cache_a
+            .take()
+            .expect("Model::backward_logits called without a forward_logits before it");
+        self.towers[0].backward(dev, &self.params, &mut self.grads, &c, d_logits);
+    }
+
+    /// Inference logits (no activations kept).
+    pub fn predict<D: Device>(&self, dev: &D, x: &[f32], batch: usize) -> Vec<f32> {
+        self.assert_classifier("predict");
+        self.towers[0].forward(dev, &self.params, x, batch, false).0
+    }
+}

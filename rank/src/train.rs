@@ -1,0 +1,481 @@
+//! The training loop of one rank, readable in one file (llm.c's habit).
+//!
+//! Per step: sample this rank's slice of the global batch, forward, loss over the global batch
+//! (features all-gathered for the contrastive loss), backward, all-reduce (sum) of the flat
+//! gradient buffer, optimizer step on identical gradients everywhere, bookkeeping on rank 0.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tessera_collectives::{CommError, Communicator, ReduceOp};
+
+use crate::config::{Config, DataSource};
+use crate::data::{self, Dataset, DatasetKind, DistributedSampler};
+use crate::device::CpuDevice;
+use crate::eval;
+use crate::loss;
+use crate::model::{Model, ModelKind};
+use crate::optim::schedule::ScheduleKind;
+use crate::optim::{Schedule, Sgd, TensorGroup};
+use crate::rng::Rng;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("collective failed: {0}")]
+    Comm(#[from] CommError),
+    #[error("data: {0}")]
+    Data(#[from] data::DataError),
+    #[error("model: {0}")]
+    Model(#[from] crate::model::ModelError),
+    #[error("{0}")]
+    Setup(String),
+    #[error("writing {path}: {source}")]
+    Output { path: PathBuf, source: std::io::Error },
+    #[error(
+        "ranks disagree on the parameters after training (hashes {hashes:?}): the gradient \
+         all-reduce or the optimizer is not deterministic"
+    )]
+    Diverged { hashes: Vec<String> },
+}
+
+/// What a step reports to the launcher's progress display (through the coordinator).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepReport {
+    pub step: u64,
+    pub total_steps: u64,
+    pub loss: f32,
+    pub samples: u64,
+}
+
+/// The run's outcome, printed by rank 0 as one JSON line.
+#[derive(Clone, Debug, Serialize, Default)]
+pub struct Summary {
+    pub steps: u64,
+    pub world: usize,
+    pub global_batch: usize,
+    pub loss: f32,
+    #[serde(rename = "recall@1", skip_serializing_if = "Option::is_none")]
+    pub recall_at_1: Option<f64>,
+    #[serde(rename = "recall@5", skip_serializing_if = "Option::is_none")]
+    pub recall_at_5: Option<f64>,
+    #[serde(rename = "recall@1_a_to_b", skip_serializing_if = "Option::is_none")]
+    pub recall_at_1_a_to_b: Option<f64>,
+    #[serde(rename = "recall@1_b_to_a", skip_serializing_if = "Option::is_none")]
+    pub recall_at_1_b_to_a: Option<f64>,
+    #[serde(rename = "chance@1", skip_serializing_if = "Option::is_none")]
+    pub chance_at_1: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub knn_accuracy: Option<f64>,
+    pub logit_scale: Option<f32>,
+    pub samples_per_s: f64,
+    pub samples_per_s_per_rank: f64,
+    pub train_seconds: f64,
+    pub params_sha256: String,
+    pub out_dir: String,
+}
+
+/// Everything a rank needs to know about its place in the job.
+pub struct RankInfo {
+    pub rank: usize,
+    pub world: usize,
+    /// Ranks on this host (to share the cores among them).
+    pub local_size: usize,
+}
+
+/// The data a run trains and evaluates on.
+struct RunData {
+    train: Dataset,
+    eval: Option<Dataset>,
+}
+
+fn load_data(cfg: &Config) -> Result<RunData, TrainError> {
+    match cfg.data.source {
+        DataSource::Synth => {
+            let (train, eval) = data::try_synth(&cfg.data.synth)?;
+            Ok(RunData { train, eval: Some(eval) })
+        }
+        DataSource::Shards => {
+            let train_path = cfg.data.train.as_ref().expect("validated: data.train is set");
+            let train = data::open_shard(train_path)?;
+            let eval = cfg.data.eval.as_ref().map(|p| data::open_shard(p)).transpose()?;
+            Ok(RunData { train, eval })
+        }
+    }
+}
+
+/// Row range [offset, offset + len) of the global batch that `rank` computes: the remainder of
+/// an uneven split goes to the lowest ranks.
+pub fn local_rows(global: usize, world: usize, rank: usize) -> (usize, usize) {
+    let base = global / world;
+    let extra = global % world;
+    let len = base + usize::from(rank < extra);
+    let offset = rank * base + rank.min(extra);
+    (offset, len)
+}
+
+/// All-gathers row blocks of width `d` whose row counts may differ between ranks.
+fn gather_rows(
+    comm: &mut dyn Communicator,
+    local: &[f32],
+    global_rows: usize,
+    d: usize,
+) -> Result<Vec<f32>, TrainError> {
+    let world = comm.world();
+    if global_rows.is_multiple_of(world) {
+        let mut out = vec![0.0f32; global_rows * d];
+        comm.all_gather_f32(local, &mut out)?;
+        return Ok(out);
+    }
+    let bytes: Vec<u8> = local.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let parts = comm.all_gather_bytes(&bytes)?;
+    let mut out = Vec::with_capacity(global_rows * d);
+    for p in parts {
+        out.extend(p.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+    }
+    if out.len() != global_rows * d {
+        return Err(TrainError::Setup(format!(
+            "gathered {} feature values, expected {} ({} rows x {})",
+            out.len(),
+            global_rows * d,
+            global_rows,
+            d
+        )));
+    }
+    Ok(out)
+}
+
+fn tensor_groups(model: &Model) -> Vec<TensorGroup> {
+    model
+        .param_groups()
+        .into_iter()
+        .map(|g| TensorGroup {
+            decay: g.shape.len() >= 2,
+            name: g.name,
+            offset: g.offset,
+            len: g.len,
+            trainable: g.trainable,
+        })
+        .collect()
+}
+
+fn sha256_f32(values: &[f32]) -> String {
+    let mut h = Sha256::new();
+    for v in values {
+        h.update(v.to_le_bytes());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+struct Metrics {
+    file: Option<fs::File>,
+    path: PathBuf,
+}
+
+impl Metrics {
+    fn open(out_dir: &Path, enabled: bool) -> Result<Metrics, TrainError> {
+        let path = out_dir.join("metrics.jsonl");
+        let file = if enabled {
+            Some(
+                fs::File::create(&path)
+                    .map_err(|source| TrainError::Output { path: path.clone(), source })?,
+            )
+        } else {
+            None
+        };
+        Ok(Metrics { file, path })
+    }
+
+    fn write(&mut self, value: serde_json::Value) -> Result<(), TrainError> {
+        if let Some(f) = self.file.as_mut() {
+            writeln!(f, "{value}")
+                .map_err(|source| TrainError::Output { path: self.path.clone(), source })?;
+        }
+        Ok(())
+    }
+}
+
+/// Fills `xa` and `xb` with two fresh augmented views of the labeled images at `rows`. The
+/// views depend only on (seed, step, position in the global batch), so any split of the batch
+/// over ranks sees the same views.
+fn two_views(
+    ds: &Dataset,
+    rows: &[usize],
+    first_position: usize,
+    seed: u64,
+    step: u64,
+    xa: &mut Vec<f32>,
+    xb: &mut Vec<f32>,
+) {
+    let mut images = Vec::new();
+    ds.gather_a(rows, &mut images);
+    let d = ds.kind().dim_a();
+    xa.resize(images.len(), 0.0);
+    xb.resize(images.len(), 0.0);
+    for (k, img) in images.chunks_exact(d).enumerate() {
+        let position = (first_position + k) as u64;
+        let mut rng = Rng::stream(seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15), position);
+        data::digits::augment_digit(img, &mut rng, &mut xa[k * d..(k + 1) * d]);
+        data::digits::augment_digit(img, &mut rng, &mut xb[k * d..(k + 1) * d]);
+    }
+}
+
+fn check_dims(cfg: &Config, ds: &Dataset, what: &str) -> Result<(), TrainError> {
+    let m = &cfg.model;
+    let (want_a, want_b) = match m.kind {
+        ModelKind::Dual => (m.tower_a.input_dim, Some(m.tower_b.input_dim)),
+        ModelKind::Shared => (m.tower_a.input_dim, Some(m.tower_a.input_dim)),
+        ModelKind::Classifier => (m.tower_a.input_dim, None),
+    };
+    let two_views = cfg.data.two_views && what == "training";
+    let ok = match (ds.kind(), want_b) {
+        (DatasetKind::Paired { dim_a, dim_b }, Some(wb)) => {
+            !two_views && dim_a == want_a && dim_b == wb
+        }
+        (DatasetKind::Labeled { dim, .. }, Some(wb)) if two_views => {
+            dim == want_a && dim == wb && dim == data::digits::DIGITS_DIM
+        }
+        (DatasetKind::Labeled { dim, num_classes }, None) => {
+            dim == want_a && num_classes <= m.tower_a.output_dim
+        }
+        _ => false,
+    };
+    if ok {
+        return Ok(());
+    }
+    let want = match want_b {
+        Some(_) if two_views => format!(
+            "labeled 8x8 images (64 features) for data.two_views, with model.tower_a.input_dim \
+             = {want_a} matching"
+        ),
+        Some(wb) => format!(
+            "paired views of dims {want_a} (model.tower_a.input_dim) and {wb} \
+             (model.tower_b.input_dim, or tower_a's in shared mode)"
+        ),
+        None => format!(
+            "labeled features of dim {want_a} (model.tower_a.input_dim) with at most {} classes \
+             (model.tower_a.output_dim)",
+            m.tower_a.output_dim
+        ),
+    };
+    Err(TrainError::Setup(format!(
+        "the {what} data holds {:?} but model.kind = {:?} expects {want}: change the config or the data",
+        ds.kind(),
+        m.kind
+    )))
+}
+
+/// Trains for `cfg.run.steps` steps and returns the summary (meaningful on rank 0; every rank
+/// returns the same loss and parameter hash).
+pub fn train(
+    cfg: &Config,
+    comm: &mut dyn Communicator,
+    info: &RankInfo,
+    on_step: &mut dyn FnMut(StepReport),
+) -> Result<Summary, TrainError> {
+    let rank = info.rank;
+    let world = info.world;
+    let is_root = rank == 0;
+    let global = cfg.batch.global;
+    if global < world {
+        return Err(TrainError::Setup(format!(
+            "batch.global = {global} is smaller than the {world} ranks: every rank needs at least \
+             one example; raise batch.global"
+        )));
+    }
+    let (row_offset, b_local) = local_rows(global, world, rank);
+
+    let threads = if cfg.run.threads > 0 {
+        cfg.run.threads
+    } else {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        (cores / info.local_size.max(1)).max(1)
+    };
+    let dev = CpuDevice::new(threads);
+
+    let data = load_data(cfg)?;
+    check_dims(cfg, &data.train, "training")?;
+    if let Some(ev) = &data.eval {
+        check_dims(cfg, ev, "evaluation")?;
+    }
+    if data.train.len() < global {
+        return Err(TrainError::Setup(format!(
+            "the training data has {} examples, fewer than batch.global = {global}",
+            data.train.len()
+        )));
+    }
+
+    let mut model = Model::new(&cfg.model, cfg.run.seed)?;
+    let groups = tensor_groups(&model);
+    let mut opt = Sgd::new(groups, cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.weight_decay);
+    let schedule = Schedule {
+        peak: cfg.optim.lr,
+        warmup_steps: cfg.optim.warmup_steps,
+        total_steps: cfg.run.steps,
+        kind: if cfg.optim.schedule == "constant" {
+            ScheduleKind::Constant
+        } else {
+            ScheduleKind::Cosine
+        },
+        min_ratio: cfg.optim.min_lr_ratio,
+    };
+    // One global-batch stream for all ranks: the same permutation everywhere, each rank taking
+    // its rows, so that N ranks see exactly what one rank with the whole batch would.
+    let sampler = DistributedSampler::try_new(data.train.len(), 1, 0, cfg.run.seed, true)?;
+    sampler.steps_per_epoch(global)?;
+
+    let out_dir = &cfg.run.out_dir;
+    if is_root {
+        fs::create_dir_all(out_dir)
+            .map_err(|source| TrainError::Output { path: out_dir.clone(), source })?;
+    }
+    let mut metrics = Metrics::open(out_dir, is_root)?;
+
+    let mut xa = Vec::new();
+    let mut xb = Vec::new();
+    let mut labels = Vec::new();
+    let mut last_loss = f32::NAN;
+    let mut summary = Summary { world, global_batch: global, ..Summary::default() };
+    let mut train_seconds = 0.0f64;
+    let contrastive = model.kind() != ModelKind::Classifier;
+
+    for step in 0..cfg.run.steps {
+        let t0 = Instant::now();
+        let lr = schedule.lr(step);
+        let batch = sampler.try_global_batch_indices(step, global)?;
+        let mine = &batch[row_offset..row_offset + b_local];
+        model.zero_grads();
+        let loss_value = if contrastive {
+            if cfg.data.two_views {
+                two_views(&data.train, mine, row_offset, cfg.run.seed, step, &mut xa, &mut xb);
+            } else {
+                data.train.gather_a(mine, &mut xa);
+                data.train.gather_b(mine, &mut xb);
+            }
+            let (fa, fb) = model.forward_pair(&dev, &xa, &xb, b_local);
+            let d = fa.len() / b_local;
+            let fa_all = gather_rows(comm, &fa, global, d)?;
+            let fb_all = gather_rows(comm, &fb, global, d)?;
+            let out = loss::clip_loss_local(
+                &fa_all,
+                &fb_all,
+                global,
+                d,
+                row_offset,
+                b_local,
+                model.logit_scale(),
+            );
+            model.backward_pair(&dev, &out.d_img_local, &out.d_txt_local);
+            model.add_logit_scale_grad(out.d_t_partial);
+            out.loss
+        } else {
+            data.train.gather_a(mine, &mut xa);
+            data.train.gather_labels(mine, &mut labels);
+            let logits = model.forward_logits(&dev, &xa, b_local);
+            let ce = loss::cross_entropy(&logits, &labels, b_local, global);
+            model.backward_logits(&dev, &ce.d_logits);
+            let mut s = [ce.loss_partial as f64];
+            comm.all_reduce_f64(&mut s, ReduceOp::Sum)?;
+            s[0] as f32
+        };
+        comm.all_reduce_f32(model.grads_mut(), ReduceOp::Sum)?;
+        let (params, grads) = model.params_and_grads_mut();
+        opt.step(params, grads, lr);
+        model.clamp_logit_scale();
+        train_seconds += t0.elapsed().as_secs_f64();
+        last_loss = loss_value;
+        let samples = (step + 1) * global as u64;
+        on_step(StepReport {
+            step: step + 1,
+            total_steps: cfg.run.steps,
+            loss: loss_value,
+            samples,
+        });
+
+        if is_root && (cfg.run.log_every > 0 && (step + 1) % cfg.run.log_every == 0 || step == 0) {
+            metrics.write(serde_json::json!({
+                "step": step + 1,
+                "loss": loss_value,
+                "lr": lr,
+                "logit_scale": if contrastive { Some(model.logit_scale()) } else { None },
+                "samples": samples,
+                "samples_per_s": samples as f64 / train_seconds.max(1e-9),
+            }))?;
+        }
+        let last = step + 1 == cfg.run.steps;
+        let eval_now = last || (cfg.run.eval_every > 0 && (step + 1) % cfg.run.eval_every == 0);
+        if is_root && eval_now {
+            let report = eval::evaluate(cfg, &model, &dev, data.eval.as_ref())?;
+            let mut line = serde_json::to_value(&report).unwrap_or_default();
+            if let Some(obj) = line.as_object_mut() {
+                obj.insert("step".into(), (step + 1).into());
+                obj.insert("eval".into(), true.into());
+            }
+            metrics.write(line)?;
+            eprintln!(
+                "step {}/{}: loss {loss_value:.4}, {}",
+                step + 1,
+                cfg.run.steps,
+                report.brief()
+            );
+            summary.recall_at_1 = report.recall_at_1;
+            summary.recall_at_5 = report.recall_at_5;
+            summary.recall_at_1_a_to_b = report.recall_at_1_a_to_b;
+            summary.recall_at_1_b_to_a = report.recall_at_1_b_to_a;
+            summary.chance_at_1 = report.chance_at_1;
+            summary.accuracy = report.accuracy;
+            summary.knn_accuracy = report.knn_accuracy;
+        }
+    }
+
+    // Every rank must end with bitwise identical parameters: check it, cheaply, by hash.
+    let hash = sha256_f32(model.params());
+    let hashes = comm.all_gather_bytes(hash.as_bytes())?;
+    let hashes: Vec<String> =
+        hashes.into_iter().map(|h| String::from_utf8_lossy(&h).into_owned()).collect();
+    if hashes.iter().any(|h| *h != hash) {
+        return Err(TrainError::Diverged { hashes });
+    }
+
+    if is_root {
+        let path = out_dir.join("params.f32");
+        let bytes: Vec<u8> = model.params().iter().flat_map(|v| v.to_le_bytes()).collect();
+        fs::write(&path, bytes).map_err(|source| TrainError::Output { path, source })?;
+    }
+
+    summary.steps = cfg.run.steps;
+    summary.loss = last_loss;
+    summary.logit_scale = contrastive.then(|| model.logit_scale());
+    summary.train_seconds = train_seconds;
+    summary.samples_per_s = (cfg.run.steps as f64 * global as f64) / train_seconds.max(1e-9);
+    summary.samples_per_s_per_rank = summary.samples_per_s / world as f64;
+    summary.params_sha256 = hash;
+    summary.out_dir = out_dir.display().to_string();
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_rows_cover_the_batch() {
+        for world in 1..6 {
+            for global in world..40 {
+                let mut next = 0;
+                for r in 0..world {
+                    let (off, len) = local_rows(global, world, r);
+                    assert_eq!(off, next);
+                    assert!(len >= global / world && len <= global / world + 1);
+                    next += len;
+                }
+                assert_eq!(next, global);
+            }
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Cluster plumbing with real processes and sockets: rendezvous, collectives, refusals, faults.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Coordinator, run, tessera, wait};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+#[test]
+fn rendezvous_and_checked_all_reduce_at_1_2_4_8_ranks() {
+    for n in [1usize, 2, 4, 8] {
+        let mut cmd = tessera();
+        cmd.args(["bench", "allreduce", "--nproc", &n.to_string(), "--sizes", "4,1K,1M"])
+            .args(["--iters", "2", "--warmup", "1", "--check", "--json"]);
+        let f = run(cmd, LIMIT);
+        assert!(f.status.success(), "{n} ranks failed\n{}", f.all_output());
+        let rows: Vec<serde_json::Value> = f
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(rows.len(), 3, "{}", f.all_output());
+        for r in &rows {
+            assert_eq!(r["ranks"], n as u64);
+            assert_eq!(r["check"], true, "{r}");
+            assert!(r["busbw"].as_f64().unwrap() >= 0.0);
+            assert!(r["time_us"].as_f64().unwrap() > 0.0);
+        }
+    }
+}
+
+#[test]
+fn every_collective_matches_a_naive_reference_across_processes() {
+    for n in [2usize, 3, 4] {
+        let mut cmd = tessera();
+        cmd.args(["bench", "collectives-selftest", "--nproc", &n.to_string()]);
+        let f = run(cmd, Duration::from_secs(300));
+        assert!(f.status.success(), "{n} ranks failed\n{}", f.all_output());
+        assert!(f.stdout.contains("all collectives correct"), "{}", f.all_output());
+    }
+}
+
+#[test]
+fn wrong_and_missing_token_are_refused() {
+    let coord = Coordinator::start(1, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    for token in [Some("not-the-token"), None] {
+        let mut cmd = tessera();
+        cmd.args(["rank", "--set", "run.steps=1"])
+            .arg("--set")
+            .arg(format!("run.out_dir={:?}", dir.path().display().to_string()))
+            .env("TESSERA_COORDINATOR", &coord.addr);
+        if let Some(t) = token {
+            cmd.env("TESSERA_TOKEN", t);
+        }
+        let f = run(cmd, LIMIT);
+        assert!(!f.status.success());
+        let expect = if token.is_some() { "token" } else { "TESSERA_TOKEN" };
+        assert!(f.stderr.contains(expect), "{}", f.all_output());
+    }
+    coord.stop();
+}
+
+#[test]
+fn config_mismatch_reaches_every_rank_before_any_collective() {
+    let coord = Coordinator::start(2, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let a = coord.rank(Some(0), 2, &["--set", "run.steps=3"], dir.path());
+    let b = coord.rank(Some(1), 2, &["--set", "run.steps=4"], dir.path());
+    for child in [a, b] {
+        let f = wait(child, LIMIT);
+        assert!(!f.status.success(), "{}", f.all_output());
+        assert!(f.stderr.to_lowercase().contains("config"), "{}", f.all_output());
+        assert!(f.stderr.contains("hash"), "{}", f.all_output());
+    }
+    coord.stop();
+}
+
+#[test]
+fn rendezvous_timeout_names_the_missing_ranks() {
+    let coord = Coordinator::start(3, &["--join-timeout", "2"]);
+    let dir = tempfile::tempdir().unwrap();
+    let a = coord.rank(Some(0), 3, &["--set", "run.steps=1"], dir.path());
+    let f = wait(a, LIMIT);
+    assert!(!f.status.success());
+    assert!(f.stderr.contains("1 of 3"), "{}", f.all_output());
+    assert!(f.stderr.contains("[1, 2]"), "{}", f.all_output());
+    coord.stop();
+}
+
+/// PIDs of the rank processes of one job (children of the given process).
+fn children_of(pid: u32) -> Vec<u32> {
+    let path = format!("/proc/{pid}/task/{pid}/children");
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie still has a /proc entry; look at its state.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.split(") ").nth(1).unwrap_or("").starts_with('Z'))
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_rank_killed_mid_all_reduce_stops_every_other_rank_within_15_s() {
+    // Ranks started directly (no launcher to clean up after them): they must stop on their own.
+    let coord = Coordinator::start(4, &["--heartbeat-timeout", "5"]);
+    let dir = tempfile::tempdir().unwrap();
+    let job = r#"{"sizes":"64M","iters":100000,"warmup":0,"check":false,"json":true}"#;
+    let ranks: Vec<_> = (0..4)
+        .map(|r| {
+            coord.rank(Some(r), 4, &["--job", "bench-allreduce", "--job-args", job], dir.path())
+        })
+        .collect();
+    // Let the all-reduces start: the ring is up once every rank has joined and connected.
+    std::thread::sleep(Duration::from_secs(3));
+    let victim = ranks[2].id();
+    unsafe {
+        libc::kill(victim as i32, libc::SIGKILL);
+    }
+    let killed_at = Instant::now();
+    let mut outputs = Vec::new();
+    for (r, child) in ranks.into_iter().enumerate() {
+        let f = wait(child, Duration::from_secs(30));
+        if r != 2 {
+            assert!(!f.status.success(), "rank {r} exited 0 after a peer died\n{}", f.all_output());
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(15),
+                "rank {r} took {:?} to stop",
+                killed_at.elapsed()
+            );
+            outputs.push(f.stderr);
+        }
+    }
+    let all = outputs.join("\n");
+    assert!(all.contains("rank 2"), "no rank names the dead peer:\n{all}");
+    coord.stop();
+}
+
+#[test]
+fn launcher_names_the_dead_rank_and_stops_the_others() {
+    let mut child = tessera()
+        .args(["bench", "allreduce", "--nproc", "3", "--sizes", "16M", "--iters", "100000"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let launcher = child.id();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ranks = loop {
+        let c = children_of(launcher);
+        if c.len() == 3 || Instant::now() > deadline {
+            break c;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(ranks.len(), 3, "the launcher did not start 3 ranks");
+    std::thread::sleep(Duration::from_secs(3));
+    unsafe {
+        libc::kill(ranks[1] as i32, libc::SIGKILL);
+    }
+    let killed_at = Instant::now();
+    let f = wait(child, Duration::from_secs(60));
+    assert!(!f.status.success());
+    assert!(killed_at.elapsed() < Duration::from_secs(15), "took {:?}", killed_at.elapsed());
+    assert!(f.stderr.contains("signal 9 (SIGKILL)"), "{}", f.all_output());
+    assert!(ranks.iter().all(|&p| !alive(p)), "rank processes outlived the launcher");
+    let _ = launcher;
+}

@@ -1,0 +1,159 @@
+//! Helpers for the multi-process tests: run the real `tessera` binary, with deadlines.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub fn tessera() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tessera"));
+    c.env_remove("TESSERA_COORDINATOR").env_remove("TESSERA_TOKEN");
+    c.env_remove("TESSERA_REPORT_FILE").env_remove("TESSERA_LAUNCH_RANK");
+    c
+}
+
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Finished {
+    pub fn all_output(&self) -> String {
+        format!("--- stdout\n{}\n--- stderr\n{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs a command to completion; kills it and panics if it outlives `limit`.
+pub fn run(mut cmd: Command, limit: Duration) -> Finished {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd.spawn().expect("spawning tessera");
+    wait(child, limit)
+}
+
+/// Collects a child's output and waits for it, with a deadline.
+pub fn wait(mut child: Child, limit: Duration) -> Finished {
+    let start = Instant::now();
+    let out = child.stdout.take().map(read_all);
+    let err = child.stderr.take().map(read_all);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stdout = out.map(|h| h.join().unwrap()).unwrap_or_default();
+            let stderr = err.map(|h| h.join().unwrap()).unwrap_or_default();
+            panic!(
+                "process still running after {limit:?}: killed\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let elapsed = start.elapsed();
+    let stdout = out.map(|h| h.join().unwrap()).unwrap_or_default();
+    let stderr = err.map(|h| h.join().unwrap()).unwrap_or_default();
+    Finished { status, stdout, stderr, elapsed }
+}
+
+fn read_all(mut r: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = r.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    })
+}
+
+/// A standalone coordinator on 127.0.0.1:0; its address is read from its first line.
+pub struct Coordinator {
+    pub child: Child,
+    pub addr: String,
+    pub token: String,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Coordinator {
+    pub fn start(world: usize, extra: &[&str]) -> Coordinator {
+        let token = format!("test-token-{}", std::process::id());
+        let mut child = tessera()
+            .args(["coordinator", "--bind", "127.0.0.1:0", "--world", &world.to_string()])
+            .args(extra)
+            .env("TESSERA_TOKEN", &token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning the coordinator");
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx.recv_timeout(left).expect("the coordinator never said where it listens");
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        Coordinator { child, addr, token, lines: rx }
+    }
+
+    /// A `tessera rank` process for this coordinator (output piped).
+    pub fn rank(
+        &self,
+        launch_rank: Option<usize>,
+        world: usize,
+        args: &[&str],
+        out_dir: &Path,
+    ) -> Child {
+        let mut cmd = tessera();
+        cmd.arg("rank")
+            .args(args)
+            .arg("--set")
+            .arg(format!("run.out_dir={:?}", out_dir.display().to_string()))
+            .env("TESSERA_COORDINATOR", &self.addr)
+            .env("TESSERA_TOKEN", &self.token)
+            .env("TESSERA_LAUNCH_WORLD", world.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(r) = launch_rank {
+            cmd.env("TESSERA_LAUNCH_RANK", r.to_string()).env("TESSERA_LOCAL_RANK", r.to_string());
+        }
+        cmd.spawn().expect("spawning a rank")
+    }
+
+    /// The coordinator's remaining output, once it has exited (or been killed).
+    pub fn stop(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.lines.try_iter().collect::<Vec<_>>().join("\n")
+    }
+}
+
+/// Reads the last line of stdout as the JSON summary.
+pub fn summary(f: &Finished) -> serde_json::Value {
+    let line = f
+        .stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON summary line\n{}", f.all_output()));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("bad summary {line:?}: {e}"))
+}
+
+/// Reads a raw little-endian f32 file.
+pub fn read_f32(path: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}

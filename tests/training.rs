@@ -1,0 +1,131 @@
+//! Data-parallel training with real rank processes: the default job learns, N ranks equal one
+//! rank with the whole batch, and bad input is a clear error.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{read_f32, run, summary, tessera};
+
+const LIMIT: Duration = Duration::from_secs(300);
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn out_dir_arg(dir: &Path) -> String {
+    format!("run.out_dir={:?}", dir.display().to_string())
+}
+
+fn train(nproc: usize, config: Option<&Path>, sets: &[&str], out: &Path) -> common::Finished {
+    let mut cmd = tessera();
+    cmd.args(["run", "--nproc", &nproc.to_string()]);
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    cmd.args(["--set", &out_dir_arg(out)]);
+    let f = run(cmd, LIMIT);
+    assert!(f.status.success(), "tessera run --nproc {nproc} failed\n{}", f.all_output());
+    f
+}
+
+/// max |a − b| / max |b|: the relative distance of two parameter vectors.
+fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0.0f64, |m, &x| m.max((x as f64).abs()));
+    let diff = a.iter().zip(b).fold(0.0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
+    diff / scale
+}
+
+#[test]
+fn two_ranks_learn_the_synthetic_task_and_report_a_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = train(2, None, &["run.steps=80", "run.eval_every=40"], dir.path());
+    let s = summary(&f);
+    for key in ["steps", "loss", "recall@1", "recall@5", "samples_per_s"] {
+        assert!(s.get(key).is_some(), "summary lacks {key}: {s}");
+    }
+    assert_eq!(s["steps"], 80);
+    assert_eq!(s["world"], 2);
+    let r1 = s["recall@1"].as_f64().unwrap();
+    let chance = s["chance@1"].as_f64().unwrap();
+    assert!(r1 > 20.0 * chance, "recall@1 {r1} is not well above chance {chance}");
+    // Output files: metrics, the resolved config, the parameters.
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    assert!(metrics.lines().count() >= 3, "{metrics}");
+    assert!(dir.path().join("config.toml").exists());
+    assert!(f.stderr.contains("[rank 1]") || f.stderr.contains("[rank 0]"), "no prefixed output");
+}
+
+fn equivalence(config: Option<&Path>, sets: &[&str], worlds: &[usize]) {
+    let mut common_sets = vec!["run.steps=10", "run.eval_every=0"];
+    common_sets.extend_from_slice(sets);
+    let one = tempfile::tempdir().unwrap();
+    train(1, config, &common_sets, one.path());
+    let reference = read_f32(&one.path().join("params.f32"));
+    // The parameters must have moved well beyond the tolerance, or equality proves nothing.
+    let frozen = tempfile::tempdir().unwrap();
+    let mut frozen_sets = common_sets.clone();
+    frozen_sets.push("optim.lr=0.0");
+    train(1, config, &frozen_sets, frozen.path());
+    let moved = rel_diff(&read_f32(&frozen.path().join("params.f32")), &reference);
+    assert!(moved > 1e-3, "10 steps moved the parameters by only {moved:e}");
+    for &n in worlds {
+        let many = tempfile::tempdir().unwrap();
+        train(n, config, &common_sets, many.path());
+        let params = read_f32(&many.path().join("params.f32"));
+        let d = rel_diff(&params, &reference);
+        assert!(d <= 1e-5, "{n} ranks vs 1 rank: relative parameter difference {d:e}");
+    }
+}
+
+#[test]
+fn dual_encoder_on_n_ranks_equals_one_rank_with_the_whole_batch() {
+    // 64 rows: 4 ranks × 16 (even) and 3 ranks × 21/21/22 (uneven).
+    equivalence(None, &["batch.global=64"], &[4, 3]);
+}
+
+#[test]
+fn classifier_on_n_ranks_equals_one_rank_with_the_whole_batch() {
+    let cfg = repo().join("examples/digits-classifier.toml");
+    equivalence(Some(&cfg), &["batch.global=96"], &[4]);
+}
+
+#[test]
+fn digits_contrastive_example_runs() {
+    let cfg = repo().join("examples/digits-contrastive.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let f = train(2, Some(&cfg), &["run.steps=30"], dir.path());
+    let s = summary(&f);
+    assert!(s["knn_accuracy"].as_f64().unwrap() > 0.5, "{s}");
+}
+
+#[test]
+fn a_config_typo_is_named_before_any_rank_starts() {
+    let mut cmd = tessera();
+    cmd.args(["run", "--nproc", "2", "--set", "optim.lrr=0.1"]);
+    let f = run(cmd, LIMIT);
+    assert!(!f.status.success());
+    assert!(f.stderr.contains("lrr"), "{}", f.all_output());
+    assert!(!f.stderr.contains("[rank"), "ranks were started: {}", f.all_output());
+}
+
+#[test]
+fn shard_dimensions_that_do_not_match_the_model_are_a_clear_error() {
+    let cfg = repo().join("examples/digits-classifier.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = tessera();
+    cmd.args(["run", "--nproc", "1", "--config"]).arg(&cfg).args([
+        "--set",
+        "model.tower_a.input_dim=63",
+        "--set",
+        &out_dir_arg(dir.path()),
+    ]);
+    let f = run(cmd, LIMIT);
+    assert!(!f.status.success());
+    assert!(f.stderr.contains("model.tower_a.input_dim"), "{}", f.all_output());
+}
