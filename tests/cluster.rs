@@ -146,7 +146,7 @@ fn a_rank_killed_mid_all_reduce_stops_every_other_rank_within_15_s() {
 
 #[test]
 fn launcher_names_the_dead_rank_and_stops_the_others() {
-    let mut child = tessera()
+    let child = tessera()
         .args(["bench", "allreduce", "--nproc", "3", "--sizes", "16M", "--iters", "100000"])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -164,14 +164,52 @@ fn launcher_names_the_dead_rank_and_stops_the_others() {
     };
     assert_eq!(ranks.len(), 3, "the launcher did not start 3 ranks");
     std::thread::sleep(Duration::from_secs(3));
+    let victim = ranks[1];
+    let environ = std::fs::read(format!("/proc/{victim}/environ")).unwrap();
+    let victim_rank = environ
+        .split(|&b| b == 0)
+        .find_map(|kv| kv.strip_prefix(b"TESSERA_LAUNCH_RANK="))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .expect("the rank process has TESSERA_LAUNCH_RANK");
     unsafe {
-        libc::kill(ranks[1] as i32, libc::SIGKILL);
+        libc::kill(victim as i32, libc::SIGKILL);
     }
     let killed_at = Instant::now();
     let f = wait(child, Duration::from_secs(60));
     assert!(!f.status.success());
     assert!(killed_at.elapsed() < Duration::from_secs(15), "took {:?}", killed_at.elapsed());
-    assert!(f.stderr.contains("signal 9 (SIGKILL)"), "{}", f.all_output());
+    let blame = format!("rank {victim_rank} failed (signal 9 (SIGKILL))");
+    assert!(f.stderr.contains(&blame), "expected {blame:?}\n{}", f.all_output());
     assert!(ranks.iter().all(|&p| !alive(p)), "rank processes outlived the launcher");
-    let _ = launcher;
+}
+
+#[test]
+fn ctrl_c_on_the_launcher_stops_every_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = tessera()
+        .args(["run", "--nproc", "2", "--set", "run.steps=1000000", "--set"])
+        .arg(format!("run.out_dir={:?}", dir.path().display().to_string()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let launcher = child.id();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ranks = loop {
+        let c = children_of(launcher);
+        if c.len() == 2 || Instant::now() > deadline {
+            break c;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(ranks.len(), 2, "the launcher did not start 2 ranks");
+    std::thread::sleep(Duration::from_secs(2));
+    unsafe {
+        libc::kill(launcher as i32, libc::SIGINT);
+    }
+    let f = wait(child, Duration::from_secs(30));
+    assert_eq!(f.status.code(), Some(130), "{}", f.all_output());
+    assert!(f.stderr.contains("interrupted"), "{}", f.all_output());
+    assert!(ranks.iter().all(|&p| !alive(p)), "rank processes outlived the launcher");
 }

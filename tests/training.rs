@@ -99,9 +99,13 @@ fn classifier_on_n_ranks_equals_one_rank_with_the_whole_batch() {
 fn digits_contrastive_example_runs() {
     let cfg = repo().join("examples/digits-contrastive.toml");
     let dir = tempfile::tempdir().unwrap();
-    let f = train(2, Some(&cfg), &["run.steps=30"], dir.path());
+    let f = train(2, Some(&cfg), &["run.steps=300", "run.eval_every=0"], dir.path());
     let s = summary(&f);
-    assert!(s["knn_accuracy"].as_f64().unwrap() > 0.5, "{s}");
+    // Retrieval between two held-out augmentations of each test image (chance 1/297); the
+    // k-NN probe is reported, but even random features of these digits score well on it.
+    let r1 = s["recall@1"].as_f64().unwrap();
+    assert!(r1 > 0.1, "recall@1 {r1}: {s}");
+    assert!(s["knn_accuracy"].as_f64().unwrap() > 0.8, "{s}");
 }
 
 #[test]

@@ -216,19 +216,15 @@ pub fn launch(nproc: usize, spec: &JobSpec, heartbeat_timeout: f64) -> Result<Ex
     let mut interrupted: Option<(i32, Instant)> = None;
     let mut statuses: Vec<Option<ExitStatus>> = vec![None; nproc];
     loop {
+        let mut failed_now: Vec<(usize, ExitStatus)> = Vec::new();
         for (i, slot) in children.iter_mut().enumerate() {
             let Some(child) = slot.as_mut() else { continue };
             match child.try_wait() {
                 Ok(Some(status)) => {
                     statuses[i] = Some(status);
                     *slot = None;
-                    if !status.success() && first_failure.is_none() && interrupted.is_none() {
-                        first_failure = Some((i, status));
-                        failed_at = Some(Instant::now());
-                        coordinator.mark_failed(
-                            i as u32,
-                            &format!("exited with {}", describe_status(status)),
-                        );
+                    if !status.success() {
+                        failed_now.push((i, status));
                     }
                 }
                 Ok(None) => {}
@@ -236,6 +232,17 @@ pub fn launch(nproc: usize, spec: &JobSpec, heartbeat_timeout: f64) -> Result<Ex
                     printer.line(true, &format!("tessera run: waiting for rank {i}: {e}"));
                 }
             }
+        }
+        // Of the ranks that failed since the last look, blame one killed by a signal first:
+        // the others most likely exited because they lost that peer.
+        failed_now.sort_by_key(|(i, status)| (status.signal().is_none(), *i));
+        if let Some(&(i, status)) = failed_now.first()
+            && first_failure.is_none()
+            && interrupted.is_none()
+        {
+            first_failure = Some((i, status));
+            failed_at = Some(Instant::now());
+            coordinator.mark_failed(i as u32, &format!("exited with {}", describe_status(status)));
         }
         if children.iter().all(Option::is_none) {
             break;
@@ -258,12 +265,12 @@ pub fn launch(nproc: usize, spec: &JobSpec, heartbeat_timeout: f64) -> Result<Ex
         if deadline_passed {
             signal_children(&mut children, libc::SIGKILL);
         }
-        if let Some(p) = coordinator.progress().iter().find(|p| p.rank == 0) {
-            if let Some(progress) = &p.progress {
-                bar.set_position(progress.step);
-                if let Some(loss) = progress.loss {
-                    bar.set_message(format!("{} loss {loss:.4}", spec.label));
-                }
+        if let Some(progress) =
+            coordinator.progress().into_iter().find(|p| p.rank == 0).and_then(|p| p.progress)
+        {
+            bar.set_position(progress.step);
+            if let Some(loss) = progress.loss {
+                bar.set_message(format!("{} loss {loss:.4}", spec.label));
             }
         }
         std::thread::sleep(Duration::from_millis(50));

@@ -179,28 +179,28 @@ pub fn evaluate(
             _ => {}
         }
     }
-    if let (Some(tr), Some(te)) = (&cfg.eval.knn_train, &cfg.eval.knn_test) {
-        if model.kind() != ModelKind::Classifier {
-            let train = data::open_shard(tr)?;
-            let test = data::open_shard(te)?;
-            let embed = |ds: &Dataset| -> Result<(Vec<f32>, Vec<u32>), TrainError> {
-                if !matches!(ds.kind(), DatasetKind::Labeled { .. }) {
-                    return Err(TrainError::Setup(
-                        "eval.knn_train / eval.knn_test must be labeled shards".into(),
-                    ));
-                }
-                let rows: Vec<usize> = (0..ds.len()).collect();
-                let mut x = Vec::new();
-                let mut y = Vec::new();
-                ds.gather_a(&rows, &mut x);
-                ds.gather_labels(&rows, &mut y);
-                Ok((model.embed_a(dev, &x, rows.len()), y))
-            };
-            let (ftr, ytr) = embed(&train)?;
-            let (fte, yte) = embed(&test)?;
-            let d = ftr.len() / ytr.len().max(1);
-            report.knn_accuracy = Some(knn_accuracy(&ftr, &ytr, &fte, &yte, d, cfg.eval.knn_k));
-        }
+    if let (Some(tr), Some(te)) = (&cfg.eval.knn_train, &cfg.eval.knn_test)
+        && model.kind() != ModelKind::Classifier
+    {
+        let train = data::open_shard(tr)?;
+        let test = data::open_shard(te)?;
+        let embed = |ds: &Dataset| -> Result<(Vec<f32>, Vec<u32>), TrainError> {
+            if !matches!(ds.kind(), DatasetKind::Labeled { .. }) {
+                return Err(TrainError::Setup(
+                    "eval.knn_train / eval.knn_test must be labeled shards".into(),
+                ));
+            }
+            let rows: Vec<usize> = (0..ds.len()).collect();
+            let mut x = Vec::new();
+            let mut y = Vec::new();
+            ds.gather_a(&rows, &mut x);
+            ds.gather_labels(&rows, &mut y);
+            Ok((model.embed_a(dev, &x, rows.len()), y))
+        };
+        let (ftr, ytr) = embed(&train)?;
+        let (fte, yte) = embed(&test)?;
+        let d = ftr.len() / ytr.len().max(1);
+        report.knn_accuracy = Some(knn_accuracy(&ftr, &ytr, &fte, &yte, d, cfg.eval.knn_k));
     }
     Ok(report)
 }
