@@ -99,7 +99,7 @@ fn classifier_on_n_ranks_equals_one_rank_with_the_whole_batch() {
 fn digits_contrastive_example_runs() {
     let cfg = repo().join("examples/digits-contrastive.toml");
     let dir = tempfile::tempdir().unwrap();
-    let f = train(2, Some(&cfg), &["run.steps=300", "run.eval_every=0"], dir.path());
+    let f = train(2, Some(&cfg), &["run.eval_every=0"], dir.path());
     let s = summary(&f);
     // Retrieval between two held-out augmentations of each test image (chance 1/297); the
     // k-NN probe is reported, but even random features of these digits score well on it.

@@ -120,9 +120,10 @@ pub fn allreduce_rank(comm: &mut dyn Communicator, job_args: &str) -> Result<Str
         Ok(out)
     } else {
         Ok(format!(
-            "# tessera TCP ring, {} timed iterations per size\n{}",
+            "# tessera all_reduce (f32, sum), TCP ring, {world} ranks, {} timed iterations per \
+             size\n{}",
             a.iters,
-            cbench::format_table(&rows, world)
+            cbench::format_table(&rows)
         ))
     }
 }

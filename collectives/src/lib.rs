@@ -1,0 +1,75 @@
+//! Collective communication for Tessera ranks.
+//!
+//! [`Communicator`] is the one interface the rank code sees. Backends:
+//! - [`tcp::TcpRing`]: a ring of TCP connections between processes (rank r sends to r+1 and
+//!   receives from r-1), bandwidth-optimal reduce-scatter + all-gather, chunked and pipelined.
+//! - [`threads::ThreadComm`]: ranks as threads of one process, for unit tests.
+//!
+//! Every call carries a sequence number and a timeout: a peer that disconnects or stalls is an
+//! error that names it, never a hang.
+//!
+//! Setting up a TCP ring across processes:
+//! 1. every rank binds [`tcp::DataPlaneListener::bind`] (port 0) and publishes
+//!    [`tcp::DataPlaneListener::local_addr`] (e.g. through the coordinator's join);
+//! 2. once every address is known, each rank calls [`tcp::TcpRing::connect`] with its rank, the
+//!    addresses in rank order and a [`tcp::TcpRingConfig`] whose `session` is the same on every
+//!    rank of the job (and differs between jobs), e.g. derived from the job token.
+//!
+//! [`bench`](mod@bench) measures all-reduce in nccl-tests terms on any communicator.
+
+pub mod bench;
+pub mod error;
+pub mod tcp;
+pub mod threads;
+
+pub use error::CommError;
+
+pub type Result<T> = std::result::Result<T, CommError>;
+
+/// Reduction applied by all-reduce and reduce-scatter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    /// Sum, then divide by the world size.
+    Mean,
+}
+
+/// A group of ranks that run collectives together.
+///
+/// Every rank must call the same collectives in the same order with matching sizes. Results of
+/// reductions are bitwise identical on every rank.
+pub trait Communicator: Send {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// Sequence number of the next collective call (starts at 0, +1 per call).
+    fn seq(&self) -> u64;
+
+    /// In-place all-reduce of `buf` (same length on every rank).
+    fn all_reduce_f32(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<()>;
+    /// In-place all-reduce of a few f64 scalars (statistics, norms); same length on every rank.
+    fn all_reduce_f64(&mut self, buf: &mut [f64], op: ReduceOp) -> Result<()>;
+    /// `output.len() == world * input.len()`; rank r's input lands at `output[r*len..(r+1)*len]`.
+    fn all_gather_f32(&mut self, input: &[f32], output: &mut [f32]) -> Result<()>;
+    /// All-gather of byte strings whose lengths may differ between ranks; result indexed by rank.
+    fn all_gather_bytes(&mut self, input: &[u8]) -> Result<Vec<Vec<u8>>>;
+    /// `input.len() == world * output.len()`; rank r receives the reduction of chunk r.
+    fn reduce_scatter_f32(&mut self, input: &[f32], output: &mut [f32], op: ReduceOp)
+    -> Result<()>;
+    /// Copies `buf` of rank `root` into `buf` of every rank (same length everywhere).
+    fn broadcast_bytes(&mut self, buf: &mut [u8], root: usize) -> Result<()>;
+    /// Sends `send` to rank r+1 while receiving rank r-1's message into `recv` (resized to fit).
+    /// Lengths may differ between ranks.
+    fn ring_shift_bytes(&mut self, send: &[u8], recv: &mut Vec<u8>) -> Result<()>;
+    /// Returns once every rank has entered the barrier.
+    fn barrier(&mut self) -> Result<()>;
+
+    /// Broadcast of f32 values, by way of their bytes.
+    fn broadcast_f32(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
+        let mut bytes: Vec<u8> = buf.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.broadcast_bytes(&mut bytes, root)?;
+        for (v, c) in buf.iter_mut().zip(bytes.chunks_exact(4)) {
+            *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        Ok(())
+    }
+}
