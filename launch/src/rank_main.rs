@@ -152,6 +152,10 @@ pub fn rank_main(args: &RankArgs) -> Result<ExitCode> {
                     std::fs::create_dir_all(&cfg.run.out_dir).with_context(|| {
                         format!("creating run.out_dir {}", cfg.run.out_dir.display())
                     })?;
+                    if std::env::var_os("TESSERA_REPORT_FILE").is_none() {
+                        // Not under `tessera run` (which prints it once): show it here.
+                        eprint!("# resolved config\n{}", cfg.to_toml());
+                    }
                     let path = cfg.run.out_dir.join("config.toml");
                     std::fs::write(&path, cfg.to_toml())
                         .with_context(|| format!("writing {}", path.display()))?;
