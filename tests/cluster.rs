@@ -101,6 +101,19 @@ fn children_of(pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Waits (up to 30 s) until the launcher `pid` has started `n` rank processes; their PIDs.
+fn rank_processes(pid: u32, n: usize) -> Vec<u32> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let c = children_of(pid);
+        if c.len() == n {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "the launcher started {} of {n} ranks", c.len());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn alive(pid: u32) -> bool {
     // A zombie still has a /proc entry; look at its state.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -153,16 +166,7 @@ fn launcher_names_the_dead_rank_and_stops_the_others() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let launcher = child.id();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let ranks = loop {
-        let c = children_of(launcher);
-        if c.len() == 3 || Instant::now() > deadline {
-            break c;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(ranks.len(), 3, "the launcher did not start 3 ranks");
+    let ranks = rank_processes(child.id(), 3);
     std::thread::sleep(Duration::from_secs(3));
     let victim = ranks[1];
     let environ = std::fs::read(format!("/proc/{victim}/environ")).unwrap();
@@ -195,15 +199,7 @@ fn ctrl_c_on_the_launcher_stops_every_rank() {
         .spawn()
         .unwrap();
     let launcher = child.id();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let ranks = loop {
-        let c = children_of(launcher);
-        if c.len() == 2 || Instant::now() > deadline {
-            break c;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(ranks.len(), 2, "the launcher did not start 2 ranks");
+    let ranks = rank_processes(launcher, 2);
     std::thread::sleep(Duration::from_secs(2));
     unsafe {
         libc::kill(launcher as i32, libc::SIGINT);

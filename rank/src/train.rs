@@ -16,7 +16,7 @@ use tessera_collectives::{CommError, Communicator, ReduceOp};
 use crate::config::{Config, DataSource};
 use crate::data::{self, Dataset, DatasetKind, DistributedSampler};
 use crate::device::CpuDevice;
-use crate::eval;
+use crate::eval::{self, EvalReport};
 use crate::loss;
 use crate::model::{Model, ModelKind};
 use crate::optim::schedule::ScheduleKind;
@@ -58,20 +58,9 @@ pub struct Summary {
     pub world: usize,
     pub global_batch: usize,
     pub loss: f32,
-    #[serde(rename = "recall@1", skip_serializing_if = "Option::is_none")]
-    pub recall_at_1: Option<f64>,
-    #[serde(rename = "recall@5", skip_serializing_if = "Option::is_none")]
-    pub recall_at_5: Option<f64>,
-    #[serde(rename = "recall@1_a_to_b", skip_serializing_if = "Option::is_none")]
-    pub recall_at_1_a_to_b: Option<f64>,
-    #[serde(rename = "recall@1_b_to_a", skip_serializing_if = "Option::is_none")]
-    pub recall_at_1_b_to_a: Option<f64>,
-    #[serde(rename = "chance@1", skip_serializing_if = "Option::is_none")]
-    pub chance_at_1: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub accuracy: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub knn_accuracy: Option<f64>,
+    /// The last evaluation's figures (recall@k, accuracy, k-NN accuracy), flattened.
+    #[serde(flatten)]
+    pub eval: EvalReport,
     pub logit_scale: Option<f32>,
     pub samples_per_s: f64,
     pub samples_per_s_per_rank: f64,
@@ -423,13 +412,7 @@ pub fn train(
                 cfg.run.steps,
                 report.brief()
             );
-            summary.recall_at_1 = report.recall_at_1;
-            summary.recall_at_5 = report.recall_at_5;
-            summary.recall_at_1_a_to_b = report.recall_at_1_a_to_b;
-            summary.recall_at_1_b_to_a = report.recall_at_1_b_to_a;
-            summary.chance_at_1 = report.chance_at_1;
-            summary.accuracy = report.accuracy;
-            summary.knn_accuracy = report.knn_accuracy;
+            summary.eval = report;
         }
     }
 
