@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Coordinator, run, tessera, wait};
+use common::{Coordinator, Watched, run, tessera, wait};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -127,21 +127,21 @@ fn a_rank_killed_mid_all_reduce_stops_every_other_rank_within_15_s() {
     let coord = Coordinator::start(4, &["--heartbeat-timeout", "5"]);
     let dir = tempfile::tempdir().unwrap();
     let job = r#"{"sizes":"64M","iters":100000,"warmup":0,"check":false,"json":true}"#;
-    let ranks: Vec<_> = (0..4)
-        .map(|r| {
-            coord.rank(Some(r), 4, &["--job", "bench-allreduce", "--job-args", job], dir.path())
-        })
-        .collect();
-    // Let the all-reduces start: the ring is up once every rank has joined and connected.
-    std::thread::sleep(Duration::from_secs(3));
-    let victim = ranks[2].id();
+    let args = ["--job", "bench-allreduce", "--job-args", job];
+    let ranks: Vec<Watched> =
+        (0..4).map(|r| Watched::spawn(coord.rank_command(Some(r), 4, &args, dir.path()))).collect();
+    // Once every ring link is up, the ranks go straight into the all-reduce loop.
+    for r in &ranks {
+        r.wait_for_lines("data-plane ring connected", 1, LIMIT);
+    }
+    let victim = ranks[2].child.id();
     unsafe {
         libc::kill(victim as i32, libc::SIGKILL);
     }
     let killed_at = Instant::now();
     let mut outputs = Vec::new();
-    for (r, child) in ranks.into_iter().enumerate() {
-        let f = wait(child, Duration::from_secs(30));
+    for (r, rank) in ranks.into_iter().enumerate() {
+        let f = rank.finish(Duration::from_secs(30));
         if r != 2 {
             assert!(!f.status.success(), "rank {r} exited 0 after a peer died\n{}", f.all_output());
             assert!(
@@ -157,29 +157,30 @@ fn a_rank_killed_mid_all_reduce_stops_every_other_rank_within_15_s() {
     coord.stop();
 }
 
-#[test]
-fn launcher_names_the_dead_rank_and_stops_the_others() {
-    let child = tessera()
-        .args(["bench", "allreduce", "--nproc", "3", "--sizes", "16M", "--iters", "100000"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let ranks = rank_processes(child.id(), 3);
-    std::thread::sleep(Duration::from_secs(3));
-    let victim = ranks[1];
-    let environ = std::fs::read(format!("/proc/{victim}/environ")).unwrap();
-    let victim_rank = environ
+/// The launch rank a rank process was given, from its environment.
+fn launch_rank_of(pid: u32) -> String {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    environ
         .split(|&b| b == 0)
         .find_map(|kv| kv.strip_prefix(b"TESSERA_LAUNCH_RANK="))
         .map(|v| String::from_utf8_lossy(v).into_owned())
-        .expect("the rank process has TESSERA_LAUNCH_RANK");
+        .expect("the rank process has TESSERA_LAUNCH_RANK")
+}
+
+#[test]
+fn launcher_names_the_dead_rank_and_stops_the_others() {
+    let mut cmd = tessera();
+    cmd.args(["bench", "allreduce", "--nproc", "3", "--sizes", "16M", "--iters", "100000"]);
+    let launcher = Watched::spawn(cmd);
+    let ranks = rank_processes(launcher.child.id(), 3);
+    launcher.wait_for_lines("data-plane ring connected", 3, LIMIT);
+    let victim = ranks[1];
+    let victim_rank = launch_rank_of(victim);
     unsafe {
         libc::kill(victim as i32, libc::SIGKILL);
     }
     let killed_at = Instant::now();
-    let f = wait(child, Duration::from_secs(60));
+    let f = launcher.finish(Duration::from_secs(60));
     assert!(!f.status.success());
     assert!(killed_at.elapsed() < Duration::from_secs(15), "took {:?}", killed_at.elapsed());
     let blame = format!("rank {victim_rank} failed (signal 9 (SIGKILL))");
@@ -190,21 +191,17 @@ fn launcher_names_the_dead_rank_and_stops_the_others() {
 #[test]
 fn ctrl_c_on_the_launcher_stops_every_rank() {
     let dir = tempfile::tempdir().unwrap();
-    let child = tessera()
-        .args(["run", "--nproc", "2", "--set", "run.steps=1000000", "--set"])
-        .arg(format!("run.out_dir={:?}", dir.path().display().to_string()))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let launcher = child.id();
-    let ranks = rank_processes(launcher, 2);
-    std::thread::sleep(Duration::from_secs(2));
+    let mut cmd = tessera();
+    cmd.args(["run", "--nproc", "2", "--set", "run.steps=1000000", "--set"])
+        .arg(format!("run.out_dir={:?}", dir.path().display().to_string()));
+    let launcher = Watched::spawn(cmd);
+    let pid = launcher.child.id();
+    let ranks = rank_processes(pid, 2);
+    launcher.wait_for_lines("data-plane ring connected", 2, LIMIT);
     unsafe {
-        libc::kill(launcher as i32, libc::SIGINT);
+        libc::kill(pid as i32, libc::SIGINT);
     }
-    let f = wait(child, Duration::from_secs(30));
+    let f = launcher.finish(Duration::from_secs(30));
     assert_eq!(f.status.code(), Some(130), "{}", f.all_output());
     assert!(f.stderr.contains("interrupted"), "{}", f.all_output());
     assert!(ranks.iter().all(|&p| !alive(p)), "rank processes outlived the launcher");

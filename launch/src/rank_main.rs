@@ -146,6 +146,7 @@ pub fn rank_main(args: &RankArgs) -> Result<ExitCode> {
     let outcome: Result<String> = (|| {
         let mut comm = TcpRing::connect(listener, rank, &membership.data_addrs, ring_cfg)
             .context("connecting the data-plane ring")?;
+        tracing::info!(rank, world = membership.world, "data-plane ring connected");
         match &cfg {
             Some(cfg) => {
                 if rank == 0 {

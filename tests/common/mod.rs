@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub fn tessera() -> Command {
@@ -116,6 +117,19 @@ impl Coordinator {
         args: &[&str],
         out_dir: &Path,
     ) -> Child {
+        let mut cmd = self.rank_command(launch_rank, world, args, out_dir);
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.spawn().expect("spawning a rank")
+    }
+
+    /// The command line of a `tessera rank` process for this coordinator.
+    pub fn rank_command(
+        &self,
+        launch_rank: Option<usize>,
+        world: usize,
+        args: &[&str],
+        out_dir: &Path,
+    ) -> Command {
         let mut cmd = tessera();
         cmd.arg("rank")
             .args(args)
@@ -123,14 +137,11 @@ impl Coordinator {
             .arg(format!("run.out_dir={:?}", out_dir.display().to_string()))
             .env("TESSERA_COORDINATOR", &self.addr)
             .env("TESSERA_TOKEN", &self.token)
-            .env("TESSERA_LAUNCH_WORLD", world.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .env("TESSERA_LAUNCH_WORLD", world.to_string());
         if let Some(r) = launch_rank {
             cmd.env("TESSERA_LAUNCH_RANK", r.to_string()).env("TESSERA_LOCAL_RANK", r.to_string());
         }
-        cmd.spawn().expect("spawning a rank")
+        cmd
     }
 
     /// The coordinator's remaining output, once it has exited (or been killed).
@@ -156,4 +167,78 @@ pub fn summary(f: &Finished) -> serde_json::Value {
 pub fn read_f32(path: &Path) -> Vec<f32> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// A child whose stderr is watched line by line while it runs (stdout is collected).
+pub struct Watched {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    stderr: Arc<Mutex<String>>,
+    stdout: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Watched {
+    /// Spawns `cmd` with `TESSERA_LOG=info`, so ranks say when their ring is connected.
+    pub fn spawn(mut cmd: Command) -> Watched {
+        cmd.env("TESSERA_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawning tessera");
+        let stdout = child.stdout.take().map(read_all);
+        let err = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&format!("{line}\n"));
+                let _ = tx.send(line);
+            }
+        });
+        Watched { child, lines: rx, stderr, stdout }
+    }
+
+    /// Blocks until `count` stderr lines containing `needle` have appeared; panics after `limit`.
+    pub fn wait_for_lines(&self, needle: &str, count: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let mut seen = 0;
+        while seen < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => seen += 1,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "saw {seen} of {count} lines with {needle:?} within {limit:?}\n{}",
+                    self.stderr.lock().unwrap()
+                ),
+            }
+        }
+    }
+
+    /// Waits for the exit (killing it after `limit`) and returns everything it printed.
+    pub fn finish(mut self, limit: Duration) -> Finished {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                break s;
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "process still running after {limit:?}: killed\n{}",
+                    self.stderr.lock().unwrap()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let elapsed = start.elapsed();
+        let stdout = self.stdout.take().map(|h| h.join().unwrap()).unwrap_or_default();
+        // The reader thread ends at EOF, shortly after the exit.
+        let eof = Instant::now() + Duration::from_secs(5);
+        while self.lines.recv_timeout(eof.saturating_duration_since(Instant::now())).is_ok() {}
+        let stderr = self.stderr.lock().unwrap().clone();
+        Finished { status, stdout, stderr, elapsed }
+    }
 }
