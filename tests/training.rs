@@ -133,3 +133,38 @@ fn shard_dimensions_that_do_not_match_the_model_are_a_clear_error() {
     assert!(!f.status.success());
     assert!(f.stderr.contains("model.tower_a.input_dim"), "{}", f.all_output());
 }
+
+#[test]
+fn synth_shards_inspect_and_train_and_a_truncated_shard_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("synth");
+    let mut cmd = tessera();
+    cmd.args(["data", "synth", "--n-train", "3000", "--n-eval", "300", "--out"]).arg(&data);
+    let f = run(cmd, LIMIT);
+    assert!(f.status.success(), "{}", f.all_output());
+
+    let mut cmd = tessera();
+    cmd.args(["data", "inspect"]).arg(data.join("train.shard"));
+    let f = run(cmd, LIMIT);
+    assert!(f.status.success(), "{}", f.all_output());
+    assert!(f.stdout.contains("paired") && f.stdout.contains("3000"), "{}", f.all_output());
+
+    let train_set = format!("data.train={:?}", data.join("train.shard").display().to_string());
+    let eval_set = format!("data.eval={:?}", data.join("eval.shard").display().to_string());
+    let out = dir.path().join("run");
+    let sets = ["data.source=\"shards\"", &train_set, &eval_set, "run.steps=20"];
+    let s = summary(&train(2, None, &sets, &out));
+    assert_eq!(s["eval_examples"], 300, "{s}");
+
+    // A shard cut short: a clear error naming the file, before any training.
+    let bytes = std::fs::read(data.join("train.shard")).unwrap();
+    let cut = dir.path().join("cut.shard");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let cut_set = format!("data.train={:?}", cut.display().to_string());
+    let mut cmd = tessera();
+    cmd.args(["run", "--nproc", "2", "--set", "data.source=\"shards\"", "--set", &cut_set])
+        .args(["--set", &out_dir_arg(&out)]);
+    let f = run(cmd, LIMIT);
+    assert!(!f.status.success());
+    assert!(f.stderr.contains("cut.shard") && f.stderr.contains("truncated"), "{}", f.all_output());
+}
