@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::data::SynthSpec;
+use crate::gns::GnsConfig;
 use crate::model::ModelConfig;
 
 /// The default job, embedded so that `tessera run --nproc 4` needs no file.
@@ -46,6 +47,9 @@ pub struct Config {
     pub optim: OptimConfig,
     #[serde(default)]
     pub eval: EvalConfig,
+    /// Gradient noise scale measurement (`[gns]`).
+    #[serde(default)]
+    pub gns: GnsConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -260,6 +264,7 @@ impl Config {
         if self.run.collective_timeout_s <= 0.0 {
             return Err("run.collective_timeout_s must be > 0".into());
         }
+        self.gns.validate().map_err(|e| e.to_string())?;
         if self.data.source == DataSource::Synth {
             self.data.synth.validate().map_err(|e| e.to_string())?;
         }

@@ -4,6 +4,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod gns;
 pub mod loss;
 pub mod model;
 pub mod optim;

@@ -17,6 +17,7 @@ use crate::config::{Config, DataSource};
 use crate::data::{self, Dataset, DatasetKind, DistributedSampler};
 use crate::device::CpuDevice;
 use crate::eval::{self, EvalReport};
+use crate::gns::{GnsError, GnsEstimator, GnsReport};
 use crate::loss;
 use crate::model::{Model, ModelKind};
 use crate::optim::schedule::ScheduleKind;
@@ -31,6 +32,8 @@ pub enum TrainError {
     Data(#[from] data::DataError),
     #[error("model: {0}")]
     Model(#[from] crate::model::ModelError),
+    #[error("{0}")]
+    Gns(#[from] GnsError),
     #[error("{0}")]
     Setup(String),
     #[error("writing {path}: {source}")]
@@ -62,6 +65,11 @@ pub struct Summary {
     #[serde(flatten)]
     pub eval: EvalReport,
     pub logit_scale: Option<f32>,
+    /// The last smoothed simple gradient noise scale (null when not measured: `gns.enabled =
+    /// false`, or one rank without micro-batches).
+    pub b_simple: Option<f64>,
+    /// Seconds spent in the noise-scale measurement (included in `train_seconds`).
+    pub gns_seconds: f64,
     pub samples_per_s: f64,
     pub samples_per_s_per_rank: f64,
     pub train_seconds: f64,
@@ -325,6 +333,17 @@ pub fn train(
     }
     let mut metrics = Metrics::open(out_dir, is_root)?;
 
+    // Gradient noise scale over the trainable tensors (ALGORITHMS.md §5).
+    let gns_groups: Vec<(usize, usize)> =
+        model.param_groups().iter().filter(|g| g.trainable).map(|g| (g.offset, g.len)).collect();
+    let mut gns = if cfg.gns.enabled && !gns_groups.is_empty() {
+        Some(GnsEstimator::new(&cfg.gns, &gns_groups)?)
+    } else {
+        None
+    };
+    let mut gns_report: Option<GnsReport> = None;
+    let mut gns_seconds = 0.0f64;
+
     let mut xa = Vec::new();
     let mut xb = Vec::new();
     let mut labels = Vec::new();
@@ -372,7 +391,21 @@ pub fn train(
             comm.all_reduce_f64(&mut s, ReduceOp::Sum)?;
             s[0] as f32
         };
+        // The buffer holds this rank's partial sum (1/B_global)·Σ_local g_i: GNS reads it before
+        // the all-reduce and the global mean after it.
+        let tg = Instant::now();
+        if let Some(g) = gns.as_mut() {
+            g.observe_local(model.grads(), b_local, global)?;
+        }
+        let mut gns_s = tg.elapsed().as_secs_f64();
         comm.all_reduce_f32(model.grads_mut(), ReduceOp::Sum)?;
+        let tg = Instant::now();
+        let gns_done = match gns.as_mut() {
+            Some(g) => g.finish_step(comm, model.grads(), global)?,
+            None => Vec::new(),
+        };
+        gns_s += tg.elapsed().as_secs_f64();
+        gns_seconds += gns_s;
         let (params, grads) = model.params_and_grads_mut();
         opt.step(params, grads, lr);
         model.clamp_logit_scale();
@@ -386,6 +419,14 @@ pub fn train(
             samples,
         });
 
+        // Every step's estimates, a line each, as their statistics are reduced (every
+        // gns.reduce_every steps).
+        for r in gns_done {
+            if is_root {
+                metrics.write(serde_json::json!({ "step": r.step, "gns": r }))?;
+            }
+            gns_report = Some(r);
+        }
         if is_root && (cfg.run.log_every > 0 && (step + 1) % cfg.run.log_every == 0 || step == 0) {
             metrics.write(serde_json::json!({
                 "step": step + 1,
@@ -394,6 +435,7 @@ pub fn train(
                 "logit_scale": if contrastive { Some(model.logit_scale()) } else { None },
                 "samples": samples,
                 "samples_per_s": samples as f64 / train_seconds.max(1e-9),
+                "b_simple": gns_report.as_ref().and_then(|r| r.b_simple),
             }))?;
         }
         let last = step + 1 == cfg.run.steps;
@@ -416,6 +458,14 @@ pub fn train(
         }
     }
 
+    if let Some(g) = gns.as_mut() {
+        for r in g.flush(comm)? {
+            if is_root {
+                metrics.write(serde_json::json!({ "step": r.step, "gns": r }))?;
+            }
+        }
+    }
+
     // Every rank must end with bitwise identical parameters: check it, cheaply, by hash.
     let hash = sha256_f32(model.params());
     let hashes = comm.all_gather_bytes(hash.as_bytes())?;
@@ -434,6 +484,8 @@ pub fn train(
     summary.steps = cfg.run.steps;
     summary.loss = last_loss;
     summary.logit_scale = contrastive.then(|| model.logit_scale());
+    summary.b_simple = gns.as_ref().and_then(|g| g.b_simple());
+    summary.gns_seconds = gns_seconds;
     summary.train_seconds = train_seconds;
     summary.samples_per_s = (cfg.run.steps as f64 * global as f64) / train_seconds.max(1e-9);
     summary.samples_per_s_per_rank = summary.samples_per_s / world as f64;
