@@ -168,3 +168,23 @@ fn synth_shards_inspect_and_train_and_a_truncated_shard_is_refused() {
     assert!(!f.status.success());
     assert!(f.stderr.contains("cut.shard") && f.stderr.contains("truncated"), "{}", f.all_output());
 }
+
+#[test]
+fn large_batch_optimizers_keep_ranks_bitwise_identical() {
+    // Training ends with an all-gather of every rank's parameter hash and fails if any differ;
+    // each optimizer must also match one rank with the whole batch.
+    for name in ["lars", "tvlars-code", "lamb"] {
+        let set = format!("optim.name={name:?}");
+        let one = tempfile::tempdir().unwrap();
+        let three = tempfile::tempdir().unwrap();
+        let sets = [set.as_str(), "run.steps=10", "run.eval_every=0", "batch.global=60"];
+        let a = summary(&train(1, None, &sets, one.path()));
+        let b = summary(&train(3, None, &sets, three.path()));
+        assert_eq!(b["world"], 3);
+        let d = rel_diff(
+            &read_f32(&three.path().join("params.f32")),
+            &read_f32(&one.path().join("params.f32")),
+        );
+        assert!(d <= 1e-5, "{name}: 3 ranks vs 1 rank differ by {d:e} ({a} vs {b})");
+    }
+}

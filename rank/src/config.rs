@@ -132,38 +132,7 @@ pub enum DataSource {
     Shards,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct OptimConfig {
-    /// `sgd` (momentum, optional Nesterov). LARS, TVLARS and LAMB come with their own issue.
-    pub name: String,
-    /// Peak learning rate (after warm-up).
-    pub lr: f64,
-    pub momentum: f64,
-    pub nesterov: bool,
-    /// L2 weight decay, applied to tensors with two or more dimensions only.
-    pub weight_decay: f64,
-    /// Linear warm-up from 0 over this many steps.
-    pub warmup_steps: u64,
-    /// `cosine` (to `min_lr_ratio`·lr at the last step) or `constant`.
-    pub schedule: String,
-    pub min_lr_ratio: f64,
-}
-
-impl Default for OptimConfig {
-    fn default() -> Self {
-        OptimConfig {
-            name: "sgd".into(),
-            lr: 0.1,
-            momentum: 0.9,
-            nesterov: false,
-            weight_decay: 0.0,
-            warmup_steps: 0,
-            schedule: "cosine".into(),
-            min_lr_ratio: 0.0,
-        }
-    }
-}
+pub use crate::optim::OptimConfig;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -221,6 +190,10 @@ impl Config {
         }
         cfg.validate()
             .map_err(|message| ConfigError::Invalid { origin: origin.to_string(), message })?;
+        cfg.optim = cfg
+            .optim
+            .resolved()
+            .map_err(|message| ConfigError::Invalid { origin: origin.to_string(), message })?;
         Ok(cfg)
     }
 
@@ -243,24 +216,7 @@ impl Config {
         if self.batch.global == 0 {
             return Err("batch.global must be at least 1".into());
         }
-        if self.optim.name != "sgd" {
-            return Err(format!(
-                "optim.name = {:?} is not available yet; use \"sgd\"",
-                self.optim.name
-            ));
-        }
-        if !(self.optim.lr.is_finite() && self.optim.lr >= 0.0) {
-            return Err(format!("optim.lr = {} must be a finite number >= 0", self.optim.lr));
-        }
-        if !(0.0..1.0).contains(&self.optim.momentum) {
-            return Err(format!("optim.momentum = {} must be in [0, 1)", self.optim.momentum));
-        }
-        if !matches!(self.optim.schedule.as_str(), "cosine" | "constant") {
-            return Err(format!(
-                "optim.schedule = {:?}: use \"cosine\" or \"constant\"",
-                self.optim.schedule
-            ));
-        }
+        self.optim.validate()?;
         if self.run.collective_timeout_s <= 0.0 {
             return Err("run.collective_timeout_s must be > 0".into());
         }

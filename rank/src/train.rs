@@ -20,8 +20,7 @@ use crate::eval::{self, EvalReport};
 use crate::gns::{GnsError, GnsEstimator, GnsReport};
 use crate::loss;
 use crate::model::{Model, ModelKind};
-use crate::optim::schedule::ScheduleKind;
-use crate::optim::{Schedule, Sgd, TensorGroup};
+use crate::optim::{Optimizer, TensorGroup};
 use crate::rng::Rng;
 
 #[derive(Debug, thiserror::Error)]
@@ -151,13 +150,7 @@ fn tensor_groups(model: &Model) -> Vec<TensorGroup> {
     model
         .param_groups()
         .into_iter()
-        .map(|g| TensorGroup {
-            decay: g.shape.len() >= 2,
-            name: g.name,
-            offset: g.offset,
-            len: g.len,
-            trainable: g.trainable,
-        })
+        .map(|g| TensorGroup::from_shape(g.name, g.offset, g.len, &g.shape, g.trainable))
         .collect()
 }
 
@@ -309,18 +302,9 @@ pub fn train(
 
     let mut model = Model::new(&cfg.model, cfg.run.seed)?;
     let groups = tensor_groups(&model);
-    let mut opt = Sgd::new(groups, cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.weight_decay);
-    let schedule = Schedule {
-        peak: cfg.optim.lr,
-        warmup_steps: cfg.optim.warmup_steps,
-        total_steps: cfg.run.steps,
-        kind: if cfg.optim.schedule == "constant" {
-            ScheduleKind::Constant
-        } else {
-            ScheduleKind::Cosine
-        },
-        min_ratio: cfg.optim.min_lr_ratio,
-    };
+    let mut opt =
+        Optimizer::new(&cfg.optim, groups).map_err(|e| TrainError::Setup(e.to_string()))?;
+    let schedule = cfg.optim.lr_schedule(cfg.run.steps).map_err(TrainError::Setup)?;
     // One global-batch stream for all ranks: the same permutation everywhere, each rank taking
     // its rows, so that N ranks see exactly what one rank with the whole batch would.
     let sampler = DistributedSampler::try_new(data.train.len(), 1, 0, cfg.run.seed, true)?;
@@ -407,7 +391,7 @@ pub fn train(
         gns_s += tg.elapsed().as_secs_f64();
         gns_seconds += gns_s;
         let (params, grads) = model.params_and_grads_mut();
-        opt.step(params, grads, lr);
+        let opt_stats = opt.step(params, grads, lr, step);
         model.clamp_logit_scale();
         train_seconds += t0.elapsed().as_secs_f64();
         last_loss = loss_value;
@@ -436,6 +420,7 @@ pub fn train(
                 "samples": samples,
                 "samples_per_s": samples as f64 / train_seconds.max(1e-9),
                 "b_simple": gns_report.as_ref().and_then(|r| r.b_simple),
+                "optim": opt_stats.summary(opt.groups()),
             }))?;
         }
         let last = step + 1 == cfg.run.steps;

@@ -52,7 +52,8 @@ mod tests {
     use super::*;
 
     fn group(offset: usize, len: usize, decay: bool, trainable: bool) -> TensorGroup {
-        TensorGroup { name: format!("t{offset}"), offset, len, decay, trainable }
+        let shape: &[usize] = if decay { &[len, 1] } else { &[len] };
+        TensorGroup::from_shape(format!("t{offset}"), offset, len, shape, trainable)
     }
 
     #[test]
