@@ -188,3 +188,40 @@ fn large_batch_optimizers_keep_ranks_bitwise_identical() {
         assert!(d <= 1e-5, "{name}: 3 ranks vs 1 rank differ by {d:e} ({a} vs {b})");
     }
 }
+
+fn step_losses(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v.get("loss").and_then(|l| l.as_f64()).filter(|_| v.get("eval").is_none()))
+        .collect()
+}
+
+#[test]
+fn tiled_ring_loss_follows_the_naive_loss_trajectory() {
+    let naive = tempfile::tempdir().unwrap();
+    let tiled = tempfile::tempdir().unwrap();
+    let common = ["run.steps=30", "run.log_every=1", "run.eval_every=0", "batch.global=96"];
+    let mut a = common.to_vec();
+    a.push("loss.name=\"clip\"");
+    let mut b = common.to_vec();
+    b.extend(["loss.name=\"clip_tiled\"", "loss.tile_rows=16", "loss.tile_cols=8"]);
+    train(3, None, &a, naive.path());
+    train(3, None, &b, tiled.path());
+    let (la, lb) = (step_losses(naive.path()), step_losses(tiled.path()));
+    assert_eq!(la.len(), 30);
+    for (k, (x, y)) in la.iter().zip(&lb).enumerate() {
+        assert!((x - y).abs() <= 1e-4 * x.abs(), "step {}: naive {x} vs tiled {y}", k + 1);
+    }
+    let d = rel_diff(
+        &read_f32(&tiled.path().join("params.f32")),
+        &read_f32(&naive.path().join("params.f32")),
+    );
+    assert!(d <= 1e-4, "parameters after 30 steps differ by {d:e}");
+}
+
+#[test]
+fn siglip_with_its_learnable_bias_on_n_ranks_equals_one_rank() {
+    equivalence(None, &["batch.global=64", "loss.name=\"siglip\"", "optim.lr=0.01"], &[3]);
+}

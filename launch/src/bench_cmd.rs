@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
-use tessera_collectives::Communicator;
 use tessera_collectives::bench as cbench;
+use tessera_collectives::{Communicator, ReduceOp};
 
 use crate::launcher::{JobSpec, launch};
 
@@ -14,6 +14,9 @@ use crate::launcher::{JobSpec, launch};
 pub enum BenchCommand {
     /// All-reduce over N local rank processes (TCP ring): size, count, time, algbw, busbw.
     Allreduce(AllreduceArgs),
+    /// Contrastive loss forward+backward over N local rank processes: naive (all-gathered,
+    /// b×B logits per rank) vs tiled (Inf-CL ring), with time, GFLOP/s and peak memory.
+    Loss(LossArgs),
     /// Every collective in N local rank processes, checked against a naive reference.
     CollectivesSelftest {
         /// Rank processes to start on this machine.
@@ -43,6 +46,26 @@ pub struct AllreduceArgs {
     #[arg(long)]
     pub check: bool,
     /// One JSON object per size instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Serialize, Deserialize, Clone, Debug)]
+pub struct LossArgs {
+    /// Rank processes to start on this machine.
+    #[arg(long, default_value_t = 2)]
+    #[serde(skip)]
+    pub nproc: usize,
+    /// Global batch B (rows of image and of text features over all ranks).
+    #[arg(long, default_value_t = 16384)]
+    pub batch: usize,
+    /// Feature dimension d.
+    #[arg(long, default_value_t = 256)]
+    pub dim: usize,
+    /// Do not run the naive loss (it needs b×B floats of logits per rank).
+    #[arg(long)]
+    pub skip_naive: bool,
+    /// One JSON object per implementation instead of the table.
     #[arg(long)]
     pub json: bool,
 }
@@ -77,6 +100,19 @@ pub fn bench(cmd: BenchCommand) -> Result<ExitCode> {
                 ],
                 total_steps: None,
                 label: "allreduce".into(),
+            };
+            launch(a.nproc, &spec, 30.0)
+        }
+        BenchCommand::Loss(a) => {
+            let spec = JobSpec {
+                rank_args: vec![
+                    "--job".into(),
+                    "bench-loss".into(),
+                    "--job-args".into(),
+                    serde_json::to_string(&a)?,
+                ],
+                total_steps: None,
+                label: "loss".into(),
             };
             launch(a.nproc, &spec, 30.0)
         }
@@ -126,6 +162,78 @@ pub fn allreduce_rank(comm: &mut dyn Communicator, job_args: &str) -> Result<Str
             cbench::format_table(&rows)
         ))
     }
+}
+
+/// This process's peak resident set size (VmHWM), in bytes.
+fn peak_rss_bytes() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        })
+        .map_or(0.0, |kb| kb * 1024.0)
+}
+
+/// The part of `bench loss` that runs inside each rank; returns rank 0's report. The tiled
+/// loss runs first: peak RSS only grows, so each figure is the peak up to that point.
+pub fn loss_rank(comm: &mut dyn Communicator, local_size: usize, job_args: &str) -> Result<String> {
+    use tessera_rank::loss::{LossImpl, RingLossOpts, bench_loss};
+    let a: LossArgs = serde_json::from_str(job_args).context("decoding benchmark arguments")?;
+    if a.batch < comm.world() || a.dim == 0 {
+        bail!("--batch must be at least the number of ranks and --dim at least 1");
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let opts = RingLossOpts { threads: (cores / local_size.max(1)).max(1), ..Default::default() };
+    let mut impls = vec![LossImpl::Tiled];
+    if !a.skip_naive {
+        impls.push(LossImpl::Naive);
+    }
+    let mut out = String::new();
+    if !a.json {
+        out += &format!(
+            "# contrastive loss forward+backward, B = {}, d = {}, {} ranks, {} thread(s) each\n\
+             #{:>8} {:>10} {:>9} {:>16} {:>12}\n",
+            a.batch,
+            a.dim,
+            comm.world(),
+            opts.threads,
+            "impl",
+            "time (s)",
+            "GFLOP/s",
+            "peak RSS (all)",
+            "loss"
+        );
+    }
+    for imp in impls {
+        let r = bench_loss(comm, a.batch, a.dim, imp, &opts)?;
+        let mut rss = [peak_rss_bytes()];
+        comm.all_reduce_f64(&mut rss, ReduceOp::Sum)?;
+        if a.json {
+            out += &serde_json::to_string(&serde_json::json!({
+                "impl": imp.name(),
+                "ranks": comm.world(),
+                "batch": a.batch,
+                "dim": a.dim,
+                "time_s": r.seconds,
+                "gflops": r.gflops,
+                "peak_rss_total_bytes": rss[0],
+                "loss": r.loss,
+            }))?;
+            out.push('\n');
+        } else {
+            out += &format!(
+                " {:>8} {:>10.3} {:>9.1} {:>13.1} MB {:>12.6}\n",
+                imp.name(),
+                r.seconds,
+                r.gflops,
+                rss[0] / 1e6,
+                r.loss
+            );
+        }
+    }
+    Ok(out)
 }
 
 fn gemm(g: &GemmArgs) -> Result<ExitCode> {

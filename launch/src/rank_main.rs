@@ -92,6 +92,10 @@ pub fn rank_main(args: &RankArgs) -> Result<ExitCode> {
             (None, format!("bench-allreduce:{raw}"))
         }
         "collectives-selftest" => (None, "collectives-selftest".to_string()),
+        "bench-loss" => {
+            let raw = args.job_args.clone().unwrap_or_default();
+            (None, format!("bench-loss:{raw}"))
+        }
         other => bail!("unknown job {other:?}"),
     };
 
@@ -172,6 +176,11 @@ pub fn rank_main(args: &RankArgs) -> Result<ExitCode> {
                 Ok(serde_json::to_string(&summary)? + "\n")
             }
             None if args.job == "collectives-selftest" => crate::selftest::run(&mut comm),
+            None if args.job == "bench-loss" => bench_cmd::loss_rank(
+                &mut comm,
+                membership.local_size as usize,
+                args.job_args.as_deref().unwrap_or("{}"),
+            ),
             None => bench_cmd::allreduce_rank(&mut comm, args.job_args.as_deref().unwrap_or("{}")),
         }
     })();

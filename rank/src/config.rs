@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::data::SynthSpec;
 use crate::gns::GnsConfig;
+use crate::loss::LossConfig;
 use crate::model::ModelConfig;
 
 /// The default job, embedded so that `tessera run --nproc 4` needs no file.
@@ -43,6 +44,8 @@ pub struct Config {
     #[serde(default)]
     pub data: DataConfig,
     pub model: ModelConfig,
+    #[serde(default)]
+    pub loss: LossConfig,
     #[serde(default)]
     pub optim: OptimConfig,
     #[serde(default)]
@@ -217,6 +220,7 @@ impl Config {
             return Err("batch.global must be at least 1".into());
         }
         self.optim.validate()?;
+        self.loss.validate()?;
         if self.run.collective_timeout_s <= 0.0 {
             return Err("run.collective_timeout_s must be > 0".into());
         }

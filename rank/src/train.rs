@@ -18,7 +18,7 @@ use crate::data::{self, Dataset, DatasetKind, DistributedSampler};
 use crate::device::CpuDevice;
 use crate::eval::{self, EvalReport};
 use crate::gns::{GnsError, GnsEstimator, GnsReport};
-use crate::loss;
+use crate::loss::{self, LossKind, RingLossOpts};
 use crate::model::{Model, ModelKind};
 use crate::optim::{Optimizer, TensorGroup};
 use crate::rng::Rng;
@@ -31,6 +31,8 @@ pub enum TrainError {
     Data(#[from] data::DataError),
     #[error("model: {0}")]
     Model(#[from] crate::model::ModelError),
+    #[error("loss: {0}")]
+    Loss(#[from] crate::loss::LossError),
     #[error("{0}")]
     Gns(#[from] GnsError),
     #[error("{0}")]
@@ -300,7 +302,18 @@ pub fn train(
         )));
     }
 
-    let mut model = Model::new(&cfg.model, cfg.run.seed)?;
+    // SigLIP brings a learnable logit bias and its own initial scale (ALGORITHMS.md §3).
+    let mut model_cfg = cfg.model.clone();
+    if cfg.loss.name == LossKind::Siglip {
+        model_cfg.logit_scale_init = cfg.loss.siglip_scale_init;
+        model_cfg.logit_bias_init = Some(cfg.loss.siglip_bias_init);
+        model_cfg.freeze_logit_bias = !cfg.loss.learnable_bias;
+    }
+    let mut model = Model::new(&model_cfg, cfg.run.seed)?;
+    let mut loss_ws = loss::RingLossWorkspace::new(&RingLossOpts {
+        threads: if cfg.loss.threads > 0 { cfg.loss.threads } else { threads },
+        ..cfg.loss.ring_opts()
+    })?;
     let groups = tensor_groups(&model);
     let mut opt =
         Optimizer::new(&cfg.optim, groups).map_err(|e| TrainError::Setup(e.to_string()))?;
@@ -351,20 +364,52 @@ pub fn train(
             }
             let (fa, fb) = model.forward_pair(&dev, &xa, &xb, b_local);
             let d = fa.len() / b_local;
-            let fa_all = gather_rows(comm, &fa, global, d)?;
-            let fb_all = gather_rows(comm, &fb, global, d)?;
-            let out = loss::clip_loss_local(
-                &fa_all,
-                &fb_all,
-                global,
-                d,
-                row_offset,
-                b_local,
-                model.logit_scale(),
-            );
-            model.backward_pair(&dev, &out.d_img_local, &out.d_txt_local);
-            model.add_logit_scale_grad(out.d_t_partial);
-            out.loss
+            let scale = model.logit_scale();
+            let out = match cfg.loss.name {
+                LossKind::Clip => {
+                    let fa_all = gather_rows(comm, &fa, global, d)?;
+                    let fb_all = gather_rows(comm, &fb, global, d)?;
+                    let o = loss::clip_loss_local(
+                        &fa_all, &fb_all, global, d, row_offset, b_local, scale,
+                    );
+                    (o.loss, o.d_img_local, o.d_txt_local, o.d_t_partial, None)
+                }
+                LossKind::ClipTiled => {
+                    let o = loss::clip_loss_ring_ws(
+                        comm,
+                        &mut loss_ws,
+                        &fa,
+                        &fb,
+                        b_local,
+                        d,
+                        scale,
+                        None,
+                    )?;
+                    (o.loss, o.d_img_local, o.d_txt_local, o.d_t_partial, None)
+                }
+                LossKind::Siglip => {
+                    let bias = model.logit_bias();
+                    let o = loss::siglip_loss_ring_ws(
+                        comm,
+                        &mut loss_ws,
+                        &fa,
+                        &fb,
+                        b_local,
+                        d,
+                        scale,
+                        bias,
+                        None,
+                    )?;
+                    (o.loss, o.d_img_local, o.d_txt_local, o.d_t_partial, o.d_bias_partial)
+                }
+            };
+            let (loss_value, d_img, d_txt, d_t, d_bias) = out;
+            model.backward_pair(&dev, &d_img, &d_txt);
+            model.add_logit_scale_grad(d_t);
+            if let Some(g) = d_bias {
+                model.add_logit_bias_grad(g);
+            }
+            loss_value
         } else {
             data.train.gather_a(mine, &mut xa);
             data.train.gather_labels(mine, &mut labels);

@@ -2,8 +2,19 @@
 //! gradient for its own rows, scaled so that the SUM over ranks of the parameter gradients is
 //! the gradient of the global-batch loss.
 
+pub mod bench;
 mod clip;
 mod cross_entropy;
+pub mod loss_config;
+pub mod ring;
+#[cfg(test)]
+mod ring_tests;
 
+pub use bench::{LossBench, LossImpl, bench_loss};
 pub use clip::{ClipOut, clip_loss_local, clip_loss_reference_f64};
 pub use cross_entropy::{CeOut, cross_entropy};
+pub use loss_config::{LossConfig, LossKind};
+pub use ring::{
+    LossError, RingLossOpts, RingLossOut, RingLossWorkspace, clip_loss_ring, clip_loss_ring_ws,
+    siglip_loss_reference_f64, siglip_loss_ring, siglip_loss_ring_ws,
+};

@@ -137,6 +137,13 @@ pub struct ModelConfig {
     /// Classifier only: the number of classes; must equal `tower_a.output_dim` when given.
     #[serde(default)]
     pub num_classes: Option<usize>,
+    /// Initial logit bias β, for losses that have one (SigLIP); `None`: no bias parameter. Set
+    /// by the trainer from the `[loss]` table, not a `[model]` key.
+    #[serde(skip)]
+    pub logit_bias_init: Option<f32>,
+    /// The logit bias stays at its initial value (`loss.learnable_bias = false`).
+    #[serde(skip)]
+    pub freeze_logit_bias: bool,
 }
 
 impl Default for ModelConfig {
@@ -149,6 +156,8 @@ impl Default for ModelConfig {
             logit_scale_init: default_logit_scale_init(),
             logit_scale_max: default_logit_scale_max(),
             num_classes: None,
+            logit_bias_init: None,
+            freeze_logit_bias: false,
         }
     }
 }
@@ -528,6 +537,7 @@ pub struct Model {
     cfg: ModelConfig,
     towers: Vec<Tower>,
     t_offset: Option<usize>,
+    bias_offset: Option<usize>,
     groups: Vec<ParamGroup>,
     params: Vec<f32>,
     grads: Vec<f32>,
@@ -582,6 +592,12 @@ impl Model {
             towers.push(layout.tower("b", &cfg.tower_b, true, !cfg.freeze_b));
         }
         let t_offset = contrastive.then(|| layout.add("logit_scale".into(), vec![], true));
+        let bias_offset = match cfg.logit_bias_init {
+            Some(_) if contrastive => {
+                Some(layout.add("logit_bias".into(), vec![], !cfg.freeze_logit_bias))
+            }
+            _ => None,
+        };
         let total = layout.next;
         if total > (isize::MAX as usize) / 8 {
             return Err(ModelError::TooLarge(total));
@@ -591,6 +607,8 @@ impl Model {
             let dst = &mut params[g.offset..g.offset + g.len];
             if g.name == "logit_scale" {
                 dst[0] = cfg.logit_scale_init;
+            } else if g.name == "logit_bias" {
+                dst[0] = cfg.logit_bias_init.unwrap_or(0.0);
             } else if g.name.ends_with(".ln.gamma") {
                 dst.fill(1.0);
             } else if g.name.ends_with(".weight") {
@@ -607,6 +625,7 @@ impl Model {
             cfg: cfg.clone(),
             towers,
             t_offset,
+            bias_offset,
             groups: layout.groups,
             grads: vec![0.0; total],
             params,
@@ -748,6 +767,20 @@ impl Model {
     pub fn add_logit_scale_grad(&mut self, dt: f32) {
         if let Some(o) = self.t_offset {
             self.grads[o] += dt;
+        }
+    }
+
+    /// The logit bias β (0 when the model has none).
+    pub fn logit_bias(&self) -> f32 {
+        self.bias_offset.map_or(0.0, |o| self.params[o])
+    }
+
+    /// Adds `g` to `∂L/∂β` (no-op without a bias, or when it is frozen).
+    pub fn add_logit_bias_grad(&mut self, g: f32) {
+        if let Some(o) = self.bias_offset
+            && !self.cfg.freeze_logit_bias
+        {
+            self.grads[o] += g;
         }
     }
 

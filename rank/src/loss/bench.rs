@@ -1,0 +1,174 @@
+//! `tessera bench loss`: time of one forward+backward of a contrastive loss on synthetic
+//! features, naive (all-gathered) or tiled on the ring.
+
+use std::time::Instant;
+
+use tessera_collectives::Communicator;
+
+use super::clip::clip_loss_local;
+use super::ring::{
+    LossError, RingLossOpts, RingLossWorkspace, clip_loss_ring_ws, siglip_loss_ring_ws,
+};
+use crate::rng::Rng;
+
+/// Which loss implementation [`bench_loss`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossImpl {
+    /// All-gather the features, then [`clip_loss_local`] (`b × B` logits per rank).
+    Naive,
+    /// [`clip_loss_ring_ws`].
+    Tiled,
+    /// [`siglip_loss_ring_ws`].
+    Siglip,
+}
+
+impl LossImpl {
+    /// The `impl` name in `--json` output: `naive`, `tiled`, `siglip`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LossImpl::Naive => "naive",
+            LossImpl::Tiled => "tiled",
+            LossImpl::Siglip => "siglip",
+        }
+    }
+}
+
+/// One measurement of [`bench_loss`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct LossBench {
+    /// Wall-clock seconds of one forward+backward, the slowest rank (same on all ranks).
+    pub seconds: f64,
+    /// `4 · 2·B²·d / seconds / 1e9`: GEMM-equivalents counted as 4 for every implementation.
+    pub gflops: f64,
+    /// The loss value (a sanity check that the run happened).
+    pub loss: f32,
+}
+
+/// Rows of rank `r` when `global_b` is split as evenly as possible over `world` ranks.
+pub fn local_rows(global_b: usize, world: usize, r: usize) -> (usize, usize) {
+    let base = global_b / world;
+    let extra = global_b % world;
+    let b = base + usize::from(r < extra);
+    let off = r * base + r.min(extra);
+    (off, b)
+}
+
+fn unit_rows(seed: u64, stream: u64, rows: usize, d: usize) -> Vec<f32> {
+    let mut rng = Rng::stream(seed, stream);
+    let mut v: Vec<f32> = (0..rows * d).map(|_| rng.normal() as f32).collect();
+    for r in v.chunks_exact_mut(d.max(1)) {
+        let n = r.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        r.iter_mut().for_each(|x| *x /= n);
+    }
+    v
+}
+
+/// Collective: runs one forward+backward of `imp` over a global batch of `global_b` random
+/// unit features of dimension `d` split evenly over the ranks of `comm`, timed between two
+/// barriers. `opts` sets the tiling of the ring implementations; `threads` of the naive
+/// one's GEMMs are its caller's (one thread).
+pub fn bench_loss(
+    comm: &mut dyn Communicator,
+    global_b: usize,
+    d: usize,
+    imp: LossImpl,
+    opts: &RingLossOpts,
+) -> Result<LossBench, LossError> {
+    let (world, r) = (comm.world(), comm.rank());
+    let (off, b) = local_rows(global_b, world, r);
+    let img = unit_rows(1, r as u64 * 2, b, d);
+    let txt = unit_rows(1, r as u64 * 2 + 1, b, d);
+    let mut ws = RingLossWorkspace::new(opts)?;
+    let scale = 14.285_714f32;
+    comm.barrier()?;
+    let t0 = Instant::now();
+    let loss = match imp {
+        LossImpl::Naive => {
+            let mut img_all = vec![0.0f32; global_b * d];
+            let mut txt_all = vec![0.0f32; global_b * d];
+            gather_rows(comm, &img, &mut img_all, global_b, d)?;
+            gather_rows(comm, &txt, &mut txt_all, global_b, d)?;
+            clip_loss_local(&img_all, &txt_all, global_b, d, off, b, scale).loss
+        }
+        LossImpl::Tiled => clip_loss_ring_ws(comm, &mut ws, &img, &txt, b, d, scale, None)?.loss,
+        LossImpl::Siglip => {
+            siglip_loss_ring_ws(comm, &mut ws, &img, &txt, b, d, scale, -10.0, None)?.loss
+        }
+    };
+    let mine = t0.elapsed().as_secs_f64();
+    comm.barrier()?;
+    let seconds = if world > 1 {
+        comm.all_gather_bytes(&mine.to_le_bytes())?
+            .iter()
+            .map(|v| f64::from_le_bytes(v.as_slice().try_into().unwrap_or([0; 8])))
+            .fold(0.0, f64::max)
+    } else {
+        mine
+    };
+    let flops = 4.0 * 2.0 * (global_b as f64).powi(2) * d as f64;
+    Ok(LossBench { seconds, gflops: flops / seconds.max(1e-12) / 1e9, loss })
+}
+
+/// All-gather of row blocks whose sizes differ by at most one (the split of [`local_rows`]).
+fn gather_rows(
+    comm: &mut dyn Communicator,
+    mine: &[f32],
+    out: &mut [f32],
+    global_b: usize,
+    d: usize,
+) -> Result<(), LossError> {
+    let world = comm.world();
+    if world == 1 {
+        out.copy_from_slice(mine);
+        return Ok(());
+    }
+    let bytes: Vec<u8> = mine.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let all = comm.all_gather_bytes(&bytes)?;
+    for (q, v) in all.iter().enumerate() {
+        let (o, b) = local_rows(global_b, world, q);
+        if v.len() != b * d * 4 {
+            return Err(LossError::Protocol {
+                peer: q,
+                detail: format!("{} feature bytes, expected {b} × {d} × 4", v.len()),
+            });
+        }
+        for (dst, c) in out[o * d..(o + b) * d].iter_mut().zip(v.chunks_exact(4)) {
+            *dst = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_collectives::threads::ThreadComm;
+
+    #[test]
+    fn bench_runs_and_implementations_agree() {
+        assert_eq!(local_rows(10, 3, 0), (0, 4));
+        assert_eq!(local_rows(10, 3, 2), (7, 3));
+        let outs: Vec<Vec<LossBench>> = std::thread::scope(|s| {
+            let hs: Vec<_> = ThreadComm::group(2)
+                .into_iter()
+                .map(|mut c| {
+                    s.spawn(move || {
+                        [LossImpl::Naive, LossImpl::Tiled, LossImpl::Siglip]
+                            .iter()
+                            .map(|&i| {
+                                bench_loss(&mut c, 301, 7, i, &RingLossOpts::default())
+                                    .expect("bench")
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().expect("rank")).collect()
+        });
+        for o in &outs {
+            assert!((o[0].loss - o[1].loss).abs() <= 1e-5 * o[0].loss.abs());
+            assert!(o.iter().all(|b| b.seconds > 0.0 && b.gflops > 0.0 && b.loss.is_finite()));
+            assert_eq!(o[1].seconds, outs[0][1].seconds, "time is the max over ranks");
+        }
+    }
+}

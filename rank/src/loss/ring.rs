@@ -1,0 +1,1259 @@
+//! Tiled contrastive losses on a ring of ranks (ALGORITHMS.md §2 and §3, after Inf-CL):
+//! memory per rank O(b·d + tile²), never a `b × B` matrix.
+//!
+//! # Schedule
+//! Every rank keeps its image rows. Text blocks travel the ring: at step `k` rank `r` holds the
+//! block of rank `q = (r − k) mod n` and sends it on to `r + 1` while it computes on it (the
+//! transfer runs on a helper thread, so it overlaps the tile work). What rides with a block is
+//! an accumulator that each rank along the way extends:
+//! - CLIP forward: the block's column statistics `(m, z)` (online log-sum-exp);
+//! - CLIP backward (with the block's column LSEs `κ`) and SigLIP: the block's `∂L/∂T`.
+//!
+//! A rank computes its contribution to the accumulator of the block in hand into a fresh
+//! buffer and merges the incoming accumulator (which arrives during the compute) afterwards,
+//! so receiving overlaps computing too. After the last step one more hop brings each
+//! accumulator home to the block's owner.
+//!
+//! # Inside a rank
+//! Each block is cut into column panels of `tile_cols` columns; for each panel the row tiles
+//! (`tile_rows` rows) run in parallel on rayon: one tile GEMM into a per-thread tile buffer,
+//! then the fused pass (row/column max and sum-exp, or the gradient tile and its two GEMMs).
+//! Logits never exist beyond one tile. Per-tile partials of column statistics, of `∂L/∂T` and
+//! of the scalars are merged in a fixed order (row-tile order, then panel order, then ring
+//! order), so the result does not depend on the number of threads or on scheduling: every run
+//! is bitwise reproducible and the loss is bitwise identical on all ranks.
+//!
+//! # Cost
+//! CLIP: forward 1 GEMM-equivalent (`B×B×d`), backward 3 (recompute, `dI`, `dT`): 4 in all.
+//! SigLIP: 3 (forward and backward in one pass).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rayon::prelude::*;
+use tessera_collectives::{CommError, Communicator, ReduceOp};
+
+use crate::device::{CpuDevice, Device, fast_exp};
+
+/// Errors of the ring losses.
+#[derive(Debug, thiserror::Error)]
+pub enum LossError {
+    #[error("ring loss: collective failed: {0}")]
+    Comm(#[from] CommError),
+    #[error("ring loss: invalid input: {0}")]
+    Invalid(String),
+    #[error(
+        "ring loss: rank {peer} sent a malformed block message ({detail}); all ranks must run \
+         the same Tessera version and call the same loss with the same feature dimension"
+    )]
+    Protocol { peer: usize, detail: String },
+}
+
+/// Tiling and threading of the ring losses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RingLossOpts {
+    /// Rows of image features per tile (the unit of parallel work).
+    pub tile_rows: usize,
+    /// Columns (text features) per tile / panel.
+    pub tile_cols: usize,
+    /// Threads for the tile work; 0 = rayon's current pool.
+    pub threads: usize,
+}
+
+impl Default for RingLossOpts {
+    fn default() -> Self {
+        RingLossOpts { tile_rows: 256, tile_cols: 256, threads: 0 }
+    }
+}
+
+/// One rank's result of [`clip_loss_ring`] / [`siglip_loss_ring`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct RingLossOut {
+    /// The GLOBAL loss, bitwise identical on every rank.
+    pub loss: f32,
+    /// `∂L/∂I_i` for this rank's rows (`b_local × d`).
+    pub d_img_local: Vec<f32>,
+    /// `∂L/∂T_j` for this rank's rows (`b_local × d`).
+    pub d_txt_local: Vec<f32>,
+    /// This rank's share of `∂L/∂t` (`t = ln s`): the SUM over ranks is exactly `∂L/∂t`.
+    pub d_t_partial: f32,
+    /// SigLIP only: this rank's share of `∂L/∂β`; the SUM over ranks is exactly `∂L/∂β`.
+    pub d_bias_partial: Option<f32>,
+    /// Peak bytes of the buffers this call allocated (features in flight, statistics, tile
+    /// partials, tile buffers, outputs) — the quantity bounded by O(b·d + threads·tile²).
+    pub workspace_bytes: usize,
+}
+
+/// Pool of per-thread tile buffers: a tile task takes one and gives it back, so at most one
+/// buffer per concurrently running task ever exists.
+#[derive(Default)]
+struct TilePool {
+    free: Mutex<Vec<Vec<f32>>>,
+    created_bytes: AtomicUsize,
+}
+
+impl TilePool {
+    fn take(&self, len: usize) -> Vec<f32> {
+        let got = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut v = got.unwrap_or_default();
+        if v.len() < len {
+            let before = v.capacity();
+            v.resize(len, 0.0);
+            self.created_bytes.fetch_add((v.capacity() - before) * 4, Ordering::Relaxed);
+        }
+        v
+    }
+
+    fn give(&self, v: Vec<f32>) {
+        self.free.lock().unwrap_or_else(|p| p.into_inner()).push(v);
+    }
+}
+
+/// Per-row-tile partials of one panel, merged in row-tile order.
+#[derive(Default)]
+struct Slots {
+    /// Column maxima and sums (forward), `tiles × tile_cols`.
+    m: Vec<f32>,
+    z: Vec<f32>,
+    /// Partial `∂L/∂T` of the panel, `tiles × tile_cols × d`.
+    g: Vec<f32>,
+    /// Scalars per tile: `[Σ G·x, loss, Σ G]`.
+    s: Vec<[f64; 3]>,
+}
+
+impl Slots {
+    fn bytes(&self) -> usize {
+        self.m.capacity() * 4
+            + self.z.capacity() * 8
+            + self.g.capacity() * 4
+            + self.s.capacity() * 24
+    }
+}
+
+/// Reusable state of the ring losses: tiling options, the thread pool and the tile partials.
+/// Keep one per rank across steps to avoid reallocating.
+pub struct RingLossWorkspace {
+    opts: RingLossOpts,
+    pool: Option<rayon::ThreadPool>,
+    dev: CpuDevice,
+    tiles: TilePool,
+    slots: Slots,
+}
+
+impl std::fmt::Debug for RingLossWorkspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingLossWorkspace").field("opts", &self.opts).finish()
+    }
+}
+
+impl RingLossWorkspace {
+    /// A workspace for `opts`; fails on zero tile sizes or when the thread pool cannot be
+    /// built.
+    pub fn new(opts: &RingLossOpts) -> Result<Self, LossError> {
+        if opts.tile_rows == 0 || opts.tile_cols == 0 {
+            return Err(LossError::Invalid(format!(
+                "tile_rows = {} and tile_cols = {}: both must be at least 1 (typical: 64..256)",
+                opts.tile_rows, opts.tile_cols
+            )));
+        }
+        let pool = if opts.threads > 0 {
+            Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(opts.threads)
+                    .thread_name(|i| format!("tessera-loss-{i}"))
+                    .build()
+                    .map_err(|e| {
+                        LossError::Invalid(format!(
+                            "cannot start {} loss threads ({e}); use threads = 0 for the shared \
+                             pool",
+                            opts.threads
+                        ))
+                    })?,
+            )
+        } else {
+            None
+        };
+        Ok(RingLossWorkspace {
+            opts: opts.clone(),
+            pool,
+            dev: CpuDevice::new(1),
+            tiles: TilePool::default(),
+            slots: Slots::default(),
+        })
+    }
+
+    pub fn opts(&self) -> &RingLossOpts {
+        &self.opts
+    }
+
+    /// Bytes currently held by the workspace (tile partials and tile buffers).
+    pub fn bytes(&self) -> usize {
+        self.slots.bytes() + self.tiles.created_bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// Running online-LSE statistics of one local row, plus its positive logit.
+#[derive(Clone, Copy, Debug)]
+struct RowAcc {
+    m: f32,
+    z: f64,
+    pos_x: f32,
+}
+
+const LANES: usize = 8;
+
+#[inline(always)]
+fn row_max(xr: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = xr.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..LANES {
+            acc[k] = acc[k].max(c[k]);
+        }
+    }
+    rest.iter().fold(acc.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)), |a, &v| a.max(v))
+}
+
+/// `Σ_j exp(x_j − m)` (all arguments ≤ 0), f32 exponentials, f64 sum.
+#[inline(always)]
+fn sum_exp_shifted(xr: &[f32], m: f32) -> f64 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = xr.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..LANES {
+            acc[k] += fast_exp(c[k] - m);
+        }
+    }
+    let tail: f64 = rest.iter().map(|&v| fast_exp(v - m) as f64).sum();
+    acc.iter().map(|&a| a as f64).sum::<f64>() + tail
+}
+
+/// Merges the online-LSE partial `(m2, z2)` into `(m, z)`.
+#[inline]
+fn merge_stat(m: &mut f32, z: &mut f64, m2: f32, z2: f64) {
+    if z2 == 0.0 {
+        return;
+    }
+    if *z == 0.0 {
+        *m = m2;
+        *z = z2;
+        return;
+    }
+    let mn = m.max(m2);
+    *z = *z * fast_exp(*m - mn) as f64 + z2 * fast_exp(m2 - mn) as f64;
+    *m = mn;
+}
+
+/// What the ranks tell each other before a ring loss: sizes, and whether the local inputs
+/// are valid, so that a bad input on one rank fails every rank (instead of leaving the others
+/// waiting in the ring until the collective timeout).
+struct Setup {
+    sizes: Vec<usize>,
+    offsets: Vec<usize>,
+    big_b: usize,
+    /// Global positive column of each local row.
+    pos: Vec<usize>,
+}
+
+/// Checks the local inputs and agrees with the other ranks on sizes and positives. Every rank
+/// returns the same verdict: an error if any rank's input is invalid.
+#[allow(clippy::too_many_arguments)]
+fn setup(
+    comm: &mut dyn Communicator,
+    what: &str,
+    img: &[f32],
+    txt: &[f32],
+    b_local: usize,
+    d: usize,
+    (scale, bias): (f32, f32),
+    positives: Option<&[usize]>,
+    need_permutation: bool,
+) -> Result<Setup, LossError> {
+    let local_err = check_inputs(what, img, txt, b_local, d, scale, positives)
+        .and_then(|()| {
+            if bias.is_finite() {
+                Ok(())
+            } else {
+                Err(format!("{what}: bias {bias} is not finite"))
+            }
+        })
+        .err();
+    let (world, r) = (comm.world(), comm.rank());
+    let mut mine = Vec::with_capacity(17);
+    mine.extend_from_slice(&(b_local as u64).to_le_bytes());
+    mine.extend_from_slice(&(d as u64).to_le_bytes());
+    mine.push(u8::from(local_err.is_some()) | (u8::from(positives.is_some()) << 1));
+    if let Some(e) = &local_err {
+        mine.extend_from_slice(e.as_bytes());
+    }
+    let all = if world == 1 { vec![mine] } else { comm.all_gather_bytes(&mine)? };
+    let mut sizes = Vec::with_capacity(world);
+    let mut any_positives = false;
+    for (peer, v) in all.iter().enumerate() {
+        if v.len() < 17 {
+            return Err(LossError::Protocol {
+                peer,
+                detail: format!("size message of {} bytes, expected at least 17", v.len()),
+            });
+        }
+        let b = u64::from_le_bytes(v[..8].try_into().unwrap_or([0; 8])) as usize;
+        let dq = u64::from_le_bytes(v[8..16].try_into().unwrap_or([0; 8])) as usize;
+        if v[16] & 1 != 0 {
+            return Err(LossError::Invalid(match &local_err {
+                Some(e) => e.clone(),
+                None => format!("rank {peer} reported: {}", String::from_utf8_lossy(&v[17..])),
+            }));
+        }
+        if dq != d {
+            return Err(LossError::Invalid(format!(
+                "{what}: rank {r} has feature dimension {d} but rank {peer} has {dq}: all ranks \
+                 must call the loss with the same d"
+            )));
+        }
+        any_positives |= v[16] & 2 != 0;
+        sizes.push(b);
+    }
+    let offsets = offsets(&sizes);
+    let big_b: usize = sizes.iter().sum();
+    let diagonal = || (offsets[r]..offsets[r] + b_local).collect::<Vec<usize>>();
+    if !any_positives {
+        return Ok(Setup { pos: diagonal(), sizes, offsets, big_b });
+    }
+    // Some rank gave positives: every rank checks all of them, so all agree on the verdict.
+    let pos = positives.map_or_else(diagonal, <[usize]>::to_vec);
+    let bytes: Vec<u8> = pos.iter().flat_map(|&j| (j as u64).to_le_bytes()).collect();
+    let all = if world == 1 { vec![bytes] } else { comm.all_gather_bytes(&bytes)? };
+    let mut seen = vec![false; if need_permutation { big_b } else { 0 }];
+    for (peer, v) in all.iter().enumerate() {
+        if v.len() != sizes[peer] * 8 {
+            return Err(LossError::Protocol {
+                peer,
+                detail: format!("{} positive-index bytes for {} rows", v.len(), sizes[peer]),
+            });
+        }
+        for (i, c) in v.chunks_exact(8).enumerate() {
+            let j = u64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as usize;
+            if j >= big_b {
+                return Err(LossError::Invalid(format!(
+                    "{what}: positive index {j} of rank {peer}'s row {i} is outside the global \
+                     batch 0..{big_b}"
+                )));
+            }
+            if need_permutation && std::mem::replace(&mut seen[j], true) {
+                return Err(LossError::Invalid(format!(
+                    "{what}: column {j} is the positive of two rows (found again at rank \
+                     {peer}'s row {i}): the CLIP positives must be a permutation of 0..{big_b}, \
+                     every text the positive of exactly one image"
+                )));
+            }
+        }
+    }
+    Ok(Setup { pos, sizes, offsets, big_b })
+}
+
+fn check_inputs(
+    what: &str,
+    img: &[f32],
+    txt: &[f32],
+    b_local: usize,
+    d: usize,
+    scale: f32,
+    positives: Option<&[usize]>,
+) -> Result<(), String> {
+    if d == 0 {
+        return Err(format!("{what}: feature dimension d = 0"));
+    }
+    if img.len() != b_local * d || txt.len() != b_local * d {
+        return Err(format!(
+            "{what}: image features have {} values and text features {}, expected b_local × d = \
+             {b_local} × {d} each",
+            img.len(),
+            txt.len()
+        ));
+    }
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(format!(
+            "{what}: logit scale {scale} must be finite and positive (scale = exp(t))"
+        ));
+    }
+    if let Some(p) = positives
+        && p.len() != b_local
+    {
+        return Err(format!(
+            "{what}: {} positive indices for {b_local} local rows: give one global column \
+             index per row",
+            p.len()
+        ));
+    }
+    Ok(())
+}
+
+fn encode(out: &mut Vec<u8>, feat: &[f32], extra: &[f64], acc: &[f32]) {
+    out.clear();
+    out.reserve(24 + feat.len() * 4 + extra.len() * 8 + acc.len() * 4);
+    for n in [feat.len(), extra.len(), acc.len()] {
+        out.extend_from_slice(&(n as u64).to_le_bytes());
+    }
+    for v in feat {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in extra {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in acc {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn decode(
+    buf: &[u8],
+    peer: usize,
+    feat: &mut Vec<f32>,
+    extra: &mut Vec<f64>,
+    acc: &mut Vec<f32>,
+) -> Result<(), LossError> {
+    let bad = |detail: String| LossError::Protocol { peer, detail };
+    if buf.len() < 24 {
+        return Err(bad(format!("{} bytes, shorter than the 24-byte header", buf.len())));
+    }
+    let n = |k: usize| u64::from_le_bytes(buf[8 * k..8 * k + 8].try_into().unwrap_or([0; 8]));
+    let (nf, ne, na) = (n(0) as usize, n(1) as usize, n(2) as usize);
+    let want = nf
+        .checked_mul(4)
+        .and_then(|a| ne.checked_mul(8).and_then(|b| a.checked_add(b)))
+        .and_then(|a| na.checked_mul(4).and_then(|b| a.checked_add(b)))
+        .and_then(|a| a.checked_add(24));
+    if want != Some(buf.len()) {
+        return Err(bad(format!(
+            "header announces {nf} features, {ne} statistics, {na} accumulator values but the \
+             message has {} bytes",
+            buf.len()
+        )));
+    }
+    let mut p = 24;
+    feat.clear();
+    feat.extend(
+        buf[p..p + nf * 4].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+    );
+    p += nf * 4;
+    extra.clear();
+    extra.extend(
+        buf[p..p + ne * 8]
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8]))),
+    );
+    p += ne * 8;
+    acc.clear();
+    acc.extend(buf[p..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+    Ok(())
+}
+
+/// One trip of blocks around the ring. `compute(q, feat_q, extra_q, partial)` writes this
+/// rank's contribution to block `q`'s accumulator (`acc_per_row · b_q` values) into `partial`;
+/// `combine(partial, incoming)` turns it into `incoming ⊕ partial`. Returns this rank's own
+/// block's final accumulator and the peak bytes of the buffers used here.
+#[allow(clippy::too_many_arguments)]
+fn ring_drive(
+    comm: &mut dyn Communicator,
+    sizes: &[usize],
+    d: usize,
+    own_feat: &[f32],
+    own_extra: &[f64],
+    acc_per_row: usize,
+    combine: fn(&mut [f32], &[f32]),
+    mut compute: impl FnMut(usize, &[f32], &[f64], &mut [f32]),
+) -> Result<(Vec<f32>, usize), LossError> {
+    let n = sizes.len();
+    let r = comm.rank();
+    let mut cur_feat = own_feat.to_vec();
+    let mut cur_extra = own_extra.to_vec();
+    let mut next_feat: Vec<f32> = Vec::new();
+    let mut next_extra: Vec<f64> = Vec::new();
+    let mut done: Vec<f32> = Vec::new();
+    let mut partial: Vec<f32> = Vec::new();
+    let mut incoming: Vec<f32> = Vec::new();
+    let mut send: Vec<u8> = Vec::new();
+    let mut recv: Vec<u8> = Vec::new();
+    let mut peak = 0usize;
+    let prev = (r + n - 1) % n;
+    for k in 0..n {
+        let q = (r + n - k) % n;
+        let bq = sizes[q];
+        if cur_feat.len() != bq * d {
+            return Err(LossError::Protocol {
+                peer: prev,
+                detail: format!(
+                    "block of rank {q} has {} feature values, expected {bq} × {d}",
+                    cur_feat.len()
+                ),
+            });
+        }
+        partial.clear();
+        partial.resize(bq * acc_per_row, 0.0);
+        if n == 1 {
+            compute(q, &cur_feat, &cur_extra, &mut partial);
+        } else {
+            let last = k + 1 == n;
+            encode(
+                &mut send,
+                if last { &[] } else { &cur_feat },
+                if last { &[] } else { &cur_extra },
+                &done,
+            );
+            let shifted = std::thread::scope(|s| {
+                let comm = &mut *comm;
+                let send = &send;
+                let recv = &mut recv;
+                let h = s.spawn(move || comm.ring_shift_bytes(send, recv));
+                compute(q, &cur_feat, &cur_extra, &mut partial);
+                h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+            });
+            shifted?;
+            decode(&recv, prev, &mut next_feat, &mut next_extra, &mut incoming)?;
+            if k > 0 {
+                if incoming.len() != partial.len() {
+                    return Err(LossError::Protocol {
+                        peer: prev,
+                        detail: format!(
+                            "accumulator of block {q} has {} values, expected {}",
+                            incoming.len(),
+                            partial.len()
+                        ),
+                    });
+                }
+                combine(&mut partial, &incoming);
+            }
+            std::mem::swap(&mut cur_feat, &mut next_feat);
+            std::mem::swap(&mut cur_extra, &mut next_extra);
+        }
+        std::mem::swap(&mut done, &mut partial);
+        peak = peak.max(
+            (cur_feat.capacity() + next_feat.capacity()) * 4
+                + (cur_extra.capacity() + next_extra.capacity()) * 8
+                + (done.capacity() + partial.capacity() + incoming.capacity()) * 4
+                + send.capacity()
+                + recv.capacity(),
+        );
+    }
+    if n == 1 {
+        return Ok((done, peak));
+    }
+    // The accumulator of block r+1 sits here: one more hop takes it home, and ours arrives.
+    encode(&mut send, &[], &[], &done);
+    comm.ring_shift_bytes(&send, &mut recv)?;
+    decode(&recv, prev, &mut next_feat, &mut next_extra, &mut incoming)?;
+    let want = sizes[r] * acc_per_row;
+    if incoming.len() != want || !next_feat.is_empty() {
+        return Err(LossError::Protocol {
+            peer: prev,
+            detail: format!(
+                "returning accumulator has {} values, expected {want} for this rank's block",
+                incoming.len()
+            ),
+        });
+    }
+    Ok((incoming, peak))
+}
+
+/// Geometry and shared read-only state of the tile kernels.
+struct Kern<'a> {
+    dev: &'a CpuDevice,
+    tiles: &'a TilePool,
+    tr: usize,
+    tc: usize,
+    d: usize,
+    scale: f32,
+}
+
+impl Kern<'_> {
+    /// Sums the per-tile `∂L/∂T` partials of a panel (`tc` columns at `c0`) into `out_dt` in
+    /// row-tile order, in parallel over columns.
+    fn reduce_dt(&self, slots: &[f32], nt: usize, c0: usize, tc: usize, out_dt: &mut [f32]) {
+        let d = self.d;
+        let stride = self.tc * d;
+        const COLS: usize = 16;
+        out_dt[c0 * d..(c0 + tc) * d].par_chunks_mut(COLS * d).enumerate().for_each(|(ci, o)| {
+            let base = ci * COLS * d;
+            for t in 0..nt {
+                let s = &slots[t * stride + base..t * stride + base + o.len()];
+                for (a, &b) in o.iter_mut().zip(s) {
+                    *a += b;
+                }
+            }
+        });
+    }
+
+    /// CLIP forward over one block: updates the local rows' statistics and writes the block's
+    /// column statistics over the local rows into `out` (`[m; b_q]` then `[z; b_q]`).
+    #[allow(clippy::too_many_arguments)]
+    fn clip_fwd_block(
+        &self,
+        img: &[f32],
+        rows: &mut [RowAcc],
+        pos: &[usize],
+        txt: &[f32],
+        col0: usize,
+        out: &mut [f32],
+        sl: &mut Slots,
+    ) {
+        let (d, tr_max, tc_max) = (self.d, self.tr, self.tc);
+        let bq = txt.len() / d;
+        let (out_m, out_z) = out.split_at_mut(bq);
+        out_m.fill(f32::NEG_INFINITY);
+        out_z.fill(0.0);
+        let br = rows.len();
+        if br == 0 || bq == 0 {
+            return;
+        }
+        let nt = br.div_ceil(tr_max);
+        sl.m.resize(nt * tc_max, 0.0);
+        sl.z.resize(nt * tc_max, 0.0);
+        let mut c0 = 0;
+        while c0 < bq {
+            let tc = tc_max.min(bq - c0);
+            let tp = &txt[c0 * d..(c0 + tc) * d];
+            let gc0 = col0 + c0;
+            rows.par_chunks_mut(tr_max)
+                .zip(img.par_chunks(tr_max * d))
+                .zip(pos.par_chunks(tr_max))
+                .zip(sl.m.par_chunks_mut(tc_max))
+                .zip(sl.z.par_chunks_mut(tc_max))
+                .for_each(|((((racc, it), pt), sm), sz)| {
+                    let tr = racc.len();
+                    let mut buf = self.tiles.take(tr_max * tc_max);
+                    let x = &mut buf[..tr * tc];
+                    self.dev.gemm(false, true, tr, tc, d, self.scale, it, tp, 0.0, x);
+                    fwd_tile(x, tc, &mut sm[..tc], &mut sz[..tc], racc, pt, gc0);
+                    self.tiles.give(buf);
+                });
+            let (slm, slz) = (&sl.m, &sl.z);
+            const COLS: usize = 64;
+            out_m[c0..c0 + tc]
+                .par_chunks_mut(COLS)
+                .zip(out_z[c0..c0 + tc].par_chunks_mut(COLS))
+                .enumerate()
+                .for_each(|(ci, (om, oz))| {
+                    for (k, (m, zf)) in om.iter_mut().zip(oz.iter_mut()).enumerate() {
+                        let j = ci * COLS + k;
+                        let mut z = *zf as f64;
+                        for t in 0..nt {
+                            merge_stat(m, &mut z, slm[t * tc_max + j], slz[t * tc_max + j] as f64);
+                        }
+                        *zf = z as f32;
+                    }
+                });
+            c0 += tc;
+        }
+    }
+
+    /// The gradient pass over one block: recomputes each tile, turns it into `∂L/∂x` with
+    /// `grad_row(x_row, local_row, global_col0, positive_col_in_tile) -> [Σ G·x, loss, Σ G]`,
+    /// accumulates `d_img += s·G·T` and writes the block's `∂L/∂T` over the local rows into
+    /// `out_dt`. Returns the block's scalar sums.
+    #[allow(clippy::too_many_arguments)]
+    fn grad_block<F>(
+        &self,
+        img: &[f32],
+        pos: &[usize],
+        txt: &[f32],
+        col0: usize,
+        d_img: &mut [f32],
+        out_dt: &mut [f32],
+        sl: &mut Slots,
+        grad_row: F,
+    ) -> [f64; 3]
+    where
+        F: Fn(&mut [f32], usize, usize, Option<usize>) -> [f64; 3] + Sync,
+    {
+        let (d, tr_max, tc_max) = (self.d, self.tr, self.tc);
+        let bq = txt.len() / d;
+        let br = img.len() / d;
+        out_dt.fill(0.0);
+        let mut total = [0.0f64; 3];
+        if br == 0 || bq == 0 {
+            return total;
+        }
+        let nt = br.div_ceil(tr_max);
+        sl.g.resize(nt * tc_max * d, 0.0);
+        sl.s.resize(nt, [0.0; 3]);
+        let mut c0 = 0;
+        while c0 < bq {
+            let tc = tc_max.min(bq - c0);
+            let tp = &txt[c0 * d..(c0 + tc) * d];
+            let gc0 = col0 + c0;
+            d_img
+                .par_chunks_mut(tr_max * d)
+                .zip(img.par_chunks(tr_max * d))
+                .zip(pos.par_chunks(tr_max))
+                .zip(sl.g.par_chunks_mut(tc_max * d))
+                .zip(sl.s.par_iter_mut())
+                .enumerate()
+                .for_each(|(t, ((((di, it), pt), gs), ss))| {
+                    let tr = pt.len();
+                    let mut buf = self.tiles.take(tr_max * tc_max);
+                    let x = &mut buf[..tr * tc];
+                    self.dev.gemm(false, true, tr, tc, d, self.scale, it, tp, 0.0, x);
+                    let mut acc = [0.0f64; 3];
+                    for (li, xr) in x.chunks_exact_mut(tc).enumerate() {
+                        let p = pt[li];
+                        let diag = (p >= gc0 && p < gc0 + tc).then(|| p - gc0);
+                        let v = grad_row(xr, t * tr_max + li, c0, diag);
+                        for k in 0..3 {
+                            acc[k] += v[k];
+                        }
+                    }
+                    self.dev.gemm(false, false, tr, d, tc, self.scale, x, tp, 1.0, di);
+                    self.dev.gemm(
+                        true,
+                        false,
+                        tc,
+                        d,
+                        tr,
+                        self.scale,
+                        x,
+                        it,
+                        0.0,
+                        &mut gs[..tc * d],
+                    );
+                    *ss = acc;
+                    self.tiles.give(buf);
+                });
+            self.reduce_dt(&sl.g, nt, c0, tc, out_dt);
+            for s in &sl.s {
+                for k in 0..3 {
+                    total[k] += s[k];
+                }
+            }
+            c0 += tc;
+        }
+        total
+    }
+}
+
+/// Post-GEMM work of one forward tile `x` (`rows × tc`): the tile's column statistics into
+/// `(sm, sz)`, the rows' running statistics and positive logits.
+#[inline(always)]
+fn fwd_tile_body(
+    x: &[f32],
+    tc: usize,
+    sm: &mut [f32],
+    sz: &mut [f32],
+    racc: &mut [RowAcc],
+    pt: &[usize],
+    gc0: usize,
+) {
+    sm.fill(f32::NEG_INFINITY);
+    sz.fill(0.0);
+    for xr in x.chunks_exact(tc) {
+        for (m, &v) in sm.iter_mut().zip(xr) {
+            *m = m.max(v);
+        }
+    }
+    for (li, xr) in x.chunks_exact(tc).enumerate() {
+        for ((z, &m), &v) in sz.iter_mut().zip(sm.iter()).zip(xr) {
+            *z += fast_exp(v - m);
+        }
+        let a = &mut racc[li];
+        let mn = a.m.max(row_max(xr));
+        let mut z = if a.z != 0.0 { a.z * fast_exp(a.m - mn) as f64 } else { 0.0 };
+        z += sum_exp_shifted(xr, mn);
+        a.m = mn;
+        a.z = z;
+        let p = pt[li];
+        if p >= gc0 && p < gc0 + tc {
+            a.pos_x = xr[p - gc0];
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn fwd_tile_avx2(
+    x: &[f32],
+    tc: usize,
+    sm: &mut [f32],
+    sz: &mut [f32],
+    racc: &mut [RowAcc],
+    pt: &[usize],
+    gc0: usize,
+) {
+    fwd_tile_body(x, tc, sm, sz, racc, pt, gc0)
+}
+
+/// Whether the AVX2 builds of the element-wise loops may run (same results: no operation is
+/// reordered or fused, only vectorised wider).
+#[inline]
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn fwd_tile(
+    x: &[f32],
+    tc: usize,
+    sm: &mut [f32],
+    sz: &mut [f32],
+    racc: &mut [RowAcc],
+    pt: &[usize],
+    gc0: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+        return unsafe { fwd_tile_avx2(x, tc, sm, sz, racc, pt, gc0) };
+    }
+    fwd_tile_body(x, tc, sm, sz, racc, pt, gc0)
+}
+
+/// CLIP gradient row: overwrites `xr` with `G_ij = (P_ij + Q_ij − 2δ)/(2B)` and returns
+/// `[Σ G·x, 0, 0]`.
+/// `v` as `hi + lo` in f32 (`hi = v` rounded, `lo` the rest), so `x − v` is formed in f32 as
+/// `(x − hi) − lo` with the accuracy of an f64 difference where it matters (small `|x − v|`).
+fn split_hi_lo(v: f64) -> (f32, f32) {
+    let hi = v as f32;
+    (hi, (v - hi as f64) as f32)
+}
+
+/// CLIP gradient row: overwrites `xr` with `G_ij = (P_ij + Q_ij − 2δ)/(2B)` and returns
+/// `[Σ G·x, 0, 0]`. `lse` is the row's LSE and `(kh, kl)` the columns' LSEs, split by
+/// [`split_hi_lo`].
+#[inline(always)]
+fn clip_grad_row_body(
+    xr: &mut [f32],
+    lse: (f32, f32),
+    kh: &[f32],
+    kl: &[f32],
+    diag: Option<usize>,
+    inv2b: f64,
+) -> [f64; 3] {
+    let x_diag = diag.map(|j| xr[j] as f64);
+    let inv = inv2b as f32;
+    let (lh, ll) = lse;
+    let g_of = |x: f32, kh: f32, kl: f32| (fast_exp((x - lh) - ll) + fast_exp((x - kh) - kl)) * inv;
+    let mut acc = [0.0f32; LANES];
+    let mut xs = xr.chunks_exact_mut(LANES);
+    let mut hs = kh.chunks_exact(LANES);
+    let mut ls = kl.chunks_exact(LANES);
+    for ((xc, hc), lc) in (&mut xs).zip(&mut hs).zip(&mut ls) {
+        for k in 0..LANES {
+            let x = xc[k];
+            let g = g_of(x, hc[k], lc[k]);
+            acc[k] += g * x;
+            xc[k] = g;
+        }
+    }
+    let mut sum = acc.iter().map(|&a| a as f64).sum::<f64>();
+    for ((v, &h), &l) in xs.into_remainder().iter_mut().zip(hs.remainder()).zip(ls.remainder()) {
+        let x = *v;
+        let g = g_of(x, h, l);
+        sum += g as f64 * x as f64;
+        *v = g;
+    }
+    if let (Some(j), Some(xd)) = (diag, x_diag) {
+        xr[j] = (xr[j] as f64 - 2.0 * inv2b) as f32;
+        sum -= 2.0 * inv2b * xd;
+    }
+    [sum, 0.0, 0.0]
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn clip_grad_row_avx2(
+    xr: &mut [f32],
+    lse: (f32, f32),
+    kh: &[f32],
+    kl: &[f32],
+    diag: Option<usize>,
+    inv2b: f64,
+) -> [f64; 3] {
+    clip_grad_row_body(xr, lse, kh, kl, diag, inv2b)
+}
+
+fn clip_grad_row(
+    xr: &mut [f32],
+    lse: (f32, f32),
+    kh: &[f32],
+    kl: &[f32],
+    diag: Option<usize>,
+    inv2b: f64,
+) -> [f64; 3] {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+        return unsafe { clip_grad_row_avx2(xr, lse, kh, kl, diag, inv2b) };
+    }
+    clip_grad_row_body(xr, lse, kh, kl, diag, inv2b)
+}
+
+/// `log(1 + e)` for `e ∈ [0, 1]`: `2·atanh(w)` with `w = e/(2 + e) ≤ 1/3`, odd series to
+/// `w¹⁵` (error below 1e-8), so the loop vectorises (no libm call).
+#[inline(always)]
+fn log1p_small(e: f32) -> f32 {
+    let w = e / (2.0 + e);
+    let w2 = w * w;
+    let p = 2.0 / 13.0 + w2 * (2.0 / 15.0);
+    let p = 2.0 / 11.0 + w2 * p;
+    let p = 2.0 / 9.0 + w2 * p;
+    let p = 2.0 / 7.0 + w2 * p;
+    let p = 2.0 / 5.0 + w2 * p;
+    let p = 2.0 / 3.0 + w2 * p;
+    w * (2.0 + w2 * p)
+}
+
+/// SigLIP gradient row: overwrites `xr` with `(σ(x + β) − [positive])/B` and returns
+/// `[Σ G·x, Σ −log σ(z(x + β)), Σ G]` (the loss term not yet divided by B).
+#[inline(always)]
+fn siglip_grad_row_body(xr: &mut [f32], bias: f32, diag: Option<usize>, inv_b: f64) -> [f64; 3] {
+    let inv = inv_b as f32;
+    let x_diag = diag.map(|j| xr[j]);
+    let mut gx = [0.0f32; LANES];
+    let mut loss = [0.0f32; LANES];
+    let mut gs = [0.0f32; LANES];
+    // Every pair as a negative first: −log σ(−u) = softplus(u) = max(u, 0) + log(1 + e^{−|u|}).
+    let term = |x: f32| {
+        let u = x + bias;
+        let e = fast_exp(-u.abs());
+        let sig = if u >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
+        (u.max(0.0) + log1p_small(e), sig * inv)
+    };
+    let mut xs = xr.chunks_exact_mut(LANES);
+    for c in &mut xs {
+        for k in 0..LANES {
+            let x = c[k];
+            let (l, g) = term(x);
+            loss[k] += l;
+            gx[k] += g * x;
+            gs[k] += g;
+            c[k] = g;
+        }
+    }
+    let sum = |a: [f32; LANES]| a.iter().map(|&v| v as f64).sum::<f64>();
+    let (mut gx, mut loss, mut gs) = (sum(gx), sum(loss), sum(gs));
+    for v in xs.into_remainder() {
+        let x = *v;
+        let (l, g) = term(x);
+        loss += l as f64;
+        gx += g as f64 * x as f64;
+        gs += g as f64;
+        *v = g;
+    }
+    if let (Some(j), Some(x)) = (diag, x_diag) {
+        // The positive: softplus(−u) − softplus(u) = −u, and ∂/∂x gains −1/B.
+        loss -= (x + bias) as f64;
+        xr[j] -= inv;
+        gx -= inv_b * x as f64;
+        gs -= inv_b;
+    }
+    [gx, loss, gs]
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn siglip_grad_row_avx2(xr: &mut [f32], bias: f32, diag: Option<usize>, inv_b: f64) -> [f64; 3] {
+    siglip_grad_row_body(xr, bias, diag, inv_b)
+}
+
+fn siglip_grad_row(xr: &mut [f32], bias: f32, diag: Option<usize>, inv_b: f64) -> [f64; 3] {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+        return unsafe { siglip_grad_row_avx2(xr, bias, diag, inv_b) };
+    }
+    siglip_grad_row_body(xr, bias, diag, inv_b)
+}
+
+fn add_into(partial: &mut [f32], incoming: &[f32]) {
+    for (p, &i) in partial.iter_mut().zip(incoming) {
+        *p += i;
+    }
+}
+
+fn merge_into(partial: &mut [f32], incoming: &[f32]) {
+    let bq = partial.len() / 2;
+    let (pm, pz) = partial.split_at_mut(bq);
+    let (im, iz) = incoming.split_at(bq);
+    for j in 0..bq {
+        let (mut m, mut z) = (im[j], iz[j] as f64);
+        merge_stat(&mut m, &mut z, pm[j], pz[j] as f64);
+        pm[j] = m;
+        pz[j] = z as f32;
+    }
+}
+
+fn offsets(sizes: &[usize]) -> Vec<usize> {
+    let mut o = Vec::with_capacity(sizes.len());
+    let mut acc = 0;
+    for &b in sizes {
+        o.push(acc);
+        acc += b;
+    }
+    o
+}
+
+fn install<R: Send>(pool: &Option<rayon::ThreadPool>, f: impl FnOnce() -> R + Send) -> R {
+    match pool {
+        Some(p) => p.install(f),
+        None => f(),
+    }
+}
+
+/// The symmetric CLIP loss on a ring with default tiling (see [`clip_loss_ring_ws`]).
+pub fn clip_loss_ring(
+    comm: &mut dyn Communicator,
+    img_local: &[f32],
+    txt_local: &[f32],
+    b_local: usize,
+    d: usize,
+    scale: f32,
+    opts: &RingLossOpts,
+) -> Result<RingLossOut, LossError> {
+    let mut ws = RingLossWorkspace::new(opts)?;
+    clip_loss_ring_ws(comm, &mut ws, img_local, txt_local, b_local, d, scale, None)
+}
+
+/// The symmetric CLIP / InfoNCE loss (ALGORITHMS.md §2) over the global batch spread over the
+/// ranks of `comm`, each holding its own `b_local × d` L2-normalised image and text features
+/// (`b_local` may differ between ranks; global rows are in rank order). `scale = s = exp(t)`.
+/// `positives`: global column index of each local row's positive text (a permutation of
+/// `0..B` over all ranks); `None` = the diagonal.
+///
+/// Collective: every rank must call it with the same `d`. Returns the global loss and this
+/// rank's gradients, with `Σ_ranks d_t_partial = ∂L/∂t` exactly.
+#[allow(clippy::too_many_arguments)]
+pub fn clip_loss_ring_ws(
+    comm: &mut dyn Communicator,
+    ws: &mut RingLossWorkspace,
+    img_local: &[f32],
+    txt_local: &[f32],
+    b_local: usize,
+    d: usize,
+    scale: f32,
+    positives: Option<&[usize]>,
+) -> Result<RingLossOut, LossError> {
+    let Setup { sizes, offsets: offs, big_b, pos } = setup(
+        comm,
+        "clip_loss_ring",
+        img_local,
+        txt_local,
+        b_local,
+        d,
+        (scale, 0.0),
+        positives,
+        true,
+    )?;
+    if big_b == 0 {
+        return Ok(RingLossOut {
+            loss: 0.0,
+            d_img_local: Vec::new(),
+            d_txt_local: Vec::new(),
+            d_t_partial: 0.0,
+            d_bias_partial: None,
+            workspace_bytes: 0,
+        });
+    }
+    let RingLossWorkspace { opts, pool, dev, tiles, slots } = ws;
+    let kn = Kern { dev, tiles, tr: opts.tile_rows, tc: opts.tile_cols, d, scale };
+
+    // Forward: row statistics stay here, column statistics travel with their block.
+    let mut rows = vec![RowAcc { m: f32::NEG_INFINITY, z: 0.0, pos_x: f32::NAN }; b_local];
+    let (own_cols, peak_fwd) =
+        ring_drive(comm, &sizes, d, txt_local, &[], 2, merge_into, |q, feat, _extra, partial| {
+            install(pool, || {
+                kn.clip_fwd_block(img_local, &mut rows, &pos, feat, offs[q], partial, slots)
+            })
+        })?;
+    let lse: Vec<f64> = rows.iter().map(|a| a.m as f64 + a.z.ln()).collect();
+    let (cm, cz) = own_cols.split_at(b_local);
+    let kap: Vec<f64> = cm.iter().zip(cz).map(|(&m, &z)| m as f64 + (z as f64).ln()).collect();
+    let pos_sum: f64 = rows.iter().map(|a| a.pos_x as f64).sum();
+    let mut loss_part = [lse.iter().sum::<f64>() + kap.iter().sum::<f64>() - 2.0 * pos_sum];
+
+    // Backward: dT accumulators travel with their block and its column LSEs.
+    let inv2b = 1.0 / (2.0 * big_b as f64);
+    let mut d_img = vec![0.0f32; b_local * d];
+    let mut d_t = 0.0f64;
+    let lse_hl: Vec<(f32, f32)> = lse.iter().map(|&v| split_hi_lo(v)).collect();
+    let mut kap_hl: (Vec<f32>, Vec<f32>) = (Vec::new(), Vec::new());
+    let (d_txt, peak_bwd) =
+        ring_drive(comm, &sizes, d, txt_local, &kap, d, add_into, |q, feat, extra, partial| {
+            kap_hl.0.clear();
+            kap_hl.1.clear();
+            for &k in extra {
+                let (h, l) = split_hi_lo(k);
+                kap_hl.0.push(h);
+                kap_hl.1.push(l);
+            }
+            let (kh, kl) = (&kap_hl.0, &kap_hl.1);
+            let s = install(pool, || {
+                kn.grad_block(
+                    img_local,
+                    &pos,
+                    feat,
+                    offs[q],
+                    &mut d_img,
+                    partial,
+                    slots,
+                    |xr, li, c0, diag| {
+                        let cols = c0..c0 + xr.len();
+                        clip_grad_row(xr, lse_hl[li], &kh[cols.clone()], &kl[cols], diag, inv2b)
+                    },
+                )
+            });
+            d_t += s[0];
+        })?;
+    if comm.world() > 1 {
+        comm.all_reduce_f64(&mut loss_part, ReduceOp::Sum)?;
+    }
+    let held = rows.capacity() * std::mem::size_of::<RowAcc>()
+        + (lse.capacity() + kap.capacity() + lse_hl.capacity()) * 8
+        + (kap_hl.0.capacity() + kap_hl.1.capacity()) * 4
+        + (own_cols.capacity() + d_img.capacity() + d_txt.capacity()) * 4
+        + pos.capacity() * 8;
+    let workspace_bytes =
+        held + peak_fwd.max(peak_bwd) + slots.bytes() + tiles.created_bytes.load(Ordering::Relaxed);
+    Ok(RingLossOut {
+        loss: (loss_part[0] * inv2b) as f32,
+        d_img_local: d_img,
+        d_txt_local: d_txt,
+        d_t_partial: d_t as f32,
+        d_bias_partial: None,
+        workspace_bytes,
+    })
+}
+
+/// The SigLIP loss with default tiling (see [`siglip_loss_ring_ws`]).
+#[allow(clippy::too_many_arguments)]
+pub fn siglip_loss_ring(
+    comm: &mut dyn Communicator,
+    img_local: &[f32],
+    txt_local: &[f32],
+    b_local: usize,
+    d: usize,
+    scale: f32,
+    bias: f32,
+    opts: &RingLossOpts,
+) -> Result<RingLossOut, LossError> {
+    let mut ws = RingLossWorkspace::new(opts)?;
+    siglip_loss_ring_ws(comm, &mut ws, img_local, txt_local, b_local, d, scale, bias, None)
+}
+
+/// The pairwise sigmoid loss (ALGORITHMS.md §3)
+/// `L = −(1/B)·Σ_ij log σ(z_ij·(s·⟨I_i, T_j⟩ + β))` over the global batch on a ring, one
+/// pass (forward and backward together). `positives`: global column index of each local row's
+/// positive (`None` = the diagonal). Returns this rank's gradients with
+/// `Σ_ranks d_t_partial = ∂L/∂t` and `Σ_ranks d_bias_partial = ∂L/∂β` exactly.
+#[allow(clippy::too_many_arguments)]
+pub fn siglip_loss_ring_ws(
+    comm: &mut dyn Communicator,
+    ws: &mut RingLossWorkspace,
+    img_local: &[f32],
+    txt_local: &[f32],
+    b_local: usize,
+    d: usize,
+    scale: f32,
+    bias: f32,
+    positives: Option<&[usize]>,
+) -> Result<RingLossOut, LossError> {
+    let Setup { sizes, offsets: offs, big_b, pos } = setup(
+        comm,
+        "siglip_loss_ring",
+        img_local,
+        txt_local,
+        b_local,
+        d,
+        (scale, bias),
+        positives,
+        false,
+    )?;
+    if big_b == 0 {
+        return Ok(RingLossOut {
+            loss: 0.0,
+            d_img_local: Vec::new(),
+            d_txt_local: Vec::new(),
+            d_t_partial: 0.0,
+            d_bias_partial: Some(0.0),
+            workspace_bytes: 0,
+        });
+    }
+    let RingLossWorkspace { opts, pool, dev, tiles, slots } = ws;
+    let kn = Kern { dev, tiles, tr: opts.tile_rows, tc: opts.tile_cols, d, scale };
+    let inv_b = 1.0 / big_b as f64;
+    let mut d_img = vec![0.0f32; b_local * d];
+    let mut sums = [0.0f64; 3];
+    let (d_txt, peak) =
+        ring_drive(comm, &sizes, d, txt_local, &[], d, add_into, |q, feat, _extra, partial| {
+            let s = install(pool, || {
+                kn.grad_block(
+                    img_local,
+                    &pos,
+                    feat,
+                    offs[q],
+                    &mut d_img,
+                    partial,
+                    slots,
+                    |xr, _li, _c0, diag| siglip_grad_row(xr, bias, diag, inv_b),
+                )
+            });
+            for k in 0..3 {
+                sums[k] += s[k];
+            }
+        })?;
+    let mut loss_part = [sums[1]];
+    if comm.world() > 1 {
+        comm.all_reduce_f64(&mut loss_part, ReduceOp::Sum)?;
+    }
+    let held = (d_img.capacity() + d_txt.capacity()) * 4 + pos.capacity() * 8;
+    let workspace_bytes = held + peak + slots.bytes() + tiles.created_bytes.load(Ordering::Relaxed);
+    Ok(RingLossOut {
+        loss: (loss_part[0] * inv_b) as f32,
+        d_img_local: d_img,
+        d_txt_local: d_txt,
+        d_t_partial: sums[0] as f32,
+        d_bias_partial: Some(sums[2] as f32),
+        workspace_bytes,
+    })
+}
+
+/// Naive one-process f64 SigLIP reference: `(L, ∂L/∂I, ∂L/∂T, ∂L/∂t, ∂L/∂β)`, positives on
+/// the diagonal.
+pub fn siglip_loss_reference_f64(
+    img: &[f64],
+    txt: &[f64],
+    big_b: usize,
+    d: usize,
+    scale: f64,
+    bias: f64,
+) -> (f64, Vec<f64>, Vec<f64>, f64, f64) {
+    let n = big_b;
+    let mut loss = 0.0;
+    let mut di = vec![0.0; n * d];
+    let mut dtf = vec![0.0; n * d];
+    let (mut dt, mut db) = (0.0, 0.0);
+    for i in 0..n {
+        for j in 0..n {
+            let x = scale * (0..d).map(|k| img[i * d + k] * txt[j * d + k]).sum::<f64>();
+            let u = x + bias;
+            let z = if i == j { 1.0 } else { -1.0 };
+            // −log σ(z·u) = log(1 + exp(−z·u)), stably.
+            let y = -z * u;
+            loss += y.max(0.0) + (-y.abs()).exp().ln_1p();
+            let sig = 1.0 / (1.0 + (-u).exp());
+            let g = (sig - if i == j { 1.0 } else { 0.0 }) / n as f64;
+            dt += g * x;
+            db += g;
+            for k in 0..d {
+                di[i * d + k] += scale * g * txt[j * d + k];
+                dtf[j * d + k] += scale * g * img[i * d + k];
+            }
+        }
+    }
+    (loss / n as f64, di, dtf, dt, db)
+}
