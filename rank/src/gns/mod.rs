@@ -55,19 +55,14 @@ pub struct GnsConfig {
     /// (2 + groups) f64 values per step, so that the collective's latency falls on few steps;
     /// the reports of those steps come out together, up to `reduce_every − 1` steps late.
     pub reduce_every: u64,
-    /// Opt-in adaptive global batch (`[gns.adaptive]`).
-    pub adaptive: adaptive::AdaptiveBatchConfig,
+    // The adaptive batch controller (`adaptive::BatchController`) is not wired into the
+    // training loop yet, so `[gns.adaptive]` is not a key: a setting that did nothing would
+    // mislead.
 }
 
 impl Default for GnsConfig {
     fn default() -> Self {
-        GnsConfig {
-            enabled: true,
-            ema_decay: 0.99,
-            per_group: true,
-            reduce_every: 10,
-            adaptive: adaptive::AdaptiveBatchConfig::default(),
-        }
+        GnsConfig { enabled: true, ema_decay: 0.99, per_group: true, reduce_every: 10 }
     }
 }
 
