@@ -23,6 +23,15 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 2)]
         nproc: usize,
     },
+    /// One optimizer step over a flat buffer, against a copy of the same traffic.
+    Optim {
+        /// Parameters in the buffer.
+        #[arg(long, default_value_t = 16 << 20)]
+        params: usize,
+        /// Optimizers to time.
+        #[arg(long, value_delimiter = ',', default_value = "sgd,lars,tvlars-code,lamb")]
+        names: Vec<String>,
+    },
     /// Single-precision GEMM throughput of the CPU device, beside numpy (OpenBLAS) when present.
     Gemm(GemmArgs),
 }
@@ -125,6 +134,30 @@ pub fn bench(cmd: BenchCommand) -> Result<ExitCode> {
             launch(nproc, &spec, 30.0)
         }
         BenchCommand::Gemm(g) => gemm(&g),
+        BenchCommand::Optim { params, names } => {
+            println!(
+                "# optimizer step over {params} f32 parameters (one thread); bound: a copy of \
+                 the same bytes"
+            );
+            println!(
+                "{:>12} {:>10} {:>12} {:>10} {:>12} {:>8}",
+                "optimizer", "ms/step", "bytes/step", "GB/s", "copy GB/s", "ratio"
+            );
+            for name in &names {
+                let r = tessera_rank::optim::bench_step(params, name)
+                    .map_err(|e| anyhow::anyhow!("--names {name}: {e}"))?;
+                println!(
+                    "{:>12} {:>10.2} {:>12} {:>10.2} {:>12.2} {:>8.2}",
+                    r.name,
+                    r.seconds_per_step * 1e3,
+                    r.bytes_moved,
+                    r.gbps,
+                    r.memcpy_gbps,
+                    r.gbps / r.memcpy_gbps
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
