@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use tessera_collectives::{CommError, Communicator, ReduceOp};
 
 use crate::config::{Config, DataSource};
-use crate::data::{self, Dataset, DatasetKind, DistributedSampler};
+use crate::data::{self, Dataset, DatasetKind, DistributedSampler, local_rows};
 use crate::device::CpuDevice;
 use crate::eval::{self, EvalReport};
 use crate::gns::{GnsError, GnsEstimator, GnsReport};
@@ -105,16 +105,6 @@ fn load_data(cfg: &Config) -> Result<RunData, TrainError> {
             Ok(RunData { train, eval })
         }
     }
-}
-
-/// Row range [offset, offset + len) of the global batch that `rank` computes: the remainder of
-/// an uneven split goes to the lowest ranks.
-pub fn local_rows(global: usize, world: usize, rank: usize) -> (usize, usize) {
-    let base = global / world;
-    let extra = global % world;
-    let len = base + usize::from(rank < extra);
-    let offset = rank * base + rank.min(extra);
-    (offset, len)
 }
 
 /// All-gathers row blocks of width `d` whose row counts may differ between ranks.
@@ -522,25 +512,4 @@ pub fn train(
     summary.params_sha256 = hash;
     summary.out_dir = out_dir.display().to_string();
     Ok(summary)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn local_rows_cover_the_batch() {
-        for world in 1..6 {
-            for global in world..40 {
-                let mut next = 0;
-                for r in 0..world {
-                    let (off, len) = local_rows(global, world, r);
-                    assert_eq!(off, next);
-                    assert!(len >= global / world && len <= global / world + 1);
-                    next += len;
-                }
-                assert_eq!(next, global);
-            }
-        }
-    }
 }

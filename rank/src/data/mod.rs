@@ -21,7 +21,7 @@ pub use error::DataError;
 pub use npy::{
     NpyArray, NpyData, NpyKind, import_npy, npy_bytes_f32, npy_bytes_u8, parse_npy, write_npy,
 };
-pub use sampler::DistributedSampler;
+pub use sampler::{DistributedSampler, local_rows};
 pub use shard::{
     SHARD_FORMAT_VERSION, SHARD_HEADER_LEN, SHARD_MAGIC, ShardMeta, checksum64, open_shard,
     write_shard,

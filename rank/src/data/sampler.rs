@@ -202,6 +202,16 @@ impl DistributedSampler {
     }
 }
 
+/// Row range [offset, offset + len) of the global batch that `rank` computes: the remainder of
+/// an uneven split goes to the lowest ranks.
+pub fn local_rows(global: usize, world: usize, rank: usize) -> (usize, usize) {
+    let base = global / world;
+    let extra = global % world;
+    let len = base + usize::from(rank < extra);
+    let offset = rank * base + rank.min(extra);
+    (offset, len)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,5 +338,21 @@ mod tests {
         let e = std::panic::catch_unwind(|| s.batch_indices(0, 100, 200)).unwrap_err();
         let msg = e.downcast_ref::<String>().cloned().unwrap_or_default();
         assert!(msg.contains("batch.global = 200"), "{msg}");
+    }
+
+    #[test]
+    fn local_rows_cover_the_batch() {
+        for world in 1..6 {
+            for global in world..40 {
+                let mut next = 0;
+                for r in 0..world {
+                    let (off, len) = local_rows(global, world, r);
+                    assert_eq!(off, next);
+                    assert!(len >= global / world && len <= global / world + 1);
+                    next += len;
+                }
+                assert_eq!(next, global);
+            }
+        }
     }
 }

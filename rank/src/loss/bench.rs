@@ -44,14 +44,7 @@ pub struct LossBench {
     pub loss: f32,
 }
 
-/// Rows of rank `r` when `global_b` is split as evenly as possible over `world` ranks.
-pub fn local_rows(global_b: usize, world: usize, r: usize) -> (usize, usize) {
-    let base = global_b / world;
-    let extra = global_b % world;
-    let b = base + usize::from(r < extra);
-    let off = r * base + r.min(extra);
-    (off, b)
-}
+use crate::data::local_rows;
 
 fn unit_rows(seed: u64, stream: u64, rows: usize, d: usize) -> Vec<f32> {
     let mut rng = Rng::stream(seed, stream);
