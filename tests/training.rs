@@ -225,3 +225,44 @@ fn tiled_ring_loss_follows_the_naive_loss_trajectory() {
 fn siglip_with_its_learnable_bias_on_n_ranks_equals_one_rank() {
     equivalence(None, &["batch.global=64", "loss.name=\"siglip\"", "optim.lr=0.01"], &[3]);
 }
+
+/// Trains 10 steps twice, without and with micro-batches, and compares the parameters.
+fn micro_batches_change_nothing(nproc: usize, config: Option<&Path>, sets: &[&str], micro: &str) {
+    let whole = tempfile::tempdir().unwrap();
+    let split = tempfile::tempdir().unwrap();
+    let mut a = vec!["run.steps=10", "run.eval_every=0"];
+    a.extend_from_slice(sets);
+    let mut b = a.clone();
+    b.push(micro);
+    train(nproc, config, &a, whole.path());
+    let s = summary(&train(nproc, config, &b, split.path()));
+    let d = rel_diff(
+        &read_f32(&split.path().join("params.f32")),
+        &read_f32(&whole.path().join("params.f32")),
+    );
+    assert!(d <= 1e-5, "{micro}: parameters differ by {d:e} ({s})");
+}
+
+#[test]
+fn gradcache_replay_in_micro_batches_equals_the_whole_batch() {
+    // 64 rows over 2 ranks, micro-batches of 7 (the last one short).
+    micro_batches_change_nothing(2, None, &["batch.global=64"], "batch.micro=7");
+    let sig = ["batch.global=64", "loss.name=\"siglip\"", "optim.lr=0.01"];
+    micro_batches_change_nothing(2, None, &sig, "batch.micro=10");
+    let cfg = repo().join("examples/digits-classifier.toml");
+    micro_batches_change_nothing(2, Some(&cfg), &["batch.global=96"], "batch.micro=10");
+}
+
+#[test]
+fn one_rank_measures_the_noise_scale_from_its_micro_batches() {
+    let cfg = repo().join("examples/digits-classifier.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let sets = ["run.steps=60", "batch.global=128", "batch.micro=32", "gns.reduce_every=1"];
+    let s = summary(&train(1, Some(&cfg), &sets, dir.path()));
+    let b = s["b_simple"].as_f64().unwrap_or_else(|| panic!("no b_simple at world 1: {s}"));
+    assert!(b.is_finite() && b > 0.0, "{s}");
+    // Without micro-batches one rank has a single group: no estimate, reported as null.
+    let dir = tempfile::tempdir().unwrap();
+    let s = summary(&train(1, Some(&cfg), &sets[..2], dir.path()));
+    assert!(s["b_simple"].is_null(), "{s}");
+}

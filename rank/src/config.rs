@@ -93,11 +93,15 @@ impl Default for RunConfig {
 pub struct BatchConfig {
     /// Global batch: examples per optimizer step over all ranks together.
     pub global: usize,
+    /// Micro-batch rows per rank (0: the whole local batch at once). Contrastive models use
+    /// GradCache: embed in micro-batches without activations, loss on all features, then
+    /// replay each micro-batch; classifiers accumulate gradients. Same result, less memory.
+    pub micro: usize,
 }
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        BatchConfig { global: 256 }
+        BatchConfig { global: 256, micro: 0 }
     }
 }
 

@@ -271,6 +271,10 @@ pub fn train(
         )));
     }
     let (row_offset, b_local) = local_rows(global, world, rank);
+    // Micro-batches of this rank's rows (one chunk: no accumulation).
+    let micro = if cfg.batch.micro == 0 { b_local } else { cfg.batch.micro.min(b_local) };
+    let chunks: Vec<(usize, usize)> =
+        (0..b_local).step_by(micro).map(|s| (s, micro.min(b_local - s))).collect();
 
     let threads = if cfg.run.threads > 0 {
         cfg.run.threads
@@ -345,6 +349,11 @@ pub fn train(
         let batch = sampler.try_global_batch_indices(step, global)?;
         let mine = &batch[row_offset..row_offset + b_local];
         model.zero_grads();
+        // GradCache (ALGORITHMS.md §4): with micro-batches, embed the local batch without
+        // keeping activations, run the loss on the features, then replay each micro-batch
+        // forward and backward with its slice of the feature gradients. Parameter gradients
+        // accumulate in the flat buffer; the noise-scale estimator sees each micro-batch.
+        let accumulate = chunks.len() > 1;
         let loss_value = if contrastive {
             if cfg.data.two_views {
                 two_views(&data.train, mine, row_offset, cfg.run.seed, step, &mut xa, &mut xb);
@@ -352,7 +361,17 @@ pub fn train(
                 data.train.gather_a(mine, &mut xa);
                 data.train.gather_b(mine, &mut xb);
             }
-            let (fa, fb) = model.forward_pair(&dev, &xa, &xb, b_local);
+            let (da, db) = (xa.len() / b_local, xb.len() / b_local);
+            let (fa, fb) = if accumulate {
+                let (mut fa, mut fb) = (Vec::new(), Vec::new());
+                for &(s, m) in &chunks {
+                    fa.extend(model.embed_a(&dev, &xa[s * da..(s + m) * da], m));
+                    fb.extend(model.embed_b(&dev, &xb[s * db..(s + m) * db], m));
+                }
+                (fa, fb)
+            } else {
+                model.forward_pair(&dev, &xa, &xb, b_local)
+            };
             let d = fa.len() / b_local;
             let scale = model.logit_scale();
             let out = match cfg.loss.name {
@@ -394,26 +413,50 @@ pub fn train(
                 }
             };
             let (loss_value, d_img, d_txt, d_t, d_bias) = out;
-            model.backward_pair(&dev, &d_img, &d_txt);
-            model.add_logit_scale_grad(d_t);
-            if let Some(g) = d_bias {
-                model.add_logit_bias_grad(g);
+            for &(s, m) in &chunks {
+                if accumulate {
+                    model.forward_pair(
+                        &dev,
+                        &xa[s * da..(s + m) * da],
+                        &xb[s * db..(s + m) * db],
+                        m,
+                    );
+                }
+                model.backward_pair(&dev, &d_img[s * d..(s + m) * d], &d_txt[s * d..(s + m) * d]);
+                // The temperature's (and bias's) gradient, shared out by micro-batch size so
+                // that each micro-batch's contribution carries its part.
+                let share = m as f32 / b_local as f32;
+                model.add_logit_scale_grad(if accumulate { d_t * share } else { d_t });
+                if let Some(g) = d_bias {
+                    model.add_logit_bias_grad(if accumulate { g * share } else { g });
+                }
+                if accumulate && let Some(g) = gns.as_mut() {
+                    g.observe_accumulated(model.grads(), m, global)?;
+                }
             }
             loss_value
         } else {
             data.train.gather_a(mine, &mut xa);
             data.train.gather_labels(mine, &mut labels);
-            let logits = model.forward_logits(&dev, &xa, b_local);
-            let ce = loss::cross_entropy(&logits, &labels, b_local, global);
-            model.backward_logits(&dev, &ce.d_logits);
-            let mut s = [ce.loss_partial as f64];
+            let da = xa.len() / b_local;
+            let mut loss_partial = 0.0f64;
+            for &(s, m) in &chunks {
+                let logits = model.forward_logits(&dev, &xa[s * da..(s + m) * da], m);
+                let ce = loss::cross_entropy(&logits, &labels[s..s + m], m, global);
+                model.backward_logits(&dev, &ce.d_logits);
+                loss_partial += ce.loss_partial as f64;
+                if accumulate && let Some(g) = gns.as_mut() {
+                    g.observe_accumulated(model.grads(), m, global)?;
+                }
+            }
+            let mut s = [loss_partial];
             comm.all_reduce_f64(&mut s, ReduceOp::Sum)?;
             s[0] as f32
         };
         // The buffer holds this rank's partial sum (1/B_global)·Σ_local g_i: GNS reads it before
         // the all-reduce and the global mean after it.
         let tg = Instant::now();
-        if let Some(g) = gns.as_mut() {
+        if !accumulate && let Some(g) = gns.as_mut() {
             g.observe_local(model.grads(), b_local, global)?;
         }
         let mut gns_s = tg.elapsed().as_secs_f64();
