@@ -266,3 +266,25 @@ fn one_rank_measures_the_noise_scale_from_its_micro_batches() {
     let s = summary(&train(1, Some(&cfg), &sets[..2], dir.path()));
     assert!(s["b_simple"].is_null(), "{s}");
 }
+
+#[test]
+fn noise_scale_through_rank_processes_is_within_5_percent_of_the_closed_form() {
+    for n in [1usize, 2, 4] {
+        let mut cmd = tessera();
+        cmd.args(["bench", "gns", "--nproc", &n.to_string(), "--json"]);
+        let f = run(cmd, LIMIT);
+        assert!(f.status.success(), "{}", f.all_output());
+        let rows: Vec<serde_json::Value> = f
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(rows.len(), 2, "{}", f.all_output());
+        for r in rows {
+            let (truth, est) = (r["true_b_simple"].as_f64().unwrap(), r["estimate"].as_f64());
+            let est = est.unwrap_or_else(|| panic!("no estimate: {r}"));
+            assert!((est / truth - 1.0).abs() < 0.05, "{n} ranks: {r}");
+        }
+    }
+}

@@ -17,6 +17,9 @@ pub enum BenchCommand {
     /// Contrastive loss forward+backward over N local rank processes: naive (all-gathered,
     /// b×B logits per rank) vs tiled (Inf-CL ring), with time, GFLOP/s and peak memory.
     Loss(LossArgs),
+    /// The noise-scale estimator through real rank processes on problems whose B_simple is
+    /// known exactly (mean estimation, isotropic linear regression), parameters frozen.
+    Gns(GnsArgs),
     /// Every collective in N local rank processes, checked against a naive reference.
     CollectivesSelftest {
         /// Rank processes to start on this machine.
@@ -79,6 +82,29 @@ pub struct LossArgs {
     pub json: bool,
 }
 
+#[derive(Args, Serialize, Deserialize, Clone, Debug)]
+pub struct GnsArgs {
+    /// Rank processes to start on this machine.
+    #[arg(long, default_value_t = 2)]
+    #[serde(skip)]
+    pub nproc: usize,
+    /// Frozen steps per problem.
+    #[arg(long, default_value_t = 6000)]
+    pub steps: u64,
+    /// Examples per step over all ranks (split as evenly as possible).
+    #[arg(long, default_value_t = 128)]
+    pub global_batch: usize,
+    /// Micro-batches per rank and step (0: 4 on one rank, else 1).
+    #[arg(long, default_value_t = 0)]
+    pub micro: usize,
+    /// EMA decay of the two estimates.
+    #[arg(long, default_value_t = 0.999)]
+    pub ema_decay: f64,
+    /// One JSON object per problem instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Args)]
 pub struct GemmArgs {
     /// Square sizes n (C = A·B with n×n matrices).
@@ -122,6 +148,19 @@ pub fn bench(cmd: BenchCommand) -> Result<ExitCode> {
                 ],
                 total_steps: None,
                 label: "loss".into(),
+            };
+            launch(a.nproc, &spec, 30.0)
+        }
+        BenchCommand::Gns(a) => {
+            let spec = JobSpec {
+                rank_args: vec![
+                    "--job".into(),
+                    "bench-gns".into(),
+                    "--job-args".into(),
+                    serde_json::to_string(&a)?,
+                ],
+                total_steps: None,
+                label: "gns".into(),
             };
             launch(a.nproc, &spec, 30.0)
         }
@@ -263,6 +302,80 @@ pub fn loss_rank(comm: &mut dyn Communicator, local_size: usize, job_args: &str)
                 r.gflops,
                 rss[0] / 1e6,
                 r.loss
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// The part of `bench gns` that runs inside each rank; returns rank 0's report.
+pub fn gns_rank(comm: &mut dyn Communicator, job_args: &str) -> Result<String> {
+    use tessera_rank::gns::GnsConfig;
+    use tessera_rank::gns::problems::{FrozenProblem, FrozenRun, MeanEstimation, Regression};
+    let a: GnsArgs = serde_json::from_str(job_args).context("decoding benchmark arguments")?;
+    let world = comm.world();
+    if a.global_batch < world || a.steps == 0 {
+        bail!("--global-batch must be at least the number of ranks and --steps at least 1");
+    }
+    let micro = match a.micro {
+        0 if world == 1 => 4,
+        0 => 1,
+        m => m,
+    };
+    let (_, local_batch) = tessera_rank::data::local_rows(a.global_batch, world, comm.rank());
+    let cfg = GnsConfig { ema_decay: a.ema_decay, ..GnsConfig::default() };
+    cfg.validate()?;
+    let problems: [(&str, Box<dyn FrozenProblem>); 2] = [
+        (
+            "mean-estimation d=100 sigma=1 |theta-mu|=1",
+            Box::new(MeanEstimation { d: 100, sigma: 1.0, dist: 1.0 }),
+        ),
+        ("linear-regression d=30 sigma=0.5 |e|=1", Box::new(Regression::isotropic(30, 0.5, 1.0))),
+    ];
+    let mut out = String::new();
+    if !a.json {
+        out += &format!(
+            "# gradient noise scale, parameters frozen: {world} ranks x {micro} micro-batches, \
+             global batch {}, {} steps, EMA decay {}\n#{:>44} {:>10} {:>10} {:>9}\n",
+            a.global_batch, a.steps, a.ema_decay, "problem", "true", "estimate", "error"
+        );
+    }
+    for (k, (name, problem)) in problems.iter().enumerate() {
+        let run = FrozenRun {
+            steps: a.steps,
+            local_batch,
+            micro_batches: micro,
+            global_batch: a.global_batch,
+            seed: 1000 + k as u64,
+        };
+        let groups = [(0, problem.dim())];
+        let reports =
+            tessera_rank::gns::problems::run_frozen(&**problem, comm, &groups, &cfg, &run)?;
+        let truth = problem.true_b_simple();
+        let estimate = reports.last().and_then(|r| r.b_simple);
+        let error = estimate.map(|e| e / truth - 1.0);
+        if a.json {
+            out += &serde_json::to_string(&serde_json::json!({
+                "problem": name,
+                "ranks": world,
+                "micro_batches": micro,
+                "global_batch": a.global_batch,
+                "steps": a.steps,
+                "true_b_simple": truth,
+                "estimate": estimate,
+                "relative_error": error,
+            }))?;
+            out.push('\n');
+        } else {
+            let fmt = |v: Option<f64>, pct: bool| match v {
+                Some(x) if pct => format!("{:+.2}%", 100.0 * x),
+                Some(x) => format!("{x:.2}"),
+                None => "n/a".into(),
+            };
+            out += &format!(
+                " {name:>44} {truth:>10.2} {:>10} {:>9}\n",
+                fmt(estimate, false),
+                fmt(error, true)
             );
         }
     }

@@ -92,6 +92,10 @@ pub fn rank_main(args: &RankArgs) -> Result<ExitCode> {
             (None, format!("bench-allreduce:{raw}"))
         }
         "collectives-selftest" => (None, "collectives-selftest".to_string()),
+        "bench-gns" => {
+            let raw = args.job_args.clone().unwrap_or_default();
+            (None, format!("bench-gns:{raw}"))
+        }
         "bench-loss" => {
             let raw = args.job_args.clone().unwrap_or_default();
             (None, format!("bench-loss:{raw}"))
@@ -176,6 +180,9 @@ pub fn rank_main(args: &RankArgs) -> Result<ExitCode> {
                 Ok(serde_json::to_string(&summary)? + "\n")
             }
             None if args.job == "collectives-selftest" => crate::selftest::run(&mut comm),
+            None if args.job == "bench-gns" => {
+                bench_cmd::gns_rank(&mut comm, args.job_args.as_deref().unwrap_or("{}"))
+            }
             None if args.job == "bench-loss" => bench_cmd::loss_rank(
                 &mut comm,
                 membership.local_size as usize,
