@@ -352,6 +352,7 @@ impl Monitor {
                         step: p.map(|p| p.step),
                         loss: p.and_then(|p| p.loss),
                         samples: p.map(|p| p.samples),
+                        b_simple: p.and_then(|p| p.b_simple),
                     };
                     match tokio::time::timeout(hb_limit, self.grpc.heartbeat(req)).await {
                         Ok(Ok(_)) => {}

@@ -264,9 +264,13 @@ impl Coordinator for Service {
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
         let r = req.into_inner();
-        let progress = (r.step.is_some() || r.loss.is_some() || r.samples.is_some()).then(|| {
-            Progress { step: r.step.unwrap_or(0), loss: r.loss, samples: r.samples.unwrap_or(0) }
-        });
+        let progress =
+            (r.step.is_some() || r.loss.is_some() || r.samples.is_some()).then(|| Progress {
+                step: r.step.unwrap_or(0),
+                loss: r.loss,
+                samples: r.samples.unwrap_or(0),
+                b_simple: r.b_simple,
+            });
         self.shared
             .lock()
             .on_heartbeat(r.rank, progress, Instant::now())

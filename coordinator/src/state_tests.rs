@@ -344,7 +344,7 @@ fn progress_keeps_the_latest_report() {
     let mut s = CoordinatorState::new(cfg(1), t0).unwrap();
     join_all(&mut s, vec![joiner("a", None, 1, Some(0))], t0);
     assert_eq!(s.progress(t0)[0].progress, None);
-    let p = Progress { step: 5, loss: Some(1.5), samples: 640 };
+    let p = Progress { step: 5, loss: Some(1.5), samples: 640, b_simple: Some(250.0) };
     s.on_heartbeat(0, Some(p), t0 + Duration::from_secs(1)).unwrap();
     // A heartbeat without progress keeps the last one.
     s.on_heartbeat(0, None, t0 + Duration::from_secs(2)).unwrap();

@@ -47,6 +47,8 @@ pub struct Progress {
     pub step: u64,
     pub loss: Option<f32>,
     pub samples: u64,
+    /// The latest smoothed gradient noise scale, when measured.
+    pub b_simple: Option<f64>,
 }
 
 /// The latest progress of one rank, as the coordinator knows it (for the launcher's bar).

@@ -436,13 +436,14 @@ fn finish_is_not_a_failure_and_progress_is_reported() {
     let server = short_budget(2);
     let mut clients = joined(&server.addr, 2);
     let (mut handles, rx, cells) = monitors(&clients);
-    cells[1].set(Progress { step: 42, loss: Some(0.5), samples: 4200 });
+    cells[1].set(Progress { step: 42, loss: Some(0.5), samples: 4200, b_simple: Some(321.5) });
     let deadline = Instant::now() + T;
     loop {
         let p = server.handle().progress();
         if p[1].progress.is_some() {
             assert_eq!(p[1].progress.unwrap().step, 42);
             assert_eq!(p[1].progress.unwrap().loss, Some(0.5));
+            assert_eq!(p[1].progress.unwrap().b_simple, Some(321.5));
             assert_eq!(p[0].progress, None);
             break;
         }

@@ -270,7 +270,8 @@ pub fn launch(nproc: usize, spec: &JobSpec, heartbeat_timeout: f64) -> Result<Ex
         {
             bar.set_position(progress.step);
             if let Some(loss) = progress.loss {
-                bar.set_message(format!("{} loss {loss:.4}", spec.label));
+                let gns = progress.b_simple.map_or(String::new(), |b| format!(" B_simple {b:.0}"));
+                bar.set_message(format!("{} loss {loss:.4}{gns}", spec.label));
             }
         }
         std::thread::sleep(Duration::from_millis(50));

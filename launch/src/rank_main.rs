@@ -175,7 +175,12 @@ pub fn rank_main(args: &RankArgs) -> Result<ExitCode> {
                     local_size: membership.local_size as usize,
                 };
                 let summary = train::train(cfg, &mut comm, &rinfo, &mut |s| {
-                    progress.set(Progress { step: s.step, loss: Some(s.loss), samples: s.samples });
+                    progress.set(Progress {
+                        step: s.step,
+                        loss: Some(s.loss),
+                        samples: s.samples,
+                        b_simple: s.b_simple,
+                    });
                 })?;
                 Ok(serde_json::to_string(&summary)? + "\n")
             }

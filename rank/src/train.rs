@@ -53,6 +53,8 @@ pub struct StepReport {
     pub total_steps: u64,
     pub loss: f32,
     pub samples: u64,
+    /// The latest smoothed simple noise scale (None until measured).
+    pub b_simple: Option<f64>,
 }
 
 /// The run's outcome, printed by rank 0 as one JSON line.
@@ -474,12 +476,6 @@ pub fn train(
         train_seconds += t0.elapsed().as_secs_f64();
         last_loss = loss_value;
         let samples = (step + 1) * global as u64;
-        on_step(StepReport {
-            step: step + 1,
-            total_steps: cfg.run.steps,
-            loss: loss_value,
-            samples,
-        });
 
         // Every step's estimates, a line each, as their statistics are reduced (every
         // gns.reduce_every steps).
@@ -489,6 +485,13 @@ pub fn train(
             }
             gns_report = Some(r);
         }
+        on_step(StepReport {
+            step: step + 1,
+            total_steps: cfg.run.steps,
+            loss: loss_value,
+            samples,
+            b_simple: gns_report.as_ref().and_then(|r| r.b_simple),
+        });
         if is_root && (cfg.run.log_every > 0 && (step + 1) % cfg.run.log_every == 0 || step == 0) {
             metrics.write(serde_json::json!({
                 "step": step + 1,
