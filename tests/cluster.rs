@@ -16,12 +16,7 @@ fn rendezvous_and_checked_all_reduce_at_1_2_4_8_ranks() {
             .args(["--iters", "2", "--warmup", "1", "--check", "--json"]);
         let f = run(cmd, LIMIT);
         assert!(f.status.success(), "{n} ranks failed\n{}", f.all_output());
-        let rows: Vec<serde_json::Value> = f
-            .stdout
-            .lines()
-            .filter(|l| l.starts_with('{'))
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let rows = common::json_rows(&f);
         assert_eq!(rows.len(), 3, "{}", f.all_output());
         for r in &rows {
             assert_eq!(r["ranks"], n as u64);

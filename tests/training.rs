@@ -274,12 +274,7 @@ fn noise_scale_through_rank_processes_is_within_5_percent_of_the_closed_form() {
         cmd.args(["bench", "gns", "--nproc", &n.to_string(), "--json"]);
         let f = run(cmd, LIMIT);
         assert!(f.status.success(), "{}", f.all_output());
-        let rows: Vec<serde_json::Value> = f
-            .stdout
-            .lines()
-            .filter(|l| l.starts_with('{'))
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let rows = common::json_rows(&f);
         assert_eq!(rows.len(), 2, "{}", f.all_output());
         for r in rows {
             let (truth, est) = (r["true_b_simple"].as_f64().unwrap(), r["estimate"].as_f64());

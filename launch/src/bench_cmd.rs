@@ -121,56 +121,31 @@ pub struct GemmArgs {
     pub no_peer: bool,
 }
 
+/// The rank processes' arguments for benchmark job `job`, its options passed as JSON.
+fn benchmark_job(job: &str, args: &impl Serialize) -> Result<JobSpec> {
+    Ok(JobSpec {
+        rank_args: vec![
+            "--job".into(),
+            job.into(),
+            "--job-args".into(),
+            serde_json::to_string(args)?,
+        ],
+        total_steps: None,
+        label: job.trim_start_matches("bench-").into(),
+    })
+}
+
 pub fn bench(cmd: BenchCommand) -> Result<ExitCode> {
     match cmd {
         BenchCommand::Allreduce(a) => {
             // Validate sizes here so a typo fails before any process starts.
             cbench::parse_sizes(&a.sizes).map_err(|e| anyhow::anyhow!("--sizes: {e}"))?;
-            let spec = JobSpec {
-                rank_args: vec![
-                    "--job".into(),
-                    "bench-allreduce".into(),
-                    "--job-args".into(),
-                    serde_json::to_string(&a)?,
-                ],
-                total_steps: None,
-                label: "allreduce".into(),
-            };
-            launch(a.nproc, &spec, 30.0)
+            launch(a.nproc, &benchmark_job("bench-allreduce", &a)?, 30.0)
         }
-        BenchCommand::Loss(a) => {
-            let spec = JobSpec {
-                rank_args: vec![
-                    "--job".into(),
-                    "bench-loss".into(),
-                    "--job-args".into(),
-                    serde_json::to_string(&a)?,
-                ],
-                total_steps: None,
-                label: "loss".into(),
-            };
-            launch(a.nproc, &spec, 30.0)
-        }
-        BenchCommand::Gns(a) => {
-            let spec = JobSpec {
-                rank_args: vec![
-                    "--job".into(),
-                    "bench-gns".into(),
-                    "--job-args".into(),
-                    serde_json::to_string(&a)?,
-                ],
-                total_steps: None,
-                label: "gns".into(),
-            };
-            launch(a.nproc, &spec, 30.0)
-        }
+        BenchCommand::Loss(a) => launch(a.nproc, &benchmark_job("bench-loss", &a)?, 30.0),
+        BenchCommand::Gns(a) => launch(a.nproc, &benchmark_job("bench-gns", &a)?, 30.0),
         BenchCommand::CollectivesSelftest { nproc } => {
-            let spec = JobSpec {
-                rank_args: vec!["--job".into(), "collectives-selftest".into()],
-                total_steps: None,
-                label: "selftest".into(),
-            };
-            launch(nproc, &spec, 30.0)
+            launch(nproc, &benchmark_job("collectives-selftest", &())?, 30.0)
         }
         BenchCommand::Gemm(g) => gemm(&g),
         BenchCommand::Optim { params, names } => {

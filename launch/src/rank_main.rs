@@ -87,18 +87,8 @@ pub fn rank_main(args: &RankArgs) -> Result<ExitCode> {
             let hash = cfg.hash();
             (Some(cfg), hash)
         }
-        "bench-allreduce" => {
-            let raw = args.job_args.clone().unwrap_or_default();
-            (None, format!("bench-allreduce:{raw}"))
-        }
-        "collectives-selftest" => (None, "collectives-selftest".to_string()),
-        "bench-gns" => {
-            let raw = args.job_args.clone().unwrap_or_default();
-            (None, format!("bench-gns:{raw}"))
-        }
-        "bench-loss" => {
-            let raw = args.job_args.clone().unwrap_or_default();
-            (None, format!("bench-loss:{raw}"))
+        "bench-allreduce" | "bench-gns" | "bench-loss" | "collectives-selftest" => {
+            (None, format!("{}:{}", args.job, args.job_args.as_deref().unwrap_or("")))
         }
         other => bail!("unknown job {other:?}"),
     };

@@ -152,6 +152,15 @@ impl Coordinator {
     }
 }
 
+/// The stdout lines that are JSON objects (`--json` benchmark rows).
+pub fn json_rows(f: &Finished) -> Vec<serde_json::Value> {
+    f.stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON row {l:?}: {e}")))
+        .collect()
+}
+
 /// Reads the last line of stdout as the JSON summary.
 pub fn summary(f: &Finished) -> serde_json::Value {
     let line = f
