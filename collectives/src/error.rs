@@ -11,6 +11,11 @@ pub enum CommError {
     Protocol { op: &'static str, seq: u64, peer: usize, detail: String },
     #[error("{op}: invalid argument: {detail}")]
     InvalidArgument { op: &'static str, detail: String },
+    #[error(
+        "collective #{call}: ranks diverge (rank {first} is the first that differs): {detail}; \
+         every rank must call the same collectives in the same order with the same sizes"
+    )]
+    Diverged { call: u64, first: usize, detail: String },
     #[error("setting up the data plane: {0}")]
     Setup(String),
     #[error(

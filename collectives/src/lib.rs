@@ -18,7 +18,9 @@
 //! [`bench`](mod@bench) measures all-reduce in nccl-tests terms on any communicator.
 
 pub mod bench;
+pub mod checked;
 pub mod error;
+pub mod flight;
 pub mod tcp;
 pub mod threads;
 

@@ -10,7 +10,9 @@
 //! length, the collective's total length) and the payload. The receiver checks every field, so
 //! ranks that call different collectives, different lengths, or get out of step fail with
 //! [`CommError::Protocol`] naming the peer; garbage on the port is an error, and lengths are
-//! bounded by [`TcpRingConfig::max_message_bytes`] before anything is allocated.
+//! bounded by [`TcpRingConfig::max_message_bytes`] before anything is allocated. The byte-level
+//! decoders are pure functions ([`decode_frame_header`], [`decode_abort_payload`],
+//! [`decode_hello`]), which the fuzz targets in `fuzz/` feed arbitrary bytes.
 //!
 //! A rank that sees an error forwards an abort frame naming the culprit to r+1 and closes both
 //! links, so the failure travels round the ring at once instead of waiting for timeouts. Ranks
@@ -23,24 +25,30 @@
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::flight::{FaultPoint, FlightRecorder, fault_point};
 use crate::{CommError, Communicator, ReduceOp, Result};
 
 const HELLO_MAGIC: [u8; 8] = *b"TSRHELO1";
-const HELLO_LEN: usize = 48;
+/// Length of the handshake ("hello") a connecting rank sends first.
+pub const HELLO_LEN: usize = 48;
 const ACK_OK: u8 = 1;
 const ACK_REFUSED: u8 = 2;
 const FRAME_MAGIC: u32 = 0x5453_5246;
-const HEADER_LEN: usize = 32;
+/// Length of a data-plane frame header on the wire.
+pub const FRAME_HEADER_LEN: usize = 32;
+const HEADER_LEN: usize = FRAME_HEADER_LEN;
 const KIND_DATA: u16 = 0;
 const KIND_ABORT: u16 = 1;
 const ENDIAN_TAG: u32 = 0x0102_0304;
 /// Collectives (and ring steps) that send at most this many bytes run with plain blocking I/O: the
 /// kernel's socket buffers absorb them, so sending before receiving cannot deadlock.
 const SEQUENTIAL_MAX_BYTES: usize = 64 * 1024;
-const MAX_ABORT_PAYLOAD: usize = 4096;
+/// Largest payload of an abort frame (a code, the culprit rank, a message).
+pub const MAX_ABORT_PAYLOAD: usize = 4096;
 
 /// Settings of a [`TcpRing`].
 #[derive(Clone, Debug)]
@@ -164,22 +172,137 @@ impl Header {
         b[24..32].copy_from_slice(&self.total.to_le_bytes());
         b
     }
+}
 
-    fn decode(b: &[u8; HEADER_LEN]) -> Header {
-        let u64_at = |i: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&b[i..i + 8]);
-            u64::from_le_bytes(w)
+/// What a frame carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameKind {
+    /// Part of a collective's data.
+    Data,
+    /// The sender failed; the payload names the culprit (see [`decode_abort_payload`]).
+    Abort,
+}
+
+/// A decoded data-plane frame header. Only the framing is checked here (magic, kind); whether
+/// the operation, sequence number and lengths are the ones expected is up to the receiver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// The sender's operation code (possibly one this build does not know).
+    pub op: u16,
+    pub kind: FrameKind,
+    /// Sequence number of the sender's collective.
+    pub seq: u64,
+    /// Payload length in bytes, as claimed by the sender (not yet bounded).
+    pub len: u64,
+    /// Total bytes of the sender's collective.
+    pub total: u64,
+}
+
+impl FrameHeader {
+    /// The header's bytes on the wire.
+    pub fn encode(&self) -> [u8; FRAME_HEADER_LEN] {
+        let kind = match self.kind {
+            FrameKind::Data => KIND_DATA,
+            FrameKind::Abort => KIND_ABORT,
         };
         Header {
-            magic: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-            op: u16::from_le_bytes([b[4], b[5]]),
-            kind: u16::from_le_bytes([b[6], b[7]]),
-            seq: u64_at(8),
-            len: u64_at(16),
-            total: u64_at(24),
+            magic: FRAME_MAGIC,
+            op: self.op,
+            kind,
+            seq: self.seq,
+            len: self.len,
+            total: self.total,
+        }
+        .encode()
+    }
+
+    /// The payload length of an abort frame, checked to be plausible before anything is read.
+    pub fn abort_payload_len(&self) -> std::result::Result<usize, FrameError> {
+        if (9..=MAX_ABORT_PAYLOAD as u64).contains(&self.len) {
+            Ok(self.len as usize)
+        } else {
+            Err(FrameError::AbortLength(self.len))
         }
     }
+}
+
+/// Why bytes received on the data plane are not a well-formed frame.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("a frame header is {FRAME_HEADER_LEN} bytes, got {0}")]
+    Short(usize),
+    #[error(
+        "received bytes that are not a Tessera frame (magic {0:#010x}); another program may be \
+         writing to the data-plane port"
+    )]
+    BadMagic(u32),
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u16),
+    #[error("malformed abort frame of {0} bytes")]
+    AbortLength(u64),
+    #[error("abort frame names rank {0}")]
+    AbortCulprit(u64),
+}
+
+/// Decodes the first [`FRAME_HEADER_LEN`] bytes of `bytes` as a frame header; extra bytes are
+/// ignored. Never panics; checks the magic and the kind.
+pub fn decode_frame_header(bytes: &[u8]) -> std::result::Result<FrameHeader, FrameError> {
+    let b: &[u8; HEADER_LEN] = bytes
+        .get(..HEADER_LEN)
+        .and_then(|h| h.try_into().ok())
+        .ok_or(FrameError::Short(bytes.len()))?;
+    let u64_at = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[i..i + 8]);
+        u64::from_le_bytes(w)
+    };
+    let magic = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    if magic != FRAME_MAGIC {
+        return Err(FrameError::BadMagic(magic));
+    }
+    let kind = match u16::from_le_bytes([b[6], b[7]]) {
+        KIND_DATA => FrameKind::Data,
+        KIND_ABORT => FrameKind::Abort,
+        other => return Err(FrameError::UnknownKind(other)),
+    };
+    Ok(FrameHeader {
+        op: u16::from_le_bytes([b[4], b[5]]),
+        kind,
+        seq: u64_at(8),
+        len: u64_at(16),
+        total: u64_at(24),
+    })
+}
+
+/// The contents of an abort frame: why the sender failed and which rank it blames.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AbortPayload {
+    /// 1: disconnected, 2: timeout, anything else: protocol error.
+    pub code: u8,
+    pub culprit: usize,
+    pub detail: String,
+}
+
+/// Decodes an abort frame's payload (its length already checked with
+/// [`FrameHeader::abort_payload_len`]) in a ring of `world` ranks. Never panics.
+pub fn decode_abort_payload(
+    p: &[u8],
+    world: usize,
+) -> std::result::Result<AbortPayload, FrameError> {
+    if !(9..=MAX_ABORT_PAYLOAD).contains(&p.len()) {
+        return Err(FrameError::AbortLength(p.len() as u64));
+    }
+    let mut c = [0u8; 8];
+    c.copy_from_slice(&p[1..9]);
+    let culprit = u64::from_le_bytes(c);
+    if culprit >= world as u64 {
+        return Err(FrameError::AbortCulprit(culprit));
+    }
+    Ok(AbortPayload {
+        code: p[0],
+        culprit: culprit as usize,
+        detail: String::from_utf8_lossy(&p[9..]).into_owned(),
+    })
 }
 
 /// Who failed and how, forwarded to r+1 in an abort frame.
@@ -263,6 +386,10 @@ impl Ctx {
         }
     }
 
+    fn frame_sent(&self, frame: usize) {
+        fault_point(FaultPoint::FrameSent { op: self.op.name(), seq: self.seq, frame });
+    }
+
     fn protocol(&self, peer: usize, detail: String) -> CommError {
         CommError::Protocol { op: self.op.name(), seq: self.seq, peer, detail }
     }
@@ -302,23 +429,10 @@ impl Ctx {
         total: u64,
     ) -> Result<usize> {
         let peer = self.prev;
-        let h = Header::decode(b);
-        if h.magic != FRAME_MAGIC {
-            return Err(self.protocol(
-                peer,
-                format!(
-                    "received bytes that are not a Tessera frame (magic {:#010x}); another \
-                     program may be writing to the data-plane port",
-                    h.magic
-                ),
-            ));
-        }
-        if h.kind == KIND_ABORT {
+        let h = decode_frame_header(b).map_err(|e| self.protocol(peer, e.to_string()))?;
+        if h.kind == FrameKind::Abort {
             let _ = stream.set_nonblocking(false);
-            return Err(self.read_abort(stream, h.len));
-        }
-        if h.kind != KIND_DATA {
-            return Err(self.protocol(peer, format!("unknown frame kind {}", h.kind)));
+            return Err(self.read_abort(stream, &h));
         }
         if h.op != self.op as u16 || h.seq != self.seq {
             let theirs = Op::from_code(h.op).map_or("an unknown operation", Op::name);
@@ -361,24 +475,22 @@ impl Ctx {
         }
     }
 
-    fn read_abort(&self, stream: &mut TcpStream, len: u64) -> CommError {
+    fn read_abort(&self, stream: &mut TcpStream, h: &FrameHeader) -> CommError {
         let peer = self.prev;
-        if !(9..=MAX_ABORT_PAYLOAD as u64).contains(&len) {
-            return self.protocol(peer, format!("malformed abort frame of {len} bytes"));
-        }
-        let mut p = vec![0u8; len as usize];
+        let len = match h.abort_payload_len() {
+            Ok(len) => len,
+            Err(e) => return self.protocol(peer, e.to_string()),
+        };
+        let mut p = vec![0u8; len];
         if let Err(e) = stream.read_exact(&mut p) {
             return self.io_error(peer, e, "receiving an abort frame");
         }
-        let mut c = [0u8; 8];
-        c.copy_from_slice(&p[1..9]);
-        let culprit = u64::from_le_bytes(c) as usize;
-        if culprit >= self.world {
-            return self.protocol(peer, format!("abort frame names rank {culprit}"));
-        }
-        let detail = String::from_utf8_lossy(&p[9..]);
+        let AbortPayload { code, culprit, detail } = match decode_abort_payload(&p, self.world) {
+            Ok(a) => a,
+            Err(e) => return self.protocol(peer, e.to_string()),
+        };
         let (op, seq) = (self.op.name(), self.seq);
-        match p[0] {
+        match code {
             ABORT_TIMEOUT => CommError::Timeout { op, seq, peer: culprit, after: self.timeout },
             ABORT_DISCONNECTED => CommError::PeerDisconnected {
                 op,
@@ -593,6 +705,7 @@ pub struct TcpRing {
     links: Option<Links>,
     broken: Option<String>,
     scratch: Vec<f32>,
+    flight: Arc<FlightRecorder>,
 }
 
 impl std::fmt::Debug for TcpRing {
@@ -606,7 +719,9 @@ impl std::fmt::Debug for TcpRing {
     }
 }
 
-fn encode_hello(session: u64, world: usize, rank: usize) -> [u8; HELLO_LEN] {
+/// The handshake a rank sends on connecting to r+1: magic, byte-order tag, session, world size,
+/// and the sender's rank.
+pub fn encode_hello(session: u64, world: usize, rank: usize) -> [u8; HELLO_LEN] {
     let mut b = [0u8; HELLO_LEN];
     b[0..8].copy_from_slice(&HELLO_MAGIC);
     b[8..12].copy_from_slice(&ENDIAN_TAG.to_ne_bytes());
@@ -616,6 +731,73 @@ fn encode_hello(session: u64, world: usize, rank: usize) -> [u8; HELLO_LEN] {
     b
 }
 
+/// A decoded handshake (see [`encode_hello`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub session: u64,
+    pub world: u64,
+    pub rank: u64,
+}
+
+/// Why a connecting peer's handshake is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("a handshake is {HELLO_LEN} bytes, got {0}")]
+    Short(usize),
+    #[error("not a Tessera data-plane handshake")]
+    BadMagic,
+    #[error("peer has a different byte order")]
+    ByteOrder,
+    #[error(
+        "session {found:#x} does not match this job's session {expected:#x} (a stale or foreign \
+         job?)"
+    )]
+    Session { found: u64, expected: u64 },
+    #[error("world size {found} does not match this job's {expected}")]
+    World { found: u64, expected: usize },
+    #[error("connection from rank {found} but rank {expected} was expected")]
+    Rank { found: u64, expected: usize },
+}
+
+/// Decodes the first [`HELLO_LEN`] bytes of `bytes` as a handshake; extra bytes are ignored.
+/// Checks the magic and the byte order; never panics.
+pub fn decode_hello(bytes: &[u8]) -> std::result::Result<Hello, HandshakeError> {
+    let b = bytes.get(..HELLO_LEN).ok_or(HandshakeError::Short(bytes.len()))?;
+    let u64_at = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[i..i + 8]);
+        u64::from_le_bytes(w)
+    };
+    if b[0..8] != HELLO_MAGIC {
+        return Err(HandshakeError::BadMagic);
+    }
+    if b[8..12] != ENDIAN_TAG.to_ne_bytes() {
+        return Err(HandshakeError::ByteOrder);
+    }
+    Ok(Hello { session: u64_at(16), world: u64_at(24), rank: u64_at(32) })
+}
+
+impl Hello {
+    /// Checks that this hello comes from rank `expect_rank` of this job.
+    pub fn check(
+        &self,
+        session: u64,
+        world: usize,
+        expect_rank: usize,
+    ) -> std::result::Result<(), HandshakeError> {
+        if self.session != session {
+            return Err(HandshakeError::Session { found: self.session, expected: session });
+        }
+        if self.world != world as u64 {
+            return Err(HandshakeError::World { found: self.world, expected: world });
+        }
+        if self.rank != expect_rank as u64 {
+            return Err(HandshakeError::Rank { found: self.rank, expected: expect_rank });
+        }
+        Ok(())
+    }
+}
+
 /// Checks a hello from a connecting peer; `Err(reason)` if it is not the expected rank.
 fn check_hello(
     b: &[u8; HELLO_LEN],
@@ -623,33 +805,7 @@ fn check_hello(
     world: usize,
     expect_rank: usize,
 ) -> std::result::Result<(), String> {
-    let u64_at = |i: usize| {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&b[i..i + 8]);
-        u64::from_le_bytes(w)
-    };
-    if b[0..8] != HELLO_MAGIC {
-        return Err("not a Tessera data-plane handshake".into());
-    }
-    if b[8..12] != ENDIAN_TAG.to_ne_bytes() {
-        return Err("peer has a different byte order".into());
-    }
-    if u64_at(16) != session {
-        return Err(format!(
-            "session {:#x} does not match this job's session {session:#x} (a stale or foreign job?)",
-            u64_at(16)
-        ));
-    }
-    if u64_at(24) != world as u64 {
-        return Err(format!("world size {} does not match this job's {world}", u64_at(24)));
-    }
-    if u64_at(32) != expect_rank as u64 {
-        return Err(format!(
-            "connection from rank {} but rank {expect_rank} was expected",
-            u64_at(32)
-        ));
-    }
-    Ok(())
+    decode_hello(b).and_then(|h| h.check(session, world, expect_rank)).map_err(|e| e.to_string())
 }
 
 fn configure(stream: &TcpStream, cfg: &TcpRingConfig) -> io::Result<()> {
@@ -689,8 +845,16 @@ impl TcpRing {
                 ),
             });
         }
-        let mut ring =
-            TcpRing { rank, world, seq: 0, links: None, broken: None, scratch: Vec::new(), cfg };
+        let mut ring = TcpRing {
+            rank,
+            world,
+            seq: 0,
+            links: None,
+            broken: None,
+            scratch: Vec::new(),
+            cfg,
+            flight: Arc::new(FlightRecorder::new()),
+        };
         if world == 1 {
             return Ok(ring);
         }
@@ -767,9 +931,16 @@ impl TcpRing {
         &self.cfg
     }
 
+    /// What this ring is doing, readable from other threads (for abort messages).
+    pub fn flight_recorder(&self) -> Arc<FlightRecorder> {
+        self.flight.clone()
+    }
+
     fn begin(&mut self, op: Op) -> Result<Ctx> {
         let seq = self.seq;
         self.seq += 1;
+        self.flight.begin(op.name(), seq);
+        fault_point(FaultPoint::Begin { op: op.name(), seq });
         if let Some(why) = &self.broken {
             return Err(CommError::Poisoned(why.clone()));
         }
@@ -801,6 +972,7 @@ impl TcpRing {
     }
 
     fn finish<T>(&mut self, ctx: &Ctx, r: Result<T>) -> Result<T> {
+        self.flight.end();
         if let Err(e) = &r {
             self.poison(ctx, e);
         }
@@ -1065,12 +1237,10 @@ fn upstream_failure(
             Ok(n) => {
                 have += n;
                 if have == HEADER_LEN {
-                    let h = Header::decode(&hdr);
-                    if h.magic != FRAME_MAGIC {
-                        return None;
-                    }
-                    if h.kind == KIND_ABORT {
-                        return Some(ctx.read_abort(recv, h.len));
+                    // Not a frame (or an unknown kind): nothing better to report.
+                    let h = decode_frame_header(&hdr).ok()?;
+                    if h.kind == FrameKind::Abort {
+                        return Some(ctx.read_abort(recv, &h));
                     }
                     skip = usize::try_from(h.len).ok()?;
                     have = 0;
@@ -1129,6 +1299,7 @@ fn polled_loop(
                     if s_pos == HEADER_LEN + op.len {
                         si += 1;
                         s_pos = 0;
+                        ctx.frame_sent(si);
                     }
                     *partial = (s_pos != 0).then_some((si, s_pos));
                 }
@@ -1242,12 +1413,14 @@ fn run_sequential(
         while si < plan.sends.len() && plan.sends[si].after_recv <= ri {
             ctx.write_frame(&mut links.send, send_region(bp, &plan.sends[si]), plan.total)?;
             si += 1;
+            ctx.frame_sent(si);
         }
         recv_one(&ctx, &mut links.recv, bp, rop, plan.total, scratch)?;
     }
     while si < plan.sends.len() {
         ctx.write_frame(&mut links.send, send_region(bp, &plan.sends[si]), plan.total)?;
         si += 1;
+        ctx.frame_sent(si);
     }
     Ok(())
 }
@@ -1282,6 +1455,7 @@ impl TcpRing {
         };
         if send.len() <= SEQUENTIAL_MAX_BYTES {
             ctx.write_frame(out, send, total)?;
+            ctx.frame_sent(1);
             return receive(inp, recv);
         }
         let sender_failed = AtomicBool::new(false);
@@ -1289,6 +1463,9 @@ impl TcpRing {
             let sender_failed = &sender_failed;
             let h = sc.spawn(move || {
                 let r = ctx.write_frame(out, send, total);
+                if r.is_ok() {
+                    ctx.frame_sent(1);
+                }
                 if r.is_err() {
                     sender_failed.store(true, Ordering::SeqCst);
                     let _ = recv_ctl.shutdown(Shutdown::Read);
@@ -1610,6 +1787,80 @@ mod tests {
         ctx.write_abort(&mut to0, &info);
         let e = ring.all_reduce_f32(&mut [1.0; 8], ReduceOp::Sum).unwrap_err();
         assert!(matches!(e, CommError::PeerDisconnected { peer: 1, .. }), "{e}");
+    }
+
+    #[test]
+    fn frame_header_decoder_round_trips_and_refuses_malformed_bytes() {
+        let h = FrameHeader {
+            op: Op::RingShift as u16,
+            kind: FrameKind::Abort,
+            seq: 9,
+            len: 17,
+            total: u64::MAX,
+        };
+        let b = h.encode();
+        assert_eq!(decode_frame_header(&b), Ok(h));
+        // Extra bytes after the header are ignored; fewer than 32 are an error, never a panic.
+        let mut long = b.to_vec();
+        long.extend_from_slice(&[1, 2, 3]);
+        assert_eq!(decode_frame_header(&long), Ok(h));
+        for n in 0..FRAME_HEADER_LEN {
+            assert_eq!(decode_frame_header(&b[..n]), Err(FrameError::Short(n)));
+        }
+        let mut bad = b;
+        bad[0] ^= 1;
+        assert!(matches!(decode_frame_header(&bad), Err(FrameError::BadMagic(_))));
+        let mut bad = b;
+        bad[6..8].copy_from_slice(&7u16.to_le_bytes());
+        assert_eq!(decode_frame_header(&bad), Err(FrameError::UnknownKind(7)));
+        // Abort payload lengths are bounded before anything is allocated.
+        for (len, ok) in [(0u64, false), (8, false), (9, true), (4096, true), (4097, false)] {
+            let r = FrameHeader { len, ..h }.abort_payload_len();
+            assert_eq!(r.is_ok(), ok, "len {len}");
+        }
+        assert_eq!(
+            FrameHeader { len: u64::MAX, ..h }.abort_payload_len(),
+            Err(FrameError::AbortLength(u64::MAX))
+        );
+    }
+
+    #[test]
+    fn abort_payload_decoder_checks_length_and_culprit() {
+        let info = AbortInfo { code: ABORT_TIMEOUT, culprit: 2, detail: "slow".into() };
+        let p = info.encode();
+        let a = decode_abort_payload(&p, 3).unwrap();
+        assert_eq!((a.code, a.culprit, a.detail.as_str()), (ABORT_TIMEOUT, 2, "slow"));
+        assert_eq!(decode_abort_payload(&p, 2), Err(FrameError::AbortCulprit(2)));
+        assert_eq!(decode_abort_payload(&p[..8], 3), Err(FrameError::AbortLength(8)));
+        let mut huge = p.clone();
+        huge.resize(MAX_ABORT_PAYLOAD + 1, b'x');
+        assert!(decode_abort_payload(&huge, 3).is_err());
+        // A culprit that does not fit a usize on any platform is refused, not truncated.
+        let mut far = p.clone();
+        far[1..9].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(decode_abort_payload(&far, 3), Err(FrameError::AbortCulprit(u64::MAX)));
+    }
+
+    #[test]
+    fn handshake_decoder_names_what_is_wrong() {
+        let b = encode_hello(0xabc, 4, 3);
+        let h = decode_hello(&b).unwrap();
+        assert_eq!(h, Hello { session: 0xabc, world: 4, rank: 3 });
+        assert_eq!(h.check(0xabc, 4, 3), Ok(()));
+        let e = h.check(0xabd, 4, 3).unwrap_err().to_string();
+        assert!(e.contains("session 0xabc") && e.contains("0xabd"), "{e}");
+        assert_eq!(h.check(0xabc, 5, 3), Err(HandshakeError::World { found: 4, expected: 5 }));
+        assert_eq!(h.check(0xabc, 4, 2), Err(HandshakeError::Rank { found: 3, expected: 2 }));
+        assert_eq!(decode_hello(&b[..47]), Err(HandshakeError::Short(47)));
+        assert_eq!(decode_hello(&[0x5a; 100]), Err(HandshakeError::BadMagic));
+        let mut swapped = b;
+        swapped[8..12].reverse();
+        assert_eq!(decode_hello(&swapped), Err(HandshakeError::ByteOrder));
+        assert_eq!(check_hello(&b, 0xabc, 4, 3), Ok(()));
+        assert_eq!(
+            check_hello(&b, 1, 4, 3).unwrap_err(),
+            h.check(1, 4, 3).unwrap_err().to_string()
+        );
     }
 
     #[test]

@@ -199,6 +199,7 @@ impl CoordinatorClient {
             config_hash: info.config_hash,
             version: info.version,
             data_addr: info.data_addr,
+            generation: info.generation,
         };
         let r = self.call("join", None, async move |mut g| g.join(req).await)?;
         *self.rank.lock().unwrap_or_else(|p| p.into_inner()) = Some(r.rank);

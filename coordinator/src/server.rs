@@ -36,6 +36,8 @@ pub struct CoordinatorConfig {
     pub heartbeat_interval: Duration,
     /// How often time-driven decisions are taken (default 100 ms).
     pub tick_interval: Duration,
+    /// Restart generation of the job (default 1); joins from another generation are refused.
+    pub generation: u64,
 }
 
 impl CoordinatorConfig {
@@ -48,6 +50,7 @@ impl CoordinatorConfig {
             join_timeout: Duration::from_secs(300),
             heartbeat_interval: Duration::from_secs(1),
             tick_interval: Duration::from_millis(100),
+            generation: 1,
         }
     }
 
@@ -57,6 +60,7 @@ impl CoordinatorConfig {
             heartbeat_timeout: self.heartbeat_timeout,
             join_timeout: self.join_timeout,
             heartbeat_interval: self.heartbeat_interval,
+            generation: self.generation,
         }
     }
 }
@@ -100,7 +104,12 @@ impl Shared {
         self.epoch.send_modify(|e| *e = e.wrapping_add(1));
     }
 
+    /// Logs and announces decisions. Nothing waits on events that decided nothing (a finish
+    /// before the last one), so waiters are only woken when there is a decision.
     fn apply(&self, decisions: Vec<Decision>) {
+        if decisions.is_empty() {
+            return;
+        }
         for d in &decisions {
             match d {
                 Decision::Abort(a) => tracing::warn!("aborting the job: {a}"),
@@ -161,12 +170,20 @@ impl Coordinator for Service {
             config_hash: r.config_hash,
             version: r.version,
             data_addr: r.data_addr,
+            generation: r.generation,
         };
         let who = format!("host {} pid {}", info.host, info.pid);
-        let ticket =
-            self.shared.lock().on_join(info, Instant::now()).map_err(|r| refusal_status(&r))?;
+        let (ticket, world_decided) = {
+            let mut state = self.shared.lock();
+            let ticket = state.on_join(info, Instant::now()).map_err(|r| refusal_status(&r))?;
+            (ticket, *state.phase() != Phase::Joining)
+        };
         tracing::debug!("{who} joined");
-        self.shared.bump();
+        // Joiners wait for the world to form (or fail); waking all of them on every join would
+        // cost world² wake-ups.
+        if world_decided {
+            self.shared.bump();
+        }
         let m = match self.shared.wait_until(None, |s| s.join_result(ticket)).await {
             Ok(result) => result.map_err(|r| refusal_status(&r))?,
             Err(_) => return Err(shutting_down()),
@@ -229,9 +246,16 @@ impl Coordinator for Service {
         req: Request<pb::BarrierRequest>,
     ) -> Result<Response<pb::BarrierReply>, Status> {
         let r = req.into_inner();
-        let ticket =
-            self.shared.lock().barrier_enter(&r.name, r.rank).map_err(|r| refusal_status(&r))?;
-        self.shared.bump();
+        let (ticket, passed) = {
+            let mut state = self.shared.lock();
+            let ticket = state.barrier_enter(&r.name, r.rank).map_err(|r| refusal_status(&r))?;
+            let passed = state.barrier_passed(&ticket);
+            (ticket, passed)
+        };
+        // Only the last rank to enter releases the others.
+        if passed {
+            self.shared.bump();
+        }
         let waited = self
             .shared
             .wait_until(deadline_after(r.timeout_ms), |s| {

@@ -9,9 +9,6 @@ use std::time::{Duration, Instant};
 
 use crate::types::{AbortInfo, JoinInfo, Membership, Progress, RankProgress, fmt_duration};
 
-/// Generation of the world formed by a coordinator (no elastic re-forming yet).
-pub const GENERATION: u64 = 1;
-
 /// The knobs the decision logic needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateConfig {
@@ -23,6 +20,9 @@ pub struct StateConfig {
     pub join_timeout: Duration,
     /// Interval ranks are told to send heartbeats at.
     pub heartbeat_interval: Duration,
+    /// The restart generation of this coordinator's world (1 for a first start; a launcher
+    /// that restarts a failed job starts a coordinator of the next generation).
+    pub generation: u64,
 }
 
 /// The class of a refused request; the server maps it to a gRPC status code.
@@ -219,6 +219,19 @@ impl CoordinatorState {
         if let Some(refusal) = self.failure() {
             return Err(refusal.clone());
         }
+        if let Some(g) = info.generation
+            && g != self.cfg.generation
+        {
+            return Err(Refusal::new(
+                RefusalKind::FailedPrecondition,
+                format!(
+                    "{} was started for generation {g}, but this job is at generation {}: it is \
+                     a stale rank of an earlier attempt (the job was restarted); stop it",
+                    describe_joiner(&info),
+                    self.cfg.generation
+                ),
+            ));
+        }
         if self.joiners.len() >= self.cfg.world {
             return Err(Refusal::new(
                 RefusalKind::ResourceExhausted,
@@ -323,7 +336,7 @@ impl CoordinatorState {
                     local_size,
                     node_rank,
                     num_nodes: hosts.len() as u32,
-                    generation: GENERATION,
+                    generation: self.cfg.generation,
                     data_addrs: data_addrs.clone(),
                     hosts: rank_hosts.clone(),
                     heartbeat_interval: self.cfg.heartbeat_interval,

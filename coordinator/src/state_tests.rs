@@ -6,6 +6,7 @@ fn cfg(world: usize) -> StateConfig {
         heartbeat_timeout: Duration::from_secs(10),
         join_timeout: Duration::from_secs(300),
         heartbeat_interval: Duration::from_secs(1),
+        generation: 1,
     }
 }
 
@@ -19,6 +20,7 @@ fn joiner(host: &str, local: Option<u32>, pid: u32, launcher: Option<u32>) -> Jo
         config_hash: "cfg-a".into(),
         version: "0.1.0".into(),
         data_addr: format!("{host}:{pid}"),
+        generation: None,
     }
 }
 
@@ -390,4 +392,29 @@ fn invalid_config_is_refused() {
     c.heartbeat_interval = c.heartbeat_timeout;
     let e = CoordinatorState::new(c, t0).unwrap_err();
     assert!(e.message.contains("must be shorter than the heartbeat timeout"), "{}", e.message);
+}
+
+#[test]
+fn a_join_from_a_stale_generation_is_refused_and_the_world_still_forms() {
+    let t0 = Instant::now();
+    let mut s = CoordinatorState::new(StateConfig { generation: 3, ..cfg(2) }, t0).unwrap();
+    let stale = JoinInfo { generation: Some(2), ..joiner("h", None, 7, Some(0)) };
+    let r = s.on_join(stale, t0).unwrap_err();
+    assert_eq!(r.kind, RefusalKind::FailedPrecondition);
+    assert!(
+        r.message.contains("generation 2") && r.message.contains("generation 3"),
+        "{}",
+        r.message
+    );
+    assert!(r.message.contains("pid 7"), "{}", r.message);
+    // The refusal does not poison the job: the current generation's ranks form the world.
+    let ms = join_all(
+        &mut s,
+        vec![
+            JoinInfo { generation: Some(3), ..joiner("h", None, 8, Some(0)) },
+            JoinInfo { generation: None, ..joiner("h", None, 9, Some(1)) },
+        ],
+        t0,
+    );
+    assert!(ms.iter().all(|m| m.generation == 3));
 }

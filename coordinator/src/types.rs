@@ -21,6 +21,8 @@ pub struct JoinInfo {
     pub version: String,
     /// "ip:port" of the rank's data-plane listener.
     pub data_addr: String,
+    /// The restart generation the rank was started for, if its launcher restarts jobs.
+    pub generation: Option<u64>,
 }
 
 /// The rank's place in the world, as decided by the coordinator.

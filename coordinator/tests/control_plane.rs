@@ -96,6 +96,7 @@ fn info(launcher_rank: Option<u32>, pid: u32) -> JoinInfo {
         config_hash: "hash-a".into(),
         version: "0.1.0".into(),
         data_addr: format!("127.0.0.1:{}", 40000 + pid),
+        generation: None,
     }
 }
 

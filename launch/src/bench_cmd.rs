@@ -37,6 +37,9 @@ pub enum BenchCommand {
     },
     /// Single-precision GEMM throughput of the CPU device, beside numpy (OpenBLAS) when present.
     Gemm(GemmArgs),
+    /// Load on a coordinator process from in-process simulated ranks: join time of
+    /// --join-ranks, and coordinator CPU while --heartbeat-ranks heartbeat.
+    Coordinator(crate::bench_coord::CoordinatorBenchArgs),
 }
 
 #[derive(Args, Serialize, Deserialize, Clone, Debug)]
@@ -132,6 +135,10 @@ fn benchmark_job(job: &str, args: &impl Serialize) -> Result<JobSpec> {
         ],
         total_steps: None,
         label: job.trim_start_matches("bench-").into(),
+        max_restarts: 0,
+        restart_args: Vec::new(),
+        restart_note: String::new(),
+        restart_when: None,
     })
 }
 
@@ -148,6 +155,7 @@ pub fn bench(cmd: BenchCommand) -> Result<ExitCode> {
             launch(nproc, &benchmark_job("collectives-selftest", &())?, 30.0)
         }
         BenchCommand::Gemm(g) => gemm(&g),
+        BenchCommand::Coordinator(c) => crate::bench_coord::bench_coordinator(&c),
         BenchCommand::Optim { params, names } => {
             println!(
                 "# optimizer step over {params} f32 parameters (one thread); bound: a copy of \

@@ -15,13 +15,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use tessera_coordinator::{CoordinatorConfig, CoordinatorHandle};
+use tessera_coordinator::{AbortInfo, CoordinatorConfig, CoordinatorHandle};
 use tessera_rank::config::Config;
 
 use crate::TrainArgs;
 
 /// How long the other ranks get to exit by themselves after one failed, before SIGKILL.
 const GRACE: Duration = Duration::from_secs(10);
+/// How long a rank the coordinator declared failed (e.g. no heartbeats: stopped or hung) gets
+/// before SIGKILL.
+const CULPRIT_GRACE: Duration = Duration::from_secs(2);
 
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 
@@ -66,9 +69,22 @@ pub struct JobSpec {
     pub rank_args: Vec<String>,
     pub total_steps: Option<u64>,
     pub label: String,
+    /// How often a failed job is restarted (`tessera run --max-restarts`); 0 for benchmarks.
+    pub max_restarts: u32,
+    /// Arguments added to every rank's command line on a restart (resume from a checkpoint).
+    pub restart_args: Vec<String>,
+    /// Said when restarting, after the restart count: what the restart resumes from.
+    pub restart_note: String,
+    /// Whether `restart_args` apply now (checked at each restart; `None`: always).
+    pub restart_when: Option<Box<dyn Fn() -> bool>>,
 }
 
-pub fn run_training(nproc: usize, train: &TrainArgs, heartbeat_timeout: f64) -> Result<ExitCode> {
+pub fn run_training(
+    nproc: usize,
+    train: &TrainArgs,
+    heartbeat_timeout: f64,
+    max_restarts: u32,
+) -> Result<ExitCode> {
     // Resolve once here so that a bad config fails before any process starts, and print it.
     let cfg = Config::load(train.config.as_deref(), &train.overrides)?;
     std::fs::create_dir_all(&cfg.run.out_dir)
@@ -87,7 +103,31 @@ pub fn run_training(nproc: usize, train: &TrainArgs, heartbeat_timeout: f64) -> 
         rank_args.push("--set".into());
         rank_args.push(o.clone());
     }
-    let spec = JobSpec { rank_args, total_steps: Some(cfg.run.steps), label: "train".into() };
+    // A restarted job resumes from its newest checkpoint (a fresh start when there is none),
+    // or, when the user resumed from a checkpoint elsewhere and the job has not written one of
+    // its own yet, from that one again (see `restart_args_now`).
+    let restart_args = vec!["--set".to_string(), "checkpoint.resume=\"auto\"".to_string()];
+    let ckpt_dir = cfg.checkpoint.dir_for(&cfg.run.out_dir);
+    let restart_note = if cfg.checkpoint.enabled {
+        format!(" from the newest checkpoint in {}, if any", ckpt_dir.display())
+    } else {
+        " from step 0 (checkpoint.enabled = false)".to_string()
+    };
+    let user_resume = !cfg.checkpoint.resume.is_empty() && cfg.checkpoint.resume != "auto";
+    let spec = JobSpec {
+        rank_args,
+        total_steps: Some(cfg.run.steps),
+        label: "train".into(),
+        max_restarts,
+        restart_args,
+        restart_note,
+        // The user's own resume point stays in force until the job saved a checkpoint.
+        restart_when: Some(Box::new(move || {
+            !user_resume
+                || tessera_rank::checkpoint::list_checkpoints(&ckpt_dir)
+                    .is_ok_and(|found| !found.is_empty())
+        })),
+    };
     launch(nproc, &spec, heartbeat_timeout)
 }
 
@@ -134,12 +174,79 @@ fn signal_children(children: &mut [Option<Child>], sig: libc::c_int) {
     }
 }
 
-/// Starts the coordinator and `nproc` ranks running `spec`, and supervises them.
+/// How one attempt of a job ended.
+enum Attempt {
+    /// Every rank exited 0; rank 0's report.
+    Succeeded(String),
+    /// A rank failed; what to tell the user.
+    Failed(String),
+    /// The launcher got SIGINT/SIGTERM.
+    Interrupted(i32),
+}
+
+/// Starts the coordinator and `nproc` ranks running `spec`, and supervises them. A failed
+/// attempt is restarted up to `spec.max_restarts` times, each restart a new generation.
 pub fn launch(nproc: usize, spec: &JobSpec, heartbeat_timeout: f64) -> Result<ExitCode> {
     if nproc == 0 {
         bail!("--nproc must be at least 1");
     }
     install_signal_handlers();
+    let report_dir = tempdir_for_reports()?;
+    let mut generation = 1u64;
+    let result = loop {
+        let restarting = generation > 1 && spec.restart_when.as_ref().is_none_or(|f| f());
+        let extra: &[String] = if restarting { &spec.restart_args } else { &[] };
+        match run_attempt(nproc, spec, heartbeat_timeout, generation, extra, &report_dir) {
+            Err(e) => break Err(e),
+            Ok(Attempt::Succeeded(report)) => {
+                print!("{report}");
+                if !report.ends_with('\n') {
+                    println!();
+                }
+                break Ok(ExitCode::SUCCESS);
+            }
+            Ok(Attempt::Interrupted(sig)) => {
+                eprintln!("tessera run: interrupted by signal {sig}; all ranks stopped");
+                break Ok(ExitCode::from(130));
+            }
+            Ok(Attempt::Failed(why)) => {
+                eprintln!("tessera run: {why}");
+                let restarts = generation - 1;
+                if restarts < u64::from(spec.max_restarts) {
+                    eprintln!(
+                        "tessera run: restart {} of {} (generation {}){}",
+                        restarts + 1,
+                        spec.max_restarts,
+                        generation + 1,
+                        spec.restart_note
+                    );
+                    generation += 1;
+                    continue;
+                }
+                if spec.max_restarts > 0 {
+                    eprintln!(
+                        "tessera run: giving up: the job failed {} times (--max-restarts {})",
+                        restarts + 1,
+                        spec.max_restarts
+                    );
+                }
+                break Ok(ExitCode::FAILURE);
+            }
+        }
+    };
+    let _ = std::fs::remove_dir_all(&report_dir);
+    result
+}
+
+/// One attempt: a coordinator of `generation` and `nproc` ranks, supervised until they exit.
+fn run_attempt(
+    nproc: usize,
+    spec: &JobSpec,
+    heartbeat_timeout: f64,
+    generation: u64,
+    extra_args: &[String],
+    report_dir: &std::path::Path,
+) -> Result<Attempt> {
     let token = tessera_coordinator::generate_token();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -148,6 +255,7 @@ pub fn launch(nproc: usize, spec: &JobSpec, heartbeat_timeout: f64) -> Result<Ex
         .context("starting the coordinator's runtime")?;
     let coord_cfg = CoordinatorConfig {
         heartbeat_timeout: Duration::from_secs_f64(heartbeat_timeout),
+        generation,
         ..CoordinatorConfig::new(nproc, token.clone())
     };
     let coordinator: CoordinatorHandle = runtime.block_on(async {
@@ -158,8 +266,8 @@ pub fn launch(nproc: usize, spec: &JobSpec, heartbeat_timeout: f64) -> Result<Ex
     })?;
     let addr = coordinator.local_addr().to_string();
 
-    let report_dir = tempdir_for_reports()?;
     let report_file = report_dir.join("report");
+    let _ = std::fs::remove_file(&report_file);
 
     let bar = match spec.total_steps {
         Some(n) => {
@@ -184,6 +292,7 @@ pub fn launch(nproc: usize, spec: &JobSpec, heartbeat_timeout: f64) -> Result<Ex
         let mut cmd = Command::new(&exe);
         cmd.arg("rank")
             .args(&spec.rank_args)
+            .args(extra_args)
             .env("TESSERA_COORDINATOR", &addr)
             .env("TESSERA_TOKEN", &token)
             .env("TESSERA_LAUNCH_RANK", i.to_string())
@@ -191,6 +300,7 @@ pub fn launch(nproc: usize, spec: &JobSpec, heartbeat_timeout: f64) -> Result<Ex
             .env("TESSERA_LOCAL_RANK", i.to_string())
             .env("TESSERA_LOCAL_WORLD", nproc.to_string())
             .env("TESSERA_REPORT_FILE", &report_file)
+            .env("TESSERA_GENERATION", generation.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -213,6 +323,10 @@ pub fn launch(nproc: usize, spec: &JobSpec, heartbeat_timeout: f64) -> Result<Ex
 
     let mut first_failure: Option<(usize, ExitStatus)> = None;
     let mut failed_at: Option<Instant> = None;
+    // The coordinator's abort (a missed heartbeat, a reported error), the launcher index of
+    // the rank it blames, and when it was seen: a rank declared dead but still there (stopped,
+    // hung) is killed after a short grace, so that every rank is gone within seconds.
+    let mut coord_abort: Option<(AbortInfo, Option<usize>, Instant)> = None;
     let mut interrupted: Option<(i32, Instant)> = None;
     let mut statuses: Vec<Option<ExitStatus>> = vec![None; nproc];
     loop {
@@ -235,7 +349,9 @@ pub fn launch(nproc: usize, spec: &JobSpec, heartbeat_timeout: f64) -> Result<Ex
         }
         // Of the ranks that failed since the last look, blame one killed by a signal first:
         // the others most likely exited because they lost that peer.
-        failed_now.sort_by_key(|(i, status)| (status.signal().is_none(), *i));
+        // Then one with an exit code of its own (ranks that lost a peer exit with 1).
+        failed_now
+            .sort_by_key(|(i, status)| (status.signal().is_none(), status.code() == Some(1), *i));
         if let Some(&(i, status)) = failed_now.first()
             && first_failure.is_none()
             && interrupted.is_none()
@@ -243,6 +359,31 @@ pub fn launch(nproc: usize, spec: &JobSpec, heartbeat_timeout: f64) -> Result<Ex
             first_failure = Some((i, status));
             failed_at = Some(Instant::now());
             coordinator.mark_failed(i as u32, &format!("exited with {}", describe_status(status)));
+        }
+        if coord_abort.is_none()
+            && interrupted.is_none()
+            && let Some(abort) = coordinator.abort_info()
+        {
+            let culprit = abort.rank.and_then(|r| {
+                coordinator
+                    .progress()
+                    .into_iter()
+                    .find(|p| p.rank == r)
+                    .and_then(|p| p.launcher_rank)
+                    .map(|l| l as usize)
+                    .filter(|&l| l < nproc)
+            });
+            coord_abort = Some((abort, culprit, Instant::now()));
+            failed_at.get_or_insert_with(Instant::now);
+        }
+        if let Some((_, Some(c), seen)) = &coord_abort
+            && seen.elapsed() > CULPRIT_GRACE
+            && let Some(child) = children[*c].as_mut()
+        {
+            // SAFETY: kill(2) on a child we spawned and have not reaped yet.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGKILL);
+            }
         }
         if children.iter().all(Option::is_none) {
             break;
@@ -285,42 +426,44 @@ pub fn launch(nproc: usize, spec: &JobSpec, heartbeat_timeout: f64) -> Result<Ex
     }
     drop(runtime);
 
-    let result = if let Some((sig, _)) = interrupted {
-        eprintln!("tessera run: interrupted by signal {sig}; all ranks stopped");
-        Ok(ExitCode::from(130))
-    } else if let Some((rank, status)) = first_failure {
+    if let Some((sig, _)) = interrupted {
+        return Ok(Attempt::Interrupted(sig));
+    }
+    // Blame a rank killed by a signal first (the others most likely failed because they lost
+    // it), preferring the one the coordinator blamed (it knows about missed heartbeats and
+    // reported errors); else the coordinator's culprit; else the first rank that failed.
+    let coord_culprit = coord_abort.as_ref().and_then(|(a, c, _)| c.map(|c| (c, a.reason.clone())));
+    let killed = |i: usize| statuses[i].is_some_and(|st| st.signal().is_some());
+    let blamed = match coord_culprit {
+        Some((c, why)) if killed(c) => statuses[c].map(|st| (c, st, Some(why))),
+        _ => (0..nproc)
+            .find(|&i| killed(i))
+            .and_then(|i| statuses[i].map(|st| (i, st, None)))
+            .or(first_failure.map(|(i, st)| (i, st, None))),
+    };
+    if let Some((rank, status, why)) = blamed {
+        let why = why
+            .filter(|w| !w.starts_with("exited with"))
+            .map_or(String::new(), |w| format!(": {w}"));
         let others: Vec<String> = statuses
             .iter()
             .enumerate()
             .filter(|(i, _)| *i != rank)
             .map(|(i, s)| format!("rank {i}: {}", s.map_or("not reaped".into(), describe_status)))
             .collect();
-        eprintln!(
-            "tessera run: rank {rank} failed ({}); the other ranks were stopped [{}]",
+        return Ok(Attempt::Failed(format!(
+            "rank {rank} failed ({}){why}; the other ranks were stopped [{}]",
             describe_status(status),
             others.join(", ")
-        );
-        Ok(ExitCode::FAILURE)
-    } else {
-        match std::fs::read_to_string(&report_file) {
-            Ok(report) => {
-                print!("{report}");
-                if !report.ends_with('\n') {
-                    println!();
-                }
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(e) => {
-                eprintln!(
-                    "tessera run: every rank exited 0 but rank 0 wrote no report to {}: {e}",
-                    report_file.display()
-                );
-                Ok(ExitCode::FAILURE)
-            }
-        }
-    };
-    let _ = std::fs::remove_dir_all(&report_dir);
-    result
+        )));
+    }
+    match std::fs::read_to_string(&report_file) {
+        Ok(report) => Ok(Attempt::Succeeded(report)),
+        Err(e) => Ok(Attempt::Failed(format!(
+            "every rank exited 0 but rank 0 wrote no report to {}: {e}",
+            report_file.display()
+        ))),
+    }
 }
 
 fn tempdir_for_reports() -> Result<PathBuf> {
@@ -335,6 +478,7 @@ pub fn standalone_coordinator(
     world: usize,
     heartbeat_timeout: f64,
     join_timeout: f64,
+    generation: u64,
 ) -> Result<ExitCode> {
     let token = std::env::var("TESSERA_TOKEN").context(
         "the standalone coordinator needs the job token in TESSERA_TOKEN (any secret string, \
@@ -346,6 +490,7 @@ pub fn standalone_coordinator(
     let cfg = CoordinatorConfig {
         heartbeat_timeout: Duration::from_secs_f64(heartbeat_timeout),
         join_timeout: Duration::from_secs_f64(join_timeout),
+        generation,
         ..CoordinatorConfig::new(world, token)
     };
     let outcome = tessera_coordinator::run_standalone(cfg, bind, |addr| {

@@ -1,7 +1,11 @@
 //! `tessera`: the command line of the Tessera data-parallel trainer.
 
 mod bench_cmd;
+mod bench_coord;
 mod data_cmd;
+mod envdetect;
+mod export_cmd;
+mod hostlist;
 mod launcher;
 mod rank_main;
 mod selftest;
@@ -40,6 +44,8 @@ enum Command {
     /// Make, import and inspect data shards.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
+    /// Write a checkpoint's parameters in another format (safetensors).
+    Export(export_cmd::ExportArgs),
 }
 
 /// How to train: the config and its overrides (shared by `run` and `rank`).
@@ -51,6 +57,28 @@ pub struct TrainArgs {
     /// Override a config key, e.g. --set optim.lr=0.1 --set run.steps=50 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+    /// Continue from a checkpoint: `auto` (the newest valid one in the run's checkpoint
+    /// directory; a fresh start when there is none), a ckpt-*.tsr file, or a run directory.
+    /// Shorthand for --set checkpoint.resume=...
+    #[arg(long, value_name = "auto|PATH")]
+    pub resume: Option<String>,
+}
+
+impl TrainArgs {
+    /// Turns `--resume` into the `checkpoint.resume` override it stands for.
+    fn with_resume(mut self) -> TrainArgs {
+        if let Some(spec) = self.resume.take() {
+            let quoted: String = spec
+                .chars()
+                .flat_map(|c| match c {
+                    '"' | '\\' => vec!['\\', c],
+                    c => vec![c],
+                })
+                .collect();
+            self.overrides.push(format!("checkpoint.resume=\"{quoted}\""));
+        }
+        self
+    }
 }
 
 #[derive(Args)]
@@ -63,13 +91,26 @@ struct RunArgs {
     /// Seconds without a heartbeat before a rank is declared dead.
     #[arg(long, default_value_t = 10.0)]
     heartbeat_timeout: f64,
+    /// Restart a failed job up to this many times, each time from its newest checkpoint and
+    /// as a new generation (ranks of an earlier attempt are refused).
+    #[arg(long, default_value_t = 0)]
+    max_restarts: u32,
 }
 
 #[derive(Args)]
 pub struct RankArgs {
-    /// Coordinator address host:port (default: $TESSERA_COORDINATOR).
-    #[arg(long, env = "TESSERA_COORDINATOR")]
+    /// Join the coordinator running at HOST:PORT (`tessera coordinator`). Without it the
+    /// address comes from the environment (TESSERA_COORDINATOR, MASTER_ADDR/MASTER_PORT or
+    /// Slurm's node list), and under srun/mpirun rank 0 hosts the coordinator there.
+    #[arg(long)]
     pub coordinator: Option<String>,
+    /// Seconds to keep retrying to reach the coordinator before giving up.
+    #[arg(long, default_value_t = 120.0)]
+    pub connect_timeout: f64,
+    /// Seconds without a heartbeat before a rank is declared dead (when rank 0 hosts the
+    /// coordinator).
+    #[arg(long, default_value_t = 10.0)]
+    pub heartbeat_timeout: f64,
     #[command(flatten)]
     pub train: TrainArgs,
     /// Internal: the job a launcher asked for (train, or a benchmark).
@@ -94,6 +135,10 @@ struct CoordinatorArgs {
     /// Seconds to wait for all ranks to join.
     #[arg(long, default_value_t = 300.0)]
     join_timeout: f64,
+    /// Restart generation of the job: ranks started for another one (TESSERA_GENERATION) are
+    /// refused.
+    #[arg(long, default_value_t = 1)]
+    generation: u64,
 }
 
 fn init_tracing() {
@@ -106,13 +151,24 @@ fn main() -> ExitCode {
     init_tracing();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(a) => launcher::run_training(a.nproc, &a.train, a.heartbeat_timeout),
-        Command::Rank(a) => rank_main::rank_main(&a),
-        Command::Coordinator(a) => {
-            launcher::standalone_coordinator(&a.bind, a.world, a.heartbeat_timeout, a.join_timeout)
+        Command::Run(a) => {
+            let train = a.train.with_resume();
+            launcher::run_training(a.nproc, &train, a.heartbeat_timeout, a.max_restarts)
         }
+        Command::Rank(mut a) => {
+            a.train = a.train.with_resume();
+            rank_main::rank_main(&a)
+        }
+        Command::Coordinator(a) => launcher::standalone_coordinator(
+            &a.bind,
+            a.world,
+            a.heartbeat_timeout,
+            a.join_timeout,
+            a.generation,
+        ),
         Command::Bench(b) => bench_cmd::bench(b),
         Command::Data(d) => data_cmd::data(d),
+        Command::Export(e) => export_cmd::export(&e),
     };
     match result {
         Ok(code) => code,

@@ -1,5 +1,10 @@
 //! `tessera rank`: one rank of a job.
 //!
+//! The launcher's variables (srun, mpirun, torchrun, `tessera run`; see [`crate::envdetect`])
+//! give the rank, world, coordinator address and token. Under a cluster launcher rank 0 hosts
+//! the coordinator in-process at that address, keeps it up until every rank finished, and
+//! prints the JSON summary; the other ranks retry connecting until it is up.
+//!
 //! Binds the data-plane listener, joins the coordinator (which assigns the rank and hands out
 //! every rank's data-plane address), starts the heartbeat/watch monitor (an abort from the
 //! coordinator ends this process with the reason), connects the TCP ring, runs the job, and
@@ -7,27 +12,21 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use tessera_collectives::flight::FlightRecorder;
 use tessera_collectives::tcp::{DataPlaneListener, TcpRing, TcpRingConfig};
-use tessera_coordinator::{CoordinatorClient, JoinInfo, Progress, ProgressCell};
+use tessera_coordinator::{
+    BlockingCoordinator, CoordinatorClient, CoordinatorConfig, JoinInfo, Progress, ProgressCell,
+};
 use tessera_rank::config::Config;
 use tessera_rank::train::{self, RankInfo};
 
 use crate::RankArgs;
 use crate::bench_cmd;
-
-/// FNV-1a: a small stable hash, to derive the data-plane session id from the job token.
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
+use crate::envdetect::{self, CoordinatorMode, LaunchEnv, Launcher, fnv1a64};
 
 fn env_u32(name: &str) -> Result<Option<u32>> {
     match std::env::var(name) {
@@ -66,19 +65,152 @@ fn data_plane_ip(coordinator: &str) -> Result<IpAddr> {
     Ok(probe.local_addr().context("reading the routed local address")?.ip())
 }
 
-pub fn rank_main(args: &RankArgs) -> Result<ExitCode> {
-    let coordinator = args.coordinator.clone().ok_or_else(|| {
-        anyhow!(
+/// Where the coordinator is, who runs it, and the token to show it.
+struct CoordinatorPlan {
+    /// The address ranks connect to (and that decides the data-plane interface).
+    addr: String,
+    /// Where that address came from, for messages.
+    source: String,
+    token: String,
+    /// Rank 0 hosts the coordinator in-process (srun, mpirun, torchrun without `tessera run`).
+    hosted: bool,
+}
+
+/// Decides the coordinator address, whether rank 0 hosts it, and the token (see
+/// [`envdetect`] for the precedence and the README's "Launching on a cluster").
+fn plan_coordinator(args: &RankArgs, env: &LaunchEnv) -> Result<CoordinatorPlan> {
+    let (addr, source) = match (&args.coordinator, &env.coordinator) {
+        (Some(flag), _) => {
+            envdetect::parse_addr("--coordinator", flag)?;
+            (Some(flag.clone()), "--coordinator".to_string())
+        }
+        (None, Some(c)) => (Some(c.value.clone()), c.source.clone()),
+        (None, None) => (None, String::new()),
+    };
+    let cluster_launcher = env.launcher.is_some_and(|l| l != Launcher::Tessera);
+    let hosted = match env.mode {
+        CoordinatorMode::Host => true,
+        CoordinatorMode::Join => false,
+        CoordinatorMode::Auto => cluster_launcher && args.coordinator.is_none(),
+    };
+    let Some(addr) = addr else {
+        if hosted {
+            bail!(
+                "rank 0 should host the coordinator ({} started this rank) but no address is \
+                 known: set TESSERA_COORDINATOR=HOST:PORT with rank 0's host and a free port \
+                 (or MASTER_ADDR and MASTER_PORT)",
+                env.launcher.map_or("no launcher".into(), |l| l.to_string())
+            );
+        }
+        bail!(
             "no coordinator address: pass --coordinator HOST:PORT or set TESSERA_COORDINATOR \
-             (`tessera run` does this for you)"
-        )
-    })?;
-    let token = std::env::var("TESSERA_TOKEN").map_err(|_| {
-        anyhow!(
+             (`tessera run` does this for you; under srun, mpirun or torchrun rank 0 hosts it)"
+        );
+    };
+    if hosted && (env.rank.is_none() || env.world.is_none()) {
+        bail!(
+            "TESSERA_COORDINATOR_MODE=host needs the rank and world from a launcher (srun, \
+             mpirun, torchrun) or TESSERA_LAUNCH_RANK/TESSERA_LAUNCH_WORLD"
+        );
+    }
+    let token = match &env.token {
+        Some(t) if hosted || t.source == "TESSERA_TOKEN" => t.value.clone(),
+        _ => bail!(
             "no job token: set TESSERA_TOKEN to the token the coordinator was started with \
              (`tessera run` does this for you)"
+        ),
+    };
+    Ok(CoordinatorPlan { addr, source, token, hosted })
+}
+
+/// Whether `host` names this machine: one of its addresses can be bound here.
+fn is_this_machine(host: &str, port: u16) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let Ok(addrs) = (bare, port).to_socket_addrs() else { return false };
+    addrs.into_iter().any(|a| UdpSocket::bind(SocketAddr::new(a.ip(), 0)).is_ok())
+}
+
+/// The address the hosted coordinator listens on for `addr`: all interfaces on its port,
+/// unless `addr` is a loopback address (a single-machine job), which is bound as given.
+fn hosted_bind_addr(addr: &str) -> Result<String> {
+    let (host, port) = envdetect::parse_addr("the coordinator address", addr)?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<IpAddr>() {
+        Ok(ip) if ip.is_loopback() => Ok(addr.to_owned()),
+        Ok(IpAddr::V6(_)) => Ok(format!("[::]:{port}")),
+        _ => Ok(format!("0.0.0.0:{port}")),
+    }
+}
+
+/// Rank 0's hosted coordinator, when it hosts one.
+fn host_coordinator(
+    args: &RankArgs,
+    env: &LaunchEnv,
+    plan: &CoordinatorPlan,
+) -> Result<Option<BlockingCoordinator>> {
+    let (Some(rank), Some(world)) = (&env.rank, &env.world) else { return Ok(None) };
+    if !plan.hosted || rank.value != 0 {
+        return Ok(None);
+    }
+    let (host, port) = envdetect::parse_addr("the coordinator address", &plan.addr)?;
+    if !is_this_machine(&host, port) {
+        bail!(
+            "rank 0 should host the coordinator at {} (from {}) but {host} is not an address of \
+             this machine ({}): if a coordinator already runs there, pass --coordinator {} (or \
+             set TESSERA_COORDINATOR_MODE=join); otherwise set TESSERA_COORDINATOR to rank 0's \
+             host and a free port",
+            plan.addr,
+            plan.source,
+            hostname(),
+            plan.addr
+        );
+    }
+    let bind = hosted_bind_addr(&plan.addr)?;
+    let cfg = CoordinatorConfig {
+        heartbeat_timeout: Duration::from_secs_f64(args.heartbeat_timeout.max(0.1)),
+        ..CoordinatorConfig::new(world.value as usize, plan.token.clone())
+    };
+    let coordinator = BlockingCoordinator::start(cfg, &bind).with_context(|| {
+        format!(
+            "rank 0 hosting the coordinator on {bind} (for {} from {}); if the port is taken, \
+             set TESSERA_COORDINATOR=HOST:PORT with a free port, or, if it is a coordinator \
+             you started, pass --coordinator HOST:PORT to join it",
+            plan.addr, plan.source
         )
     })?;
+    tracing::info!(
+        "rank 0 hosts the coordinator on {} for {} ranks ({} from {})",
+        coordinator.local_addr(),
+        world.value,
+        plan.addr,
+        plan.source
+    );
+    Ok(Some(coordinator))
+}
+
+/// Rank 0 keeps its hosted coordinator up until every rank finished (the coordinator's
+/// heartbeat watch turns a dead rank into an abort meanwhile), then stops it.
+fn finish_hosting(coordinator: BlockingCoordinator, limit: Duration) -> Result<()> {
+    let outcome = coordinator.wait_timeout(limit);
+    if let Err(e) = coordinator.shutdown() {
+        tracing::warn!("stopping the hosted coordinator: {e}");
+    }
+    match outcome {
+        Some(Ok(())) => Ok(()),
+        Some(Err(e)) => Err(anyhow!("rank 0 finished but the job did not: {e}")),
+        None => Err(anyhow!(
+            "rank 0 finished but the other ranks did not finish within {limit:?}; stopped \
+             waiting for them"
+        )),
+    }
+}
+
+pub fn rank_main(args: &RankArgs) -> Result<ExitCode> {
+    let env = LaunchEnv::from_process().context("reading the launcher's environment")?;
+    tracing::info!("launch environment: {}", env.describe());
+    let plan = plan_coordinator(args, &env)?;
+    let coordinator = plan.addr.clone();
+    let token = plan.token.clone();
 
     // What the job is, resolved before joining so that its hash can be compared at rendezvous.
     let (cfg, job_hash) = match args.job.as_str() {
@@ -98,17 +230,45 @@ pub fn rank_main(args: &RankArgs) -> Result<ExitCode> {
         .with_context(|| format!("binding the data-plane listener on {ip}"))?;
     let data_addr = listener.local_addr()?.to_string();
 
-    let client = CoordinatorClient::connect(&coordinator, &token, Duration::from_secs(60))
-        .with_context(|| format!("connecting to the coordinator at {coordinator}"))?;
+    let hosted = host_coordinator(args, &env, &plan)?;
+    // Rank 0 reaches its own coordinator directly; the others retry until rank 0 is up.
+    let connect_to = match &hosted {
+        Some(c) if c.local_addr().ip().is_unspecified() => {
+            let ip = if c.local_addr().is_ipv6() {
+                IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+            } else {
+                IpAddr::V4(Ipv4Addr::LOCALHOST)
+            };
+            SocketAddr::new(ip, c.local_addr().port()).to_string()
+        }
+        Some(c) => c.local_addr().to_string(),
+        None => coordinator.clone(),
+    };
+    let connect_timeout = Duration::from_secs_f64(args.connect_timeout.max(0.1));
+    let client =
+        CoordinatorClient::connect(&connect_to, &token, connect_timeout).with_context(|| {
+            if plan.hosted {
+                format!(
+                    "no coordinator at {coordinator} (from {}) within {connect_timeout:?}: rank 0 \
+                     hosts it there; check that rank 0 started on that host and that the port is \
+                     reachable from this node, or set TESSERA_COORDINATOR=HOST:PORT",
+                    plan.source
+                )
+            } else {
+                format!("connecting to the coordinator at {coordinator} (from {})", plan.source)
+            }
+        })?;
     let info = JoinInfo {
         host: hostname(),
-        local_rank: env_u32("TESSERA_LOCAL_RANK")?,
+        local_rank: env.local_rank.as_ref().map(|s| s.value),
         pid: std::process::id(),
-        launcher_rank: env_u32("TESSERA_LAUNCH_RANK")?,
-        launcher_world: env_u32("TESSERA_LAUNCH_WORLD")?,
+        launcher_rank: env.rank.as_ref().map(|s| s.value),
+        launcher_world: env.world.as_ref().map(|s| s.value),
         config_hash: job_hash,
         version: env!("CARGO_PKG_VERSION").to_string(),
         data_addr,
+        // Set by `tessera run --max-restarts` for each attempt: a stale rank is refused.
+        generation: env_u32("TESSERA_GENERATION")?.map(u64::from),
     };
     let membership = client.join(info).context("joining the job")?;
     let rank = membership.rank as usize;
@@ -122,13 +282,29 @@ pub fn rank_main(args: &RankArgs) -> Result<ExitCode> {
         membership.num_nodes,
         membership.data_addrs.get(rank).map_or("?", String::as_str),
     );
+    let armed = tessera_rank::fault::install_from_env(rank).map_err(|e| anyhow!(e))?;
+    if armed > 0 {
+        eprintln!("tessera rank {rank}: {armed} fault(s) armed by TESSERA_FAULT (testing only)");
+    }
     let progress = Arc::new(ProgressCell::new());
+    // What the ring is doing, so that an abort says where this rank was waiting.
+    let flight: Arc<OnceLock<Arc<FlightRecorder>>> = Arc::new(OnceLock::new());
+    let flight_seen = flight.clone();
+    let hosting = hosted.is_some();
     let _monitor = client.start_monitor(
         membership.rank,
         membership.heartbeat_interval,
         progress.clone(),
         Box::new(move |abort| {
-            eprintln!("tessera rank {rank}: job aborted: {abort}");
+            let here = flight_seen
+                .get()
+                .map_or("before the data plane connected".into(), |f| f.snapshot().to_string());
+            eprintln!("tessera rank {rank}: job aborted: {abort} (this rank was {here})");
+            if hosting {
+                // The coordinator dies with this process: give the other ranks' watch streams
+                // a moment to receive the abort (they would otherwise see a lost coordinator).
+                std::thread::sleep(Duration::from_millis(500));
+            }
             std::process::exit(1);
         }),
     );
@@ -144,6 +320,7 @@ pub fn rank_main(args: &RankArgs) -> Result<ExitCode> {
     let outcome: Result<String> = (|| {
         let mut comm = TcpRing::connect(listener, rank, &membership.data_addrs, ring_cfg)
             .context("connecting the data-plane ring")?;
+        let _ = flight.set(comm.flight_recorder());
         tracing::info!(rank, world = membership.world, "data-plane ring connected");
         match &cfg {
             Some(cfg) => {
@@ -192,11 +369,21 @@ pub fn rank_main(args: &RankArgs) -> Result<ExitCode> {
                 emit_report(&report)?;
             }
             client.finish().context("telling the coordinator this rank finished")?;
+            if let Some(c) = hosted {
+                // The others end at about the same step; a dead one is found by heartbeats.
+                let limit =
+                    timeout + Duration::from_secs_f64(args.heartbeat_timeout.max(0.1) * 3.0);
+                finish_hosting(c, limit)?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
             let reason = format!("{e:#}");
             let _ = client.report_error(&reason);
+            if let Some(c) = hosted {
+                // Shutting down delivers the abort to every rank's watch first.
+                let _ = c.shutdown();
+            }
             Err(e.context(format!("rank {rank}")))
         }
     }

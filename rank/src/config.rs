@@ -53,6 +53,9 @@ pub struct Config {
     /// Gradient noise scale measurement (`[gns]`).
     #[serde(default)]
     pub gns: GnsConfig,
+    /// Checkpoints and resume (`[checkpoint]`).
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -72,6 +75,23 @@ pub struct RunConfig {
     pub threads: usize,
     /// Per-collective timeout in seconds: a peer silent for longer is declared dead.
     pub collective_timeout_s: f64,
+    /// A loss or gradient that is NaN or infinite (seen by every rank in the same step, after
+    /// the gradient all-reduce): `stop` the run naming the tensor, or `skip` the step (no
+    /// update; counted in the summary and metrics).
+    pub on_nonfinite: OnNonFinite,
+    /// Debug mode: before every collective, ranks compare what they are about to call (the
+    /// operation, its sequence number and sizes) and a divergence is an error naming the first
+    /// rank that differs. One small extra all-gather per collective.
+    pub check_collectives: bool,
+}
+
+/// What to do when the loss or a gradient is NaN or infinite.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNonFinite {
+    #[default]
+    Stop,
+    Skip,
 }
 
 impl Default for RunConfig {
@@ -84,6 +104,8 @@ impl Default for RunConfig {
             out_dir: PathBuf::from("runs/latest"),
             threads: 0,
             collective_timeout_s: 600.0,
+            on_nonfinite: OnNonFinite::Stop,
+            check_collectives: false,
         }
     }
 }
@@ -140,6 +162,65 @@ pub enum DataSource {
 }
 
 pub use crate::optim::OptimConfig;
+
+/// The `[checkpoint]` table: when to save, how many to keep, where, and what to resume from.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Write checkpoints at all (rank 0 writes; every rank learns whether it worked).
+    pub enabled: bool,
+    /// Save every this many steps; 0: only after the last step. The last step always saves.
+    pub every: u64,
+    /// Keep the newest this many checkpoints (older ones are deleted once the new one is
+    /// durable); 0 keeps all.
+    pub keep: usize,
+    /// Where checkpoints go (default: `run.out_dir`/checkpoints).
+    pub dir: Option<PathBuf>,
+    /// `""`: start from step 0; `"auto"`: the newest valid checkpoint in `dir` (a fresh start
+    /// when there is none); otherwise a checkpoint file, or a directory to take the newest from.
+    pub resume: String,
+    /// Resume even when the training-relevant config differs from the checkpoint's (the
+    /// tensors must still match); off by default because the result is then a different run.
+    pub allow_config_change: bool,
+    /// Stop cleanly after this step, with a checkpoint (0: run to `run.steps`): a planned
+    /// preemption, for time-limited allocations and resume tests.
+    pub stop_after: u64,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            enabled: true,
+            every: 0,
+            keep: 3,
+            dir: None,
+            resume: String::new(),
+            allow_config_change: false,
+            stop_after: 0,
+        }
+    }
+}
+
+impl CheckpointConfig {
+    /// The checkpoint directory of a run writing to `out_dir`.
+    pub fn dir_for(&self, out_dir: &Path) -> PathBuf {
+        self.dir.clone().unwrap_or_else(|| out_dir.join("checkpoints"))
+    }
+}
+
+/// Keys that do not change the training trajectory: left out of [`Config::resume_hash`], so a
+/// resumed run may change them (a new output directory, other logging, another checkpoint
+/// policy, more or fewer kernel threads).
+pub const RESUME_IGNORED_KEYS: &[&str] = &[
+    "checkpoint",
+    "eval",
+    "run.out_dir",
+    "run.eval_every",
+    "run.log_every",
+    "run.threads",
+    "run.collective_timeout_s",
+    "run.check_collectives",
+];
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -229,6 +310,11 @@ impl Config {
             return Err("run.collective_timeout_s must be > 0".into());
         }
         self.gns.validate().map_err(|e| e.to_string())?;
+        if self.checkpoint.stop_after > 0 && !self.checkpoint.enabled {
+            return Err("checkpoint.stop_after needs checkpoint.enabled = true (it stops with a \
+                        checkpoint to resume from)"
+                .into());
+        }
         if self.data.source == DataSource::Synth {
             self.data.synth.validate().map_err(|e| e.to_string())?;
         }
@@ -250,6 +336,63 @@ impl Config {
         let digest = Sha256::digest(self.to_toml().as_bytes());
         digest.iter().map(|b| format!("{b:02x}")).collect()
     }
+
+    /// The configuration as a TOML table without [`RESUME_IGNORED_KEYS`]: what a checkpoint
+    /// must agree with to be resumed.
+    pub fn resume_table(&self) -> toml::Table {
+        let mut table = toml::Table::try_from(self).unwrap_or_default();
+        for key in RESUME_IGNORED_KEYS {
+            match key.split_once('.') {
+                Some((t, k)) => {
+                    if let Some(toml::Value::Table(sub)) = table.get_mut(t) {
+                        sub.remove(k);
+                    }
+                }
+                None => {
+                    table.remove(*key);
+                }
+            }
+        }
+        table
+    }
+
+    /// SHA-256 (hex) of [`Config::resume_table`]: stored in checkpoints and compared on resume.
+    pub fn resume_hash(&self) -> String {
+        let text = toml::to_string(&self.resume_table()).unwrap_or_default();
+        let digest = Sha256::digest(text.as_bytes());
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// The dotted keys whose values differ between two configuration tables (keys present in only
+/// one of them included), each as `key (old → new)`; sorted.
+pub fn differing_keys(old: &toml::Table, new: &toml::Table) -> Vec<String> {
+    fn flatten(
+        prefix: &str,
+        t: &toml::Table,
+        out: &mut std::collections::BTreeMap<String, String>,
+    ) {
+        for (k, v) in t {
+            let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            match v {
+                toml::Value::Table(sub) => flatten(&key, sub, out),
+                other => {
+                    out.insert(key, other.to_string());
+                }
+            }
+        }
+    }
+    let (mut a, mut b) = (Default::default(), Default::default());
+    flatten("", old, &mut a);
+    flatten("", new, &mut b);
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let none = "(unset)".to_string();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| format!("{k} ({} → {})", a.get(k).unwrap_or(&none), b.get(k).unwrap_or(&none)))
+        .collect()
 }
 
 fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError> {
@@ -313,6 +456,36 @@ mod tests {
         assert_eq!(cfg.optim.lr, 0.5);
         assert_eq!(cfg.run.out_dir, PathBuf::from("somewhere"));
         assert_ne!(cfg.hash(), base.hash());
+    }
+
+    #[test]
+    fn resume_hash_ignores_output_and_checkpoint_keys_only() {
+        let base = Config::load(None, &[]).unwrap();
+        let moved = Config::load(
+            None,
+            &[
+                "run.out_dir=elsewhere".into(),
+                "run.log_every=1".into(),
+                "checkpoint.every=5".into(),
+                "checkpoint.resume=auto".into(),
+            ],
+        )
+        .unwrap();
+        assert_ne!(base.hash(), moved.hash());
+        assert_eq!(base.resume_hash(), moved.resume_hash());
+        let other = Config::load(None, &["optim.lr=0.25".into()]).unwrap();
+        assert_ne!(base.resume_hash(), other.resume_hash());
+        let diff = differing_keys(&base.resume_table(), &other.resume_table());
+        assert_eq!(diff, vec!["optim.lr (0.5 → 0.25)".to_string()]);
+    }
+
+    #[test]
+    fn checkpoint_defaults_and_dir() {
+        let cfg = Config::load(None, &["run.out_dir=r".into()]).unwrap();
+        assert!(cfg.checkpoint.enabled);
+        assert_eq!(cfg.checkpoint.dir_for(&cfg.run.out_dir), PathBuf::from("r/checkpoints"));
+        let err = Config::load(None, &["checkpoint.evry=3".into()]).unwrap_err().to_string();
+        assert!(err.contains("evry"), "{err}");
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! One Tessera rank: device kernels, models, losses, data and the training loop.
 
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod fault;
 pub mod gns;
 pub mod loss;
 pub mod model;

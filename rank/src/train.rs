@@ -11,30 +11,35 @@ use std::time::Instant;
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use tessera_collectives::checked::CheckedComm;
 use tessera_collectives::{CommError, Communicator, ReduceOp};
 
-use crate::config::{Config, DataSource};
+use crate::checkpoint::{self, CheckpointError, Checkpointer};
+use crate::config::{Config, DataSource, OnNonFinite};
 use crate::data::{self, Dataset, DatasetKind, DistributedSampler, local_rows};
 use crate::device::CpuDevice;
 use crate::eval::{self, EvalReport};
+use crate::fault;
 use crate::gns::{GnsError, GnsEstimator, GnsReport};
 use crate::loss::{self, LossKind, RingLossOpts};
-use crate::model::{Model, ModelKind};
+use crate::model::{Model, ModelKind, ParamGroup};
 use crate::optim::{Optimizer, TensorGroup};
 use crate::rng::Rng;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
-    #[error("collective failed: {0}")]
+    #[error(transparent)]
     Comm(#[from] CommError),
-    #[error("data: {0}")]
+    #[error(transparent)]
     Data(#[from] data::DataError),
-    #[error("model: {0}")]
+    #[error(transparent)]
     Model(#[from] crate::model::ModelError),
-    #[error("loss: {0}")]
+    #[error(transparent)]
     Loss(#[from] crate::loss::LossError),
-    #[error("{0}")]
+    #[error(transparent)]
     Gns(#[from] GnsError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     #[error("{0}")]
     Setup(String),
     #[error("writing {path}: {source}")]
@@ -44,6 +49,27 @@ pub enum TrainError {
          all-reduce or the optimizer is not deterministic"
     )]
     Diverged { hashes: Vec<String> },
+    #[error(
+        "step {step}: {what} after the gradient all-reduce ({origin}); every rank stops here \
+         (run.on_nonfinite = \"stop\"). Lower optim.lr or check the data, or set \
+         run.on_nonfinite = \"skip\" to skip such steps"
+    )]
+    NonFinite { step: u64, what: String, origin: String },
+}
+
+/// The first tensor of `grads` holding a NaN or an infinity, as "the gradient of X is NaN".
+fn first_nonfinite(groups: &[ParamGroup], grads: &[f32]) -> Option<String> {
+    // One pass over the whole buffer (a sum is NaN if any element is NaN or ±inf); the tensor
+    // is only looked for when it is.
+    if grads.iter().fold(0.0f32, |acc, &g| acc + g * 0.0).is_finite() {
+        return None;
+    }
+    groups.iter().find_map(|g| {
+        grads[g.offset..g.offset + g.len].iter().find(|v| !v.is_finite()).map(|v| {
+            let kind = if v.is_nan() { "NaN" } else { "infinite" };
+            format!("the gradient of {} is {kind}", g.name)
+        })
+    })
 }
 
 /// What a step reports to the launcher's progress display (through the coordinator).
@@ -78,6 +104,8 @@ pub struct Summary {
     pub train_seconds: f64,
     pub params_sha256: String,
     pub out_dir: String,
+    /// Steps skipped because the loss or a gradient was not finite (`run.on_nonfinite = skip`).
+    pub skipped_steps: u64,
 }
 
 /// Everything a rank needs to know about its place in the job.
@@ -162,11 +190,22 @@ struct Metrics {
 }
 
 impl Metrics {
-    fn open(out_dir: &Path, enabled: bool) -> Result<Metrics, TrainError> {
+    /// `resumed_at`: the step a resumed run continues from (its earlier lines are kept).
+    fn open(out_dir: &Path, enabled: bool, resumed_at: Option<u64>) -> Result<Metrics, TrainError> {
         let path = out_dir.join("metrics.jsonl");
         let file = if enabled {
+            if let Some(step) = resumed_at {
+                checkpoint::trim_metrics(&path, step)?;
+            }
+            let mut opts = fs::OpenOptions::new();
+            opts.create(true).write(true);
+            if resumed_at.is_some() {
+                opts.append(true)
+            } else {
+                opts.truncate(true)
+            };
             Some(
-                fs::File::create(&path)
+                opts.open(&path)
                     .map_err(|source| TrainError::Output { path: path.clone(), source })?,
             )
         } else {
@@ -262,6 +301,20 @@ pub fn train(
     info: &RankInfo,
     on_step: &mut dyn FnMut(StepReport),
 ) -> Result<Summary, TrainError> {
+    if cfg.run.check_collectives {
+        // Debug mode: every collective is compared across ranks before it runs.
+        let mut checked = CheckedComm::new(comm);
+        return train_checked(cfg, &mut checked, info, on_step);
+    }
+    train_checked(cfg, comm, info, on_step)
+}
+
+fn train_checked(
+    cfg: &Config,
+    comm: &mut dyn Communicator,
+    info: &RankInfo,
+    on_step: &mut dyn FnMut(StepReport),
+) -> Result<Summary, TrainError> {
     let rank = info.rank;
     let world = info.world;
     let is_root = rank == 0;
@@ -324,7 +377,9 @@ pub fn train(
         fs::create_dir_all(out_dir)
             .map_err(|source| TrainError::Output { path: out_dir.clone(), source })?;
     }
-    let mut metrics = Metrics::open(out_dir, is_root)?;
+    // Resume (checkpoint.rs): rank 0 finds and reads the checkpoint, every rank receives it.
+    let resumed = checkpoint::fetch_resume(cfg, comm)?;
+    let mut metrics = Metrics::open(out_dir, is_root, resumed.as_ref().map(|r| r.checkpoint.step))?;
 
     // Gradient noise scale over the trainable tensors (ALGORITHMS.md §5).
     let gns_groups: Vec<(usize, usize)> =
@@ -344,8 +399,27 @@ pub fn train(
     let mut summary = Summary { world, global_batch: global, ..Summary::default() };
     let mut train_seconds = 0.0f64;
     let contrastive = model.kind() != ModelKind::Classifier;
+    let param_groups = model.param_groups();
 
-    for step in 0..cfg.run.steps {
+    // Checkpoints: restore the resumed state, then save as `[checkpoint]` says (end of a step).
+    let ckpt = Checkpointer::new(cfg, world, sampler.steps_per_epoch(global)?);
+    let mut start_step = 0;
+    let mut end_step = cfg.run.steps;
+    if let Some(r) = &resumed {
+        let warnings = ckpt.restore(r, &mut model, &mut opt, gns.as_mut())?;
+        start_step = r.checkpoint.step;
+        last_loss = r.checkpoint.last_loss;
+        gns_report = gns.as_ref().and_then(|g| g.last_report().cloned());
+        if is_root {
+            for w in warnings {
+                eprintln!("checkpoint: warning: {w}");
+            }
+            eprintln!("checkpoint: resuming from {} at step {start_step}", r.origin);
+        }
+    }
+
+    for step in start_step..cfg.run.steps {
+        fault::enter_step(step + 1);
         let t0 = Instant::now();
         let lr = schedule.lr(step);
         let batch = sampler.try_global_batch_indices(step, global)?;
@@ -457,22 +531,70 @@ pub fn train(
         };
         // The buffer holds this rank's partial sum (1/B_global)·Σ_local g_i: GNS reads it before
         // the all-reduce and the global mean after it.
+        fault::at_grad(model.grads_mut());
         let tg = Instant::now();
         if !accumulate && let Some(g) = gns.as_mut() {
             g.observe_local(model.grads(), b_local, global)?;
         }
         let mut gns_s = tg.elapsed().as_secs_f64();
-        comm.all_reduce_f32(model.grads_mut(), ReduceOp::Sum)?;
-        let tg = Instant::now();
-        let gns_done = match gns.as_mut() {
-            Some(g) => g.finish_step(comm, model.grads(), global)?,
-            None => Vec::new(),
+        // Where a NaN/inf comes from: this rank's own loss or gradient, before the all-reduce
+        // spreads it to every rank.
+        let local_bad = if !loss_value.is_finite() {
+            Some(format!("the loss is {loss_value}"))
+        } else {
+            first_nonfinite(&param_groups, model.grads())
         };
-        gns_s += tg.elapsed().as_secs_f64();
+        comm.all_reduce_f32(model.grads_mut(), ReduceOp::Sum)?;
+        // The reduced gradient and the loss are identical on every rank, so every rank takes
+        // the same decision in the same step.
+        let bad = if !loss_value.is_finite() {
+            Some(format!("the loss is {loss_value}"))
+        } else {
+            first_nonfinite(&param_groups, model.grads())
+        };
+        let mut skipped = false;
+        if let Some(what) = bad {
+            let origins = comm.all_gather_bytes(local_bad.as_deref().unwrap_or("").as_bytes())?;
+            let origins: Vec<String> = origins
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| !o.is_empty())
+                .map(|(r, o)| format!("rank {r}: {}", String::from_utf8_lossy(o)))
+                .collect();
+            let origin = if origins.is_empty() {
+                "no rank's own gradient was: the sum overflowed".to_string()
+            } else {
+                format!("first seen on {}", origins.join("; "))
+            };
+            if cfg.run.on_nonfinite == OnNonFinite::Stop {
+                return Err(TrainError::NonFinite { step: step + 1, what, origin });
+            }
+            if let Some(g) = gns.as_mut() {
+                g.reset_step();
+            }
+            summary.skipped_steps += 1;
+            if is_root {
+                eprintln!("step {}: skipped: {what} ({origin})", step + 1);
+                metrics.write(serde_json::json!({
+                    "step": step + 1,
+                    "skipped": format!("{what} ({origin})"),
+                }))?;
+            }
+            skipped = true;
+        }
+        let mut gns_done = Vec::new();
+        let mut opt_stats = None;
+        if !skipped {
+            let tg = Instant::now();
+            if let Some(g) = gns.as_mut() {
+                gns_done = g.finish_step(comm, model.grads(), global)?;
+            }
+            gns_s += tg.elapsed().as_secs_f64();
+            let (params, grads) = model.params_and_grads_mut();
+            opt_stats = Some(opt.step(params, grads, lr, step));
+            model.clamp_logit_scale();
+        }
         gns_seconds += gns_s;
-        let (params, grads) = model.params_and_grads_mut();
-        let opt_stats = opt.step(params, grads, lr, step);
-        model.clamp_logit_scale();
         train_seconds += t0.elapsed().as_secs_f64();
         last_loss = loss_value;
         let samples = (step + 1) * global as u64;
@@ -501,7 +623,7 @@ pub fn train(
                 "samples": samples,
                 "samples_per_s": samples as f64 / train_seconds.max(1e-9),
                 "b_simple": gns_report.as_ref().and_then(|r| r.b_simple),
-                "optim": opt_stats.summary(opt.groups()),
+                "optim": opt_stats.as_ref().map(|o| o.summary(opt.groups())),
             }))?;
         }
         let last = step + 1 == cfg.run.steps;
@@ -521,6 +643,29 @@ pub fn train(
                 report.brief()
             );
             summary.eval = report;
+        }
+
+        if ckpt.due(step + 1) {
+            // Statistics still pending are per rank: reduce them before saving the averages.
+            if let Some(g) = gns.as_mut() {
+                for r in g.flush(comm)? {
+                    if is_root {
+                        metrics.write(serde_json::json!({ "step": r.step, "gns": r }))?;
+                    }
+                    gns_report = Some(r);
+                }
+            }
+            ckpt.save(comm, step + 1, &model, &opt, gns.as_ref(), last_loss)?;
+            if ckpt.stops_after(step + 1) {
+                if is_root {
+                    eprintln!(
+                        "checkpoint: stopping after step {} (checkpoint.stop_after)",
+                        step + 1
+                    );
+                }
+                end_step = step + 1;
+                break;
+            }
         }
     }
 
@@ -547,13 +692,14 @@ pub fn train(
         fs::write(&path, bytes).map_err(|source| TrainError::Output { path, source })?;
     }
 
-    summary.steps = cfg.run.steps;
+    summary.steps = end_step;
     summary.loss = last_loss;
     summary.logit_scale = contrastive.then(|| model.logit_scale());
     summary.b_simple = gns.as_ref().and_then(|g| g.b_simple());
     summary.gns_seconds = gns_seconds;
     summary.train_seconds = train_seconds;
-    summary.samples_per_s = (cfg.run.steps as f64 * global as f64) / train_seconds.max(1e-9);
+    summary.samples_per_s =
+        (end_step.saturating_sub(start_step) as f64 * global as f64) / train_seconds.max(1e-9);
     summary.samples_per_s_per_rank = summary.samples_per_s / world as f64;
     summary.params_sha256 = hash;
     summary.out_dir = out_dir.display().to_string();

@@ -12,6 +12,18 @@ pub fn tessera() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tessera"));
     c.env_remove("TESSERA_COORDINATOR").env_remove("TESSERA_TOKEN");
     c.env_remove("TESSERA_REPORT_FILE").env_remove("TESSERA_LAUNCH_RANK");
+    // Tests run under `cargo test`, maybe inside an sbatch or mpirun job: what a launcher set
+    // for the test process must not make the ranks started here think they are its ranks.
+    const LAUNCHER_PREFIXES: &[&str] =
+        &["TESSERA_", "SLURM_", "OMPI_", "PMI_", "PMIX_", "MV2_", "MPI_LOCALRANKID"];
+    const TORCHRUN: &[&str] =
+        &["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"];
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if LAUNCHER_PREFIXES.iter().any(|p| k.starts_with(p)) || TORCHRUN.contains(&k.as_ref()) {
+            c.env_remove(k.as_ref());
+        }
+    }
     c
 }
 

@@ -24,7 +24,7 @@ pub use npy::{
 pub use sampler::{DistributedSampler, local_rows};
 pub use shard::{
     SHARD_FORMAT_VERSION, SHARD_HEADER_LEN, SHARD_MAGIC, ShardMeta, checksum64, open_shard,
-    write_shard,
+    read_shard_bytes, write_shard,
 };
 pub use synth::{SynthSpec, synth, try_synth};
 

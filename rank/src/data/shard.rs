@@ -201,30 +201,25 @@ fn check_header(path: &Path, head: &[u8], file_len: u64) -> Result<u64, DataErro
     Ok(payload_len)
 }
 
-/// Opens, memory-maps and validates a shard (see the module docs for the checks). The features
-/// are then read zero-copy from the mapping.
-pub fn open_shard(path: &Path) -> Result<Dataset, DataError> {
-    let file = File::open(path).map_err(|e| DataError::io("open shard", path, e))?;
-    let file_len = file.metadata().map_err(|e| DataError::io("stat shard", path, e))?.len();
-    if file_len < SHARD_HEADER_LEN as u64 {
-        let head = std::fs::read(path).map_err(|e| DataError::io("read shard", path, e))?;
-        check_header(path, &head, file_len)?;
+/// A shard whose bytes passed every check, ready to be turned into a [`Dataset`].
+struct Checked<'a> {
+    archived: &'a ArchivedShardPayload,
+    kind: DatasetKind,
+    rows: usize,
+    meta: ShardMeta,
+}
+
+/// Runs every check of the module docs on the complete bytes of a shard (`path` names it in
+/// errors). The payload must be 16-byte aligned in memory (a mapping is; see
+/// [`read_shard_bytes`] for arbitrary slices), or the archive fails validation.
+fn check_shard<'a>(path: &Path, bytes: &'a [u8]) -> Result<Checked<'a>, DataError> {
+    let file_len = bytes.len() as u64;
+    check_header(path, &bytes[..bytes.len().min(SHARD_HEADER_LEN)], file_len)?;
+    if bytes.len() < SHARD_HEADER_LEN {
         return Err(invalid(path, "truncated header"));
     }
-    // SAFETY: the mapping is read-only. Shards are never modified in place (writers replace them
-    // by rename), which is the condition for a file mapping to stay valid while in use.
-    let map = unsafe { memmap2::Mmap::map(&file) }
-        .map_err(|e| DataError::io("memory-map shard", path, e))?;
-    if map.len() as u64 != file_len {
-        return Err(DataError::Length {
-            path: path.to_path_buf(),
-            expected: file_len,
-            actual: map.len() as u64,
-        });
-    }
-    check_header(path, &map[..SHARD_HEADER_LEN], file_len)?;
-    let payload = &map[SHARD_HEADER_LEN..];
-    let stored = u64::from_le_bytes(map[24..32].try_into().unwrap_or([0; 8]));
+    let payload = &bytes[SHARD_HEADER_LEN..];
+    let stored = u64::from_le_bytes(bytes[24..32].try_into().unwrap_or([0; 8]));
     let computed = checksum64(payload);
     if stored != computed {
         return Err(DataError::Checksum { path: path.to_path_buf(), stored, computed });
@@ -287,6 +282,56 @@ pub fn open_shard(path: &Path) -> Result<Dataset, DataError> {
         name: archived.name.as_str().to_string(),
         provenance: archived.provenance.as_str().to_string(),
     };
+    Ok(Checked { archived, kind, rows, meta })
+}
+
+/// Decodes a checked shard into owned vectors.
+fn owned_dataset(path: &Path, c: Checked<'_>) -> Result<Dataset, DataError> {
+    let archived = c.archived;
+    let a: Vec<f32> = archived.features_a.iter().map(|v| v.to_native()).collect();
+    let b: Vec<f32> = archived.features_b.iter().map(|v| v.to_native()).collect();
+    let labels: Vec<u32> = archived.labels.iter().map(|v| v.to_native()).collect();
+    let data = match c.kind {
+        DatasetKind::Paired { dim_a, dim_b } => Dataset::paired(dim_a, dim_b, a, b)?,
+        DatasetKind::Labeled { dim, num_classes } => Dataset::labeled(dim, num_classes, a, labels)?,
+    };
+    Ok(data.with_name(c.meta.name).with_provenance(c.meta.provenance).with_path(path))
+}
+
+/// Validates the complete bytes of a shard file, as [`open_shard`] does, and decodes them into
+/// an owned [`Dataset`]; `path` names the source in errors. Any alignment of `bytes` is fine.
+/// Never panics: damaged or hostile bytes are a [`DataError`].
+pub fn read_shard_bytes(path: &Path, bytes: &[u8]) -> Result<Dataset, DataError> {
+    // The archive needs 16-byte alignment: copy into an aligned buffer (the header is 64 bytes,
+    // so the payload stays aligned).
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
+    aligned.extend_from_slice(bytes);
+    let checked = check_shard(path, &aligned)?;
+    owned_dataset(path, checked)
+}
+
+/// Opens, memory-maps and validates a shard (see the module docs for the checks). The features
+/// are then read zero-copy from the mapping.
+pub fn open_shard(path: &Path) -> Result<Dataset, DataError> {
+    let file = File::open(path).map_err(|e| DataError::io("open shard", path, e))?;
+    let file_len = file.metadata().map_err(|e| DataError::io("stat shard", path, e))?.len();
+    if file_len < SHARD_HEADER_LEN as u64 {
+        let head = std::fs::read(path).map_err(|e| DataError::io("read shard", path, e))?;
+        check_header(path, &head, file_len)?;
+        return Err(invalid(path, "truncated header"));
+    }
+    // SAFETY: the mapping is read-only. Shards are never modified in place (writers replace them
+    // by rename), which is the condition for a file mapping to stay valid while in use.
+    let map = unsafe { memmap2::Mmap::map(&file) }
+        .map_err(|e| DataError::io("memory-map shard", path, e))?;
+    if map.len() as u64 != file_len {
+        return Err(DataError::Length {
+            path: path.to_path_buf(),
+            expected: file_len,
+            actual: map.len() as u64,
+        });
+    }
+    let Checked { archived, kind, rows, meta } = check_shard(path, &map)?;
 
     let base = map.as_ptr() as usize;
     // Byte offset and element count of each array inside the mapping; an empty array is (0, 0).
@@ -311,14 +356,7 @@ pub fn open_shard(path: &Path) -> Result<Dataset, DataError> {
         return Ok(Dataset::from_mapped(kind, rows, &meta, path, map, [a, b, l]));
     }
     // Big-endian or unaligned archives: decode into owned vectors instead.
-    let a: Vec<f32> = archived.features_a.iter().map(|v| v.to_native()).collect();
-    let b: Vec<f32> = archived.features_b.iter().map(|v| v.to_native()).collect();
-    let labels: Vec<u32> = archived.labels.iter().map(|v| v.to_native()).collect();
-    let data = match kind {
-        DatasetKind::Paired { dim_a, dim_b } => Dataset::paired(dim_a, dim_b, a, b)?,
-        DatasetKind::Labeled { dim, num_classes } => Dataset::labeled(dim, num_classes, a, labels)?,
-    };
-    Ok(data.with_name(meta.name).with_provenance(meta.provenance).with_path(path))
+    owned_dataset(path, Checked { archived, kind, rows, meta })
 }
 
 #[cfg(test)]
@@ -492,6 +530,43 @@ mod tests {
         let p = write_tmp(dir.path(), "incons.shard", &bytes);
         let msg = open_shard(&p).unwrap_err().to_string();
         assert!(msg.contains("view a holds 3 values, not 2 rows x 2"), "{msg}");
+    }
+
+    #[test]
+    fn bytes_entry_point_agrees_with_open_shard_at_any_alignment() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = sample_paired();
+        let good = shard_bytes(&d, &ShardMeta::of(&d)).unwrap();
+        let name = Path::new("mem.shard");
+        // Shifted by 1..15 bytes in memory: still decodes (rkyv wants 16-byte alignment).
+        for shift in 0..16 {
+            let mut buf = vec![0u8; shift];
+            buf.extend_from_slice(&good);
+            let o = read_shard_bytes(name, &buf[shift..]).unwrap();
+            assert!(!o.is_mapped());
+            assert_eq!(o.features_a(), d.features_a());
+            assert_eq!(o.features_b(), d.features_b());
+            assert_eq!((o.name(), o.path()), ("toy", Some(name)));
+        }
+        // Damaged bytes: the same error as opening them from a file.
+        let mut variants: Vec<Vec<u8>> = vec![Vec::new(), good[..20].to_vec(), good[..64].to_vec()];
+        variants.push(good[..good.len() - 1].to_vec());
+        for i in (0..good.len()).step_by(5) {
+            let mut bad = good.clone();
+            bad[i] ^= 0x21;
+            variants.push(bad);
+        }
+        for bytes in variants {
+            let p = write_tmp(dir.path(), "mem.shard", &bytes);
+            let from_file = open_shard(&p).unwrap_err();
+            let from_bytes = read_shard_bytes(name, &bytes).unwrap_err();
+            assert_eq!(
+                std::mem::discriminant(&from_file),
+                std::mem::discriminant(&from_bytes),
+                "{from_file} vs {from_bytes}"
+            );
+            assert!(from_bytes.to_string().contains("mem.shard"), "{from_bytes}");
+        }
     }
 
     #[test]

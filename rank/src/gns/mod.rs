@@ -121,7 +121,14 @@ pub enum GnsError {
     )]
     MixedObserve,
     #[error("gns: {0}")]
-    Comm(#[from] CommError),
+    Comm(CommError),
+}
+
+// Not `#[from]`: that would make the CommError the source too, and `{:#}` would print it twice.
+impl From<CommError> for GnsError {
+    fn from(e: CommError) -> Self {
+        GnsError::Comm(e)
+    }
 }
 
 /// The all-reduced small-batch statistics of one step.
@@ -268,6 +275,20 @@ fn sq_norm_delta_and_copy(cur: &[f32], prev: &mut [f32]) -> f64 {
         *w = v;
     }
     s
+}
+
+/// What a [`GnsEstimator`] carries from one step to the next, for checkpoints: the smoothed
+/// averages, the step count and the latest report. Statistics still pending a reduction are
+/// per rank and not part of it: [`GnsEstimator::flush`] before exporting.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GnsState {
+    pub steps: u64,
+    /// `(value, weight)` of the bias-corrected EMA of 𝒮 per slot (the total, then the groups
+    /// when per-group estimates are on).
+    pub ema_s: Vec<(f64, f64)>,
+    /// The same for 𝒢.
+    pub ema_g: Vec<(f64, f64)>,
+    pub last: Option<GnsReport>,
 }
 
 /// Measures the gradient noise scale step by step; one per rank.
@@ -595,5 +616,39 @@ impl GnsEstimator {
     /// The latest report.
     pub fn last_report(&self) -> Option<&GnsReport> {
         self.last.as_ref()
+    }
+
+    /// The state to checkpoint (call [`GnsEstimator::flush`] first: pending steps are left out).
+    pub fn export_state(&self) -> GnsState {
+        let pairs = |v: &[Ema]| v.iter().map(|e| (e.value, e.weight)).collect();
+        GnsState {
+            steps: self.steps,
+            ema_s: pairs(&self.ema_s),
+            ema_g: pairs(&self.ema_g),
+            last: self.last.clone(),
+        }
+    }
+
+    /// Restores [`GnsEstimator::export_state`]'s output into an estimator built with the same
+    /// groups and `per_group` setting; forgets anything pending. The error says what differs.
+    pub fn import_state(&mut self, state: &GnsState) -> Result<(), String> {
+        let slots = self.ema_s.len();
+        if state.ema_s.len() != slots || state.ema_g.len() != slots {
+            return Err(format!(
+                "the saved noise-scale averages have {} and {} slots but this run has {slots} \
+                 (gns.per_group or the model's tensors differ)",
+                state.ema_s.len(),
+                state.ema_g.len()
+            ));
+        }
+        let emas =
+            |v: &[(f64, f64)]| v.iter().map(|&(value, weight)| Ema { value, weight }).collect();
+        self.ema_s = emas(&state.ema_s);
+        self.ema_g = emas(&state.ema_g);
+        self.steps = state.steps;
+        self.last = state.last.clone();
+        self.pending.clear();
+        self.reset_step();
+        Ok(())
     }
 }

@@ -39,7 +39,7 @@ use crate::device::{CpuDevice, Device, fast_exp};
 #[derive(Debug, thiserror::Error)]
 pub enum LossError {
     #[error("ring loss: collective failed: {0}")]
-    Comm(#[from] CommError),
+    Comm(CommError),
     #[error("ring loss: invalid input: {0}")]
     Invalid(String),
     #[error(
@@ -47,6 +47,13 @@ pub enum LossError {
          the same Tessera version and call the same loss with the same feature dimension"
     )]
     Protocol { peer: usize, detail: String },
+}
+
+// Not `#[from]`: that would make the CommError the source too, and `{:#}` would print it twice.
+impl From<CommError> for LossError {
+    fn from(e: CommError) -> Self {
+        LossError::Comm(e)
+    }
 }
 
 /// Tiling and threading of the ring losses.

@@ -1,0 +1,352 @@
+//! Checkpoints through real rank processes: a run stopped after a checkpoint and resumed ends
+//! bitwise equal to an uninterrupted one; damaged checkpoints are clear errors that overwrite
+//! nothing; `tessera export --safetensors` writes what Python's safetensors library loads.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{run, summary, tessera};
+use tessera_rank::checkpoint::{
+    CHECKPOINT_HEADER_LEN, checkpoint_file_name, list_checkpoints, load_checkpoint,
+};
+
+const LIMIT: Duration = Duration::from_secs(300);
+
+/// The default contrastive job, small: 12 steps of 64 examples, the noise scale measured and
+/// reduced every 3 steps (so statistics are pending at the checkpoints), a checkpoint every 4.
+const SMALL: &[&str] = &[
+    "run.steps=12",
+    "batch.global=64",
+    "data.synth.n_train=2000",
+    "data.synth.n_eval=200",
+    "run.eval_every=0",
+    "run.log_every=1",
+    "gns.reduce_every=3",
+    "checkpoint.every=4",
+];
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn command(
+    nproc: usize,
+    config: Option<&Path>,
+    sets: &[&str],
+    extra: &[&str],
+    out: &Path,
+) -> Command {
+    let mut cmd = tessera();
+    cmd.args(["run", "--nproc", &nproc.to_string()]);
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    cmd.args(extra);
+    cmd.args(["--set", &format!("run.out_dir={:?}", out.display().to_string())]);
+    cmd
+}
+
+fn train(
+    nproc: usize,
+    config: Option<&Path>,
+    sets: &[&str],
+    extra: &[&str],
+    out: &Path,
+) -> serde_json::Value {
+    let f = run(command(nproc, config, sets, extra, out), LIMIT);
+    assert!(f.status.success(), "tessera run --nproc {nproc} {extra:?} failed\n{}", f.all_output());
+    summary(&f)
+}
+
+/// Runs the job that is expected to fail; returns its stderr.
+fn train_fails(nproc: usize, sets: &[&str], extra: &[&str], out: &Path) -> String {
+    let f = run(command(nproc, None, sets, extra, out), LIMIT);
+    assert!(!f.status.success(), "expected a failure\n{}", f.all_output());
+    f.stderr
+}
+
+fn with(base: &[&'static str], more: &[&'static str]) -> Vec<&'static str> {
+    base.iter().chain(more).copied().collect()
+}
+
+/// Every file of a directory with its contents.
+fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap())
+        })
+        .collect()
+}
+
+fn steps_in(dir: &Path) -> Vec<u64> {
+    list_checkpoints(dir).unwrap().into_iter().map(|(s, _)| s).collect()
+}
+
+/// The loss lines' steps in a metrics file.
+fn loss_steps(out: &Path) -> Vec<u64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some() && v.get("eval").is_none())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn contrastive_job_on_two_ranks_stopped_and_resumed_ends_bitwise_equal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (whole, parts) = (dir.path().join("whole"), dir.path().join("parts"));
+    let reference = train(2, None, SMALL, &[], &whole);
+    assert_eq!(steps_in(&whole.join("checkpoints")), vec![4, 8, 12]);
+
+    let stopped = train(2, None, &with(SMALL, &["checkpoint.stop_after=8"]), &[], &parts);
+    assert_eq!(stopped["steps"], 8, "{stopped}");
+    assert_eq!(steps_in(&parts.join("checkpoints")), vec![4, 8]);
+    assert_ne!(stopped["params_sha256"], reference["params_sha256"]);
+
+    let resumed = train(2, None, SMALL, &["--resume", "auto"], &parts);
+    assert_eq!(resumed["steps"], 12, "{resumed}");
+    assert_eq!(resumed["params_sha256"], reference["params_sha256"], "{resumed} vs {reference}");
+    assert_eq!(resumed["loss"], reference["loss"]);
+    assert_eq!(resumed["logit_scale"], reference["logit_scale"]);
+    // The noise-scale averages came back too (the estimate is measured: 2 ranks).
+    assert!(reference["b_simple"].as_f64().is_some(), "{reference}");
+    assert_eq!(resumed["b_simple"], reference["b_simple"]);
+    // The metrics file continues where the checkpoint was, once per step.
+    assert_eq!(loss_steps(&parts), (1..=12).collect::<Vec<u64>>());
+    // The final checkpoint holds the final parameters; the default keeps the last 3.
+    assert_eq!(steps_in(&parts.join("checkpoints")), vec![4, 8, 12]);
+    let last = load_checkpoint(&parts.join("checkpoints").join(checkpoint_file_name(12))).unwrap();
+    assert_eq!(last.params, common::read_f32(&whole.join("params.f32")));
+    assert_eq!(last.world, 2);
+
+    // `auto` in a directory without checkpoints starts afresh; keep = 1 keeps only the newest.
+    let fresh = dir.path().join("fresh");
+    let s = train(2, None, &with(SMALL, &["checkpoint.keep=1"]), &["--resume", "auto"], &fresh);
+    assert_eq!(s["params_sha256"], reference["params_sha256"]);
+    assert_eq!(steps_in(&fresh.join("checkpoints")), vec![12]);
+}
+
+#[test]
+fn classifier_with_lamb_or_lars_resumes_bitwise_from_a_file_or_a_run_directory() {
+    let cfg = repo().join("examples/digits-classifier.toml");
+    let base = [
+        "run.steps=9",
+        "batch.global=96",
+        "run.eval_every=0",
+        "checkpoint.every=3",
+        "gns.reduce_every=2",
+    ];
+    // LAMB on 2 ranks; LARS on 1 rank with micro-batches (the noise scale from 4 of them).
+    let cases: [(usize, &[&str]); 2] =
+        [(2, &["optim.name=\"lamb\""]), (1, &["optim.name=\"lars\"", "batch.micro=24"])];
+    for (nproc, extra_sets) in cases {
+        let sets: Vec<&str> = base.iter().chain(extra_sets).copied().collect();
+        let dir = tempfile::tempdir().unwrap();
+        let (whole, parts) = (dir.path().join("whole"), dir.path().join("parts"));
+        let reference = train(nproc, Some(&cfg), &sets, &[], &whole);
+        let mut stop = sets.clone();
+        stop.push("checkpoint.stop_after=6");
+        train(nproc, Some(&cfg), &stop, &[], &parts);
+        // Resume from step 3 (an explicit file) into a new directory, stop again at 6, then
+        // resume that run by its directory.
+        let file = parts.join("checkpoints").join(checkpoint_file_name(3));
+        let again = dir.path().join("again");
+        let file_arg = file.display().to_string();
+        let s = train(nproc, Some(&cfg), &stop, &["--resume", &file_arg], &again);
+        assert_eq!(s["steps"], 6);
+        let again_arg = again.display().to_string();
+        let s = train(nproc, Some(&cfg), &sets, &["--resume", &again_arg], &again);
+        assert_eq!(s["params_sha256"], reference["params_sha256"], "{extra_sets:?}: {s}");
+        assert_eq!(s["b_simple"], reference["b_simple"], "{extra_sets:?}");
+        if nproc == 1 {
+            assert!(reference["b_simple"].as_f64().is_some(), "{reference}");
+        }
+        let ck = load_checkpoint(&again.join("checkpoints").join(checkpoint_file_name(9))).unwrap();
+        assert_eq!(ck.optimizer_name, extra_sets[0].split('"').nth(1).unwrap());
+    }
+}
+
+/// Fails, saying how to get them, unless python3 can import safetensors and numpy.
+fn require_python_with_safetensors() {
+    let probe = Command::new("python3").args(["-c", "import safetensors.numpy, numpy"]).output();
+    match probe {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => panic!(
+            "python3 cannot import safetensors/numpy ({}): run scripts/ci/setup-python.sh",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => panic!("python3 is not runnable ({e}): run scripts/ci/setup-python.sh"),
+    }
+}
+
+const LOAD_PY: &str = r#"
+import json, sys
+from safetensors import safe_open
+from safetensors.numpy import load_file
+tensors = load_file(sys.argv[1])
+with safe_open(sys.argv[1], framework="np") as f:
+    meta = f.metadata()
+print(json.dumps({
+    "metadata": meta,
+    "tensors": {k: {"dtype": str(v.dtype), "shape": list(v.shape),
+                    "hex": v.astype("<f4").tobytes().hex()} for k, v in tensors.items()},
+}))
+"#;
+
+#[test]
+fn exported_safetensors_load_in_python_with_the_checkpoint_values() {
+    require_python_with_safetensors();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let sets = with(SMALL, &["run.steps=5", "checkpoint.every=0", "loss.name=\"siglip\""]);
+    train(1, None, &sets, &[], &out);
+    let ck = load_checkpoint(&out.join("checkpoints").join(checkpoint_file_name(5))).unwrap();
+
+    let st = dir.path().join("model.safetensors");
+    let mut cmd = tessera();
+    cmd.args(["export", "--safetensors"]).arg(&st).arg("--dir").arg(&out);
+    let f = run(cmd, LIMIT);
+    assert!(f.status.success(), "{}", f.all_output());
+
+    let mut py = Command::new("python3");
+    py.args(["-c", LOAD_PY]).arg(&st);
+    let f = run(py, LIMIT);
+    assert!(f.status.success(), "python could not load the export\n{}", f.all_output());
+    let loaded: serde_json::Value = serde_json::from_str(f.stdout.trim()).unwrap();
+    let meta = &loaded["metadata"];
+    assert_eq!(meta["step"], "5");
+    assert_eq!(meta["config_hash"], ck.config_hash.as_str());
+    let tensors = loaded["tensors"].as_object().unwrap();
+    assert_eq!(tensors.len(), ck.tensors.len());
+    for t in &ck.tensors {
+        let got = &tensors[&t.name];
+        assert_eq!(got["dtype"], "float32", "{}", t.name);
+        assert_eq!(got["shape"], serde_json::json!(t.shape), "{}", t.name);
+        let want: String = ck.params[t.offset as usize..(t.offset + t.len) as usize]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(got["hex"].as_str().unwrap(), want, "{} differs", t.name);
+    }
+    // SigLIP's scale and bias are scalars among them.
+    assert_eq!(tensors["logit_scale"]["shape"], serde_json::json!([]));
+    assert!(ck.tensors.iter().any(|t| t.name.contains("bias") && t.shape.is_empty()));
+
+    // --checkpoint FILE gives the same bytes; a missing source is a usage error.
+    let st2 = dir.path().join("again.safetensors");
+    let mut cmd = tessera();
+    cmd.args(["export", "--safetensors"]).arg(&st2).arg("--checkpoint");
+    cmd.arg(out.join("checkpoints").join(checkpoint_file_name(5)));
+    assert!(run(cmd, LIMIT).status.success());
+    assert_eq!(std::fs::read(&st).unwrap(), std::fs::read(&st2).unwrap());
+    let mut cmd = tessera();
+    cmd.args(["export", "--safetensors"]).arg(dir.path().join("x.safetensors"));
+    assert!(!run(cmd, LIMIT).status.success());
+}
+
+#[test]
+fn damaged_checkpoints_are_clear_errors_and_nothing_is_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let (whole, parts) = (dir.path().join("whole"), dir.path().join("parts"));
+    let reference = train(2, None, SMALL, &[], &whole);
+    train(2, None, &with(SMALL, &["checkpoint.stop_after=8"]), &[], &parts);
+    let ckdir = parts.join("checkpoints");
+    let good = std::fs::read(ckdir.join(checkpoint_file_name(8))).unwrap();
+
+    let damaged = dir.path().join("damaged");
+    std::fs::create_dir(&damaged).unwrap();
+    let mut flipped = good.clone();
+    flipped[good.len() / 2] ^= 1;
+    let mut magic = good.clone();
+    magic[..8].copy_from_slice(b"NOTACKPT");
+    let mut version = good.clone();
+    version[8] = 99;
+    let cases: [(&str, Vec<u8>, &str); 4] = [
+        ("flipped.tsr", flipped, "checksum mismatch"),
+        ("cut.tsr", good[..good.len() - 100].to_vec(), "truncated"),
+        ("magic.tsr", magic, "not a Tessera checkpoint"),
+        ("version.tsr", version, "format version 99"),
+    ];
+    let before = snapshot(&ckdir);
+    for (name, bytes, want) in &cases {
+        let path = damaged.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let path_arg = path.display().to_string();
+        // Resuming from it: a clear error naming the file, before any step.
+        let err = train_fails(2, SMALL, &["--resume", &path_arg], &parts);
+        assert!(err.contains(name) && err.contains(want), "{name}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        // Exporting it: the same.
+        let mut cmd = tessera();
+        cmd.args(["export", "--safetensors"]).arg(dir.path().join("x.safetensors"));
+        cmd.arg("--checkpoint").arg(&path);
+        let f = run(cmd, LIMIT);
+        assert!(!f.status.success() && f.stderr.contains(want), "{name}: {}", f.all_output());
+        assert!(!dir.path().join("x.safetensors").exists());
+    }
+    assert_eq!(snapshot(&ckdir), before, "a failed resume changed the checkpoints");
+
+    // A training config that differs: refused, naming the key, the hashes and the override.
+    let err = train_fails(2, &with(SMALL, &["optim.lr=0.3"]), &["--resume", "auto"], &parts);
+    assert!(
+        err.contains("optim.lr") && err.contains("allow_config_change") && err.contains("hash"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&ckdir), before);
+
+    // All checkpoints damaged: `auto` refuses rather than starting over.
+    let all_bad = dir.path().join("all-bad");
+    std::fs::create_dir_all(all_bad.join("checkpoints")).unwrap();
+    std::fs::write(all_bad.join("checkpoints").join(checkpoint_file_name(8)), &good[..100])
+        .unwrap();
+    let err = train_fails(2, SMALL, &["--resume", "auto"], &all_bad);
+    assert!(err.contains("damaged") && err.contains(&checkpoint_file_name(8)), "{err}");
+
+    // The newest damaged (cut inside its payload): `auto` warns, takes step 4, ends the same.
+    let cut = &good[..CHECKPOINT_HEADER_LEN + (good.len() - CHECKPOINT_HEADER_LEN) / 3];
+    std::fs::write(ckdir.join(checkpoint_file_name(8)), cut).unwrap();
+    let f = run(command(2, None, SMALL, &["--resume", "auto"], &parts), LIMIT);
+    assert!(f.status.success(), "{}", f.all_output());
+    assert!(
+        f.stderr.contains("skipped a damaged checkpoint") && f.stderr.contains("at step 4"),
+        "{}",
+        f.stderr
+    );
+    assert_eq!(summary(&f)["params_sha256"], reference["params_sha256"]);
+}
+
+#[test]
+fn allowing_a_config_change_continues_with_the_new_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    train(1, None, &with(SMALL, &["checkpoint.stop_after=4"]), &[], &out);
+    // Train longer than planned: run.steps changes the schedule, so it must be allowed.
+    let longer = with(SMALL, &["run.steps=16"]);
+    let err = train_fails(1, &longer, &["--resume", "auto"], &out);
+    assert!(err.contains("run.steps (12 → 16)"), "{err}");
+    let f = run(
+        command(
+            1,
+            None,
+            &with(&longer, &["checkpoint.allow_config_change=true"]),
+            &["--resume", "auto"],
+            &out,
+        ),
+        LIMIT,
+    );
+    assert!(f.status.success(), "{}", f.all_output());
+    assert_eq!(summary(&f)["steps"], 16);
+    assert!(f.stderr.contains("continuing with this run's values"), "{}", f.stderr);
+}
