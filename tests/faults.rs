@@ -172,6 +172,30 @@ fn a_lost_coordinator_stops_every_rank() {
 }
 
 #[test]
+fn a_stopped_coordinator_stops_every_rank() {
+    // A hung coordinator keeps its sockets open: the ranks' HTTP/2 keep-alive PINGs find it.
+    let coord = Coordinator::start(2, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--set", "run.steps=1000000", "--set", "batch.global=256"];
+    let ranks: Vec<Watched> =
+        (0..2).map(|r| Watched::spawn(coord.rank_command(Some(r), 2, &args, dir.path()))).collect();
+    for r in &ranks {
+        r.wait_for_lines("data-plane ring connected", 1, LIMIT);
+    }
+    unsafe {
+        libc::kill(coord.child.id() as i32, libc::SIGSTOP);
+    }
+    let stopped_at = Instant::now();
+    for r in ranks {
+        let f = r.finish(Duration::from_secs(60));
+        failed(&f, "a rank whose coordinator hangs");
+        assert!(stopped_at.elapsed() < Duration::from_secs(20), "took {:?}", stopped_at.elapsed());
+        assert!(f.stderr.contains("lost the coordinator"), "{}", f.all_output());
+    }
+    coord.stop();
+}
+
+#[test]
 fn a_nan_gradient_stops_every_rank_naming_the_tensor_and_the_rank() {
     let dir = tempfile::tempdir().unwrap();
     let f = run(job(3, &[], dir.path(), Some("nan@grad:rank=2,step=4"), &[]), LIMIT);

@@ -34,6 +34,9 @@ impl Interceptor for TokenInterceptor {
 
 type Grpc = GrpcClient<InterceptedService<Channel, TokenInterceptor>>;
 
+/// Interval of the HTTP/2 keep-alive PINGs to the coordinator, and how long an answer may take.
+const KEEPALIVE: Duration = Duration::from_secs(5);
+
 /// The latest progress a rank publishes; heartbeats carry it to the coordinator.
 #[derive(Debug, Default)]
 pub struct ProgressCell {
@@ -125,7 +128,12 @@ impl CoordinatorClient {
                 detail: e.to_string(),
             })?
             .tcp_nodelay(true)
-            .connect_timeout(timeout.clamp(Duration::from_millis(100), Duration::from_secs(5)));
+            .connect_timeout(timeout.clamp(Duration::from_millis(100), Duration::from_secs(5)))
+            // Heartbeats stream without answers: HTTP/2 PINGs find a coordinator that hangs
+            // (stopped, wedged) and close the connection, which aborts the rank.
+            .http2_keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(KEEPALIVE)
+            .keep_alive_while_idle(true);
         let channel = rt.block_on(async {
             let deadline = tokio::time::Instant::now() + timeout;
             loop {
@@ -328,6 +336,12 @@ impl Monitor {
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let hb_limit = (self.interval * 5).max(Duration::from_secs(5));
+        // Heartbeats travel on one long-lived stream; the call returns only when the
+        // coordinator ends it (a refusal, e.g. the job failed) or the connection breaks.
+        let (beat_tx, beat_rx) = tokio::sync::mpsc::channel::<pb::HeartbeatRequest>(4);
+        let mut grpc = self.grpc.clone();
+        let beats = grpc.heartbeats(tokio_stream::wrappers::ReceiverStream::new(beat_rx));
+        tokio::pin!(beats);
         loop {
             tokio::select! {
                 biased;
@@ -343,6 +357,25 @@ impl Monitor {
                     Ok(None) => return Some(self.lost("the watch stream ended")),
                     Err(s) => return Some(self.lost(status_text(&s))),
                 },
+                ended = &mut beats => {
+                    if self.finished.load(Ordering::SeqCst) {
+                        return None;
+                    }
+                    let s = match ended {
+                        Ok(_) => return Some(self.lost("the heartbeat stream ended")),
+                        Err(s) => s,
+                    };
+                    // The Watch stream names the failed rank; prefer its event.
+                    let from_watch =
+                        tokio::time::timeout(Duration::from_secs(1), stream.message());
+                    if let Ok(Ok(Some(pb::WatchEvent {
+                        event: Some(watch_event::Event::Abort(a)),
+                    }))) = from_watch.await
+                    {
+                        return Some(AbortInfo { rank: a.rank, reason: a.reason });
+                    }
+                    return Some(self.status_abort(s));
+                }
                 _ = ticker.tick() => {
                     if self.finished.load(Ordering::SeqCst) {
                         return None;
@@ -355,23 +388,9 @@ impl Monitor {
                         samples: p.map(|p| p.samples),
                         b_simple: p.and_then(|p| p.b_simple),
                     };
-                    match tokio::time::timeout(hb_limit, self.grpc.heartbeat(req)).await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(s)) => {
-                            // The Watch stream names the failed rank; prefer its event.
-                            let from_watch =
-                                tokio::time::timeout(Duration::from_secs(1), stream.message());
-                            if let Ok(Ok(Some(pb::WatchEvent {
-                                event: Some(watch_event::Event::Abort(a)),
-                            }))) = from_watch.await
-                            {
-                                return Some(AbortInfo { rank: a.rank, reason: a.reason });
-                            }
-                            return Some(self.status_abort(s));
-                        }
-                        Err(_) => {
-                            return Some(self.lost(format!("no heartbeat answer within {hb_limit:?}")))
-                        }
+                    // A coordinator that stops reading lets the stream's buffer fill up.
+                    if tokio::time::timeout(hb_limit, beat_tx.send(req)).await.is_err() {
+                        return Some(self.lost(format!("heartbeats not taken within {hb_limit:?}")));
                     }
                 }
             }

@@ -157,6 +157,23 @@ fn deadline_after(ms: u64) -> Option<tokio::time::Instant> {
     if ms == 0 { None } else { Some(tokio::time::Instant::now() + Duration::from_millis(ms)) }
 }
 
+impl Service {
+    /// One heartbeat, from a unary call or a heartbeat stream.
+    fn on_beat(&self, r: pb::HeartbeatRequest) -> Result<(), Status> {
+        let progress =
+            (r.step.is_some() || r.loss.is_some() || r.samples.is_some()).then(|| Progress {
+                step: r.step.unwrap_or(0),
+                loss: r.loss,
+                samples: r.samples.unwrap_or(0),
+                b_simple: r.b_simple,
+            });
+        self.shared
+            .lock()
+            .on_heartbeat(r.rank, progress, Instant::now())
+            .map_err(|r| refusal_status(&r))
+    }
+}
+
 #[tonic::async_trait]
 impl Coordinator for Service {
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
@@ -287,18 +304,18 @@ impl Coordinator for Service {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
-        let r = req.into_inner();
-        let progress =
-            (r.step.is_some() || r.loss.is_some() || r.samples.is_some()).then(|| Progress {
-                step: r.step.unwrap_or(0),
-                loss: r.loss,
-                samples: r.samples.unwrap_or(0),
-                b_simple: r.b_simple,
-            });
-        self.shared
-            .lock()
-            .on_heartbeat(r.rank, progress, Instant::now())
-            .map_err(|r| refusal_status(&r))?;
+        self.on_beat(req.into_inner())?;
+        Ok(Response::new(pb::HeartbeatReply {}))
+    }
+
+    async fn heartbeats(
+        &self,
+        req: Request<tonic::Streaming<pb::HeartbeatRequest>>,
+    ) -> Result<Response<pb::HeartbeatReply>, Status> {
+        let mut beats = req.into_inner();
+        while let Some(r) = beats.message().await? {
+            self.on_beat(r)?;
+        }
         Ok(Response::new(pb::HeartbeatReply {}))
     }
 

@@ -561,7 +561,7 @@ async fn join_phase(n: usize) -> Result<PhaseRow> {
     })
 }
 
-/// A heartbeating rank's count: successful heartbeats answered inside the window, failures.
+/// A heartbeating rank's count: heartbeats sent inside the window, failures.
 struct RankRun {
     stream: Option<Streaming<pb::WatchEvent>>,
     in_window: u64,
@@ -585,9 +585,21 @@ async fn heartbeat_rank(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let limit = (interval * 5).max(Duration::from_secs(5));
     let mut step = 0u64;
+    // As a rank's monitor does: one long-lived heartbeat stream.
+    let (beat_tx, beat_rx) = tokio::sync::mpsc::channel::<pb::HeartbeatRequest>(4);
+    let beats = client.heartbeats(tokio_stream::wrappers::ReceiverStream::new(beat_rx));
+    tokio::pin!(beats);
     loop {
         tokio::select! {
             biased;
+            ended = &mut beats => {
+                let what = match ended {
+                    Ok(_) => "ended".to_string(),
+                    Err(s) => format!("{} ({:?})", s.message(), s.code()),
+                };
+                failures.add(format!("rank {rank}: heartbeat stream before finishing: {what}"));
+                return RankRun { stream: Some(stream), in_window, failures };
+            }
             msg = stream.message() => {
                 let what = match msg {
                     Ok(Some(pb::WatchEvent { event: Some(watch_event::Event::Abort(a)) })) => {
@@ -612,19 +624,17 @@ async fn heartbeat_rank(
                     samples: Some(step * 256),
                     b_simple: None,
                 };
-                match tokio::time::timeout(limit, client.heartbeat(req)).await {
-                    Ok(Ok(_)) => {
+                match tokio::time::timeout(limit, beat_tx.send(req)).await {
+                    Ok(Ok(())) => {
                         let at = Instant::now();
                         if at >= start && at <= end {
                             in_window += 1;
                         }
                     }
-                    Ok(Err(s)) => failures.add(format!(
-                        "rank {rank}: heartbeat: {} ({:?})",
-                        s.message(),
-                        s.code()
+                    Ok(Err(_)) => failures.add(format!("rank {rank}: the heartbeat stream closed")),
+                    Err(_) => failures.add(format!(
+                        "rank {rank}: heartbeat: not taken within {limit:?}"
                     )),
-                    Err(_) => failures.add(format!("rank {rank}: heartbeat: no answer within {limit:?}")),
                 }
             }
         }
