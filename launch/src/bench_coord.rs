@@ -373,7 +373,11 @@ async fn connect_all(addr: &str, token: &AsciiMetadataValue, n: usize) -> Result
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .with_context(|| format!("coordinator address {addr}"))?
         .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(30));
+        .connect_timeout(Duration::from_secs(30))
+        // As the real client (coordinator/src/client.rs): keep-alive PINGs every 5 s.
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
     let permits = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let mut set = JoinSet::new();
     for i in 0..n {
