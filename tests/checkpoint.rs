@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{run, summary, tessera};
+use common::{run, run_command, summary, tessera};
 use tessera_rank::checkpoint::{
     CHECKPOINT_HEADER_LEN, checkpoint_file_name, list_checkpoints, load_checkpoint,
 };
@@ -33,26 +33,6 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-fn command(
-    nproc: usize,
-    config: Option<&Path>,
-    sets: &[&str],
-    extra: &[&str],
-    out: &Path,
-) -> Command {
-    let mut cmd = tessera();
-    cmd.args(["run", "--nproc", &nproc.to_string()]);
-    if let Some(c) = config {
-        cmd.arg("--config").arg(c);
-    }
-    for s in sets {
-        cmd.args(["--set", s]);
-    }
-    cmd.args(extra);
-    cmd.args(["--set", &format!("run.out_dir={:?}", out.display().to_string())]);
-    cmd
-}
-
 fn train(
     nproc: usize,
     config: Option<&Path>,
@@ -60,14 +40,14 @@ fn train(
     extra: &[&str],
     out: &Path,
 ) -> serde_json::Value {
-    let f = run(command(nproc, config, sets, extra, out), LIMIT);
+    let f = run(run_command(nproc, config, sets, extra, out), LIMIT);
     assert!(f.status.success(), "tessera run --nproc {nproc} {extra:?} failed\n{}", f.all_output());
     summary(&f)
 }
 
 /// Runs the job that is expected to fail; returns its stderr.
 fn train_fails(nproc: usize, sets: &[&str], extra: &[&str], out: &Path) -> String {
-    let f = run(command(nproc, None, sets, extra, out), LIMIT);
+    let f = run(run_command(nproc, None, sets, extra, out), LIMIT);
     assert!(!f.status.success(), "expected a failure\n{}", f.all_output());
     f.stderr
 }
@@ -317,7 +297,7 @@ fn damaged_checkpoints_are_clear_errors_and_nothing_is_overwritten() {
     // The newest damaged (cut inside its payload): `auto` warns, takes step 4, ends the same.
     let cut = &good[..CHECKPOINT_HEADER_LEN + (good.len() - CHECKPOINT_HEADER_LEN) / 3];
     std::fs::write(ckdir.join(checkpoint_file_name(8)), cut).unwrap();
-    let f = run(command(2, None, SMALL, &["--resume", "auto"], &parts), LIMIT);
+    let f = run(run_command(2, None, SMALL, &["--resume", "auto"], &parts), LIMIT);
     assert!(f.status.success(), "{}", f.all_output());
     assert!(
         f.stderr.contains("skipped a damaged checkpoint") && f.stderr.contains("at step 4"),
@@ -337,7 +317,7 @@ fn allowing_a_config_change_continues_with_the_new_values() {
     let err = train_fails(1, &longer, &["--resume", "auto"], &out);
     assert!(err.contains("run.steps (12 → 16)"), "{err}");
     let f = run(
-        command(
+        run_command(
             1,
             None,
             &with(&longer, &["checkpoint.allow_config_change=true"]),

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Coordinator, Finished, Watched, run, summary, tessera};
+use common::{Coordinator, Finished, Watched, run, run_command, summary};
 
 const LIMIT: Duration = Duration::from_secs(300);
 
@@ -18,12 +18,8 @@ const LIMIT: Duration = Duration::from_secs(300);
 const SMALL: &[&str] = &["run.steps=8", "batch.global=256", "run.log_every=1"];
 
 fn job(nproc: usize, sets: &[&str], out: &Path, fault: Option<&str>, extra: &[&str]) -> Command {
-    let mut cmd = tessera();
-    cmd.args(["run", "--nproc", &nproc.to_string()]).args(extra);
-    for s in SMALL.iter().chain(sets) {
-        cmd.args(["--set", s]);
-    }
-    cmd.arg("--set").arg(format!("run.out_dir={:?}", out.display().to_string()));
+    let sets: Vec<&str> = SMALL.iter().chain(sets).copied().collect();
+    let mut cmd = run_command(nproc, None, &sets, extra, out);
     match fault {
         Some(f) => cmd.env("TESSERA_FAULT", f),
         None => cmd.env_remove("TESSERA_FAULT"),
@@ -151,29 +147,13 @@ fn a_rank_hung_outside_collectives_times_the_others_out_naming_it() {
     assert!(err.contains(" #"), "{err}");
 }
 
-#[test]
-fn a_lost_coordinator_stops_every_rank() {
-    let coord = Coordinator::start(2, &["--heartbeat-timeout", "3"]);
-    let dir = tempfile::tempdir().unwrap();
-    let args = ["--set", "run.steps=1000000", "--set", "batch.global=256"];
-    let ranks: Vec<Watched> =
-        (0..2).map(|r| Watched::spawn(coord.rank_command(Some(r), 2, &args, dir.path()))).collect();
-    for r in &ranks {
-        r.wait_for_lines("data-plane ring connected", 1, LIMIT);
-    }
-    coord.stop();
-    let killed_at = Instant::now();
-    for r in ranks {
-        let f = r.finish(Duration::from_secs(60));
-        failed(&f, "a rank without its coordinator");
-        assert!(killed_at.elapsed() < Duration::from_secs(15), "took {:?}", killed_at.elapsed());
-        assert!(f.stderr.contains("coordinator"), "{}", f.all_output());
-    }
-}
-
-#[test]
-fn a_stopped_coordinator_stops_every_rank() {
-    // A hung coordinator keeps its sockets open: the ranks' HTTP/2 keep-alive PINGs find it.
+/// Two ranks of an endless job under a standalone coordinator; `fault` is done to the
+/// coordinator once their ring is up, then every rank must stop within `limit`, saying `says`.
+fn coordinator_fault(
+    fault: impl FnOnce(Coordinator) -> Option<Coordinator>,
+    limit: Duration,
+    says: &str,
+) {
     let coord = Coordinator::start(2, &[]);
     let dir = tempfile::tempdir().unwrap();
     let args = ["--set", "run.steps=1000000", "--set", "batch.global=256"];
@@ -182,17 +162,44 @@ fn a_stopped_coordinator_stops_every_rank() {
     for r in &ranks {
         r.wait_for_lines("data-plane ring connected", 1, LIMIT);
     }
-    unsafe {
-        libc::kill(coord.child.id() as i32, libc::SIGSTOP);
-    }
-    let stopped_at = Instant::now();
+    let left = fault(coord);
+    let at = Instant::now();
     for r in ranks {
         let f = r.finish(Duration::from_secs(60));
-        failed(&f, "a rank whose coordinator hangs");
-        assert!(stopped_at.elapsed() < Duration::from_secs(20), "took {:?}", stopped_at.elapsed());
-        assert!(f.stderr.contains("lost the coordinator"), "{}", f.all_output());
+        failed(&f, "a rank whose coordinator is gone or hangs");
+        assert!(at.elapsed() < limit, "took {:?}", at.elapsed());
+        assert!(f.stderr.contains(says), "{}", f.all_output());
     }
-    coord.stop();
+    if let Some(c) = left {
+        c.stop();
+    }
+}
+
+#[test]
+fn a_lost_coordinator_stops_every_rank() {
+    coordinator_fault(
+        |c| {
+            c.stop();
+            None
+        },
+        Duration::from_secs(15),
+        "lost the coordinator",
+    );
+}
+
+#[test]
+fn a_stopped_coordinator_stops_every_rank() {
+    // A hung coordinator keeps its sockets open: the ranks' HTTP/2 keep-alive PINGs find it.
+    coordinator_fault(
+        |c| {
+            unsafe {
+                libc::kill(c.child.id() as i32, libc::SIGSTOP);
+            }
+            Some(c)
+        },
+        Duration::from_secs(20),
+        "lost the coordinator",
+    );
 }
 
 #[test]

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{read_f32, run, summary, tessera};
+use common::{read_f32, run, run_command, summary, tessera};
 
 const LIMIT: Duration = Duration::from_secs(300);
 
@@ -19,16 +19,7 @@ fn out_dir_arg(dir: &Path) -> String {
 }
 
 fn train(nproc: usize, config: Option<&Path>, sets: &[&str], out: &Path) -> common::Finished {
-    let mut cmd = tessera();
-    cmd.args(["run", "--nproc", &nproc.to_string()]);
-    if let Some(c) = config {
-        cmd.arg("--config").arg(c);
-    }
-    for s in sets {
-        cmd.args(["--set", s]);
-    }
-    cmd.args(["--set", &out_dir_arg(out)]);
-    let f = run(cmd, LIMIT);
+    let f = run(run_command(nproc, config, sets, &[], out), LIMIT);
     assert!(f.status.success(), "tessera run --nproc {nproc} failed\n{}", f.all_output());
     f
 }

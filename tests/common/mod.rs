@@ -27,6 +27,27 @@ pub fn tessera() -> Command {
     c
 }
 
+/// `tessera run --nproc N [--config C] [--set S]... EXTRA... --set run.out_dir=OUT`.
+pub fn run_command(
+    nproc: usize,
+    config: Option<&Path>,
+    sets: &[&str],
+    extra: &[&str],
+    out: &Path,
+) -> Command {
+    let mut cmd = tessera();
+    cmd.args(["run", "--nproc", &nproc.to_string()]);
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    cmd.args(extra);
+    cmd.arg("--set").arg(format!("run.out_dir={:?}", out.display().to_string()));
+    cmd
+}
+
 pub struct Finished {
     pub status: ExitStatus,
     pub stdout: String,
