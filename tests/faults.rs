@@ -131,6 +131,25 @@ fn a_stopped_rank_is_declared_dead_and_every_rank_exits_within_15_s() {
 }
 
 #[test]
+fn a_stopped_heartbeat_relay_is_named_not_the_ranks_it_relays() {
+    // Rank 0 leads the node: ranks 1 and 2 heartbeat through it, so all three fall silent.
+    let dir = tempfile::tempdir().unwrap();
+    let sets = ["run.steps=1000000"];
+    let fault = "stop@step:rank=0,step=3";
+    let cmd = job(3, &sets, dir.path(), Some(fault), &["--heartbeat-timeout", "3"]);
+    let launcher = Watched::spawn(cmd);
+    launcher.wait_for_lines("injecting Stop", 1, LIMIT);
+    let stopped_at = Instant::now();
+    let f = launcher.finish(Duration::from_secs(60));
+    failed(&f, "a stopped relay");
+    assert!(stopped_at.elapsed() < Duration::from_secs(15), "took {:?}", stopped_at.elapsed());
+    let err = &f.stderr;
+    assert!(err.contains("relaying the heartbeats of 2 ranks of node 0"), "{err}");
+    assert!(err.contains("rank 0 failed (signal 9 (SIGKILL))"), "{err}");
+    assert!(err.contains("it also relays the heartbeats of 2 other ranks of its node"), "{err}");
+}
+
+#[test]
 fn a_rank_hung_outside_collectives_times_the_others_out_naming_it() {
     // The main thread hangs while heartbeats go on: the others' collective timeout catches it.
     let dir = tempfile::tempdir().unwrap();

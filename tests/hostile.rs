@@ -254,7 +254,7 @@ fn a_peer_with_the_token_that_claims_a_huge_frame_is_a_protocol_error_not_an_all
     let session = session_of(&coord.token, m.generation);
 
     // Handshakes both ways: to the real rank as its r-1, from it as its r+1.
-    let mut to_real = TcpStream::connect(&m.data_addrs[other]).unwrap();
+    let mut to_real = TcpStream::connect(&m.next_data_addr).unwrap();
     to_real.write_all(&encode_hello(session, 2, me)).unwrap();
     let (mut from_real, _) = listener.accept().unwrap();
     from_real.set_read_timeout(Some(LIMIT)).unwrap();

@@ -81,6 +81,20 @@ impl Communicator for CheckedComm<'_> {
         self.check(format!("all_reduce_f32(len {}, {})", buf.len(), reduce_name(op)))?;
         self.inner.all_reduce_f32(buf, op)
     }
+    fn all_reduce_f32_part(
+        &mut self,
+        buf: &mut [f32],
+        offset: usize,
+        total: usize,
+        op: ReduceOp,
+    ) -> Result<()> {
+        self.check(format!(
+            "all_reduce_f32_part(len {}, offset {offset}, total {total}, {})",
+            buf.len(),
+            reduce_name(op)
+        ))?;
+        self.inner.all_reduce_f32_part(buf, offset, total, op)
+    }
     fn all_reduce_f64(&mut self, buf: &mut [f64], op: ReduceOp) -> Result<()> {
         self.check(format!("all_reduce_f64(len {}, {})", buf.len(), reduce_name(op)))?;
         self.inner.all_reduce_f64(buf, op)

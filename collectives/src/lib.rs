@@ -48,6 +48,30 @@ pub trait Communicator: Send {
 
     /// In-place all-reduce of `buf` (same length on every rank).
     fn all_reduce_f32(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<()>;
+    /// In-place all-reduce of `buf`, elements `offset..offset + buf.len()` of a buffer of
+    /// `total` elements that is reduced part by part (gradient buckets): every element is
+    /// summed in the same order as by one [`Communicator::all_reduce_f32`] over the whole
+    /// buffer, so the parts together are bitwise identical to it. Every rank passes the same
+    /// `offset` and `total`. The default suits backends whose summation order does not depend
+    /// on the buffer's length (it reduces the part on its own).
+    fn all_reduce_f32_part(
+        &mut self,
+        buf: &mut [f32],
+        offset: usize,
+        total: usize,
+        op: ReduceOp,
+    ) -> Result<()> {
+        if offset.checked_add(buf.len()).is_none_or(|end| end > total) {
+            return Err(CommError::InvalidArgument {
+                op: "all_reduce_f32_part",
+                detail: format!(
+                    "part {offset}..{offset}+{} lies outside the buffer of {total} elements",
+                    buf.len()
+                ),
+            });
+        }
+        self.all_reduce_f32(buf, op)
+    }
     /// In-place all-reduce of a few f64 scalars (statistics, norms); same length on every rank.
     fn all_reduce_f64(&mut self, buf: &mut [f64], op: ReduceOp) -> Result<()>;
     /// `output.len() == world * input.len()`; rank r's input lands at `output[r*len..(r+1)*len]`.

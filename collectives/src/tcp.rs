@@ -592,11 +592,38 @@ fn ring_plan(
     ag: bool,
     scale: Option<f32>,
 ) -> Plan {
+    let bounds = |c: usize| chunk_bounds(len, world, c);
+    ring_plan_with(rank, world, len, &bounds, slice_elems, rs, ag, scale)
+}
+
+/// Chunk bounds of the part `offset..offset + len` of a buffer of `total` elements: the
+/// whole buffer's chunks cut to the part, in the part's own coordinates. A ring plan over
+/// these bounds sums every element of the part in the order that a plan over the whole buffer
+/// would (the order depends only on the chunk an element falls in).
+fn part_bounds(total: usize, offset: usize, len: usize, n: usize, c: usize) -> (usize, usize) {
+    let (a, b) = chunk_bounds(total, n, c);
+    let cut = |x: usize| x.clamp(offset, offset + len) - offset;
+    (cut(a), cut(b))
+}
+
+/// [`ring_plan`] over `len` elements cut into chunks by `bounds(c)` (element bounds of chunk
+/// `c`, in order, covering `0..len`).
+#[allow(clippy::too_many_arguments)]
+fn ring_plan_with(
+    rank: usize,
+    world: usize,
+    len: usize,
+    bounds: &dyn Fn(usize) -> (usize, usize),
+    slice_elems: usize,
+    rs: bool,
+    ag: bool,
+    scale: Option<f32>,
+) -> Plan {
     let n = world;
-    let max_chunk = len.div_ceil(n);
+    let max_chunk = (0..n).map(|c| bounds(c).1 - bounds(c).0).max().unwrap_or(0);
     let nsl = max_chunk.div_ceil(slice_elems.max(1)).max(1);
     let slice = |c: usize, k: usize| {
-        let (a, b) = chunk_bounds(len, n, c);
+        let (a, b) = bounds(c);
         let cl = b - a;
         let s = a + k * cl / nsl;
         let e = a + (k + 1) * cl / nsl;
@@ -835,6 +862,25 @@ impl TcpRing {
                 ),
             });
         }
+        Self::connect_next(listener, rank, world, &addrs[(rank + 1) % world], cfg)
+    }
+
+    /// [`TcpRing::connect`] knowing only the address of the next rank (`rank + 1` mod
+    /// `world`), which is all a ring needs: what the coordinator hands each rank, so that its
+    /// join replies stay O(1) in the world size.
+    pub fn connect_next<A: ToSocketAddrs>(
+        listener: DataPlaneListener,
+        rank: usize,
+        world: usize,
+        next_addr: &A,
+        cfg: TcpRingConfig,
+    ) -> Result<TcpRing> {
+        if world == 0 || rank >= world {
+            return Err(CommError::InvalidArgument {
+                op: "TcpRing::connect",
+                detail: format!("rank {rank} in a world of {world}; need rank < world"),
+            });
+        }
         if cfg.timeout.is_zero() || cfg.setup_timeout.is_zero() || cfg.chunk_bytes < 4 {
             return Err(CommError::InvalidArgument {
                 op: "TcpRing::connect",
@@ -862,7 +908,7 @@ impl TcpRing {
         let next = (rank + 1) % world;
         let prev = (rank + world - 1) % world;
         let next_addr: SocketAddr =
-            addrs[next].to_socket_addrs().ok().and_then(|mut it| it.next()).ok_or_else(|| {
+            next_addr.to_socket_addrs().ok().and_then(|mut it| it.next()).ok_or_else(|| {
                 CommError::Setup(format!("the address of rank {next} does not resolve"))
             })?;
         let mut send = connect_retry(next_addr, next, deadline)?;
@@ -1552,6 +1598,46 @@ impl Communicator for TcpRing {
             self.rank,
             self.world,
             buf.len(),
+            self.cfg.chunk_bytes / 4,
+            true,
+            true,
+            scale,
+        );
+        let r = self.run_plan(ctx, f32_bytes_mut(buf), &plan);
+        self.finish(&ctx, r)
+    }
+
+    fn all_reduce_f32_part(
+        &mut self,
+        buf: &mut [f32],
+        offset: usize,
+        total: usize,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let ctx = self.begin(Op::AllReduceF32)?;
+        if offset.checked_add(buf.len()).is_none_or(|end| end > total) {
+            return Err(CommError::InvalidArgument {
+                op: ctx.op.name(),
+                detail: format!(
+                    "part {offset}..{offset}+{} lies outside the buffer of {total} elements",
+                    buf.len()
+                ),
+            });
+        }
+        if self.world == 1 {
+            return Ok(());
+        }
+        let scale = match op {
+            ReduceOp::Sum => None,
+            ReduceOp::Mean => Some(1.0 / self.world as f32),
+        };
+        let (len, world) = (buf.len(), self.world);
+        let bounds = |c: usize| part_bounds(total, offset, len, world, c);
+        let plan = ring_plan_with(
+            self.rank,
+            world,
+            len,
+            &bounds,
             self.cfg.chunk_bytes / 4,
             true,
             true,

@@ -330,3 +330,37 @@ fn invalid_arguments_are_errors() {
         assert!(matches!(e2, CommError::InvalidArgument { .. }));
     }
 }
+
+/// A buffer all-reduced in parts (gradient buckets, in any order and of any sizes, some cut
+/// across the whole buffer's chunks) equals one all-reduce of the whole buffer bitwise, at
+/// worlds where the order of the summation matters (3, 4 ranks); sums and means.
+#[test]
+fn parts_equal_the_whole_bitwise() {
+    for world in [2usize, 3, 4] {
+        let total = 20_011;
+        // Parts in a scattered order; they cover 0..total exactly once.
+        let cuts = [0usize, 17, 5_000, 6_667, 6_668, 13_340, 19_999, total];
+        let order = [4usize, 0, 6, 2, 5, 1, 3];
+        let results = run_ranks(tcp_group(world, &cfg()), |mut c| {
+            let r = c.rank();
+            let mut out = Vec::new();
+            for op in [ReduceOp::Sum, ReduceOp::Mean] {
+                let input: Vec<f32> = (0..total).map(|i| val(r, i, 3)).collect();
+                let mut whole = input.clone();
+                c.all_reduce_f32(&mut whole, op).expect("all_reduce");
+                let mut parts = input.clone();
+                for &k in &order {
+                    let (a, b) = (cuts[k], cuts[k + 1]);
+                    c.all_reduce_f32_part(&mut parts[a..b], a, total, op).expect("part");
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&parts), bits(&whole), "world {world}, {op:?}");
+                out.push(parts);
+            }
+            let e = c.all_reduce_f32_part(&mut [0.0; 4], total - 2, total, ReduceOp::Sum);
+            assert!(matches!(e, Err(CommError::InvalidArgument { .. })), "{e:?}");
+            out
+        });
+        assert_bitwise_identical(&results);
+    }
+}

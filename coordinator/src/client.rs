@@ -1,12 +1,16 @@
 //! Blocking client for rank processes. It owns a small tokio runtime (one worker thread), so
 //! rank code stays synchronous and the monitor (heartbeats + Watch) runs in the background.
 
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tessera_proto::TOKEN_METADATA_KEY;
 use tessera_proto::v1::coordinator_client::CoordinatorClient as GrpcClient;
+use tessera_proto::v1::heartbeat_relay_client::HeartbeatRelayClient;
 use tessera_proto::v1::{self as pb, watch_event};
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
@@ -17,6 +21,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
 use crate::error::{CoordinatorError, Result};
+use crate::relay::{PendingBeats, relay_store_key, serve_relay};
 use crate::types::{AbortInfo, JoinInfo, Membership, Progress};
 
 /// Adds the job token to every call.
@@ -88,9 +93,26 @@ pub struct CoordinatorClient {
     rt: Arc<OwnedRuntime>,
     grpc: Grpc,
     addr: String,
+    token: AsciiMetadataValue,
     rank: Mutex<Option<u32>>,
     finished: Arc<AtomicBool>,
 }
+
+/// Where a rank's heartbeats go (see [`crate::relay`]).
+#[derive(Debug)]
+pub enum HeartbeatRoute {
+    /// Straight to the coordinator, on one stream.
+    Direct,
+    /// This rank leads its node: it serves a relay on this listener for the node's other ranks
+    /// and forwards their beats with its own, one batch per interval.
+    Relay(std::net::TcpListener),
+    /// To the node's relay at this address; straight to the coordinator when the relay cannot
+    /// be reached or goes away.
+    ViaRelay(String),
+}
+
+/// How long a rank waits for its node leader to publish the relay's address.
+const RELAY_ADDR_WAIT: Duration = Duration::from_secs(10);
 
 fn check_addr(addr: &str) -> Result<String> {
     let bare = addr.strip_prefix("http://").unwrap_or(addr).trim_end_matches('/');
@@ -151,11 +173,12 @@ impl CoordinatorClient {
                 }
             }
         })?;
-        let grpc = GrpcClient::with_interceptor(channel, TokenInterceptor { token });
+        let grpc = GrpcClient::with_interceptor(channel, TokenInterceptor { token: token.clone() });
         Ok(Self {
             rt: Arc::new(OwnedRuntime(Some(rt))),
             grpc,
             addr,
+            token,
             rank: Mutex::new(None),
             finished: Arc::new(AtomicBool::new(false)),
         })
@@ -219,8 +242,8 @@ impl CoordinatorClient {
             node_rank: r.node_rank,
             num_nodes: r.num_nodes,
             generation: r.generation,
-            data_addrs: r.data_addrs,
-            hosts: r.hosts,
+            next_data_addr: r.next_data_addr,
+            node_leader: r.node_leader,
             heartbeat_interval: Duration::from_millis(u64::from(r.heartbeat_interval_ms)),
         })
     }
@@ -268,14 +291,73 @@ impl CoordinatorClient {
         Ok(())
     }
 
+    /// Decides where this rank's heartbeats go, after [`Self::join`]. With `relay` on and
+    /// other ranks on its node, the node's leader binds a relay listener on `bind_ip` (the
+    /// address its data plane uses) and publishes it in the store; the others read it (waiting
+    /// up to 10 s). Anything that fails here falls back to [`HeartbeatRoute::Direct`] with a
+    /// warning: a relay saves the coordinator work, it is never needed for correctness.
+    pub fn heartbeat_route(&self, m: &Membership, bind_ip: IpAddr, relay: bool) -> HeartbeatRoute {
+        if !relay || m.local_size < 2 {
+            return HeartbeatRoute::Direct;
+        }
+        let key = relay_store_key(m.generation, m.node_rank);
+        if m.rank == m.node_leader {
+            let bound = std::net::TcpListener::bind(SocketAddr::new(bind_ip, 0))
+                .and_then(|l| l.local_addr().map(|a| (l, a)));
+            let (listener, published) = match bound {
+                Ok((l, a)) => (Some(l), a.to_string()),
+                Err(e) => {
+                    tracing::warn!(
+                        "no heartbeat relay on this node: cannot listen on {bind_ip}: {e}; the \
+                         node's ranks heartbeat the coordinator directly"
+                    );
+                    (None, String::new())
+                }
+            };
+            if let Err(e) = self.store_set(&key, published.as_bytes()) {
+                tracing::warn!("could not publish the heartbeat relay's address: {e}");
+                return HeartbeatRoute::Direct;
+            }
+            match listener {
+                Some(l) => {
+                    tracing::info!(
+                        "relaying the heartbeats of {} ranks of node {} on {published}",
+                        m.local_size - 1,
+                        m.node_rank
+                    );
+                    HeartbeatRoute::Relay(l)
+                }
+                None => HeartbeatRoute::Direct,
+            }
+        } else {
+            match self.store_get(&key, RELAY_ADDR_WAIT) {
+                Ok(v) if !v.is_empty() => match String::from_utf8(v) {
+                    Ok(addr) => HeartbeatRoute::ViaRelay(addr),
+                    Err(_) => HeartbeatRoute::Direct,
+                },
+                Ok(_) => HeartbeatRoute::Direct,
+                Err(e) => {
+                    tracing::warn!(
+                        "no heartbeat relay address from rank {} ({e}); heartbeating the \
+                         coordinator directly",
+                        m.node_leader
+                    );
+                    HeartbeatRoute::Direct
+                }
+            }
+        }
+    }
+
     /// Starts heartbeats (every `interval`, carrying `progress`) and the Watch stream in the
     /// background. `on_abort` is called at most once: when the coordinator aborts the job, or
     /// when the coordinator is lost ("lost the coordinator at ADDR: ..."). It is not called
     /// after [`Self::finish`] or [`MonitorHandle::stop`].
+    /// Heartbeats follow `route` (see [`Self::heartbeat_route`]).
     pub fn start_monitor(
         &self,
         rank: u32,
         interval: Duration,
+        route: HeartbeatRoute,
         progress: Arc<ProgressCell>,
         on_abort: Box<dyn Fn(AbortInfo) + Send>,
     ) -> MonitorHandle {
@@ -283,8 +365,10 @@ impl CoordinatorClient {
         let task = Monitor {
             grpc: self.grpc.clone(),
             addr: self.addr.clone(),
+            token: self.token.clone(),
             rank,
             interval: interval.max(Duration::from_millis(10)),
+            route: Some(route),
             progress,
             finished: self.finished.clone(),
         };
@@ -300,10 +384,47 @@ fn millis(d: Duration) -> u64 {
 struct Monitor {
     grpc: Grpc,
     addr: String,
+    token: AsciiMetadataValue,
     rank: u32,
     interval: Duration,
+    /// Taken when the heartbeat stream opens.
+    route: Option<HeartbeatRoute>,
     progress: Arc<ProgressCell>,
     finished: Arc<AtomicBool>,
+}
+
+type BeatsCall = Pin<
+    Box<
+        dyn Future<Output = std::result::Result<tonic::Response<pb::HeartbeatReply>, Status>>
+            + Send,
+    >,
+>;
+
+/// The open heartbeat stream of a monitor.
+enum Upstream {
+    /// One beat per message, to the coordinator or to the node's relay (`via_relay`).
+    Beats { tx: tokio::sync::mpsc::Sender<pb::HeartbeatRequest>, via_relay: bool },
+    /// This rank relays: one batch per interval to the coordinator; the relay server is
+    /// aborted when this is dropped.
+    Batches {
+        tx: tokio::sync::mpsc::Sender<pb::HeartbeatBatch>,
+        pending: Arc<PendingBeats>,
+        _relay_server: AbortOnDrop,
+    },
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn stream_of<T: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<T>,
+) -> tokio_stream::wrappers::ReceiverStream<T> {
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 impl Monitor {
@@ -338,10 +459,8 @@ impl Monitor {
         let hb_limit = (self.interval * 5).max(Duration::from_secs(5));
         // Heartbeats travel on one long-lived stream; the call returns only when the
         // coordinator ends it (a refusal, e.g. the job failed) or the connection breaks.
-        let (beat_tx, beat_rx) = tokio::sync::mpsc::channel::<pb::HeartbeatRequest>(4);
-        let mut grpc = self.grpc.clone();
-        let beats = grpc.heartbeats(tokio_stream::wrappers::ReceiverStream::new(beat_rx));
-        tokio::pin!(beats);
+        let route = self.route.take().unwrap_or(HeartbeatRoute::Direct);
+        let (mut upstream, mut beats) = self.open_upstream(route).await;
         loop {
             tokio::select! {
                 biased;
@@ -360,6 +479,17 @@ impl Monitor {
                 ended = &mut beats => {
                     if self.finished.load(Ordering::SeqCst) {
                         return None;
+                    }
+                    if let Upstream::Beats { via_relay: true, .. } = upstream {
+                        // The node's leader went away (finished, or died: then the
+                        // coordinator names it); carry on straight to the coordinator.
+                        tracing::warn!(
+                            "the heartbeat relay went away ({}); heartbeating the coordinator \
+                             directly",
+                            match &ended { Ok(_) => "stream ended".to_owned(), Err(s) => status_text(s) }
+                        );
+                        (upstream, beats) = self.open_upstream(HeartbeatRoute::Direct).await;
+                        continue;
                     }
                     let s = match ended {
                         Ok(_) => return Some(self.lost("the heartbeat stream ended")),
@@ -388,13 +518,86 @@ impl Monitor {
                         samples: p.map(|p| p.samples),
                         b_simple: p.and_then(|p| p.b_simple),
                     };
-                    // A coordinator that stops reading lets the stream's buffer fill up.
-                    if tokio::time::timeout(hb_limit, beat_tx.send(req)).await.is_err() {
+                    // A coordinator that stops reading lets the stream's buffer fill up. (A
+                    // closed channel means the call ended: the branch above sees why.)
+                    let taken = match &upstream {
+                        Upstream::Beats { tx, .. } => {
+                            tokio::time::timeout(hb_limit, tx.send(req)).await.is_ok()
+                        }
+                        Upstream::Batches { tx, pending, .. } => {
+                            let batch = pending.take_batch(self.rank, req);
+                            tokio::time::timeout(hb_limit, tx.send(batch)).await.is_ok()
+                        }
+                    };
+                    if !taken {
+                        if let Upstream::Beats { via_relay: true, .. } = upstream {
+                            tracing::warn!(
+                                "the heartbeat relay took no heartbeat within {hb_limit:?}; \
+                                 heartbeating the coordinator directly"
+                            );
+                            (upstream, beats) = self.open_upstream(HeartbeatRoute::Direct).await;
+                            continue;
+                        }
                         return Some(self.lost(format!("heartbeats not taken within {hb_limit:?}")));
                     }
                 }
             }
         }
+    }
+
+    /// Opens the heartbeat stream for `route`; a relay that cannot be used falls back to the
+    /// coordinator.
+    async fn open_upstream(&self, route: HeartbeatRoute) -> (Upstream, BeatsCall) {
+        match route {
+            HeartbeatRoute::Direct => {}
+            HeartbeatRoute::Relay(listener) => {
+                let listener = listener
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::TcpListener::from_std(listener));
+                match listener {
+                    Ok(listener) => {
+                        let pending = PendingBeats::new();
+                        let token = self.token.to_str().unwrap_or_default().to_owned();
+                        let served = pending.clone();
+                        let server = tokio::spawn(async move {
+                            if let Err(e) =
+                                serve_relay(listener, &token, served, std::future::pending()).await
+                            {
+                                tracing::warn!("the heartbeat relay stopped: {e}");
+                            }
+                        });
+                        let (tx, rx) = tokio::sync::mpsc::channel::<pb::HeartbeatBatch>(4);
+                        let mut grpc = self.grpc.clone();
+                        let call: BeatsCall =
+                            Box::pin(async move { grpc.relayed_heartbeats(stream_of(rx)).await });
+                        let server = AbortOnDrop(server);
+                        return (Upstream::Batches { tx, pending, _relay_server: server }, call);
+                    }
+                    Err(e) => tracing::warn!(
+                        "cannot serve the heartbeat relay ({e}); the node's ranks fall back to \
+                         the coordinator"
+                    ),
+                }
+            }
+            HeartbeatRoute::ViaRelay(addr) => {
+                match connect_relay(&addr, self.token.clone()).await {
+                    Ok(mut relay) => {
+                        let (tx, rx) = tokio::sync::mpsc::channel::<pb::HeartbeatRequest>(4);
+                        let call: BeatsCall =
+                            Box::pin(async move { relay.heartbeats(stream_of(rx)).await });
+                        return (Upstream::Beats { tx, via_relay: true }, call);
+                    }
+                    Err(e) => tracing::warn!(
+                        "cannot reach the heartbeat relay at {addr} ({e}); heartbeating the \
+                         coordinator directly"
+                    ),
+                }
+            }
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::HeartbeatRequest>(4);
+        let mut grpc = self.grpc.clone();
+        let call: BeatsCall = Box::pin(async move { grpc.heartbeats(stream_of(rx)).await });
+        (Upstream::Beats { tx, via_relay: false }, call)
     }
 
     /// A refused call: a job abort the coordinator explains, or a lost coordinator.
@@ -408,6 +611,27 @@ impl Monitor {
             _ => self.lost(status_text(&s)),
         }
     }
+}
+
+type RelayGrpc = HeartbeatRelayClient<InterceptedService<Channel, TokenInterceptor>>;
+
+/// Connects to a node's heartbeat relay (within 2 s), with the same PINGs as the coordinator
+/// connection, so a relay that hangs is noticed and left.
+async fn connect_relay(
+    addr: &str,
+    token: AsciiMetadataValue,
+) -> std::result::Result<RelayGrpc, String> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE)
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(HeartbeatRelayClient::with_interceptor(channel, TokenInterceptor { token }))
 }
 
 fn status_text(s: &Status) -> String {

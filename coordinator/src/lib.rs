@@ -4,11 +4,12 @@
 
 pub mod client;
 pub mod error;
+pub mod relay;
 pub mod server;
 pub mod state;
 pub mod types;
 
-pub use client::{CoordinatorClient, MonitorHandle, ProgressCell};
+pub use client::{CoordinatorClient, HeartbeatRoute, MonitorHandle, ProgressCell};
 pub use error::{CoordinatorError, Result};
 pub use server::{
     BlockingCoordinator, CoordinatorConfig, CoordinatorHandle, generate_token, run_standalone,

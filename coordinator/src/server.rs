@@ -157,19 +157,22 @@ fn deadline_after(ms: u64) -> Option<tokio::time::Instant> {
     if ms == 0 { None } else { Some(tokio::time::Instant::now() + Duration::from_millis(ms)) }
 }
 
+/// The progress a heartbeat carries, if any.
+fn beat_progress(r: &pb::HeartbeatRequest) -> Option<Progress> {
+    (r.step.is_some() || r.loss.is_some() || r.samples.is_some()).then(|| Progress {
+        step: r.step.unwrap_or(0),
+        loss: r.loss,
+        samples: r.samples.unwrap_or(0),
+        b_simple: r.b_simple,
+    })
+}
+
 impl Service {
     /// One heartbeat, from a unary call or a heartbeat stream.
     fn on_beat(&self, r: pb::HeartbeatRequest) -> Result<(), Status> {
-        let progress =
-            (r.step.is_some() || r.loss.is_some() || r.samples.is_some()).then(|| Progress {
-                step: r.step.unwrap_or(0),
-                loss: r.loss,
-                samples: r.samples.unwrap_or(0),
-                b_simple: r.b_simple,
-            });
         self.shared
             .lock()
-            .on_heartbeat(r.rank, progress, Instant::now())
+            .on_heartbeat(r.rank, beat_progress(&r), Instant::now())
             .map_err(|r| refusal_status(&r))
     }
 }
@@ -213,10 +216,10 @@ impl Coordinator for Service {
             node_rank: m.node_rank,
             num_nodes: m.num_nodes,
             generation: m.generation,
-            data_addrs: m.data_addrs,
             heartbeat_interval_ms: u32::try_from(m.heartbeat_interval.as_millis())
                 .unwrap_or(u32::MAX),
-            hosts: m.hosts,
+            next_data_addr: m.next_data_addr,
+            node_leader: m.node_leader,
         }))
     }
 
@@ -319,6 +322,23 @@ impl Coordinator for Service {
         Ok(Response::new(pb::HeartbeatReply {}))
     }
 
+    async fn relayed_heartbeats(
+        &self,
+        req: Request<tonic::Streaming<pb::HeartbeatBatch>>,
+    ) -> Result<Response<pb::HeartbeatReply>, Status> {
+        let mut batches = req.into_inner();
+        let mut beats = Vec::new();
+        while let Some(b) = batches.message().await? {
+            beats.clear();
+            beats.extend(b.beats.iter().map(|r| (r.rank, beat_progress(r))));
+            self.shared
+                .lock()
+                .on_relayed_heartbeats(b.relay, &beats, Instant::now())
+                .map_err(|r| refusal_status(&r))?;
+        }
+        Ok(Response::new(pb::HeartbeatReply {}))
+    }
+
     async fn report_error(
         &self,
         req: Request<pb::ReportErrorRequest>,
@@ -376,8 +396,8 @@ impl Coordinator for Service {
 
 /// Checks the job token on every call.
 #[derive(Clone)]
-struct TokenCheck {
-    token: Arc<str>,
+pub(crate) struct TokenCheck {
+    pub(crate) token: Arc<str>,
 }
 
 impl Interceptor for TokenCheck {

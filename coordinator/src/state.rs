@@ -92,6 +92,13 @@ struct Member {
     info: JoinInfo,
     membership: Membership,
     last_heartbeat: Instant,
+    /// The relay that forwarded the last heartbeat (`None`: the rank sent it itself, or none
+    /// arrived yet).
+    relayed_by: Option<u32>,
+    /// Whether any heartbeat of this rank arrived yet.
+    heard: bool,
+    /// Whether this rank forwards its node's heartbeats (it sent a batch).
+    relays: bool,
     progress: Option<Progress>,
     finished: bool,
 }
@@ -304,28 +311,26 @@ impl CoordinatorState {
             });
             order
         };
-        // Nodes ordered by the lowest rank on them.
-        let mut hosts: Vec<&str> = Vec::new();
-        for &t in &order {
-            let h = self.joiners[t].host.as_str();
-            if !hosts.contains(&h) {
-                hosts.push(h);
-            }
+        // Nodes ordered by the lowest rank on them; per node: (node rank, size, leader rank).
+        // Everything here is O(world): replies to thousands of ranks are formed at once.
+        let mut nodes: HashMap<&str, (u32, u32, u32)> = HashMap::new();
+        for (rank, &t) in order.iter().enumerate() {
+            let next_node = nodes.len() as u32;
+            nodes.entry(self.joiners[t].host.as_str()).or_insert((next_node, 0, rank as u32)).1 +=
+                1;
         }
-        let data_addrs: Vec<String> =
-            order.iter().map(|&t| self.joiners[t].data_addr.clone()).collect();
-        let rank_hosts: Vec<String> = order.iter().map(|&t| self.joiners[t].host.clone()).collect();
+        let num_nodes = nodes.len() as u32;
         let mut assignment = vec![0u32; world];
         let mut members = Vec::with_capacity(world);
         let mut next_local: HashMap<&str, u32> = HashMap::new();
         for (rank, &t) in order.iter().enumerate() {
             let info = &self.joiners[t];
             let host = info.host.as_str();
-            let local_size = rank_hosts.iter().filter(|h| *h == host).count() as u32;
+            let (node_rank, local_size, node_leader) = nodes[host];
             let local = next_local.entry(host).or_insert(0);
             let local_rank = *local;
             *local += 1;
-            let node_rank = hosts.iter().position(|h| *h == host).unwrap_or(0) as u32;
+            let next_data_addr = self.joiners[order[(rank + 1) % world]].data_addr.clone();
             assignment[t] = rank as u32;
             members.push(Member {
                 info: info.clone(),
@@ -335,13 +340,16 @@ impl CoordinatorState {
                     local_rank,
                     local_size,
                     node_rank,
-                    num_nodes: hosts.len() as u32,
+                    num_nodes,
                     generation: self.cfg.generation,
-                    data_addrs: data_addrs.clone(),
-                    hosts: rank_hosts.clone(),
+                    next_data_addr,
+                    node_leader,
                     heartbeat_interval: self.cfg.heartbeat_interval,
                 },
                 last_heartbeat: now,
+                relayed_by: None,
+                heard: false,
+                relays: false,
                 progress: None,
                 finished: false,
             });
@@ -449,12 +457,59 @@ impl CoordinatorState {
             return Err(refusal.clone());
         }
         self.check_rank(rank, "heartbeat")?;
+        self.beat(rank, None, progress, now);
+        Ok(())
+    }
+
+    /// A batch of heartbeats forwarded by `relay`, the leader of their node (its own beat
+    /// among them). The whole batch is refused if any beat in it names a rank that does not
+    /// exist or lives on another node than the relay.
+    pub fn on_relayed_heartbeats(
+        &mut self,
+        relay: u32,
+        beats: &[(u32, Option<Progress>)],
+        now: Instant,
+    ) -> Result<(), Refusal> {
+        if let Some(refusal) = self.failure() {
+            return Err(refusal.clone());
+        }
+        self.check_rank(relay, "relayed heartbeats")?;
+        let node = self.members[relay as usize].membership.node_rank;
+        for &(rank, _) in beats {
+            self.check_rank(rank, "relayed heartbeat")?;
+            if self.members[rank as usize].membership.node_rank != node {
+                return Err(Refusal::new(
+                    RefusalKind::InvalidArgument,
+                    format!(
+                        "rank {relay} relayed a heartbeat of rank {rank}, which is on node {} \
+                         while the relay is on node {node}: ranks relay only through their own \
+                         node's leader",
+                        self.members[rank as usize].membership.node_rank
+                    ),
+                ));
+            }
+        }
+        self.members[relay as usize].relays = true;
+        for &(rank, progress) in beats {
+            self.beat(rank, (rank != relay).then_some(relay), progress, now);
+        }
+        Ok(())
+    }
+
+    fn beat(
+        &mut self,
+        rank: u32,
+        relayed_by: Option<u32>,
+        progress: Option<Progress>,
+        now: Instant,
+    ) {
         let m = &mut self.members[rank as usize];
         m.last_heartbeat = now;
+        m.relayed_by = relayed_by;
+        m.heard = true;
         if progress.is_some() {
             m.progress = progress;
         }
-        Ok(())
     }
 
     /// A rank declares it failed: every rank is aborted.
@@ -521,22 +576,61 @@ impl CoordinatorState {
                     .map(|(r, m)| (r, now.saturating_duration_since(m.last_heartbeat)))
                     .filter(|(_, silent)| *silent > self.cfg.heartbeat_timeout)
                     .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)));
-                match overdue {
-                    Some((rank, silent)) => {
-                        let message = format!(
-                            "{} missed its heartbeat budget: no heartbeat for {} (budget {}); \
-                             it died, hung or lost its connection to the coordinator",
-                            self.describe_rank(rank as u32),
-                            fmt_duration(silent),
-                            fmt_duration(self.cfg.heartbeat_timeout)
-                        );
-                        self.fail(Refusal::new(RefusalKind::Aborted, message), Some(rank as u32))
+                let Some((rank, silent)) = overdue else { return Vec::new() };
+                // A silent relay silences the ranks it relays for: blame the relay. Its last
+                // batch may be up to an interval younger than a relayed rank's last beat, so
+                // a relay that has missed two intervals is waited for until its own budget runs
+                // out.
+                let (rank, silent) = match self.relay_of(rank) {
+                    Some(relay) => {
+                        let m = &self.members[relay as usize];
+                        let relay_silent = now.saturating_duration_since(m.last_heartbeat);
+                        if m.finished {
+                            (rank, silent)
+                        } else if relay_silent > self.cfg.heartbeat_timeout {
+                            (relay as usize, relay_silent)
+                        } else if relay_silent > 2 * self.cfg.heartbeat_interval {
+                            return Vec::new();
+                        } else {
+                            (rank, silent)
+                        }
                     }
-                    None => Vec::new(),
-                }
+                    None => (rank, silent),
+                };
+                let relayed = (0..self.members.len())
+                    .filter(|&r| !self.members[r].finished && self.relay_of(r) == Some(rank as u32))
+                    .count();
+                let also = if relayed > 0 {
+                    format!(
+                        " (it also relays the heartbeats of {relayed} other {} of its node)",
+                        ranks_word(relayed)
+                    )
+                } else {
+                    String::new()
+                };
+                let message = format!(
+                    "{} missed its heartbeat budget: no heartbeat for {} (budget {}){also}; it \
+                     died, hung or lost its connection to the coordinator",
+                    self.describe_rank(rank as u32),
+                    fmt_duration(silent),
+                    fmt_duration(self.cfg.heartbeat_timeout)
+                );
+                self.fail(Refusal::new(RefusalKind::Aborted, message), Some(rank as u32))
             }
             _ => Vec::new(),
         }
+    }
+
+    /// The relay rank `rank`'s heartbeats go through: the one that forwarded its last beat,
+    /// or, for a rank never heard from, its node leader if that relays (the relay may have
+    /// stopped before its first batch with that rank in it).
+    fn relay_of(&self, rank: usize) -> Option<u32> {
+        let m = &self.members[rank];
+        let leader = m.membership.node_leader;
+        m.relayed_by.or_else(|| {
+            (!m.heard && leader as usize != rank && self.members[leader as usize].relays)
+                .then_some(leader)
+        })
     }
 
     fn join_timeout_message(&self) -> String {

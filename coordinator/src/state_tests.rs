@@ -62,7 +62,10 @@ fn dense_launcher_ranks_are_used() {
         t0,
     );
     assert_eq!(ms.iter().map(|m| m.rank).collect::<Vec<_>>(), vec![2, 0, 1]);
-    assert_eq!(ms[0].data_addrs, vec!["b:2", "c:3", "a:1"]);
+    // Ranks 0, 1, 2 are b, c, a: each gets the next rank's data address only.
+    assert_eq!(ms[1].next_data_addr, "c:3");
+    assert_eq!(ms[2].next_data_addr, "a:1");
+    assert_eq!(ms[0].next_data_addr, "b:2");
     // Three hosts: node ranks follow the lowest rank on each host.
     assert_eq!(ms[1].node_rank, 0);
     assert_eq!(ms[2].node_rank, 1);
@@ -138,7 +141,116 @@ fn several_hosts_give_local_and_node_ranks() {
         ]
     );
     assert!(ms.iter().all(|m| m.num_nodes == 2 && m.world == 5));
-    assert_eq!(ms[0].hosts, vec!["n1", "n1", "n1", "n2", "n2"]);
+    // The node leaders are the local ranks 0: rank 0 on n1, rank 3 on n2.
+    let leaders: Vec<u32> = ms.iter().map(|m| m.node_leader).collect();
+    assert_eq!(leaders, vec![3, 0, 3, 0, 0]);
+}
+
+/// Five ranks on two hosts: n1 holds ranks 0..3 (leader 0), n2 ranks 3..5 (leader 3).
+fn two_nodes(t0: Instant) -> CoordinatorState {
+    let mut s = CoordinatorState::new(cfg(5), t0).unwrap();
+    let hosts = ["n1", "n1", "n1", "n2", "n2"];
+    join_all(
+        &mut s,
+        (0..5).map(|i| joiner(hosts[i], None, 10 + i as u32, Some(i as u32))).collect(),
+        t0,
+    );
+    s
+}
+
+#[test]
+fn relayed_heartbeats_keep_each_rank_alive_and_a_silent_rank_is_named_itself() {
+    let t0 = Instant::now();
+    let mut s = two_nodes(t0);
+    let t = |secs: u64| t0 + Duration::from_secs(secs);
+    for sec in 1..=12 {
+        // Rank 2 stops beating after 3 s: its relay (rank 0) no longer forwards it.
+        let node1: Vec<(u32, Option<Progress>)> = if sec <= 3 {
+            vec![(0, None), (1, None), (2, None)]
+        } else {
+            vec![(0, None), (1, None)]
+        };
+        s.on_relayed_heartbeats(0, &node1, t(sec)).unwrap();
+        s.on_relayed_heartbeats(3, &[(3, None), (4, None)], t(sec)).unwrap();
+        assert!(s.tick(t(sec)).is_empty(), "second {sec}");
+    }
+    let d = s.tick(t(13) + Duration::from_millis(200));
+    let [Decision::Abort(abort)] = d.as_slice() else { panic!("expected an abort, got {d:?}") };
+    assert_eq!(abort.rank, Some(2));
+    assert!(
+        abort.reason.starts_with("rank 2 (host n1, pid 12) missed its heartbeat budget"),
+        "{}",
+        abort.reason
+    );
+}
+
+#[test]
+fn a_silent_relay_is_named_not_the_ranks_it_relays() {
+    let t0 = Instant::now();
+    let mut s = two_nodes(t0);
+    let t = |secs: u64| t0 + Duration::from_secs(secs);
+    // Node n2's relay (rank 3) forwards rank 4 until second 2 and its own beats until second
+    // 3 (rank 4's last beat missed the last batch), then goes silent; node n1 beats on. Rank
+    // 4 runs out of budget first, but the relay is the one to name.
+    for sec in 1..=14 {
+        s.on_relayed_heartbeats(0, &[(0, None), (1, None), (2, None)], t(sec)).unwrap();
+        if sec <= 2 {
+            // Rank 4's beat listed first: the relay must still be named, whatever the order.
+            s.on_relayed_heartbeats(3, &[(4, None), (3, None)], t(sec)).unwrap();
+        } else if sec == 3 {
+            s.on_relayed_heartbeats(3, &[(3, None)], t(sec)).unwrap();
+        }
+        let d = s.tick(t(sec) + Duration::from_millis(500));
+        if sec <= 12 {
+            assert!(d.is_empty(), "second {sec}: {d:?}");
+        } else {
+            let [Decision::Abort(abort)] = d.as_slice() else { panic!("{d:?}") };
+            assert_eq!(abort.rank, Some(3));
+            assert!(abort.reason.contains("rank 3 (host n2, pid 13) missed its heartbeat budget"));
+            assert!(
+                abort.reason.contains("it also relays the heartbeats of 1 other rank of its node"),
+                "{}",
+                abort.reason
+            );
+            return;
+        }
+    }
+    panic!("no abort");
+}
+
+#[test]
+fn a_relay_that_stops_before_forwarding_a_rank_is_named() {
+    let t0 = Instant::now();
+    let mut s = two_nodes(t0);
+    let t = |ms: u64| t0 + Duration::from_millis(ms);
+    // Rank 3's first batch holds only its own beat (rank 4 had not connected yet), then it
+    // stops; node n1 beats on. Rank 4, never heard from, is the first out of budget.
+    s.on_relayed_heartbeats(3, &[(3, None)], t(500)).unwrap();
+    for sec in 1..=10 {
+        s.on_relayed_heartbeats(0, &[(0, None), (1, None), (2, None)], t(sec * 1000)).unwrap();
+        assert!(s.tick(t(sec * 1000)).is_empty(), "second {sec}");
+    }
+    // Rank 4 is out of budget, its relay not quite yet: wait for the relay's verdict.
+    assert!(s.tick(t(10_200)).is_empty());
+    let d = s.tick(t(10_600));
+    let [Decision::Abort(abort)] = d.as_slice() else { panic!("{d:?}") };
+    assert_eq!(abort.rank, Some(3), "{}", abort.reason);
+    assert!(abort.reason.contains("relays the heartbeats of 1 other rank"), "{}", abort.reason);
+}
+
+#[test]
+fn a_relay_may_only_forward_ranks_of_its_own_node() {
+    let t0 = Instant::now();
+    let mut s = two_nodes(t0);
+    let err = s.on_relayed_heartbeats(0, &[(0, None), (4, None)], t0).unwrap_err();
+    assert_eq!(err.kind, RefusalKind::InvalidArgument);
+    assert!(
+        err.message.contains("rank 0 relayed a heartbeat of rank 4, which is on node 1"),
+        "{}",
+        err.message
+    );
+    let err = s.on_relayed_heartbeats(0, &[(9, None)], t0).unwrap_err();
+    assert!(err.message.contains("rank 9"), "{}", err.message);
 }
 
 #[test]

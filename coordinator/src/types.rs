@@ -35,10 +35,10 @@ pub struct Membership {
     pub node_rank: u32,
     pub num_nodes: u32,
     pub generation: u64,
-    /// Data-plane address of every rank, indexed by rank.
-    pub data_addrs: Vec<String>,
-    /// Host of every rank, indexed by rank.
-    pub hosts: Vec<String>,
+    /// Data-plane address of rank `(rank + 1) % world`, the only peer a ring connects to.
+    pub next_data_addr: String,
+    /// The rank of local rank 0 on this rank's node: the node's heartbeat relay.
+    pub node_leader: u32,
     /// How often the rank should send heartbeats.
     pub heartbeat_interval: Duration,
 }

@@ -6,8 +6,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use tessera_coordinator::{
-    AbortInfo, CoordinatorClient, CoordinatorConfig, CoordinatorError, CoordinatorHandle, JoinInfo,
-    Membership, Progress, ProgressCell, serve,
+    AbortInfo, CoordinatorClient, CoordinatorConfig, CoordinatorError, CoordinatorHandle,
+    HeartbeatRoute, JoinInfo, Membership, Progress, ProgressCell, serve,
 };
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::coordinator_client::CoordinatorClient as RawClient;
@@ -151,9 +151,9 @@ fn rendezvous_of_1_2_4_8_ranks() {
             assert_eq!((m.node_rank, m.num_nodes), (0, 1));
             assert_eq!(m.generation, 1);
             assert_eq!(m.heartbeat_interval, Duration::from_millis(100));
-            let expected: Vec<String> =
-                (0..n).map(|r| format!("127.0.0.1:{}", 40100 + r)).collect();
-            assert_eq!(m.data_addrs, expected);
+            // Each rank learns the next rank's data address, and who relays its node's beats.
+            assert_eq!(m.next_data_addr, format!("127.0.0.1:{}", 40100 + (m.rank + 1) % n));
+            assert_eq!(m.node_leader, 0);
             seen[m.rank as usize] = true;
         }
         assert!(seen.iter().all(|s| *s));
@@ -340,10 +340,16 @@ fn joining_a_full_world_is_refused() {
 
 type Aborts = mpsc::Receiver<(u32, AbortInfo)>;
 
+type Monitors = (Vec<tessera_coordinator::MonitorHandle>, Aborts, Vec<Arc<ProgressCell>>);
+
 /// Starts a monitor on every given client; aborts arrive on the returned channel.
-fn monitors(
-    clients: &[(CoordinatorClient, Membership)],
-) -> (Vec<tessera_coordinator::MonitorHandle>, Aborts, Vec<Arc<ProgressCell>>) {
+fn monitors(clients: &[(CoordinatorClient, Membership)]) -> Monitors {
+    monitors_routed(clients, false)
+}
+
+/// [`monitors`], with the node's heartbeats through its leader's relay when `relay` (all test
+/// ranks are on one host; the leader, rank 0, must come first).
+fn monitors_routed(clients: &[(CoordinatorClient, Membership)], relay: bool) -> Monitors {
     let (tx, rx) = mpsc::channel();
     let mut handles = Vec::new();
     let mut cells = Vec::new();
@@ -352,9 +358,17 @@ fn monitors(
         let rank = m.rank;
         let cell = Arc::new(ProgressCell::new());
         cells.push(cell.clone());
+        let route = c.heartbeat_route(m, std::net::Ipv4Addr::LOCALHOST.into(), relay);
+        match (relay, m.rank == m.node_leader, &route) {
+            (false, _, HeartbeatRoute::Direct)
+            | (true, true, HeartbeatRoute::Relay(_))
+            | (true, false, HeartbeatRoute::ViaRelay(_)) => {}
+            _ => panic!("rank {rank} (relay {relay}) got route {route:?}"),
+        }
         handles.push(c.start_monitor(
             m.rank,
             m.heartbeat_interval,
+            route,
             cell,
             Box::new(move |a| {
                 let _ = tx.send((rank, a));
@@ -402,6 +416,48 @@ fn silent_rank_aborts_the_others_naming_it() {
     let err = clients[0].0.barrier("after", T).unwrap_err();
     assert_eq!(rpc_code(&err), tonic::Code::Aborted);
     assert!(err.to_string().contains("rank 2"), "{err}");
+}
+
+#[test]
+fn silent_rank_behind_a_relay_is_named_itself() {
+    let server = short_budget(3);
+    let clients = joined(&server.addr, 3);
+    // Ranks 0 (the relay) and 1 heartbeat through it; rank 2 never heartbeats.
+    let (_m, rx, _) = monitors_routed(&clients[..2], true);
+    for (r, a) in expect_aborts(&rx, 2) {
+        assert_eq!(a.rank, Some(2), "rank {r} got {a:?}");
+        assert!(a.reason.contains("rank 2 (host localhost, pid 102) missed its heartbeat budget"));
+    }
+}
+
+#[test]
+fn relayed_progress_arrives_and_the_others_outlive_their_relay() {
+    let server = short_budget(3);
+    let mut clients = joined(&server.addr, 3);
+    let (mut handles, rx, cells) = monitors_routed(&clients, true);
+    cells[2].set(Progress { step: 7, loss: Some(0.25), samples: 70, b_simple: None });
+    let deadline = Instant::now() + T;
+    while server.handle().progress()[2].progress.is_none() {
+        assert!(Instant::now() < deadline, "relayed progress never arrived");
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(server.handle().progress()[2].progress.unwrap().step, 7);
+    // The relay (rank 0) finishes and goes away; ranks 1 and 2 must carry on by themselves
+    // past the 1 s heartbeat budget.
+    let (c0, _) = clients.remove(0);
+    c0.finish().unwrap();
+    handles.remove(0).stop();
+    drop(c0);
+    thread::sleep(Duration::from_millis(2000));
+    assert!(rx.try_recv().is_err(), "losing the relay caused an abort");
+    assert!(server.handle().abort_info().is_none());
+    let p = server.handle().progress();
+    assert!(p[1].since_heartbeat < Duration::from_secs(1), "{p:?}");
+    assert!(p[2].since_heartbeat < Duration::from_secs(1), "{p:?}");
+    for (c, _) in &clients {
+        c.finish().unwrap();
+    }
+    server.wait().unwrap();
 }
 
 #[test]

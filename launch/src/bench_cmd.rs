@@ -20,6 +20,9 @@ pub enum BenchCommand {
     /// The noise-scale estimator through real rank processes on problems whose B_simple is
     /// known exactly (mean estimation, isotropic linear regression), parameters frozen.
     Gns(GnsArgs),
+    /// The noise scale on a contrastive loss at one parameter point: Tessera's estimate (rank
+    /// shares of the global loss's gradient) against independent repeated batches.
+    GnsContrastive(crate::bench_caveat::CaveatArgs),
     /// Every collective in N local rank processes, checked against a naive reference.
     CollectivesSelftest {
         /// Rank processes to start on this machine.
@@ -80,6 +83,12 @@ pub struct LossArgs {
     /// Do not run the naive loss (it needs b×B floats of logits per rank).
     #[arg(long)]
     pub skip_naive: bool,
+    /// Rows per tile of the tiled loss (0: the library default).
+    #[arg(long, default_value_t = 0)]
+    pub tile_rows: usize,
+    /// Columns per tile of the tiled loss (0: the library default).
+    #[arg(long, default_value_t = 0)]
+    pub tile_cols: usize,
     /// One JSON object per implementation instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -151,6 +160,7 @@ pub fn bench(cmd: BenchCommand) -> Result<ExitCode> {
         }
         BenchCommand::Loss(a) => launch(a.nproc, &benchmark_job("bench-loss", &a)?, 30.0),
         BenchCommand::Gns(a) => launch(a.nproc, &benchmark_job("bench-gns", &a)?, 30.0),
+        BenchCommand::GnsContrastive(a) => crate::bench_caveat::run(&a),
         BenchCommand::CollectivesSelftest { nproc } => {
             launch(nproc, &benchmark_job("collectives-selftest", &())?, 30.0)
         }
@@ -159,23 +169,24 @@ pub fn bench(cmd: BenchCommand) -> Result<ExitCode> {
         BenchCommand::Optim { params, names } => {
             println!(
                 "# optimizer step over {params} f32 parameters (one thread); bound: a copy of \
-                 the same bytes"
+                 the same bytes; step and copy timed in turn, fastest of `runs` each"
             );
             println!(
-                "{:>12} {:>10} {:>12} {:>10} {:>12} {:>8}",
-                "optimizer", "ms/step", "bytes/step", "GB/s", "copy GB/s", "ratio"
+                "{:>12} {:>10} {:>12} {:>10} {:>12} {:>8} {:>6}",
+                "optimizer", "ms/step", "bytes/step", "GB/s", "copy GB/s", "ratio", "runs"
             );
             for name in &names {
                 let r = tessera_rank::optim::bench_step(params, name)
                     .map_err(|e| anyhow::anyhow!("--names {name}: {e}"))?;
                 println!(
-                    "{:>12} {:>10.2} {:>12} {:>10.2} {:>12.2} {:>8.2}",
+                    "{:>12} {:>10.2} {:>12} {:>10.2} {:>12.2} {:>8.2} {:>6}",
                     r.name,
                     r.seconds_per_step * 1e3,
                     r.bytes_moved,
                     r.gbps,
                     r.memcpy_gbps,
-                    r.gbps / r.memcpy_gbps
+                    r.gbps / r.memcpy_gbps,
+                    r.runs
                 );
             }
             Ok(ExitCode::SUCCESS)
@@ -240,7 +251,12 @@ pub fn loss_rank(comm: &mut dyn Communicator, local_size: usize, job_args: &str)
         bail!("--batch must be at least the number of ranks and --dim at least 1");
     }
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let opts = RingLossOpts { threads: (cores / local_size.max(1)).max(1), ..Default::default() };
+    let dflt = RingLossOpts::default();
+    let opts = RingLossOpts {
+        threads: (cores / local_size.max(1)).max(1),
+        tile_rows: if a.tile_rows == 0 { dflt.tile_rows } else { a.tile_rows },
+        tile_cols: if a.tile_cols == 0 { dflt.tile_cols } else { a.tile_cols },
+    };
     let mut impls = vec![LossImpl::Tiled];
     if !a.skip_naive {
         impls.push(LossImpl::Naive);
@@ -248,12 +264,15 @@ pub fn loss_rank(comm: &mut dyn Communicator, local_size: usize, job_args: &str)
     let mut out = String::new();
     if !a.json {
         out += &format!(
-            "# contrastive loss forward+backward, B = {}, d = {}, {} ranks, {} thread(s) each\n\
+            "# contrastive loss forward+backward, B = {}, d = {}, {} ranks, {} thread(s) each, \
+             tiles {}×{}\n\
              #{:>8} {:>10} {:>9} {:>16} {:>12}\n",
             a.batch,
             a.dim,
             comm.world(),
             opts.threads,
+            opts.tile_rows,
+            opts.tile_cols,
             "impl",
             "time (s)",
             "GFLOP/s",

@@ -9,7 +9,10 @@
 //! last reply received (target: under 5 s). Phase "heartbeat": a fresh coordinator with
 //! `--heartbeat-ranks` ranks that heartbeat for `--seconds`; the coordinator's CPU during that
 //! window only, as a percentage of one core (target: under 5%). Every rank then finishes, and
-//! the coordinator must exit with status 0.
+//! the coordinator must exit with status 0. As real ranks do (`tessera rank
+//! --heartbeat-relay`, on by default), each simulated node's first rank serves a heartbeat
+//! relay (`tessera_coordinator::relay`) on loopback and the node's other ranks stream their
+//! beats to it; `--heartbeat-relay false` has every rank heartbeat the coordinator itself.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
@@ -20,8 +23,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Serialize;
+use tessera_coordinator::relay::{PendingBeats, serve_relay};
 use tessera_proto::TOKEN_METADATA_KEY;
 use tessera_proto::v1::coordinator_client::CoordinatorClient;
+use tessera_proto::v1::heartbeat_relay_client::HeartbeatRelayClient;
 use tessera_proto::v1::{self as pb, watch_event};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -43,6 +48,9 @@ pub struct CoordinatorBenchArgs {
     /// Length of the heartbeat window in seconds.
     #[arg(long, default_value_t = 10.0)]
     pub seconds: f64,
+    /// Heartbeats through one relay per simulated node, as ranks send them by default.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub heartbeat_relay: bool,
     /// One JSON object per phase instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -87,6 +95,12 @@ struct PhaseRow {
     heartbeats: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     heartbeats_per_s: Option<f64>,
+    /// Heartbeat phase: messages the coordinator received per second (batches when relayed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    coordinator_messages_per_s: Option<f64>,
+    /// Heartbeat phase: whether ranks heartbeat through their node's relay.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    heartbeat_relay: Option<bool>,
     /// Watch streams that delivered Done after every rank finished.
     #[serde(skip_serializing_if = "Option::is_none")]
     watch_done: Option<usize>,
@@ -133,7 +147,8 @@ pub fn bench_coordinator(a: &CoordinatorBenchArgs) -> Result<ExitCode> {
     }
     let join = rt.block_on(join_phase(a.join_ranks))?;
     print_row(&join, a.json)?;
-    let heartbeat = rt.block_on(heartbeat_phase(a.heartbeat_ranks, a.seconds))?;
+    let heartbeat =
+        rt.block_on(heartbeat_phase(a.heartbeat_ranks, a.seconds, a.heartbeat_relay))?;
     print_row(&heartbeat, a.json)?;
     rt.shutdown_timeout(Duration::from_secs(1));
     let mut problems = Vec::new();
@@ -362,6 +377,10 @@ impl Interceptor for Token {
 }
 
 type Grpc = CoordinatorClient<InterceptedService<Channel, Token>>;
+type RelayGrpc = HeartbeatRelayClient<InterceptedService<Channel, Token>>;
+type BeatsCall = std::pin::Pin<
+    Box<dyn Future<Output = Result<tonic::Response<pb::HeartbeatReply>, Status>> + Send>,
+>;
 
 fn bench_token() -> Result<AsciiMetadataValue> {
     let token = tessera_coordinator::generate_token();
@@ -421,6 +440,8 @@ fn join_request(i: usize, world: usize) -> pb::JoinRequest {
 /// What the whole world's join gave: each rank's number and the heartbeat interval.
 struct Joined {
     ranks: Vec<u32>,
+    /// The node leader (heartbeat relay) of each rank.
+    leaders: Vec<u32>,
     interval: Duration,
     /// First Join sent to last JoinReply received.
     seconds: f64,
@@ -437,11 +458,10 @@ async fn join_all(clients: &[Grpc]) -> Result<Joined> {
         set.spawn(async move {
             let reply = tokio::time::timeout(RPC_LIMIT, client.join(req)).await;
             let at = Instant::now();
-            // Keep the few fields a rank needs; the address lists are dropped at once.
             let reply = match reply {
                 Ok(Ok(r)) => {
                     let r = r.into_inner();
-                    Ok((r.rank, r.world, r.heartbeat_interval_ms, r.data_addrs.len()))
+                    Ok((r.rank, r.world, r.heartbeat_interval_ms, r.next_data_addr, r.node_leader))
                 }
                 Ok(Err(s)) => Err(format!("{} ({:?})", s.message(), s.code())),
                 Err(_) => Err(format!("no JoinReply within {RPC_LIMIT:?}")),
@@ -451,17 +471,26 @@ async fn join_all(clients: &[Grpc]) -> Result<Joined> {
     }
     let mut last = start;
     let mut ranks = vec![u32::MAX; n];
+    let mut leaders = vec![u32::MAX; n];
     let mut interval_ms = None;
     while let Some(done) = set.join_next().await {
         let (i, at, reply) = done.context("a joining task panicked")?;
-        let (rank, world, hb_ms, addrs) =
+        let (rank, world, hb_ms, next_addr, leader) =
             reply.map_err(|e| anyhow::anyhow!("simulated rank {i}: join failed: {e}"))?;
-        if world as usize != n || addrs != n {
-            bail!("simulated rank {i} was told world {world} with {addrs} addresses, expected {n}");
+        if world as usize != n {
+            bail!("simulated rank {i} was told world {world}, expected {n}");
         }
         if rank as usize != i {
             bail!("simulated rank {i} (launcher rank {i}) was given rank {rank}");
         }
+        let expected = join_request((i + 1) % n, n).data_addr;
+        if next_addr != expected {
+            bail!("simulated rank {i} was told next data address {next_addr}, expected {expected}");
+        }
+        if leader as usize != i / RANKS_PER_HOST * RANKS_PER_HOST {
+            bail!("simulated rank {i} was told node leader {leader}");
+        }
+        leaders[i] = leader;
         match interval_ms {
             None => interval_ms = Some(hb_ms),
             Some(ms) if ms != hb_ms => {
@@ -478,6 +507,7 @@ async fn join_all(clients: &[Grpc]) -> Result<Joined> {
     }
     Ok(Joined {
         ranks,
+        leaders,
         interval: Duration::from_millis(u64::from(interval_ms)),
         seconds: (last - start).as_secs_f64(),
     })
@@ -557,6 +587,8 @@ async fn join_phase(n: usize) -> Result<PhaseRow> {
         interval_s: None,
         heartbeats: None,
         heartbeats_per_s: None,
+        coordinator_messages_per_s: None,
+        heartbeat_relay: None,
         watch_done: None,
         coordinator_exit_ok: exit_ok,
         target: "join < 5 s",
@@ -572,10 +604,20 @@ struct RankRun {
     failures: Failures,
 }
 
+/// Where a simulated rank sends its heartbeats.
+enum Upstream {
+    /// To the coordinator, one message per beat.
+    Direct(Grpc),
+    /// This rank relays its node: a batch of the beats in `PendingBeats` with its own.
+    Relay(Grpc, Arc<PendingBeats>),
+    /// To the node's relay.
+    ViaRelay(RelayGrpc),
+}
+
 /// One simulated rank's monitor, like the real client's: heartbeats every `interval` from
 /// `first` on (the Watch stream listened to meanwhile) until `end`.
 async fn heartbeat_rank(
-    mut client: Grpc,
+    upstream: Upstream,
     mut stream: Streaming<pb::WatchEvent>,
     rank: u32,
     first: Instant,
@@ -591,7 +633,16 @@ async fn heartbeat_rank(
     let mut step = 0u64;
     // As a rank's monitor does: one long-lived heartbeat stream.
     let (beat_tx, beat_rx) = tokio::sync::mpsc::channel::<pb::HeartbeatRequest>(4);
-    let beats = client.heartbeats(tokio_stream::wrappers::ReceiverStream::new(beat_rx));
+    let (batch_tx, batch_rx) = tokio::sync::mpsc::channel::<pb::HeartbeatBatch>(4);
+    let beats_rx = tokio_stream::wrappers::ReceiverStream::new(beat_rx);
+    let batches_rx = tokio_stream::wrappers::ReceiverStream::new(batch_rx);
+    let (pending, beats): (Option<Arc<PendingBeats>>, BeatsCall) = match upstream {
+        Upstream::Direct(mut c) => (None, Box::pin(async move { c.heartbeats(beats_rx).await })),
+        Upstream::Relay(mut c, p) => {
+            (Some(p), Box::pin(async move { c.relayed_heartbeats(batches_rx).await }))
+        }
+        Upstream::ViaRelay(mut c) => (None, Box::pin(async move { c.heartbeats(beats_rx).await })),
+    };
     tokio::pin!(beats);
     loop {
         tokio::select! {
@@ -628,14 +679,21 @@ async fn heartbeat_rank(
                     samples: Some(step * 256),
                     b_simple: None,
                 };
-                match tokio::time::timeout(limit, beat_tx.send(req)).await {
-                    Ok(Ok(())) => {
+                let sent = match &pending {
+                    Some(p) => {
+                        let batch = p.take_batch(rank, req);
+                        tokio::time::timeout(limit, batch_tx.send(batch)).await.map(|r| r.is_ok())
+                    }
+                    None => tokio::time::timeout(limit, beat_tx.send(req)).await.map(|r| r.is_ok()),
+                };
+                match sent {
+                    Ok(true) => {
                         let at = Instant::now();
                         if at >= start && at <= end {
                             in_window += 1;
                         }
                     }
-                    Ok(Err(_)) => failures.add(format!("rank {rank}: the heartbeat stream closed")),
+                    Ok(false) => failures.add(format!("rank {rank}: the heartbeat stream closed")),
                     Err(_) => failures.add(format!(
                         "rank {rank}: heartbeat: not taken within {limit:?}"
                     )),
@@ -645,7 +703,71 @@ async fn heartbeat_rank(
     }
 }
 
-async fn heartbeat_phase(n: usize, seconds: f64) -> Result<PhaseRow> {
+/// Starts one relay per node leader on loopback and connects each other rank to its node's;
+/// returns every rank's upstream, and the relay servers (stopped when dropped).
+async fn relay_upstreams(
+    clients: &[Grpc],
+    joined: &Joined,
+    token: &AsciiMetadataValue,
+) -> Result<(Vec<Upstream>, JoinSet<()>)> {
+    let n = clients.len();
+    let mut servers = JoinSet::new();
+    let mut relays: std::collections::HashMap<u32, (String, Arc<PendingBeats>)> =
+        std::collections::HashMap::new();
+    for i in 0..n {
+        let leader = joined.leaders[i];
+        if joined.ranks[i] != leader {
+            continue;
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding a simulated node's heartbeat relay on loopback")?;
+        let addr = listener.local_addr()?.to_string();
+        let pending = PendingBeats::new();
+        let (served, token) = (pending.clone(), token.to_str().unwrap_or_default().to_owned());
+        servers.spawn(async move {
+            let _ = serve_relay(listener, &token, served, std::future::pending()).await;
+        });
+        relays.insert(leader, (addr, pending));
+    }
+    let permits = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
+    let mut set = JoinSet::new();
+    for i in 0..n {
+        let leader = joined.leaders[i];
+        if joined.ranks[i] == leader {
+            continue;
+        }
+        let (addr, _) = relays.get(&leader).context("a simulated node has no relay")?;
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(30))
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+        let (permits, token) = (permits.clone(), token.clone());
+        set.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            let channel = endpoint.connect().await;
+            (i, channel.map(|c| HeartbeatRelayClient::with_interceptor(c, Token(token))))
+        });
+    }
+    let mut upstreams: Vec<Option<Upstream>> = (0..n).map(|_| None).collect();
+    for i in 0..n {
+        if let Some((_, pending)) = relays.get(&joined.ranks[i]) {
+            upstreams[i] = Some(Upstream::Relay(clients[i].clone(), pending.clone()));
+        }
+    }
+    while let Some(done) = set.join_next().await {
+        let (i, client) = done.context("a connecting task panicked")?;
+        let client = client.with_context(|| format!("simulated rank {i}: connecting its relay"))?;
+        upstreams[i] = Some(Upstream::ViaRelay(client));
+    }
+    let upstreams: Result<Vec<Upstream>> =
+        upstreams.into_iter().map(|u| u.context("a rank has no upstream")).collect();
+    Ok((upstreams?, servers))
+}
+
+async fn heartbeat_phase(n: usize, seconds: f64, relay: bool) -> Result<PhaseRow> {
     let token = bench_token()?;
     let mut coord = CoordinatorProcess::start(n, token.to_str().unwrap_or_default())?;
     let connect_start = Instant::now();
@@ -675,23 +797,22 @@ async fn heartbeat_phase(n: usize, seconds: f64) -> Result<PhaseRow> {
         }
     }
 
+    let (upstreams, relay_servers) = if relay {
+        relay_upstreams(&clients, &joined, &token).await?
+    } else {
+        (clients.iter().map(|c| Upstream::Direct(c.clone())).collect(), JoinSet::new())
+    };
+
     // The window starts a little later, so every rank's monitor is in place; first heartbeats
     // are spread evenly over one interval, as independent ranks' would be.
     let interval = joined.interval;
     let start = Instant::now() + Duration::from_millis(200);
     let end = start + Duration::from_secs_f64(seconds);
     let mut set = JoinSet::new();
-    for (i, (client, stream)) in clients.iter().zip(streams).enumerate() {
+    for (i, (upstream, stream)) in upstreams.into_iter().zip(streams).enumerate() {
         let stream = stream.context("a rank has no Watch stream")?;
         let first = start + interval.mul_f64(i as f64 / n as f64);
-        set.spawn(heartbeat_rank(
-            client.clone(),
-            stream,
-            joined.ranks[i],
-            first,
-            interval,
-            (start, end),
-        ));
+        set.spawn(heartbeat_rank(upstream, stream, joined.ranks[i], first, interval, (start, end)));
     }
     tokio::time::sleep_until(start).await;
     let (cpu0, me0, t0) = (coord.cpu()?, cpu_seconds("self")?, Instant::now());
@@ -709,6 +830,7 @@ async fn heartbeat_phase(n: usize, seconds: f64) -> Result<PhaseRow> {
         streams.extend(run.stream);
     }
 
+    drop(relay_servers);
     failures.merge(finish_all(&clients, &joined.ranks).await);
     // Every Watch stream must now deliver Done.
     let mut set = JoinSet::new();
@@ -744,6 +866,12 @@ async fn heartbeat_phase(n: usize, seconds: f64) -> Result<PhaseRow> {
         interval_s: Some(interval.as_secs_f64()),
         heartbeats: Some(heartbeats),
         heartbeats_per_s: Some(heartbeats as f64 / seconds),
+        coordinator_messages_per_s: Some(if relay {
+            heartbeats as f64 / seconds * n.div_ceil(RANKS_PER_HOST) as f64 / n as f64
+        } else {
+            heartbeats as f64 / seconds
+        }),
+        heartbeat_relay: Some(relay),
         watch_done: Some(watch_done),
         coordinator_exit_ok: exit_ok,
         target: "< 5% of one core",

@@ -1,12 +1,15 @@
 //! `tessera`: the command line of the Tessera data-parallel trainer.
 
+mod bench_caveat;
 mod bench_cmd;
 mod bench_coord;
+mod cuda_cmd;
 mod data_cmd;
 mod envdetect;
 mod export_cmd;
 mod hostlist;
 mod launcher;
+mod plot_cmd;
 mod rank_main;
 mod selftest;
 
@@ -46,6 +49,11 @@ enum Command {
     Data(data_cmd::DataCommand),
     /// Write a checkpoint's parameters in another format (safetensors).
     Export(export_cmd::ExportArgs),
+    /// CUDA: library discovery, NVRTC kernel check, GPU self-test and loss timing.
+    #[command(subcommand)]
+    Cuda(cuda_cmd::CudaCommand),
+    /// Draw a run's loss, noise scale B_simple and batch size against examples seen (PNG).
+    Plot(plot_cmd::PlotArgs),
 }
 
 /// How to train: the config and its overrides (shared by `run` and `rank`).
@@ -111,6 +119,11 @@ pub struct RankArgs {
     /// coordinator).
     #[arg(long, default_value_t = 10.0)]
     pub heartbeat_timeout: f64,
+    /// Send this node's heartbeats through one relay, its local rank 0, which forwards them
+    /// to the coordinator as one message per interval (false: every rank heartbeats the
+    /// coordinator itself).
+    #[arg(long, env = "TESSERA_HEARTBEAT_RELAY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub heartbeat_relay: bool,
     #[command(flatten)]
     pub train: TrainArgs,
     /// Internal: the job a launcher asked for (train, or a benchmark).
@@ -169,6 +182,8 @@ fn main() -> ExitCode {
         Command::Bench(b) => bench_cmd::bench(b),
         Command::Data(d) => data_cmd::data(d),
         Command::Export(e) => export_cmd::export(&e),
+        Command::Cuda(c) => cuda_cmd::cuda(c),
+        Command::Plot(p) => plot_cmd::plot(&p),
     };
     match result {
         Ok(code) => code,

@@ -266,21 +266,22 @@ pub fn rank_main(args: &RankArgs) -> Result<ExitCode> {
         launcher_world: env.world.as_ref().map(|s| s.value),
         config_hash: job_hash,
         version: env!("CARGO_PKG_VERSION").to_string(),
-        data_addr,
+        data_addr: data_addr.clone(),
         // Set by `tessera run --max-restarts` for each attempt: a stale rank is refused.
         generation: env_u32("TESSERA_GENERATION")?.map(u64::from),
     };
     let membership = client.join(info).context("joining the job")?;
+    let data_addr_shown = data_addr;
     let rank = membership.rank as usize;
     eprintln!(
         "tessera rank {rank}/{}: host {} (local rank {}/{}, node {}/{}), data plane {}",
         membership.world,
-        membership.hosts.get(rank).map_or("?", String::as_str),
+        hostname(),
         membership.local_rank,
         membership.local_size,
         membership.node_rank,
         membership.num_nodes,
-        membership.data_addrs.get(rank).map_or("?", String::as_str),
+        data_addr_shown,
     );
     let armed = tessera_rank::fault::install_from_env(rank).map_err(|e| anyhow!(e))?;
     if armed > 0 {
@@ -291,9 +292,11 @@ pub fn rank_main(args: &RankArgs) -> Result<ExitCode> {
     let flight: Arc<OnceLock<Arc<FlightRecorder>>> = Arc::new(OnceLock::new());
     let flight_seen = flight.clone();
     let hosting = hosted.is_some();
+    let route = client.heartbeat_route(&membership, ip, args.heartbeat_relay);
     let _monitor = client.start_monitor(
         membership.rank,
         membership.heartbeat_interval,
+        route,
         progress.clone(),
         Box::new(move |abort| {
             let here = flight_seen
@@ -318,8 +321,10 @@ pub fn rank_main(args: &RankArgs) -> Result<ExitCode> {
         ..TcpRingConfig::default()
     };
     let outcome: Result<String> = (|| {
-        let mut comm = TcpRing::connect(listener, rank, &membership.data_addrs, ring_cfg)
-            .context("connecting the data-plane ring")?;
+        let world = membership.world as usize;
+        let mut comm =
+            TcpRing::connect_next(listener, rank, world, &membership.next_data_addr, ring_cfg)
+                .context("connecting the data-plane ring")?;
         let _ = flight.set(comm.flight_recorder());
         tracing::info!(rank, world = membership.world, "data-plane ring connected");
         match &cfg {

@@ -21,7 +21,8 @@
 //! LAMB's moments and its step count, [`Optimizer::state_bytes`]), the step, the sampler's
 //! position (epoch and step within it: the sampler is a pure function of seed and step), the
 //! seed (the augmentations and every other random stream derive from seed and step; nothing
-//! random is stateful), the noise-scale averages, the config's resume hash
+//! random is stateful), the noise-scale averages, the adaptive batch schedule (format version
+//! 2; with it the sampler's position is a pure function of the schedule), the config's resume hash
 //! ([`Config::resume_hash`]) and the whole resolved config, and the world size.
 //!
 //! Writing is atomic: rank 0 writes a temporary file in the checkpoint directory, fsyncs it,
@@ -40,12 +41,16 @@ use sha2::{Digest, Sha256};
 use tessera_collectives::{CommError, Communicator};
 
 use crate::config::{Config, differing_keys};
-use crate::gns::{GnsEstimator, GnsReport, GnsState};
+use crate::gns::{BatchChange, BatchSchedule, GnsEstimator, GnsReport, GnsState};
 use crate::model::Model;
 use crate::optim::Optimizer;
 
 pub const CHECKPOINT_MAGIC: &[u8; 8] = b"TSRACKPT";
-pub const CHECKPOINT_FORMAT_VERSION: u32 = 1;
+/// Version 2 added the adaptive batch schedule; version 1 files are still read (as runs with
+/// a fixed batch).
+pub const CHECKPOINT_FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build reads.
+pub const CHECKPOINT_OLDEST_VERSION: u32 = 1;
 pub const CHECKPOINT_HEADER_LEN: usize = 64;
 const FILE_PREFIX: &str = "ckpt-";
 const FILE_SUFFIX: &str = ".tsr";
@@ -62,8 +67,8 @@ pub enum CheckpointError {
     )]
     BadMagic { origin: String, found: String },
     #[error(
-        "{origin}: checkpoint format version {found}, but this build reads version {supported}; \
-         use the tessera build that wrote it"
+        "{origin}: checkpoint format version {found}, but this build reads versions 1 to \
+         {supported}; use the tessera build that wrote it"
     )]
     UnsupportedVersion { origin: String, found: u32, supported: u32 },
     #[error(
@@ -213,6 +218,43 @@ impl From<&GnsRecord> for GnsState {
     }
 }
 
+/// One change of the global batch ([`BatchChange`]) as archived.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct BatchChangeRecord {
+    /// The first step (0-based) that runs with `batch`.
+    pub step: u64,
+    pub batch: u64,
+    pub b_simple: f64,
+    pub lr_factor: f64,
+}
+
+impl From<&BatchChange> for BatchChangeRecord {
+    fn from(c: &BatchChange) -> Self {
+        BatchChangeRecord {
+            step: c.step,
+            batch: c.batch as u64,
+            b_simple: c.b_simple,
+            lr_factor: c.lr_factor,
+        }
+    }
+}
+
+impl From<&BatchChangeRecord> for BatchChange {
+    fn from(c: &BatchChangeRecord) -> Self {
+        BatchChange {
+            step: c.step,
+            batch: c.batch as usize,
+            b_simple: c.b_simple,
+            lr_factor: c.lr_factor,
+        }
+    }
+}
+
+/// The archived batch schedule as a [`BatchSchedule`].
+pub fn schedule_of(records: &[BatchChangeRecord]) -> BatchSchedule {
+    BatchSchedule { changes: records.iter().map(BatchChange::from).collect() }
+}
+
 /// Everything in a checkpoint file after the header.
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Checkpoint {
@@ -241,6 +283,53 @@ pub struct Checkpoint {
     pub gns: Option<GnsRecord>,
     /// The loss of the last completed step.
     pub last_loss: f32,
+    /// The adaptive batch schedule so far (None: the run had a fixed batch, `global_batch`);
+    /// with one, `epoch`/`epoch_step` are those of a fixed `global_batch` and the sampler's
+    /// true position follows from the schedule. Since format version 2.
+    pub batch_schedule: Option<Vec<BatchChangeRecord>>,
+}
+
+/// [`Checkpoint`] as format version 1 archived it (no batch schedule).
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct CheckpointV1 {
+    pub step: u64,
+    pub total_steps: u64,
+    pub world: u32,
+    pub seed: u64,
+    pub global_batch: u64,
+    pub epoch: u64,
+    pub epoch_step: u64,
+    pub config_hash: String,
+    pub config_toml: String,
+    pub tensors: Vec<TensorInfo>,
+    pub params: Vec<f32>,
+    pub optimizer_name: String,
+    pub optimizer_state: Vec<u8>,
+    pub gns: Option<GnsRecord>,
+    pub last_loss: f32,
+}
+
+impl From<CheckpointV1> for Checkpoint {
+    fn from(c: CheckpointV1) -> Self {
+        Checkpoint {
+            step: c.step,
+            total_steps: c.total_steps,
+            world: c.world,
+            seed: c.seed,
+            global_batch: c.global_batch,
+            epoch: c.epoch,
+            epoch_step: c.epoch_step,
+            config_hash: c.config_hash,
+            config_toml: c.config_toml,
+            tensors: c.tensors,
+            params: c.params,
+            optimizer_name: c.optimizer_name,
+            optimizer_state: c.optimizer_state,
+            gns: c.gns,
+            last_loss: c.last_loss,
+            batch_schedule: None,
+        }
+    }
 }
 
 /// The file name of the checkpoint after `step` steps.
@@ -303,7 +392,7 @@ pub fn decode(bytes: &[u8], origin: &str) -> Result<Checkpoint, CheckpointError>
     let u32_at =
         |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
     let version = u32_at(8);
-    if version != CHECKPOINT_FORMAT_VERSION {
+    if !(CHECKPOINT_OLDEST_VERSION..=CHECKPOINT_FORMAT_VERSION).contains(&version) {
         return Err(CheckpointError::UnsupportedVersion {
             origin: origin_s(),
             found: version,
@@ -341,8 +430,12 @@ pub fn decode(bytes: &[u8], origin: &str) -> Result<Checkpoint, CheckpointError>
     // rkyv wants the archive aligned; a slice from anywhere may not be.
     let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(payload.len());
     aligned.extend_from_slice(payload);
-    let ck = rkyv::from_bytes::<Checkpoint, rkyv::rancor::Error>(&aligned)
-        .map_err(|e| invalid(format!("archive failed validation: {e}")))?;
+    let ck = if version == 1 {
+        rkyv::from_bytes::<CheckpointV1, rkyv::rancor::Error>(&aligned).map(Checkpoint::from)
+    } else {
+        rkyv::from_bytes::<Checkpoint, rkyv::rancor::Error>(&aligned)
+    }
+    .map_err(|e| invalid(format!("archive failed validation: {e}")))?;
     check_contents(&ck).map_err(invalid)?;
     Ok(ck)
 }
@@ -390,6 +483,18 @@ fn check_contents(ck: &Checkpoint) -> Result<(), String> {
             g.ema_s.len(),
             g.ema_g.len()
         ));
+    }
+    if let Some(changes) = &ck.batch_schedule {
+        let mut after = 0u64;
+        for c in changes {
+            if c.batch == 0 || c.step <= after {
+                return Err(format!(
+                    "batch schedule entry (step {}, batch {}) is out of order or empty",
+                    c.step, c.batch
+                ));
+            }
+            after = c.step;
+        }
     }
     Ok(())
 }
@@ -733,13 +838,15 @@ impl Checkpointer {
         self.stop_after > 0 && done == self.stop_after && done < self.total_steps
     }
 
-    /// The checkpoint of the state after `step` completed steps.
+    /// The checkpoint of the state after `step` completed steps; `batch`: the adaptive batch
+    /// schedule (None with a fixed batch).
     pub fn capture(
         &self,
         step: u64,
         model: &Model,
         opt: &Optimizer,
         gns: Option<&GnsEstimator>,
+        batch: Option<&BatchSchedule>,
         last_loss: f32,
     ) -> Checkpoint {
         Checkpoint {
@@ -758,12 +865,14 @@ impl Checkpointer {
             optimizer_state: opt.state_bytes(),
             gns: gns.map(|g| GnsRecord::from(&g.export_state())),
             last_loss,
+            batch_schedule: batch.map(|b| b.changes.iter().map(BatchChangeRecord::from).collect()),
         }
     }
 
     /// Saves the state after `step` completed steps: rank 0 writes the file, then tells every
     /// rank whether that worked, so a failed write (a full disk) stops every rank with the same
     /// error. Collective. Call [`GnsEstimator::flush`] first: pending statistics are per rank.
+    #[allow(clippy::too_many_arguments)]
     pub fn save(
         &self,
         comm: &mut dyn Communicator,
@@ -771,6 +880,7 @@ impl Checkpointer {
         model: &Model,
         opt: &Optimizer,
         gns: Option<&GnsEstimator>,
+        batch: Option<&BatchSchedule>,
         last_loss: f32,
     ) -> Result<(), CheckpointError> {
         if comm.rank() != 0 {
@@ -781,7 +891,7 @@ impl Checkpointer {
             return Ok(());
         }
         let t0 = Instant::now();
-        let ck = self.capture(step, model, opt, gns, last_loss);
+        let ck = self.capture(step, model, opt, gns, batch, last_loss);
         let written = write_checkpoint(&self.dir, &ck, self.keep)
             .map_err(|e| CheckpointError::Save { step, source: Box::new(e) });
         let (tag, body) = match &written {

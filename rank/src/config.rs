@@ -83,6 +83,14 @@ pub struct RunConfig {
     /// operation, its sequence number and sizes) and a divergence is an error naming the first
     /// rank that differs. One small extra all-gather per collective.
     pub check_collectives: bool,
+    /// Contrastive models on several ranks: all-reduce the gradient in buckets on a
+    /// communication thread while the last micro-batch's backward still runs (finished layers,
+    /// top first). The result is bitwise identical to the plain all-reduce. Off by default:
+    /// with one core per rank the communication thread takes that core from the backward
+    /// (docs/BENCHMARKS.md); it pays where ranks have cores or a network engine to spare.
+    pub overlap_allreduce: bool,
+    /// Bucket size of the overlapped all-reduce, in bytes.
+    pub allreduce_bucket_bytes: usize,
 }
 
 /// What to do when the loss or a gradient is NaN or infinite.
@@ -106,6 +114,8 @@ impl Default for RunConfig {
             collective_timeout_s: 600.0,
             on_nonfinite: OnNonFinite::Stop,
             check_collectives: false,
+            overlap_allreduce: false,
+            allreduce_bucket_bytes: 4 << 20,
         }
     }
 }
@@ -220,6 +230,8 @@ pub const RESUME_IGNORED_KEYS: &[&str] = &[
     "run.threads",
     "run.collective_timeout_s",
     "run.check_collectives",
+    "run.overlap_allreduce",
+    "run.allreduce_bucket_bytes",
 ];
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -306,6 +318,12 @@ impl Config {
         }
         self.optim.validate()?;
         self.loss.validate()?;
+        if self.run.allreduce_bucket_bytes < 4 {
+            return Err(format!(
+                "run.allreduce_bucket_bytes = {} must be at least 4 (one f32; typical: 4194304)",
+                self.run.allreduce_bucket_bytes
+            ));
+        }
         if self.run.collective_timeout_s <= 0.0 {
             return Err("run.collective_timeout_s must be > 0".into());
         }

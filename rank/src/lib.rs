@@ -10,5 +10,6 @@ pub mod gns;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod overlap;
 pub mod rng;
 pub mod train;

@@ -20,10 +20,11 @@ use crate::data::{self, Dataset, DatasetKind, DistributedSampler, local_rows};
 use crate::device::CpuDevice;
 use crate::eval::{self, EvalReport};
 use crate::fault;
-use crate::gns::{GnsError, GnsEstimator, GnsReport};
+use crate::gns::{BatchController, GnsError, GnsEstimator, GnsReport};
 use crate::loss::{self, LossKind, RingLossOpts};
 use crate::model::{Model, ModelKind, ParamGroup};
 use crate::optim::{Optimizer, TensorGroup};
+use crate::overlap;
 use crate::rng::Rng;
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +90,12 @@ pub struct StepReport {
 pub struct Summary {
     pub steps: u64,
     pub world: usize,
+    /// The global batch of the last step (`batch.global` unless `gns.adaptive` changed it).
     pub global_batch: usize,
+    /// Examples trained on over all steps (those before a resume included).
+    pub samples: u64,
+    /// Changes of the global batch made by `gns.adaptive` (in this process).
+    pub batch_changes: usize,
     pub loss: f32,
     /// The last evaluation's figures (recall@k, accuracy, k-NN accuracy), flattened.
     #[serde(flatten)]
@@ -115,6 +121,20 @@ pub struct RankInfo {
     pub world: usize,
     /// Ranks on this host (to share the cores among them).
     pub local_size: usize,
+}
+
+/// This rank's part of a global batch of `global` examples: its first row, its row count, and
+/// its micro-batches `(start, len)` (one chunk when `batch.micro` is 0 or covers it).
+fn split_batch(
+    global: usize,
+    world: usize,
+    rank: usize,
+    micro: usize,
+) -> (usize, usize, Vec<(usize, usize)>) {
+    let (row_offset, b_local) = local_rows(global, world, rank);
+    let micro = if micro == 0 { b_local } else { micro.min(b_local) };
+    let chunks = (0..b_local).step_by(micro.max(1)).map(|s| (s, micro.min(b_local - s))).collect();
+    (row_offset, b_local, chunks)
 }
 
 /// The data a run trains and evaluates on.
@@ -326,11 +346,6 @@ fn train_checked(
              one example; raise batch.global"
         )));
     }
-    let (row_offset, b_local) = local_rows(global, world, rank);
-    // Micro-batches of this rank's rows (one chunk: no accumulation).
-    let micro = if cfg.batch.micro == 0 { b_local } else { cfg.batch.micro.min(b_local) };
-    let chunks: Vec<(usize, usize)> =
-        (0..b_local).step_by(micro).map(|s| (s, micro.min(b_local - s))).collect();
 
     let threads = if cfg.run.threads > 0 {
         cfg.run.threads
@@ -402,12 +417,62 @@ fn train_checked(
     let contrastive = model.kind() != ModelKind::Classifier;
     let param_groups = model.param_groups();
 
+    // Adaptive batch (`[gns.adaptive]`): the global batch and the learning-rate factor of every
+    // step. Every rank decides alike, from the all-reduced noise-scale figures.
+    let mut batch_ctl = if cfg.gns.adaptive.enabled {
+        let c = BatchController::new(&cfg.gns.adaptive, global, world)
+            .and_then(|c| c.fit_data(data.train.len()))
+            .map_err(GnsError::from)?;
+        if is_root {
+            let (lo, hi) = c.range();
+            eprintln!(
+                "gns.adaptive: global batch {} within [{lo}, {hi}], learning rate rule {:?}",
+                c.initial(),
+                cfg.gns.adaptive.lr_rule
+            );
+            if world == 1 && cfg.batch.micro == 0 {
+                eprintln!(
+                    "gns.adaptive: warning: one rank without micro-batches does not measure the \
+                     noise scale, so the batch will not change; set batch.micro"
+                );
+            }
+        }
+        Some(c)
+    } else {
+        None
+    };
+
     // Checkpoints: restore the resumed state, then save as `[checkpoint]` says (end of a step).
     let ckpt = Checkpointer::new(cfg, world, sampler.steps_per_epoch(global)?);
     let mut start_step = 0;
     let mut end_step = cfg.run.steps;
     if let Some(r) = &resumed {
-        let warnings = ckpt.restore(r, &mut model, &mut opt, gns.as_mut())?;
+        let mut warnings = ckpt.restore(r, &mut model, &mut opt, gns.as_mut())?;
+        match (batch_ctl.as_mut(), r.checkpoint.batch_schedule.as_deref()) {
+            (Some(c), Some(saved)) => {
+                let rows = data.train.len();
+                if let Some(big) = saved.iter().find(|ch| ch.batch as usize > rows) {
+                    return Err(TrainError::Setup(format!(
+                        "{}: its adaptive batch schedule reaches a global batch of {} but the \
+                         training data has {rows} examples; resume with the data it was \
+                         written with",
+                        r.origin, big.batch
+                    )));
+                }
+                c.resume(checkpoint::schedule_of(saved))
+            }
+            (Some(_), None) => warnings.push(
+                "the checkpoint has no adaptive batch schedule (a fixed batch): the adaptive \
+                 batch starts from here"
+                    .into(),
+            ),
+            (None, Some(saved)) if !saved.is_empty() => warnings.push(
+                "the checkpoint followed an adaptive batch schedule but gns.adaptive is off: \
+                 continuing with batch.global (the data order differs from the saved run's)"
+                    .into(),
+            ),
+            _ => {}
+        }
         start_step = r.checkpoint.step;
         last_loss = r.checkpoint.last_loss;
         gns_report = gns.as_ref().and_then(|g| g.last_report().cloned());
@@ -419,11 +484,25 @@ fn train_checked(
         }
     }
 
+    let mut samples_seen =
+        batch_ctl.as_ref().map_or(start_step * global as u64, |c| c.examples_before(start_step));
+    let samples_at_start = samples_seen;
+    let mut last_global = global;
     for step in start_step..cfg.run.steps {
         fault::enter_step(step + 1);
         let t0 = Instant::now();
-        let lr = schedule.lr(step);
-        let batch = sampler.try_global_batch_indices(step, global)?;
+        // This step's global batch (gns.adaptive may change it between steps), this rank's rows
+        // of it, and the learning rate scaled for it.
+        let global = batch_ctl.as_ref().map_or(global, |c| c.batch());
+        let (row_offset, b_local, chunks) = split_batch(global, world, rank, cfg.batch.micro);
+        let lr = schedule.lr(step) * batch_ctl.as_ref().map_or(1.0, |c| c.lr_factor());
+        let batch = match &batch_ctl {
+            Some(c) => {
+                let (epoch, row) = c.sampler_position(step, data.train.len());
+                sampler.permutation(epoch)[row..row + global].to_vec()
+            }
+            None => sampler.try_global_batch_indices(step, global)?,
+        };
         let mine = &batch[row_offset..row_offset + b_local];
         model.zero_grads();
         // GradCache (ALGORITHMS.md §4): with micro-batches, embed the local batch without
@@ -431,6 +510,8 @@ fn train_checked(
         // forward and backward with its slice of the feature gradients. Parameter gradients
         // accumulate in the flat buffer; the noise-scale estimator sees each micro-batch.
         let accumulate = chunks.len() > 1;
+        // The gradient all-reduced during the last replay (run.overlap_allreduce).
+        let mut reduced: Option<Vec<f32>> = None;
         let loss_value = if contrastive {
             if cfg.data.two_views {
                 two_views(&data.train, mine, row_offset, cfg.run.seed, step, &mut xa, &mut xb);
@@ -490,7 +571,14 @@ fn train_checked(
                 }
             };
             let (loss_value, d_img, d_txt, d_t, d_bias) = out;
-            for &(s, m) in &chunks {
+            // run.overlap_allreduce: the last replay's backward finishes every gradient, layer
+            // by layer from the top; finished layers are all-reduced in buckets on a
+            // communication thread while the lower layers' backward runs (bitwise the same
+            // sums as the plain all-reduce below; the local buffer stays local for GNS and the
+            // NaN check).
+            let overlapped = cfg.run.overlap_allreduce && world > 1;
+            let n_params = model.grads().len();
+            for (ci, &(s, m)) in chunks.iter().enumerate() {
                 if accumulate {
                     model.forward_pair(
                         &dev,
@@ -499,16 +587,43 @@ fn train_checked(
                         m,
                     );
                 }
-                model.backward_pair(&dev, &d_img[s * d..(s + m) * d], &d_txt[s * d..(s + m) * d]);
+                let (ga, gb) = (&d_img[s * d..(s + m) * d], &d_txt[s * d..(s + m) * d]);
                 // The temperature's (and bias's) gradient, shared out by micro-batch size so
                 // that each micro-batch's contribution carries its part.
                 let share = m as f32 / b_local as f32;
-                model.add_logit_scale_grad(if accumulate { d_t * share } else { d_t });
-                if let Some(g) = d_bias {
-                    model.add_logit_bias_grad(if accumulate { g * share } else { g });
-                }
-                if accumulate && let Some(g) = gns.as_mut() {
-                    g.observe_accumulated(model.grads(), m, global)?;
+                let dt_m = if accumulate { d_t * share } else { d_t };
+                let dbias_m = d_bias.map(|g| if accumulate { g * share } else { g });
+                if overlapped && ci + 1 == chunks.len() {
+                    let bucket_bytes = cfg.run.allreduce_bucket_bytes;
+                    let (seen, red) =
+                        overlap::all_reduce_overlapped(comm, n_params, bucket_bytes, |bk| {
+                            model.backward_pair_with(&dev, ga, gb, &mut |o, g| bk.ready(o, g));
+                            model.add_logit_scale_grad(dt_m);
+                            if let Some(g) = dbias_m {
+                                model.add_logit_bias_grad(g);
+                            }
+                            let seen = match gns.as_mut() {
+                                Some(g) if accumulate => {
+                                    g.observe_accumulated(model.grads(), m, global)
+                                }
+                                _ => Ok(()),
+                            };
+                            // Poisons element 0, which the buckets read last.
+                            fault::at_grad(model.grads_mut());
+                            bk.finish(model.grads());
+                            seen
+                        })?;
+                    seen?;
+                    reduced = Some(red);
+                } else {
+                    model.backward_pair(&dev, ga, gb);
+                    model.add_logit_scale_grad(dt_m);
+                    if let Some(g) = dbias_m {
+                        model.add_logit_bias_grad(g);
+                    }
+                    if accumulate && let Some(g) = gns.as_mut() {
+                        g.observe_accumulated(model.grads(), m, global)?;
+                    }
                 }
             }
             loss_value
@@ -532,7 +647,9 @@ fn train_checked(
         };
         // The buffer holds this rank's partial sum (1/B_global)·Σ_local g_i: GNS reads it before
         // the all-reduce and the global mean after it.
-        fault::at_grad(model.grads_mut());
+        if reduced.is_none() {
+            fault::at_grad(model.grads_mut());
+        }
         let tg = Instant::now();
         if !accumulate && let Some(g) = gns.as_mut() {
             g.observe_local(model.grads(), b_local, global)?;
@@ -545,7 +662,10 @@ fn train_checked(
         } else {
             first_nonfinite(&param_groups, model.grads())
         };
-        comm.all_reduce_f32(model.grads_mut(), ReduceOp::Sum)?;
+        match reduced {
+            Some(r) => model.grads_mut().copy_from_slice(&r),
+            None => comm.all_reduce_f32(model.grads_mut(), ReduceOp::Sum)?,
+        }
         // The reduced gradient and the loss are identical on every rank, so every rank takes
         // the same decision in the same step.
         let bad = if !loss_value.is_finite() {
@@ -598,7 +718,9 @@ fn train_checked(
         gns_seconds += gns_s;
         train_seconds += t0.elapsed().as_secs_f64();
         last_loss = loss_value;
-        let samples = (step + 1) * global as u64;
+        samples_seen += global as u64;
+        last_global = global;
+        let samples = samples_seen;
 
         // Every step's estimates, a line each, as their statistics are reduced (every
         // gns.reduce_every steps).
@@ -622,10 +744,40 @@ fn train_checked(
                 "lr": lr,
                 "logit_scale": if contrastive { Some(model.logit_scale()) } else { None },
                 "samples": samples,
-                "samples_per_s": samples as f64 / train_seconds.max(1e-9),
+                "batch": global,
+                "samples_per_s": (samples - samples_at_start) as f64 / train_seconds.max(1e-9),
                 "b_simple": gns_report.as_ref().and_then(|r| r.b_simple),
                 "optim": opt_stats.as_ref().map(|o| o.summary(opt.groups())),
             }))?;
+        }
+        // The batch of the next step, from the latest smoothed noise scale (the same on every
+        // rank); decided before a checkpoint of this step, which saves the schedule.
+        if let Some(c) = batch_ctl.as_mut()
+            && step + 1 < cfg.run.steps
+            && let Some(ch) = c.after_step(step, gns_report.as_ref().and_then(|r| r.b_simple))
+        {
+            summary.batch_changes += 1;
+            if is_root {
+                eprintln!(
+                    "step {}: global batch {global} -> {} from step {} (B_simple {:.1}), learning \
+                     rate x{:.4}",
+                    step + 1,
+                    ch.batch,
+                    ch.step + 1,
+                    ch.b_simple,
+                    ch.lr_factor
+                );
+                metrics.write(serde_json::json!({
+                    "step": step + 1,
+                    "batch_change": {
+                        "from": global,
+                        "to": ch.batch,
+                        "first_step": ch.step + 1,
+                        "b_simple": ch.b_simple,
+                        "lr_factor": ch.lr_factor,
+                    },
+                }))?;
+            }
         }
         let last = step + 1 == cfg.run.steps;
         let eval_now = last || (cfg.run.eval_every > 0 && (step + 1) % cfg.run.eval_every == 0);
@@ -656,7 +808,8 @@ fn train_checked(
                     gns_report = Some(r);
                 }
             }
-            ckpt.save(comm, step + 1, &model, &opt, gns.as_ref(), last_loss)?;
+            let sched = batch_ctl.as_ref().map(|c| c.schedule());
+            ckpt.save(comm, step + 1, &model, &opt, gns.as_ref(), sched, last_loss)?;
             if ckpt.stops_after(step + 1) {
                 if is_root {
                     eprintln!(
@@ -699,8 +852,9 @@ fn train_checked(
     summary.b_simple = gns.as_ref().and_then(|g| g.b_simple());
     summary.gns_seconds = gns_seconds;
     summary.train_seconds = train_seconds;
-    summary.samples_per_s =
-        (end_step.saturating_sub(start_step) as f64 * global as f64) / train_seconds.max(1e-9);
+    summary.global_batch = last_global;
+    summary.samples = samples_seen;
+    summary.samples_per_s = (samples_seen - samples_at_start) as f64 / train_seconds.max(1e-9);
     summary.samples_per_s_per_rank = summary.samples_per_s / world as f64;
     summary.params_sha256 = hash;
     summary.out_dir = out_dir.display().to_string();

@@ -27,8 +27,15 @@ sys.exit(0 if (safetensors.__version__, numpy.__version__) == (sys.argv[1], sys.
 PY
 }
 
+# NVRTC from the PyPI wheel nvidia-cuda-nvrtc (pinned in scripts/check-kernels.sh), for the CUDA
+# kernel compile check that runs without a GPU; installed under target/cuda-wheels/.
+install_nvrtc() {
+    "$(dirname "$0")/../check-kernels.sh" --install-only >/dev/null
+}
+
 if have; then
     say "safetensors $SAFETENSORS_VERSION and numpy $NUMPY_VERSION already installed"
+    install_nvrtc
     exit 0
 fi
 
@@ -46,4 +53,5 @@ if ! python3 -m pip install --quiet --disable-pip-version-check "${pkgs[@]}" 2>/
     python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "${pkgs[@]}"
 fi
 have || die "safetensors $SAFETENSORS_VERSION / numpy $NUMPY_VERSION still not importable by python3"
+install_nvrtc
 say "ok"

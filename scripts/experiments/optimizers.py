@@ -7,7 +7,10 @@ runs/experiments/optimizers/, and writes runs.csv (one row per run) and summary.
 rate per optimizer and batch, mean +- std over seeds, loss at 25/50/75/100 % of training).
 
 Usage: python3 scripts/experiments/optimizers.py [--tasks digits,contrastive] [--out DIR]
-Re-running reuses finished runs (delete DIR to start over).
+       [--variants V,...] [--seeds S,...] [--batches B,...] [--lrs LR,...]
+Re-running reuses finished runs (delete DIR to start over). --variants may also name a task's
+extra_variants (e.g. lars-x0.01: LARS with optim.excluded_lr_scale = 0.01); --lrs replaces the
+learning-rate grid of the LARS family.
 """
 import argparse
 import csv
@@ -47,12 +50,23 @@ TASKS = {
             "lamb": [0.001, 0.003, 0.01, 0.03, 0.1],
         },
         "variants": ["sgd", "lars", "lars-nowarmup", "tvlars-l1e-3", "tvlars-lT5", "lamb"],
+        # With optim.excluded_lr_scale (suffix -x<scale>): the tensors without a trust ratio
+        # (biases, LayerNorm, the logit scale) take lr * scale instead of lr. Run with
+        # --variants ... --seeds 0,1,2 (see docs/EXPERIMENTS.md).
+        "extra_variants": [f"{v}-x{x}" for x in ("0.1", "0.01")
+                           for v in ("lars", "lars-nowarmup", "tvlars-l1e-3", "tvlars-lT5")]
+                          + ["lars-constant-x0.01"],
     },
 }
 
 
 def variant_sets(variant, lr, steps, warmup):
     """The --set overrides of one variant (besides batch/steps/seed/out_dir)."""
+    if "-x" in variant:
+        base, scale = variant.rsplit("-x", 1)
+        s = variant_sets(base, lr, steps, warmup)
+        s["optim.excluded_lr_scale"] = scale
+        return s
     s = {"optim.lr": repr(lr)}
     if variant == "sgd":
         s.update({"optim.name": "sgd", "optim.warmup_steps": str(warmup), "optim.schedule": '"cosine"'})
@@ -142,7 +156,8 @@ def run_one(binary, task, spec, batch, steps, warmup, variant, lr, seed, root):
     lam = sets.get("optim.tvlars_lambda", "")
     return {"task": task, "batch": batch, "steps": steps, "variant": variant,
             "optimizer": sets["optim.name"], "lr": lr, "warmup": sets["optim.warmup_steps"],
-            "schedule": sets["optim.schedule"].strip('"'), "tvlars_lambda": lam, "seed": seed,
+            "schedule": sets["optim.schedule"].strip('"'), "tvlars_lambda": lam,
+            "excluded_lr_scale": sets.get("optim.excluded_lr_scale", "1"), "seed": seed,
             "metric_name": spec["metric"], "metric": metric, "final_loss": loss,
             "loss_q25": q[0], "loss_q50": q[1], "loss_q75": q[2], "loss_q100": q[3],
             "error": summary.get("error", "")[:200] if "error" in summary else ""}
@@ -190,14 +205,30 @@ def main():
     ap.add_argument("--tasks", default="digits,contrastive")
     ap.add_argument("--out", default="runs/experiments/optimizers")
     ap.add_argument("--binary", default=os.environ.get("TESSERA", "target/release/tessera"))
+    ap.add_argument("--variants", default="",
+                    help="comma list: run only these variants (may name extra_variants)")
+    ap.add_argument("--seeds", default="", help="comma list: seeds instead of the task's")
+    ap.add_argument("--batches", default="", help="comma list: global batches to run")
+    ap.add_argument("--lrs", default="", help="comma list: learning rates of the lars family")
     args = ap.parse_args()
     rows = []
     for task in args.tasks.split(","):
         spec = TASKS[task]
-        for batch, steps, warmup in spec["batches"]:
-            for variant in spec["variants"]:
-                for lr in spec["lrs"][family(variant)]:
-                    for seed in spec["seeds"]:
+        variants = spec["variants"]
+        if args.variants:
+            known = spec["variants"] + spec.get("extra_variants", [])
+            variants = [v for v in args.variants.split(",") if v in known]
+        seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else spec["seeds"]
+        batches = spec["batches"]
+        if args.batches:
+            batches = [b for b in batches if str(b[0]) in args.batches.split(",")]
+        for batch, steps, warmup in batches:
+            for variant in variants:
+                lrs = spec["lrs"][family(variant)]
+                if args.lrs and family(variant) == "lars":
+                    lrs = [float(x) for x in args.lrs.split(",")]
+                for lr in lrs:
+                    for seed in seeds:
                         t0 = time.time()
                         r = run_one(args.binary, task, spec, batch, steps, warmup, variant, lr, seed, args.out)
                         rows.append(r)

@@ -60,7 +60,7 @@ fn live(cfg: &Config, steps: u64) -> Live {
 
 fn sample(cfg: &Config, step: u64) -> Checkpoint {
     let l = live(cfg, step);
-    Checkpointer::new(cfg, 2, 7).capture(step, &l.model, &l.opt, Some(&l.gns), 1.25)
+    Checkpointer::new(cfg, 2, 7).capture(step, &l.model, &l.opt, Some(&l.gns), None, 1.25)
 }
 
 #[test]
@@ -106,7 +106,11 @@ fn flipped_bytes_are_caught_and_named() {
     };
     assert!(matches!(flip(0), CheckpointError::BadMagic { .. }));
     let e = flip(8);
-    assert!(matches!(e, CheckpointError::UnsupportedVersion { found: 65, .. }), "{e}");
+    let flipped = CHECKPOINT_FORMAT_VERSION ^ 0x40;
+    assert!(
+        matches!(e, CheckpointError::UnsupportedVersion { found, .. } if found == flipped),
+        "{e}"
+    );
     assert!(matches!(flip(12), CheckpointError::Invalid { .. }));
     assert!(matches!(flip(17), CheckpointError::Truncated { .. }));
     assert!(matches!(flip(30), CheckpointError::Checksum { .. }));
@@ -229,7 +233,7 @@ fn restore_brings_back_params_optimizer_and_noise_scale() {
     let cfg = small_config(&[]);
     let a = live(&cfg, 4);
     let ckpt = Checkpointer::new(&cfg, 1, 7);
-    let ck = ckpt.capture(4, &a.model, &a.opt, Some(&a.gns), 0.5);
+    let ck = ckpt.capture(4, &a.model, &a.opt, Some(&a.gns), None, 0.5);
     let resumed = Resumed {
         origin: "mem".into(),
         checkpoint: read_checkpoint(&encode(&ck).unwrap()).unwrap(),
@@ -255,7 +259,7 @@ fn restore_brings_back_params_optimizer_and_noise_scale() {
 fn a_different_config_or_model_is_refused_with_the_keys_and_the_fix() {
     let cfg = small_config(&[]);
     let a = live(&cfg, 2);
-    let ck = Checkpointer::new(&cfg, 2, 7).capture(2, &a.model, &a.opt, Some(&a.gns), 0.5);
+    let ck = Checkpointer::new(&cfg, 2, 7).capture(2, &a.model, &a.opt, Some(&a.gns), None, 0.5);
     let resumed = Resumed { origin: "ckpt-00000002.tsr".into(), checkpoint: ck };
 
     let other = small_config(&["optim.lr=0.125"]);
@@ -409,7 +413,7 @@ fn a_failed_write_on_rank_zero_stops_every_rank() {
     let l = live(&cfg, 1);
     let errs = on_ranks(2, move |_, c| {
         Checkpointer::new(&cfg, 2, 7)
-            .save(c, 1, &l.model, &l.opt, Some(&l.gns), 0.0)
+            .save(c, 1, &l.model, &l.opt, Some(&l.gns), None, 0.0)
             .err()
             .map(|e| e.to_string())
     });
@@ -457,4 +461,60 @@ fn trim_metrics_drops_lines_past_the_checkpoint() {
         "{\"step\":1}\n{\"step\":2,\"eval\":true}\n{\"other\":1}\n"
     );
     trim_metrics(&dir.path().join("none.jsonl"), 2).unwrap();
+}
+
+#[test]
+fn the_batch_schedule_round_trips_and_version_1_files_still_read() {
+    let cfg = small_config(&[]);
+    let l = live(&cfg, 3);
+    let schedule = BatchSchedule {
+        changes: vec![
+            BatchChange { step: 2, batch: 32, b_simple: 40.5, lr_factor: 1.5 },
+            BatchChange { step: 3, batch: 16, b_simple: 9.0, lr_factor: 0.75 },
+        ],
+    };
+    let ck = Checkpointer::new(&cfg, 2, 7).capture(
+        3,
+        &l.model,
+        &l.opt,
+        Some(&l.gns),
+        Some(&schedule),
+        0.5,
+    );
+    let back = read_checkpoint(&encode(&ck).unwrap()).unwrap();
+    assert_eq!(back, ck);
+    assert_eq!(schedule_of(back.batch_schedule.as_deref().unwrap()), schedule);
+
+    // A schedule out of order is refused.
+    let mut bad = ck.clone();
+    bad.batch_schedule.as_mut().unwrap()[1].step = 2;
+    let err = read_checkpoint(&encode(&bad).unwrap()).unwrap_err().to_string();
+    assert!(err.contains("batch schedule"), "{err}");
+
+    // A file of format version 1 (no schedule) reads as a fixed-batch checkpoint.
+    let v1 = CheckpointV1 {
+        step: ck.step,
+        total_steps: ck.total_steps,
+        world: ck.world,
+        seed: ck.seed,
+        global_batch: ck.global_batch,
+        epoch: ck.epoch,
+        epoch_step: ck.epoch_step,
+        config_hash: ck.config_hash.clone(),
+        config_toml: ck.config_toml.clone(),
+        tensors: ck.tensors.clone(),
+        params: ck.params.clone(),
+        optimizer_name: ck.optimizer_name.clone(),
+        optimizer_state: ck.optimizer_state.clone(),
+        gns: ck.gns.clone(),
+        last_loss: ck.last_loss,
+    };
+    let payload = rkyv::to_bytes::<rkyv::rancor::Error>(&v1).unwrap();
+    let mut file = with_header(&payload);
+    file[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let old = read_checkpoint(&file).unwrap();
+    assert_eq!(old, Checkpoint { batch_schedule: None, ..ck.clone() });
+    file[8..12].copy_from_slice(&3u32.to_le_bytes());
+    let e = read_checkpoint(&file).unwrap_err();
+    assert!(matches!(e, CheckpointError::UnsupportedVersion { found: 3, .. }), "{e}");
 }

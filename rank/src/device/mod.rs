@@ -20,6 +20,7 @@
 //! and for the GEMM the check is what keeps the raw-pointer call memory-safe.
 
 mod cpu;
+pub mod cuda;
 #[cfg(test)]
 pub(crate) mod reference;
 #[cfg(test)]

@@ -28,7 +28,7 @@ pub struct AdaptiveBatchConfig {
     pub enabled: bool,
     /// Smallest global batch (0: `batch.global`).
     pub min: usize,
-    /// Largest global batch (0: 64 × the smallest).
+    /// Largest global batch (0: 64 × the smallest, at most the training set).
     pub max: usize,
     /// Change the batch at most every this many steps.
     pub every: u64,
@@ -54,6 +54,29 @@ impl Default for AdaptiveBatchConfig {
     }
 }
 
+impl AdaptiveBatchConfig {
+    /// Whether this is the default (off) table; it is then left out of the resolved config, so
+    /// that runs without an adaptive batch keep their resume hash.
+    pub fn is_default(&self) -> bool {
+        *self == AdaptiveBatchConfig::default()
+    }
+
+    /// Checks the values that do not depend on the run (the batch range is checked against the
+    /// world size by [`BatchController::new`]).
+    pub fn validate(&self) -> Result<(), AdaptiveError> {
+        if self.every == 0 {
+            return Err(AdaptiveError::ZeroEvery);
+        }
+        if !(self.min_change.is_finite() && self.min_change >= 0.0) {
+            return Err(AdaptiveError::BadMinChange(self.min_change));
+        }
+        if self.min > 0 && self.max > 0 && self.min > self.max {
+            return Err(AdaptiveError::MinAboveMax { min: self.min, max: self.max });
+        }
+        Ok(())
+    }
+}
+
 /// What is wrong with an adaptive-batch setting.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum AdaptiveError {
@@ -68,6 +91,18 @@ pub enum AdaptiveError {
     BadMinChange(f64),
     #[error("gns.adaptive: the base batch is 0; set batch.global")]
     ZeroBase,
+    #[error("gns.adaptive.min = {min} is above gns.adaptive.max = {max}; swap them")]
+    MinAboveMax { min: usize, max: usize },
+    #[error(
+        "gns.adaptive.max = {max} is larger than the training data ({rows} examples); lower it \
+         (0 picks 64 x the smallest batch, capped at the data)"
+    )]
+    MaxOverData { max: usize, rows: usize },
+    #[error(
+        "gns.adaptive: the smallest batch {min} is larger than the training data ({rows} \
+         examples); lower gns.adaptive.min (or batch.global)"
+    )]
+    MinOverData { min: usize, rows: usize },
 }
 
 /// One change of the global batch.
@@ -97,6 +132,8 @@ pub struct BatchController {
     world: usize,
     min: usize,
     max: usize,
+    /// The batch before any change.
+    initial: usize,
     current: usize,
     lr_factor: f64,
     last_change: Option<u64>,
@@ -114,12 +151,7 @@ impl BatchController {
         if base == 0 {
             return Err(AdaptiveError::ZeroBase);
         }
-        if cfg.every == 0 {
-            return Err(AdaptiveError::ZeroEvery);
-        }
-        if !(cfg.min_change.is_finite() && cfg.min_change >= 0.0) {
-            return Err(AdaptiveError::BadMinChange(cfg.min_change));
-        }
+        cfg.validate()?;
         let world = world.max(1);
         let min_raw = if cfg.min == 0 { base } else { cfg.min };
         let max_raw = if cfg.max == 0 { min_raw.saturating_mul(64) } else { cfg.max };
@@ -136,11 +168,89 @@ impl BatchController {
             world,
             min,
             max,
+            initial: current,
             current,
             lr_factor: lr_factor(cfg.lr_rule, base, current, None),
             last_change: None,
             schedule: BatchSchedule::default(),
         })
+    }
+
+    /// Caps the range at a training set of `rows` examples (every batch must fit in one
+    /// permutation of the data): an explicit `max` above it is an error, the default `max` is
+    /// lowered to it (rounded down to a multiple of the world size).
+    pub fn fit_data(mut self, rows: usize) -> Result<BatchController, AdaptiveError> {
+        if self.cfg.max > rows {
+            return Err(AdaptiveError::MaxOverData { max: self.cfg.max, rows });
+        }
+        let cap = rows / self.world * self.world;
+        if self.max > cap {
+            if cap < self.min {
+                return Err(AdaptiveError::MinOverData { min: self.min, rows });
+            }
+            self.max = cap;
+            self.current = self.current.min(cap);
+            self.initial = self.current;
+            self.lr_factor = lr_factor(self.cfg.lr_rule, self.base, self.current, None);
+        }
+        Ok(self)
+    }
+
+    /// The smallest and largest batch it may choose.
+    pub fn range(&self) -> (usize, usize) {
+        (self.min, self.max)
+    }
+
+    /// The global batch before any change (`batch.global` rounded into the range).
+    pub fn initial(&self) -> usize {
+        self.initial
+    }
+
+    /// `(first step, batch)` of every stretch of the schedule so far, oldest first.
+    fn segments(&self) -> impl Iterator<Item = (u64, usize)> + '_ {
+        std::iter::once((0, self.initial))
+            .chain(self.schedule.changes.iter().map(|c| (c.step, c.batch)))
+    }
+
+    /// The global batch of step `step` (0-based) under the schedule so far.
+    pub fn batch_at(&self, step: u64) -> usize {
+        self.segments().take_while(|&(s, _)| s <= step).last().map_or(self.initial, |(_, b)| b)
+    }
+
+    /// Examples in steps `0..step` under the schedule so far.
+    pub fn examples_before(&self, step: u64) -> u64 {
+        let segs: Vec<(u64, usize)> = self.segments().collect();
+        let mut total = 0u64;
+        for (i, &(start, b)) in segs.iter().enumerate() {
+            let end = segs.get(i + 1).map_or(step, |n| n.0.min(step));
+            total += end.saturating_sub(start) * b as u64;
+        }
+        total
+    }
+
+    /// Where the global batch of step `step` starts in a data set of `rows` examples: the epoch
+    /// (whose seeded permutation to read) and the first row; the batch is rows
+    /// `[row, row + batch_at(step))` of it. The steps before consume the permutation in order,
+    /// and a batch that does not fit in what is left of an epoch starts the next one (the tail
+    /// is dropped), so with a constant batch this is `DistributedSampler`'s step-based position.
+    /// A pure function of the schedule: a resumed run finds the same position. Every batch must
+    /// be at most `rows` ([`BatchController::fit_data`]).
+    pub fn sampler_position(&self, step: u64, rows: usize) -> (u64, usize) {
+        let segs: Vec<(u64, usize)> = self.segments().collect();
+        let (mut epoch, mut row) = (0u64, 0usize);
+        for (i, &(start, b)) in segs.iter().enumerate() {
+            if start >= step {
+                break;
+            }
+            let end = segs.get(i + 1).map_or(step, |n| n.0.min(step));
+            advance(&mut epoch, &mut row, rows, b, end - start);
+        }
+        let b = self.batch_at(step);
+        if row + b > rows {
+            epoch += 1;
+            row = 0;
+        }
+        (epoch, row)
     }
 
     /// Continues a saved schedule (after a checkpoint resume).
@@ -205,6 +315,28 @@ impl BatchController {
         self.schedule.changes.push(change.clone());
         Some(change)
     }
+}
+
+/// Moves a sampler position `(epoch, row)` (the row after the last one taken) over `count`
+/// steps of `b` rows each in a data set of `rows` (`1 <= b <= rows`).
+fn advance(epoch: &mut u64, row: &mut usize, rows: usize, b: usize, count: u64) {
+    if count == 0 || b == 0 || b > rows {
+        return;
+    }
+    if *row + b > rows {
+        *epoch += 1;
+        *row = 0;
+    }
+    let fit = ((rows - *row) / b) as u64;
+    if count <= fit {
+        *row += count as usize * b;
+        return;
+    }
+    // The steps after `fit` start new epochs of `rows / b` steps each.
+    let rest = count - fit;
+    let per_epoch = (rows / b) as u64;
+    *epoch += 1 + (rest - 1) / per_epoch;
+    *row = ((rest - 1) % per_epoch + 1) as usize * b;
 }
 
 /// ε(batch)/ε(base) under `rule`; `phi` is the noise scale (the Noise rule without one: 1).
@@ -286,6 +418,69 @@ mod tests {
         assert_eq!(a.after_step(19, Some(3000.0)), b.after_step(19, Some(3000.0)));
     }
 
+    /// The position by brute force: one step at a time.
+    fn walk(c: &BatchController, step: u64, rows: usize) -> (u64, usize) {
+        let (mut epoch, mut row) = (0u64, 0usize);
+        for s in 0..=step {
+            let b = c.batch_at(s);
+            if row + b > rows {
+                epoch += 1;
+                row = 0;
+            }
+            if s == step {
+                return (epoch, row);
+            }
+            row += b;
+        }
+        unreachable!()
+    }
+
+    #[test]
+    fn sampler_position_follows_the_schedule_and_matches_the_fixed_sampler() {
+        use crate::data::DistributedSampler;
+        let rows = 1000;
+        // No change: the fixed-batch sampler's step-based position.
+        let fixed = BatchController::new(&on(), 96, 4).unwrap();
+        let sampler = DistributedSampler::try_new(rows, 1, 0, 7, true).unwrap();
+        for step in 0..40 {
+            let (epoch, row) = fixed.sampler_position(step, rows);
+            let want = sampler.try_global_batch_indices(step, 96).unwrap();
+            assert_eq!(sampler.permutation(epoch)[row..row + 96], want[..], "step {step}");
+        }
+        // With changes, against a step-by-step walk; examples_before against a sum.
+        let mut c = BatchController::new(&on(), 96, 4).unwrap();
+        c.after_step(6, Some(400.0)).unwrap();
+        c.after_step(30, Some(150.0)).unwrap();
+        c.after_step(45, Some(900.0)).unwrap();
+        assert_eq!(c.batch_at(6), 96);
+        assert_eq!(c.batch_at(7), 400);
+        assert_eq!(c.batch_at(46), 900);
+        for step in 0..120 {
+            assert_eq!(c.sampler_position(step, rows), walk(&c, step, rows), "step {step}");
+            let sum: u64 = (0..step).map(|s| c.batch_at(s) as u64).sum();
+            assert_eq!(c.examples_before(step), sum, "step {step}");
+        }
+    }
+
+    #[test]
+    fn the_range_fits_the_data() {
+        let c = BatchController::new(&AdaptiveBatchConfig { max: 0, ..on() }, 64, 3).unwrap();
+        let c = c.fit_data(1000).unwrap();
+        assert_eq!(c.range(), (66, 999));
+        assert_eq!(c.target(5000.0), 999);
+        let c = BatchController::new(&on(), 64, 1).unwrap();
+        assert_eq!(
+            c.fit_data(1000).unwrap_err(),
+            AdaptiveError::MaxOverData { max: 4096, rows: 1000 }
+        );
+        let small = AdaptiveBatchConfig { min: 0, max: 0, ..on() };
+        let c = BatchController::new(&small, 600, 1).unwrap();
+        assert_eq!(
+            c.fit_data(500).unwrap_err(),
+            AdaptiveError::MinOverData { min: 600, rows: 500 }
+        );
+    }
+
     #[test]
     fn bad_settings_are_errors() {
         let e = BatchController::new(&AdaptiveBatchConfig { min: 10, max: 11, ..on() }, 10, 4);
@@ -294,6 +489,8 @@ mod tests {
         let bad = AdaptiveBatchConfig { min_change: -1.0, ..on() };
         assert!(BatchController::new(&bad, 10, 1).is_err());
         assert_eq!(BatchController::new(&on(), 0, 1).unwrap_err(), AdaptiveError::ZeroBase);
+        let bad = AdaptiveBatchConfig { min: 100, max: 50, ..on() };
+        assert_eq!(bad.validate().unwrap_err(), AdaptiveError::MinAboveMax { min: 100, max: 50 });
         let c: AdaptiveBatchConfig = toml::from_str("enabled = true\nlr_rule = \"sqrt\"").unwrap();
         assert_eq!(c.lr_rule, LrRule::Sqrt);
         assert!(toml::from_str::<AdaptiveBatchConfig>("lr_rule = \"cubic\"").is_err());

@@ -29,13 +29,23 @@
 //!
 //! The estimates are per parameter group (per tensor or layer, given as `(offset, len)` ranges
 //! of the flat buffer); the totals are the sums over groups.
+//!
+//! With a contrastive loss the small batches are the ranks' shares of the gradient of the
+//! *global* loss (every example is a negative for every other), not independent batches: the
+//! estimate is biased there and can be undefined at small global batches ([`contrastive`]
+//! measures it against independent batches; docs/EXPERIMENTS.md has the numbers). `[gns.adaptive]`
+//! ([`adaptive`]) lets the global batch follow the smoothed B_simple.
 
 pub mod adaptive;
+pub mod contrastive;
 pub mod cost;
 pub mod problems;
 #[cfg(test)]
 mod tests;
 
+pub use adaptive::{
+    AdaptiveBatchConfig, AdaptiveError, BatchChange, BatchController, BatchSchedule,
+};
 use serde::{Deserialize, Serialize};
 use tessera_collectives::{CommError, Communicator, ReduceOp};
 
@@ -55,14 +65,21 @@ pub struct GnsConfig {
     /// (2 + groups) f64 values per step, so that the collective's latency falls on few steps;
     /// the reports of those steps come out together, up to `reduce_every − 1` steps late.
     pub reduce_every: u64,
-    // The adaptive batch controller (`adaptive::BatchController`) is not wired into the
-    // training loop yet, so `[gns.adaptive]` is not a key: a setting that did nothing would
-    // mislead.
+    /// `[gns.adaptive]`: let the global batch follow the measured noise scale (off by default;
+    /// left out of the resolved config while it is the default).
+    #[serde(skip_serializing_if = "AdaptiveBatchConfig::is_default")]
+    pub adaptive: AdaptiveBatchConfig,
 }
 
 impl Default for GnsConfig {
     fn default() -> Self {
-        GnsConfig { enabled: true, ema_decay: 0.99, per_group: true, reduce_every: 10 }
+        GnsConfig {
+            enabled: true,
+            ema_decay: 0.99,
+            per_group: true,
+            reduce_every: 10,
+            adaptive: AdaptiveBatchConfig::default(),
+        }
     }
 }
 
@@ -74,6 +91,10 @@ impl GnsConfig {
         }
         if self.reduce_every == 0 {
             return Err(GnsError::BadReduceEvery);
+        }
+        self.adaptive.validate()?;
+        if self.adaptive.enabled && !self.enabled {
+            return Err(GnsError::AdaptiveWithoutGns);
         }
         Ok(())
     }
@@ -122,6 +143,13 @@ pub enum GnsError {
     MixedObserve,
     #[error("gns: {0}")]
     Comm(CommError),
+    #[error(transparent)]
+    Adaptive(#[from] AdaptiveError),
+    #[error(
+        "gns.adaptive.enabled = true needs the noise scale measured: set gns.enabled = true (or \
+         turn gns.adaptive off)"
+    )]
+    AdaptiveWithoutGns,
 }
 
 // Not `#[from]`: that would make the CommError the source too, and `{:#}` would print it twice.

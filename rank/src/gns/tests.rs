@@ -233,7 +233,21 @@ fn config_parses_as_a_table_and_rejects_unknown_keys() {
     let c: Outer = toml::from_str("").unwrap();
     assert_eq!(c.gns, GnsConfig::default());
     assert!(toml::from_str::<Outer>("[gns]\ndecay = 0.9\n").is_err());
-    assert!(toml::from_str::<Outer>("[gns.adaptive]\nenabled = true\n").is_err());
+    // `[gns.adaptive]` is a table of its own, strict about its keys, and left out of the
+    // resolved config while it is the default (runs without it keep their resume hash).
+    let c: Outer = toml::from_str("[gns.adaptive]\nenabled = true\nevery = 5\n").unwrap();
+    assert!(c.gns.adaptive.enabled);
+    assert_eq!(c.gns.adaptive.every, 5);
+    assert!(toml::from_str::<Outer>("[gns.adaptive]\nenable = true\n").is_err());
+    assert!(toml::to_string(&GnsConfig::default()).unwrap().find("adaptive").is_none());
+    assert!(toml::to_string(&c.gns).unwrap().contains("[adaptive]"));
+    let off = GnsConfig { enabled: false, ..c.gns.clone() }.validate().unwrap_err();
+    assert!(off.to_string().contains("gns.enabled = true"), "{off}");
+    let zero = GnsConfig {
+        adaptive: crate::gns::AdaptiveBatchConfig { every: 0, ..c.gns.adaptive.clone() },
+        ..c.gns
+    };
+    assert!(zero.validate().unwrap_err().to_string().contains("gns.adaptive.every"));
     assert!(GnsConfig { ema_decay: -0.1, ..GnsConfig::default() }.validate().is_err());
     let e = GnsConfig { reduce_every: 0, ..GnsConfig::default() }.validate().unwrap_err();
     assert!(e.to_string().contains("gns.reduce_every"), "{e}");

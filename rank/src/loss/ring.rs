@@ -18,7 +18,10 @@
 //! Each block is cut into column panels of `tile_cols` columns; for each panel the row tiles
 //! (`tile_rows` rows) run in parallel on rayon: one tile GEMM into a per-thread tile buffer,
 //! then the fused pass (row/column max and sum-exp, or the gradient tile and its two GEMMs).
-//! Logits never exist beyond one tile. Per-tile partials of column statistics, of `∂L/∂T` and
+//! Logits never exist beyond one tile. The panel is transposed once (`d × tile_cols`) and
+//! shared by its row tiles, so the tile GEMM reads it in the layout of its micro-kernel
+//! instead of repacking it for every tile; the forward pass reads each tile twice (maxima of
+//! rows and columns, then both sums of exponentials). Per-tile partials of column statistics, of `∂L/∂T` and
 //! of the scalars are merged in a fixed order (row-tile order, then panel order, then ring
 //! order), so the result does not depend on the number of threads or on scheduling: every run
 //! is bitwise reproducible and the loss is bitwise identical on all ranks.
@@ -126,6 +129,9 @@ struct Slots {
     g: Vec<f32>,
     /// Scalars per tile: `[Σ G·x, loss, Σ G]`.
     s: Vec<[f64; 3]>,
+    /// The current text panel transposed (`d × tc`), shared by its row tiles: the tile GEMM
+    /// then reads it in the layout its kernel wants instead of repacking it for every tile.
+    tp: Vec<f32>,
 }
 
 impl Slots {
@@ -134,6 +140,7 @@ impl Slots {
             + self.z.capacity() * 8
             + self.g.capacity() * 4
             + self.s.capacity() * 24
+            + self.tp.capacity() * 4
     }
 }
 
@@ -208,34 +215,6 @@ struct RowAcc {
 }
 
 const LANES: usize = 8;
-
-#[inline(always)]
-fn row_max(xr: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; LANES];
-    let chunks = xr.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for k in 0..LANES {
-            acc[k] = acc[k].max(c[k]);
-        }
-    }
-    rest.iter().fold(acc.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)), |a, &v| a.max(v))
-}
-
-/// `Σ_j exp(x_j − m)` (all arguments ≤ 0), f32 exponentials, f64 sum.
-#[inline(always)]
-fn sum_exp_shifted(xr: &[f32], m: f32) -> f64 {
-    let mut acc = [0.0f32; LANES];
-    let chunks = xr.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for k in 0..LANES {
-            acc[k] += fast_exp(c[k] - m);
-        }
-    }
-    let tail: f64 = rest.iter().map(|&v| fast_exp(v - m) as f64).sum();
-    acc.iter().map(|&a| a as f64).sum::<f64>() + tail
-}
 
 /// Merges the online-LSE partial `(m2, z2)` into `(m, z)`.
 #[inline]
@@ -574,6 +553,25 @@ struct Kern<'a> {
     scale: f32,
 }
 
+/// Writes the `rows × d` row-major panel `p` transposed into `out` (`d × rows`), in 8 × 8
+/// blocks so both sides stay in cache lines.
+fn transpose_panel(p: &[f32], rows: usize, d: usize, out: &mut Vec<f32>) {
+    const BS: usize = 8;
+    out.clear();
+    out.resize(rows * d, 0.0);
+    for j0 in (0..rows).step_by(BS) {
+        let j1 = (j0 + BS).min(rows);
+        for k0 in (0..d).step_by(BS) {
+            let k1 = (k0 + BS).min(d);
+            for j in j0..j1 {
+                for k in k0..k1 {
+                    out[k * rows + j] = p[j * d + k];
+                }
+            }
+        }
+    }
+}
+
 impl Kern<'_> {
     /// Sums the per-tile `∂L/∂T` partials of a panel (`tc` columns at `c0`) into `out_dt` in
     /// row-tile order, in parallel over columns.
@@ -620,7 +618,8 @@ impl Kern<'_> {
         let mut c0 = 0;
         while c0 < bq {
             let tc = tc_max.min(bq - c0);
-            let tp = &txt[c0 * d..(c0 + tc) * d];
+            transpose_panel(&txt[c0 * d..(c0 + tc) * d], tc, d, &mut sl.tp);
+            let tpt = &sl.tp;
             let gc0 = col0 + c0;
             rows.par_chunks_mut(tr_max)
                 .zip(img.par_chunks(tr_max * d))
@@ -629,10 +628,11 @@ impl Kern<'_> {
                 .zip(sl.z.par_chunks_mut(tc_max))
                 .for_each(|((((racc, it), pt), sm), sz)| {
                     let tr = racc.len();
-                    let mut buf = self.tiles.take(tr_max * tc_max);
-                    let x = &mut buf[..tr * tc];
-                    self.dev.gemm(false, true, tr, tc, d, self.scale, it, tp, 0.0, x);
-                    fwd_tile(x, tc, &mut sm[..tc], &mut sz[..tc], racc, pt, gc0);
+                    // The tile, then the tile's row maxima.
+                    let mut buf = self.tiles.take(tr_max * tc_max + tr_max);
+                    let (x, rmax) = buf.split_at_mut(tr * tc);
+                    self.dev.gemm(false, false, tr, tc, d, self.scale, it, tpt, 0.0, x);
+                    fwd_tile(x, tc, &mut sm[..tc], &mut sz[..tc], racc, pt, gc0, &mut rmax[..tr]);
                     self.tiles.give(buf);
                 });
             let (slm, slz) = (&sl.m, &sl.z);
@@ -689,6 +689,8 @@ impl Kern<'_> {
         while c0 < bq {
             let tc = tc_max.min(bq - c0);
             let tp = &txt[c0 * d..(c0 + tc) * d];
+            transpose_panel(tp, tc, d, &mut sl.tp);
+            let tpt = &sl.tp;
             let gc0 = col0 + c0;
             d_img
                 .par_chunks_mut(tr_max * d)
@@ -701,7 +703,7 @@ impl Kern<'_> {
                     let tr = pt.len();
                     let mut buf = self.tiles.take(tr_max * tc_max);
                     let x = &mut buf[..tr * tc];
-                    self.dev.gemm(false, true, tr, tc, d, self.scale, it, tp, 0.0, x);
+                    self.dev.gemm(false, false, tr, tc, d, self.scale, it, tpt, 0.0, x);
                     let mut acc = [0.0f64; 3];
                     for (li, xr) in x.chunks_exact_mut(tc).enumerate() {
                         let p = pt[li];
@@ -740,7 +742,10 @@ impl Kern<'_> {
 }
 
 /// Post-GEMM work of one forward tile `x` (`rows × tc`): the tile's column statistics into
-/// `(sm, sz)`, the rows' running statistics and positive logits.
+/// `(sm, sz)`, the rows' running statistics and positive logits. `rmax` (`rows` values) is
+/// scratch for the rows' maxima. Two passes over the tile: the maxima of rows and columns
+/// together, then both sums of exponentials together.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn fwd_tile_body(
     x: &[f32],
@@ -750,22 +755,50 @@ fn fwd_tile_body(
     racc: &mut [RowAcc],
     pt: &[usize],
     gc0: usize,
+    rmax: &mut [f32],
 ) {
     sm.fill(f32::NEG_INFINITY);
     sz.fill(0.0);
-    for xr in x.chunks_exact(tc) {
-        for (m, &v) in sm.iter_mut().zip(xr) {
+    for (xr, rm) in x.chunks_exact(tc).zip(rmax.iter_mut()) {
+        let mut acc = [f32::NEG_INFINITY; LANES];
+        let mut xs = xr.chunks_exact(LANES);
+        let mut ms = sm.chunks_exact_mut(LANES);
+        for (c, mc) in (&mut xs).zip(&mut ms) {
+            for k in 0..LANES {
+                acc[k] = acc[k].max(c[k]);
+                mc[k] = mc[k].max(c[k]);
+            }
+        }
+        let rest = xs.remainder();
+        for (m, &v) in ms.into_remainder().iter_mut().zip(rest) {
             *m = m.max(v);
         }
+        *rm = rest
+            .iter()
+            .fold(acc.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)), |a, &v| a.max(v));
     }
     for (li, xr) in x.chunks_exact(tc).enumerate() {
-        for ((z, &m), &v) in sz.iter_mut().zip(sm.iter()).zip(xr) {
+        let a = &mut racc[li];
+        let mn = a.m.max(rmax[li]);
+        // Column sums in f32 per column; the row sum in 8 f32 lanes, then f64 (`Σ exp(x − mn)`).
+        let mut acc = [0.0f32; LANES];
+        let mut xs = xr.chunks_exact(LANES);
+        let mut zs = sz.chunks_exact_mut(LANES);
+        let mut ms = sm.chunks_exact(LANES);
+        for ((c, zc), mc) in (&mut xs).zip(&mut zs).zip(&mut ms) {
+            for k in 0..LANES {
+                zc[k] += fast_exp(c[k] - mc[k]);
+                acc[k] += fast_exp(c[k] - mn);
+            }
+        }
+        let rest = xs.remainder();
+        for ((z, &m), &v) in zs.into_remainder().iter_mut().zip(ms.remainder()).zip(rest) {
             *z += fast_exp(v - m);
         }
-        let a = &mut racc[li];
-        let mn = a.m.max(row_max(xr));
+        let tail: f64 = rest.iter().map(|&v| fast_exp(v - mn) as f64).sum();
+        let row_sum = acc.iter().map(|&v| v as f64).sum::<f64>() + tail;
         let mut z = if a.z != 0.0 { a.z * fast_exp(a.m - mn) as f64 } else { 0.0 };
-        z += sum_exp_shifted(xr, mn);
+        z += row_sum;
         a.m = mn;
         a.z = z;
         let p = pt[li];
@@ -775,6 +808,7 @@ fn fwd_tile_body(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn fwd_tile_avx2(
@@ -785,8 +819,9 @@ fn fwd_tile_avx2(
     racc: &mut [RowAcc],
     pt: &[usize],
     gc0: usize,
+    rmax: &mut [f32],
 ) {
-    fwd_tile_body(x, tc, sm, sz, racc, pt, gc0)
+    fwd_tile_body(x, tc, sm, sz, racc, pt, gc0, rmax)
 }
 
 /// Whether the AVX2 builds of the element-wise loops may run (same results: no operation is
@@ -803,6 +838,7 @@ fn has_avx2() -> bool {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn fwd_tile(
     x: &[f32],
     tc: usize,
@@ -811,13 +847,14 @@ fn fwd_tile(
     racc: &mut [RowAcc],
     pt: &[usize],
     gc0: usize,
+    rmax: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
-        return unsafe { fwd_tile_avx2(x, tc, sm, sz, racc, pt, gc0) };
+        return unsafe { fwd_tile_avx2(x, tc, sm, sz, racc, pt, gc0, rmax) };
     }
-    fwd_tile_body(x, tc, sm, sz, racc, pt, gc0)
+    fwd_tile_body(x, tc, sm, sz, racc, pt, gc0, rmax)
 }
 
 /// CLIP gradient row: overwrites `xr` with `G_ij = (P_ij + Q_ij − 2δ)/(2B)` and returns

@@ -490,6 +490,9 @@ impl Tower {
         (out, keep.then_some(cache))
     }
 
+    /// Backward of the tower, accumulating into `g`. After each unit (head, blocks from the
+    /// top, input layer) it calls `ready(offset, grads)` with that unit's slice of `g`, which
+    /// this backward no longer touches.
     fn backward<D: Device>(
         &self,
         dev: &D,
@@ -497,6 +500,7 @@ impl Tower {
         g: &mut [f32],
         cache: &TowerCache,
         dout: &[f32],
+        ready: &mut dyn FnMut(usize, &[f32]),
     ) {
         let cfg = &self.cfg;
         let batch = cache.batch;
@@ -518,9 +522,17 @@ impl Tower {
             dout.to_vec()
         };
         let nb = self.blocks.len();
+        let unit_range = |u: &Unit| {
+            let start = u.ln.map_or(u.lin.w, |(gamma, _)| gamma);
+            start..u.lin.b + u.lin.fan_out
+        };
         let mut dh = unit_bwd(dev, p, g, cfg.activation, &self.head, &cache.units[nb], &dy, batch);
+        let r = unit_range(&self.head);
+        ready(r.start, &g[r]);
         for (u, c) in self.blocks.iter().zip(&cache.units).rev() {
             let dx = unit_bwd(dev, p, g, cfg.activation, u, c, &dh, batch);
+            let r = unit_range(u);
+            ready(r.start, &g[r]);
             if cfg.residual {
                 dev.add_inplace(&mut dh, &dx);
             } else {
@@ -528,6 +540,8 @@ impl Tower {
             }
         }
         linear_bwd(dev, p, g, &self.input, &cache.x, &dh, batch, false);
+        let r = self.input.w..self.input.b + self.input.fan_out;
+        ready(r.start, &g[r]);
     }
 }
 
@@ -729,15 +743,37 @@ impl Model {
     /// # Panics
     /// Without a preceding `forward_pair`, or on length mismatches.
     pub fn backward_pair<D: Device>(&mut self, dev: &D, d_feat_a: &[f32], d_feat_b: &[f32]) {
+        self.backward_pair_with(dev, d_feat_a, d_feat_b, &mut |_, _| {});
+    }
+
+    /// [`Model::backward_pair`] that reports gradients as they become final: after each layer
+    /// whose gradient this backward has finished (top layers first, tower a then tower b; in
+    /// shared mode only during the second view's pass) it calls `ready(offset, grads)` with
+    /// that layer's slice of the gradient buffer. The reported slices are disjoint; the logit
+    /// scale and bias, and a frozen tower's tensors, are never reported.
+    ///
+    /// # Panics
+    /// As [`Model::backward_pair`].
+    pub fn backward_pair_with<D: Device>(
+        &mut self,
+        dev: &D,
+        d_feat_a: &[f32],
+        d_feat_b: &[f32],
+        ready: &mut dyn FnMut(usize, &[f32]),
+    ) {
         self.assert_contrastive("backward_pair");
         let ca = self
             .cache_a
             .take()
             .expect("Model::backward_pair called without a forward_pair before it");
-        self.towers[0].backward(dev, &self.params, &mut self.grads, &ca, d_feat_a);
+        // One tower for both views: its gradient is final only after the second pass.
+        let twice = self.towers.len() == 1 && self.cache_b.is_some();
+        let mut nothing = |_: usize, _: &[f32]| {};
+        let first: &mut dyn FnMut(usize, &[f32]) = if twice { &mut nothing } else { ready };
+        self.towers[0].backward(dev, &self.params, &mut self.grads, &ca, d_feat_a, first);
         let tb = self.towers.get(1).unwrap_or(&self.towers[0]);
         if let Some(cb) = self.cache_b.take() {
-            tb.backward(dev, &self.params, &mut self.grads, &cb, d_feat_b);
+            tb.backward(dev, &self.params, &mut self.grads, &cb, d_feat_b, ready);
         }
     }
 
@@ -809,7 +845,7 @@ impl Model {
             .cache_a
             .take()
             .expect("Model::backward_logits called without a forward_logits before it");
-        self.towers[0].backward(dev, &self.params, &mut self.grads, &c, d_logits);
+        self.towers[0].backward(dev, &self.params, &mut self.grads, &c, d_logits, &mut |_, _| {});
     }
 
     /// Inference logits (no activations kept).

@@ -106,6 +106,12 @@ pub struct OptimConfig {
     pub tvlars_lambda: f64,
     pub tvlars_delay: Option<f64>,
     pub tvlars_min: Option<f64>,
+    /// Multiplies the learning rate of the trainable tensors that take no trust ratio
+    /// (`adapt = false`: by default every tensor with ndim ≤ 1, the logit scale included) under
+    /// lars, tvlars, tvlars-code and lamb. Default 1: they take the base rate, as in SimCLR,
+    /// timm, MLPerf and the TVLARS code. LARS base rates are large (the adapted tensors move by
+    /// lr·η‖w‖/‖g‖), so a value below 1 keeps such a rate off the excluded tensors.
+    pub excluded_lr_scale: f64,
 }
 
 impl Default for OptimConfig {
@@ -134,6 +140,7 @@ impl Default for OptimConfig {
             tvlars_lambda: 1e-3,
             tvlars_delay: None,
             tvlars_min: None,
+            excluded_lr_scale: 1.0,
         }
     }
 }
@@ -176,6 +183,9 @@ pub struct Settings {
     /// Both TVLARS norms clamped to at most this (the authors' code: 10).
     pub norm_clamp: Option<f64>,
     pub phi: Option<Phi>,
+    /// Learning-rate multiplier of the trainable tensors the trust ratio excludes (their
+    /// ratio); 1 unless `optim.excluded_lr_scale` says otherwise.
+    pub excluded_lr_scale: f64,
 }
 
 const NAMES: &str = "sgd, lars, tvlars, tvlars-code or lamb";
@@ -441,6 +451,15 @@ impl OptimConfig {
                 self.name
             ));
         }
+        finite_nonneg("excluded_lr_scale", self.excluded_lr_scale)?;
+        if self.excluded_lr_scale != 1.0 && family == Family::Sgd {
+            return Err(format!(
+                "optim.excluded_lr_scale = {} only applies to lars, tvlars, tvlars-code and \
+                 lamb (under sgd no tensor takes a trust ratio, so none is excluded); remove it \
+                 or use one of those optimizers",
+                self.excluded_lr_scale
+            ));
+        }
         if self.lamb_clamp.is_some() && family != Family::Lamb {
             return Err(format!(
                 "optim.lamb_clamp only applies to lamb (optim.name = {:?}); remove it",
@@ -466,6 +485,7 @@ impl OptimConfig {
             grad_clip_norm: self.grad_clip_norm,
             norm_clamp,
             phi,
+            excluded_lr_scale: self.excluded_lr_scale,
         })
     }
 }
@@ -534,6 +554,18 @@ mod tests {
         let mut c = cfg("lamb");
         c.betas = [0.9, 1.5];
         assert!(c.validate().unwrap_err().contains("optim.betas[1]"));
+        let mut c = cfg("sgd");
+        c.excluded_lr_scale = 0.1;
+        let err = c.validate().unwrap_err();
+        assert!(err.contains("optim.excluded_lr_scale") && err.contains("remove it"), "{err}");
+        let mut c = cfg("lars");
+        c.excluded_lr_scale = -1.0;
+        assert!(c.validate().unwrap_err().contains("optim.excluded_lr_scale"));
+        for name in ["lars", "tvlars", "tvlars-code", "lamb"] {
+            let mut c = cfg(name);
+            c.excluded_lr_scale = 0.1;
+            assert_eq!(c.settings().unwrap().excluded_lr_scale, 0.1, "{name}");
+        }
     }
 
     #[test]

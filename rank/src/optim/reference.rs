@@ -57,6 +57,8 @@ impl Reference {
             let w = self.w[r0.clone()].to_vec();
             let beta = if grp.decay { s.weight_decay } else { 0.0 };
             let adapted = grp.adapt && s.family != Family::Sgd;
+            // A tensor without a trust ratio takes lr·excluded_lr_scale (lr under SGD).
+            let unadapted = if s.family == Family::Sgd { 1.0 } else { s.excluded_lr_scale };
             let new_w: Vec<f64>;
             if s.family == Family::Lamb {
                 let m = &mut self.m[r0.clone()];
@@ -72,7 +74,7 @@ impl Reference {
                     };
                     u[i] = mh / (vh.sqrt() + s.eps) + beta * w[i];
                 }
-                let mut r = 1.0;
+                let mut r = if adapted { 1.0 } else { unadapted };
                 if adapted {
                     let phi = match s.lamb_clamp {
                         Some(c) => norm(&w).min(c),
@@ -87,7 +89,7 @@ impl Reference {
                 new_w = (0..g.len()).map(|i| w[i] - lr * r * u[i]).collect();
             } else {
                 let mut beta = beta;
-                let mut r = 1.0;
+                let mut r = if adapted { 1.0 } else { unadapted };
                 if adapted {
                     let d: Vec<f64> = (0..g.len()).map(|i| g[i] + beta * w[i]).collect();
                     let (wn, gn, dn) = (norm(&w), norm(&g), norm(&d));

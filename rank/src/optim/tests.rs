@@ -301,6 +301,9 @@ fn variants() -> Vec<OptimConfig> {
         OptimConfig { lr: 0.01, bias_correction: false, lamb_clamp: Some(1.5), ..cfg("lamb") },
         OptimConfig { lr: 0.01, grad_clip_norm: Some(1.0), ..cfg("lamb") },
         OptimConfig { grad_clip_norm: Some(0.5), weight_decay: Some(1e-3), ..big(cfg("lars")) },
+        big(OptimConfig { excluded_lr_scale: 0.1, ..cfg("tvlars-code") }),
+        big(OptimConfig { excluded_lr_scale: 0.25, weight_decay: Some(1e-3), ..cfg("lars") }),
+        OptimConfig { lr: 0.01, excluded_lr_scale: 0.5, ..cfg("lamb") },
     ]
 }
 
@@ -459,7 +462,7 @@ fn summary_reports_first_last_and_spread_of_adapted_tensors() {
 fn describe_lists_the_excluded_tensors() {
     let opt = Optimizer::new(&cfg("lars"), model_groups()).unwrap();
     let d = opt.describe();
-    assert!(d.contains("in.bias, ln.gamma, logit_scale"), "{d}");
+    assert!(d.contains("in.bias, ln.gamma, logit_scale (they take lr × 1)"), "{d}");
     assert!(d.contains("1 frozen"), "{d}");
 }
 
@@ -482,7 +485,121 @@ fn bench_runs_and_reports_traffic() {
     for name in ["sgd", "lamb"] {
         let b = bench_step(10_000, name).unwrap();
         assert!(b.seconds_per_step > 0.0 && b.gbps > 0.0 && b.memcpy_gbps > 0.0);
+        assert!(b.runs >= 5, "{} runs", b.runs);
         assert_eq!(b.bytes_moved, if name == "lamb" { 280_000 } else { 200_000 });
     }
     assert!(bench_step(10, "adamw").is_err());
+}
+
+/// Tensors of every length class the kernels treat apart (under 8, not a multiple of 8, longer
+/// than one block of the fused norm), plus excluded and frozen ones.
+fn long_groups() -> (Vec<TensorGroup>, usize) {
+    let shapes: [(usize, &[usize], bool); 6] = [
+        (300, &[30, 10], true),
+        (5, &[5], true),
+        (7, &[7, 1], true),
+        (1000, &[8, 125], false),
+        (2053, &[2053, 1], true),
+        (1, &[], true),
+    ];
+    let mut off = 0;
+    let mut groups = Vec::new();
+    for (i, (len, shape, trainable)) in shapes.into_iter().enumerate() {
+        groups.push(TensorGroup::from_shape(format!("t{i}"), off, len, shape, trainable));
+        off += len;
+    }
+    (groups, off)
+}
+
+/// ‖w‖ kept from the previous step's write gives bitwise the parameters, state and ratios that
+/// reading it afresh every step gives (the engine before the cache), and changing parameters
+/// behind the optimizer's back is caught by `forget_weight_norms` (and only by it).
+#[test]
+fn kept_weight_norms_are_bitwise_the_fresh_ones() {
+    let (groups, n) = long_groups();
+    for c in variants() {
+        let mut rng = crate::rng::Rng::new(31);
+        let p0: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        let mut kept = Optimizer::new(&c, groups.clone()).unwrap();
+        let mut fresh = Optimizer::new(&c, groups.clone()).unwrap();
+        let (mut pk, mut pf) = (p0.clone(), p0.clone());
+        for step in 0..12 {
+            let g: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+            let lr = 0.2 / (1.0 + step as f64);
+            fresh.forget_weight_norms();
+            let a = kept.step(&mut pk, &g, lr, step);
+            let b = fresh.step(&mut pf, &g, lr, step);
+            assert_eq!(a, b, "{} step {step}", c.name);
+        }
+        assert_eq!(pk, pf, "{}", c.name);
+        assert_eq!(kept.state_bytes(), fresh.state_bytes(), "{}", c.name);
+
+        // Shrink an adapted tensor from outside (below the tvlars-code clamp of 10): a stale ‖w‖
+        // would change the ratio.
+        let settings = c.settings().unwrap();
+        let adapts = matches!(settings.family, config::Family::Lars | config::Family::Tvlars);
+        pk[..300].iter_mut().for_each(|x| *x *= 0.1);
+        let g: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        let mut stale = kept.clone();
+        let mut ps = pk.clone();
+        let mut restored = Optimizer::new(&c, groups.clone()).unwrap();
+        restored.load_state(&kept.state_bytes()).unwrap();
+        let mut pr = pk.clone();
+        kept.forget_weight_norms();
+        let a = kept.step(&mut pk, &g, 0.1, 12);
+        let r = restored.step(&mut pr, &g, 0.1, 12);
+        assert_eq!((&a, &pk), (&r, &pr), "{}", c.name);
+        let s = stale.step(&mut ps, &g, 0.1, 12);
+        if adapts {
+            assert_ne!(s.groups[0].ratio, a.groups[0].ratio, "{}: no norm was kept", c.name);
+            assert_ne!(ps, pk, "{}", c.name);
+        } else {
+            assert_eq!(ps, pk, "{}: nothing is kept outside lars and tvlars", c.name);
+        }
+    }
+}
+
+/// `excluded_lr_scale`: the tensors without a trust ratio (here a 1-D bias and the 0-D logit
+/// scale) move by lr·scale·g under LARS and TVLARS, by scale times their Adam step under LAMB;
+/// the adapted tensor is untouched by it.
+#[test]
+fn excluded_lr_scale_multiplies_the_rate_of_excluded_tensors_only() {
+    let groups = vec![
+        TensorGroup::from_shape("w", 0, 2, &[2, 1], true),
+        TensorGroup::from_shape("b", 2, 3, &[3], true),
+        TensorGroup::from_shape("logit_scale", 5, 1, &[], true),
+    ];
+    let p0 = vec![3.0f32, 4.0, 0.5, -1.5, 2.0, 2.6];
+    let g = [0.6f32, 0.8, 0.25, -0.125, 3.0, -0.75];
+    let lr = 0.3;
+    for name in ["lars", "tvlars", "tvlars-code", "lamb"] {
+        let run = |scale: f64| {
+            let c = OptimConfig { weight_decay: Some(0.1), excluded_lr_scale: scale, ..cfg(name) };
+            let mut opt = Optimizer::new(&c, groups.clone()).unwrap();
+            let mut p = p0.clone();
+            let stats = opt.step(&mut p, &g, lr, 0);
+            (p, stats)
+        };
+        let (p1, s1) = run(1.0);
+        let (p, s) = run(0.1);
+        assert_eq!(&p[..2], &p1[..2], "{name}: the adapted tensor must not change");
+        assert_eq!(s.groups[0], s1.groups[0], "{name}");
+        for i in [1, 2] {
+            assert_eq!((s.groups[i].ratio, s.groups[i].adapted), (0.1, false), "{name}");
+            assert!(close(s.groups[i].lr, 0.1 * lr, 1e-15), "{name}");
+        }
+        for i in 2..6 {
+            let moved = p[i] as f64 - p0[i] as f64;
+            let moved1 = p1[i] as f64 - p0[i] as f64;
+            assert!(close(moved, 0.1 * moved1, 1e-6 * moved1.abs()), "{name} {i}: {moved}");
+            if name != "lamb" {
+                // Plain momentum SGD from zero state: exactly lr·scale·g, up to f32 rounding.
+                assert!(close(moved, -0.1 * lr * g[i] as f64, 3e-7), "{name} {i}: {moved}");
+            }
+        }
+    }
+    // Under SGD nothing is excluded, so the key is refused rather than ignored.
+    let c = OptimConfig { excluded_lr_scale: 0.1, ..cfg("sgd") };
+    let err = Optimizer::new(&c, groups).unwrap_err().to_string();
+    assert!(err.contains("optim.excluded_lr_scale"), "{err}");
 }

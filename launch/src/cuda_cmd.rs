@@ -1,0 +1,259 @@
+//! `tessera cuda ...`: library discovery, the NVRTC kernel check (CI), the GPU self-test and
+//! the fused-loss timing. See docs/GPU.md.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use tessera_rank::device::cuda::gpu::{Gpu, LossMode, Precision};
+use tessera_rank::device::cuda::libs::{self, Lib};
+use tessera_rank::device::cuda::{nvrtc, selftest};
+
+/// Set in the environment of the re-executed process (so it re-executes at most once).
+const REEXEC_ENV: &str = "TESSERA_CUDA_REEXEC";
+
+#[derive(Subcommand)]
+pub enum CudaCommand {
+    /// Print which CUDA libraries load, where they were looked for and what was found.
+    Probe,
+    /// Compile every .cu kernel with NVRTC (no GPU needed); any error or warning fails.
+    CheckKernels(CheckArgs),
+    /// On a GPU: every kernel vs the CPU device and an f64 reference, cuBLAS, the fused loss,
+    /// NCCL at world size 1. Exits non-zero on any failure.
+    Selftest(SelftestArgs),
+    /// On a GPU: time the fused CLIP loss (forward + backward).
+    BenchLoss(BenchLossArgs),
+}
+
+#[derive(Args)]
+pub struct CheckArgs {
+    /// Architectures, comma-separated.
+    #[arg(long, default_value = "sm_80,sm_90", value_delimiter = ',')]
+    pub arch: Vec<String>,
+    /// Also print ptxas's registers / shared memory / spills per kernel.
+    #[arg(long)]
+    pub resource_usage: bool,
+}
+
+#[derive(Args)]
+pub struct SelftestArgs {
+    /// GPU ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+    /// Seed of the random inputs.
+    #[arg(long, default_value_t = 0x7e55e7a)]
+    pub seed: u64,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct BenchLossArgs {
+    /// Global batch B (comma-separated for several).
+    #[arg(long, default_value = "16384", value_delimiter = ',')]
+    pub batch: Vec<usize>,
+    /// Feature dimension d (comma-separated for several).
+    #[arg(long, default_value = "512", value_delimiter = ',')]
+    pub dim: Vec<usize>,
+    /// det, fast or both.
+    #[arg(long, default_value = "both")]
+    pub mode: String,
+    /// Logit-tile arithmetic, comma-separated: fp32, tf32x3, tf32.
+    #[arg(long, default_value = "fp32,tf32x3,tf32", value_delimiter = ',')]
+    pub precision: Vec<String>,
+    /// Timed repetitions (median reported).
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    /// GPU ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+    /// Also write the rows as JSON lines to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+pub fn cuda(cmd: CudaCommand) -> Result<ExitCode> {
+    match cmd {
+        CudaCommand::Probe => probe(),
+        CudaCommand::CheckKernels(a) => {
+            ensure_loadable(&[Lib::Nvrtc])?;
+            check_kernels(&a)
+        }
+        CudaCommand::Selftest(a) => {
+            ensure_loadable(&Lib::ALL)?;
+            run_selftest(&a)
+        }
+        CudaCommand::BenchLoss(a) => {
+            ensure_loadable(&[Lib::Driver, Lib::Nvrtc])?;
+            bench_loss(&a)
+        }
+    }
+}
+
+/// If some of `need` do not load but can be found, re-executes this binary with their folders
+/// (and the NCCL shim folder) in front of LD_LIBRARY_PATH; returns when nothing would change.
+fn ensure_loadable(need: &[Lib]) -> Result<()> {
+    if std::env::var_os(REEXEC_ENV).is_some() {
+        return Ok(());
+    }
+    let plan = libs::plan_loader_path(need, &libs::default_shim_dir())?;
+    if !plan.helps() {
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("cannot find this executable to re-execute it")?;
+    let path = plan.ld_library_path(std::env::var_os("LD_LIBRARY_PATH").as_deref());
+    for (lib, found) in &plan.found {
+        if let Some(p) = found {
+            eprintln!("tessera cuda: {} found at {}", lib.name(), p.display());
+        }
+    }
+    eprintln!("tessera cuda: re-executing with LD_LIBRARY_PATH={}", path.to_string_lossy());
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .env("LD_LIBRARY_PATH", &path)
+        .env(REEXEC_ENV, "1")
+        .exec();
+    Err(err).with_context(|| format!("cannot re-execute {}", exe.display()))
+}
+
+fn probe() -> Result<ExitCode> {
+    println!("{:<12} {:<18} {:<7}", "library", "file", "loads");
+    for lib in Lib::ALL {
+        println!(
+            "{:<12} {:<18} {:<7}",
+            lib.name(),
+            lib.file(),
+            if lib.present() { "yes" } else { "NO" }
+        );
+    }
+    println!("LD_LIBRARY_PATH={}", std::env::var("LD_LIBRARY_PATH").unwrap_or_default());
+    let dirs = libs::search_dirs();
+    println!("searched folders ({}):", dirs.len());
+    for d in &dirs {
+        println!("  {}", d.display());
+    }
+    for lib in Lib::ALL {
+        match libs::find_in(&dirs, lib.search_names()) {
+            Some(p) => println!("found {:<12} {}", lib.name(), p.display()),
+            None => println!("found {:<12} (nothing in the searched folders)", lib.name()),
+        }
+    }
+    if Lib::Nvrtc.present() {
+        let (maj, min) = nvrtc::version()?;
+        println!("NVRTC version {maj}.{min}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check_kernels(a: &CheckArgs) -> Result<ExitCode> {
+    let archs: Vec<&str> = a.arch.iter().map(|s| s.trim()).filter(|s| !s.is_empty()).collect();
+    if archs.is_empty() {
+        bail!("--arch needs at least one architecture, e.g. sm_90");
+    }
+    let (maj, min) = nvrtc::version()?;
+    println!(
+        "NVRTC {maj}.{min}; compiling {} sources for {}",
+        nvrtc::SOURCES.len(),
+        archs.join(", ")
+    );
+    let rows = nvrtc::check_all(&archs)?;
+    println!("{:<18} {:<7} {:>11} {:>9}", "source", "arch", "cubin bytes", "ms");
+    for r in &rows {
+        println!("{:<18} {:<7} {:>11} {:>9.0}", r.source, r.arch, r.cubin_bytes, r.millis);
+    }
+    if a.resource_usage {
+        for arch in &archs {
+            for src in nvrtc::SOURCES {
+                for line in nvrtc::resource_usage(src, arch)? {
+                    println!("{arch} {}: {line}", src.name);
+                }
+            }
+        }
+    }
+    let kernels: usize = nvrtc::SOURCES.iter().map(|s| s.kernels.len()).sum();
+    println!(
+        "check-kernels: OK ({kernels} kernels in {} sources, no errors or warnings)",
+        nvrtc::SOURCES.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_selftest(a: &SelftestArgs) -> Result<ExitCode> {
+    for r in selftest::probe_rows() {
+        println!("{:<12} {}", r.name, r.detail);
+    }
+    let rep = selftest::run(a.device, a.seed).context("cuda selftest cannot start")?;
+    println!("device: {} ({})", rep.device, rep.arch);
+    print!("{}", rep.table());
+    if let Some(p) = &a.json {
+        let s = serde_json::to_string_pretty(&rep)?;
+        std::fs::write(p, s).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    if rep.passed() {
+        println!("cuda selftest: PASS");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("cuda selftest: FAIL");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn bench_loss(a: &BenchLossArgs) -> Result<ExitCode> {
+    let modes: Vec<LossMode> = match a.mode.as_str() {
+        "det" | "deterministic" => vec![LossMode::Deterministic],
+        "fast" => vec![LossMode::Fast],
+        "both" => vec![LossMode::Deterministic, LossMode::Fast],
+        m => bail!("--mode {m:?}: expected det, fast or both"),
+    };
+    let precisions = a
+        .precision
+        .iter()
+        .map(|p| {
+            Precision::parse(p.trim())
+                .with_context(|| format!("--precision {p:?}: expected fp32, tf32x3 or tf32"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if a.batch.contains(&0) || a.dim.contains(&0) {
+        bail!("--batch and --dim must be positive");
+    }
+    let gpu = Gpu::open(a.device).context("cuda bench-loss cannot start")?;
+    println!(
+        "device: {} ({}), fused CLIP loss fwd+bwd, fp32 SIMT, median of {} runs",
+        gpu.name, gpu.arch, a.reps
+    );
+    println!(
+        "{:>8} {:>5} {:<6} {:<7} {:>10} {:>10} {:>8} {:>12} {:>12}",
+        "B", "d", "mode", "prec", "ms(med)", "ms(min)", "TFLOP/s", "ws MiB", "loss"
+    );
+    let mut out = String::new();
+    for &b in &a.batch {
+        for &d in &a.dim {
+            for &p in &precisions {
+                for &m in &modes {
+                    let r = selftest::bench_loss(&gpu, b, d, m, p, a.reps, 1)?;
+                    println!(
+                        "{:>8} {:>5} {:<6} {:<7} {:>10.3} {:>10.3} {:>8.2} {:>12.1} {:>12.6}",
+                        r.b,
+                        r.d,
+                        r.mode,
+                        r.precision,
+                        r.ms_median,
+                        r.ms_min,
+                        r.tflops,
+                        r.workspace_bytes as f64 / (1 << 20) as f64,
+                        r.loss
+                    );
+                    out += &serde_json::to_string(&r)?;
+                    out.push('\n');
+                }
+            }
+        }
+    }
+    if let Some(p) = &a.json {
+        std::fs::write(p, out).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,470 @@
+// Fused tiled CLIP / InfoNCE loss on one GPU (ALGORITHMS.md section 2; the CPU version is
+// rank/src/loss/ring.rs). 64 x 64 logit tiles, 256 threads per block. The logit tile is computed
+// by fp32 FMA (clip_fwd, clip_bwd), by TF32 tensor cores (m16n8k8 mma; *_tf32) or by 3xTF32
+// (hi/lo split, near-fp32 accuracy; *_tf32x3); the LSE statistics, G and the gradient
+// products are fp32 FMA in every version.
+//
+//   x_ij = s * <I_i, T_j>,  l_i = log sum_j exp(x_ij),  k_j = log sum_i exp(x_ij)
+//   L = 1/(2B) * [ sum_i (l_i - x_ii) + sum_j (k_j - x_jj) ]
+//   G_ij = (exp(x_ij - l_i) + exp(x_ij - k_j) - 2 delta_ij) / (2B)
+//   dI = s * G T,  dT = s * G^T I,  dL/dt = sum_ij G_ij x_ij
+//
+// Forward (clip_fwd): block (rt, cs) owns row tile rt and the column tiles of split cs; for
+// each tile it computes the logits into shared memory, folds them into the online (max, sum)
+// of its rows (kept in registers across tiles) and writes the tile's column partials. Logits
+// never reach global memory. clip_lse then merges the partials in a fixed order, so the result
+// is deterministic. Partial storage: (B/64 + splits) * B * 2 floats.
+//
+// Backward (clip_bwd): block rt owns the rows of dA; for each column tile it recomputes the
+// logits, forms G in shared memory and adds s * G * Bm_tile to its rows of dA (no other block
+// writes them: no atomics). Deterministic mode runs it twice, (I, T) -> dI then (T, I) -> dT
+// (G is symmetric under the swap); fast mode runs it once and adds dT with atomicAdd.
+//
+// Rows and columns past B are masked (-inf in the forward, G = 0 in the backward), so any B
+// and d are valid. Indices are 64-bit.
+
+typedef long long i64;
+
+// NVRTC has no <math.h> macros: infinities by bit pattern.
+#define NEG_INF_F __int_as_float(0xff800000)
+#define NEG_INF_D __longlong_as_double(0xfff0000000000000LL)
+
+#define TM 64
+#define TN 64
+#define TK 16
+#define NT 256
+
+// Shared-memory operand tiles: [k][row], rows padded by 8 floats so that the tensor-core
+// fragment loads (4 k-rows x 8 rows per warp) hit 32 different banks.
+#define TPAD (TM + 8)
+
+// acc[i][j] = <A[r0 + ty + 16i], Bm[c0 + tx + 16j]> over all d (fp32 FMA); rows >= B read as 0.
+__device__ __forceinline__ void tile_dot(const float* __restrict__ A, const float* __restrict__ Bm,
+                                         i64 B, i64 d, i64 r0, i64 c0, float (*As)[TPAD],
+                                         float (*Bs)[TPAD], float acc[4][4]) {
+    const int t = threadIdx.x;
+    const int tx = t % 16, ty = t / 16;
+    const int lrow = t / 4, lk = (t % 4) * 4;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+    for (i64 k0 = 0; k0 < d; k0 += TK) {
+        const i64 ra = r0 + lrow, rb = c0 + lrow;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const i64 k = k0 + lk + q;
+            As[lk + q][lrow] = (ra < B && k < d) ? A[ra * d + k] : 0.0f;
+            Bs[lk + q][lrow] = (rb < B && k < d) ? Bm[rb * d + k] : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < TK; ++k) {
+            float a[4], b[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) a[i] = As[k][ty + 16 * i];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) b[j] = Bs[k][tx + 16 * j];
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+}
+
+__device__ __forceinline__ unsigned to_tf32(float f) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(f));
+    return r;
+}
+
+// D = A(16x8, row) * B(8x8, col) + D on the tensor cores, tf32 inputs, fp32 accumulators.
+__device__ __forceinline__ void mma_tf32(float c[4], const unsigned a[4], const unsigned b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Tensor-core tile: warp w (of 8) computes rows 16*(w/2).. +16, columns 32*(w%2).. +32 as four
+// m16n8k8 products per k-step of 8. SPLIT: 3xTF32 (x = hi + lo, hi*hi + hi*lo + lo*hi), close to
+// fp32 accuracy; else plain TF32 (10-bit mantissa inputs). Writes scale * <A_i, Bm_j> into
+// Xs[row][col] (rows or columns past B get `fill`).
+template <bool SPLIT>
+__device__ __forceinline__ void tile_tc(const float* __restrict__ A, const float* __restrict__ Bm,
+                                        i64 B, i64 d, i64 r0, i64 c0, float (*As)[TPAD],
+                                        float (*Bs)[TPAD], float (*Xs)[TN + 1], float scale,
+                                        float fill) {
+    const int t = threadIdx.x;
+    const int lane = t % 32, warp = t / 32;
+    const int g = lane / 4, q4 = lane % 4;
+    const int wm = 16 * (warp / 2), wn = 32 * (warp % 2);
+    const int lrow = t / 4, lk = (t % 4) * 4;
+    float c[4][4];
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) c[n][e] = 0.0f;
+    for (i64 k0 = 0; k0 < d; k0 += TK) {
+        const i64 ra = r0 + lrow, rb = c0 + lrow;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const i64 k = k0 + lk + q;
+            As[lk + q][lrow] = (ra < B && k < d) ? A[ra * d + k] : 0.0f;
+            Bs[lk + q][lrow] = (rb < B && k < d) ? Bm[rb * d + k] : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < TK; kk += 8) {
+            const float af[4] = {As[kk + q4][wm + g], As[kk + q4][wm + g + 8],
+                                 As[kk + q4 + 4][wm + g], As[kk + q4 + 4][wm + g + 8]};
+            unsigned ah[4], al[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                ah[e] = to_tf32(af[e]);
+                al[e] = SPLIT ? to_tf32(af[e] - __uint_as_float(ah[e])) : 0u;
+            }
+#pragma unroll
+            for (int n = 0; n < 4; ++n) {
+                const float bf[2] = {Bs[kk + q4][wn + 8 * n + g], Bs[kk + q4 + 4][wn + 8 * n + g]};
+                unsigned bh[2], bl[2];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    bh[e] = to_tf32(bf[e]);
+                    bl[e] = SPLIT ? to_tf32(bf[e] - __uint_as_float(bh[e])) : 0u;
+                }
+                if (SPLIT) {
+                    mma_tf32(c[n], al, bh);
+                    mma_tf32(c[n], ah, bl);
+                }
+                mma_tf32(c[n], ah, bh);
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int li = wm + g + 8 * (e / 2), lj = wn + 8 * n + 2 * q4 + (e % 2);
+            const bool ok = (r0 + li < B) && (c0 + lj < B);
+            Xs[li][lj] = ok ? scale * c[n][e] : fill;
+        }
+}
+
+// Xs[row][col] = scale * <A_{r0+row}, Bm_{c0+col}> for the 64 x 64 tile (`fill` past B), by
+// fp32 FMA (MODE 0), 3xTF32 (MODE 1) or TF32 (MODE 2) tensor cores. Ends with a barrier.
+template <int MODE>
+__device__ __forceinline__ void tile_to_shared(const float* __restrict__ A,
+                                               const float* __restrict__ Bm, i64 B, i64 d, i64 r0,
+                                               i64 c0, float (*As)[TPAD], float (*Bs)[TPAD],
+                                               float (*Xs)[TN + 1], float scale, float fill) {
+    if (MODE == 0) {
+        const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+        float acc[4][4];
+        tile_dot(A, Bm, B, d, r0, c0, As, Bs, acc);
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int li = ty + 16 * i, lj = tx + 16 * j;
+                const bool ok = (r0 + li < B) && (c0 + lj < B);
+                Xs[li][lj] = ok ? scale * acc[i][j] : fill;
+            }
+    } else {
+        tile_tc<MODE == 1>(A, Bm, B, d, r0, c0, As, Bs, Xs, scale, fill);
+    }
+    __syncthreads();
+}
+
+// Online log-sum-exp step: fold a set with max `mx` and sum `zs` (relative to mx) into (m, z).
+__device__ __forceinline__ void lse_merge(float& m, float& z, float mx, float zs) {
+    if (mx == NEG_INF_F) return;
+    if (m == NEG_INF_F) {
+        m = mx;
+        z = zs;
+        return;
+    }
+    const float mn = fmaxf(m, mx);
+    z = z * expf(m - mn) + zs * expf(mx - mn);
+    m = mn;
+}
+
+// Grid (ceil(B/64), splits), 256 threads. Column tiles [cs*tiles_per_split, ...) of the split.
+// Writes row partials row_m/row_z[cs * B + i], column partials col_m/col_z[rt * B + j], and the
+// positive logit pos[i] = x_ii (from the tile that holds the diagonal element).
+template <int MODE>
+__device__ __forceinline__ void clip_fwd_impl(const float* __restrict__ img,
+                                              const float* __restrict__ txt, i64 B, i64 d,
+                                              float scale, int tiles_per_split,
+                                              float* __restrict__ row_m, float* __restrict__ row_z,
+                                              float* __restrict__ col_m, float* __restrict__ col_z,
+                                              float* __restrict__ pos) {
+    __shared__ float As[TK][TPAD];
+    __shared__ float Bs[TK][TPAD];
+    __shared__ float Xs[TM][TN + 1];
+    const int t = threadIdx.x;
+    const i64 rt = blockIdx.x, cs = blockIdx.y;
+    const i64 r0 = rt * TM;
+    const i64 n_ct = (B + TN - 1) / TN;
+    const i64 ct_begin = cs * (i64)tiles_per_split;
+    i64 ct_end = ct_begin + tiles_per_split;
+    if (ct_end > n_ct) ct_end = n_ct;
+    float m = NEG_INF_F, z = 0.0f;  // row stats of row r0 + t (threads t < 64)
+    for (i64 ct = ct_begin; ct < ct_end; ++ct) {
+        const i64 c0 = ct * TN;
+        tile_to_shared<MODE>(img, txt, B, d, r0, c0, As, Bs, Xs, scale, NEG_INF_F);
+        if (t < TM) {
+            const i64 r = r0 + t;
+            if (r < B) {
+                float mx = NEG_INF_F;
+                for (int j = 0; j < TN; ++j) mx = fmaxf(mx, Xs[t][j]);
+                float zs = 0.0f;
+                if (mx != NEG_INF_F)
+                    for (int j = 0; j < TN; ++j) zs += expf(Xs[t][j] - mx);
+                lse_merge(m, z, mx, zs);
+                if (r >= c0 && r < c0 + TN) pos[r] = Xs[t][r - c0];
+            }
+        } else if (t < TM + TN) {
+            const int j = t - TM;
+            const i64 c = c0 + j;
+            if (c < B) {
+                float mx = NEG_INF_F;
+                for (int i = 0; i < TM; ++i) mx = fmaxf(mx, Xs[i][j]);
+                float zs = 0.0f;
+                for (int i = 0; i < TM; ++i) zs += expf(Xs[i][j] - mx);
+                col_m[rt * B + c] = mx;
+                col_z[rt * B + c] = zs;
+            }
+        }
+        __syncthreads();
+    }
+    if (t < TM && r0 + t < B) {
+        row_m[cs * B + r0 + t] = m;
+        row_z[cs * B + r0 + t] = z;
+    }
+}
+
+#define CLIP_FWD_ARGS                                                                          \
+    const float *__restrict__ img, const float *__restrict__ txt, i64 B, i64 d, float scale,   \
+        int tiles_per_split, float *__restrict__ row_m, float *__restrict__ row_z,             \
+        float *__restrict__ col_m, float *__restrict__ col_z, float *__restrict__ pos
+#define CLIP_FWD_PASS img, txt, B, d, scale, tiles_per_split, row_m, row_z, col_m, col_z, pos
+
+// fp32 FMA / 3xTF32 / TF32 tensor-core versions of the forward.
+extern "C" __global__ void __launch_bounds__(NT) clip_fwd(CLIP_FWD_ARGS) {
+    clip_fwd_impl<0>(CLIP_FWD_PASS);
+}
+extern "C" __global__ void __launch_bounds__(NT) clip_fwd_tf32x3(CLIP_FWD_ARGS) {
+    clip_fwd_impl<1>(CLIP_FWD_PASS);
+}
+extern "C" __global__ void __launch_bounds__(NT) clip_fwd_tf32(CLIP_FWD_ARGS) {
+    clip_fwd_impl<2>(CLIP_FWD_PASS);
+}
+
+// Merges `parts` partials (m, z) of index i in order, in f64; returns m + log z.
+__device__ double merge_parts(const float* pm, const float* pz, int parts, i64 B, i64 i) {
+    double m = NEG_INF_D, z = 0.0;
+    for (int p = 0; p < parts; ++p) {
+        const double m2 = (double)pm[(i64)p * B + i];
+        const double z2 = (double)pz[(i64)p * B + i];
+        if (m2 == NEG_INF_D) continue;
+        if (m == NEG_INF_D) {
+            m = m2;
+            z = z2;
+            continue;
+        }
+        const double mn = fmax(m, m2);
+        z = z * exp(m - mn) + z2 * exp(m2 - mn);
+        m = mn;
+    }
+    return m + log(z);
+}
+
+// One thread per index i < B: row LSE l_i (over `splits` partials), column LSE k_i (over
+// `row_tiles` partials), both split into f32 hi + lo, and term[i] = l_i + k_i - 2 x_ii.
+extern "C" __global__ void clip_lse(const float* __restrict__ row_m, const float* __restrict__ row_z,
+                                    int splits, const float* __restrict__ col_m,
+                                    const float* __restrict__ col_z, int row_tiles,
+                                    const float* __restrict__ pos, i64 B, float* __restrict__ lse_hi,
+                                    float* __restrict__ lse_lo, float* __restrict__ kap_hi,
+                                    float* __restrict__ kap_lo, double* __restrict__ term) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < B; i += (i64)gridDim.x * blockDim.x) {
+        const double l = merge_parts(row_m, row_z, splits, B, i);
+        const double k = merge_parts(col_m, col_z, row_tiles, B, i);
+        const float lh = (float)l, kh = (float)k;
+        lse_hi[i] = lh;
+        lse_lo[i] = (float)(l - (double)lh);
+        kap_hi[i] = kh;
+        kap_lo[i] = (float)(k - (double)kh);
+        term[i] = l + k - 2.0 * (double)pos[i];
+    }
+}
+
+// out[0] = sum of v[0..n) in f64 with one block of NT threads: fixed order, deterministic.
+extern "C" __global__ void __launch_bounds__(NT) sum_f64(const double* __restrict__ v, i64 n,
+                                                         double* __restrict__ out) {
+    __shared__ double buf[NT];
+    double acc = 0.0;
+    for (i64 i = threadIdx.x; i < n; i += NT) acc += v[i];
+    buf[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = NT / 2; s > 0; s >>= 1) {
+        if ((int)threadIdx.x < s) buf[threadIdx.x] += buf[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[0] = buf[0];
+}
+
+// Grid ceil(B/64), 256 threads. dA[rows of tile] += s * G * Bm (dA must be initialised, e.g.
+// zero); with dB non-null also dB += s * G^T * A by atomicAdd (fast mode, not deterministic);
+// with dt_part non-null, dt_part[blockIdx.x] = sum over the block's rows of G_ij x_ij.
+// (la_hi, la_lo): LSEs of A's rows; (lb_hi, lb_lo): LSEs of Bm's rows (the other direction).
+template <int MODE>
+__device__ __forceinline__ void clip_bwd_impl(
+    const float* __restrict__ A, const float* __restrict__ Bm, i64 B, i64 d, float scale,
+    float inv2b, const float* __restrict__ la_hi, const float* __restrict__ la_lo,
+    const float* __restrict__ lb_hi, const float* __restrict__ lb_lo, float* __restrict__ dA,
+    float* __restrict__ dB, double* __restrict__ dt_part) {
+    __shared__ float As[TK][TPAD];
+    __shared__ float Bs[TK][TPAD];
+    __shared__ float Gs[TM][TN + 1];  // the logits, then G in place
+    __shared__ float Fs[TN][64];      // a 64-wide feature chunk of Bm (for dA) or A (for dB)
+    __shared__ double red[NT];
+    const int t = threadIdx.x;
+    const int tx = t % 16, ty = t / 16;
+    const i64 r0 = (i64)blockIdx.x * TM;
+    const i64 n_ct = (B + TN - 1) / TN;
+    float lah[4], lal[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const i64 r = r0 + ty + 16 * i;
+        lah[i] = r < B ? la_hi[r] : 0.0f;
+        lal[i] = r < B ? la_lo[r] : 0.0f;
+    }
+    double dt_acc = 0.0;
+    for (i64 ct = 0; ct < n_ct; ++ct) {
+        const i64 c0 = ct * TN;
+        tile_to_shared<MODE>(A, Bm, B, d, r0, c0, As, Bs, Gs, scale, 0.0f);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const i64 c = c0 + tx + 16 * j;
+            const float lbh = c < B ? lb_hi[c] : 0.0f;
+            const float lbl = c < B ? lb_lo[c] : 0.0f;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const i64 r = r0 + ty + 16 * i;
+                float g = 0.0f;
+                if (r < B && c < B) {
+                    const float x = Gs[ty + 16 * i][tx + 16 * j];
+                    g = (expf((x - lah[i]) - lal[i]) + expf((x - lbh) - lbl)) * inv2b;
+                    if (r == c) g -= 2.0f * inv2b;
+                    dt_acc += (double)g * (double)x;
+                }
+                Gs[ty + 16 * i][tx + 16 * j] = g;
+            }
+        }
+        __syncthreads();
+        for (i64 dc = 0; dc < d; dc += 64) {
+            // dA[r0 + li, dc + lk] += s * sum_j G[li][j] * Bm[c0 + j, dc + lk]
+            for (int e = t; e < TN * 64; e += NT) {
+                const int j = e / 64, k = e % 64;
+                const i64 c = c0 + j, kk = dc + k;
+                Fs[j][k] = (c < B && kk < d) ? Bm[c * d + kk] : 0.0f;
+            }
+            __syncthreads();
+            float out[4][4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int k = 0; k < 4; ++k) out[i][k] = 0.0f;
+            for (int j = 0; j < TN; ++j) {
+                float f[4];
+#pragma unroll
+                for (int k = 0; k < 4; ++k) f[k] = Fs[j][tx + 16 * k];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float g = Gs[ty + 16 * i][j];
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) out[i][k] = fmaf(g, f[k], out[i][k]);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const i64 r = r0 + ty + 16 * i;
+                if (r >= B) continue;
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const i64 kk = dc + tx + 16 * k;
+                    if (kk < d) dA[r * d + kk] += scale * out[i][k];
+                }
+            }
+            __syncthreads();
+            if (dB != nullptr) {
+                // dB[c0 + lj, dc + lk] += s * sum_i G[i][lj] * A[r0 + i, dc + lk]
+                for (int e = t; e < TM * 64; e += NT) {
+                    const int i = e / 64, k = e % 64;
+                    const i64 r = r0 + i, kk = dc + k;
+                    Fs[i][k] = (r < B && kk < d) ? A[r * d + kk] : 0.0f;
+                }
+                __syncthreads();
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) out[j][k] = 0.0f;
+                for (int i = 0; i < TM; ++i) {
+                    float f[4];
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) f[k] = Fs[i][tx + 16 * k];
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const float g = Gs[i][ty + 16 * j];
+#pragma unroll
+                        for (int k = 0; k < 4; ++k) out[j][k] = fmaf(g, f[k], out[j][k]);
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const i64 c = c0 + ty + 16 * j;
+                    if (c >= B) continue;
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) {
+                        const i64 kk = dc + tx + 16 * k;
+                        if (kk < d) atomicAdd(&dB[c * d + kk], scale * out[j][k]);
+                    }
+                }
+                __syncthreads();
+            }
+        }
+    }
+    if (dt_part != nullptr) {
+        red[t] = dt_acc;
+        __syncthreads();
+        for (int s = NT / 2; s > 0; s >>= 1) {
+            if (t < s) red[t] += red[t + s];
+            __syncthreads();
+        }
+        if (t == 0) dt_part[blockIdx.x] = red[0];
+    }
+}
+
+#define CLIP_BWD_ARGS                                                                          \
+    const float *__restrict__ A, const float *__restrict__ Bm, i64 B, i64 d, float scale,      \
+        float inv2b, const float *__restrict__ la_hi, const float *__restrict__ la_lo,         \
+        const float *__restrict__ lb_hi, const float *__restrict__ lb_lo, float *__restrict__ dA, \
+        float *__restrict__ dB, double *__restrict__ dt_part
+#define CLIP_BWD_PASS A, Bm, B, d, scale, inv2b, la_hi, la_lo, lb_hi, lb_lo, dA, dB, dt_part
+
+// fp32 FMA / 3xTF32 / TF32 tensor-core versions of the backward.
+extern "C" __global__ void __launch_bounds__(NT) clip_bwd(CLIP_BWD_ARGS) {
+    clip_bwd_impl<0>(CLIP_BWD_PASS);
+}
+extern "C" __global__ void __launch_bounds__(NT) clip_bwd_tf32x3(CLIP_BWD_ARGS) {
+    clip_bwd_impl<1>(CLIP_BWD_PASS);
+}
+extern "C" __global__ void __launch_bounds__(NT) clip_bwd_tf32(CLIP_BWD_ARGS) {
+    clip_bwd_impl<2>(CLIP_BWD_PASS);
+}

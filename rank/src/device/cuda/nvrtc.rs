@@ -1,0 +1,289 @@
+//! The kernel sources (`kernels/*.cu`, embedded in the binary) and their compilation by NVRTC.
+
+use std::ffi::{CStr, CString};
+
+use cudarc::nvrtc::{result, sys};
+
+use super::CudaError;
+use super::libs::{Lib, require};
+
+/// One `.cu` file and the `extern "C"` kernels it defines.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelSource {
+    /// File name under `rank/src/device/cuda/kernels/`.
+    pub name: &'static str,
+    /// The source text.
+    pub src: &'static str,
+    /// Kernel entry points (unmangled names).
+    pub kernels: &'static [&'static str],
+}
+
+/// Every kernel source of the CUDA layer.
+pub const SOURCES: &[KernelSource] = &[
+    KernelSource {
+        name: "elementwise.cu",
+        src: include_str!("kernels/elementwise.cu"),
+        kernels: &[
+            "bias_add",
+            "bias_grad",
+            "gelu_fwd",
+            "gelu_bwd",
+            "relu_fwd",
+            "relu_bwd",
+            "add_inplace",
+            "axpy",
+            "scale",
+            "sq_norm_partial",
+            "layernorm_fwd",
+            "layernorm_bwd_dx",
+            "layernorm_bwd_params",
+            "l2_normalize_fwd",
+            "l2_normalize_bwd",
+            "softmax_xent",
+        ],
+    },
+    KernelSource {
+        name: "clip_loss.cu",
+        src: include_str!("kernels/clip_loss.cu"),
+        kernels: &[
+            "clip_fwd",
+            "clip_fwd_tf32x3",
+            "clip_fwd_tf32",
+            "clip_lse",
+            "sum_f64",
+            "clip_bwd",
+            "clip_bwd_tf32x3",
+            "clip_bwd_tf32",
+        ],
+    },
+];
+
+/// The architectures CI compiles for (A100 and H100/H200).
+pub const CHECK_ARCHS: &[&str] = &["sm_80", "sm_90"];
+
+/// A compiled source.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    /// The source's file name.
+    pub name: &'static str,
+    /// `sm_XY`.
+    pub arch: String,
+    /// The cubin (device code for exactly `arch`), loadable with `cuModuleLoadData`.
+    pub cubin: Vec<u8>,
+    /// NVRTC's log (warnings), trimmed; empty when clean.
+    pub log: String,
+}
+
+/// NVRTC's version `(major, minor)`.
+pub fn version() -> Result<(i32, i32), CudaError> {
+    require(Lib::Nvrtc)?;
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two valid out-pointers.
+    let r = unsafe { sys::nvrtcVersion(&mut major, &mut minor) };
+    if r != sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(CudaError::Invalid(format!("nvrtcVersion failed: {r:?}")));
+    }
+    Ok((major, minor))
+}
+
+/// The options every kernel is compiled with.
+pub fn options(arch: &str) -> Vec<String> {
+    vec![format!("--gpu-architecture={arch}"), "--std=c++17".to_string()]
+}
+
+/// Compiles `src` for `arch` (`sm_80`, `sm_90`, ...) to a cubin. Errors carry NVRTC's log;
+/// warnings are returned in [`Compiled::log`] (see [`check_all`] for warnings-as-errors).
+/// Also checks that every listed kernel name is in the cubin's symbol table.
+pub fn compile(src: &KernelSource, arch: &str) -> Result<Compiled, CudaError> {
+    compile_with(src, arch, &[])
+}
+
+/// [`compile`] with extra NVRTC options (e.g. `-Xptxas=-v`, whose report lands in the log).
+pub fn compile_with(src: &KernelSource, arch: &str, extra: &[&str]) -> Result<Compiled, CudaError> {
+    require(Lib::Nvrtc)?;
+    let valid_arch = arch.strip_prefix("sm_").is_some_and(|n| {
+        let n = n.trim_end_matches('a');
+        !n.is_empty() && n.chars().all(|c| c.is_ascii_digit())
+    });
+    if !valid_arch {
+        return Err(CudaError::Invalid(format!("architecture {arch:?} must look like sm_90")));
+    }
+    let fail = |log: String| CudaError::Compile {
+        source_name: src.name.to_string(),
+        arch: arch.to_string(),
+        log,
+    };
+    let c_src = CString::new(src.src).map_err(|_| fail("source contains a NUL byte".into()))?;
+    let c_name = CString::new(src.name).map_err(|_| fail("name contains a NUL byte".into()))?;
+    let prog = result::create_program(&c_src, Some(&c_name))
+        .map_err(|e| fail(format!("nvrtcCreateProgram: {e:?}")))?;
+    let mut opts = options(arch);
+    opts.extend(extra.iter().map(|o| o.to_string()));
+    // SAFETY: `prog` is a live program until destroy_program below.
+    let compiled = unsafe { result::compile_program(prog, &opts) };
+    let log = unsafe { result::get_program_log(prog) }
+        .map(|v| {
+            let bytes: Vec<u8> = v.iter().map(|&c| c as u8).collect();
+            CStr::from_bytes_until_nul(&bytes)
+                .map(|c| c.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned())
+        })
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let cubin = compiled.map_err(|e| format!("{e:?}")).and_then(|()| get_cubin(prog));
+    // SAFETY: destroyed once, after the last use.
+    let _ = unsafe { result::destroy_program(prog) };
+    let cubin = cubin.map_err(|e| fail(if log.is_empty() { e } else { format!("{e}\n{log}") }))?;
+    for k in src.kernels {
+        if !contains(&cubin, k.as_bytes()) {
+            return Err(fail(format!("kernel {k} is not in the compiled module")));
+        }
+    }
+    Ok(Compiled { name: src.name, arch: arch.to_string(), cubin, log })
+}
+
+fn get_cubin(prog: sys::nvrtcProgram) -> Result<Vec<u8>, String> {
+    let mut size = 0usize;
+    // SAFETY: `prog` was compiled successfully; the buffer has the size NVRTC reported.
+    unsafe {
+        let r = sys::nvrtcGetCUBINSize(prog, &mut size);
+        if r != sys::nvrtcResult::NVRTC_SUCCESS {
+            return Err(format!("nvrtcGetCUBINSize: {r:?}"));
+        }
+        let mut buf = vec![0u8; size];
+        let r = sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast());
+        if r != sys::nvrtcResult::NVRTC_SUCCESS {
+            return Err(format!("nvrtcGetCUBIN: {r:?}"));
+        }
+        if buf.is_empty() {
+            return Err("NVRTC returned an empty cubin".to_string());
+        }
+        Ok(buf)
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len() + 2)
+        .any(|w| w[0] == 0 && &w[1..=needle.len()] == needle && w[needle.len() + 1] == 0)
+}
+
+/// ptxas's resource report for every kernel of `src` on `arch`: one line per kernel,
+/// `name: Used N registers, ... [, spills]`.
+pub fn resource_usage(src: &KernelSource, arch: &str) -> Result<Vec<String>, CudaError> {
+    let c = compile_with(src, arch, &["-Xptxas=-v"])?;
+    let mut out = Vec::new();
+    let mut name = String::new();
+    let mut spill = String::new();
+    for line in c.log.lines() {
+        let info = line.split("info    : ").nth(1).unwrap_or(line).trim();
+        if let Some(rest) = info.strip_prefix("Compiling entry function '") {
+            name = rest.split('\'').next().unwrap_or("").to_string();
+            spill.clear();
+        } else if info.contains("bytes spill") {
+            spill = info.trim_start_matches(|c: char| !c.is_ascii_digit()).to_string();
+        } else if info.starts_with("Used ") {
+            out.push(format!("{name}: {info}; {spill}"));
+        }
+    }
+    Ok(out)
+}
+
+/// One row of [`check_all`].
+#[derive(Clone, Debug)]
+pub struct CheckRow {
+    pub source: &'static str,
+    pub arch: String,
+    pub cubin_bytes: usize,
+    pub millis: f64,
+}
+
+/// Compiles every source for every arch in `archs`; fails on the first error or warning.
+pub fn check_all(archs: &[&str]) -> Result<Vec<CheckRow>, CudaError> {
+    let mut rows = Vec::new();
+    for arch in archs {
+        for src in SOURCES {
+            let t = std::time::Instant::now();
+            let c = compile(src, arch)?;
+            if !c.log.is_empty() {
+                return Err(CudaError::Warnings {
+                    source_name: src.name.to_string(),
+                    arch: arch.to_string(),
+                    log: c.log,
+                });
+            }
+            rows.push(CheckRow {
+                source: src.name,
+                arch: arch.to_string(),
+                cubin_bytes: c.cubin.len(),
+                millis: t.elapsed().as_secs_f64() * 1e3,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Compiles every kernel with the NVRTC that can be loaded. Under CI (`CI=true`) NVRTC
+    /// must be present (scripts/check-kernels.sh installs the PyPI wheel and sets
+    /// LD_LIBRARY_PATH); elsewhere, without NVRTC, the test checks that the error names the
+    /// library and the fix instead.
+    #[test]
+    fn all_kernels_compile_without_warnings() {
+        if !Lib::Nvrtc.present() {
+            assert!(
+                std::env::var("CI").map(|v| v != "true").unwrap_or(true),
+                "CI=true but libnvrtc.so.13 cannot be loaded: run scripts/check-kernels.sh \
+                 (it installs nvidia-cuda-nvrtc==13.0.88 and sets LD_LIBRARY_PATH)"
+            );
+            let e = check_all(CHECK_ARCHS).unwrap_err().to_string();
+            assert!(e.contains("libnvrtc.so.13") && e.contains("pip install"), "{e}");
+            return;
+        }
+        let rows = check_all(CHECK_ARCHS).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(rows.len(), SOURCES.len() * CHECK_ARCHS.len());
+        assert!(rows.iter().all(|r| r.cubin_bytes > 0));
+    }
+
+    #[test]
+    fn bad_source_reports_the_log() {
+        if !Lib::Nvrtc.present() {
+            return assert!(compile(&SOURCES[0], "sm_90").is_err());
+        }
+        let bad = KernelSource {
+            name: "bad.cu",
+            src: "extern \"C\" __global__ void k(float* x) { x[0] = undefined_name; }",
+            kernels: &["k"],
+        };
+        let e = compile(&bad, "sm_90").unwrap_err().to_string();
+        assert!(e.contains("bad.cu") && e.contains("undefined_name"), "{e}");
+        let warn = KernelSource {
+            name: "warn.cu",
+            src: "extern \"C\" __global__ void k(float* x) { int unused = 3; x[0] = 1.0f; }",
+            kernels: &["k"],
+        };
+        let c = compile(&warn, "sm_80").unwrap();
+        assert!(c.log.contains("unused"), "expected a warning, got {:?}", c.log);
+    }
+
+    #[test]
+    fn resource_usage_lists_every_kernel() {
+        if !Lib::Nvrtc.present() {
+            let e = resource_usage(&SOURCES[1], "sm_90").unwrap_err().to_string();
+            return assert!(e.contains("libnvrtc.so.13"), "{e}");
+        }
+        let lines = resource_usage(&SOURCES[1], "sm_90").unwrap_or_else(|e| panic!("{e}"));
+        for k in SOURCES[1].kernels {
+            assert!(lines.iter().any(|l| l.starts_with(&format!("{k}: Used "))), "{k}: {lines:?}");
+        }
+    }
+
+    #[test]
+    fn arch_is_validated() {
+        let e = compile(&SOURCES[0], "90").unwrap_err().to_string();
+        assert!(e.contains("sm_90") || e.contains("libnvrtc"), "{e}");
+    }
+}

@@ -1,0 +1,1047 @@
+//! `tessera cuda selftest`: every kernel on random inputs of odd sizes against the CPU device
+//! and an f64 reference, one cuBLAS SGEMM, the fused CLIP loss against the CPU tiled loss and
+//! the f64 reference, and an NCCL all-reduce at world size 1. Also `bench_loss` for
+//! `tessera cuda bench-loss`.
+//!
+//! Errors are normwise: `‖out − ref‖₂ / ‖ref‖₂` (NaN or an unwritten output — outputs are
+//! poisoned with NaN first — counts as infinite error).
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+
+use super::CudaError;
+use super::gpu::{Gpu, LossMode, Precision, clip_loss, drv, elem_cfg, row_cfg};
+use super::libs::{Lib, require};
+use crate::device::{CpuDevice, Device, L2_NORM_EPS};
+use crate::rng::Rng;
+
+/// One line of the report.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Row {
+    /// `libs`, `kernel`, `cublas`, `loss`, `nccl`.
+    pub group: &'static str,
+    pub name: String,
+    /// Sizes or what loaded.
+    pub detail: String,
+    /// Error vs the CPU device (normwise relative).
+    pub err_cpu: Option<f64>,
+    /// Error vs the f64 reference (normwise relative).
+    pub err_ref: Option<f64>,
+    /// Pass threshold for both errors.
+    pub tol: Option<f64>,
+    pub pass: bool,
+}
+
+/// The whole report.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Report {
+    pub device: String,
+    pub arch: String,
+    pub rows: Vec<Row>,
+}
+
+impl Report {
+    /// True when every row passed.
+    pub fn passed(&self) -> bool {
+        !self.rows.is_empty() && self.rows.iter().all(|r| r.pass)
+    }
+
+    /// A fixed-width table.
+    pub fn table(&self) -> String {
+        let fmt = |v: Option<f64>| v.map(|e| format!("{e:.2e}")).unwrap_or_else(|| "-".into());
+        let mut s = format!(
+            "{:<7} {:<24} {:<34} {:>9} {:>9} {:>8}  result\n",
+            "group", "check", "detail", "err_cpu", "err_f64", "tol"
+        );
+        for r in &self.rows {
+            s += &format!(
+                "{:<7} {:<24} {:<34} {:>9} {:>9} {:>8}  {}\n",
+                r.group,
+                r.name,
+                r.detail,
+                fmt(r.err_cpu),
+                fmt(r.err_ref),
+                fmt(r.tol),
+                if r.pass { "PASS" } else { "FAIL" }
+            );
+        }
+        let failed = self.rows.iter().filter(|r| !r.pass).count();
+        s += &format!("{} checks, {} failed\n", self.rows.len(), failed);
+        s
+    }
+}
+
+/// Which libraries load now (no side effects beyond dlopen/dlclose).
+pub fn probe_rows() -> Vec<Row> {
+    Lib::ALL
+        .iter()
+        .map(|&l| {
+            let ok = l.present();
+            Row {
+                group: "libs",
+                name: l.name().to_string(),
+                detail: if ok {
+                    format!("{} loaded", l.file())
+                } else {
+                    format!("{} MISSING", l.file())
+                },
+                err_cpu: None,
+                err_ref: None,
+                tol: None,
+                pass: ok,
+            }
+        })
+        .collect()
+}
+
+/// `‖a − b‖ / ‖b‖` in f64; infinite when anything is NaN/inf.
+pub fn rel_err<A: Copy + Into<f64>, B: Copy + Into<f64>>(a: &[A], b: &[B]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y): (f64, f64) = (x.into(), y.into());
+        num += (x - y) * (x - y);
+        den += y * y;
+    }
+    let e = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
+    if e.is_finite() { e } else { f64::INFINITY }
+}
+
+fn row(
+    group: &'static str,
+    name: &str,
+    detail: String,
+    err_cpu: Option<f64>,
+    err_ref: Option<f64>,
+    tol: f64,
+) -> Row {
+    let ok = |e: Option<f64>| e.is_none_or(|e| e <= tol);
+    Row {
+        group,
+        name: name.to_string(),
+        detail,
+        err_cpu,
+        err_ref,
+        tol: Some(tol),
+        pass: ok(err_cpu) && ok(err_ref) && (err_cpu.is_some() || err_ref.is_some()),
+    }
+}
+
+fn failed(group: &'static str, name: &str, e: &CudaError) -> Row {
+    let mut msg = e.to_string().replace('\n', " ");
+    if msg.len() > 200 {
+        msg.truncate(200);
+    }
+    Row {
+        group,
+        name: name.to_string(),
+        detail: msg,
+        err_cpu: None,
+        err_ref: None,
+        tol: None,
+        pass: false,
+    }
+}
+
+fn normal(rng: &mut Rng, n: usize, sd: f64) -> Vec<f32> {
+    (0..n).map(|_| (rng.normal() * sd) as f32).collect()
+}
+
+fn to64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// Runs the whole self-test on GPU `ordinal`. `Err` only when the GPU cannot be used at all
+/// (driver or NVRTC missing, no device, kernels fail to compile); every later failure is a
+/// failed row.
+pub fn run(ordinal: usize, seed: u64) -> Result<Report, CudaError> {
+    let mut rows = probe_rows();
+    let gpu = Gpu::open(ordinal)?;
+    let mut rep = Report { device: gpu.name.clone(), arch: gpu.arch.clone(), rows: Vec::new() };
+    rows.push(Row {
+        group: "nvrtc",
+        name: "compile+load".into(),
+        detail: format!(
+            "{} sources for {} in {:.0} ms",
+            super::nvrtc::SOURCES.len(),
+            gpu.arch,
+            gpu.compile_ms
+        ),
+        err_cpu: None,
+        err_ref: None,
+        tol: None,
+        pass: true,
+    });
+    let mut rng = Rng::new(seed);
+    let cpu = CpuDevice::new(1);
+    macro_rules! guard {
+        ($group:expr, $name:expr, $body:expr) => {
+            match $body {
+                Ok(mut r) => rows.append(&mut r),
+                Err(e) => rows.push(failed($group, $name, &e)),
+            }
+        };
+    }
+    guard!("kernel", "elementwise", elementwise_checks(&gpu, &cpu, &mut rng));
+    guard!("kernel", "row kernels", row_checks(&gpu, &cpu, &mut rng));
+    guard!("cublas", "sgemm", cublas_checks(&gpu, &cpu, &mut rng));
+    guard!("loss", "fused clip loss", loss_checks(&gpu, &mut rng));
+    guard!("nccl", "all_reduce", nccl_check(&gpu, &mut rng));
+    rep.rows = rows;
+    Ok(rep)
+}
+
+/// Launches a `(const float* x, float* y, i64 n)`-shaped kernel, or with `x2` a
+/// `(const float* x, const float* x2, float* y, i64 n)` one.
+fn launch_xy(
+    gpu: &Gpu,
+    name: &str,
+    x: &CudaSlice<f32>,
+    x2: Option<&CudaSlice<f32>>,
+    y: &mut CudaSlice<f32>,
+    n: usize,
+) -> Result<(), CudaError> {
+    let n64 = n as i64;
+    let f = gpu.func(name)?;
+    let mut l = gpu.stream.launch_builder(f);
+    l.arg(x);
+    if let Some(x2) = x2 {
+        l.arg(x2);
+    }
+    l.arg(y).arg(&n64);
+    // SAFETY: the caller names a kernel of this shape; every buffer holds n values.
+    drv(&format!("launch {name}"), unsafe { l.launch(elem_cfg(n)) }).map(|_| ())
+}
+
+fn elementwise_checks(gpu: &Gpu, cpu: &CpuDevice, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
+    let n = 100_003;
+    let mut out = Vec::new();
+    let x = normal(rng, n, 2.0);
+    let dy = normal(rng, n, 1.0);
+    let (gx, gdy) = (gpu.upload(&x)?, gpu.upload(&dy)?);
+    let nan = vec![f32::NAN; n];
+    let detail = format!("n={n}");
+
+    // gelu
+    let u = |v: f64| (2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v);
+    let mut gy = gpu.upload(&nan)?;
+    launch_xy(gpu, "gelu_fwd", &gx, None, &mut gy, n)?;
+    let y = gpu.download(&gy)?;
+    let mut yc = vec![0.0; n];
+    cpu.gelu_fwd(&x, &mut yc);
+    let yr: Vec<f64> = x.iter().map(|&v| 0.5 * v as f64 * (1.0 + u(v as f64).tanh())).collect();
+    out.push(row(
+        "kernel",
+        "gelu_fwd",
+        detail.clone(),
+        Some(rel_err(&y, &yc)),
+        Some(rel_err(&y, &yr)),
+        1e-5,
+    ));
+
+    let mut gdx = gpu.upload(&nan)?;
+    launch_xy(gpu, "gelu_bwd", &gx, Some(&gdy), &mut gdx, n)?;
+    let dx = gpu.download(&gdx)?;
+    let mut dxc = vec![0.0; n];
+    cpu.gelu_bwd(&x, &dy, &mut dxc);
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    let dxr: Vec<f64> = x
+        .iter()
+        .zip(&dy)
+        .map(|(&v, &g)| {
+            let v = v as f64;
+            let th = u(v).tanh();
+            g as f64
+                * (0.5 * (1.0 + th)
+                    + 0.5 * v * (1.0 - th * th) * c * (1.0 + 3.0 * 0.044715 * v * v))
+        })
+        .collect();
+    out.push(row(
+        "kernel",
+        "gelu_bwd",
+        detail.clone(),
+        Some(rel_err(&dx, &dxc)),
+        Some(rel_err(&dx, &dxr)),
+        1e-5,
+    ));
+
+    // relu
+    let mut gy = gpu.upload(&nan)?;
+    launch_xy(gpu, "relu_fwd", &gx, None, &mut gy, n)?;
+    let y = gpu.download(&gy)?;
+    cpu.relu_fwd(&x, &mut yc);
+    let yr: Vec<f64> = x.iter().map(|&v| (v as f64).max(0.0)).collect();
+    out.push(row(
+        "kernel",
+        "relu_fwd",
+        detail.clone(),
+        Some(rel_err(&y, &yc)),
+        Some(rel_err(&y, &yr)),
+        0.0,
+    ));
+    let mut gdx = gpu.upload(&nan)?;
+    launch_xy(gpu, "relu_bwd", &gx, Some(&gdy), &mut gdx, n)?;
+    let dx = gpu.download(&gdx)?;
+    cpu.relu_bwd(&x, &dy, &mut dxc);
+    let dxr: Vec<f64> =
+        x.iter().zip(&dy).map(|(&v, &g)| if v > 0.0 { g as f64 } else { 0.0 }).collect();
+    out.push(row(
+        "kernel",
+        "relu_bwd",
+        detail.clone(),
+        Some(rel_err(&dx, &dxc)),
+        Some(rel_err(&dx, &dxr)),
+        0.0,
+    ));
+
+    // add_inplace: y += x
+    let y0 = normal(rng, n, 1.0);
+    let mut gy = gpu.upload(&y0)?;
+    {
+        let n64 = n as i64;
+        let mut l = gpu.stream.launch_builder(gpu.func("add_inplace")?);
+        l.arg(&mut gy).arg(&gx).arg(&n64);
+        // SAFETY: add_inplace(float* y, const float* x, i64 n); both hold n values.
+        drv("launch add_inplace", unsafe { l.launch(elem_cfg(n)) })?;
+    }
+    let y = gpu.download(&gy)?;
+    let mut yc = y0.clone();
+    cpu.add_inplace(&mut yc, &x);
+    let yr: Vec<f64> = y0.iter().zip(&x).map(|(&a, &b)| a as f64 + b as f64).collect();
+    out.push(row(
+        "kernel",
+        "add_inplace",
+        detail.clone(),
+        Some(rel_err(&y, &yc)),
+        Some(rel_err(&y, &yr)),
+        1e-7,
+    ));
+
+    // axpy: y += alpha x
+    let alpha = -0.37f32;
+    let mut gy = gpu.upload(&y0)?;
+    {
+        let n64 = n as i64;
+        let mut l = gpu.stream.launch_builder(gpu.func("axpy")?);
+        l.arg(&alpha).arg(&gx).arg(&mut gy).arg(&n64);
+        // SAFETY: axpy(float alpha, const float* x, float* y, i64 n).
+        drv("launch axpy", unsafe { l.launch(elem_cfg(n)) })?;
+    }
+    let y = gpu.download(&gy)?;
+    let mut yc = y0.clone();
+    cpu.axpy(alpha, &x, &mut yc);
+    let yr: Vec<f64> =
+        y0.iter().zip(&x).map(|(&a, &b)| a as f64 + alpha as f64 * b as f64).collect();
+    out.push(row(
+        "kernel",
+        "axpy",
+        detail.clone(),
+        Some(rel_err(&y, &yc)),
+        Some(rel_err(&y, &yr)),
+        1e-6,
+    ));
+
+    // scale: x *= alpha
+    let mut gy = gpu.upload(&y0)?;
+    {
+        let n64 = n as i64;
+        let mut l = gpu.stream.launch_builder(gpu.func("scale")?);
+        l.arg(&alpha).arg(&mut gy).arg(&n64);
+        // SAFETY: scale(float alpha, float* x, i64 n).
+        drv("launch scale", unsafe { l.launch(elem_cfg(n)) })?;
+    }
+    let y = gpu.download(&gy)?;
+    let mut yc = y0.clone();
+    cpu.scale(alpha, &mut yc);
+    let yr: Vec<f64> = y0.iter().map(|&a| a as f64 * alpha as f64).collect();
+    out.push(row(
+        "kernel",
+        "scale",
+        detail.clone(),
+        Some(rel_err(&y, &yc)),
+        Some(rel_err(&y, &yr)),
+        1e-7,
+    ));
+
+    // sq_norm: block partials, summed here in order.
+    let blocks = 97usize;
+    let mut gp = gpu.zeros::<f64>(blocks)?;
+    {
+        let n64 = n as i64;
+        let mut l = gpu.stream.launch_builder(gpu.func("sq_norm_partial")?);
+        l.arg(&gx).arg(&n64).arg(&mut gp);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 256 * 8,
+        };
+        // SAFETY: sq_norm_partial(const float*, i64, double* partial[gridDim.x]).
+        drv("launch sq_norm_partial", unsafe { l.launch(cfg) })?;
+    }
+    let s: f64 = gpu.download(&gp)?.iter().sum();
+    let sc = cpu.sq_norm(&x);
+    let sr: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
+    out.push(row(
+        "kernel",
+        "sq_norm",
+        detail,
+        Some(rel_err(&[s], &[sc])),
+        Some(rel_err(&[s], &[sr])),
+        1e-12,
+    ));
+    Ok(out)
+}
+
+fn row_checks(gpu: &Gpu, cpu: &CpuDevice, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
+    let (rows, cols) = (37usize, 1031usize);
+    let n = rows * cols;
+    let (r64, c64) = (rows as i64, cols as i64);
+    let detail = format!("{rows}x{cols}");
+    let mut out = Vec::new();
+    let x: Vec<f32> = normal(rng, n, 1.5).iter().map(|v| v + 0.3).collect();
+    let dy = normal(rng, n, 1.0);
+    let gx = gpu.upload(&x)?;
+    let gdy = gpu.upload(&dy)?;
+    let nan = vec![f32::NAN; n];
+
+    // bias_add
+    let bias = normal(rng, cols, 1.0);
+    let y0 = normal(rng, n, 1.0);
+    let gb = gpu.upload(&bias)?;
+    let mut gy = gpu.upload(&y0)?;
+    {
+        let mut l = gpu.stream.launch_builder(gpu.func("bias_add")?);
+        l.arg(&mut gy).arg(&gb).arg(&r64).arg(&c64);
+        // SAFETY: bias_add(float* y, const float* bias, i64 rows, i64 cols).
+        drv("launch bias_add", unsafe { l.launch(elem_cfg(n)) })?;
+    }
+    let y = gpu.download(&gy)?;
+    let mut yc = y0.clone();
+    cpu.bias_add(&mut yc, &bias, rows, cols);
+    let yr: Vec<f64> = (0..n).map(|i| y0[i] as f64 + bias[i % cols] as f64).collect();
+    out.push(row(
+        "kernel",
+        "bias_add",
+        detail.clone(),
+        Some(rel_err(&y, &yc)),
+        Some(rel_err(&y, &yr)),
+        1e-7,
+    ));
+
+    // bias_grad (accumulates)
+    let db0 = normal(rng, cols, 1.0);
+    let mut gdb = gpu.upload(&db0)?;
+    {
+        let mut l = gpu.stream.launch_builder(gpu.func("bias_grad")?);
+        l.arg(&gdy).arg(&r64).arg(&c64).arg(&mut gdb);
+        // SAFETY: bias_grad(const float* dy, i64 rows, i64 cols, float* dbias).
+        drv("launch bias_grad", unsafe { l.launch(elem_cfg(cols)) })?;
+    }
+    let db = gpu.download(&gdb)?;
+    let mut dbc = db0.clone();
+    cpu.bias_grad(&dy, rows, cols, &mut dbc);
+    let dbr: Vec<f64> = (0..cols)
+        .map(|c| db0[c] as f64 + (0..rows).map(|r| dy[r * cols + c] as f64).sum::<f64>())
+        .collect();
+    out.push(row(
+        "kernel",
+        "bias_grad",
+        detail.clone(),
+        Some(rel_err(&db, &dbc)),
+        Some(rel_err(&db, &dbr)),
+        1e-6,
+    ));
+
+    // layernorm_fwd
+    let gamma: Vec<f32> = normal(rng, cols, 0.2).iter().map(|v| v + 1.0).collect();
+    let beta = normal(rng, cols, 0.2);
+    let eps = 1e-5f32;
+    let (gg, gbeta) = (gpu.upload(&gamma)?, gpu.upload(&beta)?);
+    let mut gy = gpu.upload(&nan)?;
+    let mut gmean = gpu.upload(&vec![f32::NAN; rows])?;
+    let mut grstd = gpu.upload(&vec![f32::NAN; rows])?;
+    {
+        let mut l = gpu.stream.launch_builder(gpu.func("layernorm_fwd")?);
+        l.arg(&gx).arg(&gg).arg(&gbeta).arg(&r64).arg(&c64).arg(&eps);
+        l.arg(&mut gy).arg(&mut gmean).arg(&mut grstd);
+        // SAFETY: layernorm_fwd(x, gamma, beta, rows, cols, eps, y, mean, rstd).
+        drv("launch layernorm_fwd", unsafe { l.launch(row_cfg(rows)) })?;
+    }
+    let (y, mean, rstd) = (gpu.download(&gy)?, gpu.download(&gmean)?, gpu.download(&grstd)?);
+    let (mut yc, mut mc, mut rc) = (vec![0.0; n], vec![0.0; rows], vec![0.0; rows]);
+    cpu.layernorm_fwd(&x, &gamma, &beta, rows, cols, eps, &mut yc, &mut mc, &mut rc);
+    let mut yr = vec![0.0f64; n];
+    let mut rr = vec![0.0f64; rows];
+    for r in 0..rows {
+        let xr = &x[r * cols..(r + 1) * cols];
+        let mu = xr.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
+        let var = xr.iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>() / cols as f64;
+        rr[r] = 1.0 / (var + eps as f64).sqrt();
+        for c in 0..cols {
+            yr[r * cols + c] = (xr[c] as f64 - mu) * rr[r] * gamma[c] as f64 + beta[c] as f64;
+        }
+    }
+    out.push(row(
+        "kernel",
+        "layernorm_fwd y",
+        detail.clone(),
+        Some(rel_err(&y, &yc)),
+        Some(rel_err(&y, &yr)),
+        1e-6,
+    ));
+    out.push(row(
+        "kernel",
+        "layernorm_fwd mean",
+        detail.clone(),
+        Some(rel_err(&mean, &mc)),
+        None,
+        1e-6,
+    ));
+    out.push(row(
+        "kernel",
+        "layernorm_fwd rstd",
+        detail.clone(),
+        Some(rel_err(&rstd, &rc)),
+        Some(rel_err(&rstd, &rr)),
+        1e-6,
+    ));
+
+    // layernorm_bwd: dx (overwrite) + dgamma/dbeta (accumulate), from the CPU's mean/rstd.
+    let (gm, gr) = (gpu.upload(&mc)?, gpu.upload(&rc)?);
+    let mut gdx = gpu.upload(&nan)?;
+    let dg0 = normal(rng, cols, 1.0);
+    let dbeta0 = normal(rng, cols, 1.0);
+    let mut gdg = gpu.upload(&dg0)?;
+    let mut gdbeta = gpu.upload(&dbeta0)?;
+    {
+        let mut l = gpu.stream.launch_builder(gpu.func("layernorm_bwd_dx")?);
+        l.arg(&gx).arg(&gg).arg(&gm).arg(&gr).arg(&gdy).arg(&r64).arg(&c64).arg(&mut gdx);
+        // SAFETY: layernorm_bwd_dx(x, gamma, mean, rstd, dy, rows, cols, dx).
+        drv("launch layernorm_bwd_dx", unsafe { l.launch(row_cfg(rows)) })?;
+        let mut l = gpu.stream.launch_builder(gpu.func("layernorm_bwd_params")?);
+        l.arg(&gx).arg(&gm).arg(&gr).arg(&gdy).arg(&r64).arg(&c64).arg(&mut gdg).arg(&mut gdbeta);
+        // SAFETY: layernorm_bwd_params(x, mean, rstd, dy, rows, cols, dgamma, dbeta).
+        drv("launch layernorm_bwd_params", unsafe { l.launch(elem_cfg(cols)) })?;
+    }
+    let (dx, dg, dbt) = (gpu.download(&gdx)?, gpu.download(&gdg)?, gpu.download(&gdbeta)?);
+    let (mut dxc, mut dgc, mut dbtc) = (vec![0.0; n], dg0.clone(), dbeta0.clone());
+    cpu.layernorm_bwd(&x, &gamma, &mc, &rc, &dy, rows, cols, &mut dxc, &mut dgc, &mut dbtc);
+    let mut dxr = vec![0.0f64; n];
+    let mut dgr = to64(&dg0);
+    let mut dbr = to64(&dbeta0);
+    for r in 0..rows {
+        let (mu, rs) = (mc[r] as f64, rc[r] as f64);
+        let xh: Vec<f64> = (0..cols).map(|c| (x[r * cols + c] as f64 - mu) * rs).collect();
+        let g: Vec<f64> = (0..cols).map(|c| dy[r * cols + c] as f64 * gamma[c] as f64).collect();
+        let mg = g.iter().sum::<f64>() / cols as f64;
+        let mgx = g.iter().zip(&xh).map(|(a, b)| a * b).sum::<f64>() / cols as f64;
+        for c in 0..cols {
+            dxr[r * cols + c] = rs * (g[c] - mg - xh[c] * mgx);
+            dgr[c] += dy[r * cols + c] as f64 * xh[c];
+            dbr[c] += dy[r * cols + c] as f64;
+        }
+    }
+    out.push(row(
+        "kernel",
+        "layernorm_bwd dx",
+        detail.clone(),
+        Some(rel_err(&dx, &dxc)),
+        Some(rel_err(&dx, &dxr)),
+        1e-5,
+    ));
+    out.push(row(
+        "kernel",
+        "layernorm_bwd dgamma",
+        detail.clone(),
+        Some(rel_err(&dg, &dgc)),
+        Some(rel_err(&dg, &dgr)),
+        1e-5,
+    ));
+    out.push(row(
+        "kernel",
+        "layernorm_bwd dbeta",
+        detail.clone(),
+        Some(rel_err(&dbt, &dbtc)),
+        Some(rel_err(&dbt, &dbr)),
+        1e-5,
+    ));
+
+    // l2_normalize fwd/bwd
+    let mut gy = gpu.upload(&nan)?;
+    let mut gn = gpu.upload(&vec![f32::NAN; rows])?;
+    {
+        let mut l = gpu.stream.launch_builder(gpu.func("l2_normalize_fwd")?);
+        l.arg(&gx).arg(&r64).arg(&c64).arg(&L2_NORM_EPS).arg(&mut gy).arg(&mut gn);
+        // SAFETY: l2_normalize_fwd(x, rows, cols, eps, y, norms).
+        drv("launch l2_normalize_fwd", unsafe { l.launch(row_cfg(rows)) })?;
+    }
+    let (y, nrm) = (gpu.download(&gy)?, gpu.download(&gn)?);
+    let (mut yc, mut nc) = (vec![0.0; n], vec![0.0; rows]);
+    cpu.l2_normalize_fwd(&x, rows, cols, &mut yc, &mut nc);
+    let mut yr = vec![0.0f64; n];
+    for r in 0..rows {
+        let xr = &x[r * cols..(r + 1) * cols];
+        let nn = xr.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+        for c in 0..cols {
+            yr[r * cols + c] = xr[c] as f64 / nn;
+        }
+    }
+    out.push(row(
+        "kernel",
+        "l2_normalize_fwd",
+        detail.clone(),
+        Some(rel_err(&y, &yc)),
+        Some(rel_err(&y, &yr)),
+        1e-6,
+    ));
+    out.push(row(
+        "kernel",
+        "l2_normalize_fwd norms",
+        detail.clone(),
+        Some(rel_err(&nrm, &nc)),
+        None,
+        1e-6,
+    ));
+    let (gyc, gnc) = (gpu.upload(&yc)?, gpu.upload(&nc)?);
+    let mut gdx = gpu.upload(&nan)?;
+    {
+        let mut l = gpu.stream.launch_builder(gpu.func("l2_normalize_bwd")?);
+        l.arg(&gyc).arg(&gnc).arg(&gdy).arg(&r64).arg(&c64).arg(&mut gdx);
+        // SAFETY: l2_normalize_bwd(y, norms, dy, rows, cols, dx).
+        drv("launch l2_normalize_bwd", unsafe { l.launch(row_cfg(rows)) })?;
+    }
+    let dx = gpu.download(&gdx)?;
+    let mut dxc = vec![0.0; n];
+    cpu.l2_normalize_bwd(&yc, &nc, &dy, rows, cols, &mut dxc);
+    let mut dxr = vec![0.0f64; n];
+    for (r, &nr) in nc.iter().enumerate() {
+        let s = r * cols..(r + 1) * cols;
+        let dot: f64 =
+            yc[s.clone()].iter().zip(&dy[s.clone()]).map(|(&a, &b)| a as f64 * b as f64).sum();
+        for c in 0..cols {
+            let i = r * cols + c;
+            dxr[i] = (dy[i] as f64 - yc[i] as f64 * dot) / nr as f64;
+        }
+    }
+    out.push(row(
+        "kernel",
+        "l2_normalize_bwd",
+        detail.clone(),
+        Some(rel_err(&dx, &dxc)),
+        Some(rel_err(&dx, &dxr)),
+        1e-5,
+    ));
+
+    // softmax_xent
+    let logits = normal(rng, n, 3.0);
+    let labels: Vec<u32> = (0..rows).map(|_| rng.below(cols as u64) as u32).collect();
+    let grad_scale = 1.0 / rows as f32;
+    let gl = gpu.upload(&logits)?;
+    let glab = gpu.upload(&labels)?;
+    let mut gd = gpu.upload(&nan)?;
+    let mut gloss = gpu.upload(&vec![f64::NAN; rows])?;
+    let mut ghit = gpu.zeros::<i32>(rows)?;
+    {
+        let mut l = gpu.stream.launch_builder(gpu.func("softmax_xent")?);
+        l.arg(&gl).arg(&glab).arg(&r64).arg(&c64).arg(&grad_scale);
+        l.arg(&mut gd).arg(&mut gloss).arg(&mut ghit);
+        // SAFETY: softmax_xent(logits, labels, rows, cols, grad_scale, dlogits, row_loss, row_hit).
+        drv("launch softmax_xent", unsafe { l.launch(row_cfg(rows)) })?;
+    }
+    let (d, ls, hits) = (gpu.download(&gd)?, gpu.download(&gloss)?, gpu.download(&ghit)?);
+    let mut dc = vec![0.0; n];
+    let xo = cpu.softmax_xent(&logits, &labels, rows, cols, grad_scale, &mut dc);
+    let loss: f64 = ls.iter().sum();
+    let correct = hits.iter().filter(|&&h| h == 1).count();
+    let mut dr = vec![0.0f64; n];
+    let mut lr = 0.0f64;
+    for r in 0..rows {
+        let lg = &logits[r * cols..(r + 1) * cols];
+        let m = lg.iter().map(|&v| v as f64).fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + lg.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+        lr += lse - lg[labels[r] as usize] as f64;
+        for c in 0..cols {
+            let onehot = if c == labels[r] as usize { 1.0 } else { 0.0 };
+            dr[r * cols + c] = grad_scale as f64 * ((lg[c] as f64 - lse).exp() - onehot);
+        }
+    }
+    out.push(row(
+        "kernel",
+        "softmax_xent dlogits",
+        detail.clone(),
+        Some(rel_err(&d, &dc)),
+        Some(rel_err(&d, &dr)),
+        1e-5,
+    ));
+    out.push(row(
+        "kernel",
+        "softmax_xent loss",
+        detail.clone(),
+        Some(rel_err(&[loss], &[xo.loss_sum])),
+        Some(rel_err(&[loss], &[lr])),
+        1e-9,
+    ));
+    let hit_ok = correct == xo.correct;
+    out.push(Row {
+        group: "kernel",
+        name: "softmax_xent correct".into(),
+        detail: format!("gpu {correct} cpu {}", xo.correct),
+        err_cpu: None,
+        err_ref: None,
+        tol: None,
+        pass: hit_ok,
+    });
+    Ok(out)
+}
+
+/// Row-major `C = alpha·op(A)·op(B) + beta·C` through cuBLAS's column-major SGEMM: row-major
+/// `C` is column-major `Cᵀ = op(B)ᵀ·op(A)ᵀ`, so A and B swap places and keep their flags.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_row_major(
+    gpu: &Gpu,
+    blas: &cudarc::cublas::CudaBlas,
+    trans_a: bool,
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &CudaSlice<f32>,
+    b: &CudaSlice<f32>,
+    beta: f32,
+    c: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+    if a.len() < m * k || b.len() < k * n || c.len() < m * n {
+        return Err(CudaError::Invalid(format!("sgemm {m}x{n}x{k}: buffers too short")));
+    }
+    let dim = |v: usize| {
+        i32::try_from(v).map_err(|_| CudaError::Invalid(format!("sgemm dimension {v} > i32")))
+    };
+    let (mi, ni, ki) = (dim(m)?, dim(n)?, dim(k)?);
+    let op_b = if trans_b { CUBLAS_OP_T } else { CUBLAS_OP_N };
+    let op_a = if trans_a { CUBLAS_OP_T } else { CUBLAS_OP_N };
+    let ldb = if trans_b { ki } else { ni };
+    let lda = if trans_a { mi } else { ki };
+    let handle = *blas.handle();
+    let (pa, _ga) = a.device_ptr(&gpu.stream);
+    let (pb, _gb) = b.device_ptr(&gpu.stream);
+    let (pc, _gc) = c.device_ptr_mut(&gpu.stream);
+    // SAFETY: the pointers are live device buffers of at least the sizes checked above, and
+    // the handle is bound to gpu.stream.
+    unsafe {
+        cudarc::cublas::result::sgemm(
+            handle,
+            op_b,
+            op_a,
+            ni,
+            mi,
+            ki,
+            &alpha,
+            pb as *const f32,
+            ldb,
+            pa as *const f32,
+            lda,
+            &beta,
+            pc as *mut f32,
+            ni,
+        )
+    }
+    .map_err(|e| CudaError::Cublas { what: "sgemm".into(), detail: format!("{e:?}") })
+}
+
+fn cublas_checks(gpu: &Gpu, cpu: &CpuDevice, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
+    require(Lib::Cublas)?;
+    let cb = |what: &str, e: cudarc::cublas::result::CublasError| CudaError::Cublas {
+        what: what.into(),
+        detail: format!("{e:?}"),
+    };
+    let blas = cudarc::cublas::CudaBlas::new(Arc::clone(&gpu.stream))
+        .map_err(|e| cb("create handle", e))?;
+    let handle = *blas.handle();
+    // TF32 off: plain FP32 math.
+    // SAFETY: a live handle.
+    unsafe {
+        cudarc::cublas::sys::cublasSetMathMode(
+            handle,
+            cudarc::cublas::sys::cublasMath_t::CUBLAS_DEFAULT_MATH,
+        )
+    }
+    .result()
+    .map_err(|e| cb("set math mode", e))?;
+    let mut out = Vec::new();
+    let (m, n, k) = (67usize, 93usize, 129usize);
+    for (ta, tb, beta) in [(false, false, 0.0f32), (false, true, 0.0), (true, false, 1.0)] {
+        let a = normal(rng, m * k, 1.0);
+        let b = normal(rng, k * n, 1.0);
+        let c0 = normal(rng, m * n, 1.0);
+        let (ga, gb) = (gpu.upload(&a)?, gpu.upload(&b)?);
+        let mut gc = gpu.upload(&c0)?;
+        sgemm_row_major(gpu, &blas, ta, tb, m, n, k, 0.75, &ga, &gb, beta, &mut gc)?;
+        let c = gpu.download(&gc)?;
+        let mut cc = c0.clone();
+        cpu.gemm(ta, tb, m, n, k, 0.75, &a, &b, beta, &mut cc);
+        let at = |i: usize, p: usize| if ta { a[p * m + i] } else { a[i * k + p] } as f64;
+        let bt = |p: usize, j: usize| if tb { b[j * k + p] } else { b[p * n + j] } as f64;
+        let cr: Vec<f64> = (0..m * n)
+            .map(|ij| {
+                let (i, j) = (ij / n, ij % n);
+                0.75 * (0..k).map(|p| at(i, p) * bt(p, j)).sum::<f64>()
+                    + beta as f64 * c0[ij] as f64
+            })
+            .collect();
+        let name = format!("sgemm {}{}", if ta { "T" } else { "N" }, if tb { "T" } else { "N" });
+        out.push(row(
+            "cublas",
+            &name,
+            format!("{m}x{n}x{k} beta={beta}"),
+            Some(rel_err(&c, &cc)),
+            Some(rel_err(&c, &cr)),
+            1e-5,
+        ));
+    }
+    Ok(out)
+}
+
+/// Random L2-normalised `b × d` features.
+pub fn random_features(rng: &mut Rng, b: usize, d: usize) -> Vec<f32> {
+    let mut v = normal(rng, b * d, 1.0);
+    for r in v.chunks_mut(d) {
+        let n = r.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt().max(1e-12);
+        r.iter_mut().for_each(|x| *x = (*x as f64 / n) as f32);
+    }
+    v
+}
+
+fn loss_checks(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
+    use crate::loss::{RingLossOpts, clip_loss_reference_f64, clip_loss_ring};
+    let mut out = Vec::new();
+    for &(b, d, scale) in
+        &[(333usize, 77usize, 14.3f32), (1000, 129, 100.0), (61, 5, 1.0), (3000, 64, 30.0)]
+    {
+        let img = random_features(rng, b, d);
+        let txt = random_features(rng, b, d);
+        let mut comms = tessera_collectives::threads::ThreadComm::group(1);
+        let cpu = clip_loss_ring(&mut comms[0], &img, &txt, b, d, scale, &RingLossOpts::default())
+            .map_err(|e| CudaError::Invalid(format!("CPU tiled loss failed: {e}")))?;
+        let (lr, dir, dtr, dtr_t) =
+            clip_loss_reference_f64(&to64(&img), &to64(&txt), b, d, scale as f64);
+        let detail = format!("B={b} d={d} s={scale}");
+        for prec in Precision::ALL {
+            // TF32 rounds the inputs of the logit products to 10-bit mantissas: the error of
+            // x grows with s, and softmax passes it on. fp32 and 3xTF32 stay near fp32.
+            let (tol_loss, tol_grad) = match prec {
+                Precision::Tf32 => (2e-3 * (scale as f64 / 10.0).max(1.0), 5e-2),
+                _ => (1e-4, 1e-4),
+            };
+            let mut det_runs = Vec::new();
+            for mode in [LossMode::Deterministic, LossMode::Fast] {
+                let g = clip_loss(gpu, &img, &txt, b, d, scale, mode, prec)?;
+                let tag = format!(
+                    "{} {}",
+                    prec.name(),
+                    if mode == LossMode::Fast { "fast" } else { "det" }
+                );
+                let checks: [(&str, f64, f64, f64); 4] = [
+                    ("loss", rel_err(&[g.loss], &[cpu.loss]), rel_err(&[g.loss], &[lr]), tol_loss),
+                    ("dI", rel_err(&g.d_img, &cpu.d_img_local), rel_err(&g.d_img, &dir), tol_grad),
+                    ("dT", rel_err(&g.d_txt, &cpu.d_txt_local), rel_err(&g.d_txt, &dtr), tol_grad),
+                    (
+                        "dt",
+                        rel_err(&[g.d_t], &[cpu.d_t_partial]),
+                        rel_err(&[g.d_t], &[dtr_t]),
+                        tol_grad,
+                    ),
+                ];
+                for (what, e_cpu, e_ref, tol) in checks {
+                    out.push(row(
+                        "loss",
+                        &format!("clip {tag} {what}"),
+                        detail.clone(),
+                        Some(e_cpu),
+                        Some(e_ref),
+                        tol,
+                    ));
+                }
+                if mode == LossMode::Deterministic {
+                    det_runs.push(g);
+                    det_runs.push(clip_loss(gpu, &img, &txt, b, d, scale, mode, prec)?);
+                }
+            }
+            let (r0, r1) = (&det_runs[0], &det_runs[1]);
+            let bits =
+                |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            let same = r0.loss.to_bits() == r1.loss.to_bits()
+                && r0.d_t.to_bits() == r1.d_t.to_bits()
+                && bits(&r0.d_img, &r1.d_img)
+                && bits(&r0.d_txt, &r1.d_txt);
+            out.push(Row {
+                group: "loss",
+                name: format!("clip {} det repeat", prec.name()),
+                detail: format!("{detail} bitwise"),
+                err_cpu: None,
+                err_ref: None,
+                tol: None,
+                pass: same,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn nccl_check(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
+    use cudarc::nccl::{result as nr, sys as ns};
+    require(Lib::Nccl)?;
+    let ne = |what: &str, e: nr::NcclError| CudaError::Nccl {
+        what: what.into(),
+        detail: format!("{e:?}"),
+    };
+    let version = nr::get_nccl_version().map_err(|e| ne("ncclGetVersion", e))?;
+    drv("bind context", gpu.ctx.bind_to_thread())?;
+    let id = nr::get_uniqueid().map_err(|e| ne("ncclGetUniqueId", e))?;
+    let mut comm: ns::ncclComm_t = std::ptr::null_mut();
+    // SAFETY: a valid out-pointer; world size 1, rank 0, the current device.
+    unsafe { nr::comm_init_rank(&mut comm, 1, id, 0) }
+        .map_err(|e| ne("ncclCommInitRank(nranks=1)", e))?;
+    let n = 1031usize;
+    let x = normal(rng, n, 1.0);
+    let send = gpu.upload(&x)?;
+    let mut recv = gpu.upload(&vec![f32::NAN; n])?;
+    let res = {
+        let (ps, _gs) = send.device_ptr(&gpu.stream);
+        let (pr, _gr) = recv.device_ptr_mut(&gpu.stream);
+        // SAFETY: both buffers hold n floats on this device; the stream is the context's.
+        unsafe {
+            nr::all_reduce(
+                ps as *const _,
+                pr as *mut _,
+                n,
+                ns::ncclDataType_t::ncclFloat32,
+                ns::ncclRedOp_t::ncclSum,
+                comm,
+                gpu.stream.cu_stream() as ns::cudaStream_t,
+            )
+        }
+    };
+    let sync = gpu.sync();
+    // SAFETY: destroyed once, after the collective completed (stream synchronised).
+    let _ = unsafe { nr::comm_destroy(comm) };
+    res.map_err(|e| ne("ncclAllReduce", e))?;
+    sync?;
+    let y = gpu.download(&recv)?;
+    let e = rel_err(&y, &x);
+    Ok(vec![row(
+        "nccl",
+        "all_reduce sum (world 1)",
+        format!("n={n} nccl {version}"),
+        Some(e),
+        Some(e),
+        0.0,
+    )])
+}
+
+/// One timing of [`bench_loss`].
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BenchRow {
+    pub b: usize,
+    pub d: usize,
+    pub mode: String,
+    pub precision: String,
+    /// Median milliseconds of forward + backward.
+    pub ms_median: f64,
+    pub ms_min: f64,
+    /// FP32 TFLOP/s counting `2·B²·d` per GEMM-equivalent (5 deterministic, 4 fast).
+    pub tflops: f64,
+    /// Device bytes of the loss buffers (features excluded).
+    pub workspace_bytes: usize,
+    pub loss: f64,
+}
+
+/// Times the fused loss (forward + backward) at `b × d`, `reps` timed runs after one warm-up,
+/// with CUDA events.
+#[allow(clippy::too_many_arguments)]
+pub fn bench_loss(
+    gpu: &Gpu,
+    b: usize,
+    d: usize,
+    mode: LossMode,
+    precision: Precision,
+    reps: usize,
+    seed: u64,
+) -> Result<BenchRow, CudaError> {
+    let mut rng = Rng::new(seed);
+    let img = gpu.upload(&random_features(&mut rng, b, d))?;
+    let txt = gpu.upload(&random_features(&mut rng, b, d))?;
+    let mut bufs = super::gpu::LossBuffers::new(gpu, b, d)?;
+    let scale = 14.3f32;
+    super::gpu::clip_loss_launch(gpu, &mut bufs, &img, &txt, scale, mode, precision)?;
+    gpu.sync()?;
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let mut times = Vec::new();
+    for _ in 0..reps.max(1) {
+        let start = drv("event", gpu.ctx.new_event(flags))?;
+        let stop = drv("event", gpu.ctx.new_event(flags))?;
+        drv("record", start.record(&gpu.stream))?;
+        super::gpu::clip_loss_launch(gpu, &mut bufs, &img, &txt, scale, mode, precision)?;
+        drv("record", stop.record(&gpu.stream))?;
+        drv("event sync", stop.synchronize())?;
+        times.push(drv("elapsed", start.elapsed_ms(&stop))? as f64);
+    }
+    times.sort_by(f64::total_cmp);
+    let med = times[times.len() / 2];
+    let gemms = if mode == LossMode::Fast { 4.0 } else { 5.0 };
+    let flops = gemms * 2.0 * (b as f64) * (b as f64) * d as f64;
+    let (loss, _) = super::gpu::read_scalars(gpu, &bufs)?;
+    Ok(BenchRow {
+        b,
+        d,
+        mode: format!("{mode:?}").to_lowercase(),
+        precision: precision.name().to_string(),
+        ms_median: med,
+        ms_min: times[0],
+        tflops: flops / (med * 1e-3) / 1e12,
+        workspace_bytes: bufs.bytes(),
+        loss,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rel_err_is_normwise_and_nan_is_infinite() {
+        assert_eq!(rel_err(&[1.0f32, 2.0], &[1.0f64, 2.0]), 0.0);
+        let e = rel_err(&[1.0f32, 2.1], &[1.0f64, 2.0]);
+        assert!((e - 0.1 / 5f64.sqrt()).abs() < 1e-6, "{e}");
+        assert_eq!(rel_err(&[f32::NAN], &[1.0f64]), f64::INFINITY);
+        assert_eq!(rel_err(&[1.0f32], &[1.0f64, 2.0]), f64::INFINITY);
+    }
+
+    #[test]
+    fn report_fails_on_any_failed_row_and_prints_a_table() {
+        let mut rep = Report { device: "x".into(), arch: "sm_90".into(), rows: Vec::new() };
+        assert!(!rep.passed(), "an empty report is not a pass");
+        rep.rows.push(row("kernel", "a", "n=1".into(), Some(1e-7), Some(1e-7), 1e-6));
+        assert!(rep.passed());
+        rep.rows.push(row("kernel", "b", "n=1".into(), Some(1e-3), None, 1e-6));
+        assert!(!rep.passed());
+        let t = rep.table();
+        assert!(t.contains("FAIL") && t.contains("2 checks, 1 failed"), "{t}");
+    }
+
+    #[test]
+    fn without_a_driver_run_is_a_clean_error() {
+        if Lib::Driver.present() {
+            // A GPU machine: the whole self-test must pass.
+            let rep = run(0, 1).unwrap_or_else(|e| panic!("{e}"));
+            assert!(rep.passed(), "{}", rep.table());
+            return;
+        }
+        let e = run(0, 1).expect_err("run must fail without a driver").to_string();
+        assert!(e.contains("libcuda.so.1") && e.contains("NVIDIA driver"), "{e}");
+    }
+}

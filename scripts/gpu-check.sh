@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The one script a GPU session runs (issue 7): library discovery, the NVRTC kernel check, the
+# GPU self-test (every kernel vs the CPU device and an f64 reference, cuBLAS, the fused CLIP
+# loss vs the CPU tiled loss, NCCL at world size 1) and a timing of the fused loss against a
+# naive PyTorch CLIP loss. Every step has a timeout; the whole run stays well under 6 minutes.
+# Prints a short table last; with $OUT set, logs and JSON go there too.
+#
+# Usage: scripts/gpu-check.sh [path-to-tessera-binary]   (default target/release/tessera)
+# The binary is a prebuilt x86-64 release build (the GPU machine has no Rust toolchain).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+bin="${1:-target/release/tessera}"
+[[ -x "$bin" ]] || { echo "gpu-check: $bin is not an executable (build: cargo build --release -p tessera-launch)" >&2; exit 2; }
+out="${OUT:-$(mktemp -d)}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+summary=()
+status=0
+
+# All steps together stay under this many seconds (a step gets at most what is left).
+deadline=$((SECONDS + ${GPU_CHECK_BUDGET_S:-330}))
+
+# step NAME SECONDS CMD...: runs CMD with a timeout, logs to $out/NAME.log, records the result.
+step() {
+    local name="$1" secs="$2"
+    shift 2
+    local left=$((deadline - SECONDS))
+    ((secs > left)) && secs=$left
+    if ((secs < 5)); then
+        summary+=("$(printf '%-14s %-12s %5ss' "$name" "SKIPPED" 0)")
+        status=1
+        return
+    fi
+    echo "=== $name (timeout ${secs}s): $*"
+    local t0=$SECONDS
+    timeout --kill-after=10 "$secs" "$@" 2>&1 | tee "$out/$name.log"
+    local rc=${PIPESTATUS[0]}
+    local verdict="ok"
+    if [[ $rc -eq 124 || $rc -eq 137 ]]; then verdict="TIMEOUT"; elif [[ $rc -ne 0 ]]; then verdict="FAIL(rc=$rc)"; fi
+    [[ $verdict == ok ]] || status=1
+    summary+=("$(printf '%-14s %-12s %5ss' "$name" "$verdict" $((SECONDS - t0)))")
+}
+
+step nvidia-smi 30 nvidia-smi
+step probe 60 "$bin" cuda probe
+step check-kernels 120 "$bin" cuda check-kernels --arch sm_80,sm_90 --resource-usage
+step selftest 180 "$bin" cuda selftest --json "$out/selftest.json"
+step bench-loss 150 "$bin" cuda bench-loss --batch 4096,16384 --dim 512,768 --mode both --reps 5 --json "$out/bench-loss.jsonl"
+step bench-loss-64k 120 "$bin" cuda bench-loss --batch 65536 --dim 512 --mode both --reps 2 --json "$out/bench-loss-64k.jsonl"
+if python3 -c "import torch" 2>/dev/null; then
+    step bench-torch 120 python3 scripts/bench_torch_clip.py --batch 4096,16384,65536 --dim 512,768 --reps 5 --json "$out/bench-torch.jsonl"
+fi
+
+echo
+echo "=== selftest table"
+sed -n '/^group /,/checks, .* failed$/p' "$out/selftest.log" 2>/dev/null
+echo "=== fused loss (tessera) vs naive PyTorch fp32, fwd+bwd ms (median)"
+grep -hE '^ +[0-9]+ +[0-9]+ ' "$out/bench-loss.log" "$out/bench-loss-64k.log" 2>/dev/null
+[[ -f "$out/bench-torch.log" ]] && grep -hE '^ +[0-9]+ +[0-9]+ ' "$out/bench-torch.log"
+echo "=== gpu-check summary (logs in $out)"
+printf '%s\n' "${summary[@]}"
+[[ $status -eq 0 ]] && echo "gpu-check: PASS" || echo "gpu-check: FAIL"
+exit $status
