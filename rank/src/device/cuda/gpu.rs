@@ -183,6 +183,10 @@ pub struct GpuLossOut {
 pub struct LossBuffers {
     pub b: usize,
     pub d: usize,
+    /// Forward grid: row chunks (grid x) of `tiles_per_chunk` row tiles each.
+    pub chunks: usize,
+    pub tiles_per_chunk: usize,
+    /// Forward grid: column splits (grid y) of `tiles_per_split` column tiles each.
     pub splits: usize,
     pub tiles_per_split: usize,
     row_m: CudaSlice<f32>,
@@ -203,8 +207,9 @@ pub struct LossBuffers {
 }
 
 impl LossBuffers {
-    /// Buffers for batch `b`, dimension `d`. Column splits are chosen so that the forward grid
-    /// has at least `4 × multiprocessors` blocks when the row tiles alone are fewer.
+    /// Buffers for batch `b`, dimension `d`. The forward grid (row chunks × column splits) is
+    /// about one wave of resident blocks (see [`plan_fwd_grid`]), so the column and row
+    /// partials take `(chunks + splits) · b · 8` bytes: linear in `b`.
     pub fn new(gpu: &Gpu, b: usize, d: usize) -> Result<LossBuffers, CudaError> {
         if b == 0 || d == 0 {
             return Err(CudaError::Invalid(format!("fused loss needs b, d > 0 (got {b}, {d})")));
@@ -216,19 +221,30 @@ impl LossBuffers {
             ),
         )?
         .max(1) as usize;
+        // Resident blocks per multiprocessor: the least over the forward's precisions, so the
+        // grid never spills into a second, mostly idle wave.
+        drv("bind context", gpu.ctx.bind_to_thread())?;
+        let mut per_sm = u32::MAX;
+        for name in ["clip_fwd", "clip_fwd_tf32x3", "clip_fwd_tf32"] {
+            let occ = drv(
+                "occupancy of the fused-loss forward",
+                gpu.func(name)?.occupancy_max_active_blocks_per_multiprocessor(256, 0, None),
+            )?;
+            per_sm = per_sm.min(occ);
+        }
         let n_t = b.div_ceil(LOSS_TILE);
-        let want = (4 * sms).div_ceil(n_t).clamp(1, n_t);
-        let tiles_per_split = n_t.div_ceil(want);
-        let splits = n_t.div_ceil(tiles_per_split);
+        let plan = plan_fwd_grid(n_t, sms * (per_sm.max(1) as usize));
         Ok(LossBuffers {
             b,
             d,
-            splits,
-            tiles_per_split,
-            row_m: gpu.zeros(splits * b)?,
-            row_z: gpu.zeros(splits * b)?,
-            col_m: gpu.zeros(n_t * b)?,
-            col_z: gpu.zeros(n_t * b)?,
+            chunks: plan.chunks,
+            tiles_per_chunk: plan.tiles_per_chunk,
+            splits: plan.splits,
+            tiles_per_split: plan.tiles_per_split,
+            row_m: gpu.zeros(plan.splits * b)?,
+            row_z: gpu.zeros(plan.splits * b)?,
+            col_m: gpu.zeros(plan.chunks * b)?,
+            col_z: gpu.zeros(plan.chunks * b)?,
             pos: gpu.zeros(b)?,
             lse_hi: gpu.zeros(b)?,
             lse_lo: gpu.zeros(b)?,
@@ -246,9 +262,35 @@ impl LossBuffers {
     /// Device bytes held.
     pub fn bytes(&self) -> usize {
         let n_t = self.b.div_ceil(LOSS_TILE);
-        4 * (2 * self.splits * self.b + 2 * n_t * self.b + 5 * self.b + 2 * self.b * self.d)
+        4 * (2 * (self.chunks + self.splits) * self.b + 5 * self.b + 2 * self.b * self.d)
             + 8 * (self.b + 2 + n_t)
     }
+}
+
+/// The fused-loss forward grid: `chunks × splits` blocks, chunk `rc` covering row tiles
+/// `[rc · tiles_per_chunk, …)` and split `cs` column tiles `[cs · tiles_per_split, …)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FwdGrid {
+    pub chunks: usize,
+    pub tiles_per_chunk: usize,
+    pub splits: usize,
+    pub tiles_per_split: usize,
+}
+
+/// Plans the forward grid for `n_t` tiles a side and `target` blocks (one wave: multiprocessors
+/// × resident blocks each). Chunks and splits are balanced (about √target each, at most `n_t`)
+/// since the scratch is `(chunks + splits) · B` partials; `chunks · splits ≤ max(target, 1)`,
+/// and every chunk and split holds at least one tile.
+pub fn plan_fwd_grid(n_t: usize, target: usize) -> FwdGrid {
+    let n_t = n_t.max(1);
+    let target = target.max(1);
+    let want_splits = target.isqrt().clamp(1, n_t);
+    let tiles_per_split = n_t.div_ceil(want_splits);
+    let splits = n_t.div_ceil(tiles_per_split);
+    let want_chunks = (target / splits).clamp(1, n_t);
+    let tiles_per_chunk = n_t.div_ceil(want_chunks);
+    let chunks = n_t.div_ceil(tiles_per_chunk);
+    FwdGrid { chunks, tiles_per_chunk, splits, tiles_per_split }
 }
 
 /// Queues the fused CLIP loss (forward + backward) on `gpu.stream` for `img`, `txt`
@@ -271,26 +313,27 @@ pub fn clip_loss_launch(
     }
     let s = &gpu.stream;
     let tile = LaunchConfig {
-        grid_dim: (n_t as u32, bufs.splits as u32, 1),
+        grid_dim: (bufs.chunks as u32, bufs.splits as u32, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
+    let tpc = bufs.tiles_per_chunk as i32;
     let tps = bufs.tiles_per_split as i32;
     let f = gpu.func(&format!("clip_fwd{}", precision.suffix()))?;
     let mut l = s.launch_builder(f);
-    l.arg(img).arg(txt).arg(&b).arg(&d).arg(&scale).arg(&tps);
+    l.arg(img).arg(txt).arg(&b).arg(&d).arg(&scale).arg(&tpc).arg(&tps);
     l.arg(&mut bufs.row_m).arg(&mut bufs.row_z).arg(&mut bufs.col_m).arg(&mut bufs.col_z);
     l.arg(&mut bufs.pos);
-    // SAFETY: argument list matches clip_fwd's signature; buffers hold splits·b, n_t·b and b
-    // values as the kernel indexes them.
+    // SAFETY: argument list matches clip_fwd's signature; buffers hold splits·b, chunks·b and
+    // b values as the kernel indexes them (grid chunks × splits, see plan_fwd_grid).
     drv("launch clip_fwd", unsafe { l.launch(tile) })?;
 
     let splits = bufs.splits as i32;
-    let row_tiles = n_t as i32;
+    let chunks = bufs.chunks as i32;
     let f = gpu.func("clip_lse")?;
     let mut l = s.launch_builder(f);
     l.arg(&bufs.row_m).arg(&bufs.row_z).arg(&splits).arg(&bufs.col_m).arg(&bufs.col_z);
-    l.arg(&row_tiles).arg(&bufs.pos).arg(&b);
+    l.arg(&chunks).arg(&bufs.pos).arg(&b);
     l.arg(&mut bufs.lse_hi).arg(&mut bufs.lse_lo).arg(&mut bufs.kap_hi).arg(&mut bufs.kap_lo);
     l.arg(&mut bufs.term);
     // SAFETY: matches clip_lse; all buffers hold at least b values (partials as above).
@@ -377,4 +420,36 @@ pub fn clip_loss(
         d_txt: gpu.download(&bufs.d_txt)?,
         d_t,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The forward grid covers every row and column tile exactly once with no empty chunk or
+    /// split (clip_lse merges every partial), stays within one wave, and keeps the scratch
+    /// (`chunks + splits` partials per index) independent of the batch once B is large.
+    #[test]
+    fn fwd_grid_partitions_tiles_and_scratch_is_linear() {
+        for n_t in [1usize, 2, 3, 7, 64, 65, 127, 1000, 1024, 4096, 4097] {
+            for target in [0usize, 1, 2, 3, 108, 132, 264, 528, 1056, 5000] {
+                let g = plan_fwd_grid(n_t, target);
+                let ctx = format!("n_t {n_t}, target {target}: {g:?}");
+                assert!(g.chunks >= 1 && g.splits >= 1, "{ctx}");
+                assert!(g.chunks * g.splits <= target.max(1), "{ctx}");
+                // Chunk rc covers [rc·tpc, min((rc+1)·tpc, n_t)): the last one is non-empty
+                // and they reach n_t; likewise for splits.
+                assert!((g.chunks - 1) * g.tiles_per_chunk < n_t, "{ctx}");
+                assert!(g.chunks * g.tiles_per_chunk >= n_t, "{ctx}");
+                assert!((g.splits - 1) * g.tiles_per_split < n_t, "{ctx}");
+                assert!(g.splits * g.tiles_per_split >= n_t, "{ctx}");
+                assert!(g.chunks + g.splits <= 2 * target.max(1).isqrt() + 2, "{ctx}");
+            }
+        }
+        // Same device, growing batch: the partial count per index stops growing.
+        let big = plan_fwd_grid(65536 / LOSS_TILE, 528);
+        let huge = plan_fwd_grid(262144 / LOSS_TILE, 528);
+        assert_eq!(big.chunks + big.splits, huge.chunks + huge.splits);
+        assert!(huge.chunks + huge.splits <= 48, "{huge:?}");
+    }
 }

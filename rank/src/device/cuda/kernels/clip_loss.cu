@@ -9,11 +9,14 @@
 //   G_ij = (exp(x_ij - l_i) + exp(x_ij - k_j) - 2 delta_ij) / (2B)
 //   dI = s * G T,  dT = s * G^T I,  dL/dt = sum_ij G_ij x_ij
 //
-// Forward (clip_fwd): block (rt, cs) owns row tile rt and the column tiles of split cs; for
-// each tile it computes the logits into shared memory, folds them into the online (max, sum)
-// of its rows (kept in registers across tiles) and writes the tile's column partials. Logits
-// never reach global memory. clip_lse then merges the partials in a fixed order, so the result
-// is deterministic. Partial storage: (B/64 + splits) * B * 2 floats.
+// Forward (clip_fwd): block (rc, cs) owns the consecutive row tiles of chunk rc and the column
+// tiles of split cs; for each row tile, in order, and each of its column tiles it computes the
+// logits into shared memory, folds them into the online (max, sum) of the tile's rows (kept in
+// registers across column tiles) and into the online (max, sum) of each column, kept in global
+// scratch that this block alone owns (so no atomics). Logits never reach global memory. clip_lse
+// then merges the partials in a fixed order, so the result is deterministic. Partial storage:
+// (chunks + splits) * B * 2 floats, with chunks * splits about one wave of blocks (set by the
+// host): linear in B.
 //
 // Backward (clip_bwd): block rt owns the rows of dA; for each column tile it recomputes the
 // logits, forms G in shared memory and adds s * G * Bm_tile to its rows of dA (no other block
@@ -193,13 +196,14 @@ __device__ __forceinline__ void lse_merge(float& m, float& z, float mx, float zs
     m = mn;
 }
 
-// Grid (ceil(B/64), splits), 256 threads. Column tiles [cs*tiles_per_split, ...) of the split.
-// Writes row partials row_m/row_z[cs * B + i], column partials col_m/col_z[rt * B + j], and the
-// positive logit pos[i] = x_ii (from the tile that holds the diagonal element).
+// Grid (chunks, splits), 256 threads. Row tiles [rc*tiles_per_chunk, ...) of chunk rc, column
+// tiles [cs*tiles_per_split, ...) of split cs. Writes row partials row_m/row_z[cs * B + i],
+// column partials col_m/col_z[rc * B + j], and the positive logit pos[i] = x_ii (from the tile
+// that holds the diagonal element).
 template <int MODE>
 __device__ __forceinline__ void clip_fwd_impl(const float* __restrict__ img,
                                               const float* __restrict__ txt, i64 B, i64 d,
-                                              float scale, int tiles_per_split,
+                                              float scale, int tiles_per_chunk, int tiles_per_split,
                                               float* __restrict__ row_m, float* __restrict__ row_z,
                                               float* __restrict__ col_m, float* __restrict__ col_z,
                                               float* __restrict__ pos) {
@@ -207,52 +211,81 @@ __device__ __forceinline__ void clip_fwd_impl(const float* __restrict__ img,
     __shared__ float Bs[TK][TPAD];
     __shared__ float Xs[TM][TN + 1];
     const int t = threadIdx.x;
-    const i64 rt = blockIdx.x, cs = blockIdx.y;
-    const i64 r0 = rt * TM;
-    const i64 n_ct = (B + TN - 1) / TN;
+    const i64 rc = blockIdx.x, cs = blockIdx.y;
+    const i64 n_t = (B + TN - 1) / TN;  // TM == TN: as many row tiles as column tiles
+    const i64 rt_begin = rc * (i64)tiles_per_chunk;
+    i64 rt_end = rt_begin + tiles_per_chunk;
+    if (rt_end > n_t) rt_end = n_t;
     const i64 ct_begin = cs * (i64)tiles_per_split;
     i64 ct_end = ct_begin + tiles_per_split;
-    if (ct_end > n_ct) ct_end = n_ct;
-    float m = NEG_INF_F, z = 0.0f;  // row stats of row r0 + t (threads t < 64)
-    for (i64 ct = ct_begin; ct < ct_end; ++ct) {
-        const i64 c0 = ct * TN;
-        tile_to_shared<MODE>(img, txt, B, d, r0, c0, As, Bs, Xs, scale, NEG_INF_F);
-        if (t < TM) {
-            const i64 r = r0 + t;
-            if (r < B) {
-                float mx = NEG_INF_F;
-                for (int j = 0; j < TN; ++j) mx = fmaxf(mx, Xs[t][j]);
-                float zs = 0.0f;
-                if (mx != NEG_INF_F)
-                    for (int j = 0; j < TN; ++j) zs += expf(Xs[t][j] - mx);
-                lse_merge(m, z, mx, zs);
-                if (r >= c0 && r < c0 + TN) pos[r] = Xs[t][r - c0];
-            }
-        } else if (t < TM + TN) {
-            const int j = t - TM;
-            const i64 c = c0 + j;
-            if (c < B) {
-                float mx = NEG_INF_F;
-                for (int i = 0; i < TM; ++i) mx = fmaxf(mx, Xs[i][j]);
-                float zs = 0.0f;
-                for (int i = 0; i < TM; ++i) zs += expf(Xs[i][j] - mx);
-                col_m[rt * B + c] = mx;
-                col_z[rt * B + c] = zs;
-            }
+    if (ct_end > n_t) ct_end = n_t;
+    float* __restrict__ cm = col_m + rc * B;  // this block's column partials (chunk rc)
+    float* __restrict__ cz = col_z + rc * B;
+    if (rt_begin >= rt_end) {
+        // Empty chunk (the host never launches one): neutral column partials.
+        i64 c_end = ct_end * TN;
+        if (c_end > B) c_end = B;
+        for (i64 c = ct_begin * TN + t; c < c_end; c += NT) {
+            cm[c] = NEG_INF_F;
+            cz[c] = 0.0f;
         }
-        __syncthreads();
+        return;
     }
-    if (t < TM && r0 + t < B) {
-        row_m[cs * B + r0 + t] = m;
-        row_z[cs * B + r0 + t] = z;
+    for (i64 rt = rt_begin; rt < rt_end; ++rt) {
+        const i64 r0 = rt * TM;
+        float m = NEG_INF_F, z = 0.0f;  // row stats of row r0 + t (threads t < 64)
+        for (i64 ct = ct_begin; ct < ct_end; ++ct) {
+            const i64 c0 = ct * TN;
+            tile_to_shared<MODE>(img, txt, B, d, r0, c0, As, Bs, Xs, scale, NEG_INF_F);
+            if (t < TM) {
+                const i64 r = r0 + t;
+                if (r < B) {
+                    float mx = NEG_INF_F;
+                    for (int j = 0; j < TN; ++j) mx = fmaxf(mx, Xs[t][j]);
+                    float zs = 0.0f;
+                    if (mx != NEG_INF_F)
+                        for (int j = 0; j < TN; ++j) zs += expf(Xs[t][j] - mx);
+                    lse_merge(m, z, mx, zs);
+                    if (r >= c0 && r < c0 + TN) pos[r] = Xs[t][r - c0];
+                }
+            } else if (t < TM + TN) {
+                // Column c0 + j: always the same thread for a given column, so the
+                // read-modify-write of cm/cz across row tiles needs no synchronisation.
+                const int j = t - TM;
+                const i64 c = c0 + j;
+                if (c < B) {
+                    float mx = NEG_INF_F;
+                    for (int i = 0; i < TM; ++i) mx = fmaxf(mx, Xs[i][j]);
+                    float zs = 0.0f;
+                    if (mx != NEG_INF_F)
+                        for (int i = 0; i < TM; ++i) zs += expf(Xs[i][j] - mx);
+                    if (rt == rt_begin) {
+                        cm[c] = mx;
+                        cz[c] = zs;
+                    } else {
+                        float pm = cm[c], pz = cz[c];
+                        lse_merge(pm, pz, mx, zs);
+                        cm[c] = pm;
+                        cz[c] = pz;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+        if (t < TM && r0 + t < B) {
+            row_m[cs * B + r0 + t] = m;
+            row_z[cs * B + r0 + t] = z;
+        }
     }
 }
 
 #define CLIP_FWD_ARGS                                                                          \
     const float *__restrict__ img, const float *__restrict__ txt, i64 B, i64 d, float scale,   \
-        int tiles_per_split, float *__restrict__ row_m, float *__restrict__ row_z,             \
-        float *__restrict__ col_m, float *__restrict__ col_z, float *__restrict__ pos
-#define CLIP_FWD_PASS img, txt, B, d, scale, tiles_per_split, row_m, row_z, col_m, col_z, pos
+        int tiles_per_chunk, int tiles_per_split, float *__restrict__ row_m,                  \
+        float *__restrict__ row_z, float *__restrict__ col_m, float *__restrict__ col_z,        \
+        float *__restrict__ pos
+#define CLIP_FWD_PASS                                                                          \
+    img, txt, B, d, scale, tiles_per_chunk, tiles_per_split, row_m, row_z, col_m, col_z, pos
 
 // fp32 FMA / 3xTF32 / TF32 tensor-core versions of the forward.
 extern "C" __global__ void __launch_bounds__(NT) clip_fwd(CLIP_FWD_ARGS) {
@@ -285,16 +318,16 @@ __device__ double merge_parts(const float* pm, const float* pz, int parts, i64 B
 }
 
 // One thread per index i < B: row LSE l_i (over `splits` partials), column LSE k_i (over
-// `row_tiles` partials), both split into f32 hi + lo, and term[i] = l_i + k_i - 2 x_ii.
+// `chunks` partials), both split into f32 hi + lo, and term[i] = l_i + k_i - 2 x_ii.
 extern "C" __global__ void clip_lse(const float* __restrict__ row_m, const float* __restrict__ row_z,
                                     int splits, const float* __restrict__ col_m,
-                                    const float* __restrict__ col_z, int row_tiles,
+                                    const float* __restrict__ col_z, int chunks,
                                     const float* __restrict__ pos, i64 B, float* __restrict__ lse_hi,
                                     float* __restrict__ lse_lo, float* __restrict__ kap_hi,
                                     float* __restrict__ kap_lo, double* __restrict__ term) {
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < B; i += (i64)gridDim.x * blockDim.x) {
         const double l = merge_parts(row_m, row_z, splits, B, i);
-        const double k = merge_parts(col_m, col_z, row_tiles, B, i);
+        const double k = merge_parts(col_m, col_z, chunks, B, i);
         const float lh = (float)l, kh = (float)k;
         lse_hi[i] = lh;
         lse_lo[i] = (float)(l - (double)lh);
