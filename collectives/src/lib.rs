@@ -26,6 +26,20 @@ pub mod threads;
 
 pub use error::CommError;
 
+/// The part `offset..offset + len` of a buffer of `total` elements must lie inside it
+/// ([`Communicator::all_reduce_f32_part`]); `op` names the operation in the error.
+pub(crate) fn check_part(op: &'static str, len: usize, offset: usize, total: usize) -> Result<()> {
+    if offset.checked_add(len).is_none_or(|end| end > total) {
+        return Err(CommError::InvalidArgument {
+            op,
+            detail: format!(
+                "part {offset}..{offset}+{len} lies outside the buffer of {total} elements"
+            ),
+        });
+    }
+    Ok(())
+}
+
 pub type Result<T> = std::result::Result<T, CommError>;
 
 /// Reduction applied by all-reduce and reduce-scatter.
@@ -61,15 +75,7 @@ pub trait Communicator: Send {
         total: usize,
         op: ReduceOp,
     ) -> Result<()> {
-        if offset.checked_add(buf.len()).is_none_or(|end| end > total) {
-            return Err(CommError::InvalidArgument {
-                op: "all_reduce_f32_part",
-                detail: format!(
-                    "part {offset}..{offset}+{} lies outside the buffer of {total} elements",
-                    buf.len()
-                ),
-            });
-        }
+        check_part("all_reduce_f32_part", buf.len(), offset, total)?;
         self.all_reduce_f32(buf, op)
     }
     /// In-place all-reduce of a few f64 scalars (statistics, norms); same length on every rank.

@@ -1615,15 +1615,7 @@ impl Communicator for TcpRing {
         op: ReduceOp,
     ) -> Result<()> {
         let ctx = self.begin(Op::AllReduceF32)?;
-        if offset.checked_add(buf.len()).is_none_or(|end| end > total) {
-            return Err(CommError::InvalidArgument {
-                op: ctx.op.name(),
-                detail: format!(
-                    "part {offset}..{offset}+{} lies outside the buffer of {total} elements",
-                    buf.len()
-                ),
-            });
-        }
+        crate::check_part(ctx.op.name(), buf.len(), offset, total)?;
         if self.world == 1 {
             return Ok(());
         }

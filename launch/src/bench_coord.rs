@@ -387,16 +387,20 @@ fn bench_token() -> Result<AsciiMetadataValue> {
     AsciiMetadataValue::try_from(token.as_str()).context("the generated job token is not ASCII")
 }
 
-/// Opens one connection per simulated rank, `CONNECT_CONCURRENCY` at a time.
-async fn connect_all(addr: &str, token: &AsciiMetadataValue, n: usize) -> Result<Vec<Grpc>> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .with_context(|| format!("coordinator address {addr}"))?
+/// A simulated rank's endpoint (to the coordinator or its node's relay), configured as the real
+/// client's (coordinator/src/client.rs): keep-alive PINGs every 5 s.
+fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(30))
-        // As the real client (coordinator/src/client.rs): keep-alive PINGs every 5 s.
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true);
+        .keep_alive_while_idle(true))
+}
+
+/// Opens one connection per simulated rank, `CONNECT_CONCURRENCY` at a time.
+async fn connect_all(addr: &str, token: &AsciiMetadataValue, n: usize) -> Result<Vec<Grpc>> {
+    let endpoint = endpoint(addr).with_context(|| format!("coordinator address {addr}"))?;
     let permits = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let mut set = JoinSet::new();
     for i in 0..n {
@@ -738,12 +742,7 @@ async fn relay_upstreams(
             continue;
         }
         let (addr, _) = relays.get(&leader).context("a simulated node has no relay")?;
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(30))
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true);
+        let endpoint = endpoint(addr).with_context(|| format!("relay address {addr}"))?;
         let (permits, token) = (permits.clone(), token.clone());
         set.spawn(async move {
             let _permit = permits.acquire_owned().await;
