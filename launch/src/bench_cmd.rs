@@ -89,6 +89,9 @@ pub struct LossArgs {
     /// Columns per tile of the tiled loss (0: the library default).
     #[arg(long, default_value_t = 0)]
     pub tile_cols: usize,
+    /// Rows of a feature block that travel the ring together (0: about 2 MiB of features).
+    #[arg(long, default_value_t = 0)]
+    pub chunk_rows: usize,
     /// One JSON object per implementation instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -256,6 +259,7 @@ pub fn loss_rank(comm: &mut dyn Communicator, local_size: usize, job_args: &str)
         threads: (cores / local_size.max(1)).max(1),
         tile_rows: if a.tile_rows == 0 { dflt.tile_rows } else { a.tile_rows },
         tile_cols: if a.tile_cols == 0 { dflt.tile_cols } else { a.tile_cols },
+        chunk_rows: a.chunk_rows,
     };
     let mut impls = vec![LossImpl::Tiled];
     if !a.skip_naive {
@@ -265,7 +269,7 @@ pub fn loss_rank(comm: &mut dyn Communicator, local_size: usize, job_args: &str)
     if !a.json {
         out += &format!(
             "# contrastive loss forward+backward, B = {}, d = {}, {} ranks, {} thread(s) each, \
-             tiles {}×{}\n\
+             tiles {}×{}, chunks of {} rows\n\
              #{:>8} {:>10} {:>9} {:>16} {:>12}\n",
             a.batch,
             a.dim,
@@ -273,6 +277,7 @@ pub fn loss_rank(comm: &mut dyn Communicator, local_size: usize, job_args: &str)
             opts.threads,
             opts.tile_rows,
             opts.tile_cols,
+            opts.chunk_rows_for(a.dim),
             "impl",
             "time (s)",
             "GFLOP/s",
@@ -293,6 +298,8 @@ pub fn loss_rank(comm: &mut dyn Communicator, local_size: usize, job_args: &str)
                 "time_s": r.seconds,
                 "gflops": r.gflops,
                 "peak_rss_total_bytes": rss[0],
+                "loss_workspace_bytes_max": r.workspace_bytes,
+                "chunk_rows": opts.chunk_rows_for(a.dim),
                 "loss": r.loss,
             }))?;
             out.push('\n');

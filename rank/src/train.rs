@@ -542,11 +542,13 @@ fn train_checked(
                     (o.loss, o.d_img_local, o.d_txt_local, o.d_t_partial, None)
                 }
                 LossKind::ClipTiled => {
-                    let o = loss::clip_loss_ring_ws(
+                    // The text features are not needed after the loss: their buffer takes
+                    // their gradient (one b × d buffer less at the peak).
+                    let o = loss::clip_loss_ring_ws_owned(
                         comm,
                         &mut loss_ws,
                         &fa,
-                        &fb,
+                        fb,
                         b_local,
                         d,
                         scale,
@@ -556,11 +558,11 @@ fn train_checked(
                 }
                 LossKind::Siglip => {
                     let bias = model.logit_bias();
-                    let o = loss::siglip_loss_ring_ws(
+                    let o = loss::siglip_loss_ring_ws_owned(
                         comm,
                         &mut loss_ws,
                         &fa,
-                        &fb,
+                        fb,
                         b_local,
                         d,
                         scale,

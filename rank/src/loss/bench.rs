@@ -7,7 +7,7 @@ use tessera_collectives::Communicator;
 
 use super::clip::clip_loss_local;
 use super::ring::{
-    LossError, RingLossOpts, RingLossWorkspace, clip_loss_ring_ws, siglip_loss_ring_ws,
+    LossError, RingLossOpts, RingLossWorkspace, clip_loss_ring_ws_owned, siglip_loss_ring_ws_owned,
 };
 use crate::rng::Rng;
 
@@ -16,9 +16,9 @@ use crate::rng::Rng;
 pub enum LossImpl {
     /// All-gather the features, then [`clip_loss_local`] (`b × B` logits per rank).
     Naive,
-    /// [`clip_loss_ring_ws`].
+    /// [`super::clip_loss_ring_ws`].
     Tiled,
-    /// [`siglip_loss_ring_ws`].
+    /// [`super::siglip_loss_ring_ws`].
     Siglip,
 }
 
@@ -42,6 +42,9 @@ pub struct LossBench {
     pub gflops: f64,
     /// The loss value (a sanity check that the run happened).
     pub loss: f32,
+    /// The largest [`super::RingLossOut::workspace_bytes`] over the ranks (ring losses; 0 for
+    /// the naive loss).
+    pub workspace_bytes: usize,
 }
 
 use crate::data::local_rows;
@@ -75,31 +78,45 @@ pub fn bench_loss(
     let scale = 14.285_714f32;
     comm.barrier()?;
     let t0 = Instant::now();
-    let loss = match imp {
+    // The ring losses take the text features by value and return ∂L/∂T in their place, as
+    // training does (see `clip_loss_ring_ws_owned`).
+    let (loss, ws_bytes) = match imp {
         LossImpl::Naive => {
             let mut img_all = vec![0.0f32; global_b * d];
             let mut txt_all = vec![0.0f32; global_b * d];
             gather_rows(comm, &img, &mut img_all, global_b, d)?;
             gather_rows(comm, &txt, &mut txt_all, global_b, d)?;
-            clip_loss_local(&img_all, &txt_all, global_b, d, off, b, scale).loss
+            (clip_loss_local(&img_all, &txt_all, global_b, d, off, b, scale).loss, 0)
         }
-        LossImpl::Tiled => clip_loss_ring_ws(comm, &mut ws, &img, &txt, b, d, scale, None)?.loss,
+        LossImpl::Tiled => {
+            let o = clip_loss_ring_ws_owned(comm, &mut ws, &img, txt, b, d, scale, None)?;
+            (o.loss, o.workspace_bytes)
+        }
         LossImpl::Siglip => {
-            siglip_loss_ring_ws(comm, &mut ws, &img, &txt, b, d, scale, -10.0, None)?.loss
+            let o = siglip_loss_ring_ws_owned(comm, &mut ws, &img, txt, b, d, scale, -10.0, None)?;
+            (o.loss, o.workspace_bytes)
         }
     };
     let mine = t0.elapsed().as_secs_f64();
     comm.barrier()?;
-    let seconds = if world > 1 {
-        comm.all_gather_bytes(&mine.to_le_bytes())?
-            .iter()
-            .map(|v| f64::from_le_bytes(v.as_slice().try_into().unwrap_or([0; 8])))
-            .fold(0.0, f64::max)
+    // The slowest rank's time and the largest workspace.
+    let (seconds, most) = if world > 1 {
+        let mut msg = mine.to_le_bytes().to_vec();
+        msg.extend_from_slice(&(ws_bytes as u64).to_le_bytes());
+        comm.all_gather_bytes(&msg)?.iter().fold((0.0f64, 0u64), |(t, w), v| {
+            let f = |i: usize| v.get(i..i + 8).and_then(|b| b.try_into().ok()).unwrap_or([0; 8]);
+            (t.max(f64::from_le_bytes(f(0))), w.max(u64::from_le_bytes(f(8))))
+        })
     } else {
-        mine
+        (mine, ws_bytes as u64)
     };
     let flops = 4.0 * 2.0 * (global_b as f64).powi(2) * d as f64;
-    Ok(LossBench { seconds, gflops: flops / seconds.max(1e-12) / 1e9, loss })
+    Ok(LossBench {
+        seconds,
+        gflops: flops / seconds.max(1e-12) / 1e9,
+        loss,
+        workspace_bytes: most as usize,
+    })
 }
 
 /// All-gather of row blocks whose sizes differ by at most one (the split of [`local_rows`]).

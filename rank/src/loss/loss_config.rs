@@ -29,6 +29,9 @@ pub struct LossConfig {
     pub tile_cols: usize,
     /// Threads for the tile work; 0 = the rank's shared pool.
     pub threads: usize,
+    /// Rows of a feature block that travel the ring together; 0 = about 2 MiB of features.
+    /// Memory in flight per rank is O(chunk_rows · d) whatever the batch.
+    pub chunk_rows: usize,
     /// SigLIP: initial bias β (paper: −10).
     pub siglip_bias_init: f32,
     /// SigLIP: initial `t` with `s = exp(t)` (paper: ln 10). Overrides the model's logit-scale
@@ -45,6 +48,7 @@ impl Default for LossConfig {
             tile_rows: 256,
             tile_cols: 256,
             threads: 0,
+            chunk_rows: 0,
             siglip_bias_init: -10.0,
             siglip_scale_init: std::f32::consts::LN_10,
             learnable_bias: true,
@@ -87,7 +91,12 @@ impl LossConfig {
 
     /// The ring-loss tiling options of this config.
     pub fn ring_opts(&self) -> RingLossOpts {
-        RingLossOpts { tile_rows: self.tile_rows, tile_cols: self.tile_cols, threads: self.threads }
+        RingLossOpts {
+            tile_rows: self.tile_rows,
+            tile_cols: self.tile_cols,
+            threads: self.threads,
+            chunk_rows: self.chunk_rows,
+        }
     }
 }
 

@@ -14,6 +14,13 @@
 //! so receiving overlaps computing too. After the last step one more hop brings each
 //! accumulator home to the block's owner.
 //!
+//! Blocks travel in chunks of at most [`RingLossOpts::chunk_rows`] rows (about 2 MiB of
+//! features by default): round `s` runs the schedule above on chunk `s` of every block, so what
+//! is in flight per rank is O(chunk·d) whatever the batch. What a rank holds for the whole
+//! call is its own features, `∂L/∂I`, `∂L/∂T` and O(b) statistics; the `_owned` variants
+//! write `∂L/∂T` over the text features (a chunk's features are not read after its round of
+//! the last pass), one `b × d` buffer less.
+//!
 //! # Inside a rank
 //! Each block is cut into column panels of `tile_cols` columns; for each panel the row tiles
 //! (`tile_rows` rows) run in parallel on rayon: one tile GEMM into a per-thread tile buffer,
@@ -21,10 +28,12 @@
 //! Logits never exist beyond one tile. The panel is transposed once (`d × tile_cols`) and
 //! shared by its row tiles, so the tile GEMM reads it in the layout of its micro-kernel
 //! instead of repacking it for every tile; the forward pass reads each tile twice (maxima of
-//! rows and columns, then both sums of exponentials). Per-tile partials of column statistics, of `∂L/∂T` and
-//! of the scalars are merged in a fixed order (row-tile order, then panel order, then ring
-//! order), so the result does not depend on the number of threads or on scheduling: every run
-//! is bitwise reproducible and the loss is bitwise identical on all ranks.
+//! rows and columns, then both sums of exponentials). Per-tile partials of column statistics
+//! and per-group partials of `∂L/∂T` and of the scalars (a group is a run of consecutive row
+//! tiles, at most 32 groups, fixed by the sizes) are merged in a fixed order (row-tile or group
+//! order, then panel order, then chunk and ring order), so the result does not depend on the
+//! number of threads or on scheduling: every run is bitwise reproducible and the loss is
+//! bitwise identical on all ranks.
 //!
 //! # Cost
 //! CLIP: forward 1 GEMM-equivalent (`B×B×d`), backward 3 (recompute, `dI`, `dT`): 4 in all.
@@ -68,11 +77,57 @@ pub struct RingLossOpts {
     pub tile_cols: usize,
     /// Threads for the tile work; 0 = rayon's current pool.
     pub threads: usize,
+    /// Rows of a block that travel the ring together (a chunk); 0 = about
+    /// [`AUTO_CHUNK_BYTES`] of features, rounded down to whole panels. Blocks longer than a
+    /// chunk go round in several rounds, one chunk of every block per round, so the features
+    /// and accumulators in flight take O(chunk·d) per rank instead of O(b·d).
+    pub chunk_rows: usize,
 }
 
 impl Default for RingLossOpts {
     fn default() -> Self {
-        RingLossOpts { tile_rows: 256, tile_cols: 256, threads: 0 }
+        RingLossOpts { tile_rows: 256, tile_cols: 256, threads: 0, chunk_rows: 0 }
+    }
+}
+
+/// Feature bytes per travelling chunk when [`RingLossOpts::chunk_rows`] is 0.
+pub const AUTO_CHUNK_BYTES: usize = 2 << 20;
+
+impl RingLossOpts {
+    /// The chunk length used for features of dimension `d`.
+    pub fn chunk_rows_for(&self, d: usize) -> usize {
+        if self.chunk_rows > 0 {
+            return self.chunk_rows;
+        }
+        let rows = AUTO_CHUNK_BYTES / (4 * d.max(1));
+        (rows / self.tile_cols.max(1) * self.tile_cols).max(self.tile_cols).max(1)
+    }
+}
+
+/// The rounds of a chunked ring: chunk `s` of every block travels in round `s`. Every block
+/// is cut at multiples of `rows`, so all ranks run the same `rounds` (a block shorter than
+/// the longest has empty chunks at the end).
+struct Chunks {
+    rows: usize,
+    rounds: usize,
+}
+
+impl Chunks {
+    fn new(sizes: &[usize], rows: usize) -> Chunks {
+        let rows = rows.max(1);
+        let longest = sizes.iter().copied().max().unwrap_or(0);
+        Chunks { rows, rounds: longest.div_ceil(rows).max(1) }
+    }
+
+    /// First row and length of chunk `s` of a block of `b` rows.
+    fn of(&self, b: usize, s: usize) -> (usize, usize) {
+        let lo = (s * self.rows).min(b);
+        (lo, (b - lo).min(self.rows))
+    }
+
+    /// First row and length of chunk `s` of every block.
+    fn round(&self, sizes: &[usize], s: usize) -> (Vec<usize>, Vec<usize>) {
+        sizes.iter().map(|&b| self.of(b, s)).unzip()
     }
 }
 
@@ -125,9 +180,9 @@ struct Slots {
     /// Column maxima and sums (forward), `tiles × tile_cols`.
     m: Vec<f32>,
     z: Vec<f32>,
-    /// Partial `∂L/∂T` of the panel, `tiles × tile_cols × d`.
+    /// Partial `∂L/∂T` of the panel, `groups × tile_cols × d` (at most [`DT_GROUPS`] groups).
     g: Vec<f32>,
-    /// Scalars per tile: `[Σ G·x, loss, Σ G]`.
+    /// Scalars per group of row tiles: `[Σ G·x, loss, Σ G]`.
     s: Vec<[f64; 3]>,
     /// The current text panel transposed (`d × tc`), shared by its row tiles: the tile GEMM
     /// then reads it in the layout its kernel wants instead of repacking it for every tile.
@@ -215,6 +270,10 @@ struct RowAcc {
 }
 
 const LANES: usize = 8;
+
+/// Most groups of row tiles whose `∂L/∂T` partials the gradient pass keeps per panel (see
+/// `Kern::grad_block`).
+const DT_GROUPS: usize = 32;
 
 /// Merges the online-LSE partial `(m2, z2)` into `(m, z)`.
 #[inline]
@@ -573,8 +632,8 @@ fn transpose_panel(p: &[f32], rows: usize, d: usize, out: &mut Vec<f32>) {
 }
 
 impl Kern<'_> {
-    /// Sums the per-tile `∂L/∂T` partials of a panel (`tc` columns at `c0`) into `out_dt` in
-    /// row-tile order, in parallel over columns.
+    /// Sums the per-group `∂L/∂T` partials of a panel (`tc` columns at `c0`) into `out_dt` in
+    /// group order, in parallel over columns.
     fn reduce_dt(&self, slots: &[f32], nt: usize, c0: usize, tc: usize, out_dt: &mut [f32]) {
         let d = self.d;
         let stride = self.tc * d;
@@ -682,9 +741,17 @@ impl Kern<'_> {
         if br == 0 || bq == 0 {
             return total;
         }
+        // Row tiles are dealt to at most DT_GROUPS groups of consecutive tiles, fixed by the
+        // sizes alone (not by the thread count): a group runs its tiles in order and
+        // accumulates their ∂L/∂T into its own partial, and the partials are summed in group
+        // order. Results do not depend on threads, and the partials take DT_GROUPS·tc·d
+        // floats, not one per row tile (that would be another b × d buffer).
         let nt = br.div_ceil(tr_max);
-        sl.g.resize(nt * tc_max * d, 0.0);
-        sl.s.resize(nt, [0.0; 3]);
+        let per_group = nt.div_ceil(DT_GROUPS);
+        let groups = nt.div_ceil(per_group);
+        sl.g.resize(groups * tc_max * d, 0.0);
+        sl.s.resize(groups, [0.0; 3]);
+        let rows_per_group = per_group * tr_max;
         let mut c0 = 0;
         while c0 < bq {
             let tc = tc_max.min(bq - c0);
@@ -693,43 +760,42 @@ impl Kern<'_> {
             let tpt = &sl.tp;
             let gc0 = col0 + c0;
             d_img
-                .par_chunks_mut(tr_max * d)
-                .zip(img.par_chunks(tr_max * d))
-                .zip(pos.par_chunks(tr_max))
+                .par_chunks_mut(rows_per_group * d)
+                .zip(img.par_chunks(rows_per_group * d))
+                .zip(pos.par_chunks(rows_per_group))
                 .zip(sl.g.par_chunks_mut(tc_max * d))
                 .zip(sl.s.par_iter_mut())
                 .enumerate()
-                .for_each(|(t, ((((di, it), pt), gs), ss))| {
-                    let tr = pt.len();
+                .for_each(|(gi, ((((dg, ig), pg), gs), ss))| {
                     let mut buf = self.tiles.take(tr_max * tc_max);
-                    let x = &mut buf[..tr * tc];
-                    self.dev.gemm(false, false, tr, tc, d, self.scale, it, tpt, 0.0, x);
                     let mut acc = [0.0f64; 3];
-                    for (li, xr) in x.chunks_exact_mut(tc).enumerate() {
-                        let p = pt[li];
-                        let diag = (p >= gc0 && p < gc0 + tc).then(|| p - gc0);
-                        let v = grad_row(xr, t * tr_max + li, c0, diag);
-                        for k in 0..3 {
-                            acc[k] += v[k];
+                    let tiles = dg
+                        .chunks_mut(tr_max * d)
+                        .zip(ig.chunks(tr_max * d))
+                        .zip(pg.chunks(tr_max))
+                        .enumerate();
+                    for (k, ((di, it), pt)) in tiles {
+                        let tr = pt.len();
+                        let row0 = gi * rows_per_group + k * tr_max;
+                        let x = &mut buf[..tr * tc];
+                        self.dev.gemm(false, false, tr, tc, d, self.scale, it, tpt, 0.0, x);
+                        for (li, xr) in x.chunks_exact_mut(tc).enumerate() {
+                            let p = pt[li];
+                            let diag = (p >= gc0 && p < gc0 + tc).then(|| p - gc0);
+                            let v = grad_row(xr, row0 + li, c0, diag);
+                            for j in 0..3 {
+                                acc[j] += v[j];
+                            }
                         }
+                        self.dev.gemm(false, false, tr, d, tc, self.scale, x, tp, 1.0, di);
+                        let beta = if k == 0 { 0.0 } else { 1.0 };
+                        let g = &mut gs[..tc * d];
+                        self.dev.gemm(true, false, tc, d, tr, self.scale, x, it, beta, g);
                     }
-                    self.dev.gemm(false, false, tr, d, tc, self.scale, x, tp, 1.0, di);
-                    self.dev.gemm(
-                        true,
-                        false,
-                        tc,
-                        d,
-                        tr,
-                        self.scale,
-                        x,
-                        it,
-                        0.0,
-                        &mut gs[..tc * d],
-                    );
                     *ss = acc;
                     self.tiles.give(buf);
                 });
-            self.reduce_dt(&sl.g, nt, c0, tc, out_dt);
+            self.reduce_dt(&sl.g, groups, c0, tc, out_dt);
             for s in &sl.s {
                 for k in 0..3 {
                     total[k] += s[k];
@@ -1082,11 +1148,91 @@ pub fn clip_loss_ring_ws(
     scale: f32,
     positives: Option<&[usize]>,
 ) -> Result<RingLossOut, LossError> {
+    let txt = TxtIn::Borrowed(txt_local, Vec::new());
+    clip_ring(comm, ws, img_local, txt, b_local, d, scale, positives)
+}
+
+/// [`clip_loss_ring_ws`] that consumes the text features and returns `∂L/∂T` in their
+/// allocation (`d_txt_local`), written chunk by chunk once a chunk's last use is past: one
+/// `b_local × d` buffer less at the peak, for callers that do not need the features after the
+/// loss (GradCache replay needs only their gradients). Results are bitwise those of
+/// [`clip_loss_ring_ws`]. On an error the features are lost with the buffer.
+#[allow(clippy::too_many_arguments)]
+pub fn clip_loss_ring_ws_owned(
+    comm: &mut dyn Communicator,
+    ws: &mut RingLossWorkspace,
+    img_local: &[f32],
+    txt_local: Vec<f32>,
+    b_local: usize,
+    d: usize,
+    scale: f32,
+    positives: Option<&[usize]>,
+) -> Result<RingLossOut, LossError> {
+    clip_ring(comm, ws, img_local, TxtIn::Owned(txt_local), b_local, d, scale, positives)
+}
+
+/// The text features of a ring loss and the home of their gradient: a new buffer (borrowed
+/// features) or the features' own buffer.
+enum TxtIn<'a> {
+    Borrowed(&'a [f32], Vec<f32>),
+    Owned(Vec<f32>),
+}
+
+impl TxtIn<'_> {
+    fn feat(&self) -> &[f32] {
+        match self {
+            TxtIn::Borrowed(f, _) => f,
+            TxtIn::Owned(v) => v,
+        }
+    }
+
+    /// Writes the gradient of rows `lo..lo + rows` (their features are not read again).
+    fn put_grad(&mut self, lo: usize, d: usize, g: &[f32]) {
+        let dst = match self {
+            TxtIn::Borrowed(f, out) => {
+                if out.len() != f.len() {
+                    *out = vec![0.0; f.len()];
+                }
+                out
+            }
+            TxtIn::Owned(v) => v,
+        };
+        dst[lo * d..lo * d + g.len()].copy_from_slice(g);
+    }
+
+    /// Bytes this call allocated for the gradient.
+    fn grad_bytes(&self) -> usize {
+        match self {
+            TxtIn::Borrowed(_, out) => out.capacity() * 4,
+            TxtIn::Owned(_) => 0,
+        }
+    }
+
+    fn into_grad(self) -> Vec<f32> {
+        match self {
+            TxtIn::Borrowed(f, out) if out.len() != f.len() => vec![0.0; f.len()],
+            TxtIn::Borrowed(_, out) => out,
+            TxtIn::Owned(v) => v,
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn clip_ring(
+    comm: &mut dyn Communicator,
+    ws: &mut RingLossWorkspace,
+    img_local: &[f32],
+    mut txt: TxtIn<'_>,
+    b_local: usize,
+    d: usize,
+    scale: f32,
+    positives: Option<&[usize]>,
+) -> Result<RingLossOut, LossError> {
     let Setup { sizes, offsets: offs, big_b, pos } = setup(
         comm,
         "clip_loss_ring",
         img_local,
-        txt_local,
+        txt.feat(),
         b_local,
         d,
         (scale, 0.0),
@@ -1105,68 +1251,98 @@ pub fn clip_loss_ring_ws(
     }
     let RingLossWorkspace { opts, pool, dev, tiles, slots } = ws;
     let kn = Kern { dev, tiles, tr: opts.tile_rows, tc: opts.tile_cols, d, scale };
+    let ch = Chunks::new(&sizes, opts.chunk_rows_for(d));
 
-    // Forward: row statistics stay here, column statistics travel with their block.
+    // Forward: row statistics stay here, column statistics travel with their chunk.
     let mut rows = vec![RowAcc { m: f32::NEG_INFINITY, z: 0.0, pos_x: f32::NAN }; b_local];
-    let (own_cols, peak_fwd) =
-        ring_drive(comm, &sizes, d, txt_local, &[], 2, merge_into, |q, feat, _extra, partial| {
-            install(pool, || {
-                kn.clip_fwd_block(img_local, &mut rows, &pos, feat, offs[q], partial, slots)
-            })
-        })?;
+    let mut own_cols = vec![0.0f32; 2 * b_local];
+    let mut peak_fwd = 0;
+    for s in 0..ch.rounds {
+        let (starts, lens) = ch.round(&sizes, s);
+        let (lo, n) = ch.of(b_local, s);
+        let own = &txt.feat()[lo * d..(lo + n) * d];
+        let (cols, peak) =
+            ring_drive(comm, &lens, d, own, &[], 2, merge_into, |q, feat, _extra, partial| {
+                install(pool, || {
+                    let col0 = offs[q] + starts[q];
+                    kn.clip_fwd_block(img_local, &mut rows, &pos, feat, col0, partial, slots)
+                })
+            })?;
+        own_cols[lo..lo + n].copy_from_slice(&cols[..n]);
+        own_cols[b_local + lo..b_local + lo + n].copy_from_slice(&cols[n..]);
+        peak_fwd = peak_fwd.max(peak);
+    }
     let lse: Vec<f64> = rows.iter().map(|a| a.m as f64 + a.z.ln()).collect();
     let (cm, cz) = own_cols.split_at(b_local);
     let kap: Vec<f64> = cm.iter().zip(cz).map(|(&m, &z)| m as f64 + (z as f64).ln()).collect();
     let pos_sum: f64 = rows.iter().map(|a| a.pos_x as f64).sum();
     let mut loss_part = [lse.iter().sum::<f64>() + kap.iter().sum::<f64>() - 2.0 * pos_sum];
 
-    // Backward: dT accumulators travel with their block and its column LSEs.
+    // Backward: dT accumulators travel with their chunk and its column LSEs.
     let inv2b = 1.0 / (2.0 * big_b as f64);
     let mut d_img = vec![0.0f32; b_local * d];
     let mut d_t = 0.0f64;
     let lse_hl: Vec<(f32, f32)> = lse.iter().map(|&v| split_hi_lo(v)).collect();
     let mut kap_hl: (Vec<f32>, Vec<f32>) = (Vec::new(), Vec::new());
-    let (d_txt, peak_bwd) =
-        ring_drive(comm, &sizes, d, txt_local, &kap, d, add_into, |q, feat, extra, partial| {
-            kap_hl.0.clear();
-            kap_hl.1.clear();
-            for &k in extra {
-                let (h, l) = split_hi_lo(k);
-                kap_hl.0.push(h);
-                kap_hl.1.push(l);
-            }
-            let (kh, kl) = (&kap_hl.0, &kap_hl.1);
-            let s = install(pool, || {
-                kn.grad_block(
-                    img_local,
-                    &pos,
-                    feat,
-                    offs[q],
-                    &mut d_img,
-                    partial,
-                    slots,
-                    |xr, li, c0, diag| {
-                        let cols = c0..c0 + xr.len();
-                        clip_grad_row(xr, lse_hl[li], &kh[cols.clone()], &kl[cols], diag, inv2b)
-                    },
-                )
-            });
-            d_t += s[0];
-        })?;
+    let mut peak_bwd = 0;
+    for s in 0..ch.rounds {
+        let (starts, lens) = ch.round(&sizes, s);
+        let (lo, n) = ch.of(b_local, s);
+        let own = &txt.feat()[lo * d..(lo + n) * d];
+        let (d_chunk, peak) = ring_drive(
+            comm,
+            &lens,
+            d,
+            own,
+            &kap[lo..lo + n],
+            d,
+            add_into,
+            |q, feat, extra, partial| {
+                kap_hl.0.clear();
+                kap_hl.1.clear();
+                for &k in extra {
+                    let (h, l) = split_hi_lo(k);
+                    kap_hl.0.push(h);
+                    kap_hl.1.push(l);
+                }
+                let (kh, kl) = (&kap_hl.0, &kap_hl.1);
+                let s = install(pool, || {
+                    kn.grad_block(
+                        img_local,
+                        &pos,
+                        feat,
+                        offs[q] + starts[q],
+                        &mut d_img,
+                        partial,
+                        slots,
+                        |xr, li, c0, diag| {
+                            let cols = c0..c0 + xr.len();
+                            clip_grad_row(xr, lse_hl[li], &kh[cols.clone()], &kl[cols], diag, inv2b)
+                        },
+                    )
+                });
+                d_t += s[0];
+            },
+        )?;
+        // This rank's chunk s has made its last trip: its gradient may take its place.
+        txt.put_grad(lo, d, &d_chunk);
+        peak_bwd = peak_bwd.max(peak);
+    }
     if comm.world() > 1 {
         comm.all_reduce_f64(&mut loss_part, ReduceOp::Sum)?;
     }
     let held = rows.capacity() * std::mem::size_of::<RowAcc>()
         + (lse.capacity() + kap.capacity() + lse_hl.capacity()) * 8
         + (kap_hl.0.capacity() + kap_hl.1.capacity()) * 4
-        + (own_cols.capacity() + d_img.capacity() + d_txt.capacity()) * 4
+        + (own_cols.capacity() + d_img.capacity()) * 4
+        + txt.grad_bytes()
         + pos.capacity() * 8;
     let workspace_bytes =
         held + peak_fwd.max(peak_bwd) + slots.bytes() + tiles.created_bytes.load(Ordering::Relaxed);
     Ok(RingLossOut {
         loss: (loss_part[0] * inv2b) as f32,
         d_img_local: d_img,
-        d_txt_local: d_txt,
+        d_txt_local: txt.into_grad(),
         d_t_partial: d_t as f32,
         d_bias_partial: None,
         workspace_bytes,
@@ -1206,11 +1382,44 @@ pub fn siglip_loss_ring_ws(
     bias: f32,
     positives: Option<&[usize]>,
 ) -> Result<RingLossOut, LossError> {
+    let txt = TxtIn::Borrowed(txt_local, Vec::new());
+    siglip_ring(comm, ws, img_local, txt, b_local, d, (scale, bias), positives)
+}
+
+/// [`siglip_loss_ring_ws`] that consumes the text features and returns `∂L/∂T` in their
+/// allocation (see [`clip_loss_ring_ws_owned`]).
+#[allow(clippy::too_many_arguments)]
+pub fn siglip_loss_ring_ws_owned(
+    comm: &mut dyn Communicator,
+    ws: &mut RingLossWorkspace,
+    img_local: &[f32],
+    txt_local: Vec<f32>,
+    b_local: usize,
+    d: usize,
+    scale: f32,
+    bias: f32,
+    positives: Option<&[usize]>,
+) -> Result<RingLossOut, LossError> {
+    let txt = TxtIn::Owned(txt_local);
+    siglip_ring(comm, ws, img_local, txt, b_local, d, (scale, bias), positives)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn siglip_ring(
+    comm: &mut dyn Communicator,
+    ws: &mut RingLossWorkspace,
+    img_local: &[f32],
+    mut txt: TxtIn<'_>,
+    b_local: usize,
+    d: usize,
+    (scale, bias): (f32, f32),
+    positives: Option<&[usize]>,
+) -> Result<RingLossOut, LossError> {
     let Setup { sizes, offsets: offs, big_b, pos } = setup(
         comm,
         "siglip_loss_ring",
         img_local,
-        txt_local,
+        txt.feat(),
         b_local,
         d,
         (scale, bias),
@@ -1229,37 +1438,46 @@ pub fn siglip_loss_ring_ws(
     }
     let RingLossWorkspace { opts, pool, dev, tiles, slots } = ws;
     let kn = Kern { dev, tiles, tr: opts.tile_rows, tc: opts.tile_cols, d, scale };
+    let ch = Chunks::new(&sizes, opts.chunk_rows_for(d));
     let inv_b = 1.0 / big_b as f64;
     let mut d_img = vec![0.0f32; b_local * d];
     let mut sums = [0.0f64; 3];
-    let (d_txt, peak) =
-        ring_drive(comm, &sizes, d, txt_local, &[], d, add_into, |q, feat, _extra, partial| {
-            let s = install(pool, || {
-                kn.grad_block(
-                    img_local,
-                    &pos,
-                    feat,
-                    offs[q],
-                    &mut d_img,
-                    partial,
-                    slots,
-                    |xr, _li, _c0, diag| siglip_grad_row(xr, bias, diag, inv_b),
-                )
-            });
-            for k in 0..3 {
-                sums[k] += s[k];
-            }
-        })?;
+    let mut peak = 0;
+    for s in 0..ch.rounds {
+        let (starts, lens) = ch.round(&sizes, s);
+        let (lo, n) = ch.of(b_local, s);
+        let own = &txt.feat()[lo * d..(lo + n) * d];
+        let (d_chunk, p) =
+            ring_drive(comm, &lens, d, own, &[], d, add_into, |q, feat, _extra, partial| {
+                let s = install(pool, || {
+                    kn.grad_block(
+                        img_local,
+                        &pos,
+                        feat,
+                        offs[q] + starts[q],
+                        &mut d_img,
+                        partial,
+                        slots,
+                        |xr, _li, _c0, diag| siglip_grad_row(xr, bias, diag, inv_b),
+                    )
+                });
+                for k in 0..3 {
+                    sums[k] += s[k];
+                }
+            })?;
+        txt.put_grad(lo, d, &d_chunk);
+        peak = peak.max(p);
+    }
     let mut loss_part = [sums[1]];
     if comm.world() > 1 {
         comm.all_reduce_f64(&mut loss_part, ReduceOp::Sum)?;
     }
-    let held = (d_img.capacity() + d_txt.capacity()) * 4 + pos.capacity() * 8;
+    let held = d_img.capacity() * 4 + txt.grad_bytes() + pos.capacity() * 8;
     let workspace_bytes = held + peak + slots.bytes() + tiles.created_bytes.load(Ordering::Relaxed);
     Ok(RingLossOut {
         loss: (loss_part[0] * inv_b) as f32,
         d_img_local: d_img,
-        d_txt_local: d_txt,
+        d_txt_local: txt.into_grad(),
         d_t_partial: sums[0] as f32,
         d_bias_partial: Some(sums[2] as f32),
         workspace_bytes,

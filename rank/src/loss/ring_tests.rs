@@ -184,7 +184,7 @@ fn siglip_ring_reproduces_algorithms_test_values() {
             2,
             scale,
             &split,
-            &RingLossOpts { tile_rows: 2, tile_cols: 2, threads: 0 },
+            &RingLossOpts { tile_rows: 2, tile_cols: 2, threads: 0, chunk_rows: 1 },
         );
         assert!((g.losses[0] as f64 - 2.7163988814).abs() < 1e-6, "{split:?}: {}", g.losses[0]);
         assert!((g.db - 0.2819573738).abs() < 1e-6, "{split:?}: {}", g.db);
@@ -237,19 +237,46 @@ fn ring_losses_match_f64_reference_at_odd_sizes() {
         (129, &[30, 19]),
     ];
     let tilings = [
-        RingLossOpts { tile_rows: 4, tile_cols: 7, threads: 0 },
-        RingLossOpts { tile_rows: 16, tile_cols: 5, threads: 3 },
+        RingLossOpts { tile_rows: 4, tile_cols: 7, threads: 0, chunk_rows: 0 },
+        RingLossOpts { tile_rows: 16, tile_cols: 5, threads: 3, chunk_rows: 0 },
         RingLossOpts::default(),
     ];
     for (ci, &(d, split)) in cases.iter().enumerate() {
         let big_b: usize = split.iter().sum();
         let img = random_unit(&mut rng, big_b, d);
         let txt = random_unit(&mut rng, big_b, d);
-        let opts = &tilings[ci % tilings.len()];
-        for scale in [1.0f32, 14.285_714] {
-            check_against_reference(Which::Clip, &img, &txt, d, scale, split, opts);
-            check_against_reference(Which::Siglip(-2.5), &img, &txt, d, scale, split, opts);
+        let tiling = &tilings[ci % tilings.len()];
+        // Whole blocks, and chunks of 4 rows (blocks of different lengths run out of chunks
+        // in different rounds; a chunk is not a multiple of the panel).
+        for opts in [tiling.clone(), RingLossOpts { chunk_rows: 4, ..tiling.clone() }] {
+            for scale in [1.0f32, 14.285_714] {
+                check_against_reference(Which::Clip, &img, &txt, d, scale, split, &opts);
+                check_against_reference(Which::Siglip(-2.5), &img, &txt, d, scale, split, &opts);
+            }
         }
+    }
+}
+
+/// More row tiles than ∂L/∂T groups (70 and 33 one-row tiles: groups of 3 and 2 tiles, a
+/// short last group): still the f64 reference, and bitwise the same for 1 and 3 threads.
+#[test]
+fn row_tiles_beyond_the_group_count() {
+    let mut rng = crate::rng::Rng::new(11);
+    let (d, split) = (5, [70usize, 33]);
+    let big_b: usize = split.iter().sum();
+    let img = random_unit(&mut rng, big_b, d);
+    let txt = random_unit(&mut rng, big_b, d);
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for chunk_rows in [0, 8] {
+        let mut seen = Vec::new();
+        for threads in [1, 3] {
+            let opts = RingLossOpts { tile_rows: 1, tile_cols: 3, threads, chunk_rows };
+            check_against_reference(Which::Clip, &img, &txt, d, 8.0, &split, &opts);
+            check_against_reference(Which::Siglip(-3.0), &img, &txt, d, 8.0, &split, &opts);
+            let g = run_split(Which::Clip, &img, &txt, d, 8.0, &split, &opts);
+            seen.push((g.losses[0].to_bits(), bits(&g.di), bits(&g.dt_feat), g.dt.to_bits()));
+        }
+        assert!(seen[0] == seen[1], "chunk_rows {chunk_rows}: 1 and 3 threads differ");
     }
 }
 
@@ -269,7 +296,7 @@ fn scale_100_does_not_overflow() {
         let nrm = r.iter().map(|x| x * x).sum::<f32>().sqrt();
         r.iter_mut().for_each(|x| *x /= nrm);
     }
-    let opts = RingLossOpts { tile_rows: 8, tile_cols: 16, threads: 0 };
+    let opts = RingLossOpts { tile_rows: 8, tile_cols: 16, threads: 0, chunk_rows: 5 };
     check_against_reference(Which::Clip, &img, &txt, d, 100.0, &split, &opts);
     check_against_reference(Which::Siglip(-10.0), &img, &txt, d, 100.0, &split, &opts);
     let g = run_split(Which::Clip, &img, &txt, d, 100.0, &split, &opts);
@@ -288,7 +315,7 @@ fn deterministic_across_threads_and_runs() {
     for which in [Which::Clip, Which::Siglip(-1.0)] {
         let mut seen = Vec::new();
         for threads in [1, 2, 3, 1] {
-            let opts = RingLossOpts { tile_rows: 8, tile_cols: 8, threads };
+            let opts = RingLossOpts { tile_rows: 8, tile_cols: 8, threads, chunk_rows: 16 };
             let g = run_split(which, &img, &txt, d, 10.0, &split, &opts);
             seen.push((g.losses[0].to_bits(), bits(&g.di), bits(&g.dt_feat), g.dt.to_bits()));
         }
@@ -311,7 +338,7 @@ fn positives_by_index() {
     for i in 0..big_b {
         txt_perm[i * d..(i + 1) * d].copy_from_slice(&txt[perm[i] * d..(perm[i] + 1) * d]);
     }
-    let opts = RingLossOpts { tile_rows: 4, tile_cols: 4, threads: 0 };
+    let opts = RingLossOpts { tile_rows: 4, tile_cols: 4, threads: 0, chunk_rows: 3 };
     for which in [Which::Clip, Which::Siglip(-1.5)] {
         let offs = [0usize, 9, 15];
         let outs = on_ranks(3, |r, comm| {
@@ -447,33 +474,96 @@ fn memory_is_linear_in_batch_at_65536() {
     let s = 5.0f32;
     let feats: Vec<f32> =
         (0..big_b).flat_map(|i| (0..d).map(move |k| if i % d == k { 1.0 } else { 0.0 })).collect();
-    let opts = RingLossOpts::default();
-    let g = run_split(Which::Clip, &feats, &feats, d, s, &split, &opts);
-    let (bf, sf) = (big_b as f64, s as f64);
-    let per = bf / d as f64;
-    let z = per * sf.exp() + bf - per;
-    let loss = z.ln() - sf;
-    assert!((g.losses[0] as f64 - loss).abs() <= 1e-5 * loss, "loss {} vs {loss}", g.losses[0]);
-    let dt = per * sf * sf.exp() / z - sf;
-    assert!((g.dt - dt).abs() <= 1e-5 * dt.abs().max(1.0), "dt {} vs {dt}", g.dt);
-    let same = sf / bf * (per * sf.exp() / z - 1.0);
-    let other = sf / bf * (per / z);
-    let want: Vec<f64> = (0..big_b)
-        .flat_map(|i| (0..d).map(move |k| if i % d == k { same } else { other }))
-        .collect();
-    // Relative to s/B, the size of one diagonal term of the sums (the result itself is a
-    // difference of two nearly equal sums).
-    assert_close("dI", &g.di, &want, 1e-5, sf / bf);
-    assert_close("dT", &g.dt_feat, &want, 1e-5, sf / bf);
-    // Stated bound per rank with b rows: 16·b·(d + 4)·4 bytes (features, in-flight blocks,
-    // statistics, per-tile partials, outputs) + 64 tile buffers of tile_rows × tile_cols.
-    for (r, &bytes) in g.bytes.iter().enumerate() {
-        let b = split[r].max(split[(r + 1) % 2]);
-        let bound = 16 * b * (d + 4) * 4 + 64 * opts.tile_rows * opts.tile_cols * 4;
-        eprintln!("B = {big_b}, d = {d}, rank {r}: loss workspace {bytes} bytes, bound {bound}");
-        assert!(bytes > b * d * 4, "rank {r}: {bytes} bytes is implausibly small");
-        assert!(bytes <= bound, "rank {r}: {bytes} bytes > bound {bound}");
-        assert!(bytes * 100 < big_b * big_b * 4 / 2, "rank {r}: not far below b × B logits");
+    // Whole blocks in flight (the default chunk at d = 4 is longer than a block), then chunks
+    // of 1,024 rows.
+    for opts in [RingLossOpts::default(), RingLossOpts { chunk_rows: 1024, ..Default::default() }] {
+        let g = run_split(Which::Clip, &feats, &feats, d, s, &split, &opts);
+        let (bf, sf) = (big_b as f64, s as f64);
+        let per = bf / d as f64;
+        let z = per * sf.exp() + bf - per;
+        let loss = z.ln() - sf;
+        assert!((g.losses[0] as f64 - loss).abs() <= 1e-5 * loss, "loss {} vs {loss}", g.losses[0]);
+        let dt = per * sf * sf.exp() / z - sf;
+        assert!((g.dt - dt).abs() <= 1e-5 * dt.abs().max(1.0), "dt {} vs {dt}", g.dt);
+        let same = sf / bf * (per * sf.exp() / z - 1.0);
+        let other = sf / bf * (per / z);
+        let want: Vec<f64> = (0..big_b)
+            .flat_map(|i| (0..d).map(move |k| if i % d == k { same } else { other }))
+            .collect();
+        // Relative to s/B, the size of one diagonal term of the sums (the result itself is a
+        // difference of two nearly equal sums).
+        assert_close("dI", &g.di, &want, 1e-5, sf / bf);
+        assert_close("dT", &g.dt_feat, &want, 1e-5, sf / bf);
+        let tiles = 64 * opts.tile_rows * opts.tile_cols * 4;
+        for (r, &bytes) in g.bytes.iter().enumerate() {
+            let b = split[r].max(split[(r + 1) % 2]);
+            // Stated bounds per rank with b rows. Whole blocks: 16·b·(d + 4)·4 bytes
+            // (features in flight, statistics, per-tile partials, outputs). Chunks of c rows:
+            // the two b × d outputs, 80 bytes of statistics per row, 16·c·(d + 2)·4 in flight.
+            let bound = if opts.chunk_rows == 0 {
+                16 * b * (d + 4) * 4 + tiles
+            } else {
+                let c = opts.chunk_rows;
+                2 * b * d * 4 + 80 * b + 16 * c * (d + 2) * 4 + tiles
+            };
+            eprintln!(
+                "B = {big_b}, d = {d}, chunk_rows = {}, rank {r}: loss workspace {bytes} bytes, \
+                 bound {bound}",
+                opts.chunk_rows
+            );
+            assert!(bytes > 2 * b * d * 4, "rank {r}: {bytes} bytes is implausibly small");
+            assert!(bytes <= bound, "rank {r}: {bytes} bytes > bound {bound}");
+            assert!(bytes * 100 < big_b * big_b * 4 / 2, "rank {r}: not far below b × B logits");
+        }
+    }
+}
+
+/// The `_owned` variants return `∂L/∂T` in the features' buffer, bitwise equal to the
+/// borrowing ones (whole blocks and chunks, an empty rank included), with one `b × d` buffer
+/// less in their workspace.
+#[test]
+fn owned_variants_match_borrowing_ones_bitwise() {
+    let mut rng = crate::rng::Rng::new(10);
+    let (d, split) = (6, [13usize, 0, 9]);
+    let offs = [0usize, 13, 13];
+    let big_b: usize = split.iter().sum();
+    let img = random_unit(&mut rng, big_b, d);
+    let txt = random_unit(&mut rng, big_b, d);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for chunk_rows in [0, 4] {
+        // One loss thread and a fresh workspace per call: the same tile buffers get created,
+        // so the workspaces differ by exactly the gradient buffer.
+        let opts = RingLossOpts { tile_rows: 4, tile_cols: 4, threads: 1, chunk_rows };
+        for which in [Which::Clip, Which::Siglip(-1.0)] {
+            let outs = on_ranks(3, |r, comm| {
+                let mut ws1 = RingLossWorkspace::new(&opts).expect("workspace");
+                let mut ws2 = RingLossWorkspace::new(&opts).expect("workspace");
+                let (o, b) = (offs[r], split[r]);
+                let (il, tl) = (&img[o * d..(o + b) * d], &txt[o * d..(o + b) * d]);
+                let (ws1, ws2, owned) = (&mut ws1, &mut ws2, tl.to_vec());
+                let pair = match which {
+                    Which::Clip => (
+                        clip_loss_ring_ws(comm, ws1, il, tl, b, d, 3.0, None),
+                        clip_loss_ring_ws_owned(comm, ws2, il, owned, b, d, 3.0, None),
+                    ),
+                    Which::Siglip(bias) => (
+                        siglip_loss_ring_ws(comm, ws1, il, tl, b, d, 3.0, bias, None),
+                        siglip_loss_ring_ws_owned(comm, ws2, il, owned, b, d, 3.0, bias, None),
+                    ),
+                };
+                (pair.0.expect("borrowing"), pair.1.expect("owned"))
+            });
+            for (r, (a, o)) in outs.iter().enumerate() {
+                let ctx = format!("{which:?} chunk_rows {chunk_rows} rank {r}");
+                assert_eq!(a.loss.to_bits(), o.loss.to_bits(), "{ctx}: loss");
+                assert_eq!(bits(&a.d_img_local), bits(&o.d_img_local), "{ctx}: dI");
+                assert_eq!(bits(&a.d_txt_local), bits(&o.d_txt_local), "{ctx}: dT");
+                assert_eq!(a.d_t_partial.to_bits(), o.d_t_partial.to_bits(), "{ctx}: dt");
+                assert_eq!(a.d_bias_partial.map(f32::to_bits), o.d_bias_partial.map(f32::to_bits));
+                assert_eq!(a.d_txt_local.len(), split[r] * d, "{ctx}");
+                assert_eq!(a.workspace_bytes - o.workspace_bytes, split[r] * d * 4, "{ctx}");
+            }
+        }
     }
 }
 
@@ -486,7 +576,7 @@ fn clip_ring_matches_naive_loss_per_rank() {
     let img = random_unit(&mut rng, big_b, d);
     let txt = random_unit(&mut rng, big_b, d);
     let offs = [0usize, 70, 73];
-    let opts = RingLossOpts { tile_rows: 32, tile_cols: 48, threads: 2 };
+    let opts = RingLossOpts { tile_rows: 32, tile_cols: 48, threads: 2, chunk_rows: 0 };
     let outs = on_ranks(3, |r, comm| {
         let (o, b) = (offs[r], split[r]);
         let il = &img[o * d..(o + b) * d];
