@@ -351,7 +351,9 @@ impl CoordinatorClient {
     /// Starts heartbeats (every `interval`, carrying `progress`) and the Watch stream in the
     /// background. `on_abort` is called at most once: when the coordinator aborts the job, or
     /// when the coordinator is lost ("lost the coordinator at ADDR: ..."). It is not called
-    /// after [`Self::finish`] or [`MonitorHandle::stop`].
+    /// after [`Self::finish`] or [`MonitorHandle::stop`]. Returns once the Watch stream is
+    /// open (or failed to open, or after 5 s), so that an abort decided after this returns
+    /// reaches this rank even when the coordinator exits right after it.
     /// Heartbeats follow `route` (see [`Self::heartbeat_route`]).
     pub fn start_monitor(
         &self,
@@ -372,7 +374,11 @@ impl CoordinatorClient {
             progress,
             finished: self.finished.clone(),
         };
-        let join = self.rt.spawn(task.run(stop_rx, on_abort));
+        let (ready, ready_rx) = tokio::sync::oneshot::channel();
+        let join = self.rt.spawn(task.run(stop_rx, on_abort, ready));
+        let _ = self
+            .rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(5), ready_rx).await });
         MonitorHandle { stop, task: Some(join), rt: self.rt.clone() }
     }
 }
@@ -440,8 +446,9 @@ impl Monitor {
         mut self,
         mut stop_rx: watch::Receiver<bool>,
         on_abort: Box<dyn Fn(AbortInfo) + Send>,
+        ready: tokio::sync::oneshot::Sender<()>,
     ) {
-        if let Some(abort) = self.watch_loop(&mut stop_rx).await
+        if let Some(abort) = self.watch_loop(&mut stop_rx, ready).await
             && !self.stopped(&stop_rx)
         {
             on_abort(abort);
@@ -449,8 +456,15 @@ impl Monitor {
     }
 
     /// Runs until an abort is due (`Some`) or the monitor should end quietly (`None`).
-    async fn watch_loop(&mut self, stop_rx: &mut watch::Receiver<bool>) -> Option<AbortInfo> {
-        let mut stream = match self.grpc.watch(pb::WatchRequest { rank: self.rank }).await {
+    /// `ready` is told once the Watch stream is open or failed to open.
+    async fn watch_loop(
+        &mut self,
+        stop_rx: &mut watch::Receiver<bool>,
+        ready: tokio::sync::oneshot::Sender<()>,
+    ) -> Option<AbortInfo> {
+        let opened = self.grpc.watch(pb::WatchRequest { rank: self.rank }).await;
+        let _ = ready.send(());
+        let mut stream = match opened {
             Ok(r) => r.into_inner(),
             Err(s) => return Some(self.status_abort(s)),
         };
