@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The one script a GPU session runs (issue 7): library discovery, the NVRTC kernel check, the
 # GPU self-test (every kernel vs the CPU device and an f64 reference, cuBLAS, the fused CLIP
-# loss vs the CPU tiled loss, NCCL at world size 1) and a timing of the fused loss against a
-# naive PyTorch CLIP loss. Every step has a timeout; the whole run stays well under 6 minutes.
+# loss vs the CPU tiled loss, every NCCL collective at world size 1), the NCCL all-reduce
+# bandwidth at world size 1 (raw NCCL vs Tessera's NcclComm), a timing of the fused loss against a
+# naive PyTorch CLIP loss, and the peers: inf-cl (its wheel carried in target/peer-wheels, see
+# docs/GPU.md), the naive loss in bf16, and the default model's training step in PyTorch eager.
+# Every step has a timeout; the whole run stays well under 6 minutes.
 # Prints a short table last; with $OUT set, logs and JSON go there too.
 #
 # Usage: scripts/gpu-check.sh [path-to-tessera-binary]   (default target/release/tessera)
@@ -46,18 +49,39 @@ step nvidia-smi 30 nvidia-smi
 step probe 60 "$bin" cuda probe
 step check-kernels 120 "$bin" cuda check-kernels --arch sm_80,sm_90 --resource-usage
 step selftest 180 "$bin" cuda selftest --json "$out/selftest.json"
+step nccl-bench 30 "$bin" cuda nccl-bench --world 1 --bytes 1M,64M --iters 20 --warmup 5 --timeout-s 20 --json "$out/nccl-bench.jsonl"
+step train-cuda 60 scripts/gpu-train-check.sh "$bin" "$out" 50
 step bench-loss 150 "$bin" cuda bench-loss --batch 4096,16384 --dim 512,768 --mode both --reps 5 --json "$out/bench-loss.jsonl"
 step bench-loss-64k 120 "$bin" cuda bench-loss --batch 65536 --dim 512 --mode both --reps 2 --json "$out/bench-loss-64k.jsonl"
 if python3 -c "import torch" 2>/dev/null; then
     step bench-torch 120 python3 scripts/bench_torch_clip.py --batch 4096,16384,65536 --dim 512,768 --reps 5 --json "$out/bench-torch.jsonl"
 fi
+# Peers (issue 7): inf-cl 1.2.1 from the wheel carried in target/peer-wheels (docs/GPU.md), the
+# naive PyTorch loss in bf16, and one training step of the default dual encoder in PyTorch eager.
+if python3 -c "import torch, triton" 2>/dev/null; then
+    step bench-infcl 90 python3 scripts/bench_infcl.py --batch 16384,65536 --dim 512,768 --dtype fp32,bf16 --reps 3 --json "$out/bench-infcl.jsonl"
+else
+    summary+=("$(printf '%-14s %-12s %5ss' bench-infcl "NO-TRITON" 0)")
+fi
+if python3 -c "import torch" 2>/dev/null; then
+    step torch-bf16 60 python3 scripts/bench_torch_clip.py --batch 16384,65536 --dim 512,768 --dtype bf16 --reps 3 --json "$out/torch-bf16.jsonl"
+    step train-torch 45 python3 scripts/bench_torch_train.py --device cuda --steps 200 --json "$out/train-torch.jsonl"
+fi
 
 echo
 echo "=== selftest table"
 sed -n '/^group /,/checks, .* failed$/p' "$out/selftest.log" 2>/dev/null
+echo "=== NCCL all-reduce, world 1: raw NCCL vs Tessera's NcclComm (vs_raw: busbw ratio, algbw at world 1)"
+sed -n '/^ *bytes path/,/^cuda nccl-bench/p' "$out/nccl-bench.log" 2>/dev/null
+echo "=== two ranks training on the one GPU vs on the CPU"
+grep -h '^train-check:' "$out/train-cuda.log" 2>/dev/null
 echo "=== fused loss (tessera) vs naive PyTorch fp32, fwd+bwd ms (median)"
 grep -hE '^ +[0-9]+ +[0-9]+ ' "$out/bench-loss.log" "$out/bench-loss-64k.log" 2>/dev/null
 [[ -f "$out/bench-torch.log" ]] && grep -hE '^ +[0-9]+ +[0-9]+ ' "$out/bench-torch.log"
+echo "=== peers: inf-cl 1.2.1 and naive PyTorch bf16, fwd+bwd ms (median), peak / workspace MiB"
+grep -hE '^ +[0-9]+ +[0-9]+ ' "$out/bench-infcl.log" "$out/torch-bf16.log" 2>/dev/null
+echo "=== training step, default dual encoder, PyTorch eager on this GPU"
+grep -hE '^round ' "$out/train-torch.log" 2>/dev/null
 echo "=== gpu-check summary (logs in $out)"
 printf '%s\n' "${summary[@]}"
 [[ $status -eq 0 ]] && echo "gpu-check: PASS" || echo "gpu-check: FAIL"

@@ -93,3 +93,34 @@ fn every_kernel_compiles_for_sm80_and_sm90_with_the_pinned_nvrtc_wheel() {
     assert!(stdout.contains("check-kernels: OK"), "{stdout}");
     assert!(stdout.contains("sm_80") && stdout.contains("sm_90"), "{stdout}");
 }
+
+/// `run.device = "cuda"` (two ranks sharing a GPU over the TCP ring) and `run.collectives =
+/// "nccl"` (one rank): without a driver the job stops at set-up with an error that names the
+/// setting, the driver and the way back (no hang, no panic); on a GPU machine they train.
+#[test]
+fn training_on_cuda_fails_cleanly_without_a_driver() {
+    let cases: [(usize, &[&str], &str); 2] = [
+        (2, &["run.device=\"cuda\""], "run.device = \"cpu\""),
+        (1, &["run.device=\"cuda\"", "run.collectives=\"nccl\""], "run.collectives = \"tcp\""),
+    ];
+    for (nproc, sets, fallback) in cases {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut all = vec!["run.steps=3", "run.log_every=1"];
+        all.extend_from_slice(sets);
+        let out = common::run_command(nproc, None, &all, &[], dir.path())
+            .output()
+            .expect("spawn tessera run");
+        let (code, stderr) =
+            (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr));
+        assert!(!stderr.contains("panicked"), "{sets:?}: tessera panicked:\n{stderr}");
+        if Lib::Driver.present() {
+            assert_eq!(code, 0, "{sets:?}: training on the GPU failed:\n{stderr}");
+            continue;
+        }
+        assert_ne!(code, 0, "{sets:?} must fail without a driver:\n{stderr}");
+        assert!(
+            stderr.contains("libcuda.so.1") && stderr.contains(fallback),
+            "{sets:?}: the error must name the driver and {fallback}:\n{stderr}"
+        );
+    }
+}

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use tessera_rank::device::cuda::gpu::{Gpu, LossMode, Precision};
 use tessera_rank::device::cuda::libs::{self, Lib};
-use tessera_rank::device::cuda::{nvrtc, selftest};
+use tessera_rank::device::cuda::{nccl, nvrtc, selftest};
 
 /// Set in the environment of the re-executed process (so it re-executes at most once).
 const REEXEC_ENV: &str = "TESSERA_CUDA_REEXEC";
@@ -19,11 +19,37 @@ pub enum CudaCommand {
     Probe,
     /// Compile every .cu kernel with NVRTC (no GPU needed); any error or warning fails.
     CheckKernels(CheckArgs),
-    /// On a GPU: every kernel vs the CPU device and an f64 reference, cuBLAS, the fused loss,
-    /// NCCL at world size 1. Exits non-zero on any failure.
+    /// On a GPU: every kernel vs the CPU device and an f64 reference, cuBLAS, every method of
+    /// the CUDA Device vs the CPU device, the fused loss, NCCL at world size 1. Exits non-zero
+    /// on any failure.
     Selftest(SelftestArgs),
     /// On a GPU: time the fused CLIP loss (forward + backward).
     BenchLoss(BenchLossArgs),
+    /// On GPUs 0..world: all-reduce bus bandwidth through raw NCCL and through Tessera's
+    /// NcclComm in the same run (one thread per GPU; runs at world size 1 too).
+    NcclBench(NcclBenchArgs),
+}
+
+#[derive(Args)]
+pub struct NcclBenchArgs {
+    /// Message sizes in bytes, comma-separated; K, M, G suffixes are powers of 1024.
+    #[arg(long, default_value = "1M,16M,128M", value_delimiter = ',')]
+    pub bytes: Vec<String>,
+    /// Ranks (GPUs 0..world); 0 means every visible GPU.
+    #[arg(long, default_value_t = 0)]
+    pub world: usize,
+    /// Timed all-reduces per size and path.
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// Untimed all-reduces before each timing.
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    /// Watchdog timeout of each collective and of the communicator's set-up, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub timeout_s: u64,
+    /// Also write the rows as JSON lines to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -89,6 +115,46 @@ pub fn cuda(cmd: CudaCommand) -> Result<ExitCode> {
             ensure_loadable(&[Lib::Driver, Lib::Nvrtc])?;
             bench_loss(&a)
         }
+        CudaCommand::NcclBench(a) => {
+            ensure_loadable(&[Lib::Driver, Lib::Nccl])?;
+            nccl_bench(&a)
+        }
+    }
+}
+
+fn nccl_bench(a: &NcclBenchArgs) -> Result<ExitCode> {
+    let sizes = a
+        .bytes
+        .iter()
+        .map(|b| {
+            nccl::parse_bytes(b.trim())
+                .with_context(|| format!("--bytes {b:?}: expected e.g. 4096, 64K, 16M or 1G"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if a.iters == 0 || a.timeout_s == 0 {
+        bail!("--iters and --timeout-s must be positive");
+    }
+    let t = std::time::Duration::from_secs(a.timeout_s);
+    let opts = nccl::NcclOpts { timeout: t, init_timeout: t, ..nccl::NcclOpts::default() };
+    let rows = nccl::bench_local(a.world, &sizes, a.iters, a.warmup, opts)
+        .context("cuda nccl-bench failed")?;
+    let world = rows.first().map_or(a.world, |r| r.world);
+    println!("NCCL all-reduce f32 sum, world {world}, {} iters; busbw = algbw * 2(n-1)/n", a.iters);
+    print!("{}", nccl::bench_table(&rows));
+    if let Some(p) = &a.json {
+        let mut out = String::new();
+        for r in &rows {
+            out += &serde_json::to_string(r)?;
+            out.push('\n');
+        }
+        std::fs::write(p, out).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    if rows.iter().all(|r| r.check) {
+        println!("cuda nccl-bench: PASS (every result equals the exact sum)");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("cuda nccl-bench: FAIL (a result differs from the exact sum)");
+        Ok(ExitCode::FAILURE)
     }
 }
 

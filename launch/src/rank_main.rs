@@ -16,12 +16,17 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use tessera_collectives::Communicator;
+use tonic::Code;
 use tessera_collectives::flight::FlightRecorder;
 use tessera_collectives::tcp::{DataPlaneListener, TcpRing, TcpRingConfig};
+use tessera_coordinator::types::Membership;
 use tessera_coordinator::{
     BlockingCoordinator, CoordinatorClient, CoordinatorConfig, JoinInfo, Progress, ProgressCell,
 };
-use tessera_rank::config::Config;
+use tessera_rank::config::{CollectivesKind, Config};
+use tessera_rank::device::cuda::gpu::Gpu;
+use tessera_rank::device::cuda::nccl::{NcclComm, NcclOpts, nccl_id_key};
 use tessera_rank::train::{self, RankInfo};
 
 use crate::RankArgs;
@@ -345,8 +350,20 @@ pub fn rank_main(args: &RankArgs) -> Result<ExitCode> {
                     rank,
                     world: membership.world as usize,
                     local_size: membership.local_size as usize,
+                    local_rank: membership.local_rank as usize,
                 };
-                let summary = train::train(cfg, &mut comm, &rinfo, &mut |s| {
+                let mut nccl = match cfg.run.collectives {
+                    CollectivesKind::Tcp => None,
+                    CollectivesKind::Nccl => Some(
+                        open_nccl(&client, &membership, timeout)
+                            .context("run.collectives = \"nccl\"")?,
+                    ),
+                };
+                let comm: &mut dyn Communicator = match nccl.as_mut() {
+                    Some(n) => n,
+                    None => &mut comm,
+                };
+                let summary = train::train(cfg, comm, &rinfo, &mut |s| {
                     progress.set(Progress {
                         step: s.step,
                         loss: Some(s.loss),
@@ -384,14 +401,48 @@ pub fn rank_main(args: &RankArgs) -> Result<ExitCode> {
         }
         Err(e) => {
             let reason = format!("{e:#}");
-            let _ = client.report_error(&reason);
+            let told = client.report_error(&reason);
             if let Some(c) = hosted {
                 // Shutting down delivers the abort to every rank's watch first.
                 let _ = c.shutdown();
             }
-            Err(e.context(format!("rank {rank}")))
+            // A peer that vanished mid-collective often left because it lost the coordinator
+            // first: when this rank cannot reach it either, say so (that is the root cause).
+            let lost = told.as_ref().err().and_then(|te| {
+                matches!(te.code(), Some(Code::Unavailable | Code::DeadlineExceeded))
+                    .then(|| format!("lost the coordinator at {} too: {te}", client.addr()))
+            });
+            match lost {
+                Some(also) => Err(e.context(also).context(format!("rank {rank}"))),
+                None => Err(e.context(format!("rank {rank}"))),
+            }
         }
     }
+}
+
+/// The NCCL communicator of `run.collectives = "nccl"`: GPU `local_rank` (one GPU per rank on
+/// every node), the unique id from rank 0 through the coordinator's store.
+fn open_nccl(client: &CoordinatorClient, m: &Membership, timeout: Duration) -> Result<NcclComm> {
+    let gpus = Gpu::count().map_err(|e| anyhow!("{e} (or use run.collectives = \"tcp\")"))?;
+    let local = m.local_size as usize;
+    if local > gpus {
+        bail!(
+            "{local} ranks on this node but {gpus} GPU(s): NCCL needs one GPU per rank; start at \
+             most {gpus} ranks per node, or use run.collectives = \"tcp\" (several ranks may share \
+             a GPU with it)"
+        );
+    }
+    let opts = NcclOpts { timeout, ..NcclOpts::default() };
+    NcclComm::open_via_store(
+        m.local_rank as usize,
+        m.rank as usize,
+        m.world as usize,
+        &nccl_id_key(m.generation),
+        opts,
+        |k, v| client.store_set(k, v).map_err(|e| e.to_string()),
+        |k, t| client.store_get(k, t).map_err(|e| e.to_string()),
+    )
+    .map_err(|e| anyhow!("{e}"))
 }
 
 /// Rank 0's report goes to the launcher's file when `tessera run` started us (it prints it

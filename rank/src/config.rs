@@ -91,6 +91,34 @@ pub struct RunConfig {
     pub overlap_allreduce: bool,
     /// Bucket size of the overlapped all-reduce, in bytes.
     pub allreduce_bucket_bytes: usize,
+    /// Where the model's kernels run: `cpu`, or `cuda` (GPU `local_rank mod GPUs`; ranks of
+    /// one node may share a GPU). The loss and the collectives stay on the CPU for now.
+    pub device: DeviceKind,
+    /// `run.device = "cuda"`: how cuBLAS computes the model's GEMMs: `fp32` (tracks the CPU),
+    /// `tf32` or `bf16` (tensor cores, fp32 accumulation).
+    pub cuda_gemm: String,
+    /// The collectives of training: `tcp` (the ring over the data plane; any devices, several
+    /// ranks per GPU) or `nccl` (one GPU per rank, GPU `local_rank`; the id travels through
+    /// the coordinator's store).
+    pub collectives: CollectivesKind,
+}
+
+/// The collectives a rank trains with (`run.collectives`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CollectivesKind {
+    #[default]
+    Tcp,
+    Nccl,
+}
+
+/// Where a rank's model kernels run (`run.device`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    #[default]
+    Cpu,
+    Cuda,
 }
 
 /// What to do when the loss or a gradient is NaN or infinite.
@@ -116,6 +144,9 @@ impl Default for RunConfig {
             check_collectives: false,
             overlap_allreduce: false,
             allreduce_bucket_bytes: 4 << 20,
+            device: DeviceKind::Cpu,
+            cuda_gemm: "fp32".into(),
+            collectives: CollectivesKind::Tcp,
         }
     }
 }
@@ -318,6 +349,12 @@ impl Config {
         }
         self.optim.validate()?;
         self.loss.validate()?;
+        if crate::device::cuda::device::GemmMath::parse(&self.run.cuda_gemm).is_none() {
+            return Err(format!(
+                "run.cuda_gemm = {:?}: must be \"fp32\", \"tf32\" or \"bf16\"",
+                self.run.cuda_gemm
+            ));
+        }
         if self.run.allreduce_bucket_bytes < 4 {
             return Err(format!(
                 "run.allreduce_bucket_bytes = {} must be at least 4 (one f32; typical: 4194304)",
@@ -504,6 +541,19 @@ mod tests {
         assert_eq!(cfg.checkpoint.dir_for(&cfg.run.out_dir), PathBuf::from("r/checkpoints"));
         let err = Config::load(None, &["checkpoint.evry=3".into()]).unwrap_err().to_string();
         assert!(err.contains("evry"), "{err}");
+    }
+
+    #[test]
+    fn device_settings_parse_and_bad_ones_are_named() {
+        let cfg =
+            Config::load(None, &["run.device=\"cuda\"".into(), "run.cuda_gemm=\"tf32\"".into()])
+                .unwrap();
+        assert_eq!((cfg.run.device, cfg.run.cuda_gemm.as_str()), (DeviceKind::Cuda, "tf32"));
+        assert_eq!(Config::load(None, &[]).unwrap().run.device, DeviceKind::Cpu);
+        let err = Config::load(None, &["run.cuda_gemm=\"fp16\"".into()]).unwrap_err().to_string();
+        assert!(err.contains("run.cuda_gemm") && err.contains("tf32"), "{err}");
+        let err = Config::load(None, &["run.device=\"tpu\"".into()]).unwrap_err().to_string();
+        assert!(err.contains("tpu"), "{err}");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::data::{self, Dataset, DatasetKind};
-use crate::device::CpuDevice;
+use crate::device::Device;
 use crate::model::{Model, ModelKind};
 use crate::train::TrainError;
 
@@ -131,10 +131,10 @@ fn take_rows(ds: &Dataset, max: usize) -> Vec<usize> {
 }
 
 /// Evaluates `model` on the held-out data (and the k-NN probe when configured).
-pub fn evaluate(
+pub fn evaluate<D: Device>(
     cfg: &Config,
     model: &Model,
-    dev: &CpuDevice,
+    dev: &D,
     eval: Option<&Dataset>,
 ) -> Result<EvalReport, TrainError> {
     let mut report = EvalReport::default();

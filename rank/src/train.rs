@@ -15,9 +15,13 @@ use tessera_collectives::checked::CheckedComm;
 use tessera_collectives::{CommError, Communicator, ReduceOp};
 
 use crate::checkpoint::{self, CheckpointError, Checkpointer};
+use crate::config::DeviceKind;
 use crate::config::{Config, DataSource, OnNonFinite};
 use crate::data::{self, Dataset, DatasetKind, DistributedSampler, local_rows};
-use crate::device::CpuDevice;
+use crate::device::cuda::CudaError;
+use crate::device::cuda::device::{CudaDevice, CudaDeviceOpts, GemmMath};
+use crate::device::cuda::gpu::Gpu;
+use crate::device::{CpuDevice, Device};
 use crate::eval::{self, EvalReport};
 use crate::fault;
 use crate::gns::{BatchController, GnsError, GnsEstimator, GnsReport};
@@ -121,6 +125,8 @@ pub struct RankInfo {
     pub world: usize,
     /// Ranks on this host (to share the cores among them).
     pub local_size: usize,
+    /// This rank's index among them (picks its GPU with `run.device = "cuda"`).
+    pub local_rank: usize,
 }
 
 /// This rank's part of a global batch of `global` examples: its first row, its row count, and
@@ -314,6 +320,21 @@ fn check_dims(cfg: &Config, ds: &Dataset, what: &str) -> Result<(), TrainError> 
     )))
 }
 
+/// Asks glibc's allocator to keep freed memory for reuse instead of handing it back to the
+/// kernel. A training step allocates its activations afresh; by default glibc unmaps (above
+/// 128 KiB) or trims what is freed, and the next step faults every page back in: about a
+/// quarter of a rank's CPU time at the default job's batch (`perf record`, docs/BENCHMARKS.md).
+/// Blocks up to 64 MiB now come from the heap, which keeps up to 256 MiB of free memory.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; it is safe to call at any time.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TOP_PAD, 16 << 20);
+    }
+}
+
 /// Trains for `cfg.run.steps` steps and returns the summary (meaningful on rank 0; every rank
 /// returns the same loss and parameter hash).
 pub fn train(
@@ -322,6 +343,7 @@ pub fn train(
     info: &RankInfo,
     on_step: &mut dyn FnMut(StepReport),
 ) -> Result<Summary, TrainError> {
+    keep_freed_memory();
     if cfg.run.check_collectives {
         // Debug mode: every collective is compared across ranks before it runs.
         let mut checked = CheckedComm::new(comm);
@@ -336,10 +358,7 @@ fn train_checked(
     info: &RankInfo,
     on_step: &mut dyn FnMut(StepReport),
 ) -> Result<Summary, TrainError> {
-    let rank = info.rank;
-    let world = info.world;
-    let is_root = rank == 0;
-    let global = cfg.batch.global;
+    let (world, global) = (info.world, cfg.batch.global);
     if global < world {
         return Err(TrainError::Setup(format!(
             "batch.global = {global} is smaller than the {world} ranks: every rank needs at least \
@@ -353,8 +372,38 @@ fn train_checked(
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         (cores / info.local_size.max(1)).max(1)
     };
-    let dev = CpuDevice::new(threads);
+    match cfg.run.device {
+        DeviceKind::Cpu => train_on(cfg, comm, info, on_step, threads, &CpuDevice::new(threads)),
+        DeviceKind::Cuda => {
+            let dev = open_cuda(cfg, info)?;
+            train_on(cfg, comm, info, on_step, threads, &dev)
+        }
+    }
+}
 
+/// The CUDA device of this rank for `run.device = "cuda"`: GPU `local_rank mod GPUs`.
+fn open_cuda(cfg: &Config, info: &RankInfo) -> Result<CudaDevice, TrainError> {
+    let fail = |e: CudaError| {
+        TrainError::Setup(format!(
+            "run.device = \"cuda\": {e} (or train on the CPU with run.device = \"cpu\")"
+        ))
+    };
+    let gpus = Gpu::count().map_err(fail)?;
+    let gemm_math = GemmMath::parse(&cfg.run.cuda_gemm).unwrap_or_default();
+    CudaDevice::open(info.local_rank % gpus, CudaDeviceOpts { gemm_math }).map_err(fail)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_on<D: Device>(
+    cfg: &Config,
+    comm: &mut dyn Communicator,
+    info: &RankInfo,
+    on_step: &mut dyn FnMut(StepReport),
+    threads: usize,
+    dev: &D,
+) -> Result<Summary, TrainError> {
+    let (rank, world, global) = (info.rank, info.world, cfg.batch.global);
+    let is_root = rank == 0;
     let data = load_data(cfg)?;
     check_dims(cfg, &data.train, "training")?;
     if let Some(ev) = &data.eval {
@@ -523,12 +572,12 @@ fn train_checked(
             let (fa, fb) = if accumulate {
                 let (mut fa, mut fb) = (Vec::new(), Vec::new());
                 for &(s, m) in &chunks {
-                    fa.extend(model.embed_a(&dev, &xa[s * da..(s + m) * da], m));
-                    fb.extend(model.embed_b(&dev, &xb[s * db..(s + m) * db], m));
+                    fa.extend(model.embed_a(dev, &xa[s * da..(s + m) * da], m));
+                    fb.extend(model.embed_b(dev, &xb[s * db..(s + m) * db], m));
                 }
                 (fa, fb)
             } else {
-                model.forward_pair(&dev, &xa, &xb, b_local)
+                model.forward_pair(dev, &xa, &xb, b_local)
             };
             let d = fa.len() / b_local;
             let scale = model.logit_scale();
@@ -583,7 +632,7 @@ fn train_checked(
             for (ci, &(s, m)) in chunks.iter().enumerate() {
                 if accumulate {
                     model.forward_pair(
-                        &dev,
+                        dev,
                         &xa[s * da..(s + m) * da],
                         &xb[s * db..(s + m) * db],
                         m,
@@ -599,7 +648,7 @@ fn train_checked(
                     let bucket_bytes = cfg.run.allreduce_bucket_bytes;
                     let (seen, red) =
                         overlap::all_reduce_overlapped(comm, n_params, bucket_bytes, |bk| {
-                            model.backward_pair_with(&dev, ga, gb, &mut |o, g| bk.ready(o, g));
+                            model.backward_pair_with(dev, ga, gb, &mut |o, g| bk.ready(o, g));
                             model.add_logit_scale_grad(dt_m);
                             if let Some(g) = dbias_m {
                                 model.add_logit_bias_grad(g);
@@ -618,7 +667,7 @@ fn train_checked(
                     seen?;
                     reduced = Some(red);
                 } else {
-                    model.backward_pair(&dev, ga, gb);
+                    model.backward_pair(dev, ga, gb);
                     model.add_logit_scale_grad(dt_m);
                     if let Some(g) = dbias_m {
                         model.add_logit_bias_grad(g);
@@ -635,9 +684,9 @@ fn train_checked(
             let da = xa.len() / b_local;
             let mut loss_partial = 0.0f64;
             for &(s, m) in &chunks {
-                let logits = model.forward_logits(&dev, &xa[s * da..(s + m) * da], m);
+                let logits = model.forward_logits(dev, &xa[s * da..(s + m) * da], m);
                 let ce = loss::cross_entropy(&logits, &labels[s..s + m], m, global);
-                model.backward_logits(&dev, &ce.d_logits);
+                model.backward_logits(dev, &ce.d_logits);
                 loss_partial += ce.loss_partial as f64;
                 if accumulate && let Some(g) = gns.as_mut() {
                     g.observe_accumulated(model.grads(), m, global)?;
@@ -784,7 +833,7 @@ fn train_checked(
         let last = step + 1 == cfg.run.steps;
         let eval_now = last || (cfg.run.eval_every > 0 && (step + 1) % cfg.run.eval_every == 0);
         if is_root && eval_now {
-            let report = eval::evaluate(cfg, &model, &dev, data.eval.as_ref())?;
+            let report = eval::evaluate(cfg, &model, dev, data.eval.as_ref())?;
             let mut line = serde_json::to_value(&report).unwrap_or_default();
             if let Some(obj) = line.as_object_mut() {
                 obj.insert("step".into(), (step + 1).into());

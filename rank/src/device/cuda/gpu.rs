@@ -33,6 +33,20 @@ pub(crate) fn drv<T>(
 }
 
 impl Gpu {
+    /// GPUs the driver reports (at least 1), or an error naming the driver and the fix.
+    pub fn count() -> Result<usize, CudaError> {
+        require(Lib::Driver)?;
+        let n = drv("cuDeviceGetCount", CudaContext::device_count())?;
+        if n <= 0 {
+            return Err(CudaError::Invalid(
+                "the CUDA driver loaded but reports no GPU (check nvidia-smi and \
+                 CUDA_VISIBLE_DEVICES)"
+                    .into(),
+            ));
+        }
+        Ok(n as usize)
+    }
+
     /// Opens device `ordinal`, compiles every kernel source for its architecture and loads it.
     pub fn open(ordinal: usize) -> Result<Gpu, CudaError> {
         require(Lib::Driver)?;

@@ -11,14 +11,20 @@
 //! - [`nvrtc`]: the `.cu` sources in `kernels/` and their compilation (warnings are errors in
 //!   `tessera cuda check-kernels`, which CI runs with the NVRTC of the PyPI wheel).
 //! - [`gpu`]: a context with every kernel loaded, and launch helpers.
+//! - [`device`]: [`device::CudaDevice`], the `Device` trait on one GPU (managed buffers,
+//!   staging of plain slices through a scratch pool, cuBLAS GEMMs).
+//! - [`nccl`]: [`nccl::NcclComm`], the NCCL `Communicator` (non-blocking init, its own
+//!   stream, pinned staging, a watchdog that aborts on error or timeout) and the all-reduce
+//!   bandwidth measurement of `tessera cuda nccl-bench`.
 //! - [`selftest`]: every kernel vs the CPU device and an f64 reference, cuBLAS, the fused
-//!   loss, NCCL at world size 1 (`tessera cuda selftest`).
+//!   loss, `CudaDevice` vs `CpuDevice`, NCCL at world size 1 (`tessera cuda selftest`).
 //!
-//! Not yet here (issue 7): a `Device` implementation for training, a memory pool, streams for
-//! communication, the NCCL communicator with its watchdog.
+//! Not yet here (issue 7): the bucketed gradient all-reduce on `NcclComm` in training.
 
+pub mod device;
 pub mod gpu;
 pub mod libs;
+pub mod nccl;
 pub mod nvrtc;
 pub mod selftest;
 

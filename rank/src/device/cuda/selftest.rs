@@ -1,7 +1,8 @@
 //! `tessera cuda selftest`: every kernel on random inputs of odd sizes against the CPU device
-//! and an f64 reference, one cuBLAS SGEMM, the fused CLIP loss against the CPU tiled loss and
-//! the f64 reference, and an NCCL all-reduce at world size 1. Also `bench_loss` for
-//! `tessera cuda bench-loss`.
+//! and an f64 reference, one cuBLAS SGEMM, every method of [`CudaDevice`] against
+//! [`CpuDevice`] (on managed buffers and on plain `Vec`s), the fused CLIP loss against the CPU
+//! tiled loss and the f64 reference, and every NCCL collective at world size 1 through
+//! `NcclComm`. Also `bench_loss` for `tessera cuda bench-loss`.
 //!
 //! Errors are normwise: `‖out − ref‖₂ / ‖ref‖₂` (NaN or an unwritten output — outputs are
 //! poisoned with NaN first — counts as infinite error).
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::CudaError;
+use super::device::{CudaDevice, CudaDeviceOpts, GemmMath, gemm_row_major_raw};
 use super::gpu::{Gpu, LossMode, Precision, clip_loss, drv, elem_cfg, row_cfg};
 use super::libs::{Lib, require};
 use crate::device::{CpuDevice, Device, L2_NORM_EPS};
@@ -19,7 +21,7 @@ use crate::rng::Rng;
 /// One line of the report.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Row {
-    /// `libs`, `kernel`, `cublas`, `loss`, `nccl`.
+    /// `libs`, `kernel`, `cublas`, `device`, `loss`, `nccl`.
     pub group: &'static str,
     pub name: String,
     /// Sizes or what loaded.
@@ -188,8 +190,9 @@ pub fn run(ordinal: usize, seed: u64) -> Result<Report, CudaError> {
     guard!("kernel", "elementwise", elementwise_checks(&gpu, &cpu, &mut rng));
     guard!("kernel", "row kernels", row_checks(&gpu, &cpu, &mut rng));
     guard!("cublas", "sgemm", cublas_checks(&gpu, &cpu, &mut rng));
+    guard!("device", "CudaDevice", catch_fault(|| device_checks(ordinal, &cpu, &mut rng)));
     guard!("loss", "fused clip loss", loss_checks(&gpu, &mut rng));
-    guard!("nccl", "all_reduce", nccl_check(&gpu, &mut rng));
+    guard!("nccl", "NcclComm world 1", nccl_check(&gpu, &mut rng));
     rep.rows = rows;
     Ok(rep)
 }
@@ -697,8 +700,8 @@ fn row_checks(gpu: &Gpu, cpu: &CpuDevice, rng: &mut Rng) -> Result<Vec<Row>, Cud
     Ok(out)
 }
 
-/// Row-major `C = alpha·op(A)·op(B) + beta·C` through cuBLAS's column-major SGEMM: row-major
-/// `C` is column-major `Cᵀ = op(B)ᵀ·op(A)ᵀ`, so A and B swap places and keep their flags.
+/// Row-major `C = alpha·op(A)·op(B) + beta·C` in fp32 through cuBLAS (the GEMM of
+/// [`CudaDevice`], see [`gemm_row_major_raw`]).
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm_row_major(
     gpu: &Gpu,
@@ -714,18 +717,9 @@ pub fn sgemm_row_major(
     beta: f32,
     c: &mut CudaSlice<f32>,
 ) -> Result<(), CudaError> {
-    use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
     if a.len() < m * k || b.len() < k * n || c.len() < m * n {
         return Err(CudaError::Invalid(format!("sgemm {m}x{n}x{k}: buffers too short")));
     }
-    let dim = |v: usize| {
-        i32::try_from(v).map_err(|_| CudaError::Invalid(format!("sgemm dimension {v} > i32")))
-    };
-    let (mi, ni, ki) = (dim(m)?, dim(n)?, dim(k)?);
-    let op_b = if trans_b { CUBLAS_OP_T } else { CUBLAS_OP_N };
-    let op_a = if trans_a { CUBLAS_OP_T } else { CUBLAS_OP_N };
-    let ldb = if trans_b { ki } else { ni };
-    let lda = if trans_a { mi } else { ki };
     let handle = *blas.handle();
     let (pa, _ga) = a.device_ptr(&gpu.stream);
     let (pb, _gb) = b.device_ptr(&gpu.stream);
@@ -733,24 +727,21 @@ pub fn sgemm_row_major(
     // SAFETY: the pointers are live device buffers of at least the sizes checked above, and
     // the handle is bound to gpu.stream.
     unsafe {
-        cudarc::cublas::result::sgemm(
+        gemm_row_major_raw(
             handle,
-            op_b,
-            op_a,
-            ni,
-            mi,
-            ki,
-            &alpha,
-            pb as *const f32,
-            ldb,
-            pa as *const f32,
-            lda,
-            &beta,
-            pc as *mut f32,
-            ni,
+            GemmMath::Fp32,
+            trans_a,
+            trans_b,
+            m,
+            n,
+            k,
+            alpha,
+            pa,
+            pb,
+            beta,
+            pc,
         )
     }
-    .map_err(|e| CudaError::Cublas { what: "sgemm".into(), detail: format!("{e:?}") })
 }
 
 fn cublas_checks(gpu: &Gpu, cpu: &CpuDevice, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
@@ -802,6 +793,326 @@ fn cublas_checks(gpu: &Gpu, cpu: &CpuDevice, rng: &mut Rng) -> Result<Vec<Row>, 
             Some(rel_err(&c, &cr)),
             1e-5,
         ));
+    }
+    Ok(out)
+}
+
+/// A [`Device`] method checked by the `device` group, with its scalar arguments. A case's
+/// buffers are in the order [`apply_op`] passes them.
+#[derive(Clone, Copy, Debug)]
+enum DevOp {
+    Gemm { ta: bool, tb: bool, alpha: f32, beta: f32 },
+    BiasAdd,
+    BiasGrad,
+    GeluFwd,
+    GeluBwd,
+    ReluFwd,
+    ReluBwd,
+    LayerNormFwd { eps: f32 },
+    LayerNormBwd,
+    AddInplace,
+    L2Fwd,
+    L2Bwd,
+    SoftmaxXent { grad_scale: f32 },
+    SqNorm,
+    Axpy { alpha: f32 },
+    Scale { alpha: f32 },
+}
+
+/// One call of the `device` group: its buffers' initial contents (outputs that the method
+/// overwrites are NaN) and the tolerance vs the CPU device.
+struct DevCase {
+    name: String,
+    op: DevOp,
+    /// `rows, cols, _` (GEMM: `m, n, k`).
+    dims: [usize; 3],
+    bufs: Vec<Vec<f32>>,
+    labels: Vec<u32>,
+    tol: f64,
+}
+
+/// Calls `op` on `dev`. Returns the method's scalar results (cross-entropy: loss sum and hits;
+/// `sq_norm`), or `None` when `bufs` does not match the method (a bug in the case table).
+fn apply_op<D: Device>(
+    dev: &D,
+    op: DevOp,
+    [r, c, k]: [usize; 3],
+    labels: &[u32],
+    bufs: &mut [&mut [f32]],
+) -> Option<Vec<f64>> {
+    match (op, bufs) {
+        (DevOp::Gemm { ta, tb, alpha, beta }, [a, b, cm]) => {
+            dev.gemm(ta, tb, r, c, k, alpha, a, b, beta, cm)
+        }
+        (DevOp::BiasAdd, [y, bias]) => dev.bias_add(y, bias, r, c),
+        (DevOp::BiasGrad, [dy, db]) => dev.bias_grad(dy, r, c, db),
+        (DevOp::GeluFwd, [x, y]) => dev.gelu_fwd(x, y),
+        (DevOp::GeluBwd, [x, dy, dx]) => dev.gelu_bwd(x, dy, dx),
+        (DevOp::ReluFwd, [x, y]) => dev.relu_fwd(x, y),
+        (DevOp::ReluBwd, [x, dy, dx]) => dev.relu_bwd(x, dy, dx),
+        (DevOp::LayerNormFwd { eps }, [x, g, b, y, mean, rstd]) => {
+            dev.layernorm_fwd(x, g, b, r, c, eps, y, mean, rstd)
+        }
+        (DevOp::LayerNormBwd, [x, g, mean, rstd, dy, dx, dg, db]) => {
+            dev.layernorm_bwd(x, g, mean, rstd, dy, r, c, dx, dg, db)
+        }
+        (DevOp::AddInplace, [y, x]) => dev.add_inplace(y, x),
+        (DevOp::L2Fwd, [x, y, norms]) => dev.l2_normalize_fwd(x, r, c, y, norms),
+        (DevOp::L2Bwd, [y, norms, dy, dx]) => dev.l2_normalize_bwd(y, norms, dy, r, c, dx),
+        (DevOp::SoftmaxXent { grad_scale }, [l, d]) => {
+            let o = dev.softmax_xent(l, labels, r, c, grad_scale, d);
+            return Some(vec![o.loss_sum, o.correct as f64]);
+        }
+        (DevOp::SqNorm, [x]) => return Some(vec![dev.sq_norm(x)]),
+        (DevOp::Axpy { alpha }, [x, y]) => dev.axpy(alpha, x, y),
+        (DevOp::Scale { alpha }, [x]) => dev.scale(alpha, x),
+        _ => return None,
+    }
+    Some(Vec::new())
+}
+
+/// Every method of [`Device`] on random inputs of odd sizes (the CPU device supplies the
+/// LayerNorm statistics and normalised rows the backward passes take).
+fn device_cases(rng: &mut Rng) -> Vec<DevCase> {
+    let cpu = CpuDevice::new(1);
+    let (rows, cols) = (37usize, 1031usize);
+    let n = rows * cols;
+    let (m, nn, k) = (67usize, 93usize, 129usize);
+    let nan = |len: usize| vec![f32::NAN; len];
+    let x: Vec<f32> = normal(rng, n, 1.5).iter().map(|v| v + 0.3).collect();
+    let dy = normal(rng, n, 1.0);
+    let gamma: Vec<f32> = normal(rng, cols, 0.2).iter().map(|v| v + 1.0).collect();
+    let beta = normal(rng, cols, 0.2);
+    let eps = 1e-5f32;
+    let (mut y, mut mean, mut rstd) = (vec![0.0; n], vec![0.0; rows], vec![0.0; rows]);
+    cpu.layernorm_fwd(&x, &gamma, &beta, rows, cols, eps, &mut y, &mut mean, &mut rstd);
+    let (mut l2y, mut norms) = (vec![0.0; n], vec![0.0; rows]);
+    cpu.l2_normalize_fwd(&x, rows, cols, &mut l2y, &mut norms);
+    let labels: Vec<u32> = (0..rows).map(|_| rng.below(cols as u64) as u32).collect();
+    let rc = [rows, cols, 0];
+    let case = |name: &str, op: DevOp, dims: [usize; 3], bufs: Vec<Vec<f32>>, tol: f64| DevCase {
+        name: name.to_string(),
+        op,
+        dims,
+        bufs,
+        labels: Vec::new(),
+        tol,
+    };
+    let mut cases = Vec::new();
+    for (ta, tb, beta) in [(false, false, 0.0f32), (false, true, 0.0), (true, false, 1.0)] {
+        let c0 = if beta == 0.0 { nan(m * nn) } else { normal(rng, m * nn, 1.0) };
+        cases.push(case(
+            &format!("gemm {}{}", if ta { "T" } else { "N" }, if tb { "T" } else { "N" }),
+            DevOp::Gemm { ta, tb, alpha: 0.75, beta },
+            [m, nn, k],
+            vec![normal(rng, m * k, 1.0), normal(rng, k * nn, 1.0), c0],
+            1e-5,
+        ));
+    }
+    let zero_k = DevOp::Gemm { ta: false, tb: false, alpha: 1.0, beta: 0.0 };
+    cases.push(case("gemm k=0", zero_k, [m, nn, 0], vec![vec![], vec![], nan(m * nn)], 0.0));
+    cases.extend([
+        case(
+            "bias_add",
+            DevOp::BiasAdd,
+            rc,
+            vec![normal(rng, n, 1.0), normal(rng, cols, 1.0)],
+            1e-7,
+        ),
+        case("bias_grad", DevOp::BiasGrad, rc, vec![dy.clone(), normal(rng, cols, 1.0)], 1e-6),
+        case("gelu_fwd", DevOp::GeluFwd, rc, vec![x.clone(), nan(n)], 1e-5),
+        case("gelu_bwd", DevOp::GeluBwd, rc, vec![x.clone(), dy.clone(), nan(n)], 1e-5),
+        case("relu_fwd", DevOp::ReluFwd, rc, vec![x.clone(), nan(n)], 0.0),
+        case("relu_bwd", DevOp::ReluBwd, rc, vec![x.clone(), dy.clone(), nan(n)], 0.0),
+        case(
+            "layernorm_fwd",
+            DevOp::LayerNormFwd { eps },
+            rc,
+            vec![x.clone(), gamma.clone(), beta, nan(n), nan(rows), nan(rows)],
+            1e-6,
+        ),
+        case(
+            "layernorm_bwd",
+            DevOp::LayerNormBwd,
+            rc,
+            vec![
+                x.clone(),
+                gamma,
+                mean,
+                rstd,
+                dy.clone(),
+                nan(n),
+                normal(rng, cols, 1.0),
+                normal(rng, cols, 1.0),
+            ],
+            1e-5,
+        ),
+        case("add_inplace", DevOp::AddInplace, rc, vec![normal(rng, n, 1.0), x.clone()], 1e-7),
+        case("l2_normalize_fwd", DevOp::L2Fwd, rc, vec![x.clone(), nan(n), nan(rows)], 1e-6),
+        case("l2_normalize_bwd", DevOp::L2Bwd, rc, vec![l2y, norms, dy.clone(), nan(n)], 1e-5),
+        DevCase {
+            labels,
+            ..case(
+                "softmax_xent",
+                DevOp::SoftmaxXent { grad_scale: 1.0 / rows as f32 },
+                rc,
+                vec![normal(rng, n, 3.0), nan(n)],
+                1e-5,
+            )
+        },
+        case("sq_norm", DevOp::SqNorm, rc, vec![x.clone()], 1e-12),
+        case("axpy", DevOp::Axpy { alpha: -0.37 }, rc, vec![x.clone(), dy], 1e-6),
+        case("scale", DevOp::Scale { alpha: -0.37 }, rc, vec![x], 1e-7),
+    ]);
+    cases
+}
+
+/// Zero floats around each managed buffer of [`run_case`] (kernels must not touch them).
+const PAD: usize = 3;
+
+/// What one case left: every buffer, the scalars, and whether the padding stayed zero.
+struct CaseOut {
+    bufs: Vec<Vec<f32>>,
+    scalars: Vec<f64>,
+    pad_ok: bool,
+}
+
+/// Runs `case` on `dev`, on sub-slices of [`Device::alloc`] buffers when `managed` (read
+/// after [`Device::synchronize`]), else on plain `Vec`s (read right after the call: staged
+/// outputs must be back when it returns). `None` when the case's buffers do not fit its method.
+fn run_case<D: Device>(dev: &D, case: &DevCase, managed: bool) -> Option<CaseOut> {
+    if !managed {
+        let mut bufs = case.bufs.clone();
+        let mut views: Vec<&mut [f32]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+        let scalars = apply_op(dev, case.op, case.dims, &case.labels, &mut views)?;
+        return Some(CaseOut { bufs, scalars, pad_ok: true });
+    }
+    let mut held: Vec<D::Buf> = case
+        .bufs
+        .iter()
+        .map(|v| {
+            let mut b = dev.alloc(v.len() + 2 * PAD);
+            b[PAD..PAD + v.len()].copy_from_slice(v);
+            b
+        })
+        .collect();
+    let mut views: Vec<&mut [f32]> = held
+        .iter_mut()
+        .map(|b| {
+            let end = b.len() - PAD;
+            &mut b[PAD..end]
+        })
+        .collect();
+    let scalars = apply_op(dev, case.op, case.dims, &case.labels, &mut views)?;
+    dev.synchronize();
+    let pad_ok = held.iter().all(|b| b[..PAD].iter().chain(&b[b.len() - PAD..]).all(|&v| v == 0.0));
+    let bufs = held.iter().map(|b| b[PAD..b.len() - PAD].to_vec()).collect();
+    Some(CaseOut { bufs, scalars, pad_ok })
+}
+
+/// Largest normwise error of `got` vs `want` over the buffers and the scalars.
+fn case_err(got: &CaseOut, want: &CaseOut) -> f64 {
+    let bufs = got.bufs.iter().zip(&want.bufs).map(|(g, w)| rel_err(g, w));
+    let scalars = got.scalars.iter().zip(&want.scalars).map(|(g, w)| rel_err(&[*g], &[*w]));
+    let n_ok = got.bufs.len() == want.bufs.len() && got.scalars.len() == want.scalars.len();
+    let e = bufs.chain(scalars).fold(0.0, f64::max);
+    if n_ok { e } else { f64::INFINITY }
+}
+
+/// Runs `f`; a panic (a [`CudaDevice`] fault, see its module documentation) becomes an error,
+/// so it is a failed row and the later groups still run.
+fn catch_fault<T>(f: impl FnOnce() -> Result<T, CudaError>) -> Result<T, CudaError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a panic without a message".into());
+        Err(CudaError::Invalid(format!("panicked: {msg}")))
+    })
+}
+
+/// The `device` group: every method of [`CudaDevice`] vs [`CpuDevice`] on managed buffers (no
+/// staging allowed) and on plain `Vec`s (staged), then the `Vec` pass again: bitwise the same
+/// results and no new scratch memory (the pool is reused).
+fn device_checks(ordinal: usize, cpu: &CpuDevice, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
+    let mut dev = CudaDevice::open(ordinal, CudaDeviceOpts::default())?;
+    let table_bug =
+        |c: &DevCase| CudaError::Invalid(format!("device check {}: buffers do not fit", c.name));
+    let cases = device_cases(rng);
+    let mut out = Vec::new();
+    let mut vec_runs = Vec::new();
+    for case in &cases {
+        let want = run_case(cpu, case, false).ok_or_else(|| table_bug(case))?;
+        for managed in [true, false] {
+            let staged0 = dev.staged_count();
+            let got = run_case(&dev, case, managed).ok_or_else(|| table_bug(case))?;
+            let staged = dev.staged_count() - staged0;
+            let staging_ok = if managed { staged == 0 } else { staged > 0 };
+            let [a, b, c] = case.dims;
+            let mut detail = format!("{a}x{b}x{c} staged={staged}");
+            if !staging_ok {
+                detail += " (unexpected)";
+            }
+            if !got.pad_ok {
+                detail += " padding written";
+            }
+            let mode = if managed { "managed" } else { "vec" };
+            let mut r = row(
+                "device",
+                &format!("{} {mode}", case.name),
+                detail,
+                Some(case_err(&got, &want)),
+                None,
+                case.tol,
+            );
+            r.pass &= staging_ok && got.pad_ok;
+            out.push(r);
+            if !managed {
+                vec_runs.push(got);
+            }
+        }
+    }
+    let scratch = dev.scratch_bytes();
+    let mut same = true;
+    for (case, first) in cases.iter().zip(&vec_runs) {
+        let again = run_case(&dev, case, false).ok_or_else(|| table_bug(case))?;
+        let bits = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        same &= again.bufs.iter().zip(&first.bufs).all(|(a, b)| bits(a, b))
+            && again.scalars.iter().zip(&first.scalars).all(|(a, b)| a.to_bits() == b.to_bits());
+    }
+    let reused = dev.scratch_bytes() == scratch;
+    out.push(Row {
+        group: "device",
+        name: "vec repeat".into(),
+        detail: format!(
+            "bitwise {}, pool {} KiB {}",
+            if same { "same" } else { "DIFFERENT" },
+            scratch / 1024,
+            if reused { "reused" } else { "GREW" }
+        ),
+        err_cpu: None,
+        err_ref: None,
+        tol: None,
+        pass: same && reused,
+    });
+    // Tensor-core GEMMs: inputs rounded to 10 (TF32) or 7 (BF16) mantissa bits, so the
+    // normwise error is about 2⁻¹¹·√2 or 2⁻⁸·√2 at these sizes; the bounds leave 5–10×.
+    for (math, tol) in [(GemmMath::Tf32, 5e-3), (GemmMath::Bf16, 2e-2)] {
+        dev.set_gemm_math(math)?;
+        for case in cases.iter().filter(|c| matches!(c.op, DevOp::Gemm { .. }) && c.dims[2] > 0) {
+            let want = run_case(cpu, case, false).ok_or_else(|| table_bug(case))?;
+            let got = run_case(&dev, case, true).ok_or_else(|| table_bug(case))?;
+            let [a, b, c] = case.dims;
+            out.push(row(
+                "device",
+                &format!("{} {} managed", case.name, math.name()),
+                format!("{a}x{b}x{c}"),
+                Some(case_err(&got, &want)),
+                None,
+                tol,
+            ));
+        }
     }
     Ok(out)
 }
@@ -893,54 +1204,24 @@ fn loss_checks(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
 }
 
 fn nccl_check(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
-    use cudarc::nccl::{result as nr, sys as ns};
-    require(Lib::Nccl)?;
-    let ne = |what: &str, e: nr::NcclError| CudaError::Nccl {
-        what: what.into(),
-        detail: format!("{e:?}"),
-    };
-    let version = nr::get_nccl_version().map_err(|e| ne("ncclGetVersion", e))?;
-    drv("bind context", gpu.ctx.bind_to_thread())?;
-    let id = nr::get_uniqueid().map_err(|e| ne("ncclGetUniqueId", e))?;
-    let mut comm: ns::ncclComm_t = std::ptr::null_mut();
-    // SAFETY: a valid out-pointer; world size 1, rank 0, the current device.
-    unsafe { nr::comm_init_rank(&mut comm, 1, id, 0) }
-        .map_err(|e| ne("ncclCommInitRank(nranks=1)", e))?;
-    let n = 1031usize;
-    let x = normal(rng, n, 1.0);
-    let send = gpu.upload(&x)?;
-    let mut recv = gpu.upload(&vec![f32::NAN; n])?;
-    let res = {
-        let (ps, _gs) = send.device_ptr(&gpu.stream);
-        let (pr, _gr) = recv.device_ptr_mut(&gpu.stream);
-        // SAFETY: both buffers hold n floats on this device; the stream is the context's.
-        unsafe {
-            nr::all_reduce(
-                ps as *const _,
-                pr as *mut _,
-                n,
-                ns::ncclDataType_t::ncclFloat32,
-                ns::ncclRedOp_t::ncclSum,
-                comm,
-                gpu.stream.cu_stream() as ns::cudaStream_t,
-            )
-        }
-    };
-    let sync = gpu.sync();
-    // SAFETY: destroyed once, after the collective completed (stream synchronised).
-    let _ = unsafe { nr::comm_destroy(comm) };
-    res.map_err(|e| ne("ncclAllReduce", e))?;
-    sync?;
-    let y = gpu.download(&recv)?;
-    let e = rel_err(&y, &x);
-    Ok(vec![row(
-        "nccl",
-        "all_reduce sum (world 1)",
-        format!("n={n} nccl {version}"),
-        Some(e),
-        Some(e),
-        0.0,
-    )])
+    // Every collective of NcclComm at world size 1 vs the input (what the CPU computes), the
+    // device-buffer path, argument errors and an init timeout (super::nccl::world1_checks).
+    let checks = super::nccl::world1_checks(&gpu.ctx, rng.next_u64())?;
+    Ok(checks
+        .into_iter()
+        .map(|c| match c.err {
+            Some(e) => row("nccl", &c.name, c.detail, Some(e), None, 0.0),
+            None => Row {
+                group: "nccl",
+                name: c.name,
+                detail: c.detail,
+                err_cpu: None,
+                err_ref: None,
+                tol: None,
+                pass: c.pass,
+            },
+        })
+        .collect())
 }
 
 /// One timing of [`bench_loss`].
@@ -1031,6 +1312,43 @@ mod tests {
         assert!(!rep.passed());
         let t = rep.table();
         assert!(t.contains("FAIL") && t.contains("2 checks, 1 failed"), "{t}");
+    }
+
+    /// The `device` group's table on the CPU device: every case fits its method, writes every
+    /// output it poisons with NaN, leaves the padding of its buffers alone, and gives the same
+    /// bits on `alloc` buffers (sub-slices) as on plain `Vec`s.
+    #[test]
+    fn a_fault_is_an_error_row_not_the_end_of_the_selftest() {
+        let e = catch_fault::<()>(|| panic!("CudaDevice: launch of kernel gelu_fwd failed: X"))
+            .expect_err("a panic is an error");
+        assert!(e.to_string().contains("gelu_fwd failed: X"), "{e}");
+        assert_eq!(catch_fault(|| Ok(7)).ok(), Some(7));
+    }
+
+    #[test]
+    fn device_cases_fit_their_methods_on_the_cpu() {
+        let cpu = CpuDevice::new(1);
+        let cases = device_cases(&mut Rng::new(3));
+        assert!(cases.len() >= 19, "every Device method has a case");
+        for case in &cases {
+            let plain = run_case(&cpu, case, false).unwrap_or_else(|| panic!("{}", case.name));
+            let held = run_case(&cpu, case, true).unwrap_or_else(|| panic!("{}", case.name));
+            assert!(held.pad_ok, "{}", case.name);
+            assert_eq!(case_err(&held, &plain), 0.0, "{}", case.name);
+            for (j, b) in plain.bufs.iter().enumerate() {
+                assert!(
+                    b.iter().all(|v| v.is_finite()),
+                    "{} buffer {j} not fully written",
+                    case.name
+                );
+            }
+            assert!(plain.scalars.iter().all(|v| v.is_finite()), "{}", case.name);
+        }
+        let xent = cases.iter().find(|c| c.name == "softmax_xent").expect("softmax_xent case");
+        assert_eq!(run_case(&cpu, xent, false).map(|o| o.scalars.len()), Some(2));
+        // A case whose buffers do not fit its method is reported, not run.
+        let bad = DevCase { bufs: vec![vec![1.0]], ..device_cases(&mut Rng::new(3)).remove(0) };
+        assert!(run_case(&cpu, &bad, false).is_none());
     }
 
     #[test]

@@ -1,0 +1,1082 @@
+//! [`CudaDevice`]: the [`Device`] trait on one GPU.
+//!
+//! # Memory
+//!
+//! [`Device::alloc`] returns a [`ManagedBuf`]: `cuMemAllocManaged` memory (attached globally)
+//! that the host reads and writes through `Deref`/`DerefMut` like a `Vec<f32>` and the kernels
+//! address by the same pointer (unified addressing). The device keeps a registry of its managed
+//! allocations; a kernel argument that lies entirely inside one (the whole buffer or any
+//! sub-slice) is passed to the kernel by pointer. Any other slice — a plain `Vec<f32>` of the
+//! model code, or memory of another device — is *staged*: copied into a pooled device buffer
+//! before the kernel, and for outputs copied back after it. Staging is correct for every slice
+//! and costs a copy each way; long-lived buffers should come from [`Device::alloc`].
+//!
+//! # Ordering
+//!
+//! Work runs in order on the GPU's stream. A call whose arguments are all managed only queues
+//! work and returns; a call that stages an output, and the calls that return values
+//! ([`Device::softmax_xent`], [`Device::sq_norm`]), wait for the stream before returning, so
+//! plain slices hold their results at return. Managed results are read by the host only after
+//! [`Device::synchronize`], and the host writes a managed buffer only when no queued kernel
+//! still uses it (after `synchronize`, or before the kernels that read it are queued). The
+//! device requires concurrent managed access (Linux, Pascal or newer), so host access to other
+//! managed buffers while kernels run is permitted; [`CudaDevice::open`] refuses GPUs without it.
+//!
+//! # Failures
+//!
+//! [`CudaDevice::open`] does every fallible set-up (libraries, context, kernels, cuBLAS) and
+//! returns a [`CudaError`]. The trait's methods cannot return errors: a failed launch, copy or
+//! allocation afterwards panics with a message naming the kernel (or the operation) and the
+//! CUDA error. That is a device fault (a lost GPU, out of memory, a context poisoned by an
+//! earlier fault), not bad input. Length mismatches panic like [`crate::device::CpuDevice`]'s.
+//! [`CudaDevice::try_alloc`] is the fallible allocation for callers that can handle a full GPU.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg, result as dr, sys as ds};
+
+use super::CudaError;
+use super::gpu::{Gpu, drv, elem_cfg, row_cfg};
+use super::libs::{Lib, require};
+use crate::device::{Device, L2_NORM_EPS, XentOut};
+
+/// How cuBLAS computes the GEMMs; inputs, outputs and accumulation are f32 in every mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GemmMath {
+    /// Plain fp32 (no tensor cores): tracks the CPU device.
+    #[default]
+    Fp32,
+    /// TF32 tensor cores (inputs rounded to 10-bit mantissas).
+    Tf32,
+    /// BF16 tensor cores (inputs rounded to 7-bit mantissas), fp32 accumulation.
+    Bf16,
+}
+
+impl GemmMath {
+    /// All modes.
+    pub const ALL: [GemmMath; 3] = [GemmMath::Fp32, GemmMath::Tf32, GemmMath::Bf16];
+
+    /// `fp32`, `tf32` or `bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmMath::Fp32 => "fp32",
+            GemmMath::Tf32 => "tf32",
+            GemmMath::Bf16 => "bf16",
+        }
+    }
+
+    /// Parses [`GemmMath::name`].
+    pub fn parse(s: &str) -> Option<GemmMath> {
+        GemmMath::ALL.into_iter().find(|m| m.name() == s)
+    }
+
+    fn compute_type(self) -> cudarc::cublas::sys::cublasComputeType_t {
+        use cudarc::cublas::sys::cublasComputeType_t as C;
+        match self {
+            GemmMath::Fp32 => C::CUBLAS_COMPUTE_32F,
+            GemmMath::Tf32 => C::CUBLAS_COMPUTE_32F_FAST_TF32,
+            GemmMath::Bf16 => C::CUBLAS_COMPUTE_32F_FAST_16BF,
+        }
+    }
+}
+
+/// Options of [`CudaDevice::open`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CudaDeviceOpts {
+    /// GEMM arithmetic (default fp32).
+    pub gemm_math: GemmMath,
+}
+
+/// Row-major `C = alpha·op(A)·op(B) + beta·C` through cuBLAS's column-major `cublasGemmEx` on
+/// f32 data: row-major `C` is column-major `Cᵀ = op(B)ᵀ·op(A)ᵀ`, so A and B swap places and
+/// keep their flags. `a`, `b`, `c` are device addresses; `m`, `n`, `k` must be positive.
+///
+/// # Safety
+/// `handle` is a live cuBLAS handle of the current context; `a` holds `m·k`, `b` `k·n` and `c`
+/// `m·n` floats (stored as the flags say), all addressable by the device, `c` not aliasing
+/// `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_row_major_raw(
+    handle: cudarc::cublas::sys::cublasHandle_t,
+    math: GemmMath,
+    trans_a: bool,
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: u64,
+    b: u64,
+    beta: f32,
+    c: u64,
+) -> Result<(), CudaError> {
+    use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+    use cudarc::cublas::sys::{cublasGemmAlgo_t, cudaDataType_t::CUDA_R_32F};
+    let dim = |v: usize| {
+        i32::try_from(v)
+            .ok()
+            .filter(|&d| d > 0)
+            .ok_or_else(|| CudaError::Invalid(format!("gemm dimension {v} is not in 1..=i32::MAX")))
+    };
+    let (mi, ni, ki) = (dim(m)?, dim(n)?, dim(k)?);
+    let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+    let ldb = if trans_b { ki } else { ni };
+    let lda = if trans_a { mi } else { ki };
+    // SAFETY: per the caller's contract; alpha and beta are host scalars (the default pointer
+    // mode) that outlive the call.
+    unsafe {
+        cudarc::cublas::result::gemm_ex(
+            handle,
+            op(trans_b),
+            op(trans_a),
+            ni,
+            mi,
+            ki,
+            (&alpha) as *const f32 as *const _,
+            b as *const _,
+            CUDA_R_32F,
+            ldb,
+            a as *const _,
+            CUDA_R_32F,
+            lda,
+            (&beta) as *const f32 as *const _,
+            c as *mut _,
+            CUDA_R_32F,
+            ni,
+            math.compute_type(),
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| CudaError::Cublas { what: format!("gemm {m}x{n}x{k}"), detail: format!("{e:?}") })
+}
+
+/// Address ranges of live allocations: start → length in bytes.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    ranges: BTreeMap<usize, usize>,
+}
+
+impl Registry {
+    pub(crate) fn insert(&mut self, start: usize, bytes: usize) {
+        self.ranges.insert(start, bytes);
+    }
+
+    pub(crate) fn remove(&mut self, start: usize) {
+        self.ranges.remove(&start);
+    }
+
+    /// The start of the allocation holding all of `[addr, addr + bytes)`, if one does.
+    pub(crate) fn containing(&self, addr: usize, bytes: usize) -> Option<usize> {
+        let (&start, &len) = self.ranges.range(..=addr).next_back()?;
+        let end = addr.checked_add(bytes)?;
+        (end <= start.checked_add(len)?).then_some(start)
+    }
+}
+
+/// What a [`ManagedBuf`] shares with its device.
+struct Shared {
+    stream: Arc<CudaStream>,
+    managed: Mutex<Registry>,
+}
+
+impl Shared {
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.managed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn sync(&self, what: &str) {
+        if let Err(e) = self.stream.synchronize() {
+            fault(what, e);
+        }
+    }
+}
+
+/// `f32` values in managed (unified) memory: a slice on the host, a device pointer for the
+/// kernels of the [`CudaDevice`] that allocated it. Freed on drop (after the device's stream
+/// finishes, since queued kernels may still use it). Read results only after
+/// [`Device::synchronize`] (see the module documentation).
+pub struct ManagedBuf {
+    ptr: NonNull<f32>,
+    len: usize,
+    shared: Arc<Shared>,
+}
+
+// SAFETY: the buffer owns its allocation exclusively (like a `Vec<f32>`); shared access goes
+// through `&[f32]` and mutation through `&mut [f32]`, so Rust's borrow rules apply on the host.
+// GPU access is ordered by the device's stream as documented.
+unsafe impl Send for ManagedBuf {}
+// SAFETY: as above; `&ManagedBuf` only gives out `&[f32]`.
+unsafe impl Sync for ManagedBuf {}
+
+impl std::ops::Deref for ManagedBuf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        // SAFETY: `ptr` points to `len` initialised floats (zeroed at allocation) owned by self,
+        // or is dangling with `len == 0`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for ManagedBuf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as for Deref, and `&mut self` is unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::fmt::Debug for ManagedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManagedBuf").field("ptr", &self.ptr).field("len", &self.len).finish()
+    }
+}
+
+impl Drop for ManagedBuf {
+    fn drop(&mut self) {
+        if self.len == 0 {
+            return;
+        }
+        let addr = self.ptr.as_ptr() as usize;
+        self.shared.registry().remove(addr);
+        // Errors cannot be reported from drop; a failed free leaks the buffer.
+        let ctx = self.shared.stream.context();
+        if ctx.bind_to_thread().is_ok() && self.shared.stream.synchronize().is_ok() {
+            // SAFETY: allocated by cuMemAllocManaged, freed once, no queued work uses it.
+            let _ = unsafe { dr::memory_free(addr as ds::CUdeviceptr) };
+        }
+    }
+}
+
+/// A pooled device buffer (raw `cuMemAlloc` memory; the pool frees it).
+struct Scratch {
+    ptr: u64,
+    bytes: usize,
+}
+
+/// Scratch buffers are pooled by size rounded up to this many bytes.
+const SCRATCH_ROUND: usize = 256;
+
+/// The [`Device`] trait on one GPU. See the module documentation for memory and ordering.
+pub struct CudaDevice {
+    blas: Mutex<CudaBlas>,
+    shared: Arc<Shared>,
+    pool: Mutex<HashMap<usize, Vec<u64>>>,
+    scratch_bytes: AtomicUsize,
+    staged: AtomicU64,
+    opts: CudaDeviceOpts,
+    gpu: Gpu,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaDevice").field("name", &self.name()).finish()
+    }
+}
+
+/// cuBLAS's math mode for `math` (tensor cores allowed only for TF32 and BF16).
+fn set_math_mode(blas: &CudaBlas, math: GemmMath) -> Result<(), CudaError> {
+    use cudarc::cublas::sys::cublasMath_t::{CUBLAS_DEFAULT_MATH, CUBLAS_TF32_TENSOR_OP_MATH};
+    let mode =
+        if math == GemmMath::Fp32 { CUBLAS_DEFAULT_MATH } else { CUBLAS_TF32_TENSOR_OP_MATH };
+    // SAFETY: a live handle.
+    unsafe { cudarc::cublas::sys::cublasSetMathMode(*blas.handle(), mode) }
+        .result()
+        .map_err(|e| CudaError::Cublas { what: "set math mode".into(), detail: format!("{e:?}") })
+}
+
+/// Panics for a device fault (see the module documentation).
+#[cold]
+fn fault(what: &str, e: impl std::fmt::Debug) -> ! {
+    panic!(
+        "CudaDevice: {what} failed: {e:?} (a CUDA device fault, not bad input: the GPU was lost, \
+         ran out of memory, or an earlier kernel failed)"
+    )
+}
+
+fn check(kernel: &str, arg: &str, got: usize, want: usize) {
+    assert!(
+        got == want,
+        "{kernel}: argument `{arg}` has {got} elements, expected {want} from the given dimensions"
+    );
+}
+
+/// A kernel argument.
+#[derive(Clone, Copy)]
+enum Arg {
+    /// Device address.
+    P(u64),
+    I(i64),
+    F(f32),
+}
+
+fn i(v: usize) -> Arg {
+    Arg::I(v as i64)
+}
+
+impl CudaDevice {
+    /// Opens GPU `ordinal`: context, every kernel compiled and loaded, a cuBLAS handle on the
+    /// stream. Fails (never panics) when the driver, NVRTC or cuBLAS is missing, the GPU does
+    /// not exist, lacks concurrent managed access, or a kernel does not compile.
+    pub fn open(ordinal: usize, opts: CudaDeviceOpts) -> Result<CudaDevice, CudaError> {
+        require(Lib::Driver)?;
+        require(Lib::Nvrtc)?;
+        require(Lib::Cublas)?;
+        CudaDevice::with_gpu(Gpu::open(ordinal)?, opts)
+    }
+
+    /// A device on an already opened [`Gpu`] (its kernels and stream).
+    pub fn with_gpu(gpu: Gpu, opts: CudaDeviceOpts) -> Result<CudaDevice, CudaError> {
+        require(Lib::Cublas)?;
+        use ds::CUdevice_attribute as A;
+        for (attr, what) in [
+            (A::CU_DEVICE_ATTRIBUTE_MANAGED_MEMORY, "managed memory"),
+            (A::CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS, "concurrent managed access"),
+        ] {
+            if drv(what, gpu.ctx.attribute(attr))? == 0 {
+                return Err(CudaError::Invalid(format!(
+                    "GPU {} ({}) does not support {what}, which CudaDevice needs (Linux with a \
+                     Pascal or newer GPU has it; Windows/WSL and older GPUs do not)",
+                    gpu.ctx.ordinal(),
+                    gpu.name
+                )));
+            }
+        }
+        drv("bind context", gpu.ctx.bind_to_thread())?;
+        let blas = CudaBlas::new(Arc::clone(&gpu.stream)).map_err(|e| CudaError::Cublas {
+            what: "create handle".into(),
+            detail: format!("{e:?}"),
+        })?;
+        set_math_mode(&blas, opts.gemm_math)?;
+        let shared = Arc::new(Shared {
+            stream: Arc::clone(&gpu.stream),
+            managed: Mutex::new(Registry::default()),
+        });
+        Ok(CudaDevice {
+            blas: Mutex::new(blas),
+            shared,
+            pool: Mutex::new(HashMap::new()),
+            scratch_bytes: AtomicUsize::new(0),
+            staged: AtomicU64::new(0),
+            opts,
+            gpu,
+        })
+    }
+
+    /// The GPU (context, stream, kernels).
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// The options in force.
+    pub fn opts(&self) -> CudaDeviceOpts {
+        self.opts
+    }
+
+    /// Switches the GEMM arithmetic for the following calls.
+    pub fn set_gemm_math(&mut self, math: GemmMath) -> Result<(), CudaError> {
+        drv("bind context", self.gpu.ctx.bind_to_thread())?;
+        set_math_mode(self.blas.get_mut().unwrap_or_else(|p| p.into_inner()), math)?;
+        self.opts.gemm_math = math;
+        Ok(())
+    }
+
+    /// A zero-filled managed buffer, or the driver's error (e.g. out of memory).
+    pub fn try_alloc(&self, len: usize) -> Result<ManagedBuf, CudaError> {
+        let shared = Arc::clone(&self.shared);
+        if len == 0 {
+            return Ok(ManagedBuf { ptr: NonNull::dangling(), len: 0, shared });
+        }
+        let bytes = len
+            .checked_mul(4)
+            .ok_or_else(|| CudaError::Invalid(format!("alloc of {len} floats overflows")))?;
+        drv("bind context", self.gpu.ctx.bind_to_thread())?;
+        // SAFETY: a plain allocation; it is zeroed below before anyone reads it.
+        let p = drv("cuMemAllocManaged", unsafe {
+            dr::malloc_managed(bytes, ds::CUmemAttach_flags::CU_MEM_ATTACH_GLOBAL)
+        })?;
+        let ptr = NonNull::new(p as *mut f32)
+            .ok_or_else(|| CudaError::Invalid("cuMemAllocManaged returned null".into()))?;
+        self.shared.registry().insert(p as usize, bytes);
+        let buf = ManagedBuf { ptr, len, shared }; // frees on the error paths below
+        // SAFETY: `bytes` bytes at `p` belong to `buf`.
+        drv("zero managed buffer", unsafe {
+            dr::memset_d8_async(p, 0, bytes, self.shared.stream.cu_stream())
+        })?;
+        drv("synchronize", self.shared.stream.synchronize())?;
+        Ok(buf)
+    }
+
+    /// Whether all of `s` lies in a managed buffer of this device (kernels then use it in
+    /// place).
+    pub fn is_managed(&self, s: &[f32]) -> bool {
+        self.shared.registry().containing(s.as_ptr() as usize, std::mem::size_of_val(s)).is_some()
+    }
+
+    /// Slices staged (copied through scratch memory) so far.
+    pub fn staged_count(&self) -> u64 {
+        self.staged.load(Ordering::Relaxed)
+    }
+
+    /// Device bytes held by the scratch pool.
+    pub fn scratch_bytes(&self) -> usize {
+        self.scratch_bytes.load(Ordering::Relaxed)
+    }
+
+    fn take_scratch(&self, bytes: usize) -> Scratch {
+        let bytes = bytes.max(1).next_multiple_of(SCRATCH_ROUND);
+        let hit = self
+            .pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&bytes)
+            .and_then(|v| v.pop());
+        let ptr = match hit {
+            Some(p) => p,
+            None => {
+                // SAFETY: a plain device allocation, owned by the pool from here on.
+                let p = unsafe { dr::malloc_sync(bytes) }
+                    .unwrap_or_else(|e| fault(&format!("scratch allocation of {bytes} B"), e));
+                self.scratch_bytes.fetch_add(bytes, Ordering::Relaxed);
+                p
+            }
+        };
+        Scratch { ptr, bytes }
+    }
+
+    fn give_scratch(&self, s: Scratch) {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).entry(s.bytes).or_default().push(s.ptr);
+    }
+
+    /// Queues kernel `name`.
+    ///
+    /// # Safety
+    /// `args` match the kernel's parameter list in elements.cu, and every pointer addresses as
+    /// many values as the kernel reads or writes for the given sizes.
+    unsafe fn launch(&self, name: &str, cfg: LaunchConfig, args: &[Arg]) {
+        let f = self.gpu.func(name).unwrap_or_else(|e| fault(&format!("kernel {name}"), e));
+        let mut l = self.gpu.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::P(p) => l.arg(p),
+                Arg::I(v) => l.arg(v),
+                Arg::F(v) => l.arg(v),
+            };
+        }
+        // SAFETY: per this function's contract.
+        if let Err(e) = unsafe { l.launch(cfg) } {
+            fault(&format!("launch of kernel {name}"), e);
+        }
+    }
+
+    /// An element-wise kernel over `n` values (skipped when `n == 0`).
+    ///
+    /// # Safety
+    /// As [`CudaDevice::launch`].
+    unsafe fn elementwise(&self, name: &str, n: usize, args: &[Arg]) {
+        if n > 0 {
+            // SAFETY: forwarded.
+            unsafe { self.launch(name, elem_cfg(n), args) }
+        }
+    }
+}
+
+impl Drop for CudaDevice {
+    fn drop(&mut self) {
+        if self.gpu.ctx.bind_to_thread().is_err() || self.gpu.stream.synchronize().is_err() {
+            return; // a lost context: leak rather than free memory kernels may still use
+        }
+        let pool = std::mem::take(&mut *self.pool.lock().unwrap_or_else(|p| p.into_inner()));
+        for p in pool.into_values().flatten() {
+            // SAFETY: allocated by take_scratch, freed once, the stream is idle.
+            let _ = unsafe { dr::free_sync(p) };
+        }
+    }
+}
+
+/// The arguments of one trait call: managed slices pass through, others are staged in scratch
+/// memory and outputs copied back by [`Call::finish`]. Scratch returns to the pool on drop
+/// (stream order keeps a later call from overwriting it before this call's kernels ran).
+struct Call<'d, 'a> {
+    dev: &'d CudaDevice,
+    scratch: Vec<Scratch>,
+    back: Vec<(u64, &'a mut [f32])>,
+    fetched: bool,
+}
+
+impl<'d, 'a> Call<'d, 'a> {
+    fn new(dev: &'d CudaDevice) -> Self {
+        if let Err(e) = dev.gpu.ctx.bind_to_thread() {
+            fault("binding the CUDA context", e);
+        }
+        Call { dev, scratch: Vec::new(), back: Vec::new(), fetched: false }
+    }
+
+    fn stream(&self) -> ds::CUstream {
+        self.dev.shared.stream.cu_stream()
+    }
+
+    /// Scratch memory of `bytes` bytes for this call.
+    fn scratch(&mut self, bytes: usize) -> u64 {
+        let s = self.dev.take_scratch(bytes);
+        let p = s.ptr;
+        self.scratch.push(s);
+        p
+    }
+
+    fn upload<T>(&mut self, s: &[T]) -> u64 {
+        let p = self.scratch(std::mem::size_of_val(s));
+        // SAFETY: `p` holds at least size_of_val(s) bytes; a pageable source is copied out
+        // before the call returns.
+        if let Err(e) = unsafe { dr::memcpy_htod_async(p, s, self.stream()) } {
+            fault("copy to the GPU (staging)", e);
+        }
+        p
+    }
+
+    /// The slice's own address when the kernel can use it in place (managed, or empty), else
+    /// `None` (counted as staged).
+    fn in_place(&mut self, s: &[f32]) -> Option<u64> {
+        if s.is_empty() {
+            return Some(0);
+        }
+        if self.dev.is_managed(s) {
+            return Some(s.as_ptr() as u64);
+        }
+        self.dev.staged.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+
+    /// A read-only argument.
+    fn in_ptr(&mut self, s: &[f32]) -> u64 {
+        self.in_place(s).unwrap_or_else(|| self.upload(s))
+    }
+
+    fn input(&mut self, s: &[f32]) -> Arg {
+        Arg::P(self.in_ptr(s))
+    }
+
+    /// A `u32` array (never managed: always copied).
+    fn input_u32(&mut self, s: &[u32]) -> Arg {
+        Arg::P(if s.is_empty() { 0 } else { self.upload(s) })
+    }
+
+    /// An argument the kernel overwrites without reading.
+    fn out_ptr(&mut self, s: &'a mut [f32]) -> u64 {
+        self.in_place(s).unwrap_or_else(|| {
+            let p = self.scratch(std::mem::size_of_val(s));
+            self.back.push((p, s));
+            p
+        })
+    }
+
+    fn output(&mut self, s: &'a mut [f32]) -> Arg {
+        Arg::P(self.out_ptr(s))
+    }
+
+    /// An argument the kernel reads and writes.
+    fn inout_ptr(&mut self, s: &'a mut [f32]) -> u64 {
+        self.in_place(s).unwrap_or_else(|| {
+            let p = self.upload(s);
+            self.back.push((p, s));
+            p
+        })
+    }
+
+    fn inout(&mut self, s: &'a mut [f32]) -> Arg {
+        Arg::P(self.inout_ptr(s))
+    }
+
+    /// Queues a copy of `src` (device) into `dst`; valid after [`Call::finish`].
+    fn fetch<T>(&mut self, dst: &mut [T], src: u64) {
+        // SAFETY: `src` holds size_of_val(dst) bytes of scratch written by this call's kernels;
+        // the caller reads `dst` only after finish() synchronised the stream.
+        if let Err(e) = unsafe { dr::memcpy_dtoh_async(dst, src, self.stream()) } {
+            fault("copy from the GPU", e);
+        }
+        self.fetched = true;
+    }
+
+    /// Copies staged outputs back and waits for the stream when anything was copied.
+    fn finish(mut self) {
+        let back = std::mem::take(&mut self.back);
+        let wait = self.fetched || !back.is_empty();
+        for (p, dst) in back {
+            self.fetch(dst, p);
+        }
+        if wait {
+            self.dev.shared.sync("synchronize after copying results back");
+        }
+    }
+}
+
+impl Drop for Call<'_, '_> {
+    fn drop(&mut self) {
+        for s in self.scratch.drain(..) {
+            self.dev.give_scratch(s);
+        }
+    }
+}
+
+/// Launch shape of `sq_norm_partial`: `(blocks, config)`.
+fn sq_norm_cfg(n: usize) -> (usize, LaunchConfig) {
+    let blocks = n.div_ceil(256).clamp(1, 1024);
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 256 * 8,
+    };
+    (blocks, cfg)
+}
+
+impl Device for CudaDevice {
+    type Buf = ManagedBuf;
+
+    fn name(&self) -> String {
+        format!(
+            "cuda:{}({}, {}, gemm {})",
+            self.gpu.ctx.ordinal(),
+            self.gpu.name,
+            self.gpu.arch,
+            self.opts.gemm_math.name()
+        )
+    }
+
+    fn threads(&self) -> usize {
+        1
+    }
+
+    /// Panics when the GPU is out of memory ([`CudaDevice::try_alloc`] returns the error).
+    fn alloc(&self, len: usize) -> ManagedBuf {
+        self.try_alloc(len).unwrap_or_else(|e| fault(&format!("alloc of {len} floats"), e))
+    }
+
+    fn synchronize(&self) {
+        self.shared.sync("synchronize");
+    }
+
+    fn gemm(
+        &self,
+        trans_a: bool,
+        trans_b: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: &[f32],
+        b: &[f32],
+        beta: f32,
+        c: &mut [f32],
+    ) {
+        check("gemm", "a", a.len(), m * k);
+        check("gemm", "b", b.len(), k * n);
+        check("gemm", "c", c.len(), m * n);
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            // op(A)·op(B) is the zero matrix.
+            if beta != 0.0 {
+                return self.scale(beta, c);
+            }
+            let bytes = std::mem::size_of_val(c);
+            let mut call = Call::new(self);
+            let p = call.out_ptr(c);
+            // SAFETY: `p` addresses the m·n floats of `c` (in place or staged).
+            if let Err(e) = unsafe { dr::memset_d8_async(p, 0, bytes, call.stream()) } {
+                fault("gemm (k = 0): zero C", e);
+            }
+            return call.finish();
+        }
+        let mut call = Call::new(self);
+        let (pa, pb) = (call.in_ptr(a), call.in_ptr(b));
+        // cuBLAS does not read C when beta is 0.
+        let pc = if beta == 0.0 { call.out_ptr(c) } else { call.inout_ptr(c) };
+        let blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: lengths checked above; the pointers address them on this device; c is a
+        // unique borrow (or its own scratch), so it aliases neither a nor b.
+        let r = unsafe {
+            gemm_row_major_raw(
+                *blas.handle(),
+                self.opts.gemm_math,
+                trans_a,
+                trans_b,
+                m,
+                n,
+                k,
+                alpha,
+                pa,
+                pb,
+                beta,
+                pc,
+            )
+        };
+        drop(blas);
+        if let Err(e) = r {
+            fault("cuBLAS gemm", e);
+        }
+        call.finish();
+    }
+
+    fn bias_add(&self, y: &mut [f32], bias: &[f32], rows: usize, cols: usize) {
+        check("bias_add", "y", y.len(), rows * cols);
+        check("bias_add", "bias", bias.len(), cols);
+        if y.is_empty() {
+            return;
+        }
+        let mut call = Call::new(self);
+        let args = [call.inout(y), call.input(bias), i(rows), i(cols)];
+        // SAFETY: bias_add(float* y, const float* bias, i64 rows, i64 cols); lengths checked.
+        unsafe { self.elementwise("bias_add", rows * cols, &args) };
+        call.finish();
+    }
+
+    fn bias_grad(&self, dy: &[f32], rows: usize, cols: usize, dbias: &mut [f32]) {
+        check("bias_grad", "dy", dy.len(), rows * cols);
+        check("bias_grad", "dbias", dbias.len(), cols);
+        if dy.is_empty() {
+            return;
+        }
+        let mut call = Call::new(self);
+        let args = [call.input(dy), i(rows), i(cols), call.inout(dbias)];
+        // SAFETY: bias_grad(const float* dy, i64 rows, i64 cols, float* dbias); one thread
+        // per column.
+        unsafe { self.elementwise("bias_grad", cols, &args) };
+        call.finish();
+    }
+
+    fn gelu_fwd(&self, x: &[f32], y: &mut [f32]) {
+        check("gelu_fwd", "y", y.len(), x.len());
+        let mut call = Call::new(self);
+        let args = [call.input(x), call.output(y), i(x.len())];
+        // SAFETY: gelu_fwd(const float* x, float* y, i64 n).
+        unsafe { self.elementwise("gelu_fwd", x.len(), &args) };
+        call.finish();
+    }
+
+    fn gelu_bwd(&self, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        check("gelu_bwd", "dy", dy.len(), x.len());
+        check("gelu_bwd", "dx", dx.len(), x.len());
+        let mut call = Call::new(self);
+        let args = [call.input(x), call.input(dy), call.output(dx), i(x.len())];
+        // SAFETY: gelu_bwd(const float* x, const float* dy, float* dx, i64 n).
+        unsafe { self.elementwise("gelu_bwd", x.len(), &args) };
+        call.finish();
+    }
+
+    fn relu_fwd(&self, x: &[f32], y: &mut [f32]) {
+        check("relu_fwd", "y", y.len(), x.len());
+        let mut call = Call::new(self);
+        let args = [call.input(x), call.output(y), i(x.len())];
+        // SAFETY: relu_fwd(const float* x, float* y, i64 n).
+        unsafe { self.elementwise("relu_fwd", x.len(), &args) };
+        call.finish();
+    }
+
+    fn relu_bwd(&self, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        check("relu_bwd", "dy", dy.len(), x.len());
+        check("relu_bwd", "dx", dx.len(), x.len());
+        let mut call = Call::new(self);
+        let args = [call.input(x), call.input(dy), call.output(dx), i(x.len())];
+        // SAFETY: relu_bwd(const float* x, const float* dy, float* dx, i64 n).
+        unsafe { self.elementwise("relu_bwd", x.len(), &args) };
+        call.finish();
+    }
+
+    fn layernorm_fwd(
+        &self,
+        x: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        rows: usize,
+        cols: usize,
+        eps: f32,
+        y: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+    ) {
+        check("layernorm_fwd", "x", x.len(), rows * cols);
+        check("layernorm_fwd", "y", y.len(), rows * cols);
+        check("layernorm_fwd", "gamma", gamma.len(), cols);
+        check("layernorm_fwd", "beta", beta.len(), cols);
+        check("layernorm_fwd", "mean", mean.len(), rows);
+        check("layernorm_fwd", "rstd", rstd.len(), rows);
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        let mut call = Call::new(self);
+        let args = [
+            call.input(x),
+            call.input(gamma),
+            call.input(beta),
+            i(rows),
+            i(cols),
+            Arg::F(eps),
+            call.output(y),
+            call.output(mean),
+            call.output(rstd),
+        ];
+        // SAFETY: layernorm_fwd(x, gamma, beta, rows, cols, eps, y, mean, rstd), one block per
+        // row with blockDim doubles of shared memory (row_cfg).
+        unsafe { self.launch("layernorm_fwd", row_cfg(rows), &args) };
+        call.finish();
+    }
+
+    fn layernorm_bwd(
+        &self,
+        x: &[f32],
+        gamma: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        dy: &[f32],
+        rows: usize,
+        cols: usize,
+        dx: &mut [f32],
+        dgamma: &mut [f32],
+        dbeta: &mut [f32],
+    ) {
+        check("layernorm_bwd", "x", x.len(), rows * cols);
+        check("layernorm_bwd", "dy", dy.len(), rows * cols);
+        check("layernorm_bwd", "dx", dx.len(), rows * cols);
+        check("layernorm_bwd", "gamma", gamma.len(), cols);
+        check("layernorm_bwd", "dgamma", dgamma.len(), cols);
+        check("layernorm_bwd", "dbeta", dbeta.len(), cols);
+        check("layernorm_bwd", "mean", mean.len(), rows);
+        check("layernorm_bwd", "rstd", rstd.len(), rows);
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        let mut call = Call::new(self);
+        let (px, pg, pm, pr, pdy) =
+            (call.input(x), call.input(gamma), call.input(mean), call.input(rstd), call.input(dy));
+        let (r, c) = (i(rows), i(cols));
+        let args = [px, pg, pm, pr, pdy, r, c, call.output(dx)];
+        // SAFETY: layernorm_bwd_dx(x, gamma, mean, rstd, dy, rows, cols, dx), row_cfg.
+        unsafe { self.launch("layernorm_bwd_dx", row_cfg(rows), &args) };
+        let args = [px, pm, pr, pdy, r, c, call.inout(dgamma), call.inout(dbeta)];
+        // SAFETY: layernorm_bwd_params(x, mean, rstd, dy, rows, cols, dgamma, dbeta); one
+        // thread per column.
+        unsafe { self.elementwise("layernorm_bwd_params", cols, &args) };
+        call.finish();
+    }
+
+    fn add_inplace(&self, y: &mut [f32], x: &[f32]) {
+        check("add_inplace", "x", x.len(), y.len());
+        let n = x.len();
+        let mut call = Call::new(self);
+        let args = [call.inout(y), call.input(x), i(n)];
+        // SAFETY: add_inplace(float* y, const float* x, i64 n).
+        unsafe { self.elementwise("add_inplace", n, &args) };
+        call.finish();
+    }
+
+    fn l2_normalize_fwd(
+        &self,
+        x: &[f32],
+        rows: usize,
+        cols: usize,
+        y: &mut [f32],
+        norms: &mut [f32],
+    ) {
+        check("l2_normalize_fwd", "x", x.len(), rows * cols);
+        check("l2_normalize_fwd", "y", y.len(), rows * cols);
+        check("l2_normalize_fwd", "norms", norms.len(), rows);
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        let mut call = Call::new(self);
+        let args = [
+            call.input(x),
+            i(rows),
+            i(cols),
+            Arg::F(L2_NORM_EPS),
+            call.output(y),
+            call.output(norms),
+        ];
+        // SAFETY: l2_normalize_fwd(x, rows, cols, eps, y, norms), row_cfg.
+        unsafe { self.launch("l2_normalize_fwd", row_cfg(rows), &args) };
+        call.finish();
+    }
+
+    fn l2_normalize_bwd(
+        &self,
+        y: &[f32],
+        norms: &[f32],
+        dy: &[f32],
+        rows: usize,
+        cols: usize,
+        dx: &mut [f32],
+    ) {
+        check("l2_normalize_bwd", "y", y.len(), rows * cols);
+        check("l2_normalize_bwd", "dy", dy.len(), rows * cols);
+        check("l2_normalize_bwd", "dx", dx.len(), rows * cols);
+        check("l2_normalize_bwd", "norms", norms.len(), rows);
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        let mut call = Call::new(self);
+        let args =
+            [call.input(y), call.input(norms), call.input(dy), i(rows), i(cols), call.output(dx)];
+        // SAFETY: l2_normalize_bwd(y, norms, dy, rows, cols, dx), row_cfg.
+        unsafe { self.launch("l2_normalize_bwd", row_cfg(rows), &args) };
+        call.finish();
+    }
+
+    fn softmax_xent(
+        &self,
+        logits: &[f32],
+        labels: &[u32],
+        rows: usize,
+        cols: usize,
+        grad_scale: f32,
+        dlogits: &mut [f32],
+    ) -> XentOut {
+        check("softmax_xent", "logits", logits.len(), rows * cols);
+        check("softmax_xent", "dlogits", dlogits.len(), rows * cols);
+        check("softmax_xent", "labels", labels.len(), rows);
+        if rows == 0 || cols == 0 {
+            return XentOut { loss_sum: 0.0, correct: 0 };
+        }
+        for (r, &label) in labels.iter().enumerate() {
+            assert!(
+                (label as usize) < cols,
+                "softmax_xent: label {label} in row {r} is not < {cols} classes"
+            );
+        }
+        let mut row_loss = vec![0.0f64; rows];
+        let mut row_hit = vec![0i32; rows];
+        let mut call = Call::new(self);
+        let (ploss, phit) = (call.scratch(rows * 8), call.scratch(rows * 4));
+        let args = [
+            call.input(logits),
+            call.input_u32(labels),
+            i(rows),
+            i(cols),
+            Arg::F(grad_scale),
+            call.output(dlogits),
+            Arg::P(ploss),
+            Arg::P(phit),
+        ];
+        // SAFETY: softmax_xent(logits, labels, rows, cols, grad_scale, dlogits, row_loss,
+        // row_hit); labels < cols checked; row_cfg's shared memory holds the f32 + i32 scratch.
+        unsafe { self.launch("softmax_xent", row_cfg(rows), &args) };
+        call.fetch(&mut row_loss, ploss);
+        call.fetch(&mut row_hit, phit);
+        call.finish();
+        XentOut {
+            loss_sum: row_loss.iter().sum(),
+            correct: row_hit.iter().filter(|&&h| h == 1).count(),
+        }
+    }
+
+    fn sq_norm(&self, x: &[f32]) -> f64 {
+        if x.is_empty() {
+            return 0.0;
+        }
+        let (blocks, cfg) = sq_norm_cfg(x.len());
+        let mut partial = vec![0.0f64; blocks];
+        let mut call = Call::new(self);
+        let pp = call.scratch(blocks * 8);
+        let args = [call.input(x), i(x.len()), Arg::P(pp)];
+        // SAFETY: sq_norm_partial(const float* x, i64 n, double* partial[gridDim.x]) with
+        // blockDim doubles of shared memory.
+        unsafe { self.launch("sq_norm_partial", cfg, &args) };
+        call.fetch(&mut partial, pp);
+        call.finish();
+        partial.iter().sum()
+    }
+
+    fn axpy(&self, alpha: f32, x: &[f32], y: &mut [f32]) {
+        check("axpy", "x", x.len(), y.len());
+        let n = x.len();
+        let mut call = Call::new(self);
+        let args = [Arg::F(alpha), call.input(x), call.inout(y), i(n)];
+        // SAFETY: axpy(float alpha, const float* x, float* y, i64 n).
+        unsafe { self.elementwise("axpy", n, &args) };
+        call.finish();
+    }
+
+    fn scale(&self, alpha: f32, x: &mut [f32]) {
+        let n = x.len();
+        let mut call = Call::new(self);
+        let args = [Arg::F(alpha), call.inout(x), i(n)];
+        // SAFETY: scale(float alpha, float* x, i64 n).
+        unsafe { self.elementwise("scale", n, &args) };
+        call.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_finds_the_allocation_holding_a_whole_range() {
+        let mut r = Registry::default();
+        r.insert(1000, 400);
+        r.insert(1400, 100); // adjacent to the first
+        r.insert(4000, 8);
+        assert_eq!(r.containing(1000, 400), Some(1000), "the whole first buffer");
+        assert_eq!(r.containing(1100, 40), Some(1000), "a sub-slice");
+        assert_eq!(r.containing(1396, 4), Some(1000), "the last element");
+        assert_eq!(r.containing(1400, 100), Some(1400));
+        assert_eq!(r.containing(1396, 8), None, "straddles two adjacent buffers");
+        assert_eq!(r.containing(996, 8), None, "starts before the first");
+        assert_eq!(r.containing(1450, 100), None, "runs past the end");
+        assert_eq!(r.containing(2000, 4), None, "in a gap");
+        assert_eq!(r.containing(500, 4), None, "below every buffer");
+        assert_eq!(r.containing(4004, 4), Some(4000));
+        assert_eq!(r.containing(4004, 8), None);
+        assert_eq!(r.containing(usize::MAX - 2, 8), None, "address overflow");
+        r.remove(1000);
+        assert_eq!(r.containing(1100, 40), None, "freed");
+        assert_eq!(r.containing(1400, 4), Some(1400));
+    }
+
+    #[test]
+    fn gemm_math_names_round_trip() {
+        for m in GemmMath::ALL {
+            assert_eq!(GemmMath::parse(m.name()), Some(m));
+        }
+        assert_eq!(GemmMath::parse("fp16"), None);
+        assert_eq!(CudaDeviceOpts::default().gemm_math, GemmMath::Fp32);
+    }
+
+    #[test]
+    fn sq_norm_grid_covers_small_and_large_inputs() {
+        assert_eq!(sq_norm_cfg(1).0, 1);
+        assert_eq!(sq_norm_cfg(257).0, 2);
+        let (blocks, cfg) = sq_norm_cfg(1 << 30);
+        assert_eq!(blocks, 1024);
+        assert_eq!(cfg.grid_dim.0 as usize, blocks);
+        assert_eq!(cfg.shared_mem_bytes, 256 * 8, "one double per thread");
+    }
+
+    #[test]
+    fn open_without_a_driver_is_a_clean_error() {
+        if Lib::Driver.present() {
+            // A GPU machine: the device opens, allocations are zeroed, registered, and the
+            // kernels run in place on them.
+            let dev =
+                CudaDevice::open(0, CudaDeviceOpts::default()).unwrap_or_else(|e| panic!("{e}"));
+            let mut x = dev.alloc(1031);
+            assert!(x.iter().all(|&v| v == 0.0));
+            assert!(dev.is_managed(&x) && dev.is_managed(&x[3..10]));
+            assert!(!dev.is_managed(&[1.0f32; 4]));
+            x.iter_mut().enumerate().for_each(|(j, v)| *v = j as f32);
+            dev.scale(2.0, &mut x[1..]);
+            dev.synchronize();
+            assert_eq!(dev.staged_count(), 0);
+            assert!(
+                x.iter().enumerate().all(|(j, &v)| v == if j == 0 { 0.0 } else { 2.0 * j as f32 })
+            );
+            return;
+        }
+        let e = CudaDevice::open(0, CudaDeviceOpts::default())
+            .expect_err("open must fail without a driver")
+            .to_string();
+        assert!(e.contains("libcuda.so.1") && e.contains("NVIDIA driver"), "{e}");
+    }
+}
