@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use tessera_collectives::Communicator;
-use tonic::Code;
 use tessera_collectives::flight::FlightRecorder;
 use tessera_collectives::tcp::{DataPlaneListener, TcpRing, TcpRingConfig};
 use tessera_coordinator::types::Membership;
@@ -28,6 +27,7 @@ use tessera_rank::config::{CollectivesKind, Config};
 use tessera_rank::device::cuda::gpu::Gpu;
 use tessera_rank::device::cuda::nccl::{NcclComm, NcclOpts, nccl_id_key};
 use tessera_rank::train::{self, RankInfo};
+use tonic::Code;
 
 use crate::RankArgs;
 use crate::bench_cmd;
