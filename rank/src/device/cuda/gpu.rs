@@ -49,17 +49,9 @@ impl Gpu {
 
     /// Opens device `ordinal`, compiles every kernel source for its architecture and loads it.
     pub fn open(ordinal: usize) -> Result<Gpu, CudaError> {
-        require(Lib::Driver)?;
+        let n = Gpu::count()?;
         require(Lib::Nvrtc)?;
-        let n = drv("cuDeviceGetCount", CudaContext::device_count())?;
-        if n <= 0 {
-            return Err(CudaError::Invalid(
-                "the CUDA driver loaded but reports no GPU (check nvidia-smi and \
-                 CUDA_VISIBLE_DEVICES)"
-                    .into(),
-            ));
-        }
-        if ordinal >= n as usize {
+        if ordinal >= n {
             return Err(CudaError::Invalid(format!(
                 "GPU {ordinal} requested but the driver reports {n} GPU(s)"
             )));
