@@ -75,6 +75,18 @@ pub fn bench_loss(
     let img = unit_rows(1, r as u64 * 2, b, d);
     let txt = unit_rows(1, r as u64 * 2 + 1, b, d);
     let mut ws = RingLossWorkspace::new(opts)?;
+    if r == 0 {
+        // A line at most every 30 s (and after the last round of each pass) on long runs.
+        let start = Instant::now();
+        let mut said = Instant::now();
+        ws.set_progress(Box::new(move |pass, done, rounds| {
+            if said.elapsed().as_secs() >= 30 || done == rounds {
+                said = Instant::now();
+                let t = start.elapsed().as_secs_f64();
+                eprintln!("bench loss: {pass} round {done}/{rounds} done after {t:.0} s");
+            }
+        }));
+    }
     let scale = 14.285_714f32;
     comm.barrier()?;
     let t0 = Instant::now();

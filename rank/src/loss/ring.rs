@@ -207,7 +207,12 @@ pub struct RingLossWorkspace {
     dev: CpuDevice,
     tiles: TilePool,
     slots: Slots,
+    progress: Option<LossProgress>,
 }
+
+/// Told after every round of chunks: the pass (`forward`, `backward`, SigLIP's `pass`), the
+/// rounds done and the rounds in the pass.
+pub type LossProgress = Box<dyn FnMut(&'static str, usize, usize) + Send>;
 
 impl std::fmt::Debug for RingLossWorkspace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -248,7 +253,14 @@ impl RingLossWorkspace {
             dev: CpuDevice::new(1),
             tiles: TilePool::default(),
             slots: Slots::default(),
+            progress: None,
         })
+    }
+
+    /// Calls `f` after every round of chunks (for long runs: a B = 10⁶ loss takes hours on a
+    /// CPU).
+    pub fn set_progress(&mut self, f: LossProgress) {
+        self.progress = Some(f);
     }
 
     pub fn opts(&self) -> &RingLossOpts {
@@ -1249,7 +1261,7 @@ fn clip_ring(
             workspace_bytes: 0,
         });
     }
-    let RingLossWorkspace { opts, pool, dev, tiles, slots } = ws;
+    let RingLossWorkspace { opts, pool, dev, tiles, slots, progress } = ws;
     let kn = Kern { dev, tiles, tr: opts.tile_rows, tc: opts.tile_cols, d, scale };
     let ch = Chunks::new(&sizes, opts.chunk_rows_for(d));
 
@@ -1271,6 +1283,9 @@ fn clip_ring(
         own_cols[lo..lo + n].copy_from_slice(&cols[..n]);
         own_cols[b_local + lo..b_local + lo + n].copy_from_slice(&cols[n..]);
         peak_fwd = peak_fwd.max(peak);
+        if let Some(p) = progress.as_mut() {
+            p("forward", s + 1, ch.rounds);
+        }
     }
     let lse: Vec<f64> = rows.iter().map(|a| a.m as f64 + a.z.ln()).collect();
     let (cm, cz) = own_cols.split_at(b_local);
@@ -1327,6 +1342,9 @@ fn clip_ring(
         // This rank's chunk s has made its last trip: its gradient may take its place.
         txt.put_grad(lo, d, &d_chunk);
         peak_bwd = peak_bwd.max(peak);
+        if let Some(p) = progress.as_mut() {
+            p("backward", s + 1, ch.rounds);
+        }
     }
     if comm.world() > 1 {
         comm.all_reduce_f64(&mut loss_part, ReduceOp::Sum)?;
@@ -1436,7 +1454,7 @@ fn siglip_ring(
             workspace_bytes: 0,
         });
     }
-    let RingLossWorkspace { opts, pool, dev, tiles, slots } = ws;
+    let RingLossWorkspace { opts, pool, dev, tiles, slots, progress } = ws;
     let kn = Kern { dev, tiles, tr: opts.tile_rows, tc: opts.tile_cols, d, scale };
     let ch = Chunks::new(&sizes, opts.chunk_rows_for(d));
     let inv_b = 1.0 / big_b as f64;
@@ -1467,6 +1485,9 @@ fn siglip_ring(
             })?;
         txt.put_grad(lo, d, &d_chunk);
         peak = peak.max(p);
+        if let Some(p) = progress.as_mut() {
+            p("pass", s + 1, ch.rounds);
+        }
     }
     let mut loss_part = [sums[1]];
     if comm.world() > 1 {

@@ -591,3 +591,36 @@ fn clip_ring_matches_naive_loss_per_rank() {
         assert_close("dT", &to64(&ring.d_txt_local), &to64(&naive.d_txt_local), 1e-5, 1e-6);
     }
 }
+
+/// The progress hook hears every round of every pass, in order (13 and 9 rows in chunks of 4:
+/// 4 rounds).
+#[test]
+fn progress_reports_every_round() {
+    let mut rng = crate::rng::Rng::new(12);
+    let (d, split) = (3, [13usize, 9]);
+    let big_b: usize = split.iter().sum();
+    let img = random_unit(&mut rng, big_b, d);
+    let txt = random_unit(&mut rng, big_b, d);
+    let offs = [0usize, 13];
+    let opts = RingLossOpts { tile_rows: 4, tile_cols: 4, threads: 1, chunk_rows: 4 };
+    let heard = on_ranks(2, |r, comm| {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut ws = RingLossWorkspace::new(&opts).expect("workspace");
+        let log = seen.clone();
+        ws.set_progress(Box::new(move |pass, done, rounds| {
+            log.lock().unwrap().push((pass, done, rounds));
+        }));
+        let (o, b) = (offs[r], split[r]);
+        let (il, tl) = (&img[o * d..(o + b) * d], &txt[o * d..(o + b) * d]);
+        clip_loss_ring_ws(comm, &mut ws, il, tl, b, d, 2.0, None).expect("clip");
+        siglip_loss_ring_ws(comm, &mut ws, il, tl, b, d, 2.0, -1.0, None).expect("siglip");
+        seen.lock().unwrap().clone()
+    });
+    let want: Vec<(&str, usize, usize)> = ["forward", "backward", "pass"]
+        .iter()
+        .flat_map(|&p| (1..=4).map(move |k| (p, k, 4)))
+        .collect();
+    for h in heard {
+        assert_eq!(h, want);
+    }
+}
