@@ -41,6 +41,7 @@ use sha2::{Digest, Sha256};
 use tessera_collectives::{CommError, Communicator};
 
 use crate::config::{Config, differing_keys};
+use crate::device::DeviceBuf;
 use crate::gns::{BatchChange, BatchSchedule, GnsEstimator, GnsReport, GnsState};
 use crate::model::Model;
 use crate::optim::Optimizer;
@@ -122,7 +123,7 @@ pub struct TensorInfo {
 
 impl TensorInfo {
     /// The tensor table of `model`.
-    pub fn of(model: &Model) -> Vec<TensorInfo> {
+    pub fn of<B: DeviceBuf>(model: &Model<B>) -> Vec<TensorInfo> {
         model
             .param_groups()
             .into_iter()
@@ -840,10 +841,10 @@ impl Checkpointer {
 
     /// The checkpoint of the state after `step` completed steps; `batch`: the adaptive batch
     /// schedule (None with a fixed batch).
-    pub fn capture(
+    pub fn capture<B: DeviceBuf>(
         &self,
         step: u64,
-        model: &Model,
+        model: &Model<B>,
         opt: &Optimizer,
         gns: Option<&GnsEstimator>,
         batch: Option<&BatchSchedule>,
@@ -873,11 +874,11 @@ impl Checkpointer {
     /// rank whether that worked, so a failed write (a full disk) stops every rank with the same
     /// error. Collective. Call [`GnsEstimator::flush`] first: pending statistics are per rank.
     #[allow(clippy::too_many_arguments)]
-    pub fn save(
+    pub fn save<B: DeviceBuf>(
         &self,
         comm: &mut dyn Communicator,
         step: u64,
-        model: &Model,
+        model: &Model<B>,
         opt: &Optimizer,
         gns: Option<&GnsEstimator>,
         batch: Option<&BatchSchedule>,
@@ -913,10 +914,10 @@ impl Checkpointer {
 
     /// Checks that `r` fits this run and restores it into the model, the optimizer and the
     /// noise-scale estimator. Returns the warnings to show (rank 0 prints them).
-    pub fn restore(
+    pub fn restore<B: DeviceBuf>(
         &self,
         r: &Resumed,
-        model: &mut Model,
+        model: &mut Model<B>,
         opt: &mut Optimizer,
         gns: Option<&mut GnsEstimator>,
     ) -> Result<Vec<String>, CheckpointError> {

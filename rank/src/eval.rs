@@ -133,7 +133,7 @@ fn take_rows(ds: &Dataset, max: usize) -> Vec<usize> {
 /// Evaluates `model` on the held-out data (and the k-NN probe when configured).
 pub fn evaluate<D: Device>(
     cfg: &Config,
-    model: &Model,
+    model: &Model<D::Buf>,
     dev: &D,
     eval: Option<&Dataset>,
 ) -> Result<EvalReport, TrainError> {

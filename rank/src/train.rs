@@ -21,7 +21,7 @@ use crate::data::{self, Dataset, DatasetKind, DistributedSampler, local_rows};
 use crate::device::cuda::CudaError;
 use crate::device::cuda::device::{CudaDevice, CudaDeviceOpts, GemmMath};
 use crate::device::cuda::gpu::Gpu;
-use crate::device::{CpuDevice, Device};
+use crate::device::{CpuDevice, Device, DeviceBuf};
 use crate::eval::{self, EvalReport};
 use crate::fault;
 use crate::gns::{BatchController, GnsError, GnsEstimator, GnsReport};
@@ -195,7 +195,7 @@ fn gather_rows(
     Ok(out)
 }
 
-fn tensor_groups(model: &Model) -> Vec<TensorGroup> {
+fn tensor_groups<B: DeviceBuf>(model: &Model<B>) -> Vec<TensorGroup> {
     model
         .param_groups()
         .into_iter()
@@ -423,7 +423,8 @@ fn train_on<D: Device>(
         model_cfg.logit_bias_init = Some(cfg.loss.siglip_bias_init);
         model_cfg.freeze_logit_bias = !cfg.loss.learnable_bias;
     }
-    let mut model = Model::new(&model_cfg, cfg.run.seed)?;
+    // Parameters, gradients and activations in the device's memory.
+    let mut model = Model::new(&model_cfg, cfg.run.seed)?.into_device(dev);
     let mut loss_ws = loss::RingLossWorkspace::new(&RingLossOpts {
         threads: if cfg.loss.threads > 0 { cfg.loss.threads } else { threads },
         ..cfg.loss.ring_opts()

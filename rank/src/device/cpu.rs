@@ -111,6 +111,15 @@ impl Device for CpuDevice {
         vec![0.0; len]
     }
 
+    fn host_vec(&self, buf: Vec<f32>) -> Vec<f32> {
+        buf
+    }
+
+    fn copy(&self, x: &[f32], y: &mut [f32]) {
+        check("copy", "x", x.len(), y.len());
+        y.copy_from_slice(x);
+    }
+
     fn gemm(
         &self,
         trans_a: bool,

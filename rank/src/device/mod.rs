@@ -40,10 +40,21 @@ pub struct XentOut {
     pub correct: usize,
 }
 
+/// What a device buffer is: a slice of `f32` on the host side (see the module documentation).
+pub trait DeviceBuf:
+    std::ops::Deref<Target = [f32]> + std::ops::DerefMut + Send + Sync + std::fmt::Debug
+{
+}
+
+impl<T> DeviceBuf for T where
+    T: std::ops::Deref<Target = [f32]> + std::ops::DerefMut + Send + Sync + std::fmt::Debug
+{
+}
+
 /// The kernel interface. See the module documentation for the memory model.
 pub trait Device: Send + Sync {
     /// A long-lived buffer of `f32` that the device's kernels can address.
-    type Buf: std::ops::Deref<Target = [f32]> + std::ops::DerefMut + Send + Sync;
+    type Buf: DeviceBuf;
 
     /// Human-readable name, e.g. `cpu(threads=2)`.
     fn name(&self) -> String;
@@ -56,6 +67,15 @@ pub trait Device: Send + Sync {
 
     /// Wait for all queued kernels (no-op on the CPU).
     fn synchronize(&self) {}
+
+    /// The values of `buf` as a host `Vec` (no copy where `Buf` is a `Vec`). Call after
+    /// [`Device::synchronize`] when kernels wrote `buf`.
+    fn host_vec(&self, buf: Self::Buf) -> Vec<f32> {
+        buf.to_vec()
+    }
+
+    /// `y = x` (same length), queued like any kernel.
+    fn copy(&self, x: &[f32], y: &mut [f32]);
 
     /// General matrix product, BLAS-style on row-major data:
     /// `C = alpha · op(A) · op(B) + beta · C`, where `op(A)` is `m × k` and `op(B)` is `k × n`.

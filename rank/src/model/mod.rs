@@ -19,7 +19,7 @@
 //!
 //! # Parameters
 //!
-//! All parameters live in one contiguous `Vec<f32>` (tower a, then tower b, then the logit
+//! All parameters live in one contiguous buffer (tower a, then tower b, then the logit
 //! scale `t` as a 0-dim tensor), gradients in one buffer of the same layout;
 //! [`Model::param_groups`] lists every tensor exactly once. Linear weights are stored
 //! `fan_in × fan_out` (row-major), so a layer is `Y = X·W + b`.
@@ -29,10 +29,12 @@
 //! `1/√depth` so the residual stream's variance stays bounded), biases and LayerNorm β zero,
 //! LayerNorm γ one, `t = logit_scale_init`. Tensor `k` draws from `Rng::stream(seed, k)`.
 
-use crate::device::Device;
+use crate::device::{Device, DeviceBuf};
 use crate::rng::Rng;
 use serde::{Deserialize, Serialize};
 
+#[cfg(test)]
+mod device_tests;
 #[cfg(test)]
 mod tests;
 
@@ -228,26 +230,32 @@ struct Tower {
     trainable: bool,
 }
 
-#[derive(Clone, Debug, Default)]
-struct UnitCache {
+/// What a unit's backward needs, in device buffers.
+#[derive(Clone, Debug)]
+struct UnitCache<B> {
     /// Input of the unit (`batch × fan_in`).
-    h: Vec<f32>,
-    mean: Vec<f32>,
-    rstd: Vec<f32>,
-    /// Activation input: the LayerNorm output (empty when `norm = none`: then it is `h`).
-    z: Vec<f32>,
+    h: B,
+    /// The LayerNorm's output `z` (the activation's input), mean and rstd; `None` when
+    /// `norm = none` (then the activation's input is `h`).
+    ln: Option<LnCache<B>>,
     /// Activation output, the input of the linear.
-    a: Vec<f32>,
+    a: B,
 }
 
-#[derive(Clone, Debug, Default)]
-struct TowerCache {
+#[derive(Clone, Debug)]
+struct LnCache<B> {
+    z: B,
+    mean: B,
+    rstd: B,
+}
+
+#[derive(Clone, Debug)]
+struct TowerCache<B> {
     batch: usize,
-    x: Vec<f32>,
-    units: Vec<UnitCache>,
+    x: B,
+    units: Vec<UnitCache<B>>,
     /// L2-normalised output and the norms (contrastive towers only).
-    feat: Vec<f32>,
-    norms: Vec<f32>,
+    l2: Option<(B, B)>,
 }
 
 struct Layout {
@@ -338,8 +346,8 @@ fn act_bwd<D: Device>(dev: &D, act: Activation, x: &[f32], dy: &[f32], dx: &mut 
     }
 }
 
-fn linear_fwd<D: Device>(dev: &D, p: &[f32], l: &Linear, x: &[f32], batch: usize) -> Vec<f32> {
-    let mut y = vec![0.0; batch * l.fan_out];
+fn linear_fwd<D: Device>(dev: &D, p: &[f32], l: &Linear, x: &[f32], batch: usize) -> D::Buf {
+    let mut y = dev.alloc(batch * l.fan_out);
     let w = &p[l.w..l.w + l.fan_in * l.fan_out];
     dev.gemm(false, false, batch, l.fan_out, l.fan_in, 1.0, x, w, 0.0, &mut y);
     dev.bias_add(&mut y, &p[l.b..l.b + l.fan_out], batch, l.fan_out);
@@ -357,34 +365,33 @@ fn linear_bwd<D: Device>(
     dy: &[f32],
     batch: usize,
     want_dx: bool,
-) -> Vec<f32> {
+) -> Option<D::Buf> {
     let (fi, fo) = (l.fan_in, l.fan_out);
     dev.gemm(true, false, fi, fo, batch, 1.0, x, dy, 1.0, &mut g[l.w..l.w + fi * fo]);
     dev.bias_grad(dy, batch, fo, &mut g[l.b..l.b + fo]);
     if !want_dx {
-        return Vec::new();
+        return None;
     }
-    let mut dx = vec![0.0; batch * fi];
+    let mut dx = dev.alloc(batch * fi);
     dev.gemm(false, true, batch, fi, fo, 1.0, dy, &p[l.w..l.w + fi * fo], 0.0, &mut dx);
-    dx
+    Some(dx)
 }
 
+/// `Linear(act(norm(h)))`; the cache takes `h` (the caller adds a residual from it).
 fn unit_fwd<D: Device>(
     dev: &D,
     p: &[f32],
     act: Activation,
     u: &Unit,
-    h: &[f32],
+    h: D::Buf,
     batch: usize,
-) -> (Vec<f32>, UnitCache) {
+) -> (D::Buf, UnitCache<D::Buf>) {
     let n = u.lin.fan_in;
-    let mut c = UnitCache::default();
-    if let Some((go, bo)) = u.ln {
-        c.z = vec![0.0; batch * n];
-        c.mean = vec![0.0; batch];
-        c.rstd = vec![0.0; batch];
+    let ln = u.ln.map(|(go, bo)| {
+        let mut c =
+            LnCache { z: dev.alloc(batch * n), mean: dev.alloc(batch), rstd: dev.alloc(batch) };
         dev.layernorm_fwd(
-            h,
+            &h,
             &p[go..go + n],
             &p[bo..bo + n],
             batch,
@@ -394,12 +401,12 @@ fn unit_fwd<D: Device>(
             &mut c.mean,
             &mut c.rstd,
         );
-    }
-    c.a = vec![0.0; batch * n];
-    act_fwd(dev, act, if u.ln.is_some() { &c.z } else { h }, &mut c.a);
-    let y = linear_fwd(dev, p, &u.lin, &c.a, batch);
-    c.h = h.to_vec();
-    (y, c)
+        c
+    });
+    let mut a = dev.alloc(batch * n);
+    act_fwd(dev, act, ln.as_ref().map_or(&h, |c| &c.z), &mut a);
+    let y = linear_fwd(dev, p, &u.lin, &a, batch);
+    (y, UnitCache { h, ln, a })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -409,24 +416,24 @@ fn unit_bwd<D: Device>(
     g: &mut [f32],
     act: Activation,
     u: &Unit,
-    c: &UnitCache,
+    c: &UnitCache<D::Buf>,
     dy: &[f32],
     batch: usize,
-) -> Vec<f32> {
+) -> D::Buf {
     let n = u.lin.fan_in;
-    let da = linear_bwd(dev, p, g, &u.lin, &c.a, dy, batch, true);
-    let pre = if u.ln.is_some() { &c.z } else { &c.h };
-    let mut dz = vec![0.0; batch * n];
-    act_bwd(dev, act, pre, &da, &mut dz);
-    match u.ln {
-        Some((go, bo)) => {
-            let mut dh = vec![0.0; batch * n];
+    let da = linear_bwd(dev, p, g, &u.lin, &c.a, dy, batch, true)
+        .expect("linear_bwd returns dX when asked");
+    let mut dz = dev.alloc(batch * n);
+    act_bwd(dev, act, c.ln.as_ref().map_or(&c.h, |l| &l.z), &da, &mut dz);
+    match (u.ln, &c.ln) {
+        (Some((go, bo)), Some(l)) => {
+            let mut dh = dev.alloc(batch * n);
             let (dgamma, dbeta) = two_mut(g, go, n, bo, n);
             dev.layernorm_bwd(
                 &c.h,
                 &p[go..go + n],
-                &c.mean,
-                &c.rstd,
+                &l.mean,
+                &l.rstd,
                 &dz,
                 batch,
                 n,
@@ -436,11 +443,13 @@ fn unit_bwd<D: Device>(
             );
             dh
         }
-        None => dz,
+        _ => dz,
     }
 }
 
 impl Tower {
+    /// Forward of `x` (host or device memory): the output, and the activations when `keep`.
+    /// Only queues work; the caller synchronises before the host reads the output.
     fn forward<D: Device>(
         &self,
         dev: &D,
@@ -448,7 +457,7 @@ impl Tower {
         x: &[f32],
         batch: usize,
         keep: bool,
-    ) -> (Vec<f32>, Option<TowerCache>) {
+    ) -> (D::Buf, Option<TowerCache<D::Buf>>) {
         let cfg = &self.cfg;
         assert_eq!(
             x.len(),
@@ -457,48 +466,53 @@ impl Tower {
             x.len(),
             cfg.input_dim
         );
-        let mut cache = TowerCache { batch, ..TowerCache::default() };
-        let mut h = linear_fwd(dev, p, &self.input, x, batch);
+        // The input, in device memory: the first layer reads it and its backward needs it.
+        let mut xd = dev.alloc(x.len());
+        dev.copy(x, &mut xd);
+        let mut units = Vec::new();
+        let mut h = linear_fwd(dev, p, &self.input, &xd, batch);
         for u in &self.blocks {
-            let (y, c) = unit_fwd(dev, p, cfg.activation, u, &h, batch);
+            let (mut y, c) = unit_fwd(dev, p, cfg.activation, u, h, batch);
             if cfg.residual {
-                dev.add_inplace(&mut h, &y);
-            } else {
-                h = y;
+                // h + y, computed as y + h (the same sum) so the cache keeps h without a copy.
+                dev.add_inplace(&mut y, &c.h);
             }
+            h = y;
             if keep {
-                cache.units.push(c);
+                units.push(c);
             }
         }
-        let (y, c) = unit_fwd(dev, p, cfg.activation, &self.head, &h, batch);
+        let (y, c) = unit_fwd(dev, p, cfg.activation, &self.head, h, batch);
         if keep {
-            cache.units.push(c);
-            cache.x = x.to_vec();
+            units.push(c);
         }
+        let mut l2 = None;
         let out = if self.normalize {
-            let mut f = vec![0.0; y.len()];
-            let mut norms = vec![0.0; batch];
+            let mut f = dev.alloc(y.len());
+            let mut norms = dev.alloc(batch);
             dev.l2_normalize_fwd(&y, batch, cfg.output_dim, &mut f, &mut norms);
             if keep {
-                cache.feat = f.clone();
-                cache.norms = norms;
+                let mut kept = dev.alloc(f.len());
+                dev.copy(&f, &mut kept);
+                l2 = Some((kept, norms));
             }
             f
         } else {
             y
         };
-        (out, keep.then_some(cache))
+        (out, keep.then_some(TowerCache { batch, x: xd, units, l2 }))
     }
 
     /// Backward of the tower, accumulating into `g`. After each unit (head, blocks from the
-    /// top, input layer) it calls `ready(offset, grads)` with that unit's slice of `g`, which
-    /// this backward no longer touches.
+    /// top, input layer) it waits for the device and calls `ready(offset, grads)` with that
+    /// unit's slice of `g`, which this backward no longer touches.
+    #[allow(clippy::too_many_arguments)]
     fn backward<D: Device>(
         &self,
         dev: &D,
         p: &[f32],
         g: &mut [f32],
-        cache: &TowerCache,
+        cache: &TowerCache<D::Buf>,
         dout: &[f32],
         ready: &mut dyn FnMut(usize, &[f32]),
     ) {
@@ -514,25 +528,27 @@ impl Tower {
         if !self.trainable {
             return;
         }
-        let dy = if self.normalize {
-            let mut d = vec![0.0; dout.len()];
-            dev.l2_normalize_bwd(&cache.feat, &cache.norms, dout, batch, cfg.output_dim, &mut d);
-            d
-        } else {
-            dout.to_vec()
-        };
+        let mut dy = dev.alloc(dout.len());
+        match &cache.l2 {
+            Some((feat, norms)) => {
+                dev.l2_normalize_bwd(feat, norms, dout, batch, cfg.output_dim, &mut dy)
+            }
+            None => dev.copy(dout, &mut dy),
+        }
         let nb = self.blocks.len();
         let unit_range = |u: &Unit| {
             let start = u.ln.map_or(u.lin.w, |(gamma, _)| gamma);
             start..u.lin.b + u.lin.fan_out
         };
+        let mut report = |g: &[f32], r: std::ops::Range<usize>| {
+            dev.synchronize();
+            ready(r.start, &g[r]);
+        };
         let mut dh = unit_bwd(dev, p, g, cfg.activation, &self.head, &cache.units[nb], &dy, batch);
-        let r = unit_range(&self.head);
-        ready(r.start, &g[r]);
+        report(g, unit_range(&self.head));
         for (u, c) in self.blocks.iter().zip(&cache.units).rev() {
             let dx = unit_bwd(dev, p, g, cfg.activation, u, c, &dh, batch);
-            let r = unit_range(u);
-            ready(r.start, &g[r]);
+            report(g, unit_range(u));
             if cfg.residual {
                 dev.add_inplace(&mut dh, &dx);
             } else {
@@ -540,23 +556,29 @@ impl Tower {
             }
         }
         linear_bwd(dev, p, g, &self.input, &cache.x, &dh, batch, false);
-        let r = self.input.w..self.input.b + self.input.fan_out;
-        ready(r.start, &g[r]);
+        report(g, self.input.w..self.input.b + self.input.fan_out);
     }
 }
 
 /// A model: parameters, gradients and the activations of the last training forward.
+///
+/// `B` is the buffer type of the device the model runs on ([`Device::Buf`]): `Vec<f32>` for
+/// [`crate::device::CpuDevice`] (what [`Model::new`] builds), managed memory for a GPU
+/// ([`Model::into_device`]), so that kernels use parameters, gradients and activations in
+/// place. The methods that take a device need that device's `Buf` to be `B`. They return with
+/// the device idle (host-side results, gradients and parameters are then current), and host
+/// code (optimizer, all-reduce, checkpoint) reads and writes the buffers between them.
 #[derive(Clone, Debug)]
-pub struct Model {
+pub struct Model<B = Vec<f32>> {
     cfg: ModelConfig,
     towers: Vec<Tower>,
     t_offset: Option<usize>,
     bias_offset: Option<usize>,
     groups: Vec<ParamGroup>,
-    params: Vec<f32>,
-    grads: Vec<f32>,
-    cache_a: Option<TowerCache>,
-    cache_b: Option<TowerCache>,
+    params: B,
+    grads: B,
+    cache_a: Option<TowerCache<B>>,
+    cache_b: Option<TowerCache<B>>,
 }
 
 impl Model {
@@ -648,6 +670,29 @@ impl Model {
         })
     }
 
+    /// The same model on `dev`: parameters and gradients copied into buffers of `dev` (for
+    /// the CPU device, buffers like the ones it had).
+    pub fn into_device<D: Device>(self, dev: &D) -> Model<D::Buf> {
+        let mut params = dev.alloc(self.params.len());
+        let mut grads = dev.alloc(self.grads.len());
+        dev.synchronize();
+        params.copy_from_slice(&self.params);
+        grads.copy_from_slice(&self.grads);
+        Model {
+            cfg: self.cfg,
+            towers: self.towers,
+            t_offset: self.t_offset,
+            bias_offset: self.bias_offset,
+            groups: self.groups,
+            params,
+            grads,
+            cache_a: None,
+            cache_b: None,
+        }
+    }
+}
+
+impl<B: DeviceBuf> Model<B> {
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }
@@ -689,7 +734,7 @@ impl Model {
 
     /// Both buffers at once (for the optimizer).
     pub fn params_and_grads_mut(&mut self) -> (&mut [f32], &mut [f32]) {
-        (&mut self.params, &mut self.grads)
+        (&mut *self.params, &mut *self.grads)
     }
 
     pub fn zero_grads(&mut self) {
@@ -721,7 +766,7 @@ impl Model {
     ///
     /// # Panics
     /// On a classifier, or when the input lengths do not match `batch` and the input dims.
-    pub fn forward_pair<D: Device>(
+    pub fn forward_pair<D: Device<Buf = B>>(
         &mut self,
         dev: &D,
         a: &[f32],
@@ -734,7 +779,8 @@ impl Model {
         let (fb, cb) = tb.forward(dev, &self.params, b, batch, tb.trainable);
         self.cache_a = ca;
         self.cache_b = cb;
-        (fa, fb)
+        dev.synchronize();
+        (dev.host_vec(fa), dev.host_vec(fb))
     }
 
     /// Backward of the last [`Model::forward_pair`] from the feature gradients, ACCUMULATING
@@ -742,7 +788,12 @@ impl Model {
     ///
     /// # Panics
     /// Without a preceding `forward_pair`, or on length mismatches.
-    pub fn backward_pair<D: Device>(&mut self, dev: &D, d_feat_a: &[f32], d_feat_b: &[f32]) {
+    pub fn backward_pair<D: Device<Buf = B>>(
+        &mut self,
+        dev: &D,
+        d_feat_a: &[f32],
+        d_feat_b: &[f32],
+    ) {
         self.backward_pair_with(dev, d_feat_a, d_feat_b, &mut |_, _| {});
     }
 
@@ -754,7 +805,7 @@ impl Model {
     ///
     /// # Panics
     /// As [`Model::backward_pair`].
-    pub fn backward_pair_with<D: Device>(
+    pub fn backward_pair_with<D: Device<Buf = B>>(
         &mut self,
         dev: &D,
         d_feat_a: &[f32],
@@ -775,18 +826,23 @@ impl Model {
         if let Some(cb) = self.cache_b.take() {
             tb.backward(dev, &self.params, &mut self.grads, &cb, d_feat_b, ready);
         }
+        dev.synchronize();
     }
 
     /// Inference features of view a (no activations kept).
-    pub fn embed_a<D: Device>(&self, dev: &D, x: &[f32], batch: usize) -> Vec<f32> {
+    pub fn embed_a<D: Device<Buf = B>>(&self, dev: &D, x: &[f32], batch: usize) -> Vec<f32> {
         self.assert_contrastive("embed_a");
-        self.towers[0].forward(dev, &self.params, x, batch, false).0
+        let f = self.towers[0].forward(dev, &self.params, x, batch, false).0;
+        dev.synchronize();
+        dev.host_vec(f)
     }
 
     /// Inference features of view b (tower a in shared mode).
-    pub fn embed_b<D: Device>(&self, dev: &D, x: &[f32], batch: usize) -> Vec<f32> {
+    pub fn embed_b<D: Device<Buf = B>>(&self, dev: &D, x: &[f32], batch: usize) -> Vec<f32> {
         self.assert_contrastive("embed_b");
-        self.tower_b().forward(dev, &self.params, x, batch, false).0
+        let f = self.tower_b().forward(dev, &self.params, x, batch, false).0;
+        dev.synchronize();
+        dev.host_vec(f)
     }
 
     /// The raw parameter `t` (0 for a classifier).
@@ -831,26 +887,35 @@ impl Model {
     }
 
     /// Training forward of a classifier: logits `batch × num_classes`, activations kept.
-    pub fn forward_logits<D: Device>(&mut self, dev: &D, x: &[f32], batch: usize) -> Vec<f32> {
+    pub fn forward_logits<D: Device<Buf = B>>(
+        &mut self,
+        dev: &D,
+        x: &[f32],
+        batch: usize,
+    ) -> Vec<f32> {
         self.assert_classifier("forward_logits");
         let (y, c) = self.towers[0].forward(dev, &self.params, x, batch, true);
         self.cache_a = c;
-        y
+        dev.synchronize();
+        dev.host_vec(y)
     }
 
     /// Backward of the last [`Model::forward_logits`], accumulating into the gradients.
-    pub fn backward_logits<D: Device>(&mut self, dev: &D, d_logits: &[f32]) {
+    pub fn backward_logits<D: Device<Buf = B>>(&mut self, dev: &D, d_logits: &[f32]) {
         self.assert_classifier("backward_logits");
         let c = self
             .cache_a
             .take()
             .expect("Model::backward_logits called without a forward_logits before it");
         self.towers[0].backward(dev, &self.params, &mut self.grads, &c, d_logits, &mut |_, _| {});
+        dev.synchronize();
     }
 
     /// Inference logits (no activations kept).
-    pub fn predict<D: Device>(&self, dev: &D, x: &[f32], batch: usize) -> Vec<f32> {
+    pub fn predict<D: Device<Buf = B>>(&self, dev: &D, x: &[f32], batch: usize) -> Vec<f32> {
         self.assert_classifier("predict");
-        self.towers[0].forward(dev, &self.params, x, batch, false).0
+        let y = self.towers[0].forward(dev, &self.params, x, batch, false).0;
+        dev.synchronize();
+        dev.host_vec(y)
     }
 }

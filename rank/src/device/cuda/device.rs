@@ -169,6 +169,11 @@ impl Registry {
         self.ranges.remove(&start);
     }
 
+    /// Bytes of all the ranges.
+    pub(crate) fn bytes(&self) -> usize {
+        self.ranges.values().sum()
+    }
+
     /// The start of the allocation holding all of `[addr, addr + bytes)`, if one does.
     pub(crate) fn containing(&self, addr: usize, bytes: usize) -> Option<usize> {
         let (&start, &len) = self.ranges.range(..=addr).next_back()?;
@@ -181,11 +186,39 @@ impl Registry {
 struct Shared {
     stream: Arc<CudaStream>,
     managed: Mutex<Registry>,
+    /// Managed allocations no buffer owns, by size in bytes, kept for reuse (a caching
+    /// allocator like PyTorch's: a training step allocates the same activation sizes every
+    /// time, and `cuMemAllocManaged`/`cuMemFree` each wait for the GPU). They stay in the
+    /// registry.
+    cached: Mutex<HashMap<usize, Vec<usize>>>,
+    /// Bytes in `cached`.
+    cached_bytes: AtomicUsize,
 }
 
 impl Shared {
     fn registry(&self) -> MutexGuard<'_, Registry> {
         self.managed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn cache(&self) -> MutexGuard<'_, HashMap<usize, Vec<usize>>> {
+        self.cached.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Frees every cached allocation (after the stream finishes: queued kernels may still use
+    /// one). Returns false when the context is lost (the memory is then leaked, not freed).
+    fn release_cached(&self) -> bool {
+        let ctx = self.stream.context();
+        if ctx.bind_to_thread().is_err() || self.stream.synchronize().is_err() {
+            return false;
+        }
+        let all = std::mem::take(&mut *self.cache());
+        for addr in all.into_values().flatten() {
+            self.registry().remove(addr);
+            // SAFETY: allocated by cuMemAllocManaged, owned by the cache alone, the stream idle.
+            let _ = unsafe { dr::memory_free(addr as ds::CUdeviceptr) };
+        }
+        self.cached_bytes.store(0, Ordering::Relaxed);
+        true
     }
 
     fn sync(&self, what: &str) {
@@ -196,9 +229,10 @@ impl Shared {
 }
 
 /// `f32` values in managed (unified) memory: a slice on the host, a device pointer for the
-/// kernels of the [`CudaDevice`] that allocated it. Freed on drop (after the device's stream
-/// finishes, since queued kernels may still use it). Read results only after
-/// [`Device::synchronize`] (see the module documentation).
+/// kernels of the [`CudaDevice`] that allocated it. On drop the allocation goes to the device's
+/// cache for reuse (no wait: a reuse is zeroed on the same stream, after the kernels queued
+/// before it); the cache is freed with the device or by [`CudaDevice::release_cached`]. Read
+/// results only after [`Device::synchronize`] (see the module documentation).
 pub struct ManagedBuf {
     ptr: NonNull<f32>,
     len: usize,
@@ -239,14 +273,17 @@ impl Drop for ManagedBuf {
         if self.len == 0 {
             return;
         }
-        let addr = self.ptr.as_ptr() as usize;
-        self.shared.registry().remove(addr);
-        // Errors cannot be reported from drop; a failed free leaks the buffer.
-        let ctx = self.shared.stream.context();
-        if ctx.bind_to_thread().is_ok() && self.shared.stream.synchronize().is_ok() {
-            // SAFETY: allocated by cuMemAllocManaged, freed once, no queued work uses it.
-            let _ = unsafe { dr::memory_free(addr as ds::CUdeviceptr) };
-        }
+        let bytes = self.len * 4;
+        self.shared.cache().entry(bytes).or_default().push(self.ptr.as_ptr() as usize);
+        self.shared.cached_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The last buffer and the device are gone; a lost context leaks rather than frees
+        // memory kernels may still use.
+        self.release_cached();
     }
 }
 
@@ -353,6 +390,8 @@ impl CudaDevice {
         let shared = Arc::new(Shared {
             stream: Arc::clone(&gpu.stream),
             managed: Mutex::new(Registry::default()),
+            cached: Mutex::new(HashMap::new()),
+            cached_bytes: AtomicUsize::new(0),
         });
         Ok(CudaDevice {
             blas: Mutex::new(blas),
@@ -393,14 +432,35 @@ impl CudaDevice {
             .checked_mul(4)
             .ok_or_else(|| CudaError::Invalid(format!("alloc of {len} floats overflows")))?;
         drv("bind context", self.gpu.ctx.bind_to_thread())?;
-        // SAFETY: a plain allocation; it is zeroed below before anyone reads it.
-        let p = drv("cuMemAllocManaged", unsafe {
-            dr::malloc_managed(bytes, ds::CUmemAttach_flags::CU_MEM_ATTACH_GLOBAL)
-        })?;
+        let reuse = self.shared.cache().get_mut(&bytes).and_then(|v| v.pop());
+        let p = match reuse {
+            Some(addr) => {
+                self.shared.cached_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                addr as ds::CUdeviceptr
+            }
+            None => {
+                let fresh = || {
+                    // SAFETY: a plain allocation; it is zeroed below before anyone reads it.
+                    unsafe {
+                        dr::malloc_managed(bytes, ds::CUmemAttach_flags::CU_MEM_ATTACH_GLOBAL)
+                    }
+                };
+                // Out of memory with allocations cached: free them and try once more.
+                let p = match fresh() {
+                    Err(_) if self.shared.cached_bytes.load(Ordering::Relaxed) > 0 => {
+                        self.shared.release_cached();
+                        fresh()
+                    }
+                    r => r,
+                };
+                let p = drv("cuMemAllocManaged", p)?;
+                self.shared.registry().insert(p as usize, bytes);
+                p
+            }
+        };
         let ptr = NonNull::new(p as *mut f32)
             .ok_or_else(|| CudaError::Invalid("cuMemAllocManaged returned null".into()))?;
-        self.shared.registry().insert(p as usize, bytes);
-        let buf = ManagedBuf { ptr, len, shared }; // frees on the error paths below
+        let buf = ManagedBuf { ptr, len, shared }; // back to the cache on the error paths below
         // SAFETY: `bytes` bytes at `p` belong to `buf`.
         drv("zero managed buffer", unsafe {
             dr::memset_d8_async(p, 0, bytes, self.shared.stream.cu_stream())
@@ -413,6 +473,22 @@ impl CudaDevice {
     /// place).
     pub fn is_managed(&self, s: &[f32]) -> bool {
         self.shared.registry().containing(s.as_ptr() as usize, std::mem::size_of_val(s)).is_some()
+    }
+
+    /// Bytes of managed memory this device holds: live buffers and the ones cached for reuse.
+    pub fn managed_bytes(&self) -> usize {
+        self.shared.registry().bytes()
+    }
+
+    /// Device bytes held for reuse by dropped [`ManagedBuf`]s.
+    pub fn cached_bytes(&self) -> usize {
+        self.shared.cached_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Frees the managed allocations kept for reuse (waits for the stream first), as
+    /// `torch.cuda.empty_cache()` does.
+    pub fn release_cached(&self) {
+        self.shared.release_cached();
     }
 
     /// Slices staged (copied through scratch memory) so far.
@@ -859,6 +935,22 @@ impl Device for CudaDevice {
         // SAFETY: layernorm_bwd_params(x, mean, rstd, dy, rows, cols, dgamma, dbeta); one
         // thread per column.
         unsafe { self.elementwise("layernorm_bwd_params", cols, &args) };
+        call.finish();
+    }
+
+    fn copy(&self, x: &[f32], y: &mut [f32]) {
+        check("copy", "x", x.len(), y.len());
+        if x.is_empty() {
+            return;
+        }
+        let bytes = std::mem::size_of_val(x);
+        let mut call = Call::new(self);
+        let (px, py) = (call.in_ptr(x), call.out_ptr(y));
+        // SAFETY: both pointers address `bytes` bytes on this device (in place or staged); `y`
+        // is a unique borrow, so the ranges do not overlap.
+        if let Err(e) = unsafe { dr::memcpy_dtod_async(py, px, bytes, call.stream()) } {
+            fault("copy", e);
+        }
         call.finish();
     }
 

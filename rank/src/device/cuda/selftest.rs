@@ -817,6 +817,7 @@ enum DevOp {
     SqNorm,
     Axpy { alpha: f32 },
     Scale { alpha: f32 },
+    Copy,
 }
 
 /// One call of the `device` group: its buffers' initial contents (outputs that the method
@@ -866,6 +867,7 @@ fn apply_op<D: Device>(
         (DevOp::SqNorm, [x]) => return Some(vec![dev.sq_norm(x)]),
         (DevOp::Axpy { alpha }, [x, y]) => dev.axpy(alpha, x, y),
         (DevOp::Scale { alpha }, [x]) => dev.scale(alpha, x),
+        (DevOp::Copy, [x, y]) => dev.copy(x, y),
         _ => return None,
     }
     Some(Vec::new())
@@ -962,6 +964,7 @@ fn device_cases(rng: &mut Rng) -> Vec<DevCase> {
         },
         case("sq_norm", DevOp::SqNorm, rc, vec![x.clone()], 1e-12),
         case("axpy", DevOp::Axpy { alpha: -0.37 }, rc, vec![x.clone(), dy], 1e-6),
+        case("copy", DevOp::Copy, rc, vec![x.clone(), nan(n)], 0.0),
         case("scale", DevOp::Scale { alpha: -0.37 }, rc, vec![x], 1e-7),
     ]);
     cases
@@ -1096,6 +1099,7 @@ fn device_checks(ordinal: usize, cpu: &CpuDevice, rng: &mut Rng) -> Result<Vec<R
         tol: None,
         pass: same && reused,
     });
+    out.extend(model_step_checks(&dev, cpu, rng));
     // Tensor-core GEMMs: inputs rounded to 10 (TF32) or 7 (BF16) mantissa bits, so the
     // normwise error is about 2⁻¹¹·√2 or 2⁻⁸·√2 at these sizes; the bounds leave 5–10×.
     for (math, tol) in [(GemmMath::Tf32, 5e-3), (GemmMath::Bf16, 2e-2)] {
@@ -1115,6 +1119,82 @@ fn device_checks(ordinal: usize, cpu: &CpuDevice, rng: &mut Rng) -> Result<Vec<R
         }
     }
     Ok(out)
+}
+
+/// One training step of the default dual encoder (depth 2, LayerNorm, GELU, residual) on the
+/// GPU with its buffers in managed memory ([`Model::into_device`]) vs the same step on the
+/// CPU: the features and the gradient buffer. Only the step's host inputs (the two views and
+/// the two feature gradients) may be staged, and a second step must reuse the first step's
+/// managed memory (the cache of dropped buffers), not allocate more.
+fn model_step_checks(dev: &CudaDevice, cpu: &CpuDevice, rng: &mut Rng) -> Vec<Row> {
+    use crate::model::{Model, ModelConfig};
+    let cfg = ModelConfig::default();
+    let batch = 67;
+    let xa = normal(rng, batch * cfg.tower_a.input_dim, 1.0);
+    let xb = normal(rng, batch * cfg.tower_b.input_dim, 1.0);
+    let d = cfg.tower_a.output_dim;
+    let (da, db) = (normal(rng, batch * d, 0.1), normal(rng, batch * d, 0.1));
+    let mut on_cpu = Model::new(&cfg, 7).expect("the default model config is valid");
+    let mut on_gpu = on_cpu.clone().into_device(dev);
+    let (fa_cpu, fb_cpu) = on_cpu.forward_pair(cpu, &xa, &xb, batch);
+    on_cpu.backward_pair(cpu, &da, &db);
+    let mut rows = Vec::new();
+    let mut managed = [0usize; 2];
+    let mut results = Vec::new();
+    for (i, m) in managed.iter_mut().enumerate() {
+        let staged0 = dev.staged_count();
+        let r = catch_fault(|| {
+            on_gpu.zero_grads();
+            let f = on_gpu.forward_pair(dev, &xa, &xb, batch);
+            on_gpu.backward_pair(dev, &da, &db);
+            Ok(f)
+        });
+        *m = dev.managed_bytes();
+        match r {
+            Ok(f) => results.push((f, on_gpu.grads().to_vec(), dev.staged_count() - staged0)),
+            Err(e) => {
+                rows.push(failed("device", &format!("model step {}", i + 1), &e));
+                return rows;
+            }
+        }
+    }
+    let ((fa, fb), grads, staged) = &results[0];
+    let f_err = rel_err(fa, &fa_cpu).max(rel_err(fb, &fb_cpu));
+    rows.push(row(
+        "device",
+        "model step features",
+        format!("batch {batch}"),
+        Some(f_err),
+        None,
+        1e-5,
+    ));
+    let mut r = row(
+        "device",
+        "model step grads",
+        format!("{} params staged={staged} (4 allowed)", grads.len()),
+        Some(rel_err(grads, on_cpu.grads())),
+        None,
+        1e-4,
+    );
+    r.pass &= *staged <= 4;
+    rows.push(r);
+    let (_, grads2, _) = &results[1];
+    let same = grads.iter().zip(grads2).all(|(a, b)| a.to_bits() == b.to_bits());
+    rows.push(Row {
+        group: "device",
+        name: "model step repeat".into(),
+        detail: format!(
+            "bitwise {}, managed {} KiB then {} KiB",
+            if same { "same" } else { "DIFFERENT" },
+            managed[0] / 1024,
+            managed[1] / 1024
+        ),
+        err_cpu: None,
+        err_ref: None,
+        tol: None,
+        pass: same && managed[1] == managed[0],
+    });
+    rows
 }
 
 /// Random L2-normalised `b × d` features.

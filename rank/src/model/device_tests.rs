@@ -1,0 +1,426 @@
+//! The model on a device whose buffers are not `Vec`s: the contract a GPU needs, checked on
+//! the CPU. [`Tracked`] is the CPU device with its own buffer type and a ledger, like
+//! `CudaDevice`'s registry: it counts kernel arguments that lie outside its allocations (a GPU
+//! would stage those through copies) and marks allocations that kernels wrote since the last
+//! [`Device::synchronize`] (a GPU's host would read stale values there).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::*;
+use crate::device::{CpuDevice, XentOut};
+
+#[derive(Debug, Default)]
+struct Ledger {
+    /// Live allocations: start address → bytes.
+    live: BTreeMap<usize, usize>,
+    /// Allocations written by kernels since the last synchronize.
+    dirty: BTreeSet<usize>,
+    /// Kernel arguments outside every live allocation.
+    foreign: usize,
+    syncs: usize,
+}
+
+impl Ledger {
+    fn containing(&self, s: &[f32]) -> Option<usize> {
+        let addr = s.as_ptr() as usize;
+        let (&start, &len) = self.live.range(..=addr).next_back()?;
+        (addr + std::mem::size_of_val(s) <= start + len).then_some(start)
+    }
+}
+
+#[derive(Debug)]
+struct TrackedBuf {
+    v: Vec<f32>,
+    start: usize,
+    ledger: Arc<Mutex<Ledger>>,
+}
+
+impl std::ops::Deref for TrackedBuf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.v
+    }
+}
+
+impl std::ops::DerefMut for TrackedBuf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.v
+    }
+}
+
+impl Drop for TrackedBuf {
+    fn drop(&mut self) {
+        let mut l = self.ledger.lock().unwrap();
+        l.live.remove(&self.start);
+        l.dirty.remove(&self.start);
+    }
+}
+
+struct Tracked {
+    cpu: CpuDevice,
+    ledger: Arc<Mutex<Ledger>>,
+}
+
+impl Tracked {
+    fn new() -> Tracked {
+        Tracked { cpu: CpuDevice::new(1), ledger: Arc::default() }
+    }
+
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap()
+    }
+
+    /// Arguments the kernel reads.
+    fn reads(&self, args: &[&[f32]]) {
+        let mut l = self.ledger();
+        for s in args.iter().filter(|s| !s.is_empty()) {
+            if l.containing(s).is_none() {
+                l.foreign += 1;
+            }
+        }
+    }
+
+    /// An argument the kernel writes.
+    fn writes(&self, s: &[f32]) {
+        if s.is_empty() {
+            return;
+        }
+        let mut l = self.ledger();
+        match l.containing(s) {
+            Some(start) => {
+                l.dirty.insert(start);
+            }
+            None => l.foreign += 1,
+        }
+    }
+
+    fn dirty(&self) -> usize {
+        self.ledger().dirty.len()
+    }
+
+    fn foreign(&self) -> usize {
+        self.ledger().foreign
+    }
+}
+
+impl Device for Tracked {
+    type Buf = TrackedBuf;
+
+    fn name(&self) -> String {
+        "tracked".into()
+    }
+
+    fn threads(&self) -> usize {
+        1
+    }
+
+    fn alloc(&self, len: usize) -> TrackedBuf {
+        let v = vec![0.0f32; len];
+        let start = v.as_ptr() as usize;
+        if len > 0 {
+            self.ledger().live.insert(start, len * 4);
+        }
+        TrackedBuf { v, start, ledger: Arc::clone(&self.ledger) }
+    }
+
+    fn synchronize(&self) {
+        let mut l = self.ledger();
+        l.dirty.clear();
+        l.syncs += 1;
+    }
+
+    fn host_vec(&self, buf: TrackedBuf) -> Vec<f32> {
+        assert!(
+            !self.ledger().dirty.contains(&buf.start),
+            "host_vec of a buffer that kernels wrote after the last synchronize"
+        );
+        buf.v.clone()
+    }
+
+    fn copy(&self, x: &[f32], y: &mut [f32]) {
+        self.reads(&[x]);
+        self.writes(y);
+        self.cpu.copy(x, y)
+    }
+
+    fn gemm(
+        &self,
+        trans_a: bool,
+        trans_b: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: &[f32],
+        b: &[f32],
+        beta: f32,
+        c: &mut [f32],
+    ) {
+        self.reads(&[a, b]);
+        self.writes(c);
+        self.cpu.gemm(trans_a, trans_b, m, n, k, alpha, a, b, beta, c)
+    }
+
+    fn bias_add(&self, y: &mut [f32], bias: &[f32], rows: usize, cols: usize) {
+        self.reads(&[bias]);
+        self.writes(y);
+        self.cpu.bias_add(y, bias, rows, cols)
+    }
+
+    fn bias_grad(&self, dy: &[f32], rows: usize, cols: usize, dbias: &mut [f32]) {
+        self.reads(&[dy]);
+        self.writes(dbias);
+        self.cpu.bias_grad(dy, rows, cols, dbias)
+    }
+
+    fn gelu_fwd(&self, x: &[f32], y: &mut [f32]) {
+        self.reads(&[x]);
+        self.writes(y);
+        self.cpu.gelu_fwd(x, y)
+    }
+
+    fn gelu_bwd(&self, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        self.reads(&[x, dy]);
+        self.writes(dx);
+        self.cpu.gelu_bwd(x, dy, dx)
+    }
+
+    fn relu_fwd(&self, x: &[f32], y: &mut [f32]) {
+        self.reads(&[x]);
+        self.writes(y);
+        self.cpu.relu_fwd(x, y)
+    }
+
+    fn relu_bwd(&self, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        self.reads(&[x, dy]);
+        self.writes(dx);
+        self.cpu.relu_bwd(x, dy, dx)
+    }
+
+    fn layernorm_fwd(
+        &self,
+        x: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        rows: usize,
+        cols: usize,
+        eps: f32,
+        y: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+    ) {
+        self.reads(&[x, gamma, beta]);
+        self.writes(y);
+        self.writes(mean);
+        self.writes(rstd);
+        self.cpu.layernorm_fwd(x, gamma, beta, rows, cols, eps, y, mean, rstd)
+    }
+
+    fn layernorm_bwd(
+        &self,
+        x: &[f32],
+        gamma: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        dy: &[f32],
+        rows: usize,
+        cols: usize,
+        dx: &mut [f32],
+        dgamma: &mut [f32],
+        dbeta: &mut [f32],
+    ) {
+        self.reads(&[x, gamma, mean, rstd, dy]);
+        self.writes(dx);
+        self.writes(dgamma);
+        self.writes(dbeta);
+        self.cpu.layernorm_bwd(x, gamma, mean, rstd, dy, rows, cols, dx, dgamma, dbeta)
+    }
+
+    fn add_inplace(&self, y: &mut [f32], x: &[f32]) {
+        self.reads(&[x]);
+        self.writes(y);
+        self.cpu.add_inplace(y, x)
+    }
+
+    fn l2_normalize_fwd(
+        &self,
+        x: &[f32],
+        rows: usize,
+        cols: usize,
+        y: &mut [f32],
+        norms: &mut [f32],
+    ) {
+        self.reads(&[x]);
+        self.writes(y);
+        self.writes(norms);
+        self.cpu.l2_normalize_fwd(x, rows, cols, y, norms)
+    }
+
+    fn l2_normalize_bwd(
+        &self,
+        y: &[f32],
+        norms: &[f32],
+        dy: &[f32],
+        rows: usize,
+        cols: usize,
+        dx: &mut [f32],
+    ) {
+        self.reads(&[y, norms, dy]);
+        self.writes(dx);
+        self.cpu.l2_normalize_bwd(y, norms, dy, rows, cols, dx)
+    }
+
+    fn softmax_xent(
+        &self,
+        logits: &[f32],
+        labels: &[u32],
+        rows: usize,
+        cols: usize,
+        grad_scale: f32,
+        dlogits: &mut [f32],
+    ) -> XentOut {
+        self.reads(&[logits]);
+        self.writes(dlogits);
+        self.cpu.softmax_xent(logits, labels, rows, cols, grad_scale, dlogits)
+    }
+
+    fn sq_norm(&self, x: &[f32]) -> f64 {
+        self.reads(&[x]);
+        self.cpu.sq_norm(x)
+    }
+
+    fn axpy(&self, alpha: f32, x: &[f32], y: &mut [f32]) {
+        self.reads(&[x]);
+        self.writes(y);
+        self.cpu.axpy(alpha, x, y)
+    }
+
+    fn scale(&self, alpha: f32, x: &mut [f32]) {
+        self.writes(x);
+        self.cpu.scale(alpha, x)
+    }
+}
+
+fn inputs(seed: u64, n: usize) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    (0..n).map(|_| rng.normal() as f32).collect()
+}
+
+fn same_bits(what: &str, a: &[f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert_eq!(x.to_bits(), y.to_bits(), "{what}[{i}]: {x} vs {y}");
+    }
+}
+
+/// Two training steps of `cfg` on [`Tracked`] and on the CPU device: bitwise the same
+/// features and gradients; only the host inputs of each step (2 views, 2 feature gradients)
+/// are kernel arguments outside the device's buffers; nothing is dirty when a method returns or
+/// when a layer's gradient is reported.
+fn contrastive_on_tracked(cfg: &ModelConfig, batch: usize) {
+    let cpu = CpuDevice::new(1);
+    let dev = Tracked::new();
+    let mut host = Model::new(cfg, 9).unwrap();
+    let mut on_dev = host.clone().into_device(&dev);
+    same_bits("params", on_dev.params(), host.params());
+    let xa = inputs(1, batch * cfg.tower_a.input_dim);
+    let b_dim =
+        if cfg.kind == ModelKind::Dual { cfg.tower_b.input_dim } else { cfg.tower_a.input_dim };
+    let xb = inputs(2, batch * b_dim);
+    let d = cfg.tower_a.output_dim;
+    let (ga, gb) = (inputs(3, batch * d), inputs(4, batch * d));
+    let frozen_b = cfg.freeze_b;
+    for step in 0..2 {
+        host.zero_grads();
+        on_dev.zero_grads();
+        let (fa, fb) = host.forward_pair(&cpu, &xa, &xb, batch);
+        host.backward_pair(&cpu, &ga, &gb);
+
+        let foreign0 = dev.foreign();
+        let (da, db) = on_dev.forward_pair(&dev, &xa, &xb, batch);
+        assert_eq!(dev.dirty(), 0, "step {step}: forward_pair returned with kernels pending");
+        let mut reported = 0;
+        on_dev.backward_pair_with(&dev, &ga, &gb, &mut |_, _| {
+            assert_eq!(dev.dirty(), 0, "a layer's gradient was reported with kernels pending");
+            reported += 1;
+        });
+        assert!(reported > 0);
+        assert_eq!(dev.dirty(), 0, "step {step}: backward_pair returned with kernels pending");
+        // The views are uploaded once each; each trained tower reads its feature gradient.
+        let want = 2 + if frozen_b { 1 } else { 2 };
+        assert_eq!(dev.foreign() - foreign0, want, "step {step}: kernel arguments in host memory");
+        same_bits("features a", &da, &fa);
+        same_bits("features b", &db, &fb);
+        same_bits("gradients", on_dev.grads(), host.grads());
+    }
+    // Inference uploads its input and reads nothing stale.
+    let foreign0 = dev.foreign();
+    same_bits("embed_a", &on_dev.embed_a(&dev, &xa, batch), &host.embed_a(&cpu, &xa, batch));
+    same_bits("embed_b", &on_dev.embed_b(&dev, &xb, batch), &host.embed_b(&cpu, &xb, batch));
+    assert_eq!(dev.foreign() - foreign0, 2);
+    assert_eq!(dev.dirty(), 0);
+    drop(on_dev);
+    assert!(dev.ledger().live.is_empty(), "the model's device buffers outlived it");
+}
+
+fn tower(depth: usize, norm: Norm, activation: Activation, residual: bool) -> TowerConfig {
+    TowerConfig { input_dim: 7, width: 12, depth, output_dim: 5, norm, activation, residual }
+}
+
+#[test]
+fn dual_encoder_runs_in_device_buffers() {
+    let cfg = ModelConfig {
+        tower_a: tower(2, Norm::LayerNorm, Activation::Gelu, true),
+        tower_b: tower(1, Norm::None, Activation::Relu, false),
+        ..ModelConfig::default()
+    };
+    contrastive_on_tracked(&cfg, 6);
+}
+
+#[test]
+fn lit_with_a_frozen_tower_runs_in_device_buffers() {
+    let cfg = ModelConfig {
+        tower_a: tower(1, Norm::LayerNorm, Activation::Gelu, true),
+        tower_b: tower(0, Norm::LayerNorm, Activation::Gelu, true),
+        freeze_b: true,
+        ..ModelConfig::default()
+    };
+    contrastive_on_tracked(&cfg, 5);
+}
+
+#[test]
+fn shared_tower_runs_in_device_buffers() {
+    let cfg = ModelConfig {
+        kind: ModelKind::Shared,
+        tower_a: tower(2, Norm::LayerNorm, Activation::Relu, true),
+        ..ModelConfig::default()
+    };
+    contrastive_on_tracked(&cfg, 4);
+}
+
+#[test]
+fn classifier_runs_in_device_buffers() {
+    let cfg = ModelConfig {
+        kind: ModelKind::Classifier,
+        tower_a: tower(2, Norm::LayerNorm, Activation::Gelu, true),
+        ..ModelConfig::default()
+    };
+    let (cpu, dev) = (CpuDevice::new(1), Tracked::new());
+    let mut host = Model::new(&cfg, 2).unwrap();
+    let mut on_dev = host.clone().into_device(&dev);
+    let batch = 6;
+    let x = inputs(5, batch * 7);
+    let g = inputs(6, batch * 5);
+    let foreign0 = dev.foreign();
+    let y = on_dev.forward_logits(&dev, &x, batch);
+    assert_eq!(dev.dirty(), 0);
+    on_dev.backward_logits(&dev, &g);
+    assert_eq!(dev.dirty(), 0);
+    assert_eq!(dev.foreign() - foreign0, 2, "the input and the logits' gradient");
+    same_bits("logits", &y, &host.forward_logits(&cpu, &x, batch));
+    host.backward_logits(&cpu, &g);
+    same_bits("gradients", on_dev.grads(), host.grads());
+    same_bits("predict", &on_dev.predict(&dev, &x, batch), &y);
+    assert_eq!(dev.dirty(), 0);
+}
