@@ -62,7 +62,8 @@ pub trait Device: Send + Sync {
     /// Threads (CPU) the kernels may use.
     fn threads(&self) -> usize;
 
-    /// A zero-filled buffer of `len` values.
+    /// A buffer of `len` zeros. The zeroing is queued like a kernel: kernels may use the
+    /// buffer at once, the host only after [`Device::synchronize`].
     fn alloc(&self, len: usize) -> Self::Buf;
 
     /// Wait for all queued kernels (no-op on the CPU).

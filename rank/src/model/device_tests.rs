@@ -119,7 +119,10 @@ impl Device for Tracked {
         let v = vec![0.0f32; len];
         let start = v.as_ptr() as usize;
         if len > 0 {
-            self.ledger().live.insert(start, len * 4);
+            // The zeroing counts as a queued kernel, as on a GPU.
+            let mut l = self.ledger();
+            l.live.insert(start, len * 4);
+            l.dirty.insert(start);
         }
         TrackedBuf { v, start, ledger: Arc::clone(&self.ledger) }
     }

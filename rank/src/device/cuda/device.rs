@@ -18,7 +18,8 @@
 //! ([`Device::softmax_xent`], [`Device::sq_norm`]), wait for the stream before returning, so
 //! plain slices hold their results at return. Managed results are read by the host only after
 //! [`Device::synchronize`], and the host writes a managed buffer only when no queued kernel
-//! still uses it (after `synchronize`, or before the kernels that read it are queued). The
+//! still uses it (after `synchronize`, or before the kernels that read it are queued; a new
+//! buffer's zeroing is such queued work). The
 //! device requires concurrent managed access (Linux, Pascal or newer), so host access to other
 //! managed buffers while kernels run is permitted; [`CudaDevice::open`] refuses GPUs without it.
 //!
@@ -422,7 +423,9 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// A zero-filled managed buffer, or the driver's error (e.g. out of memory).
+    /// A managed buffer of zeros, or the driver's error (e.g. out of memory). The zeroing is
+    /// queued on the stream: the host touches the buffer only after [`Device::synchronize`].
+    /// A new allocation waits for the GPU anyway; a reused one (see [`ManagedBuf`]) does not.
     pub fn try_alloc(&self, len: usize) -> Result<ManagedBuf, CudaError> {
         let shared = Arc::clone(&self.shared);
         if len == 0 {
@@ -465,7 +468,6 @@ impl CudaDevice {
         drv("zero managed buffer", unsafe {
             dr::memset_d8_async(p, 0, bytes, self.shared.stream.cu_stream())
         })?;
-        drv("synchronize", self.shared.stream.synchronize())?;
         Ok(buf)
     }
 
@@ -1154,6 +1156,7 @@ mod tests {
             let dev =
                 CudaDevice::open(0, CudaDeviceOpts::default()).unwrap_or_else(|e| panic!("{e}"));
             let mut x = dev.alloc(1031);
+            dev.synchronize();
             assert!(x.iter().all(|&v| v == 0.0));
             assert!(dev.is_managed(&x) && dev.is_managed(&x[3..10]));
             assert!(!dev.is_managed(&[1.0f32; 4]));

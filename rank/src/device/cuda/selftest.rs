@@ -990,15 +990,11 @@ fn run_case<D: Device>(dev: &D, case: &DevCase, managed: bool) -> Option<CaseOut
         let scalars = apply_op(dev, case.op, case.dims, &case.labels, &mut views)?;
         return Some(CaseOut { bufs, scalars, pad_ok: true });
     }
-    let mut held: Vec<D::Buf> = case
-        .bufs
-        .iter()
-        .map(|v| {
-            let mut b = dev.alloc(v.len() + 2 * PAD);
-            b[PAD..PAD + v.len()].copy_from_slice(v);
-            b
-        })
-        .collect();
+    let mut held: Vec<D::Buf> = case.bufs.iter().map(|v| dev.alloc(v.len() + 2 * PAD)).collect();
+    dev.synchronize();
+    for (b, v) in held.iter_mut().zip(&case.bufs) {
+        b[PAD..PAD + v.len()].copy_from_slice(v);
+    }
     let mut views: Vec<&mut [f32]> = held
         .iter_mut()
         .map(|b| {
