@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Training on the GPU, checked against the CPU (issue 7 items 3 and 4), same config and seed:
 #   cpu:  2 ranks on the CPU (the reference);
-#   cuda: 2 ranks sharing the one GPU (run.device = "cuda", the TCP ring between them);
-#   nccl: 1 rank on the GPU with NCCL collectives (run.collectives = "nccl").
+#   cuda:  2 ranks sharing the one GPU (run.device = "cuda", the TCP ring between them, the
+#          tiled loss on the host);
+#   fused: 1 rank on the GPU, the loss by the fused CLIP kernels (run.cuda_loss = "fused");
+#   nccl:  1 rank on the GPU with NCCL collectives (run.collectives = "nccl"; fused loss too).
+#   cuda1: 1 rank on the GPU with the loss on the host (run.cuda_loss = "host"), which tells a
+#          fault of the fused loss from one of the model's kernels.
 # The global batch is the same, so all three must end at nearly the same loss.
 # Called by scripts/gpu-check.sh; usable alone.
 #
@@ -15,16 +19,18 @@ rows=[json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 print([r["loss"] for r in rows if "loss" in r and not r.get("eval")][-1])' "$1/metrics.jsonl"; }
 declare -A loss
 status=0
-for run in cpu:2:cpu:tcp cuda:2:cuda:tcp nccl:1:cuda:nccl; do
-    IFS=: read -r name nproc dev coll <<<"$run"
+for run in cpu:2:cpu:tcp:host cuda:2:cuda:tcp:host fused:1:cuda:tcp:fused \
+    nccl:1:cuda:nccl:fused cuda1:1:cuda:tcp:host; do
+    IFS=: read -r name nproc dev coll lossdev <<<"$run"
     t0=$(date +%s%N)
     if "$bin" run --nproc "$nproc" --set run.device=\"$dev\" --set run.collectives=\"$coll\" \
+        --set run.cuda_loss=\"$lossdev\" \
         --set run.steps="$steps" --set run.log_every=10 --set checkpoint.enabled=false \
         --set run.out_dir=\""$out/train-$name"\" > "$out/train-$name.log" 2>&1; then
         t1=$(date +%s%N)
         loss[$name]=$(final_loss "$out/train-$name")
-        printf 'train-check: %-4s %s rank(s), device %s, collectives %s, %s steps, %s ms, final loss %s\n' \
-            "$name" "$nproc" "$dev" "$coll" "$steps" $(((t1 - t0) / 1000000)) "${loss[$name]}"
+        printf 'train-check: %-5s %s rank(s), device %s, collectives %s, loss on %s, %s steps, %s ms, final loss %s\n' \
+            "$name" "$nproc" "$dev" "$coll" "$lossdev" "$steps" $(((t1 - t0) / 1000000)) "${loss[$name]}"
     else
         echo "train-check: the $name run failed (log: $out/train-$name.log):"
         tail -15 "$out/train-$name.log"
@@ -32,7 +38,7 @@ for run in cpu:2:cpu:tcp cuda:2:cuda:tcp nccl:1:cuda:nccl; do
     fi
 done
 [[ -n "${loss[cpu]:-}" ]] || exit 1
-for name in cuda nccl; do
+for name in cuda fused nccl cuda1; do
     [[ -n "${loss[$name]:-}" ]] || continue
     # fp32 on both sides; cuBLAS sums in another order than the CPU GEMM and the difference
     # grows over the steps, so the bound is loose, but far below what a wrong kernel gives.

@@ -92,8 +92,13 @@ pub struct RunConfig {
     /// Bucket size of the overlapped all-reduce, in bytes.
     pub allreduce_bucket_bytes: usize,
     /// Where the model's kernels run: `cpu`, or `cuda` (GPU `local_rank mod GPUs`; ranks of
-    /// one node may share a GPU). The loss and the collectives stay on the CPU for now.
+    /// one node may share a GPU). The optimizer, and the loss of a job with several ranks, stay
+    /// on the CPU for now.
     pub device: DeviceKind,
+    /// `run.device = "cuda"`, a job of one rank and `loss.name = "clip_tiled"`: `fused` (the
+    /// default) computes the loss with the fused CLIP kernels on the GPU (fp32, deterministic
+    /// mode); `host` with the tiled ring loss on the CPU. Other jobs use the host loss.
+    pub cuda_loss: String,
     /// `run.device = "cuda"`: how cuBLAS computes the model's GEMMs: `fp32` (tracks the CPU),
     /// `tf32` or `bf16` (tensor cores, fp32 accumulation).
     pub cuda_gemm: String,
@@ -146,6 +151,7 @@ impl Default for RunConfig {
             allreduce_bucket_bytes: 4 << 20,
             device: DeviceKind::Cpu,
             cuda_gemm: "fp32".into(),
+            cuda_loss: "fused".into(),
             collectives: CollectivesKind::Tcp,
         }
     }
@@ -355,6 +361,12 @@ impl Config {
                 self.run.cuda_gemm
             ));
         }
+        if !matches!(self.run.cuda_loss.as_str(), "fused" | "host") {
+            return Err(format!(
+                "run.cuda_loss = {:?}: must be \"fused\" (the loss on the GPU) or \"host\"",
+                self.run.cuda_loss
+            ));
+        }
         if self.run.allreduce_bucket_bytes < 4 {
             return Err(format!(
                 "run.allreduce_bucket_bytes = {} must be at least 4 (one f32; typical: 4194304)",
@@ -554,6 +566,11 @@ mod tests {
         assert!(err.contains("run.cuda_gemm") && err.contains("tf32"), "{err}");
         let err = Config::load(None, &["run.device=\"tpu\"".into()]).unwrap_err().to_string();
         assert!(err.contains("tpu"), "{err}");
+        assert_eq!(Config::load(None, &[]).unwrap().run.cuda_loss, "fused");
+        let cfg = Config::load(None, &["run.cuda_loss=\"host\"".into()]).unwrap();
+        assert_eq!(cfg.run.cuda_loss, "host");
+        let err = Config::load(None, &["run.cuda_loss=\"gpu\"".into()]).unwrap_err().to_string();
+        assert!(err.contains("run.cuda_loss") && err.contains("fused"), "{err}");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::config::{Config, DataSource, OnNonFinite};
 use crate::data::{self, Dataset, DatasetKind, DistributedSampler, local_rows};
 use crate::device::cuda::CudaError;
 use crate::device::cuda::device::{CudaDevice, CudaDeviceOpts, GemmMath};
-use crate::device::cuda::gpu::Gpu;
+use crate::device::cuda::gpu::{FusedClipLoss, Gpu, LossMode, Precision};
 use crate::device::{CpuDevice, Device, DeviceBuf};
 use crate::eval::{self, EvalReport};
 use crate::fault;
@@ -47,6 +47,8 @@ pub enum TrainError {
     Checkpoint(#[from] CheckpointError),
     #[error("{0}")]
     Setup(String),
+    #[error("{0}")]
+    Device(String),
     #[error("writing {path}: {source}")]
     Output { path: PathBuf, source: std::io::Error },
     #[error(
@@ -373,13 +375,38 @@ fn train_checked(
         (cores / info.local_size.max(1)).max(1)
     };
     match cfg.run.device {
-        DeviceKind::Cpu => train_on(cfg, comm, info, on_step, threads, &CpuDevice::new(threads)),
+        DeviceKind::Cpu => {
+            train_on(cfg, comm, info, on_step, threads, &CpuDevice::new(threads), None)
+        }
         DeviceKind::Cuda => {
             let dev = open_cuda(cfg, info)?;
-            train_on(cfg, comm, info, on_step, threads, &dev)
+            // One rank: the whole batch's loss fits the fused kernels of one GPU.
+            let fused = info.world == 1
+                && cfg.loss.name == LossKind::ClipTiled
+                && cfg.run.cuda_loss == "fused";
+            let mut kernels = FusedClipLoss::default();
+            let mut on_gpu = |img: &[f32], txt: &[f32], b: usize, d: usize, scale: f32| {
+                let (mode, precision) = (LossMode::Deterministic, Precision::Fp32);
+                let o = kernels.run(dev.gpu(), img, txt, b, d, scale, mode, precision).map_err(
+                    |e| {
+                        TrainError::Device(format!(
+                            "the fused CLIP loss on the GPU failed: {e} (run.cuda_loss = \"host\" \
+                             computes the loss on the CPU)"
+                        ))
+                    },
+                )?;
+                Ok((o.loss as f32, o.d_img, o.d_txt, o.d_t as f32))
+            };
+            let device_loss: Option<&mut DeviceLoss> = if fused { Some(&mut on_gpu) } else { None };
+            train_on(cfg, comm, info, on_step, threads, &dev, device_loss)
         }
     }
 }
+
+/// The CLIP loss computed by the device itself: `(img, txt, b, d, scale)` → the loss, ∂L/∂I,
+/// ∂L/∂T and ∂L/∂t, as the ring loss of a one-rank job returns them.
+type DeviceLoss<'a> = dyn FnMut(&[f32], &[f32], usize, usize, f32) -> Result<(f32, Vec<f32>, Vec<f32>, f32), TrainError>
+    + 'a;
 
 /// The CUDA device of this rank for `run.device = "cuda"`: GPU `local_rank mod GPUs`.
 fn open_cuda(cfg: &Config, info: &RankInfo) -> Result<CudaDevice, TrainError> {
@@ -401,6 +428,7 @@ fn train_on<D: Device>(
     on_step: &mut dyn FnMut(StepReport),
     threads: usize,
     dev: &D,
+    mut device_loss: Option<&mut DeviceLoss>,
 ) -> Result<Summary, TrainError> {
     let (rank, world, global) = (info.rank, info.world, cfg.batch.global);
     let is_root = rank == 0;
@@ -590,6 +618,11 @@ fn train_on<D: Device>(
                         &fa_all, &fb_all, global, d, row_offset, b_local, scale,
                     );
                     (o.loss, o.d_img_local, o.d_txt_local, o.d_t_partial, None)
+                }
+                LossKind::ClipTiled if device_loss.is_some() => {
+                    let f = device_loss.as_mut().expect("matched on is_some");
+                    let (loss, d_img, d_txt, d_t) = f(&fa, &fb, b_local, d, scale)?;
+                    (loss, d_img, d_txt, d_t, None)
                 }
                 LossKind::ClipTiled => {
                     // The text features are not needed after the loss: their buffer takes

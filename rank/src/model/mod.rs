@@ -506,7 +506,6 @@ impl Tower {
     /// Backward of the tower, accumulating into `g`. After each unit (head, blocks from the
     /// top, input layer) it waits for the device and calls `ready(offset, grads)` with that
     /// unit's slice of `g`, which this backward no longer touches.
-    #[allow(clippy::too_many_arguments)]
     fn backward<D: Device>(
         &self,
         dev: &D,

@@ -408,24 +408,53 @@ pub fn clip_loss(
     mode: LossMode,
     precision: Precision,
 ) -> Result<GpuLossOut, CudaError> {
-    if img.len() != b * d || txt.len() != b * d {
-        return Err(CudaError::Invalid(format!(
-            "fused loss: features must be b × d = {b} × {d} (got {} and {})",
-            img.len(),
-            txt.len()
-        )));
+    FusedClipLoss::default().run(gpu, img, txt, b, d, scale, mode, precision)
+}
+
+/// [`clip_loss`] that keeps its device buffers for the next call of the same size (training
+/// calls it every step).
+#[derive(Default)]
+pub struct FusedClipLoss {
+    bufs: Option<LossBuffers>,
+}
+
+impl FusedClipLoss {
+    /// As [`clip_loss`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &mut self,
+        gpu: &Gpu,
+        img: &[f32],
+        txt: &[f32],
+        b: usize,
+        d: usize,
+        scale: f32,
+        mode: LossMode,
+        precision: Precision,
+    ) -> Result<GpuLossOut, CudaError> {
+        if img.len() != b * d || txt.len() != b * d {
+            return Err(CudaError::Invalid(format!(
+                "fused loss: features must be b × d = {b} × {d} (got {} and {})",
+                img.len(),
+                txt.len()
+            )));
+        }
+        if self.bufs.as_ref().is_none_or(|x| x.b != b || x.d != d) {
+            self.bufs = None; // free the old size first
+            self.bufs = Some(LossBuffers::new(gpu, b, d)?);
+        }
+        let bufs = self.bufs.as_mut().expect("set above");
+        let di = gpu.upload(img)?;
+        let dt = gpu.upload(txt)?;
+        clip_loss_launch(gpu, bufs, &di, &dt, scale, mode, precision)?;
+        let (loss, d_t) = read_scalars(gpu, bufs)?;
+        Ok(GpuLossOut {
+            loss,
+            d_img: gpu.download(&bufs.d_img)?,
+            d_txt: gpu.download(&bufs.d_txt)?,
+            d_t,
+        })
     }
-    let mut bufs = LossBuffers::new(gpu, b, d)?;
-    let di = gpu.upload(img)?;
-    let dt = gpu.upload(txt)?;
-    clip_loss_launch(gpu, &mut bufs, &di, &dt, scale, mode, precision)?;
-    let (loss, d_t) = read_scalars(gpu, &bufs)?;
-    Ok(GpuLossOut {
-        loss,
-        d_img: gpu.download(&bufs.d_img)?,
-        d_txt: gpu.download(&bufs.d_txt)?,
-        d_t,
-    })
 }
 
 #[cfg(test)]
