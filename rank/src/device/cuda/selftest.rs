@@ -1,6 +1,7 @@
 //! `tessera cuda selftest`: every kernel on random inputs of odd sizes against the CPU device
 //! and an f64 reference, one cuBLAS SGEMM, every method of [`CudaDevice`] against
-//! [`CpuDevice`] (on managed buffers and on plain `Vec`s), the fused CLIP loss against the CPU
+//! [`CpuDevice`] (on managed buffers and on plain `Vec`s), two training steps of the default
+//! model in managed memory against the CPU, the fused CLIP loss against the CPU
 //! tiled loss and the f64 reference, and every NCCL collective at world size 1 through
 //! `NcclComm`. Also `bench_loss` for `tessera cuda bench-loss`.
 //!
