@@ -549,6 +549,27 @@ impl CudaDevice {
         }
     }
 
+    /// `y = f(x)` by kernel `name(const float* x, float* y, i64 n)`.
+    fn map_fwd(&self, name: &str, x: &[f32], y: &mut [f32]) {
+        check(name, "y", y.len(), x.len());
+        let mut call = Call::new(self);
+        let args = [call.input(x), call.output(y), i(x.len())];
+        // SAFETY: the kernel's signature is as above; x and y hold n values.
+        unsafe { self.elementwise(name, x.len(), &args) };
+        call.finish();
+    }
+
+    /// `dx = dy · f'(x)` by kernel `name(const float* x, const float* dy, float* dx, i64 n)`.
+    fn map_bwd(&self, name: &str, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        check(name, "dy", dy.len(), x.len());
+        check(name, "dx", dx.len(), x.len());
+        let mut call = Call::new(self);
+        let args = [call.input(x), call.input(dy), call.output(dx), i(x.len())];
+        // SAFETY: the kernel's signature is as above; x, dy and dx hold n values.
+        unsafe { self.elementwise(name, x.len(), &args) };
+        call.finish();
+    }
+
     /// An element-wise kernel over `n` values (skipped when `n == 0`).
     ///
     /// # Safety
@@ -826,41 +847,19 @@ impl Device for CudaDevice {
     }
 
     fn gelu_fwd(&self, x: &[f32], y: &mut [f32]) {
-        check("gelu_fwd", "y", y.len(), x.len());
-        let mut call = Call::new(self);
-        let args = [call.input(x), call.output(y), i(x.len())];
-        // SAFETY: gelu_fwd(const float* x, float* y, i64 n).
-        unsafe { self.elementwise("gelu_fwd", x.len(), &args) };
-        call.finish();
+        self.map_fwd("gelu_fwd", x, y);
     }
 
     fn gelu_bwd(&self, x: &[f32], dy: &[f32], dx: &mut [f32]) {
-        check("gelu_bwd", "dy", dy.len(), x.len());
-        check("gelu_bwd", "dx", dx.len(), x.len());
-        let mut call = Call::new(self);
-        let args = [call.input(x), call.input(dy), call.output(dx), i(x.len())];
-        // SAFETY: gelu_bwd(const float* x, const float* dy, float* dx, i64 n).
-        unsafe { self.elementwise("gelu_bwd", x.len(), &args) };
-        call.finish();
+        self.map_bwd("gelu_bwd", x, dy, dx);
     }
 
     fn relu_fwd(&self, x: &[f32], y: &mut [f32]) {
-        check("relu_fwd", "y", y.len(), x.len());
-        let mut call = Call::new(self);
-        let args = [call.input(x), call.output(y), i(x.len())];
-        // SAFETY: relu_fwd(const float* x, float* y, i64 n).
-        unsafe { self.elementwise("relu_fwd", x.len(), &args) };
-        call.finish();
+        self.map_fwd("relu_fwd", x, y);
     }
 
     fn relu_bwd(&self, x: &[f32], dy: &[f32], dx: &mut [f32]) {
-        check("relu_bwd", "dy", dy.len(), x.len());
-        check("relu_bwd", "dx", dx.len(), x.len());
-        let mut call = Call::new(self);
-        let args = [call.input(x), call.input(dy), call.output(dx), i(x.len())];
-        // SAFETY: relu_bwd(const float* x, const float* dy, float* dx, i64 n).
-        unsafe { self.elementwise("relu_bwd", x.len(), &args) };
-        call.finish();
+        self.map_bwd("relu_bwd", x, dy, dx);
     }
 
     fn layernorm_fwd(

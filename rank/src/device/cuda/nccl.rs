@@ -751,6 +751,31 @@ impl NcclComm {
         self.stream.cu_stream() as ns::cudaStream_t
     }
 
+    /// The staging every host-slice collective shares: `input` goes through the host buffer to
+    /// device buffer 0 (device buffers reserved at `dev` bytes), `enqueue` queues the NCCL work
+    /// on the communication stream, then `out_bytes` of device buffer `out` come back to the
+    /// host buffer, returned once the stream is done (with the watchdog).
+    #[allow(clippy::too_many_arguments)]
+    fn staged(
+        &mut self,
+        name: &str,
+        seq: u64,
+        input: &[u8],
+        dev: [usize; 2],
+        out: usize,
+        out_bytes: usize,
+        enqueue: impl FnOnce(&mut Self) -> Result<()>,
+    ) -> Result<&[u8]> {
+        let nb = input.len();
+        self.reserve(name, seq, nb.max(out_bytes), dev)?;
+        self.host_mut(nb).copy_from_slice(input);
+        self.upload(name, seq, 0, nb)?;
+        enqueue(self)?;
+        self.download(name, seq, out, out_bytes)?;
+        self.wait_op(name, seq)?;
+        Ok(self.host_mut(out_bytes))
+    }
+
     /// Stages `input` in, runs an all-reduce of `count` elements of `dtype` in place on device
     /// buffer 0 and stages the result out into the host buffer (returned).
     fn host_all_reduce(
@@ -763,26 +788,22 @@ impl NcclComm {
         op: ReduceOp,
     ) -> Result<&[u8]> {
         let nb = input.len();
-        self.reserve(name, seq, nb, [nb, 0])?;
-        self.host_mut(nb).copy_from_slice(input);
-        self.upload(name, seq, 0, nb)?;
-        let p = self.dev_ptr(0);
-        // SAFETY: device buffer 0 holds ≥ nb bytes = count elements of dtype; in place.
-        let r = unsafe {
-            nr::all_reduce(
-                p as *const _,
-                p as *mut _,
-                count,
-                dtype,
-                nccl_op(op),
-                self.comm.0,
-                self.cu(),
-            )
-        };
-        self.check(name, seq, "ncclAllReduce", r)?;
-        self.download(name, seq, 0, nb)?;
-        self.wait_op(name, seq)?;
-        Ok(self.host_mut(nb))
+        self.staged(name, seq, input, [nb, 0], 0, nb, |c| {
+            let p = c.dev_ptr(0);
+            // SAFETY: device buffer 0 holds ≥ nb bytes = count elements of dtype; in place.
+            let r = unsafe {
+                nr::all_reduce(
+                    p as *const _,
+                    p as *mut _,
+                    count,
+                    dtype,
+                    nccl_op(op),
+                    c.comm.0,
+                    c.cu(),
+                )
+            };
+            c.check(name, seq, "ncclAllReduce", r)
+        })
     }
 
     /// All-gather of `bytes` bytes per rank from the host staging buffer's first `bytes` bytes;
@@ -790,25 +811,21 @@ impl NcclComm {
     fn host_all_gather_bytes(&mut self, name: &str, seq: u64, input: &[u8]) -> Result<&[u8]> {
         let nb = input.len();
         let total = nb * self.world;
-        self.reserve(name, seq, total, [nb, total])?;
-        self.host_mut(nb).copy_from_slice(input);
-        self.upload(name, seq, 0, nb)?;
-        let (s, d) = (self.dev_ptr(0), self.dev_ptr(1));
-        // SAFETY: buffer 0 holds nb bytes, buffer 1 holds world × nb bytes.
-        let r = unsafe {
-            nr::all_gather(
-                s as *const _,
-                d as *mut _,
-                nb,
-                ns::ncclDataType_t::ncclUint8,
-                self.comm.0,
-                self.cu(),
-            )
-        };
-        self.check(name, seq, "ncclAllGather", r)?;
-        self.download(name, seq, 1, total)?;
-        self.wait_op(name, seq)?;
-        Ok(self.host_mut(total))
+        self.staged(name, seq, input, [nb, total], 1, total, |c| {
+            let (s, d) = (c.dev_ptr(0), c.dev_ptr(1));
+            // SAFETY: buffer 0 holds nb bytes, buffer 1 holds world × nb bytes.
+            let r = unsafe {
+                nr::all_gather(
+                    s as *const _,
+                    d as *mut _,
+                    nb,
+                    ns::ncclDataType_t::ncclUint8,
+                    c.comm.0,
+                    c.cu(),
+                )
+            };
+            c.check(name, seq, "ncclAllGather", r)
+        })
     }
 
     /// Sends `nb_send` bytes of device buffer 0 to rank r+1 and receives `nb_recv` bytes from
@@ -983,27 +1000,23 @@ impl Communicator for NcclComm {
             });
         }
         let (nb_in, nb_out) = (input.len() * 4, m * 4);
-        self.reserve(name, seq, nb_in, [nb_in, nb_out])?;
-        self.host_mut(nb_in).copy_from_slice(f32_bytes(input));
-        self.upload(name, seq, 0, nb_in)?;
-        let (s, d) = (self.dev_ptr(0), self.dev_ptr(1));
-        // SAFETY: buffer 0 holds world × m floats, buffer 1 holds m floats.
-        let r = unsafe {
-            nr::reduce_scatter(
-                s as *const _,
-                d as *mut _,
-                m,
-                ns::ncclDataType_t::ncclFloat32,
-                nccl_op(op),
-                self.comm.0,
-                self.cu(),
-            )
-        };
-        self.check(name, seq, "ncclReduceScatter", r)?;
-        self.download(name, seq, 1, nb_out)?;
-        self.wait_op(name, seq)?;
-        let out = self.host_mut(nb_out).to_vec();
-        fill_f32(output, &out);
+        let out = self.staged(name, seq, f32_bytes(input), [nb_in, nb_out], 1, nb_out, |c| {
+            let (s, d) = (c.dev_ptr(0), c.dev_ptr(1));
+            // SAFETY: buffer 0 holds world × m floats, buffer 1 holds m floats.
+            let r = unsafe {
+                nr::reduce_scatter(
+                    s as *const _,
+                    d as *mut _,
+                    m,
+                    ns::ncclDataType_t::ncclFloat32,
+                    nccl_op(op),
+                    c.comm.0,
+                    c.cu(),
+                )
+            };
+            c.check(name, seq, "ncclReduceScatter", r)
+        })?;
+        fill_f32(output, out);
         Ok(())
     }
 
@@ -1020,27 +1033,23 @@ impl Communicator for NcclComm {
             });
         }
         let nb = buf.len();
-        self.reserve(name, seq, nb, [nb, 0])?;
-        self.host_mut(nb).copy_from_slice(buf);
-        self.upload(name, seq, 0, nb)?;
-        let p = self.dev_ptr(0);
-        // SAFETY: buffer 0 holds nb bytes; in place.
-        let r = unsafe {
-            nr::broadcast(
-                p as *const _,
-                p as *mut _,
-                nb,
-                ns::ncclDataType_t::ncclUint8,
-                root as i32,
-                self.comm.0,
-                self.cu(),
-            )
-        };
-        self.check(name, seq, "ncclBroadcast", r)?;
-        self.download(name, seq, 0, nb)?;
-        self.wait_op(name, seq)?;
-        let out = self.host_mut(nb).to_vec();
-        buf.copy_from_slice(&out);
+        let out = self.staged(name, seq, buf, [nb, 0], 0, nb, |c| {
+            let p = c.dev_ptr(0);
+            // SAFETY: buffer 0 holds nb bytes; in place.
+            let r = unsafe {
+                nr::broadcast(
+                    p as *const _,
+                    p as *mut _,
+                    nb,
+                    ns::ncclDataType_t::ncclUint8,
+                    root as i32,
+                    c.comm.0,
+                    c.cu(),
+                )
+            };
+            c.check(name, seq, "ncclBroadcast", r)
+        })?;
+        buf.copy_from_slice(out);
         Ok(())
     }
 
@@ -1058,13 +1067,9 @@ impl Communicator for NcclComm {
             });
         }
         // The length first, then the message.
-        self.reserve(name, seq, 8, [8, 8])?;
-        self.host_mut(8).copy_from_slice(&(send.len() as u64).to_le_bytes());
-        self.upload(name, seq, 0, 8)?;
-        self.shift(name, seq, 8, 8)?;
-        self.download(name, seq, 1, 8)?;
-        self.wait_op(name, seq)?;
-        let word = self.host_mut(8).to_vec();
+        let len = (send.len() as u64).to_le_bytes();
+        let word =
+            self.staged(name, seq, &len, [8, 8], 1, 8, |c| c.shift(name, seq, 8, 8))?.to_vec();
         let n = match decode_lengths(&word, self.opts.max_message_bytes) {
             Ok(l) => l[0],
             Err((_, v)) => {
@@ -1080,14 +1085,9 @@ impl Communicator for NcclComm {
             }
         };
         let nb = send.len();
-        self.reserve(name, seq, nb.max(n), [nb, n])?;
-        self.host_mut(nb).copy_from_slice(send);
-        self.upload(name, seq, 0, nb)?;
-        self.shift(name, seq, nb, n)?;
-        self.download(name, seq, 1, n)?;
-        self.wait_op(name, seq)?;
+        let got = self.staged(name, seq, send, [nb, n], 1, n, |c| c.shift(name, seq, nb, n))?;
         recv.clear();
-        recv.extend_from_slice(self.host_mut(n));
+        recv.extend_from_slice(got);
         Ok(())
     }
 
