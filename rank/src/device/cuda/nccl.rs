@@ -908,8 +908,7 @@ impl Communicator for NcclComm {
         let f32t = ns::ncclDataType_t::ncclFloat32;
         let out =
             self.host_all_reduce("all_reduce_f32", seq, f32_bytes(buf), buf.len(), f32t, op)?;
-        let out = out.to_vec();
-        fill_f32(buf, &out);
+        fill_f32(buf, out);
         Ok(())
     }
 
@@ -918,8 +917,7 @@ impl Communicator for NcclComm {
         let f64t = ns::ncclDataType_t::ncclFloat64;
         let out =
             self.host_all_reduce("all_reduce_f64", seq, f64_bytes(buf), buf.len(), f64t, op)?;
-        let out = out.to_vec();
-        fill_f64(buf, &out);
+        fill_f64(buf, out);
         Ok(())
     }
 
@@ -937,8 +935,8 @@ impl Communicator for NcclComm {
                 ),
             });
         }
-        let out = self.host_all_gather_bytes(name, seq, f32_bytes(input))?.to_vec();
-        fill_f32(output, &out);
+        let out = self.host_all_gather_bytes(name, seq, f32_bytes(input))?;
+        fill_f32(output, out);
         Ok(())
     }
 
