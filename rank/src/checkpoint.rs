@@ -845,7 +845,7 @@ impl Checkpointer {
         &self,
         step: u64,
         model: &Model<B>,
-        opt: &Optimizer,
+        opt: &Optimizer<B>,
         gns: Option<&GnsEstimator>,
         batch: Option<&BatchSchedule>,
         last_loss: f32,
@@ -879,7 +879,7 @@ impl Checkpointer {
         comm: &mut dyn Communicator,
         step: u64,
         model: &Model<B>,
-        opt: &Optimizer,
+        opt: &Optimizer<B>,
         gns: Option<&GnsEstimator>,
         batch: Option<&BatchSchedule>,
         last_loss: f32,
@@ -918,7 +918,7 @@ impl Checkpointer {
         &self,
         r: &Resumed,
         model: &mut Model<B>,
-        opt: &mut Optimizer,
+        opt: &mut Optimizer<B>,
         gns: Option<&mut GnsEstimator>,
     ) -> Result<Vec<String>, CheckpointError> {
         let ck = &r.checkpoint;

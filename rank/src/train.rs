@@ -458,8 +458,10 @@ fn train_on<D: Device>(
         ..cfg.loss.ring_opts()
     })?;
     let groups = tensor_groups(&model);
-    let mut opt =
-        Optimizer::new(&cfg.optim, groups).map_err(|e| TrainError::Setup(e.to_string()))?;
+    // The optimizer's state lives beside the parameters, and its passes run on the device.
+    let mut opt = Optimizer::new(&cfg.optim, groups)
+        .map_err(|e| TrainError::Setup(e.to_string()))?
+        .into_device(dev);
     let schedule = cfg.optim.lr_schedule(cfg.run.steps).map_err(TrainError::Setup)?;
     // One global-batch stream for all ranks: the same permutation everywhere, each rank taking
     // its rows, so that N ranks see exactly what one rank with the whole batch would.
@@ -797,7 +799,7 @@ fn train_on<D: Device>(
             }
             gns_s += tg.elapsed().as_secs_f64();
             let (params, grads) = model.params_and_grads_mut();
-            opt_stats = Some(opt.step(params, grads, lr, step));
+            opt_stats = Some(opt.step_on(dev, params, grads, lr, step));
             model.clamp_logit_scale();
         }
         gns_seconds += gns_s;

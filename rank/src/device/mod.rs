@@ -28,6 +28,8 @@ mod tests;
 
 pub use cpu::{CpuDevice, fast_exp, sgemm_gflops};
 
+use crate::optim::passes::{LambJob, MomentumJob, ReduceJob, Sums};
+
 /// The epsilon used by [`Device::l2_normalize_fwd`]: norms below it are clamped.
 pub const L2_NORM_EPS: f32 = 1e-12;
 
@@ -195,4 +197,43 @@ pub trait Device: Send + Sync {
 
     /// `x *= alpha`.
     fn scale(&self, alpha: f32, x: &mut [f32]);
+
+    /// Optimizer pass (rank/src/optim/passes.rs): the sums each job asks for over its span of
+    /// the parameters `w` and the gradient `g`, in job order. The host reads them, so a device
+    /// waits for its kernels. The default runs the CPU's kernels on the host's view of the
+    /// buffers (after a [`Device::synchronize`]).
+    fn optim_reduce(&self, w: &[f32], g: &[f32], jobs: &[ReduceJob]) -> Vec<Sums> {
+        self.synchronize();
+        crate::optim::engine::host_reduce(w, g, jobs)
+    }
+
+    /// Optimizer pass: the fused momentum update of each job's span of `w` and the momentum
+    /// `v`; returns, per job, ‖w‖² of its new w where the job asks for it (0 otherwise).
+    fn optim_momentum(
+        &self,
+        w: &mut [f32],
+        g: &[f32],
+        v: &mut [f32],
+        jobs: &[MomentumJob],
+    ) -> Vec<f64> {
+        self.synchronize();
+        crate::optim::engine::host_momentum(w, g, v, jobs)
+    }
+
+    /// Optimizer pass: LAMB's moments `m`, `v` and direction `u` (scratch as long as `m`) of
+    /// every job, then `w ← w − rate·u` with `rate(job, ‖u‖², ‖w‖²)` from the host.
+    #[allow(clippy::too_many_arguments)]
+    fn optim_lamb(
+        &self,
+        w: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        u: &mut [f32],
+        jobs: &[LambJob],
+        rate: &mut dyn FnMut(usize, f64, f64) -> f64,
+    ) {
+        self.synchronize();
+        crate::optim::engine::host_lamb(w, g, m, v, u, jobs, rate)
+    }
 }

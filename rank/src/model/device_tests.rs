@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::*;
 use crate::device::{CpuDevice, XentOut};
+use crate::optim::passes::{LambJob, MomentumJob, ReduceJob, Sums};
+use crate::optim::{Optimizer, cases};
 
 #[derive(Debug, Default)]
 struct Ledger {
@@ -303,6 +305,47 @@ impl Device for Tracked {
         self.writes(x);
         self.cpu.scale(alpha, x)
     }
+
+    // The optimizer's passes return with the device idle, as `CudaDevice`'s do: the host
+    // reads the parameters next (checkpoint, logit-scale clamp).
+    fn optim_reduce(&self, w: &[f32], g: &[f32], jobs: &[ReduceJob]) -> Vec<Sums> {
+        self.reads(&[w, g]);
+        self.synchronize();
+        crate::optim::engine::host_reduce(w, g, jobs)
+    }
+
+    fn optim_momentum(
+        &self,
+        w: &mut [f32],
+        g: &[f32],
+        v: &mut [f32],
+        jobs: &[MomentumJob],
+    ) -> Vec<f64> {
+        self.reads(&[g]);
+        self.writes(w);
+        self.writes(v);
+        let norms = crate::optim::engine::host_momentum(w, g, v, jobs);
+        self.synchronize();
+        norms
+    }
+
+    fn optim_lamb(
+        &self,
+        w: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        u: &mut [f32],
+        jobs: &[LambJob],
+        rate: &mut dyn FnMut(usize, f64, f64) -> f64,
+    ) {
+        self.reads(&[g]);
+        for x in [&*w, &*m, &*v, &*u] {
+            self.writes(x);
+        }
+        crate::optim::engine::host_lamb(w, g, m, v, u, jobs, rate);
+        self.synchronize();
+    }
 }
 
 fn inputs(seed: u64, n: usize) -> Vec<f32> {
@@ -426,4 +469,44 @@ fn classifier_runs_in_device_buffers() {
     same_bits("gradients", on_dev.grads(), host.grads());
     same_bits("predict", &on_dev.predict(&dev, &x, batch), &y);
     assert_eq!(dev.dirty(), 0);
+}
+
+/// Every optimizer variant with its state in [`Tracked`] buffers and its passes run through the
+/// device: bitwise the host optimizer's parameters, state and statistics over five steps (with
+/// a restore from the host optimizer's state in between), no argument outside the device's
+/// buffers, nothing pending when a step returns, and no buffer outliving the optimizer.
+#[test]
+fn optimizer_runs_in_device_buffers() {
+    let groups = cases::model_groups();
+    let n = 95;
+    for c in cases::variants() {
+        let dev = Tracked::new();
+        let mut host = Optimizer::new(&c, groups.clone()).unwrap();
+        let mut on_dev = Optimizer::new(&c, groups.clone()).unwrap().into_device(&dev);
+        let mut p = inputs(21, n);
+        let mut p_dev = dev.alloc(n);
+        let mut g_dev = dev.alloc(n);
+        dev.synchronize();
+        p_dev.copy_from_slice(&p);
+        for step in 0..5u64 {
+            let g = inputs(30 + step, n);
+            g_dev.copy_from_slice(&g);
+            let lr = 0.1 * (step + 1) as f64;
+            let foreign0 = dev.foreign();
+            let want = host.step(&mut p, &g, lr, step);
+            let got = on_dev.step_on(&dev, &mut p_dev, &g_dev, lr, step);
+            let what = format!("{} step {step}", c.name);
+            assert_eq!(dev.foreign(), foreign0, "{what}: arguments outside the device");
+            assert_eq!(dev.dirty(), 0, "{what}: returned with kernels pending");
+            assert_eq!(got, want, "{what}: statistics");
+            same_bits(&what, &p_dev, &p);
+            same_bits(&what, on_dev.velocity(), host.velocity());
+            if step == 2 {
+                on_dev.load_state(&host.state_bytes()).unwrap();
+                assert_eq!(on_dev.state_bytes(), host.state_bytes(), "{what}: restore");
+            }
+        }
+        drop((on_dev, p_dev, g_dev));
+        assert!(dev.ledger().live.is_empty(), "{}: device buffers outlived the optimizer", c.name);
+    }
 }

@@ -16,6 +16,8 @@ use serde::Serialize;
 
 use super::TensorGroup;
 use super::config::{Family, MomentumForm, OptimConfig, RatioForm, Settings, ZeroNorm};
+use super::passes::{LambJob, LambStep, Momentum, MomentumJob, ReduceJob, Span, Sums, check_spans};
+use crate::device::{Device, DeviceBuf};
 
 /// Errors of building an optimizer or restoring its state.
 #[derive(Debug, thiserror::Error)]
@@ -103,17 +105,21 @@ impl StepStats {
 }
 
 /// SGD (momentum, Nesterov), LARS, TVLARS and LAMB over the flat parameter buffer.
+///
+/// `B` is the buffer type of the state (momentum, LAMB's moments): a host `Vec` by default, a
+/// device's buffer after [`Optimizer::into_device`], where [`Optimizer::step_on`] runs the
+/// element passes on that device (see [`super::passes`]).
 #[derive(Clone, Debug)]
-pub struct Optimizer {
+pub struct Optimizer<B = Vec<f32>> {
     settings: Settings,
     groups: Vec<TensorGroup>,
     extent: usize,
     /// Momentum buffer (SGD, LARS, TVLARS) or LAMB's first moment m.
-    buf1: Vec<f32>,
+    buf1: B,
     /// LAMB's second moment v (empty otherwise).
-    buf2: Vec<f32>,
-    /// LAMB's update direction of the current tensor (not part of the state).
-    scratch: Vec<f32>,
+    buf2: B,
+    /// LAMB's update direction u of the current step (not part of the state; empty otherwise).
+    scratch: B,
     /// Steps taken so far (restored with the state).
     steps: u64,
     /// Per group: ‖w‖² of the tensor as the last step wrote it (adapted tensors under LARS and
@@ -225,17 +231,6 @@ fn sum_sq_body(g: &[f32]) -> f64 {
     lanes_sum(acc)
 }
 
-/// Constants of the fused momentum update: d = s·g + wd·w; v ← m·v + a·d; Δ = v (or a·d + m·v
-/// with Nesterov); w ← w − b·Δ. Classic momentum is a = lr·r, b = 1; PyTorch's is a = r, b = lr.
-#[derive(Clone, Copy, Debug)]
-struct Momentum {
-    s: f64,
-    wd: f64,
-    m: f64,
-    a: f64,
-    b: f64,
-}
-
 /// One element of the momentum update: (new w, new v).
 #[inline(always)]
 fn momentum_one<const NESTEROV: bool>(w: f32, g: f32, v: f32, k: Momentum) -> (f32, f32) {
@@ -308,7 +303,7 @@ multiversion! {
 }
 
 /// The fused momentum pass; returns ‖w‖² of the new w when `norm` (else 0).
-fn momentum_pass(
+pub(super) fn momentum_pass(
     w: &mut [f32],
     g: &[f32],
     v: &mut [f32],
@@ -322,19 +317,6 @@ fn momentum_pass(
         (false, true) => momentum_plain_norm(w, g, v, k),
         (true, true) => momentum_nesterov_norm(w, g, v, k),
     }
-}
-
-/// LAMB constants of one step.
-#[derive(Clone, Copy, Debug)]
-struct LambStep {
-    s: f64,
-    wd: f64,
-    b1: f64,
-    b2: f64,
-    /// 1/(1 − β₁ᵗ), 1/(1 − β₂ᵗ) (1 without bias correction).
-    c1: f64,
-    c2: f64,
-    eps: f64,
 }
 
 /// Moments updated in place and the direction u = m̂/(√v̂ + ε) + λ·w written to `u`, element-wise
@@ -415,7 +397,127 @@ multiversion! {
     }
 }
 
-impl Optimizer {
+/// The CPU's optimizer passes ([`Device::optim_reduce`]): each job with the lane kernels above.
+pub fn host_reduce(w: &[f32], g: &[f32], jobs: &[ReduceJob]) -> Vec<Sums> {
+    check_spans("optim_reduce", w.len().min(g.len()), jobs.iter().map(|j| j.span));
+    jobs.iter()
+        .map(|j| {
+            let (w, g) = (&w[j.span.range()], &g[j.span.range()]);
+            let keep = |on: bool, x: f64| if on { x } else { 0.0 };
+            match (j.ww, j.gg, j.gw) {
+                (false, false, false) => Sums::default(),
+                (true, false, false) => Sums { ww: sum_sq(w), ..Sums::default() },
+                (false, true, false) => Sums { gg: sum_sq(g), ..Sums::default() },
+                (false, _, true) => {
+                    let (gg, gw) = reduce_gw(w, g);
+                    Sums { ww: 0.0, gg: keep(j.gg, gg), gw }
+                }
+                (true, _, _) => {
+                    let (ww, gg, gw) = reduce3(w, g);
+                    Sums { ww, gg: keep(j.gg, gg), gw: keep(j.gw, gw) }
+                }
+            }
+        })
+        .collect()
+}
+
+/// The CPU's [`Device::optim_momentum`]: ‖w‖² of each job's new w where it asks (else 0).
+pub fn host_momentum(w: &mut [f32], g: &[f32], v: &mut [f32], jobs: &[MomentumJob]) -> Vec<f64> {
+    check_spans("optim_momentum", w.len().min(g.len()).min(v.len()), jobs.iter().map(|j| j.span));
+    jobs.iter()
+        .map(|j| {
+            let r = j.span.range();
+            momentum_pass(&mut w[r.clone()], &g[r.clone()], &mut v[r], j.k, j.nesterov, j.norm)
+        })
+        .collect()
+}
+
+/// The CPU's [`Device::optim_lamb`]: a tensor at a time, moments then update.
+#[allow(clippy::too_many_arguments)]
+pub fn host_lamb(
+    w: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    u: &mut [f32],
+    jobs: &[LambJob],
+    rate: &mut dyn FnMut(usize, f64, f64) -> f64,
+) {
+    let len = w.len().min(g.len()).min(m.len()).min(v.len()).min(u.len());
+    check_spans("optim_lamb", len, jobs.iter().map(|j| j.span));
+    for (i, j) in jobs.iter().enumerate() {
+        let r = j.span.range();
+        let w = &mut w[r.clone()];
+        let u = &mut u[r.clone()];
+        let (uu, ww) = lamb_moments(w, &g[r.clone()], &mut m[r.clone()], &mut v[r], u, j.k);
+        lamb_apply(w, u, rate(i, uu, ww));
+    }
+}
+
+/// Who runs the passes of a step: the host kernels directly, or a device.
+trait Passes {
+    fn reduce(&self, w: &[f32], g: &[f32], jobs: &[ReduceJob]) -> Vec<Sums>;
+    fn momentum(&self, w: &mut [f32], g: &[f32], v: &mut [f32], jobs: &[MomentumJob]) -> Vec<f64>;
+    #[allow(clippy::too_many_arguments)]
+    fn lamb(
+        &self,
+        w: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        u: &mut [f32],
+        jobs: &[LambJob],
+        rate: &mut dyn FnMut(usize, f64, f64) -> f64,
+    );
+}
+
+struct Host;
+
+impl Passes for Host {
+    fn reduce(&self, w: &[f32], g: &[f32], jobs: &[ReduceJob]) -> Vec<Sums> {
+        host_reduce(w, g, jobs)
+    }
+    fn momentum(&self, w: &mut [f32], g: &[f32], v: &mut [f32], jobs: &[MomentumJob]) -> Vec<f64> {
+        host_momentum(w, g, v, jobs)
+    }
+    fn lamb(
+        &self,
+        w: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        u: &mut [f32],
+        jobs: &[LambJob],
+        rate: &mut dyn FnMut(usize, f64, f64) -> f64,
+    ) {
+        host_lamb(w, g, m, v, u, jobs, rate)
+    }
+}
+
+struct On<'a, D>(&'a D);
+
+impl<D: Device> Passes for On<'_, D> {
+    fn reduce(&self, w: &[f32], g: &[f32], jobs: &[ReduceJob]) -> Vec<Sums> {
+        self.0.optim_reduce(w, g, jobs)
+    }
+    fn momentum(&self, w: &mut [f32], g: &[f32], v: &mut [f32], jobs: &[MomentumJob]) -> Vec<f64> {
+        self.0.optim_momentum(w, g, v, jobs)
+    }
+    fn lamb(
+        &self,
+        w: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        u: &mut [f32],
+        jobs: &[LambJob],
+        rate: &mut dyn FnMut(usize, f64, f64) -> f64,
+    ) {
+        self.0.optim_lamb(w, g, m, v, u, jobs, rate)
+    }
+}
+
+impl Optimizer<Vec<f32>> {
     /// Checks `cfg` and the groups (no overlaps) and allocates the state.
     pub fn new(cfg: &OptimConfig, groups: Vec<TensorGroup>) -> Result<Optimizer, OptimError> {
         let settings = cfg.settings().map_err(OptimError::Config)?;
@@ -443,11 +545,7 @@ impl Optimizer {
         let opt = Optimizer {
             buf1: vec![0.0; extent],
             buf2: if lamb { vec![0.0; extent] } else { Vec::new() },
-            scratch: if lamb {
-                vec![0.0; groups.iter().map(|g| g.len).max().unwrap_or(0)]
-            } else {
-                Vec::new()
-            },
+            scratch: if lamb { vec![0.0; extent] } else { Vec::new() },
             w_sq: vec![None; groups.len()],
             settings,
             groups,
@@ -458,6 +556,34 @@ impl Optimizer {
         Ok(opt)
     }
 
+    /// One update on the host; see [`Optimizer::step_on`].
+    pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64, step: u64) -> StepStats {
+        self.step_with(&Host, params, grads, lr, step)
+    }
+
+    /// The same optimizer with its state in `dev`'s buffers, for [`Optimizer::step_on`] with
+    /// that device.
+    pub fn into_device<D: Device>(self, dev: &D) -> Optimizer<D::Buf> {
+        let move_in = |v: Vec<f32>| {
+            let mut b = dev.alloc(v.len());
+            dev.synchronize();
+            b.copy_from_slice(&v);
+            b
+        };
+        Optimizer {
+            buf1: move_in(self.buf1),
+            buf2: move_in(self.buf2),
+            scratch: dev.alloc(self.scratch.len()),
+            settings: self.settings,
+            groups: self.groups,
+            extent: self.extent,
+            steps: self.steps,
+            w_sq: self.w_sq,
+        }
+    }
+}
+
+impl<B: DeviceBuf> Optimizer<B> {
     pub fn settings(&self) -> &Settings {
         &self.settings
     }
@@ -549,8 +675,11 @@ impl Optimizer {
         (local, wd)
     }
 
-    /// One update with learning rate `lr` from the (all-reduced) gradient; `step` is the 0-based
-    /// optimizer step (TVLARS's t = step + 1, LAMB's bias correction uses step + 1).
+    /// One update with learning rate `lr` from the (all-reduced) gradient, its element passes
+    /// run by `dev` (the device whose buffers hold `params`, `grads` and this optimizer's
+    /// state); `step` is the 0-based optimizer step (TVLARS's t = step + 1, LAMB's bias
+    /// correction uses step + 1). The host computes only scalars: the clipping factor and the
+    /// trust ratios from the sums the device returns.
     ///
     /// `params` must be the buffer the previous step wrote, changed by nothing else in between
     /// (or call [`Optimizer::forget_weight_norms`] after changing it): LARS and TVLARS take ‖w‖
@@ -559,7 +688,25 @@ impl Optimizer {
     ///
     /// Panics if `params` or `grads` is shorter than the groups' extent (the groups come from
     /// the same model as the buffers, so that is a bug, not bad input).
-    pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64, step: u64) -> StepStats {
+    pub fn step_on<D: Device<Buf = B>>(
+        &mut self,
+        dev: &D,
+        params: &mut [f32],
+        grads: &[f32],
+        lr: f64,
+        step: u64,
+    ) -> StepStats {
+        self.step_with(&On(dev), params, grads, lr, step)
+    }
+
+    fn step_with(
+        &mut self,
+        passes: &impl Passes,
+        params: &mut [f32],
+        grads: &[f32],
+        lr: f64,
+        step: u64,
+    ) -> StepStats {
         assert!(
             params.len() >= self.extent && grads.len() >= self.extent,
             "optimizer groups span {} values but params has {} and grads {}",
@@ -570,59 +717,78 @@ impl Optimizer {
         let st = self.settings.clone();
         let mut stats =
             StepStats { groups: vec![GroupStat::default(); self.groups.len()], grad_norm: None };
+        let lars = matches!(st.family, Family::Lars | Family::Tvlars);
+        let span = |g: &TensorGroup| Span { offset: g.offset, len: g.len };
+        let decay = |g: &TensorGroup| if g.decay { st.weight_decay } else { 0.0 };
+
+        // Pass 1: the sums, read as little as possible: ‖g‖² of every tensor for clipping;
+        // for a tensor with a LARS/TVLARS ratio ‖g‖², ‖w‖² unless the last update left it,
+        // and ⟨g, w⟩ only for the `combined` form with decay. Every sum uses the same lanes,
+        // so each value is bitwise what one pass over w and g would give.
+        let mut jobs = Vec::new();
+        let mut job_of = vec![None; self.groups.len()];
+        for (gi, grp) in self.groups.iter().enumerate() {
+            if !grp.trainable {
+                continue;
+            }
+            let adapted = grp.adapt && lars;
+            let job = ReduceJob {
+                span: span(grp),
+                ww: adapted && self.w_sq[gi].is_none(),
+                gg: st.grad_clip_norm.is_some() || adapted,
+                gw: adapted && st.ratio_form == RatioForm::Combined && decay(grp) != 0.0,
+            };
+            if job.ww || job.gg || job.gw {
+                job_of[gi] = Some(jobs.len());
+                jobs.push(job);
+            }
+        }
+        let sums = if jobs.is_empty() { Vec::new() } else { passes.reduce(params, grads, &jobs) };
+        let sums_of = |gi: usize| job_of[gi].map_or(Sums::default(), |j| sums[j]);
+
         let mut scale = 1.0;
-        // ‖g‖² per group from the clipping pass, reused for the trust ratio (same lanes).
-        let mut clip_sq: Option<Vec<f64>> = None;
         if let Some(c) = st.grad_clip_norm {
-            let sq: Vec<f64> = self
-                .groups
-                .iter()
-                .map(|g| if g.trainable { sum_sq(&grads[g.offset..g.offset + g.len]) } else { 0.0 })
-                .collect();
-            let n = self
-                .groups
-                .iter()
-                .zip(&sq)
-                .filter(|(g, _)| g.trainable)
-                .map(|(_, &x)| x)
+            let n = (0..self.groups.len())
+                .filter(|&gi| self.groups[gi].trainable)
+                .map(|gi| sums_of(gi).gg)
                 .sum::<f64>()
                 .sqrt();
             stats.grad_norm = Some(n);
             if n > c {
                 scale = c / n;
             }
-            clip_sq = Some(sq);
         }
+        // Tensors without a trust ratio take this multiple of lr (1 under SGD).
+        let unadapted = if st.family == Family::Sgd { 1.0 } else { st.excluded_lr_scale };
         let t = step + 1;
-        let lamb = if st.family == Family::Lamb {
+
+        if st.family == Family::Lamb {
+            // Pass 2 (LAMB): moments and direction, then the update at the rate from ‖u‖, ‖w‖.
             let (c1, c2) = if st.bias_correction {
                 (1.0 / (1.0 - st.beta1.powf(t as f64)), 1.0 / (1.0 - st.beta2.powf(t as f64)))
             } else {
                 (1.0, 1.0)
             };
-            Some(LambStep { s: scale, wd: 0.0, b1: st.beta1, b2: st.beta2, c1, c2, eps: st.eps })
-        } else {
-            None
-        };
-        // Tensors without a trust ratio take this multiple of lr (1 under SGD).
-        let unadapted = if st.family == Family::Sgd { 1.0 } else { st.excluded_lr_scale };
-        for (gi, grp) in self.groups.iter().enumerate() {
-            if !grp.trainable {
-                continue;
+            let mut owners = Vec::new();
+            let mut ljobs = Vec::new();
+            for (gi, grp) in self.groups.iter().enumerate().filter(|(_, g)| g.trainable) {
+                let k = LambStep {
+                    s: scale,
+                    wd: decay(grp),
+                    b1: st.beta1,
+                    b2: st.beta2,
+                    c1,
+                    c2,
+                    eps: st.eps,
+                };
+                owners.push(gi);
+                ljobs.push(LambJob { span: span(grp), k });
             }
-            let range = grp.offset..grp.offset + grp.len;
-            let w = &mut params[range.clone()];
-            let g = &grads[range.clone()];
-            let wd = if grp.decay { st.weight_decay } else { 0.0 };
-            let adapted = grp.adapt && st.family != Family::Sgd;
-            let ratio;
-            if let Some(k) = lamb {
-                let k = LambStep { wd, ..k };
-                let m = &mut self.buf1[range.clone()];
-                let v = &mut self.buf2[range];
-                let u = &mut self.scratch[..grp.len];
-                let (uu, ww) = lamb_moments(w, g, m, v, u, k);
-                ratio = if adapted {
+            let groups = &self.groups;
+            let mut rate = |j: usize, uu: f64, ww: f64| -> f64 {
+                let gi = owners[j];
+                let adapted = groups[gi].adapt;
+                let ratio = if adapted {
                     let wn = ww.sqrt();
                     let un = uu.sqrt();
                     let phi = st.lamb_clamp.map_or(wn, |c| wn.min(c));
@@ -630,44 +796,47 @@ impl Optimizer {
                 } else {
                     unadapted
                 };
-                lamb_apply(w, u, lr * ratio);
-            } else {
+                stats.groups[gi] = GroupStat { ratio, lr: lr * ratio, adapted, trainable: true };
+                lr * ratio
+            };
+            if !ljobs.is_empty() {
+                let (m, v, u) = (&mut self.buf1, &mut self.buf2, &mut self.scratch);
+                passes.lamb(params, grads, m, v, u, &ljobs, &mut rate);
+            }
+        } else {
+            // Pass 2 (SGD, LARS, TVLARS): the fused momentum update, which also sums ‖w‖² of
+            // the new w of adapted tensors for the next step.
+            let mut owners = Vec::new();
+            let mut mjobs = Vec::new();
+            for (gi, grp) in self.groups.iter().enumerate().filter(|(_, g)| g.trainable) {
+                let adapted = grp.adapt && st.family != Family::Sgd;
+                let s = sums_of(gi);
                 let (r, wd) = if adapted {
-                    // What the ratio needs, read as little as possible: ‖w‖² from the last
-                    // update, ‖g‖² from the clipping pass, and w only for ⟨g, w⟩ when the
-                    // `combined` form has decay. Every sum uses the same lanes, so each value
-                    // is bitwise what one pass over w and g would give.
-                    let need_gw = st.ratio_form == RatioForm::Combined && wd != 0.0;
-                    let cached_gg = clip_sq.as_ref().map(|sq| sq[gi]);
-                    let (ww, gg, gw) = match (self.w_sq[gi], cached_gg, need_gw) {
-                        (Some(ww), _, true) => {
-                            let (gg, gw) = reduce_gw(w, g);
-                            (ww, gg, gw)
-                        }
-                        (None, _, true) => reduce3(w, g),
-                        (Some(ww), Some(gg), false) => (ww, gg, 0.0),
-                        (Some(ww), None, false) => (ww, sum_sq(g), 0.0),
-                        (None, Some(gg), false) => (sum_sq(w), gg, 0.0),
-                        (None, None, false) => {
-                            let (ww, gg, _) = reduce3(w, g);
-                            (ww, gg, 0.0)
-                        }
-                    };
-                    self.lars_ratio(ww, scale * scale * gg, scale * gw, wd, lr, step)
+                    let ww = self.w_sq[gi].unwrap_or(s.ww);
+                    self.lars_ratio(ww, scale * scale * s.gg, scale * s.gw, decay(grp), lr, step)
                 } else {
-                    (unadapted, wd)
+                    (unadapted, decay(grp))
                 };
-                ratio = r;
                 let (a, b) = match st.momentum_form {
                     MomentumForm::Classic => (lr * r, 1.0),
                     MomentumForm::Pytorch => (r, lr),
                 };
-                let v = &mut self.buf1[range];
                 let k = Momentum { s: scale, wd, m: st.momentum, a, b };
-                let ww = momentum_pass(w, g, v, k, st.nesterov, adapted);
-                self.w_sq[gi] = adapted.then_some(ww);
+                owners.push(gi);
+                mjobs.push(MomentumJob {
+                    span: span(grp),
+                    k,
+                    nesterov: st.nesterov,
+                    norm: adapted,
+                });
+                stats.groups[gi] = GroupStat { ratio: r, lr: lr * r, adapted, trainable: true };
             }
-            stats.groups[gi] = GroupStat { ratio, lr: lr * ratio, adapted, trainable: true };
+            if !mjobs.is_empty() {
+                let norms = passes.momentum(params, grads, &mut self.buf1, &mjobs);
+                for ((gi, job), ww) in owners.into_iter().zip(&mjobs).zip(norms) {
+                    self.w_sq[gi] = job.norm.then_some(ww);
+                }
+            }
         }
         self.steps = self.steps.max(t);
         stats
@@ -740,8 +909,10 @@ impl Optimizer {
         if !rest.is_empty() {
             return Err(bad(format!("{} unexpected bytes after the buffers", rest.len())));
         }
-        self.buf2 = bufs.pop().unwrap_or_default();
-        self.buf1 = bufs.pop().unwrap_or_default();
+        // The lengths match (checked above); a device's buffers are written from the host,
+        // which the caller does with the device idle (before the first step).
+        self.buf1.copy_from_slice(&bufs[0]);
+        self.buf2.copy_from_slice(&bufs[1]);
         self.steps = steps;
         self.forget_weight_norms();
         Ok(())

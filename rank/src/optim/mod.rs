@@ -6,8 +6,10 @@
 //! docs/OPTIMIZERS.md. [`Sgd`] is the earlier stand-alone SGD, kept for callers that use it.
 
 pub mod bench;
+pub mod cases;
 pub mod config;
 pub mod engine;
+pub mod passes;
 pub mod schedule;
 pub mod sgd;
 
