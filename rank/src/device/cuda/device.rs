@@ -44,6 +44,7 @@ use super::CudaError;
 use super::gpu::{Gpu, drv, elem_cfg, row_cfg};
 use super::libs::{Lib, require};
 use crate::device::{Device, L2_NORM_EPS, XentOut};
+use crate::optim::passes::{LambJob, MomentumJob, ReduceJob, Span, Sums, check_spans};
 
 /// How cuBLAS computes the GEMMs; inputs, outputs and accumulation are f32 in every mode.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -719,6 +720,27 @@ impl Drop for Call<'_, '_> {
     }
 }
 
+/// Jobs of one optimizer launch: a row of blocks each, and a grid has at most 65,535 rows.
+const MAX_JOBS: usize = 65_535;
+
+/// The job table of an optimizer pass: (offset, len, flags) per job, as optim.cu reads it.
+fn job_table(jobs: impl Iterator<Item = (Span, i64)>) -> Vec<i64> {
+    jobs.flat_map(|(s, flags)| [s.offset as i64, s.len as i64, flags]).collect()
+}
+
+/// Launch shape of an optimizer pass: one row of blocks per job (`grid.y`), as many blocks per
+/// row as the longest job fills at 2048 values a block (at most 256; a block past a shorter
+/// job's end leaves a zero partial), 256 threads, a double per thread of shared memory.
+fn optim_cfg(spans: impl Iterator<Item = Span>) -> LaunchConfig {
+    let (mut jobs, mut longest) = (0u32, 0usize);
+    for s in spans {
+        jobs += 1;
+        longest = longest.max(s.len);
+    }
+    let blocks = longest.div_ceil(2048).clamp(1, 256) as u32;
+    LaunchConfig { grid_dim: (blocks, jobs, 1), block_dim: (256, 1, 1), shared_mem_bytes: 256 * 8 }
+}
+
 /// Launch shape of `sq_norm_partial`: `(blocks, config)`.
 fn sq_norm_cfg(n: usize) -> (usize, LaunchConfig) {
     let blocks = n.div_ceil(256).clamp(1, 1024);
@@ -1098,6 +1120,170 @@ impl Device for CudaDevice {
         // SAFETY: scale(float alpha, float* x, i64 n).
         unsafe { self.elementwise("scale", n, &args) };
         call.finish();
+    }
+
+    fn optim_reduce(&self, w: &[f32], g: &[f32], jobs: &[ReduceJob]) -> Vec<Sums> {
+        check_spans("optim_reduce", w.len().min(g.len()), jobs.iter().map(|j| j.span));
+        if jobs.len() > MAX_JOBS {
+            return jobs.chunks(MAX_JOBS).flat_map(|c| self.optim_reduce(w, g, c)).collect();
+        }
+        if jobs.is_empty() {
+            return Vec::new();
+        }
+        let table = job_table(
+            jobs.iter()
+                .map(|j| (j.span, i64::from(j.ww) | i64::from(j.gg) << 1 | i64::from(j.gw) << 2)),
+        );
+        let cfg = optim_cfg(jobs.iter().map(|j| j.span));
+        let slots = cfg.grid_dim.0 as usize * jobs.len();
+        let mut partial = vec![0.0f64; 3 * slots];
+        let mut call = Call::new(self);
+        let pp = call.scratch(partial.len() * 8);
+        let args = [call.input(w), call.input(g), Arg::P(call.upload(&table)), Arg::P(pp)];
+        // SAFETY: optim_reduce(const float* w, const float* g, const i64* jobs[3·jobs],
+        // double* partial[3·blocks·jobs]); every span lies inside w and g (checked above).
+        unsafe { self.launch("optim_reduce", cfg, &args) };
+        call.fetch(&mut partial, pp);
+        call.finish();
+        let per_job = 3 * cfg.grid_dim.0 as usize;
+        partial
+            .chunks(per_job)
+            .map(|p| {
+                let sum = |k: usize| p.iter().skip(k).step_by(3).sum::<f64>();
+                Sums { ww: sum(0), gg: sum(1), gw: sum(2) }
+            })
+            .collect()
+    }
+
+    fn optim_momentum(
+        &self,
+        w: &mut [f32],
+        g: &[f32],
+        v: &mut [f32],
+        jobs: &[MomentumJob],
+    ) -> Vec<f64> {
+        check_spans(
+            "optim_momentum",
+            w.len().min(g.len()).min(v.len()),
+            jobs.iter().map(|j| j.span),
+        );
+        if jobs.len() > MAX_JOBS {
+            return jobs.chunks(MAX_JOBS).flat_map(|c| self.optim_momentum(w, g, v, c)).collect();
+        }
+        if jobs.is_empty() {
+            return Vec::new();
+        }
+        let table = job_table(
+            jobs.iter().map(|j| (j.span, i64::from(j.nesterov) | i64::from(j.norm) << 1)),
+        );
+        let consts: Vec<f64> =
+            jobs.iter().flat_map(|j| [j.k.s, j.k.wd, j.k.m, j.k.a, j.k.b]).collect();
+        let cfg = optim_cfg(jobs.iter().map(|j| j.span));
+        let blocks = cfg.grid_dim.0 as usize;
+        let mut partial = vec![0.0f64; blocks * jobs.len()];
+        let mut call = Call::new(self);
+        let pp = call.scratch(partial.len() * 8);
+        let args = [
+            call.inout(w),
+            call.input(g),
+            call.inout(v),
+            Arg::P(call.upload(&table)),
+            Arg::P(call.upload(&consts)),
+            Arg::P(pp),
+        ];
+        // SAFETY: optim_momentum(float* w, const float* g, float* v, const i64* jobs[3·jobs],
+        // const double* k[5·jobs], double* partial[blocks·jobs]); spans checked above.
+        unsafe { self.launch("optim_momentum", cfg, &args) };
+        let norms = jobs.iter().any(|j| j.norm);
+        if norms {
+            call.fetch(&mut partial, pp);
+        }
+        call.finish();
+        // The host reads the parameters next (checkpoint, logit-scale clamp).
+        self.shared.sync("synchronize after the optimizer step");
+        partial
+            .chunks(blocks)
+            .zip(jobs)
+            .map(|(p, j)| if j.norm { p.iter().sum() } else { 0.0 })
+            .collect()
+    }
+
+    fn optim_lamb(
+        &self,
+        w: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        u: &mut [f32],
+        jobs: &[LambJob],
+        rate: &mut dyn FnMut(usize, f64, f64) -> f64,
+    ) {
+        let len = w.len().min(g.len()).min(m.len()).min(v.len()).min(u.len());
+        check_spans("optim_lamb", len, jobs.iter().map(|j| j.span));
+        if jobs.len() > MAX_JOBS {
+            for (ci, c) in jobs.chunks(MAX_JOBS).enumerate() {
+                self.optim_lamb(w, g, m, v, u, c, &mut |j, uu, ww| rate(ci * MAX_JOBS + j, uu, ww));
+            }
+            return;
+        }
+        if jobs.is_empty() {
+            return;
+        }
+        let table = job_table(jobs.iter().map(|j| (j.span, 0)));
+        // The f32 constants exactly as the CPU engine rounds them.
+        let consts: Vec<f32> = jobs
+            .iter()
+            .flat_map(|j| {
+                let k = j.k;
+                [k.s, k.b1, 1.0 - k.b1, k.b2, 1.0 - k.b2, k.c1, k.c2, k.eps, k.wd].map(|x| x as f32)
+            })
+            .collect();
+        let cfg = optim_cfg(jobs.iter().map(|j| j.span));
+        let blocks = cfg.grid_dim.0 as usize;
+        let mut partial = vec![0.0f64; 2 * blocks * jobs.len()];
+        let rates: Vec<f64>;
+        {
+            let mut call = Call::new(self);
+            let pp = call.scratch(partial.len() * 8);
+            let args = [
+                call.input(w),
+                call.input(g),
+                call.inout(m),
+                call.inout(v),
+                call.inout(u),
+                Arg::P(call.upload(&table)),
+                Arg::P(call.upload(&consts)),
+                Arg::P(pp),
+            ];
+            // SAFETY: optim_lamb_moments(const float* w, const float* g, float* m, float* v,
+            // float* u, const i64* jobs[3·jobs], const float* c[9·jobs],
+            // double* partial[2·blocks·jobs]); spans checked above against all five buffers.
+            unsafe { self.launch("optim_lamb_moments", cfg, &args) };
+            call.fetch(&mut partial, pp);
+            call.finish();
+            rates = partial
+                .chunks(2 * blocks)
+                .enumerate()
+                .map(|(j, p)| {
+                    let uu = p.iter().step_by(2).sum::<f64>();
+                    let ww = p.iter().skip(1).step_by(2).sum::<f64>();
+                    rate(j, uu, ww)
+                })
+                .collect();
+        }
+        let mut call = Call::new(self);
+        let args = [
+            call.inout(w),
+            call.input(u),
+            Arg::P(call.upload(&table)),
+            Arg::P(call.upload(&rates)),
+        ];
+        let apply = LaunchConfig { shared_mem_bytes: 0, ..cfg };
+        // SAFETY: optim_lamb_apply(float* w, const float* u, const i64* jobs[3·jobs],
+        // const double* rate[jobs]); spans checked above.
+        unsafe { self.launch("optim_lamb_apply", apply, &args) };
+        call.finish();
+        self.shared.sync("synchronize after the optimizer step");
     }
 }
 

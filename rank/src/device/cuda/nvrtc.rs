@@ -56,6 +56,11 @@ pub const SOURCES: &[KernelSource] = &[
             "clip_bwd_tf32",
         ],
     },
+    KernelSource {
+        name: "optim.cu",
+        src: include_str!("kernels/optim.cu"),
+        kernels: &["optim_reduce", "optim_momentum", "optim_lamb_moments", "optim_lamb_apply"],
+    },
 ];
 
 /// The architectures CI compiles for (A100 and H100/H200).

@@ -1097,6 +1097,7 @@ fn device_checks(ordinal: usize, cpu: &CpuDevice, rng: &mut Rng) -> Result<Vec<R
         pass: same && reused,
     });
     out.extend(model_step_checks(&dev, cpu, rng));
+    out.extend(optim_checks(&dev, rng));
     // Tensor-core GEMMs: inputs rounded to 10 (TF32) or 7 (BF16) mantissa bits, so the
     // normwise error is about 2⁻¹¹·√2 or 2⁻⁸·√2 at these sizes; the bounds leave 5–10×.
     for (math, tol) in [(GemmMath::Tf32, 5e-3), (GemmMath::Bf16, 2e-2)] {
@@ -1191,6 +1192,93 @@ fn model_step_checks(dev: &CudaDevice, cpu: &CpuDevice, rng: &mut Rng) -> Vec<Ro
         tol: None,
         pass: same && managed[1] == managed[0],
     });
+    rows
+}
+
+/// The optimizer on the GPU ([`Optimizer::step_on`] with its state in managed memory) vs the
+/// host optimizer, every variant of the engine's tests (optim/cases.rs) on two layouts: the
+/// tests' seven small tensors and one with a 300×400 weight (many blocks per tensor). Three
+/// steps each; parameters and momentum within 1e-6 normwise (the element arithmetic is the
+/// CPU's, so they differ only where a norm summed in another order moves a trust ratio by an
+/// ulp), the statistics' ratios within 1e-12. The first layout also runs with the parameters
+/// in host memory (staged), which must give the same result.
+fn optim_checks(dev: &CudaDevice, rng: &mut Rng) -> Vec<Row> {
+    use crate::optim::{Optimizer, TensorGroup, cases};
+    let wide = vec![
+        TensorGroup::from_shape("wide.weight", 0, 120_000, &[300, 400], true),
+        TensorGroup::from_shape("wide.bias", 120_000, 400, &[400], true),
+        TensorGroup::from_shape("ln.gamma", 120_400, 37, &[37], true),
+        TensorGroup::from_shape("logit_scale", 120_437, 1, &[], true),
+    ];
+    let layouts = [("small", cases::model_groups(), true), ("wide", wide, false)];
+    let mut rows = Vec::new();
+    for (layout, groups, staged_too) in &layouts {
+        let n = groups.iter().map(|g| g.offset + g.len).max().unwrap_or(0);
+        let p0 = normal(rng, n, 1.0);
+        let grads: Vec<Vec<f32>> = (0..3).map(|_| normal(rng, n, 0.1)).collect();
+        for (vi, c) in cases::variants().iter().enumerate() {
+            let mut host = Optimizer::new(c, groups.clone()).expect("the test variants are valid");
+            let mut p_host = p0.clone();
+            let want: Vec<_> = grads
+                .iter()
+                .enumerate()
+                .map(|(s, g)| host.step(&mut p_host, g, 0.1 * (s + 1) as f64, s as u64))
+                .collect();
+            for managed in [true, false].into_iter().filter(|&m| m || *staged_too) {
+                let name = format!(
+                    "optim {}#{vi} {layout} {}",
+                    c.name,
+                    if managed { "managed" } else { "vec" }
+                );
+                let r = catch_fault(|| {
+                    let mut opt =
+                        Optimizer::new(c, groups.clone()).expect("valid").into_device(dev);
+                    let (mut pm, mut gm) = (dev.alloc(n), dev.alloc(n));
+                    dev.synchronize();
+                    pm.copy_from_slice(&p0);
+                    let mut pv = p0.clone();
+                    let mut stats = Vec::new();
+                    for (s, g) in grads.iter().enumerate() {
+                        let lr = 0.1 * (s + 1) as f64;
+                        stats.push(if managed {
+                            gm.copy_from_slice(g);
+                            opt.step_on(dev, &mut pm, &gm, lr, s as u64)
+                        } else {
+                            opt.step_on(dev, &mut pv, g, lr, s as u64)
+                        });
+                    }
+                    let p = if managed { pm.to_vec() } else { pv };
+                    Ok((p, opt.velocity().to_vec(), stats))
+                });
+                let (p, v, stats) = match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        rows.push(failed("device", &name, &e));
+                        continue;
+                    }
+                };
+                let ratio_err = stats
+                    .iter()
+                    .zip(&want)
+                    .flat_map(|(a, b)| a.groups.iter().zip(&b.groups))
+                    .map(|(a, b)| (a.ratio - b.ratio).abs() / b.ratio.abs().max(1e-30))
+                    .fold(0.0, f64::max);
+                let same =
+                    p.iter().zip(&p_host).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
+                let err = rel_err(&p, &p_host).max(rel_err(&v, host.velocity()));
+                let mut r = row(
+                    "device",
+                    &name,
+                    format!("3 steps, {same}/{n} params bitwise, ratio err {ratio_err:.1e}"),
+                    Some(err),
+                    None,
+                    1e-6,
+                );
+                r.pass &= ratio_err <= 1e-12;
+                rows.push(r);
+            }
+        }
+    }
     rows
 }
 
