@@ -65,11 +65,10 @@ pub enum TrainError {
 }
 
 /// The first tensor of `grads` holding a NaN or an infinity, as "the gradient of X is NaN".
-fn first_nonfinite(groups: &[ParamGroup], grads: &[f32]) -> Option<String> {
-    // One pass over the whole buffer, an OR of exponent tests (no dependency chain, so it
-    // vectorizes); the tensor is only looked for when some value is not finite.
-    const EXP: u32 = 0x7f80_0000;
-    if !grads.iter().fold(false, |bad, g| bad | (g.to_bits() & EXP == EXP)) {
+/// The device checks the whole buffer (on a GPU without the host reading it); the tensor is
+/// only looked for when some value is not finite.
+fn first_nonfinite<D: Device>(dev: &D, groups: &[ParamGroup], grads: &[f32]) -> Option<String> {
+    if dev.all_finite(grads) {
         return None;
     }
     groups.iter().find_map(|g| {
@@ -486,6 +485,8 @@ fn train_on<D: Device>(
         None
     };
     let mut gns_report: Option<GnsReport> = None;
+    // The estimator's gradient norms, summed by the device that holds the gradient.
+    let dev_norms = |x: &[f32], groups: &[(usize, usize)]| dev.sq_norms(x, groups);
     let mut gns_seconds = 0.0f64;
 
     let mut xa = Vec::new();
@@ -739,7 +740,7 @@ fn train_on<D: Device>(
         }
         let tg = Instant::now();
         if !accumulate && let Some(g) = gns.as_mut() {
-            g.observe_local(model.grads(), b_local, global)?;
+            g.observe_local_with(model.grads(), b_local, global, &dev_norms)?;
         }
         let mut gns_s = tg.elapsed().as_secs_f64();
         // Where a NaN/inf comes from: this rank's own loss or gradient, before the all-reduce
@@ -747,7 +748,7 @@ fn train_on<D: Device>(
         let local_bad = if !loss_value.is_finite() {
             Some(format!("the loss is {loss_value}"))
         } else {
-            first_nonfinite(&param_groups, model.grads())
+            first_nonfinite(dev, &param_groups, model.grads())
         };
         match reduced {
             Some(r) => model.grads_mut().copy_from_slice(&r),
@@ -758,7 +759,7 @@ fn train_on<D: Device>(
         let bad = if !loss_value.is_finite() {
             Some(format!("the loss is {loss_value}"))
         } else {
-            first_nonfinite(&param_groups, model.grads())
+            first_nonfinite(dev, &param_groups, model.grads())
         };
         let mut skipped = false;
         if let Some(what) = bad {
@@ -795,7 +796,7 @@ fn train_on<D: Device>(
         if !skipped {
             let tg = Instant::now();
             if let Some(g) = gns.as_mut() {
-                gns_done = g.finish_step(comm, model.grads(), global)?;
+                gns_done = g.finish_step_with(comm, model.grads(), global, &dev_norms)?;
             }
             gns_s += tg.elapsed().as_secs_f64();
             let (params, grads) = model.params_and_grads_mut();

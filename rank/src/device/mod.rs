@@ -198,6 +198,22 @@ pub trait Device: Send + Sync {
     /// `x *= alpha`.
     fn scale(&self, alpha: f32, x: &mut [f32]);
 
+    /// `Σ x²` over each `(offset, len)` group of `x`, in f64, one value per group (the noise
+    /// scale's norms). The default sums on the host (after a [`Device::synchronize`]).
+    fn sq_norms(&self, x: &[f32], groups: &[(usize, usize)]) -> Vec<f64> {
+        self.synchronize();
+        crate::gns::host_sq_norms(x, groups)
+    }
+
+    /// Whether every value of `x` is finite. The default looks on the host (after a
+    /// [`Device::synchronize`]).
+    fn all_finite(&self, x: &[f32]) -> bool {
+        self.synchronize();
+        // An OR of exponent tests (no dependency chain, so it vectorizes).
+        const EXP: u32 = 0x7f80_0000;
+        !x.iter().fold(false, |bad, v| bad | (v.to_bits() & EXP == EXP))
+    }
+
     /// Optimizer pass (rank/src/optim/passes.rs): the sums each job asks for over its span of
     /// the parameters `w` and the gradient `g`, in job order. The host reads them, so a device
     /// waits for its kernels. The default runs the CPU's kernels on the host's view of the

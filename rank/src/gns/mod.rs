@@ -266,6 +266,14 @@ fn ratio(num: Option<f64>, den: Option<f64>) -> Option<f64> {
     }
 }
 
+/// Squared norms of `(offset, len)` groups of a buffer, one per group, in group order.
+pub type GroupNorms<'a> = dyn Fn(&[f32], &[(usize, usize)]) -> Vec<f64> + 'a;
+
+/// [`sq_norm`] of each group, on the host.
+pub fn host_sq_norms(buf: &[f32], groups: &[(usize, usize)]) -> Vec<f64> {
+    groups.iter().map(|&(o, l)| sq_norm(&buf[o..o + l])).collect()
+}
+
 /// Squared Euclidean norm, accumulated in f64 (eight lanes, so that it vectorises).
 pub fn sq_norm(x: &[f32]) -> f64 {
     let mut acc = [0.0f64; 8];
@@ -428,18 +436,32 @@ impl GnsEstimator {
         b: usize,
         b_global: usize,
     ) -> Result<(), GnsError> {
+        self.observe_local_with(partial, b, b_global, &host_sq_norms)
+    }
+
+    /// [`GnsEstimator::observe_local`] with the groups' squared norms taken by `norms` (one
+    /// value per `(offset, len)` group, as [`crate::device::Device::sq_norms`] returns them),
+    /// so a GPU sums its own buffer instead of the host reading it.
+    pub fn observe_local_with(
+        &mut self,
+        partial: &[f32],
+        b: usize,
+        b_global: usize,
+        norms: &GroupNorms<'_>,
+    ) -> Result<(), GnsError> {
         Self::check_batch(b, b_global)?;
         if self.accumulated {
             return Err(GnsError::MixedObserve);
         }
         self.check_buffer("the partial gradient", partial.len())?;
-        let sq: Vec<f64> = if self.per_group {
-            self.groups.iter().map(|&(o, l)| sq_norm(&partial[o..o + l])).collect()
-        } else {
-            vec![self.groups.iter().map(|&(o, l)| sq_norm(&partial[o..o + l])).sum()]
-        };
+        let sq = self.fold_groups(norms(partial, &self.groups));
         self.add_sample(&sq, b, b_global);
         Ok(())
+    }
+
+    /// Per-group squared norms as this estimator keeps them: each group, or their sum.
+    fn fold_groups(&self, sq: Vec<f64>) -> Vec<f64> {
+        if self.per_group { sq } else { vec![sq.iter().sum()] }
     }
 
     /// Records one micro-batch under gradient accumulation: call it after each micro-step's
@@ -491,9 +513,21 @@ impl GnsEstimator {
         reduced: &[f32],
         b_global: usize,
     ) -> Result<Vec<GnsReport>, GnsError> {
+        self.finish_step_with(comm, reduced, b_global, &host_sq_norms)
+    }
+
+    /// [`GnsEstimator::finish_step`] with the reduced gradient's group norms taken by `norms`
+    /// (see [`GnsEstimator::observe_local_with`]).
+    pub fn finish_step_with(
+        &mut self,
+        comm: &mut dyn Communicator,
+        reduced: &[f32],
+        b_global: usize,
+        norms: &GroupNorms<'_>,
+    ) -> Result<Vec<GnsReport>, GnsError> {
         let local = self.local_stats();
         self.reset_step();
-        let big_sq = self.big_norms(reduced)?;
+        let big_sq = self.big_norms(reduced, norms)?;
         self.pending.push(Pending { local, big_sq, b_global });
         if self.pending.len() as u64 >= self.reduce_every {
             self.flush(comm)
@@ -545,19 +579,15 @@ impl GnsEstimator {
         if !self.pending.is_empty() {
             return Err(GnsError::Pending { steps: self.pending.len() });
         }
-        let big_sq = self.big_norms(reduced)?;
+        let big_sq = self.big_norms(reduced, &host_sq_norms)?;
         self.estimate(global, &big_sq, b_global)
     }
 
     /// Per-slot squared norms of the reduced gradient.
-    fn big_norms(&mut self, reduced: &[f32]) -> Result<Vec<f64>, GnsError> {
+    fn big_norms(&mut self, reduced: &[f32], norms: &GroupNorms<'_>) -> Result<Vec<f64>, GnsError> {
         self.check_buffer("the reduced gradient", reduced.len())?;
         self.buf_len = 0;
-        Ok(if self.per_group {
-            self.groups.iter().map(|&(o, l)| sq_norm(&reduced[o..o + l])).collect()
-        } else {
-            vec![self.groups.iter().map(|&(o, l)| sq_norm(&reduced[o..o + l])).sum()]
-        })
+        Ok(self.fold_groups(norms(reduced, &self.groups)))
     }
 
     /// The estimates of one step from its reduced statistics and the reduced gradient's norms.

@@ -1122,6 +1122,25 @@ impl Device for CudaDevice {
         call.finish();
     }
 
+    fn sq_norms(&self, x: &[f32], groups: &[(usize, usize)]) -> Vec<f64> {
+        // The optimizer's batched sums: one launch and one wait for all groups.
+        let jobs: Vec<ReduceJob> = groups
+            .iter()
+            .map(|&(offset, len)| ReduceJob {
+                span: Span { offset, len },
+                ww: false,
+                gg: true,
+                gw: false,
+            })
+            .collect();
+        self.optim_reduce(x, x, &jobs).into_iter().map(|s| s.gg).collect()
+    }
+
+    fn all_finite(&self, x: &[f32]) -> bool {
+        // Σ x² in f64 is finite exactly when every x is (f32 squares cannot overflow it).
+        self.sq_norm(x).is_finite()
+    }
+
     fn optim_reduce(&self, w: &[f32], g: &[f32], jobs: &[ReduceJob]) -> Vec<Sums> {
         check_spans("optim_reduce", w.len().min(g.len()), jobs.iter().map(|j| j.span));
         if jobs.len() > MAX_JOBS {

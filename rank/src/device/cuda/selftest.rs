@@ -1216,6 +1216,7 @@ fn optim_checks(dev: &CudaDevice, rng: &mut Rng) -> Vec<Row> {
         let n = groups.iter().map(|g| g.offset + g.len).max().unwrap_or(0);
         let p0 = normal(rng, n, 1.0);
         let grads: Vec<Vec<f32>> = (0..3).map(|_| normal(rng, n, 0.1)).collect();
+        rows.push(norm_checks(dev, layout, groups, &grads[0]));
         for (vi, c) in cases::variants().iter().enumerate() {
             let mut host = Optimizer::new(c, groups.clone()).expect("the test variants are valid");
             let mut p_host = p0.clone();
@@ -1280,6 +1281,53 @@ fn optim_checks(dev: &CudaDevice, rng: &mut Rng) -> Vec<Row> {
         }
     }
     rows
+}
+
+/// The noise scale's group norms ([`Device::sq_norms`]) and the non-finite check
+/// ([`Device::all_finite`]) on a managed gradient: norms within 1e-12 of the host's, finite
+/// data finite, and one NaN or infinity anywhere (first, middle, last value) found.
+fn norm_checks(
+    dev: &CudaDevice,
+    layout: &str,
+    groups: &[crate::optim::TensorGroup],
+    g: &[f32],
+) -> Row {
+    let name = format!("sq_norms+all_finite {layout}");
+    let spans: Vec<(usize, usize)> = groups.iter().map(|t| (t.offset, t.len)).collect();
+    let r = catch_fault(|| {
+        let mut x = dev.alloc(g.len());
+        dev.synchronize();
+        x.copy_from_slice(g);
+        let norms = dev.sq_norms(&x, &spans);
+        let mut found = dev.all_finite(&x);
+        for (at, bad) in [(0, f32::NAN), (g.len() / 2, f32::INFINITY), (g.len() - 1, f32::NAN)] {
+            let keep = x[at];
+            x[at] = bad;
+            found &= !dev.all_finite(&x);
+            x[at] = keep;
+        }
+        Ok((norms, found))
+    });
+    match r {
+        Ok((norms, ok)) => {
+            let want = crate::gns::host_sq_norms(g, &spans);
+            let mut r = row(
+                "device",
+                &name,
+                format!(
+                    "{} groups, non-finite {}",
+                    spans.len(),
+                    if ok { "found" } else { "MISSED" }
+                ),
+                Some(rel_err(&norms, &want)),
+                None,
+                1e-12,
+            );
+            r.pass &= ok;
+            r
+        }
+        Err(e) => failed("device", &name, &e),
+    }
 }
 
 /// Random L2-normalised `b × d` features.
