@@ -236,8 +236,10 @@ pub trait Device: Send + Sync {
         crate::optim::engine::host_momentum(w, g, v, jobs)
     }
 
-    /// Optimizer pass: LAMB's moments `m`, `v` and direction `u` (scratch as long as `m`) of
-    /// every job, then `w ← w − rate·u` with `rate(job, ‖u‖², ‖w‖²)` from the host.
+    /// Optimizer pass: LAMB's moments `m`, `v` and direction `u` of every job, then
+    /// `w ← w − rate·u` with `rate(job, ‖u‖², ‖w‖²)` from the host. `u` is scratch of at least
+    /// the longest job's length (the host runs a job at a time); a device that runs all jobs
+    /// at once may use scratch of its own.
     #[allow(clippy::too_many_arguments)]
     fn optim_lamb(
         &self,

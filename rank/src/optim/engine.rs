@@ -118,7 +118,8 @@ pub struct Optimizer<B = Vec<f32>> {
     buf1: B,
     /// LAMB's second moment v (empty otherwise).
     buf2: B,
-    /// LAMB's update direction u of the current step (not part of the state; empty otherwise).
+    /// LAMB's update direction u of one tensor (the longest; not part of the state; empty
+    /// otherwise).
     scratch: B,
     /// Steps taken so far (restored with the state).
     steps: u64,
@@ -443,12 +444,15 @@ pub fn host_lamb(
     jobs: &[LambJob],
     rate: &mut dyn FnMut(usize, f64, f64) -> f64,
 ) {
-    let len = w.len().min(g.len()).min(m.len()).min(v.len()).min(u.len());
+    let len = w.len().min(g.len()).min(m.len()).min(v.len());
     check_spans("optim_lamb", len, jobs.iter().map(|j| j.span));
+    let longest = jobs.iter().map(|j| j.span.len).max().unwrap_or(0);
+    assert!(u.len() >= longest, "optim_lamb: scratch of {} values for a job of {longest}", u.len());
     for (i, j) in jobs.iter().enumerate() {
         let r = j.span.range();
         let w = &mut w[r.clone()];
-        let u = &mut u[r.clone()];
+        // One scratch reused by every tensor: it stays in cache between its write and read.
+        let u = &mut u[..j.span.len];
         let (uu, ww) = lamb_moments(w, &g[r.clone()], &mut m[r.clone()], &mut v[r], u, j.k);
         lamb_apply(w, u, rate(i, uu, ww));
     }
@@ -545,7 +549,11 @@ impl Optimizer<Vec<f32>> {
         let opt = Optimizer {
             buf1: vec![0.0; extent],
             buf2: if lamb { vec![0.0; extent] } else { Vec::new() },
-            scratch: if lamb { vec![0.0; extent] } else { Vec::new() },
+            scratch: if lamb {
+                vec![0.0; groups.iter().map(|g| g.len).max().unwrap_or(0)]
+            } else {
+                Vec::new()
+            },
             w_sq: vec![None; groups.len()],
             settings,
             groups,

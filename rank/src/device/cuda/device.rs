@@ -1237,7 +1237,7 @@ impl Device for CudaDevice {
         jobs: &[LambJob],
         rate: &mut dyn FnMut(usize, f64, f64) -> f64,
     ) {
-        let len = w.len().min(g.len()).min(m.len()).min(v.len()).min(u.len());
+        let len = w.len().min(g.len()).min(m.len()).min(v.len());
         check_spans("optim_lamb", len, jobs.iter().map(|j| j.span));
         if jobs.len() > MAX_JOBS {
             for (ci, c) in jobs.chunks(MAX_JOBS).enumerate() {
@@ -1260,6 +1260,14 @@ impl Device for CudaDevice {
         let cfg = optim_cfg(jobs.iter().map(|j| j.span));
         let blocks = cfg.grid_dim.0 as usize;
         let mut partial = vec![0.0f64; 2 * blocks * jobs.len()];
+        // All jobs run at once, so u needs a value per element (indexed like w): the caller's
+        // scratch when it is that long, else the device's (from the cache after the first step).
+        let end = jobs.iter().map(|j| j.span.offset + j.span.len).max().unwrap_or(0);
+        let mut own = (u.len() < end).then(|| self.alloc(end));
+        let u: &mut [f32] = match own.as_mut() {
+            Some(b) => b,
+            None => u,
+        };
         let rates: Vec<f64>;
         {
             let mut call = Call::new(self);
