@@ -30,7 +30,8 @@ process's (all threads) after the first block for PyTorch; for Tessera the CPU t
 processes (getrusage of children) in a full run minus that of a one-block run, per step.
 
 --compare BIN also times Tessera's step on this machine, alternating with the PyTorch side for
---rounds rounds: `BIN run --nproc 1` at the same batch and thread count (run.threads), from
+--rounds rounds: `BIN run --nproc 1` on the same device (run.device) at the same batch and
+thread count (run.threads), from
 its metrics.jsonl (cumulative samples/s every 10 steps, evaluation excluded), the same
 statistic (median 10-step block after the first). Tessera's step also updates its
 gradient-noise-scale estimate (the default job has [gns] on; well under 1% of a step).
@@ -224,7 +225,10 @@ def tessera_run(a, out_dir, shard):
                 "--set", f"run.steps={n}", "--set", "run.eval_every=0",
                 "--set", f"run.log_every={BLOCK}", "--set", f"run.threads={a.threads}",
                 "--set", f"batch.global={a.batch}", "--set", "checkpoint.enabled=false",
-                "--set", f"run.out_dir={out_dir}"]
+                "--set", f"run.out_dir={out_dir}",
+                # The same device as the PyTorch side: on CUDA the model, the fused loss and
+                # the optimizer run on the GPU (docs/GPU.md).
+                "--set", f'run.device="{a.device}"']
 
     cpu_s = []
     # The short run (BLOCK steps) first: its CPU time (launcher, coordinator, start-up, one

@@ -57,7 +57,8 @@ if python3 -c "import torch" 2>/dev/null; then
     step bench-torch 120 python3 scripts/bench_torch_clip.py --batch 4096,16384,65536 --dim 512,768 --reps 5 --json "$out/bench-torch.jsonl"
 fi
 # Peers (issue 7): inf-cl 1.2.1 from the wheel carried in target/peer-wheels (docs/GPU.md), the
-# naive PyTorch loss in bf16, and one training step of the default dual encoder in PyTorch eager.
+# naive PyTorch loss in bf16, and one training step of the default dual encoder in PyTorch eager
+# against Tessera's on the GPU.
 if python3 -c "import torch, triton" 2>/dev/null; then
     step bench-infcl 90 python3 scripts/bench_infcl.py --batch 16384,65536 --dim 512,768 --dtype fp32,bf16 --reps 3 --json "$out/bench-infcl.jsonl"
 else
@@ -65,7 +66,9 @@ else
 fi
 if python3 -c "import torch" 2>/dev/null; then
     step torch-bf16 60 python3 scripts/bench_torch_clip.py --batch 16384,65536 --dim 512,768 --dtype bf16 --reps 3 --json "$out/torch-bf16.jsonl"
-    step train-torch 45 python3 scripts/bench_torch_train.py --device cuda --steps 200 --json "$out/train-torch.jsonl"
+    # Tessera's GPU step (run.device = "cuda": model, fused loss, optimizer on the GPU) and
+    # PyTorch eager's, alternating, same batch and data: the training-step target.
+    step train-torch 90 python3 scripts/bench_torch_train.py --device cuda --steps 200 --compare "$bin" --rounds 2 --json "$out/train-torch.jsonl"
 fi
 
 echo
@@ -80,8 +83,8 @@ grep -hE '^ +[0-9]+ +[0-9]+ ' "$out/bench-loss.log" "$out/bench-loss-64k.log" 2>
 [[ -f "$out/bench-torch.log" ]] && grep -hE '^ +[0-9]+ +[0-9]+ ' "$out/bench-torch.log"
 echo "=== peers: inf-cl 1.2.1 and naive PyTorch bf16, fwd+bwd ms (median), peak / workspace MiB"
 grep -hE '^ +[0-9]+ +[0-9]+ ' "$out/bench-infcl.log" "$out/torch-bf16.log" 2>/dev/null
-echo "=== training step, default dual encoder, PyTorch eager on this GPU"
-grep -hE '^round ' "$out/train-torch.log" 2>/dev/null
+echo "=== training step, default dual encoder: Tessera (run.device = cuda) vs PyTorch eager on this GPU"
+grep -hE '^(round |Tessera throughput)' "$out/train-torch.log" 2>/dev/null
 echo "=== gpu-check summary (logs in $out)"
 printf '%s\n' "${summary[@]}"
 [[ $status -eq 0 ]] && echo "gpu-check: PASS" || echo "gpu-check: FAIL"
