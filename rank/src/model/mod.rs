@@ -466,11 +466,15 @@ impl Tower {
             x.len(),
             cfg.input_dim
         );
-        // The input, in device memory: the first layer reads it and its backward needs it.
-        let mut xd = dev.alloc(x.len());
-        dev.copy(x, &mut xd);
+        // Training keeps the input in device memory, where the first layer and its backward
+        // read it; inference reads it where it is (a GPU stages it for that one GEMM).
+        let xd = keep.then(|| {
+            let mut xd = dev.alloc(x.len());
+            dev.copy(x, &mut xd);
+            xd
+        });
         let mut units = Vec::new();
-        let mut h = linear_fwd(dev, p, &self.input, &xd, batch);
+        let mut h = linear_fwd(dev, p, &self.input, xd.as_deref().unwrap_or(x), batch);
         for u in &self.blocks {
             let (mut y, c) = unit_fwd(dev, p, cfg.activation, u, h, batch);
             if cfg.residual {
@@ -500,7 +504,7 @@ impl Tower {
         } else {
             y
         };
-        (out, keep.then_some(TowerCache { batch, x: xd, units, l2 }))
+        (out, xd.map(|x| TowerCache { batch, x, units, l2 }))
     }
 
     /// Backward of the tower, accumulating into `g`. After each unit (head, blocks from the
