@@ -520,7 +520,7 @@ fn ring_drive(
     own_extra: &[f64],
     acc_per_row: usize,
     combine: fn(&mut [f32], &[f32]),
-    mut compute: impl FnMut(usize, &[f32], &[f64], &mut [f32]),
+    mut compute: impl FnMut(usize, &[f32], &[f64], &mut [f32]) -> Result<(), LossError>,
 ) -> Result<(Vec<f32>, usize), LossError> {
     let n = sizes.len();
     let r = comm.rank();
@@ -550,7 +550,7 @@ fn ring_drive(
         partial.clear();
         partial.resize(bq * acc_per_row, 0.0);
         if n == 1 {
-            compute(q, &cur_feat, &cur_extra, &mut partial);
+            compute(q, &cur_feat, &cur_extra, &mut partial)?;
         } else {
             let last = k + 1 == n;
             encode(
@@ -559,14 +559,15 @@ fn ring_drive(
                 if last { &[] } else { &cur_extra },
                 &done,
             );
-            let shifted = std::thread::scope(|s| {
+            let (shifted, computed) = std::thread::scope(|s| {
                 let comm = &mut *comm;
                 let send = &send;
                 let recv = &mut recv;
                 let h = s.spawn(move || comm.ring_shift_bytes(send, recv));
-                compute(q, &cur_feat, &cur_extra, &mut partial);
-                h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+                let computed = compute(q, &cur_feat, &cur_extra, &mut partial);
+                (h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)), computed)
             });
+            computed?;
             shifted?;
             decode(&recv, prev, &mut next_feat, &mut next_extra, &mut incoming)?;
             if k > 0 {
@@ -1229,10 +1230,209 @@ impl TxtIn<'_> {
     }
 }
 
+/// The tile work of the CLIP ring on one rank, behind the ring's schedule: the CPU's tiles
+/// ([`CpuClipBlocks`]) or a GPU's fused kernels. The rows are this rank's image features, fixed
+/// for the call; blocks are chunks of text features visiting on the ring, in the schedule's
+/// order. Every implementation must give the same values as the CPU's (up to its arithmetic),
+/// and merge in an order fixed by the sizes, so that every rank computes the same loss.
+pub trait ClipBlocks {
+    /// Starts a call: this rank's `rows × d` image features, the global column of each row's
+    /// positive, the logit scale and the global batch.
+    fn begin(
+        &mut self,
+        img: &[f32],
+        pos: Vec<usize>,
+        d: usize,
+        scale: f32,
+        big_b: usize,
+    ) -> Result<(), LossError>;
+
+    /// Forward over one block (`feat`, `nb × d`, whose first row is global column `col0`):
+    /// folds it into the rows' running log-sum-exp, picks up the rows' positive logits that lie
+    /// in it, and writes the block's column statistics over this rank's rows into `cols`
+    /// (`[m; nb]` then `[z; nb]`: max and Σ exp(x − m), f32).
+    fn fwd_block(&mut self, feat: &[f32], col0: usize, cols: &mut [f32]) -> Result<(), LossError>;
+
+    /// After every block's forward: each row's LSE ℓ (f64) and the sum of the rows' positive
+    /// logits.
+    fn fwd_end(&mut self) -> Result<(Vec<f64>, f64), LossError>;
+
+    /// Before the backward: the rows' LSEs as [`ClipBlocks::fwd_end`] returned them.
+    fn bwd_begin(&mut self, lse: &[f64]) -> Result<(), LossError>;
+
+    /// Backward over one block with its columns' LSEs `kap`: adds `s·G·T` to the rows'
+    /// `∂L/∂I`, writes the block's `∂L/∂T` over this rank's rows into `d_feat` (`nb × d`,
+    /// overwritten) and returns `Σ G∘X` over the block (its share of `∂L/∂t`).
+    fn bwd_block(
+        &mut self,
+        feat: &[f32],
+        kap: &[f64],
+        col0: usize,
+        d_feat: &mut [f32],
+    ) -> Result<f64, LossError>;
+
+    /// After every block's backward: `∂L/∂I` of the rows (`rows × d`).
+    fn bwd_end(&mut self) -> Result<Vec<f32>, LossError>;
+
+    /// Host bytes this implementation holds for the call (for `workspace_bytes`).
+    fn held_bytes(&self) -> usize;
+}
+
+/// [`ClipBlocks`] on the CPU: rayon over row tiles, the tile GEMM and fused passes of [`Kern`].
+struct CpuClipBlocks<'a> {
+    kn: Kern<'a>,
+    pool: &'a Option<rayon::ThreadPool>,
+    slots: &'a mut Slots,
+    img: &'a [f32],
+    pos: Vec<usize>,
+    rows: Vec<RowAcc>,
+    lse_hl: Vec<(f32, f32)>,
+    kap_hl: (Vec<f32>, Vec<f32>),
+    inv2b: f64,
+    d_img: Vec<f32>,
+}
+
+impl ClipBlocks for CpuClipBlocks<'_> {
+    fn begin(
+        &mut self,
+        img: &[f32],
+        pos: Vec<usize>,
+        d: usize,
+        _scale: f32,
+        big_b: usize,
+    ) -> Result<(), LossError> {
+        debug_assert!(std::ptr::eq(img, self.img), "CpuClipBlocks is built on the call's rows");
+        let rows = img.len() / d;
+        self.pos = pos;
+        self.rows = vec![RowAcc { m: f32::NEG_INFINITY, z: 0.0, pos_x: f32::NAN }; rows];
+        self.inv2b = 1.0 / (2.0 * big_b as f64);
+        Ok(())
+    }
+
+    fn fwd_block(&mut self, feat: &[f32], col0: usize, cols: &mut [f32]) -> Result<(), LossError> {
+        let Self { kn, pool, slots, img, pos, rows, .. } = self;
+        install(pool, || kn.clip_fwd_block(img, rows, pos, feat, col0, cols, slots));
+        Ok(())
+    }
+
+    fn fwd_end(&mut self) -> Result<(Vec<f64>, f64), LossError> {
+        let lse: Vec<f64> = self.rows.iter().map(|a| a.m as f64 + a.z.ln()).collect();
+        let pos_sum: f64 = self.rows.iter().map(|a| a.pos_x as f64).sum();
+        Ok((lse, pos_sum))
+    }
+
+    fn bwd_begin(&mut self, lse: &[f64]) -> Result<(), LossError> {
+        // The rows' LSEs split for the gradient rows; ∂L/∂I from zero.
+        self.lse_hl = lse.iter().map(|&v| split_hi_lo(v)).collect();
+        self.d_img = vec![0.0; self.img.len()];
+        Ok(())
+    }
+
+    fn bwd_block(
+        &mut self,
+        feat: &[f32],
+        kap: &[f64],
+        col0: usize,
+        d_feat: &mut [f32],
+    ) -> Result<f64, LossError> {
+        let Self { kn, pool, slots, img, pos, lse_hl, kap_hl, inv2b, d_img, .. } = self;
+        kap_hl.0.clear();
+        kap_hl.1.clear();
+        for &k in kap {
+            let (h, l) = split_hi_lo(k);
+            kap_hl.0.push(h);
+            kap_hl.1.push(l);
+        }
+        let (kh, kl) = (&kap_hl.0, &kap_hl.1);
+        let (lse_hl, inv2b) = (&*lse_hl, *inv2b);
+        let s = install(pool, || {
+            kn.grad_block(img, pos, feat, col0, d_img, d_feat, slots, |xr, li, c0, diag| {
+                let cols = c0..c0 + xr.len();
+                clip_grad_row(xr, lse_hl[li], &kh[cols.clone()], &kl[cols], diag, inv2b)
+            })
+        });
+        Ok(s[0])
+    }
+
+    fn bwd_end(&mut self) -> Result<Vec<f32>, LossError> {
+        Ok(std::mem::take(&mut self.d_img))
+    }
+
+    fn held_bytes(&self) -> usize {
+        self.rows.capacity() * std::mem::size_of::<RowAcc>()
+            + self.lse_hl.capacity() * 8
+            + (self.kap_hl.0.capacity() + self.kap_hl.1.capacity()) * 4
+            + self.d_img.capacity() * 4
+            + self.pos.capacity() * 8
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn clip_ring(
     comm: &mut dyn Communicator,
     ws: &mut RingLossWorkspace,
+    img_local: &[f32],
+    txt: TxtIn<'_>,
+    b_local: usize,
+    d: usize,
+    scale: f32,
+    positives: Option<&[usize]>,
+) -> Result<RingLossOut, LossError> {
+    let RingLossWorkspace { opts, pool, dev, tiles, slots, progress } = ws;
+    let chunk_rows = opts.chunk_rows_for(d);
+    let mut ops = CpuClipBlocks {
+        kn: Kern { dev, tiles, tr: opts.tile_rows, tc: opts.tile_cols, d, scale },
+        pool,
+        slots,
+        img: img_local,
+        pos: Vec::new(),
+        rows: Vec::new(),
+        lse_hl: Vec::new(),
+        kap_hl: (Vec::new(), Vec::new()),
+        inv2b: 0.0,
+        d_img: Vec::new(),
+    };
+    let mut out = clip_ring_with(
+        comm,
+        &mut ops,
+        chunk_rows,
+        progress.as_mut(),
+        img_local,
+        txt,
+        b_local,
+        d,
+        scale,
+        positives,
+    )?;
+    out.workspace_bytes += slots.bytes() + tiles.created_bytes.load(Ordering::Relaxed);
+    Ok(out)
+}
+
+/// The symmetric CLIP loss on the ring with the tile work of `ops` (see [`clip_loss_ring_ws`]
+/// for the contract; `chunk_rows`: rows of a block that travel together). Collective.
+#[allow(clippy::too_many_arguments)]
+pub fn clip_loss_ring_with<K: ClipBlocks + ?Sized>(
+    comm: &mut dyn Communicator,
+    ops: &mut K,
+    chunk_rows: usize,
+    progress: Option<&mut LossProgress>,
+    img_local: &[f32],
+    txt_local: &[f32],
+    b_local: usize,
+    d: usize,
+    scale: f32,
+    positives: Option<&[usize]>,
+) -> Result<RingLossOut, LossError> {
+    let txt = TxtIn::Borrowed(txt_local, Vec::new());
+    clip_ring_with(comm, ops, chunk_rows, progress, img_local, txt, b_local, d, scale, positives)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn clip_ring_with<K: ClipBlocks + ?Sized>(
+    comm: &mut dyn Communicator,
+    ops: &mut K,
+    chunk_rows: usize,
+    mut progress: Option<&mut LossProgress>,
     img_local: &[f32],
     mut txt: TxtIn<'_>,
     b_local: usize,
@@ -1261,12 +1461,10 @@ fn clip_ring(
             workspace_bytes: 0,
         });
     }
-    let RingLossWorkspace { opts, pool, dev, tiles, slots, progress } = ws;
-    let kn = Kern { dev, tiles, tr: opts.tile_rows, tc: opts.tile_cols, d, scale };
-    let ch = Chunks::new(&sizes, opts.chunk_rows_for(d));
+    let ch = Chunks::new(&sizes, chunk_rows);
+    ops.begin(img_local, pos, d, scale, big_b)?;
 
     // Forward: row statistics stay here, column statistics travel with their chunk.
-    let mut rows = vec![RowAcc { m: f32::NEG_INFINITY, z: 0.0, pos_x: f32::NAN }; b_local];
     let mut own_cols = vec![0.0f32; 2 * b_local];
     let mut peak_fwd = 0;
     for s in 0..ch.rounds {
@@ -1275,10 +1473,7 @@ fn clip_ring(
         let own = &txt.feat()[lo * d..(lo + n) * d];
         let (cols, peak) =
             ring_drive(comm, &lens, d, own, &[], 2, merge_into, |q, feat, _extra, partial| {
-                install(pool, || {
-                    let col0 = offs[q] + starts[q];
-                    kn.clip_fwd_block(img_local, &mut rows, &pos, feat, col0, partial, slots)
-                })
+                ops.fwd_block(feat, offs[q] + starts[q], partial)
             })?;
         own_cols[lo..lo + n].copy_from_slice(&cols[..n]);
         own_cols[b_local + lo..b_local + lo + n].copy_from_slice(&cols[n..]);
@@ -1287,18 +1482,15 @@ fn clip_ring(
             p("forward", s + 1, ch.rounds);
         }
     }
-    let lse: Vec<f64> = rows.iter().map(|a| a.m as f64 + a.z.ln()).collect();
+    let (lse, pos_sum) = ops.fwd_end()?;
     let (cm, cz) = own_cols.split_at(b_local);
     let kap: Vec<f64> = cm.iter().zip(cz).map(|(&m, &z)| m as f64 + (z as f64).ln()).collect();
-    let pos_sum: f64 = rows.iter().map(|a| a.pos_x as f64).sum();
     let mut loss_part = [lse.iter().sum::<f64>() + kap.iter().sum::<f64>() - 2.0 * pos_sum];
 
     // Backward: dT accumulators travel with their chunk and its column LSEs.
     let inv2b = 1.0 / (2.0 * big_b as f64);
-    let mut d_img = vec![0.0f32; b_local * d];
+    ops.bwd_begin(&lse)?;
     let mut d_t = 0.0f64;
-    let lse_hl: Vec<(f32, f32)> = lse.iter().map(|&v| split_hi_lo(v)).collect();
-    let mut kap_hl: (Vec<f32>, Vec<f32>) = (Vec::new(), Vec::new());
     let mut peak_bwd = 0;
     for s in 0..ch.rounds {
         let (starts, lens) = ch.round(&sizes, s);
@@ -1313,30 +1505,8 @@ fn clip_ring(
             d,
             add_into,
             |q, feat, extra, partial| {
-                kap_hl.0.clear();
-                kap_hl.1.clear();
-                for &k in extra {
-                    let (h, l) = split_hi_lo(k);
-                    kap_hl.0.push(h);
-                    kap_hl.1.push(l);
-                }
-                let (kh, kl) = (&kap_hl.0, &kap_hl.1);
-                let s = install(pool, || {
-                    kn.grad_block(
-                        img_local,
-                        &pos,
-                        feat,
-                        offs[q] + starts[q],
-                        &mut d_img,
-                        partial,
-                        slots,
-                        |xr, li, c0, diag| {
-                            let cols = c0..c0 + xr.len();
-                            clip_grad_row(xr, lse_hl[li], &kh[cols.clone()], &kl[cols], diag, inv2b)
-                        },
-                    )
-                });
-                d_t += s[0];
+                d_t += ops.bwd_block(feat, extra, offs[q] + starts[q], partial)?;
+                Ok(())
             },
         )?;
         // This rank's chunk s has made its last trip: its gradient may take its place.
@@ -1346,24 +1516,21 @@ fn clip_ring(
             p("backward", s + 1, ch.rounds);
         }
     }
+    let d_img = ops.bwd_end()?;
     if comm.world() > 1 {
         comm.all_reduce_f64(&mut loss_part, ReduceOp::Sum)?;
     }
-    let held = rows.capacity() * std::mem::size_of::<RowAcc>()
-        + (lse.capacity() + kap.capacity() + lse_hl.capacity()) * 8
-        + (kap_hl.0.capacity() + kap_hl.1.capacity()) * 4
+    let held = ops.held_bytes()
+        + (lse.capacity() + kap.capacity()) * 8
         + (own_cols.capacity() + d_img.capacity()) * 4
-        + txt.grad_bytes()
-        + pos.capacity() * 8;
-    let workspace_bytes =
-        held + peak_fwd.max(peak_bwd) + slots.bytes() + tiles.created_bytes.load(Ordering::Relaxed);
+        + txt.grad_bytes();
     Ok(RingLossOut {
         loss: (loss_part[0] * inv2b) as f32,
         d_img_local: d_img,
         d_txt_local: txt.into_grad(),
         d_t_partial: d_t as f32,
         d_bias_partial: None,
-        workspace_bytes,
+        workspace_bytes: held + peak_fwd.max(peak_bwd),
     })
 }
 
@@ -1482,6 +1649,7 @@ fn siglip_ring(
                 for k in 0..3 {
                     sums[k] += s[k];
                 }
+                Ok(())
             })?;
         txt.put_grad(lo, d, &d_chunk);
         peak = peak.max(p);
