@@ -2,9 +2,11 @@
 # The one script a GPU session runs (issue 7): library discovery, the NVRTC kernel check, the
 # GPU self-test (every kernel vs the CPU device and an f64 reference, cuBLAS, the fused CLIP
 # loss vs the CPU tiled loss, every NCCL collective at world size 1), the NCCL all-reduce
-# bandwidth at world size 1 (raw NCCL vs Tessera's NcclComm), a timing of the fused loss against a
-# naive PyTorch CLIP loss, and the peers: inf-cl (its wheel carried in target/peer-wheels, see
-# docs/GPU.md), the naive loss in bf16, and the default model's training step in PyTorch eager.
+# bandwidth at world size 1 (raw NCCL vs Tessera's NcclComm), a timing of the fused loss (every
+# precision, bf16 included) against a naive PyTorch CLIP loss, and the peers: inf-cl (its wheel
+# carried in target/peer-wheels, see docs/GPU.md), the naive loss in bf16, and the default
+# model's training step in PyTorch eager. Our bf16 loss runs at every size where inf-cl and the
+# naive loss run in bf16 (B = 16k, 64k; d = 512, 768).
 # Every step has a timeout; the whole run stays well under 6 minutes.
 # Prints a short table last; with $OUT set, logs and JSON go there too.
 #
@@ -51,8 +53,11 @@ step check-kernels 120 "$bin" cuda check-kernels --arch sm_80,sm_90 --resource-u
 step selftest 180 "$bin" cuda selftest --json "$out/selftest.json"
 step nccl-bench 30 "$bin" cuda nccl-bench --world 1 --bytes 1M,64M --iters 20 --warmup 5 --timeout-s 20 --json "$out/nccl-bench.jsonl"
 step train-cuda 90 scripts/gpu-train-check.sh "$bin" "$out" 50
-step bench-loss 150 "$bin" cuda bench-loss --batch 4096,16384 --dim 512,768 --mode both --reps 5 --json "$out/bench-loss.jsonl"
-step bench-loss-64k 120 "$bin" cuda bench-loss --batch 65536 --dim 512 --mode both --reps 2 --json "$out/bench-loss-64k.jsonl"
+precs=fp32,tf32x3,tf32,bf16
+step bench-loss 150 "$bin" cuda bench-loss --batch 4096,16384 --dim 512,768 --mode both --precision "$precs" --reps 5 --json "$out/bench-loss.jsonl"
+step bench-loss-64k 120 "$bin" cuda bench-loss --batch 65536 --dim 512 --mode both --precision "$precs" --reps 2 --json "$out/bench-loss-64k.jsonl"
+# The one size the peers run in bf16 that the steps above leave out (bf16 only: short).
+step bench-bf16-768 60 "$bin" cuda bench-loss --batch 65536 --dim 768 --mode both --precision bf16 --reps 2 --json "$out/bench-bf16-768.jsonl"
 if python3 -c "import torch" 2>/dev/null; then
     step bench-torch 120 python3 scripts/bench_torch_clip.py --batch 4096,16384,65536 --dim 512,768 --reps 5 --json "$out/bench-torch.jsonl"
 fi
@@ -79,10 +84,12 @@ sed -n '/^ *bytes path/,/^cuda nccl-bench/p' "$out/nccl-bench.log" 2>/dev/null
 echo "=== two ranks training on the one GPU vs on the CPU"
 grep -h '^train-check:' "$out/train-cuda.log" 2>/dev/null
 echo "=== fused loss (tessera) vs naive PyTorch fp32, fwd+bwd ms (median)"
-grep -hE '^ +[0-9]+ +[0-9]+ ' "$out/bench-loss.log" "$out/bench-loss-64k.log" 2>/dev/null
+grep -hE '^ +[0-9]+ +[0-9]+ ' "$out/bench-loss.log" "$out/bench-loss-64k.log" "$out/bench-bf16-768.log" 2>/dev/null
 [[ -f "$out/bench-torch.log" ]] && grep -hE '^ +[0-9]+ +[0-9]+ ' "$out/bench-torch.log"
 echo "=== peers: inf-cl 1.2.1 and naive PyTorch bf16, fwd+bwd ms (median), peak / workspace MiB"
 grep -hE '^ +[0-9]+ +[0-9]+ ' "$out/bench-infcl.log" "$out/torch-bf16.log" 2>/dev/null
+echo "--- tessera bf16 at the same sizes (B d mode prec ms(med) ms(min) TFLOP/s ws MiB loss)"
+grep -hE '^ +(16384|65536) +[0-9]+ +[a-z]+ +bf16 ' "$out/bench-loss.log" "$out/bench-loss-64k.log" "$out/bench-bf16-768.log" 2>/dev/null
 echo "=== training step, default dual encoder: Tessera (run.device = cuda) vs PyTorch eager on this GPU"
 grep -hE '^(round |Tessera throughput)' "$out/train-torch.log" 2>/dev/null
 echo "=== gpu-check summary (logs in $out)"

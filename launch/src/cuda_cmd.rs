@@ -86,8 +86,9 @@ pub struct BenchLossArgs {
     /// det, fast or both.
     #[arg(long, default_value = "both")]
     pub mode: String,
-    /// Logit-tile arithmetic, comma-separated: fp32, tf32x3, tf32.
-    #[arg(long, default_value = "fp32,tf32x3,tf32", value_delimiter = ',')]
+    /// Logit-tile arithmetic, comma-separated: fp32, tf32x3, tf32, bf16 (bf16: the features
+    /// are converted to bf16 on the GPU; inputs and outputs stay fp32).
+    #[arg(long, default_value = "fp32,tf32x3,tf32,bf16", value_delimiter = ',')]
     pub precision: Vec<String>,
     /// Timed repetitions (median reported).
     #[arg(long, default_value_t = 5)]
@@ -274,20 +275,14 @@ fn bench_loss(a: &BenchLossArgs) -> Result<ExitCode> {
         "both" => vec![LossMode::Deterministic, LossMode::Fast],
         m => bail!("--mode {m:?}: expected det, fast or both"),
     };
-    let precisions = a
-        .precision
-        .iter()
-        .map(|p| {
-            Precision::parse(p.trim())
-                .with_context(|| format!("--precision {p:?}: expected fp32, tf32x3 or tf32"))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let precisions = parse_precisions(&a.precision)?;
     if a.batch.contains(&0) || a.dim.contains(&0) {
         bail!("--batch and --dim must be positive");
     }
     let gpu = Gpu::open(a.device).context("cuda bench-loss cannot start")?;
     println!(
-        "device: {} ({}), fused CLIP loss fwd+bwd, fp32 SIMT, median of {} runs",
+        "device: {} ({}), fused CLIP loss fwd+bwd, fp32 in and out, prec = logit tiles, median \
+         of {} runs",
         gpu.name, gpu.arch, a.reps
     );
     println!(
@@ -322,4 +317,32 @@ fn bench_loss(a: &BenchLossArgs) -> Result<ExitCode> {
         std::fs::write(p, out).with_context(|| format!("cannot write {}", p.display()))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The `--precision` list of `bench-loss`.
+fn parse_precisions(list: &[String]) -> Result<Vec<Precision>> {
+    list.iter()
+        .map(|p| {
+            Precision::parse(p.trim()).with_context(|| {
+                format!(
+                    "--precision {p:?}: expected a comma-separated list of {}",
+                    Precision::names()
+                )
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precision_list_parses_bf16_and_names_every_choice() {
+        let list = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let got = parse_precisions(&list(&["fp32", " bf16", "tf32"])).unwrap();
+        assert_eq!(got, [Precision::Fp32, Precision::Bf16, Precision::Tf32]);
+        let e = format!("{:#}", parse_precisions(&list(&["bf16", "fp16"])).unwrap_err());
+        assert!(e.contains("\"fp16\"") && e.contains("fp32, tf32x3, tf32, bf16"), "{e}");
+    }
 }

@@ -138,7 +138,7 @@ pub enum LossMode {
 }
 
 /// How the fused loss computes its logit tiles (statistics and gradient products are fp32 FMA
-/// in every case).
+/// in every case; inputs and outputs are fp32 in every case).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
     /// fp32 FMA (SIMT).
@@ -147,11 +147,15 @@ pub enum Precision {
     Tf32x3,
     /// TF32 tensor cores (10-bit mantissa inputs).
     Tf32,
+    /// BF16 tensor cores on bf16 copies of the features (7-bit mantissa inputs), which the
+    /// gradient products read too; fp32 accumulators, statistics and outputs.
+    Bf16,
 }
 
 impl Precision {
     /// All precisions.
-    pub const ALL: [Precision; 3] = [Precision::Fp32, Precision::Tf32x3, Precision::Tf32];
+    pub const ALL: [Precision; 4] =
+        [Precision::Fp32, Precision::Tf32x3, Precision::Tf32, Precision::Bf16];
 
     /// Kernel-name suffix and the name used on the command line.
     pub fn name(self) -> &'static str {
@@ -159,12 +163,18 @@ impl Precision {
             Precision::Fp32 => "fp32",
             Precision::Tf32x3 => "tf32x3",
             Precision::Tf32 => "tf32",
+            Precision::Bf16 => "bf16",
         }
     }
 
-    /// Parses `fp32`, `tf32x3` or `tf32`.
+    /// Parses a [`Precision::name`]: `fp32`, `tf32x3`, `tf32` or `bf16`.
     pub fn parse(s: &str) -> Option<Precision> {
         Precision::ALL.into_iter().find(|p| p.name() == s)
+    }
+
+    /// The names of [`Precision::ALL`], comma-separated (for help and error messages).
+    pub fn names() -> String {
+        Precision::ALL.map(Precision::name).join(", ")
     }
 
     fn suffix(self) -> &'static str {
@@ -172,7 +182,13 @@ impl Precision {
             Precision::Fp32 => "",
             Precision::Tf32x3 => "_tf32x3",
             Precision::Tf32 => "_tf32",
+            Precision::Bf16 => "_bf16",
         }
+    }
+
+    /// The forward and backward kernels of this precision (in clip_loss.cu).
+    fn kernels(self) -> (String, String) {
+        (format!("clip_fwd{}", self.suffix()), format!("clip_bwd{}", self.suffix()))
     }
 }
 
@@ -183,6 +199,41 @@ pub struct GpuLossOut {
     pub d_img: Vec<f32>,
     pub d_txt: Vec<f32>,
     pub d_t: f64,
+}
+
+/// Row stride of the bf16 feature copies: `d` rounded up to a multiple of this (and the rows
+/// to a multiple of [`LOSS_TILE`]), zero-padded, so that every 16-byte load of the bf16
+/// kernels is aligned and in bounds without a test. `BF16_PAD` must be a multiple of the bf16
+/// stage (`KB` = 32 in clip_loss.cu) and of the backward's 64-wide feature chunks.
+pub const BF16_PAD: usize = 64;
+
+/// Shape `(rows, row stride)` of the zero-padded bf16 copy of a `b × d` feature matrix.
+pub fn bf16_layout(b: usize, d: usize) -> (usize, usize) {
+    (b.div_ceil(LOSS_TILE) * LOSS_TILE, d.div_ceil(BF16_PAD) * BF16_PAD)
+}
+
+/// Device bytes of the buffers [`LossBuffers`] holds for batch `b`, dimension `d` and the
+/// forward grid `chunks × splits`; `bf16`: with the bf16 feature copies of [`Precision::Bf16`].
+pub fn loss_workspace_bytes(b: usize, d: usize, chunks: usize, splits: usize, bf16: bool) -> usize {
+    let n_t = b.div_ceil(LOSS_TILE);
+    // f32: row and column partials (m, z), pos, ℓ and κ as hi + lo, dI and dT.
+    let f32s = 2 * (chunks + splits) * b + 5 * b + 2 * b * d;
+    // f64: the loss terms, the loss, the backward's ∂L/∂t partials and ∂L/∂t.
+    let f64s = b + 2 + n_t;
+    let bf16s = if bf16 {
+        let (rows, ld) = bf16_layout(b, d);
+        2 * rows * ld
+    } else {
+        0
+    };
+    4 * f32s + 8 * f64s + 2 * bf16s
+}
+
+/// The bf16 copies of the image and text features ([`bf16_layout`]), written by `clip_to_bf16`
+/// at the start of every bf16 call.
+struct Bf16Features {
+    img: CudaSlice<u16>,
+    txt: CudaSlice<u16>,
 }
 
 /// The device-side buffers of one fused-loss call (kept to time repeated calls).
@@ -210,6 +261,9 @@ pub struct LossBuffers {
     dt: CudaSlice<f64>,
     pub d_img: CudaSlice<f32>,
     pub d_txt: CudaSlice<f32>,
+    /// Allocated by the first [`Precision::Bf16`] call, so the other precisions do not pay
+    /// for them.
+    bf16: Option<Bf16Features>,
 }
 
 impl LossBuffers {
@@ -231,10 +285,11 @@ impl LossBuffers {
         // grid never spills into a second, mostly idle wave.
         drv("bind context", gpu.ctx.bind_to_thread())?;
         let mut per_sm = u32::MAX;
-        for name in ["clip_fwd", "clip_fwd_tf32x3", "clip_fwd_tf32"] {
+        for p in Precision::ALL {
             let occ = drv(
                 "occupancy of the fused-loss forward",
-                gpu.func(name)?.occupancy_max_active_blocks_per_multiprocessor(256, 0, None),
+                gpu.func(&p.kernels().0)?
+                    .occupancy_max_active_blocks_per_multiprocessor(256, 0, None),
             )?;
             per_sm = per_sm.min(occ);
         }
@@ -262,14 +317,13 @@ impl LossBuffers {
             dt: gpu.zeros(1)?,
             d_img: gpu.zeros(b * d)?,
             d_txt: gpu.zeros(b * d)?,
+            bf16: None,
         })
     }
 
-    /// Device bytes held.
+    /// Device bytes held (the bf16 feature copies included once a bf16 call made them).
     pub fn bytes(&self) -> usize {
-        let n_t = self.b.div_ceil(LOSS_TILE);
-        4 * (2 * (self.chunks + self.splits) * self.b + 5 * self.b + 2 * self.b * self.d)
-            + 8 * (self.b + 2 + n_t)
+        loss_workspace_bytes(self.b, self.d, self.chunks, self.splits, self.bf16.is_some())
     }
 }
 
@@ -318,6 +372,34 @@ pub fn clip_loss_launch(
         return Err(CudaError::Invalid("fused loss: feature buffers shorter than b × d".into()));
     }
     let s = &gpu.stream;
+    let (rows_bf16, ld_bf16) = bf16_layout(bufs.b, bufs.d);
+    if precision == Precision::Bf16 {
+        if bufs.bf16.is_none() {
+            bufs.bf16 = Some(Bf16Features {
+                img: gpu.zeros(rows_bf16 * ld_bf16)?,
+                txt: gpu.zeros(rows_bf16 * ld_bf16)?,
+            });
+        }
+        let h = bufs.bf16.as_mut().expect("set above");
+        let (rows64, ld64) = (rows_bf16 as i64, ld_bf16 as i64);
+        let cfg = LaunchConfig {
+            grid_dim: (rows_bf16.clamp(1, 65535) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = s.launch_builder(gpu.func("clip_to_bf16")?);
+        l.arg(img).arg(txt).arg(&b).arg(&d).arg(&rows64).arg(&ld64);
+        l.arg(&mut h.img).arg(&mut h.txt);
+        // SAFETY: matches clip_to_bf16; img/txt hold b·d values (checked above), the copies
+        // rows_bf16 · ld_bf16 (bf16_layout), which is what the kernel writes.
+        drv("launch clip_to_bf16", unsafe { l.launch(cfg) })?;
+    }
+    // The features as the kernels of `precision` read them, and their row stride.
+    let (feats, ld) = match (&bufs.bf16, precision) {
+        (Some(h), Precision::Bf16) => (Some((&h.img, &h.txt)), ld_bf16 as i64),
+        _ => (None, d),
+    };
+    let (fwd, bwd) = precision.kernels();
     let tile = LaunchConfig {
         grid_dim: (bufs.chunks as u32, bufs.splits as u32, 1),
         block_dim: (256, 1, 1),
@@ -325,13 +407,18 @@ pub fn clip_loss_launch(
     };
     let tpc = bufs.tiles_per_chunk as i32;
     let tps = bufs.tiles_per_split as i32;
-    let f = gpu.func(&format!("clip_fwd{}", precision.suffix()))?;
-    let mut l = s.launch_builder(f);
-    l.arg(img).arg(txt).arg(&b).arg(&d).arg(&scale).arg(&tpc).arg(&tps);
+    let mut l = s.launch_builder(gpu.func(&fwd)?);
+    match feats {
+        Some((hi, ht)) => l.arg(hi).arg(ht),
+        None => l.arg(img).arg(txt),
+    };
+    // clip_fwd_bf16 takes the copies' row stride in place of d.
+    l.arg(&b).arg(&ld).arg(&scale).arg(&tpc).arg(&tps);
     l.arg(&mut bufs.row_m).arg(&mut bufs.row_z).arg(&mut bufs.col_m).arg(&mut bufs.col_z);
     l.arg(&mut bufs.pos);
-    // SAFETY: argument list matches clip_fwd's signature; buffers hold splits·b, chunks·b and
-    // b values as the kernel indexes them (grid chunks × splits, see plan_fwd_grid).
+    // SAFETY: argument list matches clip_fwd*'s signature; buffers hold splits·b, chunks·b and
+    // b values as the kernel indexes them (grid chunks × splits, see plan_fwd_grid); the bf16
+    // copies hold the padded layout the bf16 kernel reads.
     drv("launch clip_fwd", unsafe { l.launch(tile) })?;
 
     let splits = bufs.splits as i32;
@@ -358,10 +445,14 @@ pub fn clip_loss_launch(
     let null = 0u64;
     let rows =
         LaunchConfig { grid_dim: (n_t as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let f = gpu.func(&format!("clip_bwd{}", precision.suffix()))?;
+    let f = gpu.func(&bwd)?;
     {
         let mut l = s.launch_builder(f);
-        l.arg(img).arg(txt).arg(&b).arg(&d).arg(&scale).arg(&inv2b);
+        match feats {
+            Some((hi, ht)) => l.arg(hi).arg(ht).arg(&b).arg(&d).arg(&ld),
+            None => l.arg(img).arg(txt).arg(&b).arg(&d),
+        };
+        l.arg(&scale).arg(&inv2b);
         l.arg(&bufs.lse_hi).arg(&bufs.lse_lo).arg(&bufs.kap_hi).arg(&bufs.kap_lo);
         l.arg(&mut bufs.d_img);
         match mode {
@@ -369,12 +460,17 @@ pub fn clip_loss_launch(
             LossMode::Deterministic => l.arg(&null),
         };
         l.arg(&mut bufs.dt_part);
-        // SAFETY: matches clip_bwd; dA/dB hold b·d values, dt_part n_t; a null dB is allowed.
+        // SAFETY: matches clip_bwd* (clip_bwd_bf16 has the copies' row stride after d); dA/dB
+        // hold b·d values, dt_part n_t; a null dB is allowed.
         drv("launch clip_bwd (dI)", unsafe { l.launch(rows) })?;
     }
     if mode == LossMode::Deterministic {
         let mut l = s.launch_builder(f);
-        l.arg(txt).arg(img).arg(&b).arg(&d).arg(&scale).arg(&inv2b);
+        match feats {
+            Some((hi, ht)) => l.arg(ht).arg(hi).arg(&b).arg(&d).arg(&ld),
+            None => l.arg(txt).arg(img).arg(&b).arg(&d),
+        };
+        l.arg(&scale).arg(&inv2b);
         l.arg(&bufs.kap_hi).arg(&bufs.kap_lo).arg(&bufs.lse_hi).arg(&bufs.lse_lo);
         l.arg(&mut bufs.d_txt).arg(&null).arg(&null);
         // SAFETY: as above with the roles of I and T swapped; dB and dt_part null.
@@ -486,5 +582,70 @@ mod tests {
         let huge = plan_fwd_grid(262144 / LOSS_TILE, 528);
         assert_eq!(big.chunks + big.splits, huge.chunks + huge.splits);
         assert!(huge.chunks + huge.splits <= 48, "{huge:?}");
+    }
+
+    #[test]
+    fn precision_names_round_trip() {
+        for p in Precision::ALL {
+            assert_eq!(Precision::parse(p.name()), Some(p), "{p:?}");
+        }
+        assert_eq!(Precision::parse("bf16"), Some(Precision::Bf16));
+        assert_eq!(Precision::Bf16.kernels(), ("clip_fwd_bf16".into(), "clip_bwd_bf16".into()));
+        assert_eq!(Precision::Fp32.kernels(), ("clip_fwd".into(), "clip_bwd".into()));
+        for bad in ["", "BF16", "fp16", "bf16 ", "tf32x"] {
+            assert_eq!(Precision::parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(Precision::names(), "fp32, tf32x3, tf32, bf16");
+    }
+
+    /// Gpu::open loads exactly the kernels SOURCES lists, so a precision whose kernels are
+    /// missing there fails only on a GPU: check the names here.
+    #[test]
+    fn every_precision_has_its_kernels_listed() {
+        let clip = super::super::nvrtc::SOURCES
+            .iter()
+            .find(|s| s.name == "clip_loss.cu")
+            .expect("clip_loss.cu in SOURCES");
+        let (fwd, bwd): (Vec<String>, Vec<String>) =
+            Precision::ALL.into_iter().map(Precision::kernels).unzip();
+        for k in fwd.iter().chain(&bwd).map(String::as_str).chain(["clip_to_bf16"]) {
+            assert!(clip.kernels.contains(&k), "{k} missing from SOURCES: {:?}", clip.kernels);
+            assert!(clip.src.contains(&format!(" {k}(")), "{k} not defined in clip_loss.cu");
+        }
+    }
+
+    /// The bf16 kernels load without bounds tests: 16-byte pieces of each 32-wide k stage and
+    /// each 64-wide chunk of the backward, rows up to the last tile. The copies must cover all
+    /// of that, and no more than one tile / chunk of padding.
+    #[test]
+    fn bf16_copies_cover_every_tile_and_chunk() {
+        for b in [1usize, 2, 61, 63, 64, 65, 333, 1000, 3000, 65536] {
+            for d in [1usize, 5, 8, 63, 64, 65, 77, 129, 512, 768] {
+                let (rows, ld) = bf16_layout(b, d);
+                let ctx = format!("b {b}, d {d}: rows {rows}, ld {ld}");
+                assert_eq!(rows, b.div_ceil(LOSS_TILE) * LOSS_TILE, "{ctx}");
+                assert!(ld >= d && ld < d + BF16_PAD, "{ctx}");
+                assert_eq!(ld % 64, 0, "{ctx}");
+                // The last 64-wide chunk of the backward (dc < d) and the last k stage.
+                let last_chunk = (d - 1) / 64 * 64;
+                assert!(last_chunk + 64 <= ld, "{ctx}");
+            }
+        }
+        assert_eq!(bf16_layout(1000, 129), (1024, 192));
+        assert_eq!(bf16_layout(64, 512), (64, 512));
+    }
+
+    #[test]
+    fn workspace_counts_every_buffer() {
+        // b = 1000, d = 129, 3 chunks, 2 splits: f32 partials 2·5·1000, pos/ℓ/κ 5·1000, dI and
+        // dT 2·129,000; f64 terms 1000, loss and dt 2, dt partials 16.
+        let base = 4 * (10_000 + 5_000 + 258_000) + 8 * (1_000 + 2 + 16);
+        assert_eq!(loss_workspace_bytes(1000, 129, 3, 2, false), base);
+        // bf16 copies: two of 1024 × 192, 2 bytes each.
+        assert_eq!(loss_workspace_bytes(1000, 129, 3, 2, true), base + 2 * 2 * 1024 * 192);
+        assert_eq!(
+            loss_workspace_bytes(64, 512, 1, 1, true) - loss_workspace_bytes(64, 512, 1, 1, false),
+            4 * 64 * 512
+        );
     }
 }

@@ -1,8 +1,10 @@
 // Fused tiled CLIP / InfoNCE loss on one GPU (ALGORITHMS.md section 2; the CPU version is
 // rank/src/loss/ring.rs). 64 x 64 logit tiles, 256 threads per block. The logit tile is computed
-// by fp32 FMA (clip_fwd, clip_bwd), by TF32 tensor cores (m16n8k8 mma; *_tf32) or by 3xTF32
-// (hi/lo split, near-fp32 accuracy; *_tf32x3); the LSE statistics, G and the gradient
-// products are fp32 FMA in every version.
+// by fp32 FMA (clip_fwd, clip_bwd), by TF32 tensor cores (m16n8k8 mma; *_tf32), by 3xTF32
+// (hi/lo split, near-fp32 accuracy; *_tf32x3) or by BF16 tensor cores (m16n8k16 mma on bf16
+// copies of the features made by clip_to_bf16; *_bf16); the LSE statistics, G and the gradient
+// products are fp32 FMA in every version (the bf16 version reads its bf16 features there too,
+// widened to f32).
 //
 //   x_ij = s * <I_i, T_j>,  l_i = log sum_j exp(x_ij),  k_j = log sum_i exp(x_ij)
 //   L = 1/(2B) * [ sum_i (l_i - x_ii) + sum_j (k_j - x_jj) ]
@@ -24,7 +26,8 @@
 // (G is symmetric under the swap); fast mode runs it once and adds dT with atomicAdd.
 //
 // Rows and columns past B are masked (-inf in the forward, G = 0 in the backward), so any B
-// and d are valid. Indices are 64-bit.
+// and d are valid. The bf16 copies are zero-padded to multiples of 64 rows and 64 columns, so
+// the bf16 kernels load whole 16-byte pieces without bounds tests. Indices are 64-bit.
 
 typedef long long i64;
 
@@ -40,6 +43,27 @@ typedef long long i64;
 // Shared-memory operand tiles: [k][row], rows padded by 8 floats so that the tensor-core
 // fragment loads (4 k-rows x 8 rows per warp) hit 32 different banks.
 #define TPAD (TM + 8)
+
+// bf16 operand tiles: [row][k] (k contiguous, as in the features), KB bf16 of k per stage, k
+// pairs packed in 32-bit words as the m16n8k16 fragments hold them. Rows are KW = 20 words, so
+// that a fragment load (8 rows x 4 consecutive words per warp) hits 32 different banks.
+#define KB 32
+#define KW (KB / 2 + 4)
+
+// The feature element type and the operand staging of each MODE (0 fp32 FMA, 1 3xTF32, 2 TF32,
+// 3 BF16). bf16 values are kept as their bits (NVRTC builds without the CUDA headers).
+template <int MODE>
+struct Tiles {
+    typedef float Feat;
+    typedef float Row[TPAD];
+    static constexpr int ROWS = TK;
+};
+template <>
+struct Tiles<3> {
+    typedef unsigned short Feat;
+    typedef unsigned Row[KW];
+    static constexpr int ROWS = TM;
+};
 
 // acc[i][j] = <A[r0 + ty + 16i], Bm[c0 + tx + 16j]> over all d (fp32 FMA); rows >= B read as 0.
 __device__ __forceinline__ void tile_dot(const float* __restrict__ A, const float* __restrict__ Bm,
@@ -90,6 +114,21 @@ __device__ __forceinline__ void mma_tf32(float c[4], const unsigned a[4], const 
         "{%8,%9}, {%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Xs[row][col] = scale * c for the accumulator fragments of an m16n8 mma (rows g, g + 8, columns
+// 2 q4, 2 q4 + 1 of each 16 x 8 block) of the warp's 16 x 32 block at (wm, wn); `fill` past B.
+__device__ __forceinline__ void store_frags(const float c[4][4], int wm, int wn, int g, int q4,
+                                            i64 B, i64 r0, i64 c0, float (*Xs)[TN + 1],
+                                            float scale, float fill) {
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int li = wm + g + 8 * (e / 2), lj = wn + 8 * n + 2 * q4 + (e % 2);
+            const bool ok = (r0 + li < B) && (c0 + lj < B);
+            Xs[li][lj] = ok ? scale * c[n][e] : fill;
+        }
 }
 
 // Tensor-core tile: warp w (of 8) computes rows 16*(w/2).. +16, columns 32*(w%2).. +32 as four
@@ -148,24 +187,93 @@ __device__ __forceinline__ void tile_tc(const float* __restrict__ A, const float
         }
         __syncthreads();
     }
+    store_frags(c, wm, wn, g, q4, B, r0, c0, Xs, scale, fill);
+}
+
+__device__ __forceinline__ unsigned short to_bf16(float f) {
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// bf16 bits to f32 (exact: bf16 is the upper half of an f32).
+__device__ __forceinline__ float widen(unsigned short h) {
+    return __uint_as_float((unsigned)h << 16);
+}
+__device__ __forceinline__ float widen(float f) { return f; }
+
+// D = A(16x16, row) * B(16x8, col) + D on the tensor cores, bf16 inputs, fp32 accumulators.
+// Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"), with
+// g = lane / 4, q = lane % 4, each register two bf16 with the lower k in the low half:
+// a[0] = A[g][2q..2q+1], a[1] = A[g+8][2q..], a[2] = A[g][2q+8..], a[3] = A[g+8][2q+8..];
+// b[0] = B[2q..2q+1][g], b[1] = B[2q+8..2q+9][g]; c as for m16n8k8 (rows g, g+8; cols 2q, 2q+1).
+__device__ __forceinline__ void mma_bf16(float c[4], const unsigned a[4], const unsigned b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// BF16 tensor-core tile, warps as in tile_tc (four m16n8k16 products per k-step of 16). A and
+// Bm are the padded bf16 copies (row stride ld, a multiple of 64; rows up to a multiple of 64;
+// zero padding), so every 16-byte load is aligned and in bounds and needs no test. Each thread
+// stages one 16-byte piece of A and of Bm per stage (row t / 4, k offset 8 * (t % 4)) and loads
+// the next stage's pieces into registers while the tensor cores work on this one.
+__device__ __forceinline__ void tile_bf16(const unsigned short* __restrict__ A,
+                                          const unsigned short* __restrict__ Bm, i64 B, i64 ld,
+                                          i64 r0, i64 c0, unsigned (*As)[KW], unsigned (*Bs)[KW],
+                                          float (*Xs)[TN + 1], float scale, float fill) {
+    const int t = threadIdx.x;
+    const int lane = t % 32, warp = t / 32;
+    const int g = lane / 4, q4 = lane % 4;
+    const int wm = 16 * (warp / 2), wn = 32 * (warp % 2);
+    const int lrow = t / 4, lp = t % 4;
+    const uint4* __restrict__ pa = reinterpret_cast<const uint4*>(A + (r0 + lrow) * ld) + lp;
+    const uint4* __restrict__ pb = reinterpret_cast<const uint4*>(Bm + (c0 + lrow) * ld) + lp;
+    float c[4][4];
 #pragma unroll
     for (int n = 0; n < 4; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int li = wm + g + 8 * (e / 2), lj = wn + 8 * n + 2 * q4 + (e % 2);
-            const bool ok = (r0 + li < B) && (c0 + lj < B);
-            Xs[li][lj] = ok ? scale * c[n][e] : fill;
+        for (int e = 0; e < 4; ++e) c[n][e] = 0.0f;
+    uint4 na = pa[0], nb = pb[0];
+    for (i64 k0 = 0; k0 < ld; k0 += KB) {
+        *reinterpret_cast<uint4*>(&As[lrow][4 * lp]) = na;
+        *reinterpret_cast<uint4*>(&Bs[lrow][4 * lp]) = nb;
+        __syncthreads();
+        if (k0 + KB < ld) {
+            na = pa[(k0 + KB) / 8];
+            nb = pb[(k0 + KB) / 8];
         }
+#pragma unroll
+        for (int kw = 0; kw < KB / 2; kw += 8) {
+            const unsigned af[4] = {As[wm + g][kw + q4], As[wm + g + 8][kw + q4],
+                                    As[wm + g][kw + q4 + 4], As[wm + g + 8][kw + q4 + 4]};
+#pragma unroll
+            for (int n = 0; n < 4; ++n) {
+                const unsigned bf[2] = {Bs[wn + 8 * n + g][kw + q4],
+                                        Bs[wn + 8 * n + g][kw + q4 + 4]};
+                mma_bf16(c[n], af, bf);
+            }
+        }
+        __syncthreads();
+    }
+    store_frags(c, wm, wn, g, q4, B, r0, c0, Xs, scale, fill);
 }
 
 // Xs[row][col] = scale * <A_{r0+row}, Bm_{c0+col}> for the 64 x 64 tile (`fill` past B), by
-// fp32 FMA (MODE 0), 3xTF32 (MODE 1) or TF32 (MODE 2) tensor cores. Ends with a barrier.
+// fp32 FMA (MODE 0), 3xTF32 (MODE 1), TF32 (MODE 2) or BF16 (MODE 3) tensor cores. d: the
+// features' row stride (for MODE 3 that of the padded bf16 copies). Ends with a barrier.
 template <int MODE>
-__device__ __forceinline__ void tile_to_shared(const float* __restrict__ A,
-                                               const float* __restrict__ Bm, i64 B, i64 d, i64 r0,
-                                               i64 c0, float (*As)[TPAD], float (*Bs)[TPAD],
-                                               float (*Xs)[TN + 1], float scale, float fill) {
-    if (MODE == 0) {
+__device__ __forceinline__ void tile_to_shared(const typename Tiles<MODE>::Feat* __restrict__ A,
+                                               const typename Tiles<MODE>::Feat* __restrict__ Bm,
+                                               i64 B, i64 d, i64 r0, i64 c0,
+                                               typename Tiles<MODE>::Row* As,
+                                               typename Tiles<MODE>::Row* Bs, float (*Xs)[TN + 1],
+                                               float scale, float fill) {
+    if constexpr (MODE == 3) {
+        tile_bf16(A, Bm, B, d, r0, c0, As, Bs, Xs, scale, fill);
+    } else if constexpr (MODE == 0) {
         const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
         float acc[4][4];
         tile_dot(A, Bm, B, d, r0, c0, As, Bs, acc);
@@ -201,14 +309,14 @@ __device__ __forceinline__ void lse_merge(float& m, float& z, float mx, float zs
 // column partials col_m/col_z[rc * B + j], and the positive logit pos[i] = x_ii (from the tile
 // that holds the diagonal element).
 template <int MODE>
-__device__ __forceinline__ void clip_fwd_impl(const float* __restrict__ img,
-                                              const float* __restrict__ txt, i64 B, i64 d,
-                                              float scale, int tiles_per_chunk, int tiles_per_split,
-                                              float* __restrict__ row_m, float* __restrict__ row_z,
-                                              float* __restrict__ col_m, float* __restrict__ col_z,
-                                              float* __restrict__ pos) {
-    __shared__ float As[TK][TPAD];
-    __shared__ float Bs[TK][TPAD];
+__device__ __forceinline__ void clip_fwd_impl(const typename Tiles<MODE>::Feat* __restrict__ img,
+                                              const typename Tiles<MODE>::Feat* __restrict__ txt,
+                                              i64 B, i64 d, float scale, int tiles_per_chunk,
+                                              int tiles_per_split, float* __restrict__ row_m,
+                                              float* __restrict__ row_z, float* __restrict__ col_m,
+                                              float* __restrict__ col_z, float* __restrict__ pos) {
+    __shared__ __align__(16) typename Tiles<MODE>::Row As[Tiles<MODE>::ROWS];
+    __shared__ __align__(16) typename Tiles<MODE>::Row Bs[Tiles<MODE>::ROWS];
     __shared__ float Xs[TM][TN + 1];
     const int t = threadIdx.x;
     const i64 rc = blockIdx.x, cs = blockIdx.y;
@@ -279,23 +387,56 @@ __device__ __forceinline__ void clip_fwd_impl(const float* __restrict__ img,
     }
 }
 
-#define CLIP_FWD_ARGS                                                                          \
-    const float *__restrict__ img, const float *__restrict__ txt, i64 B, i64 d, float scale,   \
+#define CLIP_FWD_ARGS(F)                                                                       \
+    const F *__restrict__ img, const F *__restrict__ txt, i64 B, i64 d, float scale,           \
         int tiles_per_chunk, int tiles_per_split, float *__restrict__ row_m,                  \
         float *__restrict__ row_z, float *__restrict__ col_m, float *__restrict__ col_z,        \
         float *__restrict__ pos
 #define CLIP_FWD_PASS                                                                          \
     img, txt, B, d, scale, tiles_per_chunk, tiles_per_split, row_m, row_z, col_m, col_z, pos
 
-// fp32 FMA / 3xTF32 / TF32 tensor-core versions of the forward.
-extern "C" __global__ void __launch_bounds__(NT) clip_fwd(CLIP_FWD_ARGS) {
+// fp32 FMA / 3xTF32 / TF32 / BF16 tensor-core versions of the forward. clip_fwd_bf16 takes the
+// padded bf16 copies of clip_to_bf16 and their row stride as d.
+extern "C" __global__ void __launch_bounds__(NT) clip_fwd(CLIP_FWD_ARGS(float)) {
     clip_fwd_impl<0>(CLIP_FWD_PASS);
 }
-extern "C" __global__ void __launch_bounds__(NT) clip_fwd_tf32x3(CLIP_FWD_ARGS) {
+extern "C" __global__ void __launch_bounds__(NT) clip_fwd_tf32x3(CLIP_FWD_ARGS(float)) {
     clip_fwd_impl<1>(CLIP_FWD_PASS);
 }
-extern "C" __global__ void __launch_bounds__(NT) clip_fwd_tf32(CLIP_FWD_ARGS) {
+extern "C" __global__ void __launch_bounds__(NT) clip_fwd_tf32(CLIP_FWD_ARGS(float)) {
     clip_fwd_impl<2>(CLIP_FWD_PASS);
+}
+extern "C" __global__ void __launch_bounds__(NT) clip_fwd_bf16(CLIP_FWD_ARGS(unsigned short)) {
+    clip_fwd_impl<3>(CLIP_FWD_PASS);
+}
+
+__device__ __forceinline__ unsigned bf16_pair(float lo, float hi) {
+    return (unsigned)to_bf16(lo) | ((unsigned)to_bf16(hi) << 16);
+}
+
+// The bf16 copies the *_bf16 kernels read: y[r * ld + k] = bf16(x[r * d + k]) (round to nearest
+// even) for r < B and k < d, zero elsewhere up to rows_p x ld (multiples of 64, from the host),
+// for the image and the text features in one launch. Blocks stride over rows, threads over the
+// k pairs of a row.
+extern "C" __global__ void clip_to_bf16(const float* __restrict__ img,
+                                        const float* __restrict__ txt, i64 B, i64 d, i64 rows_p,
+                                        i64 ld, unsigned short* __restrict__ img_h,
+                                        unsigned short* __restrict__ txt_h) {
+    for (i64 r = blockIdx.x; r < rows_p; r += gridDim.x) {
+        for (i64 k = 2 * (i64)threadIdx.x; k < ld; k += 2 * (i64)blockDim.x) {
+            float i0 = 0.0f, i1 = 0.0f, t0 = 0.0f, t1 = 0.0f;
+            if (r < B && k < d) {
+                i0 = img[r * d + k];
+                t0 = txt[r * d + k];
+            }
+            if (r < B && k + 1 < d) {
+                i1 = img[r * d + k + 1];
+                t1 = txt[r * d + k + 1];
+            }
+            *reinterpret_cast<unsigned*>(&img_h[r * ld + k]) = bf16_pair(i0, i1);
+            *reinterpret_cast<unsigned*>(&txt_h[r * ld + k]) = bf16_pair(t0, t1);
+        }
+    }
 }
 
 // Merges `parts` partials (m, z) of index i in order, in f64; returns m + log z.
@@ -352,20 +493,47 @@ extern "C" __global__ void __launch_bounds__(NT) sum_f64(const double* __restric
     if (threadIdx.x == 0) out[0] = buf[0];
 }
 
+// Fs[j][k] = F[row0 + j][dc + k] for the 64 x 64 chunk (rows >= B and k >= d read as 0). fp32:
+// row stride ld (= d). bf16: the padded copies (ld and the rows multiples of 64, zero padding),
+// so whole 16-byte pieces, 2 per thread, without tests.
+template <int MODE>
+__device__ __forceinline__ void feature_chunk(const typename Tiles<MODE>::Feat* __restrict__ F,
+                                              i64 row0, i64 B, i64 d, i64 ld, i64 dc,
+                                              typename Tiles<MODE>::Feat (*Fs)[64]) {
+    const int t = threadIdx.x;
+    if constexpr (MODE == 3) {
+        for (int e = t; e < TN * 8; e += NT) {
+            const int j = e / 8, p = e % 8;
+            *reinterpret_cast<uint4*>(&Fs[j][8 * p]) =
+                *reinterpret_cast<const uint4*>(F + (row0 + j) * ld + dc + 8 * p);
+        }
+    } else {
+        for (int e = t; e < TN * 64; e += NT) {
+            const int j = e / 64, k = e % 64;
+            const i64 c = row0 + j, kk = dc + k;
+            Fs[j][k] = (c < B && kk < d) ? F[c * ld + kk] : 0.0f;
+        }
+    }
+}
+
 // Grid ceil(B/64), 256 threads. dA[rows of tile] += s * G * Bm (dA must be initialised, e.g.
 // zero); with dB non-null also dB += s * G^T * A by atomicAdd (fast mode, not deterministic);
 // with dt_part non-null, dt_part[blockIdx.x] = sum over the block's rows of G_ij x_ij.
 // (la_hi, la_lo): LSEs of A's rows; (lb_hi, lb_lo): LSEs of Bm's rows (the other direction).
+// d: the feature dimension (dA, dB are B x d); ld: the row stride of A and Bm (d, or for MODE 3
+// that of the padded bf16 copies).
 template <int MODE>
 __device__ __forceinline__ void clip_bwd_impl(
-    const float* __restrict__ A, const float* __restrict__ Bm, i64 B, i64 d, float scale,
+    const typename Tiles<MODE>::Feat* __restrict__ A,
+    const typename Tiles<MODE>::Feat* __restrict__ Bm, i64 B, i64 d, i64 ld, float scale,
     float inv2b, const float* __restrict__ la_hi, const float* __restrict__ la_lo,
     const float* __restrict__ lb_hi, const float* __restrict__ lb_lo, float* __restrict__ dA,
     float* __restrict__ dB, double* __restrict__ dt_part) {
-    __shared__ float As[TK][TPAD];
-    __shared__ float Bs[TK][TPAD];
+    __shared__ __align__(16) typename Tiles<MODE>::Row As[Tiles<MODE>::ROWS];
+    __shared__ __align__(16) typename Tiles<MODE>::Row Bs[Tiles<MODE>::ROWS];
     __shared__ float Gs[TM][TN + 1];  // the logits, then G in place
-    __shared__ float Fs[TN][64];      // a 64-wide feature chunk of Bm (for dA) or A (for dB)
+    // A 64-wide feature chunk of Bm (for dA) or A (for dB).
+    __shared__ __align__(16) typename Tiles<MODE>::Feat Fs[TN][64];
     __shared__ double red[NT];
     const int t = threadIdx.x;
     const int tx = t % 16, ty = t / 16;
@@ -381,7 +549,7 @@ __device__ __forceinline__ void clip_bwd_impl(
     double dt_acc = 0.0;
     for (i64 ct = 0; ct < n_ct; ++ct) {
         const i64 c0 = ct * TN;
-        tile_to_shared<MODE>(A, Bm, B, d, r0, c0, As, Bs, Gs, scale, 0.0f);
+        tile_to_shared<MODE>(A, Bm, B, ld, r0, c0, As, Bs, Gs, scale, 0.0f);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const i64 c = c0 + tx + 16 * j;
@@ -403,11 +571,7 @@ __device__ __forceinline__ void clip_bwd_impl(
         __syncthreads();
         for (i64 dc = 0; dc < d; dc += 64) {
             // dA[r0 + li, dc + lk] += s * sum_j G[li][j] * Bm[c0 + j, dc + lk]
-            for (int e = t; e < TN * 64; e += NT) {
-                const int j = e / 64, k = e % 64;
-                const i64 c = c0 + j, kk = dc + k;
-                Fs[j][k] = (c < B && kk < d) ? Bm[c * d + kk] : 0.0f;
-            }
+            feature_chunk<MODE>(Bm, c0, B, d, ld, dc, Fs);
             __syncthreads();
             float out[4][4];
 #pragma unroll
@@ -417,7 +581,7 @@ __device__ __forceinline__ void clip_bwd_impl(
             for (int j = 0; j < TN; ++j) {
                 float f[4];
 #pragma unroll
-                for (int k = 0; k < 4; ++k) f[k] = Fs[j][tx + 16 * k];
+                for (int k = 0; k < 4; ++k) f[k] = widen(Fs[j][tx + 16 * k]);
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     const float g = Gs[ty + 16 * i][j];
@@ -438,11 +602,7 @@ __device__ __forceinline__ void clip_bwd_impl(
             __syncthreads();
             if (dB != nullptr) {
                 // dB[c0 + lj, dc + lk] += s * sum_i G[i][lj] * A[r0 + i, dc + lk]
-                for (int e = t; e < TM * 64; e += NT) {
-                    const int i = e / 64, k = e % 64;
-                    const i64 r = r0 + i, kk = dc + k;
-                    Fs[i][k] = (r < B && kk < d) ? A[r * d + kk] : 0.0f;
-                }
+                feature_chunk<MODE>(A, r0, B, d, ld, dc, Fs);
                 __syncthreads();
 #pragma unroll
                 for (int j = 0; j < 4; ++j)
@@ -451,7 +611,7 @@ __device__ __forceinline__ void clip_bwd_impl(
                 for (int i = 0; i < TM; ++i) {
                     float f[4];
 #pragma unroll
-                    for (int k = 0; k < 4; ++k) f[k] = Fs[i][tx + 16 * k];
+                    for (int k = 0; k < 4; ++k) f[k] = widen(Fs[i][tx + 16 * k]);
 #pragma unroll
                     for (int j = 0; j < 4; ++j) {
                         const float g = Gs[i][ty + 16 * j];
@@ -484,20 +644,27 @@ __device__ __forceinline__ void clip_bwd_impl(
     }
 }
 
-#define CLIP_BWD_ARGS                                                                          \
-    const float *__restrict__ A, const float *__restrict__ Bm, i64 B, i64 d, float scale,      \
-        float inv2b, const float *__restrict__ la_hi, const float *__restrict__ la_lo,         \
+#define CLIP_BWD_HEAD(F) const F *__restrict__ A, const F *__restrict__ Bm, i64 B, i64 d
+#define CLIP_BWD_TAIL                                                                          \
+    float scale, float inv2b, const float *__restrict__ la_hi, const float *__restrict__ la_lo, \
         const float *__restrict__ lb_hi, const float *__restrict__ lb_lo, float *__restrict__ dA, \
         float *__restrict__ dB, double *__restrict__ dt_part
-#define CLIP_BWD_PASS A, Bm, B, d, scale, inv2b, la_hi, la_lo, lb_hi, lb_lo, dA, dB, dt_part
+#define CLIP_BWD_PASS scale, inv2b, la_hi, la_lo, lb_hi, lb_lo, dA, dB, dt_part
 
-// fp32 FMA / 3xTF32 / TF32 tensor-core versions of the backward.
-extern "C" __global__ void __launch_bounds__(NT) clip_bwd(CLIP_BWD_ARGS) {
-    clip_bwd_impl<0>(CLIP_BWD_PASS);
+// fp32 FMA / 3xTF32 / TF32 / BF16 tensor-core versions of the backward. clip_bwd_bf16 takes the
+// padded bf16 copies of clip_to_bf16 and, after d, their row stride ld.
+extern "C" __global__ void __launch_bounds__(NT) clip_bwd(CLIP_BWD_HEAD(float), CLIP_BWD_TAIL) {
+    clip_bwd_impl<0>(A, Bm, B, d, d, CLIP_BWD_PASS);
 }
-extern "C" __global__ void __launch_bounds__(NT) clip_bwd_tf32x3(CLIP_BWD_ARGS) {
-    clip_bwd_impl<1>(CLIP_BWD_PASS);
+extern "C" __global__ void __launch_bounds__(NT)
+    clip_bwd_tf32x3(CLIP_BWD_HEAD(float), CLIP_BWD_TAIL) {
+    clip_bwd_impl<1>(A, Bm, B, d, d, CLIP_BWD_PASS);
 }
-extern "C" __global__ void __launch_bounds__(NT) clip_bwd_tf32(CLIP_BWD_ARGS) {
-    clip_bwd_impl<2>(CLIP_BWD_PASS);
+extern "C" __global__ void __launch_bounds__(NT)
+    clip_bwd_tf32(CLIP_BWD_HEAD(float), CLIP_BWD_TAIL) {
+    clip_bwd_impl<2>(A, Bm, B, d, d, CLIP_BWD_PASS);
+}
+extern "C" __global__ void __launch_bounds__(NT)
+    clip_bwd_bf16(CLIP_BWD_HEAD(unsigned short), i64 ld, CLIP_BWD_TAIL) {
+    clip_bwd_impl<3>(A, Bm, B, d, ld, CLIP_BWD_PASS);
 }
