@@ -2,12 +2,14 @@
 # Training on the GPU, checked against the CPU (issue 7 items 3 and 4), same config and seed:
 #   cpu:  2 ranks on the CPU (the reference);
 #   cuda:  2 ranks sharing the one GPU (run.device = "cuda", the TCP ring between them, the
-#          tiled loss on the host);
+#          tiled loss on the host: run.cuda_loss = "host");
+#   ring:  2 ranks sharing the one GPU with the loss's ring blocks on the GPU (the fused
+#          kernels per block, run.cuda_loss = "fused", the default);
 #   fused: 1 rank on the GPU, the loss by the fused CLIP kernels (run.cuda_loss = "fused");
 #   nccl:  1 rank on the GPU with NCCL collectives (run.collectives = "nccl"; fused loss too).
 #   cuda1: 1 rank on the GPU with the loss on the host (run.cuda_loss = "host"), which tells a
 #          fault of the fused loss from one of the model's kernels.
-# The global batch is the same, so all three must end at nearly the same loss.
+# The global batch is the same, so all must end at nearly the same loss.
 # Called by scripts/gpu-check.sh; usable alone.
 #
 # Usage: scripts/gpu-train-check.sh BIN OUT_DIR [STEPS]
@@ -19,8 +21,8 @@ rows=[json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 print([r["loss"] for r in rows if "loss" in r and not r.get("eval")][-1])' "$1/metrics.jsonl"; }
 declare -A loss
 status=0
-for run in cpu:2:cpu:tcp:host cuda:2:cuda:tcp:host fused:1:cuda:tcp:fused \
-    nccl:1:cuda:nccl:fused cuda1:1:cuda:tcp:host; do
+for run in cpu:2:cpu:tcp:host cuda:2:cuda:tcp:host ring:2:cuda:tcp:fused \
+    fused:1:cuda:tcp:fused nccl:1:cuda:nccl:fused cuda1:1:cuda:tcp:host; do
     IFS=: read -r name nproc dev coll lossdev <<<"$run"
     t0=$(date +%s%N)
     if "$bin" run --nproc "$nproc" --set run.device=\"$dev\" --set run.collectives=\"$coll\" \
@@ -38,7 +40,7 @@ for run in cpu:2:cpu:tcp:host cuda:2:cuda:tcp:host fused:1:cuda:tcp:fused \
     fi
 done
 [[ -n "${loss[cpu]:-}" ]] || exit 1
-for name in cuda fused nccl cuda1; do
+for name in cuda ring fused nccl cuda1; do
     [[ -n "${loss[$name]:-}" ]] || continue
     # fp32 on both sides; cuBLAS sums in another order than the CPU GEMM and the difference
     # grows over the steps, so the bound is loose, but far below what a wrong kernel gives.

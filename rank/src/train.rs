@@ -21,6 +21,7 @@ use crate::data::{self, Dataset, DatasetKind, DistributedSampler, local_rows};
 use crate::device::cuda::CudaError;
 use crate::device::cuda::device::{CudaDevice, CudaDeviceOpts, GemmMath};
 use crate::device::cuda::gpu::{FusedClipLoss, Gpu, LossMode, Precision};
+use crate::device::cuda::ring::GpuClipBlocks;
 use crate::device::{CpuDevice, Device, DeviceBuf};
 use crate::eval::{self, EvalReport};
 use crate::fault;
@@ -379,13 +380,36 @@ fn train_checked(
         }
         DeviceKind::Cuda => {
             let dev = open_cuda(cfg, info)?;
-            // One rank: the whole batch's loss fits the fused kernels of one GPU.
-            let fused = info.world == 1
-                && cfg.loss.name == LossKind::ClipTiled
-                && cfg.run.cuda_loss == "fused";
+            // The fused CLIP kernels: the whole batch on one GPU for one rank, the ring of
+            // GPU blocks (Inf-CL's multi-level tiling) across ranks.
+            let fused = cfg.loss.name == LossKind::ClipTiled && cfg.run.cuda_loss == "fused";
+            let (mode, precision) = (LossMode::Deterministic, Precision::Fp32);
             let mut kernels = FusedClipLoss::default();
-            let mut on_gpu = |img: &[f32], txt: &[f32], b: usize, d: usize, scale: f32| {
-                let (mode, precision) = (LossMode::Deterministic, Precision::Fp32);
+            let mut blocks = if fused && info.world > 1 {
+                let b = GpuClipBlocks::new(dev.gpu(), mode, precision).map_err(|e| {
+                    TrainError::Setup(format!(
+                        "run.cuda_loss = \"fused\": {e} (run.cuda_loss = \"host\" computes the \
+                         loss on the CPU)"
+                    ))
+                })?;
+                Some(b)
+            } else {
+                None
+            };
+            let ring = cfg.loss.ring_opts();
+            let mut on_gpu = |comm: &mut dyn Communicator,
+                              img: &[f32],
+                              txt: &[f32],
+                              b: usize,
+                              d: usize,
+                              scale: f32| {
+                if let Some(ops) = blocks.as_mut() {
+                    let chunk_rows = ring.chunk_rows_for(d);
+                    let o = loss::clip_loss_ring_with(
+                        comm, ops, chunk_rows, None, img, txt, b, d, scale, None,
+                    )?;
+                    return Ok((o.loss, o.d_img_local, o.d_txt_local, o.d_t_partial));
+                }
                 let o = kernels.run(dev.gpu(), img, txt, b, d, scale, mode, precision).map_err(
                     |e| {
                         TrainError::Device(format!(
@@ -402,9 +426,16 @@ fn train_checked(
     }
 }
 
-/// The CLIP loss computed by the device itself: `(img, txt, b, d, scale)` → the loss, ∂L/∂I,
-/// ∂L/∂T and ∂L/∂t, as the ring loss of a one-rank job returns them.
-type DeviceLoss<'a> = dyn FnMut(&[f32], &[f32], usize, usize, f32) -> Result<(f32, Vec<f32>, Vec<f32>, f32), TrainError>
+/// The CLIP loss computed by the device itself: `(comm, img, txt, b, d, scale)` → the global
+/// loss, this rank's ∂L/∂I and ∂L/∂T, and its share of ∂L/∂t, as the ring loss returns them.
+type DeviceLoss<'a> = dyn FnMut(
+        &mut dyn Communicator,
+        &[f32],
+        &[f32],
+        usize,
+        usize,
+        f32,
+    ) -> Result<(f32, Vec<f32>, Vec<f32>, f32), TrainError>
     + 'a;
 
 /// The CUDA device of this rank for `run.device = "cuda"`: GPU `local_rank mod GPUs`.
@@ -624,7 +655,7 @@ fn train_on<D: Device>(
                 }
                 LossKind::ClipTiled if device_loss.is_some() => {
                     let f = device_loss.as_mut().expect("matched on is_some");
-                    let (loss, d_img, d_txt, d_t) = f(&fa, &fb, b_local, d, scale)?;
+                    let (loss, d_img, d_txt, d_t) = f(comm, &fa, &fb, b_local, d, scale)?;
                     (loss, d_img, d_txt, d_t, None)
                 }
                 LossKind::ClipTiled => {

@@ -177,7 +177,7 @@ impl Precision {
         Precision::ALL.map(Precision::name).join(", ")
     }
 
-    fn suffix(self) -> &'static str {
+    pub(crate) fn suffix(self) -> &'static str {
         match self {
             Precision::Fp32 => "",
             Precision::Tf32x3 => "_tf32x3",
@@ -274,27 +274,8 @@ impl LossBuffers {
         if b == 0 || d == 0 {
             return Err(CudaError::Invalid(format!("fused loss needs b, d > 0 (got {b}, {d})")));
         }
-        let sms = drv(
-            "multiprocessor count",
-            gpu.ctx.attribute(
-                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-            ),
-        )?
-        .max(1) as usize;
-        // Resident blocks per multiprocessor: the least over the forward's precisions, so the
-        // grid never spills into a second, mostly idle wave.
-        drv("bind context", gpu.ctx.bind_to_thread())?;
-        let mut per_sm = u32::MAX;
-        for p in Precision::ALL {
-            let occ = drv(
-                "occupancy of the fused-loss forward",
-                gpu.func(&p.kernels().0)?
-                    .occupancy_max_active_blocks_per_multiprocessor(256, 0, None),
-            )?;
-            per_sm = per_sm.min(occ);
-        }
         let n_t = b.div_ceil(LOSS_TILE);
-        let plan = plan_fwd_grid(n_t, sms * (per_sm.max(1) as usize));
+        let plan = plan_fwd_grid(n_t, forward_wave(gpu)?);
         Ok(LossBuffers {
             b,
             d,
@@ -327,6 +308,31 @@ impl LossBuffers {
     }
 }
 
+/// Forward blocks in one wave on `gpu`: multiprocessors × resident blocks of the forward
+/// kernels (the least over the precisions, so a grid never spills into a second, mostly idle
+/// wave).
+pub fn forward_wave(gpu: &Gpu) -> Result<usize, CudaError> {
+    let sms = drv(
+        "multiprocessor count",
+        gpu.ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        ),
+    )?
+    .max(1) as usize;
+    // Resident blocks per multiprocessor: the least over the forward's precisions, so the
+    // grid never spills into a second, mostly idle wave.
+    drv("bind context", gpu.ctx.bind_to_thread())?;
+    let mut per_sm = u32::MAX;
+    for p in Precision::ALL {
+        let occ = drv(
+            "occupancy of the fused-loss forward",
+            gpu.func(&p.kernels().0)?.occupancy_max_active_blocks_per_multiprocessor(256, 0, None),
+        )?;
+        per_sm = per_sm.min(occ);
+    }
+    Ok(sms * (per_sm.max(1) as usize))
+}
+
 /// The fused-loss forward grid: `chunks × splits` blocks, chunk `rc` covering row tiles
 /// `[rc · tiles_per_chunk, …)` and split `cs` column tiles `[cs · tiles_per_split, …)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -342,14 +348,19 @@ pub struct FwdGrid {
 /// since the scratch is `(chunks + splits) · B` partials; `chunks · splits ≤ max(target, 1)`,
 /// and every chunk and split holds at least one tile.
 pub fn plan_fwd_grid(n_t: usize, target: usize) -> FwdGrid {
-    let n_t = n_t.max(1);
+    plan_fwd_grid_rect(n_t, n_t, target)
+}
+
+/// [`plan_fwd_grid`] for `n_r` row tiles and `n_c` column tiles (a block of the ring).
+pub fn plan_fwd_grid_rect(n_r: usize, n_c: usize, target: usize) -> FwdGrid {
+    let (n_r, n_c) = (n_r.max(1), n_c.max(1));
     let target = target.max(1);
-    let want_splits = target.isqrt().clamp(1, n_t);
-    let tiles_per_split = n_t.div_ceil(want_splits);
-    let splits = n_t.div_ceil(tiles_per_split);
-    let want_chunks = (target / splits).clamp(1, n_t);
-    let tiles_per_chunk = n_t.div_ceil(want_chunks);
-    let chunks = n_t.div_ceil(tiles_per_chunk);
+    let want_splits = target.isqrt().clamp(1, n_c);
+    let tiles_per_split = n_c.div_ceil(want_splits);
+    let splits = n_c.div_ceil(tiles_per_split);
+    let want_chunks = (target / splits).clamp(1, n_r);
+    let tiles_per_chunk = n_r.div_ceil(want_chunks);
+    let chunks = n_r.div_ceil(tiles_per_chunk);
     FwdGrid { chunks, tiles_per_chunk, splits, tiles_per_split }
 }
 
@@ -412,8 +423,10 @@ pub fn clip_loss_launch(
         Some((hi, ht)) => l.arg(hi).arg(ht),
         None => l.arg(img).arg(txt),
     };
-    // clip_fwd_bf16 takes the copies' row stride in place of d.
-    l.arg(&b).arg(&ld).arg(&scale).arg(&tpc).arg(&tps);
+    // The whole batch: B rows against B columns, positives on the diagonal. clip_fwd_bf16
+    // takes the copies' row stride in place of d.
+    let diag = 0i64;
+    l.arg(&b).arg(&b).arg(&ld).arg(&scale).arg(&diag).arg(&tpc).arg(&tps);
     l.arg(&mut bufs.row_m).arg(&mut bufs.row_z).arg(&mut bufs.col_m).arg(&mut bufs.col_z);
     l.arg(&mut bufs.pos);
     // SAFETY: argument list matches clip_fwd*'s signature; buffers hold splits·b, chunks·b and
@@ -449,11 +462,11 @@ pub fn clip_loss_launch(
     {
         let mut l = s.launch_builder(f);
         match feats {
-            Some((hi, ht)) => l.arg(hi).arg(ht).arg(&b).arg(&d).arg(&ld),
-            None => l.arg(img).arg(txt).arg(&b).arg(&d),
+            Some((hi, ht)) => l.arg(hi).arg(ht).arg(&b).arg(&b).arg(&d).arg(&ld),
+            None => l.arg(img).arg(txt).arg(&b).arg(&b).arg(&d),
         };
         l.arg(&scale).arg(&inv2b);
-        l.arg(&bufs.lse_hi).arg(&bufs.lse_lo).arg(&bufs.kap_hi).arg(&bufs.kap_lo);
+        l.arg(&bufs.lse_hi).arg(&bufs.lse_lo).arg(&bufs.kap_hi).arg(&bufs.kap_lo).arg(&diag);
         l.arg(&mut bufs.d_img);
         match mode {
             LossMode::Fast => l.arg(&mut bufs.d_txt),
@@ -467,11 +480,11 @@ pub fn clip_loss_launch(
     if mode == LossMode::Deterministic {
         let mut l = s.launch_builder(f);
         match feats {
-            Some((hi, ht)) => l.arg(ht).arg(hi).arg(&b).arg(&d).arg(&ld),
-            None => l.arg(txt).arg(img).arg(&b).arg(&d),
+            Some((hi, ht)) => l.arg(ht).arg(hi).arg(&b).arg(&b).arg(&d).arg(&ld),
+            None => l.arg(txt).arg(img).arg(&b).arg(&b).arg(&d),
         };
         l.arg(&scale).arg(&inv2b);
-        l.arg(&bufs.kap_hi).arg(&bufs.kap_lo).arg(&bufs.lse_hi).arg(&bufs.lse_lo);
+        l.arg(&bufs.kap_hi).arg(&bufs.kap_lo).arg(&bufs.lse_hi).arg(&bufs.lse_lo).arg(&diag);
         l.arg(&mut bufs.d_txt).arg(&null).arg(&null);
         // SAFETY: as above with the roles of I and T swapped; dB and dt_part null.
         drv("launch clip_bwd (dT)", unsafe { l.launch(rows) })?;
@@ -647,5 +660,22 @@ mod tests {
             loss_workspace_bytes(64, 512, 1, 1, true) - loss_workspace_bytes(64, 512, 1, 1, false),
             4 * 64 * 512
         );
+    }
+
+    /// A ring block's grid: within the tiles of each side, at most one wave, every tile in
+    /// some chunk and split, and the square planner unchanged.
+    #[test]
+    fn rectangular_grids_cover_their_tiles() {
+        for (n_r, n_c, target) in
+            [(1, 40, 132), (40, 1, 132), (157, 3, 528), (5, 2000, 64), (0, 0, 8)]
+        {
+            let g = plan_fwd_grid_rect(n_r, n_c, target);
+            assert!(g.chunks <= n_r.max(1) && g.splits <= n_c.max(1), "{g:?}");
+            assert!(g.chunks * g.splits <= target.max(1), "{g:?}");
+            assert!(g.chunks * g.tiles_per_chunk >= n_r && g.splits * g.tiles_per_split >= n_c);
+            assert!((g.chunks - 1) * g.tiles_per_chunk < n_r.max(1), "no empty chunk: {g:?}");
+            assert!((g.splits - 1) * g.tiles_per_split < n_c.max(1), "no empty split: {g:?}");
+        }
+        assert_eq!(plan_fwd_grid(300, 528), plan_fwd_grid_rect(300, 300, 528));
     }
 }

@@ -16,16 +16,19 @@
 //! - [`nccl`]: [`nccl::NcclComm`], the NCCL `Communicator` (non-blocking init, its own
 //!   stream, pinned staging, a watchdog that aborts on error or timeout) and the all-reduce
 //!   bandwidth measurement of `tessera cuda nccl-bench`.
+//! - [`ring`]: [`ring::GpuClipBlocks`], the CLIP ring loss's block work on the GPU (the fused
+//!   kernels per visiting block), for jobs of several GPU ranks.
 //! - [`selftest`]: every kernel vs the CPU device and an f64 reference, cuBLAS, the fused
 //!   loss, `CudaDevice` vs `CpuDevice`, NCCL at world size 1 (`tessera cuda selftest`).
 //!
-//! Not yet here (issue 7): the bucketed gradient all-reduce on `NcclComm` in training.
+//! Not yet here (issue 7): the bucketed gradient all-reduce ordered by CUDA events.
 
 pub mod device;
 pub mod gpu;
 pub mod libs;
 pub mod nccl;
 pub mod nvrtc;
+pub mod ring;
 pub mod selftest;
 
 /// Errors of the CUDA layer. Messages say what failed and what to do.

@@ -52,6 +52,8 @@ pub const SOURCES: &[KernelSource] = &[
             "clip_fwd_bf16",
             "clip_to_bf16",
             "clip_lse",
+            "clip_fold_rows",
+            "clip_fold_cols",
             "sum_f64",
             "clip_bwd",
             "clip_bwd_tf32x3",

@@ -193,6 +193,7 @@ pub fn run(ordinal: usize, seed: u64) -> Result<Report, CudaError> {
     guard!("cublas", "sgemm", cublas_checks(&gpu, &cpu, &mut rng));
     guard!("device", "CudaDevice", catch_fault(|| device_checks(ordinal, &cpu, &mut rng)));
     guard!("loss", "fused clip loss", loss_checks(&gpu, &mut rng));
+    guard!("loss", "GPU ring blocks", catch_fault(|| ring_checks(&gpu, &mut rng)));
     guard!("nccl", "NcclComm world 1", nccl_check(&gpu, &mut rng));
     rep.rows = rows;
     Ok(rep)
@@ -1444,6 +1445,86 @@ fn nccl_check(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
             },
         })
         .collect())
+}
+
+/// The CLIP ring with its blocks on the GPU ([`super::ring::GpuClipBlocks`]) against the CPU's
+/// ring ([`crate::loss::clip_loss_ring`]) at the same world size: 1, 2 and 3 ranks as threads
+/// sharing this GPU, unequal rows per rank, chunks of 96 rows (several rounds, a short last
+/// chunk), fp32 and TF32, deterministic and fast. Every rank's loss, dI, dT and dt share.
+fn ring_checks(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
+    use super::ring::GpuClipBlocks;
+    use crate::loss::{RingLossOpts, RingLossOut, clip_loss_ring_with};
+    use tessera_collectives::threads::ThreadComm;
+    let (d, scale, chunk_rows) = (67usize, 20.0f32, 96usize);
+    let mut out = Vec::new();
+    for sizes in [vec![301usize], vec![230, 157], vec![130, 200, 64]] {
+        let world = sizes.len();
+        let feats: Vec<(Vec<f32>, Vec<f32>)> = sizes
+            .iter()
+            .map(|&b| (random_features(rng, b, d), random_features(rng, b, d)))
+            .collect();
+        let opts = RingLossOpts { chunk_rows, ..RingLossOpts::default() };
+        let run = |gpu_ops: Option<(LossMode, Precision)>| -> Result<Vec<RingLossOut>, String> {
+            std::thread::scope(|s| {
+                let hs: Vec<_> = ThreadComm::group(world)
+                    .into_iter()
+                    .zip(&feats)
+                    .zip(&sizes)
+                    .map(|((mut c, (img, txt)), &b)| {
+                        let opts = &opts;
+                        s.spawn(move || -> Result<RingLossOut, String> {
+                            match gpu_ops {
+                                None => {
+                                    crate::loss::clip_loss_ring(&mut c, img, txt, b, d, scale, opts)
+                                        .map_err(|e| e.to_string())
+                                }
+                                Some((mode, prec)) => {
+                                    let mut ops = GpuClipBlocks::new(gpu, mode, prec)
+                                        .map_err(|e| e.to_string())?;
+                                    clip_loss_ring_with(
+                                        &mut c, &mut ops, chunk_rows, None, img, txt, b, d, scale,
+                                        None,
+                                    )
+                                    .map_err(|e| e.to_string())
+                                }
+                            }
+                        })
+                    })
+                    .collect();
+                hs.into_iter()
+                    .map(|h| h.join().unwrap_or_else(|_| Err("a rank panicked".into())))
+                    .collect()
+            })
+        };
+        let cpu = run(None).map_err(|e| CudaError::Invalid(format!("CPU ring loss: {e}")))?;
+        for (mode, prec, tol) in [
+            (LossMode::Deterministic, Precision::Fp32, 1e-4),
+            (LossMode::Fast, Precision::Fp32, 1e-4),
+            (LossMode::Deterministic, Precision::Tf32, 5e-2),
+        ] {
+            let name = format!(
+                "ring {} {} world {world}",
+                prec.name(),
+                if mode == LossMode::Fast { "fast" } else { "det" }
+            );
+            let detail = format!("rows {sizes:?} d={d} s={scale} chunk {chunk_rows}");
+            match run(Some((mode, prec))) {
+                Ok(got) => {
+                    let mut err = 0.0f64;
+                    for (g, c) in got.iter().zip(&cpu) {
+                        err = err
+                            .max(rel_err(&[g.loss], &[c.loss]))
+                            .max(rel_err(&g.d_img_local, &c.d_img_local))
+                            .max(rel_err(&g.d_txt_local, &c.d_txt_local))
+                            .max(rel_err(&[g.d_t_partial], &[c.d_t_partial]));
+                    }
+                    out.push(row("loss", &name, detail, Some(err), None, tol));
+                }
+                Err(e) => out.push(failed("loss", &name, &CudaError::Invalid(e))),
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// One timing of [`bench_loss`].

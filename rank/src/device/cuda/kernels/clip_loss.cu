@@ -35,6 +35,9 @@ typedef long long i64;
 #define NEG_INF_F __int_as_float(0xff800000)
 #define NEG_INF_D __longlong_as_double(0xfff0000000000000LL)
 
+// The diagonal offset meaning "no positive pair in these logits" (i64 min, as the host passes).
+#define NO_DIAG (-0x7fffffffffffffffLL - 1)
+
 #define TM 64
 #define TN 64
 #define TK 16
@@ -65,9 +68,10 @@ struct Tiles<3> {
     static constexpr int ROWS = TM;
 };
 
-// acc[i][j] = <A[r0 + ty + 16i], Bm[c0 + tx + 16j]> over all d (fp32 FMA); rows >= B read as 0.
+// acc[i][j] = <A[r0 + ty + 16i], Bm[c0 + tx + 16j]> over all d (fp32 FMA); rows of A past BR
+// and of Bm past BC read as 0.
 __device__ __forceinline__ void tile_dot(const float* __restrict__ A, const float* __restrict__ Bm,
-                                         i64 B, i64 d, i64 r0, i64 c0, float (*As)[TPAD],
+                                         i64 BR, i64 BC, i64 d, i64 r0, i64 c0, float (*As)[TPAD],
                                          float (*Bs)[TPAD], float acc[4][4]) {
     const int t = threadIdx.x;
     const int tx = t % 16, ty = t / 16;
@@ -81,8 +85,8 @@ __device__ __forceinline__ void tile_dot(const float* __restrict__ A, const floa
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             const i64 k = k0 + lk + q;
-            As[lk + q][lrow] = (ra < B && k < d) ? A[ra * d + k] : 0.0f;
-            Bs[lk + q][lrow] = (rb < B && k < d) ? Bm[rb * d + k] : 0.0f;
+            As[lk + q][lrow] = (ra < BR && k < d) ? A[ra * d + k] : 0.0f;
+            Bs[lk + q][lrow] = (rb < BC && k < d) ? Bm[rb * d + k] : 0.0f;
         }
         __syncthreads();
 #pragma unroll
@@ -117,16 +121,17 @@ __device__ __forceinline__ void mma_tf32(float c[4], const unsigned a[4], const 
 }
 
 // Xs[row][col] = scale * c for the accumulator fragments of an m16n8 mma (rows g, g + 8, columns
-// 2 q4, 2 q4 + 1 of each 16 x 8 block) of the warp's 16 x 32 block at (wm, wn); `fill` past B.
+// 2 q4, 2 q4 + 1 of each 16 x 8 block) of the warp's 16 x 32 block at (wm, wn); `fill` in rows
+// past BR and columns past BC.
 __device__ __forceinline__ void store_frags(const float c[4][4], int wm, int wn, int g, int q4,
-                                            i64 B, i64 r0, i64 c0, float (*Xs)[TN + 1],
+                                            i64 BR, i64 BC, i64 r0, i64 c0, float (*Xs)[TN + 1],
                                             float scale, float fill) {
 #pragma unroll
     for (int n = 0; n < 4; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int li = wm + g + 8 * (e / 2), lj = wn + 8 * n + 2 * q4 + (e % 2);
-            const bool ok = (r0 + li < B) && (c0 + lj < B);
+            const bool ok = (r0 + li < BR) && (c0 + lj < BC);
             Xs[li][lj] = ok ? scale * c[n][e] : fill;
         }
 }
@@ -134,10 +139,10 @@ __device__ __forceinline__ void store_frags(const float c[4][4], int wm, int wn,
 // Tensor-core tile: warp w (of 8) computes rows 16*(w/2).. +16, columns 32*(w%2).. +32 as four
 // m16n8k8 products per k-step of 8. SPLIT: 3xTF32 (x = hi + lo, hi*hi + hi*lo + lo*hi), close to
 // fp32 accuracy; else plain TF32 (10-bit mantissa inputs). Writes scale * <A_i, Bm_j> into
-// Xs[row][col] (rows or columns past B get `fill`).
+// Xs[row][col] (rows past BR or columns past BC get `fill`).
 template <bool SPLIT>
 __device__ __forceinline__ void tile_tc(const float* __restrict__ A, const float* __restrict__ Bm,
-                                        i64 B, i64 d, i64 r0, i64 c0, float (*As)[TPAD],
+                                        i64 BR, i64 BC, i64 d, i64 r0, i64 c0, float (*As)[TPAD],
                                         float (*Bs)[TPAD], float (*Xs)[TN + 1], float scale,
                                         float fill) {
     const int t = threadIdx.x;
@@ -155,8 +160,8 @@ __device__ __forceinline__ void tile_tc(const float* __restrict__ A, const float
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             const i64 k = k0 + lk + q;
-            As[lk + q][lrow] = (ra < B && k < d) ? A[ra * d + k] : 0.0f;
-            Bs[lk + q][lrow] = (rb < B && k < d) ? Bm[rb * d + k] : 0.0f;
+            As[lk + q][lrow] = (ra < BR && k < d) ? A[ra * d + k] : 0.0f;
+            Bs[lk + q][lrow] = (rb < BC && k < d) ? Bm[rb * d + k] : 0.0f;
         }
         __syncthreads();
 #pragma unroll
@@ -187,7 +192,7 @@ __device__ __forceinline__ void tile_tc(const float* __restrict__ A, const float
         }
         __syncthreads();
     }
-    store_frags(c, wm, wn, g, q4, B, r0, c0, Xs, scale, fill);
+    store_frags(c, wm, wn, g, q4, BR, BC, r0, c0, Xs, scale, fill);
 }
 
 __device__ __forceinline__ unsigned short to_bf16(float f) {
@@ -221,7 +226,8 @@ __device__ __forceinline__ void mma_bf16(float c[4], const unsigned a[4], const 
 // stages one 16-byte piece of A and of Bm per stage (row t / 4, k offset 8 * (t % 4)) and loads
 // the next stage's pieces into registers while the tensor cores work on this one.
 __device__ __forceinline__ void tile_bf16(const unsigned short* __restrict__ A,
-                                          const unsigned short* __restrict__ Bm, i64 B, i64 ld,
+                                          const unsigned short* __restrict__ Bm, i64 BR, i64 BC,
+                                          i64 ld,
                                           i64 r0, i64 c0, unsigned (*As)[KW], unsigned (*Bs)[KW],
                                           float (*Xs)[TN + 1], float scale, float fill) {
     const int t = threadIdx.x;
@@ -258,35 +264,36 @@ __device__ __forceinline__ void tile_bf16(const unsigned short* __restrict__ A,
         }
         __syncthreads();
     }
-    store_frags(c, wm, wn, g, q4, B, r0, c0, Xs, scale, fill);
+    store_frags(c, wm, wn, g, q4, BR, BC, r0, c0, Xs, scale, fill);
 }
 
-// Xs[row][col] = scale * <A_{r0+row}, Bm_{c0+col}> for the 64 x 64 tile (`fill` past B), by
+// Xs[row][col] = scale * <A_{r0+row}, Bm_{c0+col}> for the 64 x 64 tile (`fill` in rows past BR
+// and columns past BC), by
 // fp32 FMA (MODE 0), 3xTF32 (MODE 1), TF32 (MODE 2) or BF16 (MODE 3) tensor cores. d: the
 // features' row stride (for MODE 3 that of the padded bf16 copies). Ends with a barrier.
 template <int MODE>
 __device__ __forceinline__ void tile_to_shared(const typename Tiles<MODE>::Feat* __restrict__ A,
                                                const typename Tiles<MODE>::Feat* __restrict__ Bm,
-                                               i64 B, i64 d, i64 r0, i64 c0,
+                                               i64 BR, i64 BC, i64 d, i64 r0, i64 c0,
                                                typename Tiles<MODE>::Row* As,
                                                typename Tiles<MODE>::Row* Bs, float (*Xs)[TN + 1],
                                                float scale, float fill) {
     if constexpr (MODE == 3) {
-        tile_bf16(A, Bm, B, d, r0, c0, As, Bs, Xs, scale, fill);
+        tile_bf16(A, Bm, BR, BC, d, r0, c0, As, Bs, Xs, scale, fill);
     } else if constexpr (MODE == 0) {
         const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
         float acc[4][4];
-        tile_dot(A, Bm, B, d, r0, c0, As, Bs, acc);
+        tile_dot(A, Bm, BR, BC, d, r0, c0, As, Bs, acc);
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const int li = ty + 16 * i, lj = tx + 16 * j;
-                const bool ok = (r0 + li < B) && (c0 + lj < B);
+                const bool ok = (r0 + li < BR) && (c0 + lj < BC);
                 Xs[li][lj] = ok ? scale * acc[i][j] : fill;
             }
     } else {
-        tile_tc<MODE == 1>(A, Bm, B, d, r0, c0, As, Bs, Xs, scale, fill);
+        tile_tc<MODE == 1>(A, Bm, BR, BC, d, r0, c0, As, Bs, Xs, scale, fill);
     }
     __syncthreads();
 }
@@ -304,15 +311,18 @@ __device__ __forceinline__ void lse_merge(float& m, float& z, float mx, float zs
     m = mn;
 }
 
-// Grid (chunks, splits), 256 threads. Row tiles [rc*tiles_per_chunk, ...) of chunk rc, column
-// tiles [cs*tiles_per_split, ...) of split cs. Writes row partials row_m/row_z[cs * B + i],
-// column partials col_m/col_z[rc * B + j], and the positive logit pos[i] = x_ii (from the tile
-// that holds the diagonal element).
+// Grid (chunks, splits), 256 threads, over the BR x BC logits of img's rows against txt's rows
+// (the whole batch on one GPU: BR = BC = B; one block of a ring: BC the block's rows). Row
+// tiles [rc*tiles_per_chunk, ...) of chunk rc, column tiles [cs*tiles_per_split, ...) of split
+// cs. Writes row partials row_m/row_z[cs * BR + i], column partials col_m/col_z[rc * BC + j],
+// and the positive logits: pos[i] = x_{i, i + diag} for the rows whose positive column
+// i + diag lies in 0..BC (diag = 0 for one GPU's batch; NO_DIAG: no positives here).
 template <int MODE>
 __device__ __forceinline__ void clip_fwd_impl(const typename Tiles<MODE>::Feat* __restrict__ img,
                                               const typename Tiles<MODE>::Feat* __restrict__ txt,
-                                              i64 B, i64 d, float scale, int tiles_per_chunk,
-                                              int tiles_per_split, float* __restrict__ row_m,
+                                              i64 BR, i64 BC, i64 d, float scale, i64 diag,
+                                              int tiles_per_chunk, int tiles_per_split,
+                                              float* __restrict__ row_m,
                                               float* __restrict__ row_z, float* __restrict__ col_m,
                                               float* __restrict__ col_z, float* __restrict__ pos) {
     __shared__ __align__(16) typename Tiles<MODE>::Row As[Tiles<MODE>::ROWS];
@@ -320,19 +330,19 @@ __device__ __forceinline__ void clip_fwd_impl(const typename Tiles<MODE>::Feat* 
     __shared__ float Xs[TM][TN + 1];
     const int t = threadIdx.x;
     const i64 rc = blockIdx.x, cs = blockIdx.y;
-    const i64 n_t = (B + TN - 1) / TN;  // TM == TN: as many row tiles as column tiles
+    const i64 n_r = (BR + TM - 1) / TM, n_c = (BC + TN - 1) / TN;
     const i64 rt_begin = rc * (i64)tiles_per_chunk;
     i64 rt_end = rt_begin + tiles_per_chunk;
-    if (rt_end > n_t) rt_end = n_t;
+    if (rt_end > n_r) rt_end = n_r;
     const i64 ct_begin = cs * (i64)tiles_per_split;
     i64 ct_end = ct_begin + tiles_per_split;
-    if (ct_end > n_t) ct_end = n_t;
-    float* __restrict__ cm = col_m + rc * B;  // this block's column partials (chunk rc)
-    float* __restrict__ cz = col_z + rc * B;
+    if (ct_end > n_c) ct_end = n_c;
+    float* __restrict__ cm = col_m + rc * BC;  // this block's column partials (chunk rc)
+    float* __restrict__ cz = col_z + rc * BC;
     if (rt_begin >= rt_end) {
-        // Empty chunk (the host never launches one): neutral column partials.
+        // Empty chunk (no rows, or a grid wider than the rows): neutral column partials.
         i64 c_end = ct_end * TN;
-        if (c_end > B) c_end = B;
+        if (c_end > BC) c_end = BC;
         for (i64 c = ct_begin * TN + t; c < c_end; c += NT) {
             cm[c] = NEG_INF_F;
             cz[c] = 0.0f;
@@ -344,24 +354,27 @@ __device__ __forceinline__ void clip_fwd_impl(const typename Tiles<MODE>::Feat* 
         float m = NEG_INF_F, z = 0.0f;  // row stats of row r0 + t (threads t < 64)
         for (i64 ct = ct_begin; ct < ct_end; ++ct) {
             const i64 c0 = ct * TN;
-            tile_to_shared<MODE>(img, txt, B, d, r0, c0, As, Bs, Xs, scale, NEG_INF_F);
+            tile_to_shared<MODE>(img, txt, BR, BC, d, r0, c0, As, Bs, Xs, scale, NEG_INF_F);
             if (t < TM) {
                 const i64 r = r0 + t;
-                if (r < B) {
+                if (r < BR) {
                     float mx = NEG_INF_F;
                     for (int j = 0; j < TN; ++j) mx = fmaxf(mx, Xs[t][j]);
                     float zs = 0.0f;
                     if (mx != NEG_INF_F)
                         for (int j = 0; j < TN; ++j) zs += expf(Xs[t][j] - mx);
                     lse_merge(m, z, mx, zs);
-                    if (r >= c0 && r < c0 + TN) pos[r] = Xs[t][r - c0];
+                    if (diag != NO_DIAG) {
+                        const i64 p = r + diag;  // the positive's column
+                        if (p >= c0 && p < c0 + TN && p < BC) pos[r] = Xs[t][p - c0];
+                    }
                 }
             } else if (t < TM + TN) {
                 // Column c0 + j: always the same thread for a given column, so the
                 // read-modify-write of cm/cz across row tiles needs no synchronisation.
                 const int j = t - TM;
                 const i64 c = c0 + j;
-                if (c < B) {
+                if (c < BC) {
                     float mx = NEG_INF_F;
                     for (int i = 0; i < TM; ++i) mx = fmaxf(mx, Xs[i][j]);
                     float zs = 0.0f;
@@ -380,20 +393,21 @@ __device__ __forceinline__ void clip_fwd_impl(const typename Tiles<MODE>::Feat* 
             }
             __syncthreads();
         }
-        if (t < TM && r0 + t < B) {
-            row_m[cs * B + r0 + t] = m;
-            row_z[cs * B + r0 + t] = z;
+        if (t < TM && r0 + t < BR) {
+            row_m[cs * BR + r0 + t] = m;
+            row_z[cs * BR + r0 + t] = z;
         }
     }
 }
 
 #define CLIP_FWD_ARGS(F)                                                                       \
-    const F *__restrict__ img, const F *__restrict__ txt, i64 B, i64 d, float scale,           \
-        int tiles_per_chunk, int tiles_per_split, float *__restrict__ row_m,                  \
+    const F *__restrict__ img, const F *__restrict__ txt, i64 BR, i64 BC, i64 d, float scale,  \
+        i64 diag, int tiles_per_chunk, int tiles_per_split, float *__restrict__ row_m,                  \
         float *__restrict__ row_z, float *__restrict__ col_m, float *__restrict__ col_z,        \
         float *__restrict__ pos
 #define CLIP_FWD_PASS                                                                          \
-    img, txt, B, d, scale, tiles_per_chunk, tiles_per_split, row_m, row_z, col_m, col_z, pos
+    img, txt, BR, BC, d, scale, diag, tiles_per_chunk, tiles_per_split, row_m, row_z, col_m,     \
+        col_z, pos
 
 // fp32 FMA / 3xTF32 / TF32 / BF16 tensor-core versions of the forward. clip_fwd_bf16 takes the
 // padded bf16 copies of clip_to_bf16 and their row stride as d.
@@ -439,12 +453,12 @@ extern "C" __global__ void clip_to_bf16(const float* __restrict__ img,
     }
 }
 
-// Merges `parts` partials (m, z) of index i in order, in f64; returns m + log z.
-__device__ double merge_parts(const float* pm, const float* pz, int parts, i64 B, i64 i) {
-    double m = NEG_INF_D, z = 0.0;
+// Merges `parts` partials (m, z) of index i in order, in f64, starting from (m, z).
+__device__ void merge_into(const float* pm, const float* pz, int parts, i64 n, i64 i, double& m,
+                           double& z) {
     for (int p = 0; p < parts; ++p) {
-        const double m2 = (double)pm[(i64)p * B + i];
-        const double z2 = (double)pz[(i64)p * B + i];
+        const double m2 = (double)pm[(i64)p * n + i];
+        const double z2 = (double)pz[(i64)p * n + i];
         if (m2 == NEG_INF_D) continue;
         if (m == NEG_INF_D) {
             m = m2;
@@ -455,8 +469,15 @@ __device__ double merge_parts(const float* pm, const float* pz, int parts, i64 B
         z = z * exp(m - mn) + z2 * exp(m2 - mn);
         m = mn;
     }
+}
+
+// Merges `parts` partials (m, z) of index i in order, in f64; returns m + log z.
+__device__ double merge_parts(const float* pm, const float* pz, int parts, i64 B, i64 i) {
+    double m = NEG_INF_D, z = 0.0;
+    merge_into(pm, pz, parts, B, i, m, z);
     return m + log(z);
 }
+
 
 // One thread per index i < B: row LSE l_i (over `splits` partials), column LSE k_i (over
 // `chunks` partials), both split into f32 hi + lo, and term[i] = l_i + k_i - 2 x_ii.
@@ -478,6 +499,36 @@ extern "C" __global__ void clip_lse(const float* __restrict__ row_m, const float
     }
 }
 
+// The ring (rank/src/device/cuda/ring.rs): folds one block's `splits` row partials of the rows
+// i < n into their running statistics (run_m, run_z) in f64, in split order; `first`: the
+// running statistics start empty (their contents are ignored).
+extern "C" __global__ void clip_fold_rows(const float* __restrict__ row_m,
+                                          const float* __restrict__ row_z, int splits, i64 n,
+                                          int first, double* __restrict__ run_m,
+                                          double* __restrict__ run_z) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        double m = first ? NEG_INF_D : run_m[i], z = first ? 0.0 : run_z[i];
+        merge_into(row_m, row_z, splits, n, i, m, z);
+        run_m[i] = m;
+        run_z[i] = z;
+    }
+}
+
+// The ring: one block's column statistics over this rank's rows, its `chunks` column partials
+// of the columns j < n merged in f64 in chunk order, as the ring carries them: out[j] = m and
+// out[n + j] = sum exp(x - m), f32 (z rescaled to the rounded m).
+extern "C" __global__ void clip_fold_cols(const float* __restrict__ col_m,
+                                          const float* __restrict__ col_z, int chunks, i64 n,
+                                          float* __restrict__ out) {
+    for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += (i64)gridDim.x * blockDim.x) {
+        double m = NEG_INF_D, z = 0.0;
+        merge_into(col_m, col_z, chunks, n, j, m, z);
+        const float mf = (float)m;
+        out[j] = mf;
+        out[n + j] = m == NEG_INF_D ? 0.0f : (float)(z * exp(m - (double)mf));
+    }
+}
+
 // out[0] = sum of v[0..n) in f64 with one block of NT threads: fixed order, deterministic.
 extern "C" __global__ void __launch_bounds__(NT) sum_f64(const double* __restrict__ v, i64 n,
                                                          double* __restrict__ out) {
@@ -493,7 +544,8 @@ extern "C" __global__ void __launch_bounds__(NT) sum_f64(const double* __restric
     if (threadIdx.x == 0) out[0] = buf[0];
 }
 
-// Fs[j][k] = F[row0 + j][dc + k] for the 64 x 64 chunk (rows >= B and k >= d read as 0). fp32:
+// Fs[j][k] = F[row0 + j][dc + k] for the 64 x 64 chunk of F's B rows (rows >= B and k >= d read
+// as 0). fp32:
 // row stride ld (= d). bf16: the padded copies (ld and the rows multiples of 64, zero padding),
 // so whole 16-byte pieces, 2 per thread, without tests.
 template <int MODE>
@@ -516,18 +568,22 @@ __device__ __forceinline__ void feature_chunk(const typename Tiles<MODE>::Feat* 
     }
 }
 
-// Grid ceil(B/64), 256 threads. dA[rows of tile] += s * G * Bm (dA must be initialised, e.g.
+// Grid ceil(BR/64), 256 threads, over the BR x BC logits of A's rows against Bm's rows (the
+// positive of A's row r is Bm's row r + diag, when in 0..BC; NO_DIAG: none). dA[rows of tile]
+// += s * G * Bm (dA must be initialised, e.g.
 // zero); with dB non-null also dB += s * G^T * A by atomicAdd (fast mode, not deterministic);
 // with dt_part non-null, dt_part[blockIdx.x] = sum over the block's rows of G_ij x_ij.
 // (la_hi, la_lo): LSEs of A's rows; (lb_hi, lb_lo): LSEs of Bm's rows (the other direction).
-// d: the feature dimension (dA, dB are B x d); ld: the row stride of A and Bm (d, or for MODE 3
+// d: the feature dimension (dA is BR x d, dB BC x d); ld: the row stride of A and Bm (d, or for
+// MODE 3
 // that of the padded bf16 copies).
 template <int MODE>
 __device__ __forceinline__ void clip_bwd_impl(
     const typename Tiles<MODE>::Feat* __restrict__ A,
-    const typename Tiles<MODE>::Feat* __restrict__ Bm, i64 B, i64 d, i64 ld, float scale,
-    float inv2b, const float* __restrict__ la_hi, const float* __restrict__ la_lo,
-    const float* __restrict__ lb_hi, const float* __restrict__ lb_lo, float* __restrict__ dA,
+    const typename Tiles<MODE>::Feat* __restrict__ Bm, i64 BR, i64 BC, i64 d, i64 ld,
+    float scale, float inv2b, const float* __restrict__ la_hi, const float* __restrict__ la_lo,
+    const float* __restrict__ lb_hi, const float* __restrict__ lb_lo, i64 diag,
+    float* __restrict__ dA,
     float* __restrict__ dB, double* __restrict__ dt_part) {
     __shared__ __align__(16) typename Tiles<MODE>::Row As[Tiles<MODE>::ROWS];
     __shared__ __align__(16) typename Tiles<MODE>::Row Bs[Tiles<MODE>::ROWS];
@@ -538,31 +594,32 @@ __device__ __forceinline__ void clip_bwd_impl(
     const int t = threadIdx.x;
     const int tx = t % 16, ty = t / 16;
     const i64 r0 = (i64)blockIdx.x * TM;
-    const i64 n_ct = (B + TN - 1) / TN;
+    const i64 n_ct = (BC + TN - 1) / TN;
     float lah[4], lal[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const i64 r = r0 + ty + 16 * i;
-        lah[i] = r < B ? la_hi[r] : 0.0f;
-        lal[i] = r < B ? la_lo[r] : 0.0f;
+        lah[i] = r < BR ? la_hi[r] : 0.0f;
+        lal[i] = r < BR ? la_lo[r] : 0.0f;
     }
     double dt_acc = 0.0;
     for (i64 ct = 0; ct < n_ct; ++ct) {
         const i64 c0 = ct * TN;
-        tile_to_shared<MODE>(A, Bm, B, ld, r0, c0, As, Bs, Gs, scale, 0.0f);
+        tile_to_shared<MODE>(A, Bm, BR, BC, ld, r0, c0, As, Bs, Gs, scale, 0.0f);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const i64 c = c0 + tx + 16 * j;
-            const float lbh = c < B ? lb_hi[c] : 0.0f;
-            const float lbl = c < B ? lb_lo[c] : 0.0f;
+            const float lbh = c < BC ? lb_hi[c] : 0.0f;
+            const float lbl = c < BC ? lb_lo[c] : 0.0f;
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const i64 r = r0 + ty + 16 * i;
                 float g = 0.0f;
-                if (r < B && c < B) {
+                if (r < BR && c < BC) {
                     const float x = Gs[ty + 16 * i][tx + 16 * j];
                     g = (expf((x - lah[i]) - lal[i]) + expf((x - lbh) - lbl)) * inv2b;
-                    if (r == c) g -= 2.0f * inv2b;
+                    // |c - r| < 2^62, so NO_DIAG (i64 min) never matches.
+                    if (c - r == diag) g -= 2.0f * inv2b;
                     dt_acc += (double)g * (double)x;
                 }
                 Gs[ty + 16 * i][tx + 16 * j] = g;
@@ -571,7 +628,7 @@ __device__ __forceinline__ void clip_bwd_impl(
         __syncthreads();
         for (i64 dc = 0; dc < d; dc += 64) {
             // dA[r0 + li, dc + lk] += s * sum_j G[li][j] * Bm[c0 + j, dc + lk]
-            feature_chunk<MODE>(Bm, c0, B, d, ld, dc, Fs);
+            feature_chunk<MODE>(Bm, c0, BC, d, ld, dc, Fs);
             __syncthreads();
             float out[4][4];
 #pragma unroll
@@ -592,7 +649,7 @@ __device__ __forceinline__ void clip_bwd_impl(
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const i64 r = r0 + ty + 16 * i;
-                if (r >= B) continue;
+                if (r >= BR) continue;
 #pragma unroll
                 for (int k = 0; k < 4; ++k) {
                     const i64 kk = dc + tx + 16 * k;
@@ -602,7 +659,7 @@ __device__ __forceinline__ void clip_bwd_impl(
             __syncthreads();
             if (dB != nullptr) {
                 // dB[c0 + lj, dc + lk] += s * sum_i G[i][lj] * A[r0 + i, dc + lk]
-                feature_chunk<MODE>(A, r0, B, d, ld, dc, Fs);
+                feature_chunk<MODE>(A, r0, BR, d, ld, dc, Fs);
                 __syncthreads();
 #pragma unroll
                 for (int j = 0; j < 4; ++j)
@@ -622,7 +679,7 @@ __device__ __forceinline__ void clip_bwd_impl(
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
                     const i64 c = c0 + ty + 16 * j;
-                    if (c >= B) continue;
+                    if (c >= BC) continue;
 #pragma unroll
                     for (int k = 0; k < 4; ++k) {
                         const i64 kk = dc + tx + 16 * k;
@@ -644,27 +701,27 @@ __device__ __forceinline__ void clip_bwd_impl(
     }
 }
 
-#define CLIP_BWD_HEAD(F) const F *__restrict__ A, const F *__restrict__ Bm, i64 B, i64 d
+#define CLIP_BWD_HEAD(F) const F *__restrict__ A, const F *__restrict__ Bm, i64 BR, i64 BC, i64 d
 #define CLIP_BWD_TAIL                                                                          \
     float scale, float inv2b, const float *__restrict__ la_hi, const float *__restrict__ la_lo, \
-        const float *__restrict__ lb_hi, const float *__restrict__ lb_lo, float *__restrict__ dA, \
-        float *__restrict__ dB, double *__restrict__ dt_part
-#define CLIP_BWD_PASS scale, inv2b, la_hi, la_lo, lb_hi, lb_lo, dA, dB, dt_part
+        const float *__restrict__ lb_hi, const float *__restrict__ lb_lo, i64 diag,              \
+        float *__restrict__ dA, float *__restrict__ dB, double *__restrict__ dt_part
+#define CLIP_BWD_PASS scale, inv2b, la_hi, la_lo, lb_hi, lb_lo, diag, dA, dB, dt_part
 
 // fp32 FMA / 3xTF32 / TF32 / BF16 tensor-core versions of the backward. clip_bwd_bf16 takes the
 // padded bf16 copies of clip_to_bf16 and, after d, their row stride ld.
 extern "C" __global__ void __launch_bounds__(NT) clip_bwd(CLIP_BWD_HEAD(float), CLIP_BWD_TAIL) {
-    clip_bwd_impl<0>(A, Bm, B, d, d, CLIP_BWD_PASS);
+    clip_bwd_impl<0>(A, Bm, BR, BC, d, d, CLIP_BWD_PASS);
 }
 extern "C" __global__ void __launch_bounds__(NT)
     clip_bwd_tf32x3(CLIP_BWD_HEAD(float), CLIP_BWD_TAIL) {
-    clip_bwd_impl<1>(A, Bm, B, d, d, CLIP_BWD_PASS);
+    clip_bwd_impl<1>(A, Bm, BR, BC, d, d, CLIP_BWD_PASS);
 }
 extern "C" __global__ void __launch_bounds__(NT)
     clip_bwd_tf32(CLIP_BWD_HEAD(float), CLIP_BWD_TAIL) {
-    clip_bwd_impl<2>(A, Bm, B, d, d, CLIP_BWD_PASS);
+    clip_bwd_impl<2>(A, Bm, BR, BC, d, d, CLIP_BWD_PASS);
 }
 extern "C" __global__ void __launch_bounds__(NT)
     clip_bwd_bf16(CLIP_BWD_HEAD(unsigned short), i64 ld, CLIP_BWD_TAIL) {
-    clip_bwd_impl<3>(A, Bm, B, d, ld, CLIP_BWD_PASS);
+    clip_bwd_impl<3>(A, Bm, BR, BC, d, ld, CLIP_BWD_PASS);
 }
