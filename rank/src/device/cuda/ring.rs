@@ -92,6 +92,13 @@ macro_rules! buf_mut {
 
 impl<'g> GpuClipBlocks<'g> {
     pub fn new(gpu: &'g Gpu, mode: LossMode, precision: Precision) -> Result<Self, CudaError> {
+        if precision == Precision::Bf16 {
+            return Err(CudaError::Invalid(
+                "the GPU ring loss runs in fp32, tf32 or tf32x3 (bf16 blocks need padded bf16 \
+                 copies, not wired yet)"
+                    .into(),
+            ));
+        }
         let wave = super::gpu::forward_wave(gpu)?;
         Ok(GpuClipBlocks {
             gpu,
