@@ -525,6 +525,9 @@ pub fn clip_loss(
 #[derive(Default)]
 pub struct FusedClipLoss {
     bufs: Option<LossBuffers>,
+    /// The features' device copies, kept like the buffers (a training step has the same size
+    /// every time).
+    feats: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
 }
 
 impl FusedClipLoss {
@@ -549,13 +552,16 @@ impl FusedClipLoss {
             )));
         }
         if self.bufs.as_ref().is_none_or(|x| x.b != b || x.d != d) {
-            self.bufs = None; // free the old size first
+            // Free the old size first.
+            (self.bufs, self.feats) = (None, None);
             self.bufs = Some(LossBuffers::new(gpu, b, d)?);
+            self.feats = Some((gpu.zeros(b * d)?, gpu.zeros(b * d)?));
         }
         let bufs = self.bufs.as_mut().expect("set above");
-        let di = gpu.upload(img)?;
-        let dt = gpu.upload(txt)?;
-        clip_loss_launch(gpu, bufs, &di, &dt, scale, mode, precision)?;
+        let (di, dt) = self.feats.as_mut().expect("set with the buffers");
+        drv("copy to device", gpu.stream.memcpy_htod(img, di))?;
+        drv("copy to device", gpu.stream.memcpy_htod(txt, dt))?;
+        clip_loss_launch(gpu, bufs, di, dt, scale, mode, precision)?;
         let (loss, d_t) = read_scalars(gpu, bufs)?;
         Ok(GpuLossOut {
             loss,
