@@ -17,7 +17,7 @@ use serde::Serialize;
 use super::TensorGroup;
 use super::config::{Family, MomentumForm, OptimConfig, RatioForm, Settings, ZeroNorm};
 use super::passes::{LambJob, LambStep, Momentum, MomentumJob, ReduceJob, Span, Sums, check_spans};
-use crate::device::{Device, DeviceBuf};
+use crate::device::{CpuDevice, Device, DeviceBuf};
 
 /// Errors of building an optimizer or restoring its state.
 #[derive(Debug, thiserror::Error)]
@@ -458,69 +458,6 @@ pub fn host_lamb(
     }
 }
 
-/// Who runs the passes of a step: the host kernels directly, or a device.
-trait Passes {
-    fn reduce(&self, w: &[f32], g: &[f32], jobs: &[ReduceJob]) -> Vec<Sums>;
-    fn momentum(&self, w: &mut [f32], g: &[f32], v: &mut [f32], jobs: &[MomentumJob]) -> Vec<f64>;
-    #[allow(clippy::too_many_arguments)]
-    fn lamb(
-        &self,
-        w: &mut [f32],
-        g: &[f32],
-        m: &mut [f32],
-        v: &mut [f32],
-        u: &mut [f32],
-        jobs: &[LambJob],
-        rate: &mut dyn FnMut(usize, f64, f64) -> f64,
-    );
-}
-
-struct Host;
-
-impl Passes for Host {
-    fn reduce(&self, w: &[f32], g: &[f32], jobs: &[ReduceJob]) -> Vec<Sums> {
-        host_reduce(w, g, jobs)
-    }
-    fn momentum(&self, w: &mut [f32], g: &[f32], v: &mut [f32], jobs: &[MomentumJob]) -> Vec<f64> {
-        host_momentum(w, g, v, jobs)
-    }
-    fn lamb(
-        &self,
-        w: &mut [f32],
-        g: &[f32],
-        m: &mut [f32],
-        v: &mut [f32],
-        u: &mut [f32],
-        jobs: &[LambJob],
-        rate: &mut dyn FnMut(usize, f64, f64) -> f64,
-    ) {
-        host_lamb(w, g, m, v, u, jobs, rate)
-    }
-}
-
-struct On<'a, D>(&'a D);
-
-impl<D: Device> Passes for On<'_, D> {
-    fn reduce(&self, w: &[f32], g: &[f32], jobs: &[ReduceJob]) -> Vec<Sums> {
-        self.0.optim_reduce(w, g, jobs)
-    }
-    fn momentum(&self, w: &mut [f32], g: &[f32], v: &mut [f32], jobs: &[MomentumJob]) -> Vec<f64> {
-        self.0.optim_momentum(w, g, v, jobs)
-    }
-    fn lamb(
-        &self,
-        w: &mut [f32],
-        g: &[f32],
-        m: &mut [f32],
-        v: &mut [f32],
-        u: &mut [f32],
-        jobs: &[LambJob],
-        rate: &mut dyn FnMut(usize, f64, f64) -> f64,
-    ) {
-        self.0.optim_lamb(w, g, m, v, u, jobs, rate)
-    }
-}
-
 impl Optimizer<Vec<f32>> {
     /// Checks `cfg` and the groups (no overlaps) and allocates the state.
     pub fn new(cfg: &OptimConfig, groups: Vec<TensorGroup>) -> Result<Optimizer, OptimError> {
@@ -566,7 +503,8 @@ impl Optimizer<Vec<f32>> {
 
     /// One update on the host; see [`Optimizer::step_on`].
     pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64, step: u64) -> StepStats {
-        self.step_with(&Host, params, grads, lr, step)
+        // The CPU device's passes are the host kernels (one thread: no pool is built).
+        self.step_on(&CpuDevice::new(1), params, grads, lr, step)
     }
 
     /// The same optimizer with its state in `dev`'s buffers, for [`Optimizer::step_on`] with
@@ -704,17 +642,6 @@ impl<B: DeviceBuf> Optimizer<B> {
         lr: f64,
         step: u64,
     ) -> StepStats {
-        self.step_with(&On(dev), params, grads, lr, step)
-    }
-
-    fn step_with(
-        &mut self,
-        passes: &impl Passes,
-        params: &mut [f32],
-        grads: &[f32],
-        lr: f64,
-        step: u64,
-    ) -> StepStats {
         assert!(
             params.len() >= self.extent && grads.len() >= self.extent,
             "optimizer groups span {} values but params has {} and grads {}",
@@ -751,7 +678,8 @@ impl<B: DeviceBuf> Optimizer<B> {
                 jobs.push(job);
             }
         }
-        let sums = if jobs.is_empty() { Vec::new() } else { passes.reduce(params, grads, &jobs) };
+        let sums =
+            if jobs.is_empty() { Vec::new() } else { dev.optim_reduce(params, grads, &jobs) };
         let sums_of = |gi: usize| job_of[gi].map_or(Sums::default(), |j| sums[j]);
 
         let mut scale = 1.0;
@@ -809,7 +737,7 @@ impl<B: DeviceBuf> Optimizer<B> {
             };
             if !ljobs.is_empty() {
                 let (m, v, u) = (&mut self.buf1, &mut self.buf2, &mut self.scratch);
-                passes.lamb(params, grads, m, v, u, &ljobs, &mut rate);
+                dev.optim_lamb(params, grads, m, v, u, &ljobs, &mut rate);
             }
         } else {
             // Pass 2 (SGD, LARS, TVLARS): the fused momentum update, which also sums ‖w‖² of
@@ -840,7 +768,7 @@ impl<B: DeviceBuf> Optimizer<B> {
                 stats.groups[gi] = GroupStat { ratio: r, lr: lr * r, adapted, trainable: true };
             }
             if !mjobs.is_empty() {
-                let norms = passes.momentum(params, grads, &mut self.buf1, &mjobs);
+                let norms = dev.optim_momentum(params, grads, &mut self.buf1, &mjobs);
                 for ((gi, job), ww) in owners.into_iter().zip(&mjobs).zip(norms) {
                     self.w_sq[gi] = job.norm.then_some(ww);
                 }
