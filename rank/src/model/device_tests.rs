@@ -400,6 +400,18 @@ fn contrastive_on_tracked(cfg: &ModelConfig, batch: usize) {
         same_bits("features b", &db, &fb);
         same_bits("gradients", on_dev.grads(), host.grads());
     }
+    // With no consumer of the layers' gradients the backward only queues kernels and waits
+    // once, at its end (a GPU's host does not stall per layer).
+    host.zero_grads();
+    on_dev.zero_grads();
+    host.forward_pair(&cpu, &xa, &xb, batch);
+    host.backward_pair(&cpu, &ga, &gb);
+    on_dev.forward_pair(&dev, &xa, &xb, batch);
+    let syncs0 = dev.ledger().syncs;
+    on_dev.backward_pair(&dev, &ga, &gb);
+    assert_eq!(dev.ledger().syncs - syncs0, 1, "backward_pair waited per layer");
+    assert_eq!(dev.dirty(), 0, "backward_pair returned with kernels pending");
+    same_bits("gradients (no reports)", on_dev.grads(), host.grads());
     // Inference uploads its input and reads nothing stale.
     let foreign0 = dev.foreign();
     same_bits("embed_a", &on_dev.embed_a(&dev, &xa, batch), &host.embed_a(&cpu, &xa, batch));
@@ -461,7 +473,9 @@ fn classifier_runs_in_device_buffers() {
     let foreign0 = dev.foreign();
     let y = on_dev.forward_logits(&dev, &x, batch);
     assert_eq!(dev.dirty(), 0);
+    let syncs0 = dev.ledger().syncs;
     on_dev.backward_logits(&dev, &g);
+    assert_eq!(dev.ledger().syncs - syncs0, 1, "backward_logits waits once, at its end");
     assert_eq!(dev.dirty(), 0);
     assert_eq!(dev.foreign() - foreign0, 2, "the input and the logits' gradient");
     same_bits("logits", &y, &host.forward_logits(&cpu, &x, batch));

@@ -507,17 +507,18 @@ impl Tower {
         (out, xd.map(|x| TowerCache { batch, x, units, l2 }))
     }
 
-    /// Backward of the tower, accumulating into `g`. After each unit (head, blocks from the
-    /// top, input layer) it waits for the device and calls `ready(offset, grads)` with that
-    /// unit's slice of `g`, which this backward no longer touches.
-    fn backward<D: Device>(
+    /// Backward of the tower, accumulating into `g`. With `ready`, after each unit (head,
+    /// blocks from the top, input layer) it waits for the device and calls
+    /// `ready(offset, grads)` with that unit's slice of `g`, which this backward no longer
+    /// touches; without, it only queues kernels (a GPU's host does not wait per layer).
+    fn backward<'o, D: Device>(
         &self,
         dev: &D,
         p: &[f32],
         g: &mut [f32],
         cache: &TowerCache<D::Buf>,
         dout: &[f32],
-        ready: &mut dyn FnMut(usize, &[f32]),
+        mut ready: Option<&mut (dyn FnMut(usize, &[f32]) + 'o)>,
     ) {
         let cfg = &self.cfg;
         let batch = cache.batch;
@@ -544,8 +545,10 @@ impl Tower {
             start..u.lin.b + u.lin.fan_out
         };
         let mut report = |g: &[f32], r: std::ops::Range<usize>| {
-            dev.synchronize();
-            ready(r.start, &g[r]);
+            if let Some(ready) = ready.as_mut() {
+                dev.synchronize();
+                ready(r.start, &g[r]);
+            }
         };
         let mut dh = unit_bwd(dev, p, g, cfg.activation, &self.head, &cache.units[nb], &dy, batch);
         report(g, unit_range(&self.head));
@@ -797,7 +800,7 @@ impl<B: DeviceBuf> Model<B> {
         d_feat_a: &[f32],
         d_feat_b: &[f32],
     ) {
-        self.backward_pair_with(dev, d_feat_a, d_feat_b, &mut |_, _| {});
+        self.backward_pair_inner(dev, d_feat_a, d_feat_b, None);
     }
 
     /// [`Model::backward_pair`] that reports gradients as they become final: after each layer
@@ -815,6 +818,16 @@ impl<B: DeviceBuf> Model<B> {
         d_feat_b: &[f32],
         ready: &mut dyn FnMut(usize, &[f32]),
     ) {
+        self.backward_pair_inner(dev, d_feat_a, d_feat_b, Some(ready));
+    }
+
+    fn backward_pair_inner<'o, D: Device<Buf = B>>(
+        &mut self,
+        dev: &D,
+        d_feat_a: &[f32],
+        d_feat_b: &[f32],
+        mut ready: Option<&mut (dyn FnMut(usize, &[f32]) + 'o)>,
+    ) {
         self.assert_contrastive("backward_pair");
         let ca = self
             .cache_a
@@ -822,8 +835,7 @@ impl<B: DeviceBuf> Model<B> {
             .expect("Model::backward_pair called without a forward_pair before it");
         // One tower for both views: its gradient is final only after the second pass.
         let twice = self.towers.len() == 1 && self.cache_b.is_some();
-        let mut nothing = |_: usize, _: &[f32]| {};
-        let first: &mut dyn FnMut(usize, &[f32]) = if twice { &mut nothing } else { ready };
+        let first = if twice { None } else { ready.as_deref_mut() };
         self.towers[0].backward(dev, &self.params, &mut self.grads, &ca, d_feat_a, first);
         let tb = self.towers.get(1).unwrap_or(&self.towers[0]);
         if let Some(cb) = self.cache_b.take() {
@@ -910,7 +922,7 @@ impl<B: DeviceBuf> Model<B> {
             .cache_a
             .take()
             .expect("Model::backward_logits called without a forward_logits before it");
-        self.towers[0].backward(dev, &self.params, &mut self.grads, &c, d_logits, &mut |_, _| {});
+        self.towers[0].backward(dev, &self.params, &mut self.grads, &c, d_logits, None);
         dev.synchronize();
     }
 
