@@ -518,7 +518,7 @@ impl Tower {
         g: &mut [f32],
         cache: &TowerCache<D::Buf>,
         dout: &[f32],
-        mut ready: Option<&mut (dyn FnMut(usize, &[f32]) + 'o)>,
+        mut ready: Option<&mut Ready<'o>>,
     ) {
         let cfg = &self.cfg;
         let batch = cache.batch;
@@ -565,6 +565,9 @@ impl Tower {
         report(g, self.input.w..self.input.b + self.input.fan_out);
     }
 }
+
+/// What a backward calls with each finished layer's gradient slice: `(offset, grads)`.
+type Ready<'o> = dyn FnMut(usize, &[f32]) + 'o;
 
 /// A model: parameters, gradients and the activations of the last training forward.
 ///
@@ -826,7 +829,7 @@ impl<B: DeviceBuf> Model<B> {
         dev: &D,
         d_feat_a: &[f32],
         d_feat_b: &[f32],
-        mut ready: Option<&mut (dyn FnMut(usize, &[f32]) + 'o)>,
+        mut ready: Option<&mut Ready<'o>>,
     ) {
         self.assert_contrastive("backward_pair");
         let ca = self
