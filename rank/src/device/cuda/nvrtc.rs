@@ -12,7 +12,7 @@ use super::libs::{Lib, require};
 pub struct KernelSource {
     /// File name under `rank/src/device/cuda/kernels/`.
     pub name: &'static str,
-    /// The source text.
+    /// The source text: `kernels/common.cuh`, then the file.
     pub src: &'static str,
     /// Kernel entry points (unmangled names).
     pub kernels: &'static [&'static str],
@@ -22,7 +22,7 @@ pub struct KernelSource {
 pub const SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "elementwise.cu",
-        src: include_str!("kernels/elementwise.cu"),
+        src: concat!(include_str!("kernels/common.cuh"), include_str!("kernels/elementwise.cu")),
         kernels: &[
             "bias_add",
             "bias_grad",
@@ -44,7 +44,7 @@ pub const SOURCES: &[KernelSource] = &[
     },
     KernelSource {
         name: "clip_loss.cu",
-        src: include_str!("kernels/clip_loss.cu"),
+        src: concat!(include_str!("kernels/common.cuh"), include_str!("kernels/clip_loss.cu")),
         kernels: &[
             "clip_fwd",
             "clip_fwd_tf32x3",
@@ -63,7 +63,7 @@ pub const SOURCES: &[KernelSource] = &[
     },
     KernelSource {
         name: "optim.cu",
-        src: include_str!("kernels/optim.cu"),
+        src: concat!(include_str!("kernels/common.cuh"), include_str!("kernels/optim.cu")),
         kernels: &["optim_reduce", "optim_momentum", "optim_lamb_moments", "optim_lamb_apply"],
     },
 ];

@@ -29,11 +29,7 @@
 // and d are valid. The bf16 copies are zero-padded to multiples of 64 rows and 64 columns, so
 // the bf16 kernels load whole 16-byte pieces without bounds tests. Indices are 64-bit.
 
-typedef long long i64;
-
-// NVRTC has no <math.h> macros: infinities by bit pattern.
-#define NEG_INF_F __int_as_float(0xff800000)
-#define NEG_INF_D __longlong_as_double(0xfff0000000000000LL)
+// i64 and NEG_INF_* come from common.cuh (prepended by nvrtc.rs).
 
 // The diagonal offset meaning "no positive pair in these logits" (i64 min, as the host passes).
 #define NO_DIAG (-0x7fffffffffffffffLL - 1)

@@ -10,7 +10,7 @@
 // operation at a time through the _rn intrinsics (NVRTC would otherwise contract a·b + c into
 // a fused multiply-add): from the same constants the GPU writes bitwise the CPU's w, v, m, u.
 
-typedef long long i64;
+// i64, gtid/gstride and block_sum_f64 come from common.cuh (prepended by nvrtc.rs).
 
 #define JOB_FIELDS 3
 #define WANT_WW 1
@@ -19,25 +19,9 @@ typedef long long i64;
 #define NESTEROV 1
 #define WANT_NORM 2
 
-// Block-wide f64 sum (blockDim.x a power of two, <= 1024); `buf` holds blockDim.x doubles.
-// Thread 0 gets the total.
-__device__ double opt_block_sum(double v, double* buf) {
-    buf[threadIdx.x] = v;
-    __syncthreads();
-    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) buf[threadIdx.x] += buf[threadIdx.x + s];
-        __syncthreads();
-    }
-    double total = buf[0];
-    __syncthreads();
-    return total;
-}
-
 __device__ __forceinline__ i64 job_offset(const i64* jobs) { return jobs[blockIdx.y * JOB_FIELDS]; }
 __device__ __forceinline__ i64 job_len(const i64* jobs) { return jobs[blockIdx.y * JOB_FIELDS + 1]; }
 __device__ __forceinline__ i64 job_flags(const i64* jobs) { return jobs[blockIdx.y * JOB_FIELDS + 2]; }
-__device__ __forceinline__ i64 first() { return (i64)blockIdx.x * blockDim.x + threadIdx.x; }
-__device__ __forceinline__ i64 stride() { return (i64)gridDim.x * blockDim.x; }
 // Index of this block's partial (or of its first one when a block leaves several).
 __device__ __forceinline__ i64 block_slot() { return (i64)blockIdx.y * gridDim.x + blockIdx.x; }
 
@@ -51,16 +35,16 @@ extern "C" __global__ void optim_reduce(const float* w, const float* g, const i6
     const float* wj = w + off;
     const float* gj = g + off;
     double ww = 0.0, gg = 0.0, gw = 0.0;
-    for (i64 i = first(); i < n; i += stride()) {
+    for (i64 i = gtid(); i < n; i += gstride()) {
         double gi = (double)gj[i];
         double wi = read_w ? (double)wj[i] : 0.0;
         ww = __dadd_rn(ww, __dmul_rn(wi, wi));
         gg = __dadd_rn(gg, __dmul_rn(gi, gi));
         gw = __dadd_rn(gw, __dmul_rn(gi, wi));
     }
-    ww = opt_block_sum(ww, sh_red);
-    gg = opt_block_sum(gg, sh_red);
-    gw = opt_block_sum(gw, sh_red);
+    ww = block_sum_f64(ww, sh_red);
+    gg = block_sum_f64(gg, sh_red);
+    gw = block_sum_f64(gw, sh_red);
     if (threadIdx.x == 0) {
         double* p = partial + 3 * block_slot();
         p[0] = (flags & WANT_WW) ? ww : 0.0;
@@ -84,7 +68,7 @@ extern "C" __global__ void optim_momentum(float* w, const float* g, float* v, co
     const float* gj = g + off;
     float* vj = v + off;
     double acc = 0.0;
-    for (i64 i = first(); i < n; i += stride()) {
+    for (i64 i = gtid(); i < n; i += gstride()) {
         double wi = (double)wj[i];
         double d = __dadd_rn(__dmul_rn(s, (double)gj[i]), __dmul_rn(wd, wi));
         double vn = __dadd_rn(__dmul_rn(m, (double)vj[i]), __dmul_rn(a, d));
@@ -96,7 +80,7 @@ extern "C" __global__ void optim_momentum(float* w, const float* g, float* v, co
         acc = __dadd_rn(acc, __dmul_rn(wf, wf));
     }
     if (flags & WANT_NORM) {
-        acc = opt_block_sum(acc, sh_mom);
+        acc = block_sum_f64(acc, sh_mom);
         if (threadIdx.x == 0) partial[block_slot()] = acc;
     }
 }
@@ -115,7 +99,7 @@ extern "C" __global__ void optim_lamb_moments(const float* w, const float* g, fl
     const float s = cj[0], b1 = cj[1], a1 = cj[2], b2 = cj[3], a2 = cj[4];
     const float c1 = cj[5], c2 = cj[6], eps = cj[7], wd = cj[8];
     double uu = 0.0, ww = 0.0;
-    for (i64 i = first(); i < n; i += stride()) {
+    for (i64 i = gtid(); i < n; i += gstride()) {
         i64 e = off + i;
         float wi = w[e];
         float gi = __fmul_rn(s, g[e]);
@@ -129,8 +113,8 @@ extern "C" __global__ void optim_lamb_moments(const float* w, const float* g, fl
         uu = __dadd_rn(uu, __dmul_rn((double)ui, (double)ui));
         ww = __dadd_rn(ww, __dmul_rn((double)wi, (double)wi));
     }
-    uu = opt_block_sum(uu, sh_lamb);
-    ww = opt_block_sum(ww, sh_lamb);
+    uu = block_sum_f64(uu, sh_lamb);
+    ww = block_sum_f64(ww, sh_lamb);
     if (threadIdx.x == 0) {
         partial[2 * block_slot()] = uu;
         partial[2 * block_slot() + 1] = ww;
@@ -142,7 +126,7 @@ extern "C" __global__ void optim_lamb_apply(float* w, const float* u, const i64*
                                             const double* rate) {
     const i64 off = job_offset(jobs), n = job_len(jobs);
     const double r = rate[blockIdx.y];
-    for (i64 i = first(); i < n; i += stride()) {
+    for (i64 i = gtid(); i < n; i += gstride()) {
         i64 e = off + i;
         w[e] = __double2float_rn(__dsub_rn((double)w[e], __dmul_rn(r, (double)u[e])));
     }
