@@ -628,19 +628,42 @@ impl NcclComm {
         let n = buf.len();
         let stream = self.stream.clone();
         let (p, guard) = buf.device_ptr_mut(&stream);
-        // SAFETY: `p` holds n floats on this communicator's device; in place is allowed.
+        // SAFETY: `p` holds n floats on this communicator's device, kept by `guard` until
+        // the enqueue returns and by the caller's borrow of `buf` afterwards.
+        let r = unsafe {
+            self.all_reduce_in_place(name, seq, p, n, ns::ncclDataType_t::ncclFloat32, op)
+        };
+        drop(guard);
+        r
+    }
+
+    /// Enqueues an in-place `ncclAllReduce` of `count` elements of `dtype` at device address
+    /// `p` on the communication stream and settles its status (watchdog when in progress).
+    ///
+    /// # Safety
+    /// `p` addresses at least `count` elements of `dtype` that this device can access and that
+    /// nothing else uses until the stream has finished the call.
+    unsafe fn all_reduce_in_place(
+        &mut self,
+        name: &str,
+        seq: u64,
+        p: ds::CUdeviceptr,
+        count: usize,
+        dtype: ns::ncclDataType_t,
+        op: ReduceOp,
+    ) -> Result<()> {
+        // SAFETY: per this function's contract; in place is allowed by NCCL.
         let r = unsafe {
             nr::all_reduce(
                 p as *const _,
                 p as *mut _,
-                n,
-                ns::ncclDataType_t::ncclFloat32,
+                count,
+                dtype,
                 nccl_op(op),
                 self.comm.0,
-                stream.cu_stream() as ns::cudaStream_t,
+                self.cu(),
             )
         };
-        drop(guard);
         self.check(name, seq, "ncclAllReduce", r)
     }
 
@@ -790,19 +813,9 @@ impl NcclComm {
         let nb = input.len();
         self.staged(name, seq, input, [nb, 0], 0, nb, |c| {
             let p = c.dev_ptr(0);
-            // SAFETY: device buffer 0 holds ≥ nb bytes = count elements of dtype; in place.
-            let r = unsafe {
-                nr::all_reduce(
-                    p as *const _,
-                    p as *mut _,
-                    count,
-                    dtype,
-                    nccl_op(op),
-                    c.comm.0,
-                    c.cu(),
-                )
-            };
-            c.check(name, seq, "ncclAllReduce", r)
+            // SAFETY: device buffer 0 holds ≥ nb bytes = count elements of dtype, used only by
+            // this call until `staged` has waited for the stream.
+            unsafe { c.all_reduce_in_place(name, seq, p, count, dtype, op) }
         })
     }
 
@@ -910,18 +923,7 @@ impl Communicator for NcclComm {
             // Managed memory (a GPU model's gradient): NCCL reduces it where it is, no staging.
             // SAFETY: `p` addresses buf.len() floats of one managed allocation, which the
             // exclusive borrow keeps alive and unaliased until the wait below returns.
-            let r = unsafe {
-                nr::all_reduce(
-                    p as *const _,
-                    p as *mut _,
-                    buf.len(),
-                    f32t,
-                    nccl_op(op),
-                    self.comm.0,
-                    self.cu(),
-                )
-            };
-            self.check("all_reduce_f32", seq, "ncclAllReduce", r)?;
+            unsafe { self.all_reduce_in_place("all_reduce_f32", seq, p, buf.len(), f32t, op)? };
             return self.wait_op("all_reduce_f32", seq);
         }
         let out =
