@@ -7,6 +7,11 @@
 #          kernels per block, run.cuda_loss = "fused", the default);
 #   fused: 1 rank on the GPU, the loss by the fused CLIP kernels (run.cuda_loss = "fused");
 #   nccl:  1 rank on the GPU with NCCL collectives (run.collectives = "nccl"; fused loss too).
+#   ncclov: as nccl with run.overlap_allreduce = true and 64 KiB buckets: the gradient is
+#          all-reduced in buckets on NCCL's stream behind the compute stream's events during
+#          the backward. At world size 1 NCCL's all-reduce returns its input and every kernel is
+#          deterministic, so it must end at exactly nccl's loss (a bucket that read the gradient
+#          before the backward wrote it would not).
 #   cuda1: 1 rank on the GPU with the loss on the host (run.cuda_loss = "host"), which tells a
 #          fault of the fused loss from one of the model's kernels.
 # The global batch is the same, so all must end at nearly the same loss.
@@ -22,17 +27,22 @@ print([r["loss"] for r in rows if "loss" in r and not r.get("eval")][-1])' "$1/m
 declare -A loss
 status=0
 for run in cpu:2:cpu:tcp:host cuda:2:cuda:tcp:host ring:2:cuda:tcp:fused \
-    fused:1:cuda:tcp:fused nccl:1:cuda:nccl:fused cuda1:1:cuda:tcp:host; do
-    IFS=: read -r name nproc dev coll lossdev <<<"$run"
+    fused:1:cuda:tcp:fused nccl:1:cuda:nccl:fused ncclov:1:cuda:nccl:fused:overlap \
+    cuda1:1:cuda:tcp:host; do
+    IFS=: read -r name nproc dev coll lossdev extra <<<"$run"
+    more=()
+    [[ "${extra:-}" == overlap ]] &&
+        more=(--set run.overlap_allreduce=true --set run.allreduce_bucket_bytes=65536)
     t0=$(date +%s%N)
     if "$bin" run --nproc "$nproc" --set run.device=\"$dev\" --set run.collectives=\"$coll\" \
-        --set run.cuda_loss=\"$lossdev\" \
+        --set run.cuda_loss=\"$lossdev\" "${more[@]}" \
         --set run.steps="$steps" --set run.log_every=10 --set checkpoint.enabled=false \
         --set run.out_dir=\""$out/train-$name"\" > "$out/train-$name.log" 2>&1; then
         t1=$(date +%s%N)
         loss[$name]=$(final_loss "$out/train-$name")
-        printf 'train-check: %-5s %s rank(s), device %s, collectives %s, loss on %s, %s steps, %s ms, final loss %s\n' \
-            "$name" "$nproc" "$dev" "$coll" "$lossdev" "$steps" $(((t1 - t0) / 1000000)) "${loss[$name]}"
+        printf 'train-check: %-6s %s rank(s), device %s, collectives %s, loss on %s%s, %s steps, %s ms, final loss %s\n' \
+            "$name" "$nproc" "$dev" "$coll" "$lossdev" "${extra:+, $extra}" "$steps" \
+            $(((t1 - t0) / 1000000)) "${loss[$name]}"
     else
         echo "train-check: the $name run failed (log: $out/train-$name.log):"
         tail -15 "$out/train-$name.log"
@@ -40,7 +50,7 @@ for run in cpu:2:cpu:tcp:host cuda:2:cuda:tcp:host ring:2:cuda:tcp:fused \
     fi
 done
 [[ -n "${loss[cpu]:-}" ]] || exit 1
-for name in cuda ring fused nccl cuda1; do
+for name in cuda ring fused nccl ncclov cuda1; do
     [[ -n "${loss[$name]:-}" ]] || continue
     # fp32 on both sides; cuBLAS sums in another order than the CPU GEMM and the difference
     # grows over the steps, so the bound is loose, but far below what a wrong kernel gives.
@@ -53,4 +63,12 @@ print(f"train-check: {name} vs cpu: final loss {gpu:.6f} vs {cpu:.6f}, rel diff 
 sys.exit(0 if ok else 1)
 PY
 done
+if [[ -n "${loss[nccl]:-}" && -n "${loss[ncclov]:-}" ]]; then
+    if [[ "${loss[nccl]}" == "${loss[ncclov]}" ]]; then
+        echo "train-check: ncclov vs nccl: final loss ${loss[ncclov]} == ${loss[nccl]} (overlapped buckets, bitwise): PASS"
+    else
+        echo "train-check: ncclov vs nccl: final loss ${loss[ncclov]} != ${loss[nccl]} (must be bitwise equal at world size 1): FAIL"
+        status=1
+    fi
+fi
 exit $status

@@ -95,6 +95,13 @@ pub trait Communicator: Send {
     /// Returns once every rank has entered the barrier.
     fn barrier(&mut self) -> Result<()>;
 
+    /// This backend itself, for callers that use its own interface where they find it (the
+    /// NCCL communicator's all-reduce of device buffers on its stream). `None` (the default)
+    /// for wrappers, which only ever offer the collectives above.
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
+
     /// Broadcast of f32 values, by way of their bytes.
     fn broadcast_f32(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
         let mut bytes: Vec<u8> = buf.iter().flat_map(|v| v.to_le_bytes()).collect();

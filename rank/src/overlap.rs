@@ -11,22 +11,100 @@
 //! local (pre-reduction) gradient for the noise-scale estimator and the NaN check and takes the
 //! reduced buffer afterwards.
 
+use std::ops::Range;
 use std::sync::mpsc;
 
 use tessera_collectives::{CommError, Communicator, ReduceOp};
+
+/// Which parts of a flat gradient of `total` elements to all-reduce, and when, as a backward
+/// reports its slices final: adjacent slices are gathered into one bucket until it holds
+/// `bucket_elems` elements (or a slice that does not touch it arrives), and
+/// [`BucketPlan::finish`] covers the rest in ascending buckets. Every element is in exactly one
+/// bucket. The slice holding element 0 is left to `finish` (fault injection poisons element 0
+/// after the backward). Shared by the host buckets ([`Buckets`]) and the GPU's (NCCL on the
+/// communication stream).
+#[derive(Clone, Debug)]
+pub struct BucketPlan {
+    total: usize,
+    bucket_elems: usize,
+    /// The bucket being filled.
+    open: Option<Range<usize>>,
+    /// Buckets handed out so far.
+    sent: Vec<Range<usize>>,
+}
+
+impl BucketPlan {
+    /// A plan for a buffer of `total` f32 values in buckets of `bucket_bytes` (at least one
+    /// element).
+    pub fn new(total: usize, bucket_bytes: usize) -> Self {
+        BucketPlan { total, bucket_elems: (bucket_bytes / 4).max(1), open: None, sent: Vec::new() }
+    }
+
+    /// Reports elements `offset..offset + len` final; returns the buckets complete now, in the
+    /// order to reduce them.
+    pub fn ready(&mut self, offset: usize, len: usize) -> Vec<Range<usize>> {
+        let end = offset + len;
+        let mut out = Vec::new();
+        if len == 0 || offset == 0 || end > self.total {
+            return out;
+        }
+        match self.open.take() {
+            Some(r) if end == r.start || offset == r.end => {
+                self.open = Some(r.start.min(offset)..r.end.max(end));
+            }
+            other => {
+                out.extend(other.map(|r| self.hand_out(r)));
+                self.open = Some(offset..end);
+            }
+        }
+        if self.open.as_ref().is_some_and(|r| r.len() >= self.bucket_elems) {
+            let r = self.open.take().expect("checked just above");
+            out.push(self.hand_out(r));
+        }
+        out
+    }
+
+    fn hand_out(&mut self, r: Range<usize>) -> Range<usize> {
+        self.sent.push(r.clone());
+        r
+    }
+
+    /// The buckets left: the one being filled, then every element not handed out yet, in
+    /// ascending buckets of at most `bucket_elems`. The plan is empty afterwards.
+    pub fn finish(&mut self) -> Vec<Range<usize>> {
+        let mut out: Vec<Range<usize>> = Vec::new();
+        if let Some(r) = self.open.take() {
+            out.push(self.hand_out(r));
+        }
+        let mut sent = std::mem::take(&mut self.sent);
+        sent.sort_unstable_by_key(|r| r.start);
+        let mut at = 0;
+        let mut gaps = Vec::new();
+        for r in sent {
+            if r.start > at {
+                gaps.push(at..r.start);
+            }
+            at = at.max(r.end);
+        }
+        if at < self.total {
+            gaps.push(at..self.total);
+        }
+        for g in gaps {
+            for s in g.clone().step_by(self.bucket_elems) {
+                out.push(s..(s + self.bucket_elems).min(g.end));
+            }
+        }
+        out
+    }
+}
 
 /// Collects the gradient slices reported final into buckets and hands full buckets to the
 /// communication thread (see [`all_reduce_overlapped`]).
 pub struct Buckets {
     tx: Option<mpsc::Sender<(usize, Vec<f32>)>>,
-    total: usize,
-    bucket_elems: usize,
-    /// The bucket being filled: contiguous pieces covering `lo..hi`.
+    plan: BucketPlan,
+    /// Copies of the slices reported and not sent yet.
     pieces: Vec<(usize, Vec<f32>)>,
-    lo: usize,
-    hi: usize,
-    /// Ranges handed to the communication thread, to send the rest at [`Buckets::finish`].
-    sent: Vec<(usize, usize)>,
 }
 
 impl Buckets {
@@ -34,41 +112,25 @@ impl Buckets {
     /// holding element 0 is kept back until [`Buckets::finish`], which reads it then (fault
     /// injection poisons element 0 after the backward).
     pub fn ready(&mut self, offset: usize, grads: &[f32]) {
-        let end = offset + grads.len();
-        if grads.is_empty() || offset == 0 || end > self.total {
-            return;
+        let due = self.plan.ready(offset, grads.len());
+        if offset > 0 && offset + grads.len() <= self.plan.total && !grads.is_empty() {
+            self.pieces.push((offset, grads.to_vec()));
         }
-        let adjacent = !self.pieces.is_empty() && (end == self.lo || offset == self.hi);
-        if !adjacent {
-            self.flush();
-            self.lo = offset;
-            self.hi = end;
-        } else {
-            self.lo = self.lo.min(offset);
-            self.hi = self.hi.max(end);
+        for r in due {
+            let (mut inside, rest): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut self.pieces).into_iter().partition(|p| r.contains(&p.0));
+            self.pieces = rest;
+            inside.sort_by_key(|p| p.0);
+            let mut bucket = Vec::with_capacity(r.len());
+            for (_, p) in inside {
+                bucket.extend_from_slice(&p);
+            }
+            debug_assert_eq!(bucket.len(), r.len(), "the pieces of bucket {r:?}");
+            self.send(r.start, bucket);
         }
-        self.pieces.push((offset, grads.to_vec()));
-        if self.hi - self.lo >= self.bucket_elems {
-            self.flush();
-        }
-    }
-
-    /// Sends the bucket being filled.
-    fn flush(&mut self) {
-        if self.pieces.is_empty() {
-            return;
-        }
-        let mut pieces = std::mem::take(&mut self.pieces);
-        pieces.sort_by_key(|p| p.0);
-        let mut bucket = Vec::with_capacity(self.hi - self.lo);
-        for (_, p) in pieces {
-            bucket.extend_from_slice(&p);
-        }
-        self.send(self.lo, bucket);
     }
 
     fn send(&mut self, offset: usize, bucket: Vec<f32>) {
-        self.sent.push((offset, offset + bucket.len()));
         if let Some(tx) = &self.tx {
             // A closed channel means the communication thread failed: its error is returned.
             let _ = tx.send((offset, bucket));
@@ -78,25 +140,9 @@ impl Buckets {
     /// Sends everything not sent yet, read from `grads` (the whole local buffer, final), in
     /// ascending order, then closes the queue.
     pub fn finish(&mut self, grads: &[f32]) {
-        self.flush();
-        let mut sent = std::mem::take(&mut self.sent);
-        sent.sort_unstable();
-        let mut at = 0;
-        let mut gaps = Vec::new();
-        for (a, b) in sent {
-            if a > at {
-                gaps.push((at, a));
-            }
-            at = at.max(b);
-        }
-        if at < self.total {
-            gaps.push((at, self.total));
-        }
-        for (a, b) in gaps {
-            for s in (a..b).step_by(self.bucket_elems) {
-                let e = (s + self.bucket_elems).min(b);
-                self.send(s, grads[s..e].to_vec());
-            }
+        self.pieces.clear();
+        for r in self.plan.finish() {
+            self.send(r.start, grads[r].to_vec());
         }
         self.tx = None;
     }
@@ -116,15 +162,8 @@ pub fn all_reduce_overlapped<R>(
     work: impl FnOnce(&mut Buckets) -> R,
 ) -> Result<(R, Vec<f32>), CommError> {
     let (tx, rx) = mpsc::channel::<(usize, Vec<f32>)>();
-    let mut buckets = Buckets {
-        tx: Some(tx),
-        total,
-        bucket_elems: (bucket_bytes / 4).max(1),
-        pieces: Vec::new(),
-        lo: 0,
-        hi: 0,
-        sent: Vec::new(),
-    };
+    let mut buckets =
+        Buckets { tx: Some(tx), plan: BucketPlan::new(total, bucket_bytes), pieces: Vec::new() };
     let (out, reduced) = std::thread::scope(|s| {
         let h = s.spawn(move || -> Result<Vec<f32>, CommError> {
             let mut reduced = vec![0.0f32; total];
@@ -198,6 +237,51 @@ mod tests {
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(got), bits(want), "bucket {bucket_bytes} bytes");
                 assert_eq!(got[0], 15.0);
+            }
+        }
+    }
+
+    /// Every element lands in exactly one bucket, no bucket outgrows the limit unless one slice
+    /// alone does, the slice at element 0 waits for `finish`, and buckets fill in report order.
+    #[test]
+    fn plan_covers_every_element_once() {
+        let total = 1_000;
+        // A tower's units from the top, then a second tower, then a slice out of range.
+        let reports = [(900usize, 100usize), (850, 50), (840, 10), (0, 10), (10, 300), (310, 530)];
+        for bucket_bytes in [4usize, 200, 400, 4_000, 1 << 20] {
+            let mut plan = BucketPlan::new(total, bucket_bytes);
+            let elems = (bucket_bytes / 4).max(1);
+            let mut during = Vec::new();
+            for &(o, n) in &reports {
+                during.extend(plan.ready(o, n));
+            }
+            assert!(plan.ready(990, 20).is_empty(), "a slice past the end is ignored");
+            assert!(during.iter().all(|r| r.start > 0), "element 0 waits: {during:?}");
+            let rest = plan.finish();
+            let mut seen = vec![0u8; total];
+            for r in during.iter().chain(&rest) {
+                assert!(!r.is_empty());
+                for i in r.clone() {
+                    seen[i] += 1;
+                }
+            }
+            assert!(seen.iter().all(|&c| c == 1), "bucket {bucket_bytes}: {during:?} {rest:?}");
+            let largest = reports.iter().map(|r| r.1).max().unwrap_or(0);
+            for r in during.iter().chain(&rest) {
+                // A bucket closes at the slice that takes it to the limit.
+                assert!(r.len() < elems + largest, "{r:?} at {bucket_bytes}");
+            }
+            if bucket_bytes == 400 {
+                // 100 elements: the top slice fills one alone; 850..900 and 840..850 join and
+                // leave when 10..310, not adjacent, arrives (and fills its own); 0..10 waits.
+                assert_eq!(during, vec![900..1_000, 840..900, 10..310, 310..840]);
+                assert_eq!(rest, vec![0..10]);
+            }
+            if bucket_bytes == 1 << 20 {
+                // One bucket never fills: the adjacent slices travel together, the rest at the
+                // end.
+                assert_eq!(during, vec![840..1_000]);
+                assert_eq!(rest, vec![10..840, 0..10]);
             }
         }
     }

@@ -21,6 +21,7 @@ use crate::data::{self, Dataset, DatasetKind, DistributedSampler, local_rows};
 use crate::device::cuda::CudaError;
 use crate::device::cuda::device::{CudaDevice, CudaDeviceOpts, GemmMath};
 use crate::device::cuda::gpu::{FusedClipLoss, Gpu, LossMode, Precision};
+use crate::device::cuda::nccl::{NcclComm, OverlapAllReduce};
 use crate::device::cuda::ring::GpuClipBlocks;
 use crate::device::{CpuDevice, Device, DeviceBuf};
 use crate::eval::{self, EvalReport};
@@ -376,7 +377,8 @@ fn train_checked(
     };
     match cfg.run.device {
         DeviceKind::Cpu => {
-            train_on(cfg, comm, info, on_step, threads, &CpuDevice::new(threads), None)
+            let cpu = CpuDevice::new(threads);
+            train_on(cfg, comm, info, on_step, threads, &cpu, None, None)
         }
         DeviceKind::Cuda => {
             let dev = open_cuda(cfg, info)?;
@@ -421,7 +423,17 @@ fn train_checked(
                 Ok((o.loss as f32, o.d_img, o.d_txt, o.d_t as f32))
             };
             let device_loss: Option<&mut DeviceLoss> = if fused { Some(&mut on_gpu) } else { None };
-            train_on(cfg, comm, info, on_step, threads, &dev, device_loss)
+            // run.overlap_allreduce with NCCL: the buckets are all-reduced on NCCL's stream
+            // behind events of the compute stream, the host never waiting per layer.
+            let nccl = comm.as_any_mut().is_some_and(|c| c.is::<NcclComm>());
+            let mut on_streams = (cfg.run.overlap_allreduce && nccl).then(|| {
+                NcclOverlap(OverlapAllReduce::new(
+                    dev.gpu().stream.clone(),
+                    cfg.run.allreduce_bucket_bytes,
+                ))
+            });
+            let overlap = on_streams.as_mut().map(|o| o as &mut dyn DeviceOverlap);
+            train_on(cfg, comm, info, on_step, threads, &dev, device_loss, overlap)
         }
     }
 }
@@ -437,6 +449,68 @@ type DeviceLoss<'a> = dyn FnMut(
         f32,
     ) -> Result<(f32, Vec<f32>, Vec<f32>, f32), TrainError>
     + 'a;
+
+/// The gradient all-reduce overlapped with the backward on the device's own streams, in place
+/// of the host buckets of [`overlap::all_reduce_overlapped`]: `begin` with the local gradient,
+/// `ready` for each layer the backward has queued, `finish` once the gradient is final (on the
+/// host and in the device's queue), `take` to replace the local gradient by the reduced one
+/// (after its last local readers). Collective: every rank makes the same calls.
+trait DeviceOverlap {
+    fn begin(&mut self, comm: &mut dyn Communicator, grads: &[f32]) -> Result<(), CommError>;
+    fn ready(
+        &mut self,
+        comm: &mut dyn Communicator,
+        offset: usize,
+        len: usize,
+    ) -> Result<(), CommError>;
+    fn finish(&mut self, comm: &mut dyn Communicator, grads: &[f32]) -> Result<(), CommError>;
+    fn take(&mut self, comm: &mut dyn Communicator, grads: &mut [f32]) -> Result<(), CommError>;
+}
+
+/// [`DeviceOverlap`] on an [`NcclComm`] (the communicator the calls are given must be one).
+struct NcclOverlap(OverlapAllReduce);
+
+impl NcclOverlap {
+    fn nccl(comm: &mut dyn Communicator) -> Result<&mut NcclComm, CommError> {
+        comm.as_any_mut().and_then(|c| c.downcast_mut::<NcclComm>()).ok_or_else(|| {
+            CommError::InvalidArgument {
+                op: "all_reduce_overlapped",
+                detail: "the overlapped GPU all-reduce needs the NCCL communicator \
+                         (run.collectives = \"nccl\")"
+                    .into(),
+            }
+        })
+    }
+}
+
+impl DeviceOverlap for NcclOverlap {
+    fn begin(&mut self, comm: &mut dyn Communicator, grads: &[f32]) -> Result<(), CommError> {
+        self.0.begin(Self::nccl(comm)?, grads)
+    }
+    fn ready(
+        &mut self,
+        comm: &mut dyn Communicator,
+        offset: usize,
+        len: usize,
+    ) -> Result<(), CommError> {
+        self.0.ready(Self::nccl(comm)?, offset, len)
+    }
+    fn finish(&mut self, comm: &mut dyn Communicator, _grads: &[f32]) -> Result<(), CommError> {
+        // NCCL reads the gradient by its address, on the stream.
+        self.0.finish(Self::nccl(comm)?)
+    }
+    fn take(&mut self, comm: &mut dyn Communicator, grads: &mut [f32]) -> Result<(), CommError> {
+        self.0.take(Self::nccl(comm)?, grads)
+    }
+}
+
+/// Where the gradient all-reduced during the backward is (run.overlap_allreduce).
+enum Reduced {
+    /// The host buckets' result.
+    Host(Vec<f32>),
+    /// The device's, taken by [`DeviceOverlap::take`].
+    Device,
+}
 
 /// The CUDA device of this rank for `run.device = "cuda"`: GPU `local_rank mod GPUs`.
 fn open_cuda(cfg: &Config, info: &RankInfo) -> Result<CudaDevice, TrainError> {
@@ -459,6 +533,7 @@ fn train_on<D: Device>(
     threads: usize,
     dev: &D,
     mut device_loss: Option<&mut DeviceLoss>,
+    mut device_overlap: Option<&mut dyn DeviceOverlap>,
 ) -> Result<Summary, TrainError> {
     let (rank, world, global) = (info.rank, info.world, cfg.batch.global);
     let is_root = rank == 0;
@@ -623,7 +698,7 @@ fn train_on<D: Device>(
         // accumulate in the flat buffer; the noise-scale estimator sees each micro-batch.
         let accumulate = chunks.len() > 1;
         // The gradient all-reduced during the last replay (run.overlap_allreduce).
-        let mut reduced: Option<Vec<f32>> = None;
+        let mut reduced: Option<Reduced> = None;
         let loss_value = if contrastive {
             if cfg.data.two_views {
                 two_views(&data.train, mine, row_offset, cfg.run.seed, step, &mut xa, &mut xb);
@@ -691,11 +766,12 @@ fn train_on<D: Device>(
             };
             let (loss_value, d_img, d_txt, d_t, d_bias) = out;
             // run.overlap_allreduce: the last replay's backward finishes every gradient, layer
-            // by layer from the top; finished layers are all-reduced in buckets on a
-            // communication thread while the lower layers' backward runs (bitwise the same
-            // sums as the plain all-reduce below; the local buffer stays local for GNS and the
-            // NaN check).
-            let overlapped = cfg.run.overlap_allreduce && world > 1;
+            // by layer from the top; finished layers are all-reduced in buckets while the
+            // lower layers' backward runs: on a communication thread (bitwise the same sums as
+            // the plain all-reduce below), or with NCCL on its stream behind the compute
+            // stream's events (also at world size 1, where it checks the path). The local
+            // buffer stays local for GNS and the NaN check.
+            let overlapped = cfg.run.overlap_allreduce && (world > 1 || device_overlap.is_some());
             let n_params = model.grads().len();
             for (ci, &(s, m)) in chunks.iter().enumerate() {
                 if accumulate {
@@ -712,7 +788,34 @@ fn train_on<D: Device>(
                 let share = m as f32 / b_local as f32;
                 let dt_m = if accumulate { d_t * share } else { d_t };
                 let dbias_m = d_bias.map(|g| if accumulate { g * share } else { g });
-                if overlapped && ci + 1 == chunks.len() {
+                if overlapped
+                    && ci + 1 == chunks.len()
+                    && let Some(ov) = device_overlap.as_deref_mut()
+                {
+                    ov.begin(comm, model.grads())?;
+                    let mut failed = None;
+                    model.backward_pair_queued(dev, ga, gb, &mut |o, g| {
+                        if failed.is_none()
+                            && let Err(e) = ov.ready(comm, o, g.len())
+                        {
+                            failed = Some(e);
+                        }
+                    });
+                    if let Some(e) = failed {
+                        return Err(e.into());
+                    }
+                    model.add_logit_scale_grad(dt_m);
+                    if let Some(g) = dbias_m {
+                        model.add_logit_bias_grad(g);
+                    }
+                    if accumulate && let Some(g) = gns.as_mut() {
+                        g.observe_accumulated(model.grads(), m, global)?;
+                    }
+                    // Poisons element 0, which `finish` sends.
+                    fault::at_grad(model.grads_mut());
+                    ov.finish(comm, model.grads())?;
+                    reduced = Some(Reduced::Device);
+                } else if overlapped && ci + 1 == chunks.len() {
                     let bucket_bytes = cfg.run.allreduce_bucket_bytes;
                     let (seen, red) =
                         overlap::all_reduce_overlapped(comm, n_params, bucket_bytes, |bk| {
@@ -733,7 +836,7 @@ fn train_on<D: Device>(
                             seen
                         })?;
                     seen?;
-                    reduced = Some(red);
+                    reduced = Some(Reduced::Host(red));
                 } else {
                     model.backward_pair(dev, ga, gb);
                     model.add_logit_scale_grad(dt_m);
@@ -781,9 +884,11 @@ fn train_on<D: Device>(
         } else {
             first_nonfinite(dev, &param_groups, model.grads())
         };
-        match reduced {
-            Some(r) => model.grads_mut().copy_from_slice(&r),
-            None => comm.all_reduce_f32(model.grads_mut(), ReduceOp::Sum)?,
+        match (reduced, device_overlap.as_deref_mut()) {
+            (Some(Reduced::Host(r)), _) => model.grads_mut().copy_from_slice(&r),
+            (Some(Reduced::Device), Some(ov)) => ov.take(comm, model.grads_mut())?,
+            (Some(Reduced::Device), None) => unreachable!("only the device overlap says Device"),
+            (None, _) => comm.all_reduce_f32(model.grads_mut(), ReduceOp::Sum)?,
         }
         // The reduced gradient and the loss are identical on every rank, so every rank takes
         // the same decision in the same step.
@@ -979,3 +1084,6 @@ fn train_on<D: Device>(
     summary.out_dir = out_dir.display().to_string();
     Ok(summary)
 }
+
+#[cfg(test)]
+mod overlap_tests;

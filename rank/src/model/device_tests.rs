@@ -377,6 +377,7 @@ fn contrastive_on_tracked(cfg: &ModelConfig, batch: usize) {
     let d = cfg.tower_a.output_dim;
     let (ga, gb) = (inputs(3, batch * d), inputs(4, batch * d));
     let frozen_b = cfg.freeze_b;
+    let mut layers = Vec::new();
     for step in 0..2 {
         host.zero_grads();
         on_dev.zero_grads();
@@ -386,12 +387,13 @@ fn contrastive_on_tracked(cfg: &ModelConfig, batch: usize) {
         let foreign0 = dev.foreign();
         let (da, db) = on_dev.forward_pair(&dev, &xa, &xb, batch);
         assert_eq!(dev.dirty(), 0, "step {step}: forward_pair returned with kernels pending");
-        let mut reported = 0;
-        on_dev.backward_pair_with(&dev, &ga, &gb, &mut |_, _| {
+        let mut reported = Vec::new();
+        on_dev.backward_pair_with(&dev, &ga, &gb, &mut |o, g| {
             assert_eq!(dev.dirty(), 0, "a layer's gradient was reported with kernels pending");
-            reported += 1;
+            reported.push(o..o + g.len());
         });
-        assert!(reported > 0);
+        assert!(!reported.is_empty());
+        layers = reported;
         assert_eq!(dev.dirty(), 0, "step {step}: backward_pair returned with kernels pending");
         // The views are uploaded once each; each trained tower reads its feature gradient.
         let want = 2 + if frozen_b { 1 } else { 2 };
@@ -412,6 +414,21 @@ fn contrastive_on_tracked(cfg: &ModelConfig, batch: usize) {
     assert_eq!(dev.ledger().syncs - syncs0, 1, "backward_pair waited per layer");
     assert_eq!(dev.dirty(), 0, "backward_pair returned with kernels pending");
     same_bits("gradients (no reports)", on_dev.grads(), host.grads());
+    // Reports without waiting: the same layers in the same order, and still one wait at the
+    // end (the consumer orders itself after the device's stream).
+    on_dev.zero_grads();
+    on_dev.forward_pair(&dev, &xa, &xb, batch);
+    let syncs0 = dev.ledger().syncs;
+    let (mut queued, mut pending) = (Vec::new(), 0);
+    on_dev.backward_pair_queued(&dev, &ga, &gb, &mut |o, g| {
+        queued.push(o..o + g.len());
+        pending += usize::from(dev.dirty() > 0);
+    });
+    assert_eq!(dev.ledger().syncs - syncs0, 1, "backward_pair_queued waited per layer");
+    assert_eq!(pending, queued.len(), "a layer was reported after a wait");
+    assert_eq!(queued, layers, "the layers reported without waiting");
+    assert_eq!(dev.dirty(), 0, "backward_pair_queued returned with kernels pending");
+    same_bits("gradients (queued reports)", on_dev.grads(), host.grads());
     // Inference uploads its input and reads nothing stale.
     let foreign0 = dev.foreign();
     same_bits("embed_a", &on_dev.embed_a(&dev, &xa, batch), &host.embed_a(&cpu, &xa, batch));

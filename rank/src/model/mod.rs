@@ -508,9 +508,11 @@ impl Tower {
     }
 
     /// Backward of the tower, accumulating into `g`. With `ready`, after each unit (head,
-    /// blocks from the top, input layer) it waits for the device and calls
-    /// `ready(offset, grads)` with that unit's slice of `g`, which this backward no longer
-    /// touches; without, it only queues kernels (a GPU's host does not wait per layer).
+    /// blocks from the top, input layer) it calls `ready(offset, grads)` with that unit's slice
+    /// of `g`, which this backward no longer touches: after waiting for the device when
+    /// `ready.wait`, else as soon as the unit's kernels are queued (the consumer orders itself
+    /// after the device's stream). Without, it only queues kernels (a GPU's host does not wait
+    /// per layer).
     fn backward<'o, D: Device>(
         &self,
         dev: &D,
@@ -518,7 +520,7 @@ impl Tower {
         g: &mut [f32],
         cache: &TowerCache<D::Buf>,
         dout: &[f32],
-        mut ready: Option<&mut Ready<'o>>,
+        mut ready: Option<Report<'_, 'o>>,
     ) {
         let cfg = &self.cfg;
         let batch = cache.batch;
@@ -545,9 +547,11 @@ impl Tower {
             start..u.lin.b + u.lin.fan_out
         };
         let mut report = |g: &[f32], r: std::ops::Range<usize>| {
-            if let Some(ready) = ready.as_mut() {
-                dev.synchronize();
-                ready(r.start, &g[r]);
+            if let Some(rep) = ready.as_mut() {
+                if rep.wait {
+                    dev.synchronize();
+                }
+                (rep.ready)(r.start, &g[r]);
             }
         };
         let mut dh = unit_bwd(dev, p, g, cfg.activation, &self.head, &cache.units[nb], &dy, batch);
@@ -568,6 +572,18 @@ impl Tower {
 
 /// What a backward calls with each finished layer's gradient slice: `(offset, grads)`.
 type Ready<'o> = dyn FnMut(usize, &[f32]) + 'o;
+
+/// A backward's consumer of finished layers, and whether it needs the device idle first.
+struct Report<'r, 'o> {
+    ready: &'r mut Ready<'o>,
+    wait: bool,
+}
+
+impl<'o> Report<'_, 'o> {
+    fn reborrow(&mut self) -> Report<'_, 'o> {
+        Report { ready: &mut *self.ready, wait: self.wait }
+    }
+}
 
 /// A model: parameters, gradients and the activations of the last training forward.
 ///
@@ -821,7 +837,25 @@ impl<B: DeviceBuf> Model<B> {
         d_feat_b: &[f32],
         ready: &mut dyn FnMut(usize, &[f32]),
     ) {
-        self.backward_pair_inner(dev, d_feat_a, d_feat_b, Some(ready));
+        self.backward_pair_inner(dev, d_feat_a, d_feat_b, Some(Report { ready, wait: true }));
+    }
+
+    /// [`Model::backward_pair_with`] without waiting for the device before each report: a
+    /// layer is reported once its kernels are queued, when the values in its slice may not
+    /// be written yet. For consumers that order their reads after the device's stream (the
+    /// NCCL all-reduce of a bucket, queued on the communication stream after an event of the
+    /// compute stream). Returns, like [`Model::backward_pair`], with the device idle.
+    ///
+    /// # Panics
+    /// As [`Model::backward_pair`].
+    pub fn backward_pair_queued<D: Device<Buf = B>>(
+        &mut self,
+        dev: &D,
+        d_feat_a: &[f32],
+        d_feat_b: &[f32],
+        ready: &mut dyn FnMut(usize, &[f32]),
+    ) {
+        self.backward_pair_inner(dev, d_feat_a, d_feat_b, Some(Report { ready, wait: false }));
     }
 
     fn backward_pair_inner<'o, D: Device<Buf = B>>(
@@ -829,7 +863,7 @@ impl<B: DeviceBuf> Model<B> {
         dev: &D,
         d_feat_a: &[f32],
         d_feat_b: &[f32],
-        mut ready: Option<&mut Ready<'o>>,
+        mut ready: Option<Report<'_, 'o>>,
     ) {
         self.assert_contrastive("backward_pair");
         let ca = self
@@ -838,7 +872,7 @@ impl<B: DeviceBuf> Model<B> {
             .expect("Model::backward_pair called without a forward_pair before it");
         // One tower for both views: its gradient is final only after the second pass.
         let twice = self.towers.len() == 1 && self.cache_b.is_some();
-        let first = if twice { None } else { ready.as_deref_mut() };
+        let first = if twice { None } else { ready.as_mut().map(Report::reborrow) };
         self.towers[0].backward(dev, &self.params, &mut self.grads, &ca, d_feat_a, first);
         let tb = self.towers.get(1).unwrap_or(&self.towers[0]);
         if let Some(cb) = self.cache_b.take() {

@@ -43,6 +43,7 @@ use tessera_collectives::{CommError, Communicator, ReduceOp, Result};
 
 use super::CudaError;
 use super::libs::{Lib, require};
+use crate::overlap::BucketPlan;
 
 /// Bytes of an NCCL unique id.
 pub const NCCL_ID_BYTES: usize = 128;
@@ -653,10 +654,33 @@ impl NcclComm {
         op: ReduceOp,
     ) -> Result<()> {
         // SAFETY: per this function's contract; in place is allowed by NCCL.
+        unsafe { self.all_reduce_raw(name, seq, p, p, count, dtype, op) }
+    }
+
+    /// Enqueues `ncclAllReduce` of `count` elements of `dtype` from device address `send` into
+    /// `recv` (the same address for in place) on the communication stream and settles its
+    /// status (watchdog when in progress).
+    ///
+    /// # Safety
+    /// `send` and `recv` each address at least `count` elements of `dtype` that this device
+    /// can access, either the same range or disjoint ones, that nothing else writes (nor, for
+    /// `recv`, reads) until the stream has finished the call.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn all_reduce_raw(
+        &mut self,
+        name: &str,
+        seq: u64,
+        send: ds::CUdeviceptr,
+        recv: ds::CUdeviceptr,
+        count: usize,
+        dtype: ns::ncclDataType_t,
+        op: ReduceOp,
+    ) -> Result<()> {
+        // SAFETY: per this function's contract.
         let r = unsafe {
             nr::all_reduce(
-                p as *const _,
-                p as *mut _,
+                send as *const _,
+                recv as *mut _,
                 count,
                 dtype,
                 nccl_op(op),
@@ -1116,6 +1140,10 @@ impl Communicator for NcclComm {
         self.host_all_reduce("barrier", seq, &one, 1, f32t, ReduceOp::Sum)?;
         Ok(())
     }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
+    }
 }
 
 /// One check of [`world1_checks`].
@@ -1126,6 +1154,181 @@ pub struct NcclCheck {
     /// Normwise relative error vs the CPU result (`None` for pass/fail checks).
     pub err: Option<f64>,
     pub pass: bool,
+}
+
+/// DDP's bucketed gradient all-reduce on the GPU. A flat gradient in managed memory (a
+/// [`CudaDevice`](super::device::CudaDevice) model's) is all-reduced bucket by bucket on the
+/// communication stream while the backward that writes it still runs on the compute stream:
+/// each bucket's `ncclAllReduce` waits for an event recorded on the compute stream when the
+/// backward reported the bucket's layers, so the host never waits per layer. It reads the
+/// gradient where it is and writes a device buffer kept across steps, so the local gradient
+/// stays for the noise scale and the NaN check until [`OverlapAllReduce::take`] copies the
+/// reduced one over it.
+///
+/// One step: [`begin`](OverlapAllReduce::begin) with the gradient buffer,
+/// [`ready`](OverlapAllReduce::ready) for each layer the backward reports (as
+/// [`Model::backward_pair_queued`](crate::model::Model::backward_pair_queued) does, with the
+/// layer's kernels queued), [`finish`](OverlapAllReduce::finish) once the rest is final (the
+/// logit scale, the slice holding element 0), then `take`. The buckets follow [`BucketPlan`],
+/// the same on every rank. Each bucket is summed by NCCL on its own: bitwise the whole-buffer
+/// all-reduce at world size ≤ 2, NCCL's order for the bucket's size beyond.
+///
+/// Between `begin` and `take` the host may read the gradient and write elements it has not
+/// reported (the device's concurrent managed access allows it while NCCL reads other ones);
+/// nothing may write a reported element.
+pub struct OverlapAllReduce {
+    compute: Arc<CudaStream>,
+    bucket_bytes: usize,
+    reduced: Option<CudaSlice<f32>>,
+    step: Option<OverlapStep>,
+}
+
+/// The gradient being reduced.
+struct OverlapStep {
+    grads: ds::CUdeviceptr,
+    total: usize,
+    plan: BucketPlan,
+    finished: bool,
+}
+
+const OVERLAP: &str = "all_reduce_overlapped";
+
+impl OverlapAllReduce {
+    /// Buckets of `bucket_bytes` (DDP's `bucket_cap_mb`; at least one element) after the work
+    /// of the `compute` stream (the one the backward's kernels run on).
+    pub fn new(compute: Arc<CudaStream>, bucket_bytes: usize) -> Self {
+        OverlapAllReduce { compute, bucket_bytes, reduced: None, step: None }
+    }
+
+    fn invalid(detail: String) -> CommError {
+        CommError::InvalidArgument { op: OVERLAP, detail }
+    }
+
+    /// Starts a step on `grads`, which must lie in one managed allocation.
+    pub fn begin(&mut self, comm: &mut NcclComm, grads: &[f32]) -> Result<()> {
+        let Some(p) = managed_range(f32_bytes(grads)) else {
+            return Err(Self::invalid(format!(
+                "the gradient ({} values) is not in CUDA managed memory: the overlapped \
+                 all-reduce reads it where the GPU backward writes it (a CudaDevice model's \
+                 buffer); use the plain all-reduce for host buffers",
+                grads.len()
+            )));
+        };
+        let n = grads.len();
+        if self.reduced.as_ref().is_none_or(|r| r.len() < n) {
+            self.reduced = None;
+            // SAFETY: every element is written by a bucket's all-reduce before `take` reads it.
+            match unsafe { comm.stream.alloc::<f32>(n) } {
+                Ok(r) => self.reduced = Some(r),
+                Err(e) => {
+                    return Err(Self::invalid(format!(
+                        "cannot allocate {} bytes of GPU memory for the reduced gradient: {e:?} \
+                         (train with run.overlap_allreduce = false)",
+                        n * 4
+                    )));
+                }
+            }
+        }
+        self.step = Some(OverlapStep {
+            grads: p,
+            total: n,
+            plan: BucketPlan::new(n, self.bucket_bytes),
+            finished: false,
+        });
+        Ok(())
+    }
+
+    /// Reports gradient elements `offset..offset + len` final once the compute stream's work
+    /// queued so far is done; queues the buckets that completes.
+    pub fn ready(&mut self, comm: &mut NcclComm, offset: usize, len: usize) -> Result<()> {
+        let due = match self.step.as_mut() {
+            Some(st) if !st.finished => st.plan.ready(offset, len),
+            _ => return Err(Self::invalid("ready outside begin..finish".into())),
+        };
+        for r in due {
+            self.enqueue(comm, r)?;
+        }
+        Ok(())
+    }
+
+    /// Queues every bucket not queued yet; the whole gradient must be final on the host and on
+    /// the compute stream's queue.
+    pub fn finish(&mut self, comm: &mut NcclComm) -> Result<()> {
+        let due = match self.step.as_mut() {
+            Some(st) if !st.finished => {
+                st.finished = true;
+                st.plan.finish()
+            }
+            _ => return Err(Self::invalid("finish outside begin..finish".into())),
+        };
+        for r in due {
+            self.enqueue(comm, r)?;
+        }
+        Ok(())
+    }
+
+    /// One bucket: the communication stream waits for the compute stream, then NCCL sums the
+    /// bucket from the gradient into the reduced buffer.
+    fn enqueue(&mut self, comm: &mut NcclComm, r: std::ops::Range<usize>) -> Result<()> {
+        let seq = comm.begin()?;
+        comm.after(OVERLAP, seq, Some(&self.compute))?;
+        let (st, reduced) = match (&self.step, self.reduced.as_mut()) {
+            (Some(st), Some(red)) => (st, red),
+            _ => return Err(Self::invalid("a bucket outside a step".into())),
+        };
+        let stream = comm.stream.clone();
+        let (base, guard) = reduced.device_ptr_mut(&stream);
+        let at = (r.start * 4) as ds::CUdeviceptr;
+        // SAFETY: the plan keeps r inside 0..total; the gradient (begin's managed range of
+        // total floats) is not written there until `take`, the reduced buffer holds ≥ total
+        // floats and only this stream touches it; the ranges are disjoint allocations.
+        let res = unsafe {
+            comm.all_reduce_raw(
+                OVERLAP,
+                seq,
+                st.grads + at,
+                base + at,
+                r.len(),
+                ns::ncclDataType_t::ncclFloat32,
+                ReduceOp::Sum,
+            )
+        };
+        drop(guard);
+        res
+    }
+
+    /// Waits (with the watchdog) for every bucket and copies the reduced gradient over
+    /// `grads`, the buffer given to [`OverlapAllReduce::begin`], after the compute stream's
+    /// work queued so far (which may read the local gradient).
+    pub fn take(&mut self, comm: &mut NcclComm, grads: &mut [f32]) -> Result<()> {
+        let st = match self.step.take() {
+            Some(st) if st.finished => st,
+            Some(_) => return Err(Self::invalid("take before finish".into())),
+            None => return Err(Self::invalid("take without begin".into())),
+        };
+        if managed_range(f32_bytes(grads)) != Some(st.grads) || grads.len() != st.total {
+            return Err(Self::invalid(format!(
+                "take got another buffer ({} values) than begin ({} values)",
+                grads.len(),
+                st.total
+            )));
+        }
+        let seq = comm.begin()?;
+        comm.after(OVERLAP, seq, Some(&self.compute))?;
+        let Some(reduced) = self.reduced.as_mut() else {
+            return Err(Self::invalid("no reduced buffer".into()));
+        };
+        let stream = comm.stream.clone();
+        let (src, guard) = reduced.device_ptr_mut(&stream);
+        // SAFETY: both hold total floats; the exclusive borrow of `grads` keeps the host off
+        // it until the wait below, and the compute stream's readers come before on the stream.
+        let r = unsafe { dr::memcpy_dtod_async(st.grads, src, st.total * 4, stream.cu_stream()) };
+        drop(guard);
+        if let Err(e) = r {
+            return Err(comm.fail(OVERLAP, seq, format!("copying the reduced gradient: {e:?}")));
+        }
+        comm.wait_op(OVERLAP, seq)
+    }
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
@@ -1270,9 +1473,79 @@ pub fn world1_checks(
         err: None,
         pass: c.seq() == 17,
     });
+    out.push(overlap_check(ctx, &mut c, &x));
     drop(c);
     out.push(init_timeout_check(ctx));
     Ok(out)
+}
+
+/// [`OverlapAllReduce`] at world size 1: the gradient is written on a compute stream slice by
+/// slice from the top (copies standing in for the backward's kernels, each behind a 64 MiB
+/// memset that keeps the stream busy), each slice reported as soon as its write is queued,
+/// element 0's last. The buckets must wait for those writes: the taken gradient equals them
+/// bitwise (a bucket that ran early would read zeros). A host buffer is refused.
+fn overlap_check(ctx: &Arc<CudaContext>, c: &mut NcclComm, x: &[f32]) -> NcclCheck {
+    let n = x.len();
+    let setup =
+        |what: &str, e: cudarc::driver::DriverError| CommError::Setup(format!("{what}: {e:?}"));
+    let r = (|| -> Result<f64> {
+        ctx.bind_to_thread().map_err(|e| setup("bind context", e))?;
+        let compute = ctx.new_stream().map_err(|e| setup("create a stream", e))?;
+        let busy = 64usize << 20;
+        let mut scratch = compute.alloc_zeros::<u8>(busy).map_err(|e| setup("cuMemAlloc", e))?;
+        let (scratch_p, _g) = scratch.device_ptr_mut(&compute);
+        // SAFETY: a plain managed allocation of n floats, zeroed by the host before any work
+        // is queued, freed below after `take` waited for the streams.
+        let p = unsafe { dr::malloc_managed(n * 4, ds::CUmemAttach_flags::CU_MEM_ATTACH_GLOBAL) }
+            .map_err(|e| setup("cuMemAllocManaged", e))?;
+        // SAFETY: `p` holds n floats and nothing else uses it.
+        let m = unsafe { std::slice::from_raw_parts_mut(p as *mut f32, n) };
+        m.fill(0.0);
+        let mut ov = OverlapAllReduce::new(compute.clone(), 4096);
+        let host_refused = matches!(ov.begin(c, x), Err(CommError::InvalidArgument { .. }));
+        let run = |ov: &mut OverlapAllReduce, c: &mut NcclComm, m: &mut [f32]| -> Result<()> {
+            ov.begin(c, m)?;
+            let mut hi = n;
+            for lo in [n * 3 / 4, n / 2, n / 2 - 3, n / 4, 7, 0] {
+                let cu = compute.cu_stream();
+                // SAFETY: scratch holds `busy` bytes; m[lo..hi] lies in the managed range and
+                // only this stream writes it; `x` is pageable, so the call copies it before
+                // returning.
+                let w = unsafe {
+                    dr::memset_d8_async(scratch_p, 1, busy, cu)
+                        .and_then(|_| dr::memcpy_htod_async(p + (lo * 4) as u64, &x[lo..hi], cu))
+                };
+                w.map_err(|e| setup("queue a write", e))?;
+                ov.ready(c, lo, hi - lo)?;
+                hi = lo;
+            }
+            ov.finish(c)?;
+            ov.take(c, m)
+        };
+        let r = run(&mut ov, c, m).map(|_| max_abs_diff(m, x));
+        // Twice: the reduced buffer is kept and reused.
+        m.fill(0.0);
+        let again = r.and_then(|e| run(&mut ov, c, m).map(|_| e.max(max_abs_diff(m, x))));
+        let _ = compute.synchronize();
+        // SAFETY: allocated above; `take` waited for the communication stream and the compute
+        // stream is idle (or the communicator was aborted, which ends its work).
+        let _ = unsafe { dr::free_sync(p) };
+        match again {
+            Ok(_) if !host_refused => {
+                Err(CommError::Setup("a host buffer was accepted as the gradient".into()))
+            }
+            other => other,
+        }
+    })();
+    match r {
+        Ok(e) => NcclCheck {
+            name: OVERLAP.into(),
+            detail: format!("n={n}, 4 KiB buckets behind compute-stream writes, twice"),
+            err: Some(e),
+            pass: e == 0.0,
+        },
+        Err(e) => NcclCheck { name: OVERLAP.into(), detail: e.to_string(), err: None, pass: false },
+    }
 }
 
 /// World size 2 with only rank 0: init must fail with a timeout (and abort) within seconds.
