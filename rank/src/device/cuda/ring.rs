@@ -11,11 +11,20 @@
 //!
 //! Positives must be the diagonal (row `i` of rank `r` pairs with text `i` of rank `r`), which
 //! is what training uses; the kernels take a block's diagonal as an offset.
+//!
+//! [`Precision::Bf16`]: the features still arrive and the gradients still leave in fp32.
+//! `clip_to_bf16` writes a zero-padded bf16 copy ([`bf16_layout`]) of the image features once
+//! per call (in `begin`) and of each visiting block after its upload (forward and backward
+//! pass alike), and `clip_fwd_bf16` / `clip_bwd_bf16` read those copies with the same
+//! (`BR`, `BC`, diag) block arguments as the fp32 kernels; the statistics, `G` and the
+//! gradient accumulators are fp32 (f64 where the fp32 ring's are), as in the single-GPU path.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::CudaError;
-use super::gpu::{Gpu, LOSS_TILE, LossMode, Precision, drv, elem_cfg, plan_fwd_grid_rect};
+use super::gpu::{
+    Gpu, LOSS_TILE, LossMode, Precision, bf16_layout, drv, elem_cfg, plan_fwd_grid_rect,
+};
 use crate::loss::ring::{ClipBlocks, LossError};
 
 /// The kernels' "no positive in this block" diagonal offset.
@@ -59,6 +68,10 @@ struct Bufs {
     d_img: Option<CudaSlice<f32>>,
     d_feat: Option<CudaSlice<f32>>,
     dt_part: Option<CudaSlice<f64>>,
+    /// [`Precision::Bf16`]: the padded bf16 copies ([`bf16_layout`]) of `img` and of the
+    /// visiting block (`feat`).
+    img_h: Option<CudaSlice<u16>>,
+    feat_h: Option<CudaSlice<u16>>,
 }
 
 /// [`ClipBlocks`] on one GPU (see the module documentation).
@@ -91,14 +104,8 @@ macro_rules! buf_mut {
 }
 
 impl<'g> GpuClipBlocks<'g> {
+    /// Blocks for every [`LossMode`] and [`Precision`].
     pub fn new(gpu: &'g Gpu, mode: LossMode, precision: Precision) -> Result<Self, CudaError> {
-        if precision == Precision::Bf16 {
-            return Err(CudaError::Invalid(
-                "the GPU ring loss runs in fp32, tf32 or tf32x3 (bf16 blocks need padded bf16 \
-                 copies, not wired yet)"
-                    .into(),
-            ));
-        }
         let wave = super::gpu::forward_wave(gpu)?;
         Ok(GpuClipBlocks {
             gpu,
@@ -123,8 +130,14 @@ impl<'g> GpuClipBlocks<'g> {
             &b.la_lo, &b.lb_hi, &b.lb_lo, &b.d_img, &b.d_feat,
         ];
         let f64s = [&b.run_m, &b.run_z, &b.dt_part];
+        let u16s = [&b.img_h, &b.feat_h];
         f32s.iter().map(|x| x.as_ref().map_or(0, |s| 4 * s.len())).sum::<usize>()
             + f64s.iter().map(|x| x.as_ref().map_or(0, |s| 8 * s.len())).sum::<usize>()
+            + u16s.iter().map(|x| x.as_ref().map_or(0, |s| 2 * s.len())).sum::<usize>()
+    }
+
+    fn bf16(&self) -> bool {
+        self.precision == Precision::Bf16
     }
 
     fn diag(&self, col0: usize, nb: usize) -> i64 {
@@ -141,6 +154,7 @@ impl<'g> GpuClipBlocks<'g> {
         let diag = self.diag(col0, nb);
         let grid =
             plan_fwd_grid_rect(self.rows.div_ceil(LOSS_TILE), nb.div_ceil(LOSS_TILE), self.wave);
+        let (bf16, ld) = (self.bf16(), operand_stride(self.precision, d) as i64);
         let b = &mut self.bufs;
         ensure(gpu, &mut b.feat, nb * d)?;
         ensure(gpu, &mut b.row_m, grid.splits * self.rows)?;
@@ -150,19 +164,29 @@ impl<'g> GpuClipBlocks<'g> {
         ensure(gpu, &mut b.cols, 2 * nb)?;
         let s = &gpu.stream;
         drv("upload a ring block", s.memcpy_htod(feat, &mut buf_mut!(b.feat).slice_mut(..nb * d)))?;
+        if bf16 {
+            to_bf16(gpu, buf!(b.feat), nb, d, &mut b.feat_h)?;
+        }
         let cfg = LaunchConfig {
             grid_dim: (grid.chunks as u32, grid.splits as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (d64, tpc, tps) = (d as i64, grid.tiles_per_chunk as i32, grid.tiles_per_split as i32);
+        let (tpc, tps) = (grid.tiles_per_chunk as i32, grid.tiles_per_split as i32);
         let f = gpu.func(&format!("clip_fwd{}", self.precision.suffix()))?;
         let mut l = s.launch_builder(f);
-        l.arg(buf!(b.img)).arg(buf!(b.feat)).arg(&br).arg(&bc).arg(&d64).arg(&self.scale);
+        if bf16 {
+            l.arg(buf!(b.img_h)).arg(buf!(b.feat_h))
+        } else {
+            l.arg(buf!(b.img)).arg(buf!(b.feat))
+        };
+        // The row stride: d, or that of the bf16 copies (clip_fwd_bf16 takes it in place of d).
+        l.arg(&br).arg(&bc).arg(&ld).arg(&self.scale);
         l.arg(&diag).arg(&tpc).arg(&tps);
         l.arg(buf_mut!(b.row_m)).arg(buf_mut!(b.row_z)).arg(buf_mut!(b.col_m));
         l.arg(buf_mut!(b.col_z)).arg(buf_mut!(b.pos));
-        // SAFETY: matches clip_fwd's signature; img holds rows·d, feat nb·d values, the row
+        // SAFETY: matches clip_fwd*'s signature; img holds rows·d, feat nb·d values (bf16: the
+        // copies hold bf16_layout(rows, d) and bf16_layout(nb, d), written by to_bf16), the row
         // partials splits·rows, the column partials chunks·nb, pos rows (ensured above).
         drv("launch clip_fwd (ring block)", unsafe { l.launch(cfg) })?;
         if self.rows > 0 {
@@ -200,6 +224,7 @@ impl<'g> GpuClipBlocks<'g> {
             return Ok(0.0);
         }
         let (br, bc, d64) = (self.rows as i64, nb as i64, d as i64);
+        let (bf16, ld) = (self.bf16(), operand_stride(self.precision, d) as i64);
         let diag = self.diag(col0, nb);
         let b = &mut self.bufs;
         ensure(gpu, &mut b.feat, nb * d)?;
@@ -210,6 +235,9 @@ impl<'g> GpuClipBlocks<'g> {
         let (kh, kl): (Vec<f32>, Vec<f32>) = kap.iter().map(|&k| hi_lo(k)).unzip();
         let s = &gpu.stream;
         drv("upload a ring block", s.memcpy_htod(feat, &mut buf_mut!(b.feat).slice_mut(..nb * d)))?;
+        if bf16 {
+            to_bf16(gpu, buf!(b.feat), nb, d, &mut b.feat_h)?;
+        }
         drv("upload column LSEs", s.memcpy_htod(&kh, &mut buf_mut!(b.lb_hi).slice_mut(..nb)))?;
         drv("upload column LSEs", s.memcpy_htod(&kl, &mut buf_mut!(b.lb_lo).slice_mut(..nb)))?;
         drv("zero the block's dT", s.memset_zeros(&mut buf_mut!(b.d_feat).slice_mut(..nb * d)))?;
@@ -224,7 +252,12 @@ impl<'g> GpuClipBlocks<'g> {
             };
             {
                 let mut l = s.launch_builder(f);
-                l.arg(buf!(b.img)).arg(buf!(b.feat)).arg(&br).arg(&bc).arg(&d64);
+                if bf16 {
+                    // clip_bwd_bf16 takes the copies' row stride after d.
+                    l.arg(buf!(b.img_h)).arg(buf!(b.feat_h)).arg(&br).arg(&bc).arg(&d64).arg(&ld)
+                } else {
+                    l.arg(buf!(b.img)).arg(buf!(b.feat)).arg(&br).arg(&bc).arg(&d64)
+                };
                 l.arg(&self.scale).arg(&self.inv2b);
                 l.arg(buf!(b.la_hi)).arg(buf!(b.la_lo)).arg(buf!(b.lb_hi)).arg(buf!(b.lb_lo));
                 l.arg(&diag).arg(buf_mut!(b.d_img));
@@ -233,15 +266,20 @@ impl<'g> GpuClipBlocks<'g> {
                     LossMode::Deterministic => l.arg(&null),
                 };
                 l.arg(buf_mut!(b.dt_part));
-                // SAFETY: matches clip_bwd; A = img (rows·d), Bm = feat (nb·d), row LSEs
-                // rows, column LSEs nb, dA rows·d, dB nb·d or null, dt_part ⌈rows/64⌉.
+                // SAFETY: matches clip_bwd*; A = img (rows·d), Bm = feat (nb·d) (bf16: their
+                // copies, bf16_layout(rows, d) and bf16_layout(nb, d) with row stride ld), row
+                // LSEs rows, column LSEs nb, dA rows·d, dB nb·d or null, dt_part ⌈rows/64⌉.
                 drv("launch clip_bwd (ring dI)", unsafe { l.launch(tiles(self.rows)) })?;
             }
             if self.mode == LossMode::Deterministic {
                 // The same G with the roles swapped: Bm's rows against this rank's rows.
                 let swapped = if diag == NO_DIAG { NO_DIAG } else { -diag };
                 let mut l = s.launch_builder(f);
-                l.arg(buf!(b.feat)).arg(buf!(b.img)).arg(&bc).arg(&br).arg(&d64);
+                if bf16 {
+                    l.arg(buf!(b.feat_h)).arg(buf!(b.img_h)).arg(&bc).arg(&br).arg(&d64).arg(&ld)
+                } else {
+                    l.arg(buf!(b.feat)).arg(buf!(b.img)).arg(&bc).arg(&br).arg(&d64)
+                };
                 l.arg(&self.scale).arg(&self.inv2b);
                 l.arg(buf!(b.lb_hi)).arg(buf!(b.lb_lo)).arg(buf!(b.la_hi)).arg(buf!(b.la_lo));
                 l.arg(&swapped).arg(buf_mut!(b.d_feat)).arg(&null).arg(&null);
@@ -266,6 +304,57 @@ fn block_diag(row0: i64, rows: usize, col0: usize, nb: usize) -> i64 {
     let diag = row0 - col0 as i64;
     let (first, last) = (diag, diag + rows as i64 - 1);
     if rows == 0 || nb == 0 || last < 0 || first >= nb as i64 { NO_DIAG } else { diag }
+}
+
+/// The row stride the kernels of `precision` read the features with: `d` for the fp32
+/// operands, that of the padded bf16 copies ([`bf16_layout`]) for [`Precision::Bf16`].
+fn operand_stride(precision: Precision, d: usize) -> usize {
+    match precision {
+        Precision::Bf16 => bf16_layout(0, d).1,
+        Precision::Fp32 | Precision::Tf32 | Precision::Tf32x3 => d,
+    }
+}
+
+/// Launch shape of `clip_to_bf16` for a copy of `rows_p` (padded) rows: a block per row, at
+/// most 65,535 blocks striding over the rest.
+fn to_bf16_cfg(rows_p: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows_p.clamp(1, 65535) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Queues `clip_to_bf16` for one matrix: the `n × d` fp32 values at the start of `src` into
+/// `dst`, grown to the padded bf16 layout of `n` rows ([`bf16_layout`]; padding zeroed). The
+/// kernel's second operand (the single-GPU loss's text features) is null.
+fn to_bf16(
+    gpu: &Gpu,
+    src: &CudaSlice<f32>,
+    n: usize,
+    d: usize,
+    dst: &mut Option<CudaSlice<u16>>,
+) -> Result<(), CudaError> {
+    let (rows_p, ld) = bf16_layout(n, d);
+    ensure(gpu, dst, rows_p * ld)?;
+    if rows_p == 0 {
+        return Ok(());
+    }
+    if src.len() < n * d {
+        return Err(CudaError::Invalid(format!(
+            "ring bf16 copy: {} values on the device for {n} × {d}",
+            src.len()
+        )));
+    }
+    let (n64, d64, rows64, ld64) = (n as i64, d as i64, rows_p as i64, ld as i64);
+    let null = 0u64;
+    let mut l = gpu.stream.launch_builder(gpu.func("clip_to_bf16")?);
+    l.arg(src).arg(&null).arg(&n64).arg(&d64).arg(&rows64).arg(&ld64);
+    l.arg(buf_mut!(dst)).arg(&null);
+    // SAFETY: matches clip_to_bf16 (txt and txt_h null: one matrix); src holds n·d values
+    // (checked above), dst rows_p · ld (ensured above), which is what the kernel writes.
+    drv("launch clip_to_bf16 (ring)", unsafe { l.launch(to_bf16_cfg(rows_p)) })?;
+    Ok(())
 }
 
 /// `v` as f32 hi + lo (the CPU ring's split, rank/src/loss/ring.rs).
@@ -295,7 +384,7 @@ impl ClipBlocks for GpuClipBlocks<'_> {
         (self.rows, self.d, self.scale, self.row0) = (rows, d, scale, row0 as i64);
         self.inv2b = (1.0 / (2.0 * big_b as f64)) as f32;
         self.first = true;
-        let gpu = self.gpu;
+        let (gpu, bf16) = (self.gpu, self.bf16());
         let b = &mut self.bufs;
         let r = (|| {
             ensure(gpu, &mut b.img, rows * d)?;
@@ -309,7 +398,12 @@ impl ClipBlocks for GpuClipBlocks<'_> {
             drv(
                 "upload image features",
                 s.memcpy_htod(img, &mut buf_mut!(b.img).slice_mut(..rows * d)),
-            )
+            )?;
+            if bf16 {
+                // Allocated (at least one value) even without rows: the kernels take it.
+                to_bf16(gpu, buf!(b.img), rows, d, &mut b.img_h)?;
+            }
+            Ok(())
         })();
         r.map_err(gpu_err)
     }
@@ -419,5 +513,45 @@ mod tests {
             }
         }
         assert!(seen.iter().all(|&s| s == 1), "each row's positive in exactly one block");
+    }
+
+    /// The fp32 precisions read the features with stride d; bf16 reads its copies with their
+    /// padded stride. For the ring's operands (this rank's rows, blocks of any size) the bf16
+    /// kernels' unconditional reads — every 64-row tile of the forward grid and of the
+    /// backward's grid, each 16-byte piece of a row up to the stride — stay inside the copy
+    /// `to_bf16` writes, and its launch covers the copy's rows.
+    #[test]
+    fn bf16_operands_cover_every_read_of_a_ring_block() {
+        use super::super::gpu::BF16_PAD;
+        for d in [1usize, 5, 8, 63, 64, 65, 67, 129, 512, 768] {
+            for p in [Precision::Fp32, Precision::Tf32, Precision::Tf32x3] {
+                assert_eq!(operand_stride(p, d), d, "{p:?}");
+            }
+            let ld = operand_stride(Precision::Bf16, d);
+            assert!(ld >= d && ld < d + BF16_PAD && ld.is_multiple_of(BF16_PAD), "d {d}: ld {ld}");
+            for n in [1usize, 9, 63, 64, 65, 96, 130, 157, 301, 4097] {
+                let (rows_p, ld_n) = bf16_layout(n, d);
+                assert_eq!(ld_n, ld, "one stride for every block of a call");
+                let len = rows_p * ld;
+                for target in [1usize, 132, 528] {
+                    // This rank's rows against the block, and the block against the rows.
+                    let g = plan_fwd_grid_rect(n.div_ceil(LOSS_TILE), 3, target);
+                    let last_tile = (g.chunks * g.tiles_per_chunk).min(n.div_ceil(LOSS_TILE)) - 1;
+                    assert!((last_tile + 1) * LOSS_TILE * ld <= len, "n {n} d {d}: {g:?}");
+                    let g = plan_fwd_grid_rect(3, n.div_ceil(LOSS_TILE), target);
+                    let last_tile = (g.splits * g.tiles_per_split).min(n.div_ceil(LOSS_TILE)) - 1;
+                    assert!((last_tile + 1) * LOSS_TILE * ld <= len, "n {n} d {d}: {g:?}");
+                }
+                // The backward: one block per 64-row tile of A, chunks of 64 columns of Bm.
+                assert!(n.div_ceil(LOSS_TILE) * LOSS_TILE * ld <= len);
+                assert!(((d - 1) / 64 + 1) * 64 <= ld, "the last 64-wide chunk of a row");
+                assert!(len < (n + LOSS_TILE) * (d + BF16_PAD), "at most a tile and a pad more");
+                let cfg = to_bf16_cfg(rows_p);
+                assert!(cfg.grid_dim.0 >= 1 && cfg.grid_dim.0 as usize <= rows_p.min(65535));
+                assert_eq!(cfg.block_dim, (256, 1, 1));
+            }
+        }
+        assert_eq!(operand_stride(Precision::Bf16, 67), 128);
+        assert_eq!(bf16_layout(157, 67), (192, 128));
     }
 }

@@ -1341,6 +1341,26 @@ pub fn random_features(rng: &mut Rng, b: usize, d: usize) -> Vec<f32> {
     v
 }
 
+/// Tolerances `(loss, gradients)` of the fused loss at `precision` and logit scale `scale`
+/// (normwise relative errors against the CPU's fp32 loss and the f64 reference).
+///
+/// TF32 rounds the inputs of the logit products to 10-bit mantissas: the error of x grows with
+/// s, and softmax passes it on. fp32 and 3xTF32 stay near fp32. BF16 rounds them to 7-bit
+/// mantissas (8 significant bits vs TF32's 11): each logit moves by about s·2⁻⁸ instead of
+/// s·2⁻¹¹, so the loss bound is TF32's × 8. The gradient bound stays TF32's 5e-2: with bf16
+/// features in the logits and in G·T, Gᵀ·I, a CPU emulation of the rounding at the four sizes
+/// of [`loss_checks`] gives normwise errors of 1.4e-3…4.3e-3 (about 2⁻⁸), so 5e-2 leaves > 10×
+/// (for the ring's sizes see the test `ring_bf16_tolerances_fit_the_rounding`); TF32's × 8 =
+/// 0.4 would not: a wrong fragment layout (two emulated: swapped A registers, reversed B
+/// columns) moves these gradients, of random features under a flat softmax, by only 0.2…0.8.
+fn loss_tols(precision: Precision, scale: f32) -> (f64, f64) {
+    match precision {
+        Precision::Tf32 => (2e-3 * (scale as f64 / 10.0).max(1.0), 5e-2),
+        Precision::Bf16 => (1.6e-2 * (scale as f64 / 10.0).max(1.0), 5e-2),
+        Precision::Fp32 | Precision::Tf32x3 => (1e-4, 1e-4),
+    }
+}
+
 fn loss_checks(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
     use crate::loss::{RingLossOpts, clip_loss_reference_f64, clip_loss_ring};
     let mut out = Vec::new();
@@ -1356,21 +1376,7 @@ fn loss_checks(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
             clip_loss_reference_f64(&to64(&img), &to64(&txt), b, d, scale as f64);
         let detail = format!("B={b} d={d} s={scale}");
         for prec in Precision::ALL {
-            // TF32 rounds the inputs of the logit products to 10-bit mantissas: the error of
-            // x grows with s, and softmax passes it on. fp32 and 3xTF32 stay near fp32.
-            // BF16 rounds them to 7-bit mantissas (8 significant bits vs TF32's 11): each
-            // logit moves by about s·2⁻⁸ instead of s·2⁻¹¹, so the loss bound is TF32's × 8.
-            // The gradient bound stays TF32's 5e-2: with bf16 features in the logits and in
-            // G·T, Gᵀ·I, a CPU emulation of the rounding at these four sizes gives normwise
-            // errors of 1.4e-3…4.3e-3 (about 2⁻⁸), so 5e-2 leaves > 10×; TF32's × 8 = 0.4 would
-            // not: a wrong fragment layout (two emulated: swapped A registers, reversed B
-            // columns) moves these gradients, of random features under a flat softmax, by only
-            // 0.2…0.8.
-            let (tol_loss, tol_grad) = match prec {
-                Precision::Tf32 => (2e-3 * (scale as f64 / 10.0).max(1.0), 5e-2),
-                Precision::Bf16 => (1.6e-2 * (scale as f64 / 10.0).max(1.0), 5e-2),
-                Precision::Fp32 | Precision::Tf32x3 => (1e-4, 1e-4),
-            };
+            let (tol_loss, tol_grad) = loss_tols(prec, scale);
             let mut det_runs = Vec::new();
             for mode in [LossMode::Deterministic, LossMode::Fast] {
                 let g = clip_loss(gpu, &img, &txt, b, d, scale, mode, prec)?;
@@ -1447,17 +1453,27 @@ fn nccl_check(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
         .collect())
 }
 
+/// The ring checks' rows per rank (world sizes 1–3, unequal), feature dimension, logit scale and
+/// chunk rows.
+const RING_SIZES: [&[usize]; 3] = [&[301], &[230, 157], &[130, 200, 64]];
+const RING_D: usize = 67;
+const RING_SCALE: f32 = 20.0;
+const RING_CHUNK_ROWS: usize = 96;
+
 /// The CLIP ring with its blocks on the GPU ([`super::ring::GpuClipBlocks`]) against the CPU's
 /// ring ([`crate::loss::clip_loss_ring`]) at the same world size: 1, 2 and 3 ranks as threads
 /// sharing this GPU, unequal rows per rank, chunks of 96 rows (several rounds, a short last
 /// chunk), fp32 and TF32, deterministic and fast. Every rank's loss, dI, dT and dt share.
+/// BF16 (deterministic and fast) gets a row per quantity, against the CPU ring and the f64
+/// reference of the whole batch, with the single-GPU bf16 tolerances ([`loss_tols`]), and a
+/// bitwise repeat of deterministic mode.
 fn ring_checks(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
     use super::ring::GpuClipBlocks;
-    use crate::loss::{RingLossOpts, RingLossOut, clip_loss_ring_with};
+    use crate::loss::{RingLossOpts, RingLossOut, clip_loss_reference_f64, clip_loss_ring_with};
     use tessera_collectives::threads::ThreadComm;
-    let (d, scale, chunk_rows) = (67usize, 20.0f32, 96usize);
+    let (d, scale, chunk_rows) = (RING_D, RING_SCALE, RING_CHUNK_ROWS);
     let mut out = Vec::new();
-    for sizes in [vec![301usize], vec![230, 157], vec![130, 200, 64]] {
+    for sizes in RING_SIZES.map(<[usize]>::to_vec) {
         let world = sizes.len();
         let feats: Vec<(Vec<f32>, Vec<f32>)> = sizes
             .iter()
@@ -1497,6 +1513,7 @@ fn ring_checks(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
             })
         };
         let cpu = run(None).map_err(|e| CudaError::Invalid(format!("CPU ring loss: {e}")))?;
+        let detail = format!("rows {sizes:?} d={d} s={scale} chunk {chunk_rows}");
         for (mode, prec, tol) in [
             (LossMode::Deterministic, Precision::Fp32, 1e-4),
             (LossMode::Fast, Precision::Fp32, 1e-4),
@@ -1507,7 +1524,7 @@ fn ring_checks(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
                 prec.name(),
                 if mode == LossMode::Fast { "fast" } else { "det" }
             );
-            let detail = format!("rows {sizes:?} d={d} s={scale} chunk {chunk_rows}");
+            let detail = detail.clone();
             match run(Some((mode, prec))) {
                 Ok(got) => {
                     let mut err = 0.0f64;
@@ -1523,8 +1540,97 @@ fn ring_checks(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
                 Err(e) => out.push(failed("loss", &name, &CudaError::Invalid(e))),
             }
         }
+        // BF16: the whole batch's f64 reference (rank r's rows follow rank r − 1's).
+        let all_img: Vec<f64> = feats.iter().flat_map(|(i, _)| to64(i)).collect();
+        let all_txt: Vec<f64> = feats.iter().flat_map(|(_, t)| to64(t)).collect();
+        let big_b = sizes.iter().sum::<usize>();
+        let reference = clip_loss_reference_f64(&all_img, &all_txt, big_b, d, scale as f64);
+        let (tol_loss, tol_grad) = loss_tols(Precision::Bf16, scale);
+        for mode in [LossMode::Deterministic, LossMode::Fast] {
+            let tag = format!(
+                "ring bf16 {} world {world}",
+                if mode == LossMode::Fast { "fast" } else { "det" }
+            );
+            let got = match run(Some((mode, Precision::Bf16))) {
+                Ok(got) => got,
+                Err(e) => {
+                    out.push(failed("loss", &tag, &CudaError::Invalid(e)));
+                    continue;
+                }
+            };
+            for (what, e_cpu, e_ref) in ring_errs(&got, &cpu, &reference) {
+                let tol = if what == "loss" { tol_loss } else { tol_grad };
+                let name = format!("{tag} {what}");
+                out.push(row("loss", &name, detail.clone(), Some(e_cpu), Some(e_ref), tol));
+            }
+            if mode == LossMode::Deterministic {
+                let name = format!("{tag} repeat");
+                let same = match run(Some((mode, Precision::Bf16))) {
+                    Ok(again) => same_ring_bits(&got, &again),
+                    Err(e) => {
+                        out.push(failed("loss", &name, &CudaError::Invalid(e)));
+                        continue;
+                    }
+                };
+                out.push(Row {
+                    group: "loss",
+                    name,
+                    detail: format!("{detail} bitwise"),
+                    err_cpu: None,
+                    err_ref: None,
+                    tol: None,
+                    pass: same,
+                });
+            }
+        }
     }
     Ok(out)
+}
+
+/// The errors of a ring's outputs (`got`, one per rank in rank order) against the CPU ring's
+/// (`cpu`) and the f64 reference of the whole batch (`(loss, dI, dT, dt)` of
+/// [`crate::loss::clip_loss_reference_f64`]): `(quantity, vs CPU, vs reference)` for the loss
+/// (the worst rank's), dI and dT (the ranks' rows concatenated) and dt (the ranks' shares
+/// summed); infinite everywhere when a rank's outputs are missing.
+fn ring_errs(
+    got: &[crate::loss::RingLossOut],
+    cpu: &[crate::loss::RingLossOut],
+    reference: &(f64, Vec<f64>, Vec<f64>, f64),
+) -> [(&'static str, f64, f64); 4] {
+    let (lr, dir, dtr, dtr_t) = reference;
+    let names = ["loss", "dI", "dT", "dt"];
+    if got.is_empty() || got.len() != cpu.len() {
+        return names.map(|n| (n, f64::INFINITY, f64::INFINITY));
+    }
+    let worst = |want: f64| got.iter().map(|g| rel_err(&[g.loss], &[want])).fold(0.0, f64::max);
+    let rows = |o: &[crate::loss::RingLossOut], dt: bool| -> Vec<f32> {
+        o.iter()
+            .flat_map(|r| if dt { &r.d_txt_local } else { &r.d_img_local }.iter().copied())
+            .collect()
+    };
+    let dt_sum = |o: &[crate::loss::RingLossOut]| o.iter().map(|r| r.d_t_partial as f64).sum();
+    let (gi, gt, g_dt): (_, _, f64) = (rows(got, false), rows(got, true), dt_sum(got));
+    let (ci, ct, c_dt): (_, _, f64) = (rows(cpu, false), rows(cpu, true), dt_sum(cpu));
+    [
+        ("loss", worst(cpu[0].loss as f64), worst(*lr)),
+        ("dI", rel_err(&gi, &ci), rel_err(&gi, dir)),
+        ("dT", rel_err(&gt, &ct), rel_err(&gt, dtr)),
+        ("dt", rel_err(&[g_dt], &[c_dt]), rel_err(&[g_dt], &[*dtr_t])),
+    ]
+}
+
+/// Whether two runs of the ring gave bitwise the same outputs on every rank.
+fn same_ring_bits(a: &[crate::loss::RingLossOut], b: &[crate::loss::RingLossOut]) -> bool {
+    let bits = |x: &[f32], y: &[f32]| {
+        x.len() == y.len() && x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits())
+    };
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            x.loss.to_bits() == y.loss.to_bits()
+                && x.d_t_partial.to_bits() == y.d_t_partial.to_bits()
+                && bits(&x.d_img_local, &y.d_img_local)
+                && bits(&x.d_txt_local, &y.d_txt_local)
+        })
 }
 
 /// One timing of [`bench_loss`].
@@ -1653,6 +1759,113 @@ mod tests {
         // A case whose buffers do not fit its method is reported, not run.
         let bad = DevCase { bufs: vec![vec![1.0]], ..device_cases(&mut Rng::new(3)).remove(0) };
         assert!(run_case(&cpu, &bad, false).is_none());
+    }
+
+    /// Round to the nearest bf16, ties to even, as `cvt.rn.bf16.f32` (finite values).
+    fn bf16_rne(x: f32) -> f32 {
+        let b = x.to_bits();
+        f32::from_bits(b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000)
+    }
+
+    #[test]
+    fn bf16_rounding_is_to_nearest_even() {
+        let ulp = 2f32.powi(-7); // of bf16 at 1
+        assert_eq!(bf16_rne(1.0), 1.0);
+        assert_eq!(bf16_rne(1.0 + 0.5 * ulp), 1.0, "a tie goes to the even 1.0");
+        assert_eq!(bf16_rne(1.0 + 1.5 * ulp), 1.0 + 2.0 * ulp, "a tie goes to the even 1 + 2u");
+        assert_eq!(bf16_rne(1.0 + 0.6 * ulp), 1.0 + ulp);
+        assert_eq!(bf16_rne(-0.3), -bf16_rne(0.3));
+        assert_eq!(bf16_rne(0.3).to_bits() & 0xffff, 0);
+    }
+
+    /// The bf16 ring rows' tolerances ([`loss_tols`]) at the ring checks' sizes: the f64 loss
+    /// at the bf16-rounded features (what the bf16 kernels compute, up to their fp32
+    /// accumulation) is within a fifth of them, and two plausible bugs of a visiting block's
+    /// bf16 copy fail them: the copy read with the fp32 row stride d instead of its padded
+    /// stride, and the block's rows past its first 64 read as the zero padding.
+    #[test]
+    fn ring_bf16_tolerances_fit_the_rounding() {
+        use crate::device::cuda::gpu::bf16_layout;
+        use crate::loss::clip_loss_reference_f64;
+        let (d, scale) = (RING_D, RING_SCALE);
+        let (tol_loss, tol_grad) = loss_tols(Precision::Bf16, scale);
+        let tols = [tol_loss, tol_grad, tol_grad, tol_grad];
+        let mut rng = Rng::new(11);
+        for sizes in RING_SIZES {
+            let b: usize = sizes.iter().sum();
+            let img: Vec<f64> = to64(&random_features(&mut rng, b, d));
+            let txt: Vec<f64> = to64(&random_features(&mut rng, b, d));
+            let exact = clip_loss_reference_f64(&img, &txt, b, d, scale as f64);
+            let errs = |i: &[f64], t: &[f64]| -> [f64; 4] {
+                let (l, di, dtf, dt) = clip_loss_reference_f64(i, t, b, d, scale as f64);
+                [
+                    rel_err(&[l], &[exact.0]),
+                    rel_err(&di, &exact.1),
+                    rel_err(&dtf, &exact.2),
+                    rel_err(&[dt], &[exact.3]),
+                ]
+            };
+            let round =
+                |v: &[f64]| -> Vec<f64> { v.iter().map(|&x| bf16_rne(x as f32) as f64).collect() };
+            let (ih, th) = (round(&img), round(&txt));
+            let e = errs(&ih, &th);
+            for (what, (e, tol)) in ["loss", "dI", "dT", "dt"].iter().zip(e.iter().zip(tols)) {
+                assert!(*e <= tol / 5.0, "{sizes:?} {what}: bf16 rounding {e:.2e}, tol {tol}");
+            }
+            // The largest rank's text block, its rows [r0, r0 + nb) of the batch.
+            let (big, &nb) = sizes.iter().enumerate().max_by_key(|&(_, &n)| n).unwrap();
+            let r0: usize = sizes[..big].iter().sum();
+            let (rows_p, ld) = bf16_layout(nb, d);
+            let mut copy = vec![0.0f64; rows_p * ld];
+            for r in 0..nb {
+                copy[r * ld..r * ld + d].copy_from_slice(&th[(r0 + r) * d..(r0 + r + 1) * d]);
+            }
+            let mut strided = th.clone();
+            strided[r0 * d..(r0 + nb) * d].copy_from_slice(&copy[..nb * d]);
+            let mut cut = th.clone();
+            cut[(r0 + 64) * d..(r0 + nb) * d].iter_mut().for_each(|x| *x = 0.0);
+            for (bug, t) in [("stride d", &strided), ("rows past 64 zero", &cut)] {
+                let e = errs(&ih, t);
+                let worst = e.iter().zip(tols).map(|(e, tol)| e / tol).fold(0.0, f64::max);
+                assert!(worst > 2.0, "{sizes:?}: {bug} passes the bf16 rows ({e:?})");
+            }
+        }
+    }
+
+    /// The bf16 ring rows' errors: the loss of the worst rank, dI and dT over the ranks' rows in
+    /// rank order, dt as the sum of the ranks' shares; a missing rank fails every row.
+    #[test]
+    fn ring_errs_concatenate_ranks_and_sum_dt_shares() {
+        use crate::loss::RingLossOut;
+        let out = |loss: f32, di: &[f32], dt: &[f32], share: f32| RingLossOut {
+            loss,
+            d_img_local: di.to_vec(),
+            d_txt_local: dt.to_vec(),
+            d_t_partial: share,
+            d_bias_partial: None,
+            workspace_bytes: 0,
+        };
+        let cpu = vec![out(2.0, &[1.0, 2.0], &[3.0], 0.25), out(2.0, &[4.0], &[5.0, 6.0], 0.5)];
+        let reference = (2.0, vec![1.0, 2.0, 4.0], vec![3.0, 5.0, 6.0], 0.75);
+        let errs = |got: &[RingLossOut]| ring_errs(got, &cpu, &reference);
+        for (what, e_cpu, e_ref) in errs(&cpu) {
+            assert_eq!((e_cpu, e_ref), (0.0, 0.0), "{what}");
+        }
+        // Rank 1's dT off, its loss off: only those rows move; dt is the sum of the shares.
+        let mut got = cpu.clone();
+        got[1].d_txt_local[1] = 6.5;
+        got[1].loss = 2.5;
+        got[0].d_t_partial = 0.5;
+        got[1].d_t_partial = 0.25;
+        let e = errs(&got);
+        assert_eq!(e.map(|x| x.0), ["loss", "dI", "dT", "dt"]);
+        assert!((e[0].1 - 0.25).abs() < 1e-12 && (e[0].2 - 0.25).abs() < 1e-12, "{e:?}");
+        assert_eq!((e[1].1, e[1].2), (0.0, 0.0));
+        let want = 0.5 / (9.0f64 + 25.0 + 36.0).sqrt();
+        assert!((e[2].1 - want).abs() < 1e-12 && (e[2].2 - want).abs() < 1e-12, "{e:?}");
+        assert_eq!((e[3].1, e[3].2), (0.0, 0.0), "shares summed: 0.75 either way");
+        let e = errs(&cpu[..1]);
+        assert!(e.iter().all(|x| x.1 == f64::INFINITY && x.2 == f64::INFINITY), "{e:?}");
     }
 
     #[test]

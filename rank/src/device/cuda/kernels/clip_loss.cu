@@ -426,25 +426,27 @@ __device__ __forceinline__ unsigned bf16_pair(float lo, float hi) {
 
 // The bf16 copies the *_bf16 kernels read: y[r * ld + k] = bf16(x[r * d + k]) (round to nearest
 // even) for r < B and k < d, zero elsewhere up to rows_p x ld (multiples of 64, from the host),
-// for the image and the text features in one launch. Blocks stride over rows, threads over the
-// k pairs of a row.
+// for the image and the text features in one launch; with txt and txt_h null, for img alone
+// (the ring converts its rows and each visiting block, of other sizes, separately). Blocks
+// stride over rows, threads over the k pairs of a row.
 extern "C" __global__ void clip_to_bf16(const float* __restrict__ img,
                                         const float* __restrict__ txt, i64 B, i64 d, i64 rows_p,
                                         i64 ld, unsigned short* __restrict__ img_h,
                                         unsigned short* __restrict__ txt_h) {
+    const bool two = txt != nullptr && txt_h != nullptr;
     for (i64 r = blockIdx.x; r < rows_p; r += gridDim.x) {
         for (i64 k = 2 * (i64)threadIdx.x; k < ld; k += 2 * (i64)blockDim.x) {
             float i0 = 0.0f, i1 = 0.0f, t0 = 0.0f, t1 = 0.0f;
             if (r < B && k < d) {
                 i0 = img[r * d + k];
-                t0 = txt[r * d + k];
+                if (two) t0 = txt[r * d + k];
             }
             if (r < B && k + 1 < d) {
                 i1 = img[r * d + k + 1];
-                t1 = txt[r * d + k + 1];
+                if (two) t1 = txt[r * d + k + 1];
             }
             *reinterpret_cast<unsigned*>(&img_h[r * ld + k]) = bf16_pair(i0, i1);
-            *reinterpret_cast<unsigned*>(&txt_h[r * ld + k]) = bf16_pair(t0, t1);
+            if (two) *reinterpret_cast<unsigned*>(&txt_h[r * ld + k]) = bf16_pair(t0, t1);
         }
     }
 }
