@@ -95,10 +95,19 @@ pub struct RunConfig {
     /// one node may share a GPU). The optimizer, and the loss of a job with several ranks, stay
     /// on the CPU for now.
     pub device: DeviceKind,
-    /// `run.device = "cuda"`, a job of one rank and `loss.name = "clip_tiled"`: `fused` (the
-    /// default) computes the loss with the fused CLIP kernels on the GPU (fp32, deterministic
-    /// mode); `host` with the tiled ring loss on the CPU. Other jobs use the host loss.
+    /// `run.device = "cuda"` and `loss.name = "clip_tiled"`: `fused` (the default) computes the
+    /// loss with the fused CLIP kernels on the GPU (a job of several ranks: the ring of GPU
+    /// blocks), in `run.cuda_loss_precision` and `run.cuda_loss_mode`; `host` with the tiled
+    /// ring loss on the CPU. Other jobs use the host loss.
     pub cuda_loss: String,
+    /// `run.cuda_loss = "fused"`: how the fused CLIP kernels compute the logit tiles: `fp32`
+    /// (the default: FMA), `tf32x3` (3xTF32 tensor cores, close to fp32), `tf32` (TF32 tensor
+    /// cores) or `bf16` (BF16 tensor cores on bf16 copies of the features). Features and
+    /// gradients stay fp32 on the way in and out; statistics and accumulators are fp32.
+    pub cuda_loss_precision: String,
+    /// `run.cuda_loss = "fused"`: the fused loss's backward: `deterministic` (the default: no
+    /// atomics, bitwise repeatable) or `fast` (one pass fewer, ∂L/∂T by atomicAdd).
+    pub cuda_loss_mode: String,
     /// `run.device = "cuda"`: how cuBLAS computes the model's GEMMs: `fp32` (tracks the CPU),
     /// `tf32` or `bf16` (tensor cores, fp32 accumulation).
     pub cuda_gemm: String,
@@ -152,6 +161,8 @@ impl Default for RunConfig {
             device: DeviceKind::Cpu,
             cuda_gemm: "fp32".into(),
             cuda_loss: "fused".into(),
+            cuda_loss_precision: "fp32".into(),
+            cuda_loss_mode: "deterministic".into(),
             collectives: CollectivesKind::Tcp,
         }
     }
@@ -367,6 +378,22 @@ impl Config {
                 self.run.cuda_loss
             ));
         }
+        use crate::device::cuda::gpu::{LossMode, Precision};
+        if Precision::parse(&self.run.cuda_loss_precision).is_none() {
+            return Err(format!(
+                "run.cuda_loss_precision = {:?}: must be one of {} (the fused CLIP loss's logit \
+                 tiles)",
+                self.run.cuda_loss_precision,
+                quoted(&Precision::ALL.map(Precision::name)),
+            ));
+        }
+        if LossMode::parse(&self.run.cuda_loss_mode).is_none() {
+            return Err(format!(
+                "run.cuda_loss_mode = {:?}: must be one of {} (the fused CLIP loss's backward)",
+                self.run.cuda_loss_mode,
+                quoted(&LossMode::ALL.map(LossMode::name)),
+            ));
+        }
         if self.run.allreduce_bucket_bytes < 4 {
             return Err(format!(
                 "run.allreduce_bucket_bytes = {} must be at least 4 (one f32; typical: 4194304)",
@@ -460,6 +487,16 @@ pub fn differing_keys(old: &toml::Table, new: &toml::Table) -> Vec<String> {
         .filter(|k| a.get(*k) != b.get(*k))
         .map(|k| format!("{k} ({} → {})", a.get(k).unwrap_or(&none), b.get(k).unwrap_or(&none)))
         .collect()
+}
+
+/// `"a", "b" or "c"`: allowed values for an error message.
+fn quoted(names: &[&str]) -> String {
+    let q: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+    match q.split_last() {
+        None => String::new(),
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+    }
 }
 
 fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError> {
@@ -571,6 +608,50 @@ mod tests {
         assert_eq!(cfg.run.cuda_loss, "host");
         let err = Config::load(None, &["run.cuda_loss=\"gpu\"".into()]).unwrap_err().to_string();
         assert!(err.contains("run.cuda_loss") && err.contains("fused"), "{err}");
+    }
+
+    #[test]
+    fn cuda_loss_precision_and_mode_parse_and_bad_ones_are_named() {
+        use crate::device::cuda::gpu::{LossMode, Precision};
+        let cfg = Config::load(None, &[]).unwrap();
+        assert_eq!(cfg.run.cuda_loss_precision, "fp32");
+        assert_eq!(cfg.run.cuda_loss_mode, "deterministic");
+        assert_eq!(Precision::parse(&cfg.run.cuda_loss_precision), Some(Precision::Fp32));
+        assert_eq!(LossMode::parse(&cfg.run.cuda_loss_mode), Some(LossMode::Deterministic));
+        for p in ["fp32", "tf32", "tf32x3", "bf16"] {
+            let cfg = Config::load(
+                None,
+                &[
+                    "run.device=\"cuda\"".into(),
+                    format!("run.cuda_loss_precision=\"{p}\""),
+                    "run.cuda_loss_mode=\"fast\"".into(),
+                ],
+            )
+            .unwrap();
+            assert_eq!(cfg.run.cuda_loss_precision, p);
+            assert_eq!(
+                Precision::parse(&cfg.run.cuda_loss_precision).map(Precision::name),
+                Some(p)
+            );
+            assert_eq!(LossMode::parse(&cfg.run.cuda_loss_mode), Some(LossMode::Fast));
+        }
+        let err = Config::load(None, &["run.cuda_loss_precision=\"fp16\"".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("run.cuda_loss_precision = \"fp16\""), "{err}");
+        assert!(
+            err.contains("\"fp32\", \"tf32x3\", \"tf32\" or \"bf16\""),
+            "names every allowed value: {err}"
+        );
+        let err =
+            Config::load(None, &["run.cuda_loss_mode=\"det\"".into()]).unwrap_err().to_string();
+        assert!(err.contains("run.cuda_loss_mode = \"det\""), "{err}");
+        assert!(err.contains("\"deterministic\" or \"fast\""), "{err}");
+        // Training-relevant: they change the resume hash.
+        let bf16 = Config::load(None, &["run.cuda_loss_precision=\"bf16\"".into()]).unwrap();
+        assert_ne!(bf16.resume_hash(), cfg.resume_hash());
+        assert_eq!(quoted(&["a"]), "\"a\"");
+        assert_eq!(quoted(&["a", "b"]), "\"a\" or \"b\"");
     }
 
     #[test]

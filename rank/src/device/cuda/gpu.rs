@@ -129,19 +129,44 @@ pub fn row_cfg(rows: usize) -> LaunchConfig {
 pub const LOSS_TILE: usize = 64;
 
 /// Backward mode of the fused loss.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LossMode {
     /// No atomics: dI and dT by two kernels, each recomputing the logits (bitwise repeatable).
+    #[default]
     Deterministic,
     /// One backward kernel recomputing the logits once; dT by atomicAdd.
     Fast,
 }
 
+impl LossMode {
+    /// Both modes.
+    pub const ALL: [LossMode; 2] = [LossMode::Deterministic, LossMode::Fast];
+
+    /// The name in configs (`run.cuda_loss_mode`): `deterministic` or `fast`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LossMode::Deterministic => "deterministic",
+            LossMode::Fast => "fast",
+        }
+    }
+
+    /// Parses a [`LossMode::name`].
+    pub fn parse(s: &str) -> Option<LossMode> {
+        LossMode::ALL.into_iter().find(|m| m.name() == s)
+    }
+
+    /// The names of [`LossMode::ALL`], comma-separated (for help and error messages).
+    pub fn names() -> String {
+        LossMode::ALL.map(LossMode::name).join(", ")
+    }
+}
+
 /// How the fused loss computes its logit tiles (statistics and gradient products are fp32 FMA
 /// in every case; inputs and outputs are fp32 in every case).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Precision {
     /// fp32 FMA (SIMT).
+    #[default]
     Fp32,
     /// 3xTF32 tensor cores (hi/lo split): close to fp32 accuracy.
     Tf32x3,
@@ -615,6 +640,21 @@ mod tests {
             assert_eq!(Precision::parse(bad), None, "{bad:?}");
         }
         assert_eq!(Precision::names(), "fp32, tf32x3, tf32, bf16");
+        assert_eq!(Precision::default(), Precision::Fp32);
+    }
+
+    #[test]
+    fn loss_mode_names_round_trip() {
+        for m in LossMode::ALL {
+            assert_eq!(LossMode::parse(m.name()), Some(m), "{m:?}");
+        }
+        assert_eq!(LossMode::parse("deterministic"), Some(LossMode::Deterministic));
+        assert_eq!(LossMode::parse("fast"), Some(LossMode::Fast));
+        for bad in ["", "det", "Fast", "both", "fast "] {
+            assert_eq!(LossMode::parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(LossMode::names(), "deterministic, fast");
+        assert_eq!(LossMode::default(), LossMode::Deterministic);
     }
 
     /// Gpu::open loads exactly the kernels SOURCES lists, so a precision whose kernels are
