@@ -385,7 +385,10 @@ fn train_checked(
             // The fused CLIP kernels: the whole batch on one GPU for one rank, the ring of
             // GPU blocks (Inf-CL's multi-level tiling) across ranks.
             let fused = cfg.loss.name == LossKind::ClipTiled && cfg.run.cuda_loss == "fused";
-            let (mode, precision) = (LossMode::Deterministic, Precision::Fp32);
+            let (mode, precision) = (
+                LossMode::parse(&cfg.run.cuda_loss_mode).unwrap_or_default(),
+                Precision::parse(&cfg.run.cuda_loss_precision).unwrap_or_default(),
+            );
             let mut kernels = FusedClipLoss::default();
             let mut blocks = if fused && info.world > 1 {
                 let b = GpuClipBlocks::new(dev.gpu(), mode, precision).map_err(|e| {
