@@ -925,15 +925,20 @@ impl Checkpointer {
         let incompatible =
             |reason: String| CheckpointError::Incompatible { origin: r.origin.clone(), reason };
         let mut warnings = Vec::new();
-        if ck.config_hash != self.config_hash {
-            let saved = Config::resolve(&ck.config_toml, &r.origin, &[], None).ok();
-            let keys = saved
+        // A checkpoint of an earlier version has another hash when this version added keys
+        // (at their defaults in this run): its config read by this version decides.
+        let keys = (ck.config_hash != self.config_hash).then(|| {
+            Config::resolve(&ck.config_toml, &r.origin, &[], None)
+                .ok()
                 .map(|c| differing_keys(&c.resume_table(), &self.resume_table))
-                .filter(|k| !k.is_empty())
-                .map_or_else(
-                    || "unknown (the saved config does not parse)".into(),
-                    |k| k.join(", "),
-                );
+        });
+        if let Some(keys) = keys
+            && keys.as_ref().is_none_or(|k| !k.is_empty())
+        {
+            let keys = keys.map_or_else(
+                || "unknown (the saved config does not parse)".into(),
+                |k| k.join(", "),
+            );
             let what = format!(
                 "the checkpoint was written with another training config (resume hash {} vs this \
                  run's {}; keys that differ: {keys})",

@@ -288,6 +288,35 @@ fn a_different_config_or_model_is_refused_with_the_keys_and_the_fix() {
     assert!(w[0].contains("optim.lr") && w[1].contains("2 ranks"), "{w:?}");
     assert_eq!(c.model.params(), a.model.params());
 
+    // Written by an earlier version whose config lacked keys this one has (at their defaults
+    // here): its hash differs, but its config read now is this run's, so it resumes.
+    let mut older = resumed.checkpoint.clone();
+    let before = older.config_toml.lines().count();
+    older.config_toml = older
+        .config_toml
+        .lines()
+        .filter(|l| !l.starts_with("cuda_loss_mode") && !l.starts_with("cuda_loss_precision"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_eq!(older.config_toml.lines().count(), before - 2, "the keys were in the TOML");
+    older.config_hash = "0".repeat(64);
+    let older = Resumed { origin: "old.tsr".into(), checkpoint: older };
+    let mut g = live(&cfg, 0);
+    let w = Checkpointer::new(&cfg, 2, 7)
+        .restore(&older, &mut g.model, &mut g.opt, Some(&mut g.gns))
+        .expect("an earlier version's checkpoint of the same config");
+    assert!(w.is_empty(), "{w:?}");
+    assert_eq!(g.model.params(), a.model.params());
+    // ... unless its config does not parse: then the hash decides.
+    let mut broken = older.checkpoint.clone();
+    broken.config_toml = "[run\n".into();
+    let broken = Resumed { origin: "broken.tsr".into(), checkpoint: broken };
+    let err = Checkpointer::new(&cfg, 2, 7)
+        .restore(&broken, &mut g.model, &mut g.opt, Some(&mut g.gns))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not parse") && err.contains("allow_config_change"), "{err}");
+
     // Other shapes: refused even when config changes are allowed.
     let wide = small_config(&["model.tower_a.width=9", "checkpoint.allow_config_change=true"]);
     let mut d = live(&wide, 0);
