@@ -52,7 +52,7 @@ step probe 60 "$bin" cuda probe
 step check-kernels 120 "$bin" cuda check-kernels --arch sm_80,sm_90 --resource-usage
 step selftest 180 "$bin" cuda selftest --json "$out/selftest.json"
 step nccl-bench 30 "$bin" cuda nccl-bench --world 1 --bytes 1M,64M --iters 20 --warmup 5 --timeout-s 20 --json "$out/nccl-bench.jsonl"
-step train-cuda 120 scripts/gpu-train-check.sh "$bin" "$out" 50
+step train-cuda 150 scripts/gpu-train-check.sh "$bin" "$out" 50
 precs=fp32,tf32x3,tf32,bf16
 step bench-loss 150 "$bin" cuda bench-loss --batch 4096,16384 --dim 512,768 --mode both --precision "$precs" --reps 5 --json "$out/bench-loss.jsonl"
 step bench-loss-64k 120 "$bin" cuda bench-loss --batch 65536 --dim 512 --mode both --precision "$precs" --reps 2 --json "$out/bench-loss-64k.jsonl"
