@@ -88,6 +88,8 @@ pub struct RunConfig {
     /// top first). The result is bitwise identical to the plain all-reduce. Off by default:
     /// with one core per rank the communication thread takes that core from the backward
     /// (docs/BENCHMARKS.md); it pays where ranks have cores or a network engine to spare.
+    /// With `run.device = "cuda"` and NCCL the buckets go on NCCL's stream behind events of
+    /// the compute stream instead (no thread, no host wait per layer; also at world size 1).
     pub overlap_allreduce: bool,
     /// Bucket size of the overlapped all-reduce, in bytes.
     pub allreduce_bucket_bytes: usize,
