@@ -894,8 +894,11 @@ fn train_on<D: Device>(
             (None, _) => comm.all_reduce_f32(model.grads_mut(), ReduceOp::Sum)?,
         }
         // The reduced gradient and the loss are identical on every rank, so every rank takes
-        // the same decision in the same step.
-        let bad = if !loss_value.is_finite() {
+        // the same decision in the same step. One rank's sum is its own gradient: no second
+        // look (a GPU waits for each).
+        let bad = if world == 1 {
+            local_bad.clone()
+        } else if !loss_value.is_finite() {
             Some(format!("the loss is {loss_value}"))
         } else {
             first_nonfinite(dev, &param_groups, model.grads())
@@ -1089,4 +1092,4 @@ fn train_on<D: Device>(
 }
 
 #[cfg(test)]
-mod overlap_tests;
+mod tests;

@@ -25,6 +25,8 @@ pub mod cuda;
 pub(crate) mod reference;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+pub(crate) mod tracked;
 
 pub use cpu::{CpuDevice, fast_exp, sgemm_gflops};
 

@@ -1,12 +1,13 @@
-//! The training loop's device-overlap path (`DeviceOverlap`, what NCCL does on a GPU) with a
-//! host stand-in: the same calls in the same places, buckets planned by `BucketPlan` and
-//! reduced by the thread communicator, so the result must be bitwise the plain all-reduce's.
+//! The training loop in one process, ranks as threads: on a device shaped like a GPU
+//! (`Tracked`: buffers that are not `Vec`s, counted waits and staged arguments), and its
+//! device-overlap path (`DeviceOverlap`, what NCCL does on a GPU) with a host stand-in.
 
 use std::ops::Range;
 
 use tessera_collectives::threads::ThreadComm;
 
 use super::*;
+use crate::device::tracked::Tracked;
 use crate::overlap::BucketPlan;
 
 /// A `DeviceOverlap` on the host: records the buckets as the plan hands them out and reduces
@@ -93,27 +94,37 @@ fn config(out: &std::path::Path, extra: &[&str]) -> Config {
     Config::load(None, &sets).expect("test config")
 }
 
-/// Trains on `world` thread ranks; with `overlap`, every rank gets a `HostOverlap`. Returns
-/// rank 0's summary and, per rank, (steps, layer reports) of its overlap.
-fn run(world: usize, cfg: Config, overlap: bool) -> (Summary, Vec<(usize, usize)>) {
-    let cfg = std::sync::Arc::new(cfg);
+/// Runs `f(info, comm, cfg)` on `world` thread ranks; returns the results in rank order.
+fn on_ranks<T: Send + 'static>(
+    world: usize,
+    cfg: Config,
+    f: impl Fn(RankInfo, &mut ThreadComm, &Config) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    let (cfg, f) = (std::sync::Arc::new(cfg), std::sync::Arc::new(f));
     let hs: Vec<_> = ThreadComm::group(world)
         .into_iter()
         .enumerate()
         .map(|(rank, mut comm)| {
-            let cfg = cfg.clone();
+            let (cfg, f) = (cfg.clone(), f.clone());
             std::thread::spawn(move || {
                 let info = RankInfo { rank, world, local_size: world, local_rank: rank };
-                let mut ov = HostOverlap::default();
-                let dev = CpuDevice::new(1);
-                let hook = overlap.then_some(&mut ov as &mut dyn DeviceOverlap);
-                let s = train_on(&cfg, &mut comm, &info, &mut |_| {}, 1, &dev, None, hook)
-                    .expect("training");
-                (s, (ov.steps, ov.reports))
+                f(info, &mut comm, &cfg)
             })
         })
         .collect();
-    let mut outs: Vec<_> = hs.into_iter().map(|h| h.join().expect("rank thread")).collect();
+    hs.into_iter().map(|h| h.join().expect("rank thread")).collect()
+}
+
+/// Trains on `world` thread ranks; with `overlap`, every rank gets a `HostOverlap`. Returns
+/// rank 0's summary and, per rank, (steps, layer reports) of its overlap.
+fn run(world: usize, cfg: Config, overlap: bool) -> (Summary, Vec<(usize, usize)>) {
+    let mut outs = on_ranks(world, cfg, move |info, comm, cfg| {
+        let mut ov = HostOverlap::default();
+        let dev = CpuDevice::new(1);
+        let hook = overlap.then_some(&mut ov as &mut dyn DeviceOverlap);
+        let s = train_on(cfg, comm, &info, &mut |_| {}, 1, &dev, None, hook).expect("training");
+        (s, (ov.steps, ov.reports))
+    });
     let counts = outs.iter().map(|o| o.1).collect();
     (outs.swap_remove(0).0, counts)
 }
@@ -142,6 +153,56 @@ fn device_overlap_trains_bitwise_like_the_plain_all_reduce() {
             assert_eq!(steps, 4, "{what}: one overlapped all-reduce per step");
             // Two towers of 2 blocks: head, 2 blocks, input layer each, every step.
             assert_eq!(reports, 4 * 2 * 4, "{what}: layer reports");
+        }
+    }
+}
+
+/// The training loop on a device whose buffers are not `Vec`s (the shape of `run.device =
+/// "cuda"`: model, optimizer state and activations in device memory) trains bitwise like the
+/// CPU device, for the kinds of job the loop distinguishes; and a step's host waits and
+/// staged kernel arguments stay what a GPU step is meant to cost.
+#[test]
+fn training_on_device_buffers_matches_the_cpu() {
+    // (job, ranks, settings, (host waits, staged kernel arguments) per step). The waits: the
+    // forward, the backward, the non-finite checks (one rank: one), the noise scale's norms
+    // and the optimizer's passes; the host-thread overlap adds one per layer (8). Staged: the
+    // two views and the two feature gradients, per micro-batch with GradCache (embedding,
+    // then replay).
+    type Job<'a> = (&'a str, usize, &'a [&'a str], (usize, usize));
+    let jobs: [Job; 5] = [
+        ("clip_tiled, one rank", 1, &[], (6, 4)),
+        ("clip_tiled, micro-batches, 2 ranks", 2, &["batch.micro=8"], (12, 12)),
+        ("clip, 2 ranks, lars", 2, &["loss.name=\"clip\"", "optim.name=\"lars\""], (8, 4)),
+        ("siglip, 2 ranks, lamb", 2, &["loss.name=\"siglip\"", "optim.name=\"lamb\""], (7, 4)),
+        ("overlapped all-reduce, 2 ranks", 2, &["run.overlap_allreduce=true"], (15, 4)),
+    ];
+    for (what, world, extra, cost) in jobs {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cpu_cfg = config(&dir.path().join("cpu"), extra);
+        let dev_cfg = config(&dir.path().join("dev"), extra);
+        let steps = cpu_cfg.run.steps as usize;
+        let want = on_ranks(world, cpu_cfg, |info, comm, cfg| {
+            train_on(cfg, comm, &info, &mut |_| {}, 1, &CpuDevice::new(1), None, None)
+                .expect("training on the CPU device")
+        });
+        let got = on_ranks(world, dev_cfg, |info, comm, cfg| {
+            let dev = Tracked::new();
+            // (waits, staged arguments) when each step reports.
+            let mut marks = Vec::new();
+            let mut on_step = |_: StepReport| {
+                let l = dev.ledger();
+                marks.push((l.syncs, l.foreign));
+            };
+            let s = train_on(cfg, comm, &info, &mut on_step, 1, &dev, None, None)
+                .expect("training on the tracked device");
+            let per_step: Vec<(usize, usize)> =
+                marks.windows(2).map(|w| (w[1].0 - w[0].0, w[1].1 - w[0].1)).collect();
+            (s, per_step)
+        });
+        for (w, (g, per_step)) in want.iter().zip(&got) {
+            assert_eq!(g.params_sha256, w.params_sha256, "{what}");
+            assert_eq!(g.loss.to_bits(), w.loss.to_bits(), "{what}");
+            assert_eq!(*per_step, vec![cost; steps - 1], "{what}: (waits, staged) per step");
         }
     }
 }
