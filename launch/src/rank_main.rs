@@ -420,21 +420,46 @@ pub fn rank_main(args: &RankArgs) -> Result<ExitCode> {
     }
 }
 
-/// The NCCL communicator of `run.collectives = "nccl"`: GPU `local_rank` (one GPU per rank on
-/// every node), the unique id from rank 0 through the coordinator's store.
+/// The NCCL communicator of `run.collectives = "nccl"`: the GPU of `Gpu::ordinal_for` (the
+/// one the rank's `CudaDevice` uses), the unique id from rank 0 through the coordinator's store.
+/// NCCL needs a GPU per rank: the ranks of a node compare their GPUs' UUIDs through the store
+/// first, so that ranks which each see their own GPU as device 0 (slurm's
+/// `--gpus-per-task=1`) pass and ranks that would share one are told so, instead of NCCL
+/// failing or hanging.
 fn open_nccl(client: &CoordinatorClient, m: &Membership, timeout: Duration) -> Result<NcclComm> {
-    let gpus = Gpu::count().map_err(|e| anyhow!("{e} (or use run.collectives = \"tcp\")"))?;
-    let local = m.local_size as usize;
-    if local > gpus {
+    let tcp = "(or use run.collectives = \"tcp\")";
+    let gpus = Gpu::count().map_err(|e| anyhow!("{e} {tcp}"))?;
+    let ordinal = Gpu::ordinal_for(m.local_rank as usize, gpus);
+    let uuid = Gpu::uuid(ordinal).map_err(|e| anyhow!("{e} {tcp}"))?;
+    let key = |lr: u32| format!("tessera/gpu-uuid/{}/{}/{lr}", m.generation, m.node_rank);
+    client
+        .store_set(&key(m.local_rank), uuid.as_bytes())
+        .context("publishing this rank's GPU UUID in the coordinator's store")?;
+    let mut uuids = Vec::with_capacity(m.local_size as usize);
+    for lr in 0..m.local_size {
+        let u = if lr == m.local_rank {
+            uuid.clone()
+        } else {
+            let v = client
+                .store_get(&key(lr), timeout)
+                .with_context(|| format!("reading the GPU UUID of local rank {lr}"))?;
+            String::from_utf8_lossy(&v).into_owned()
+        };
+        uuids.push((lr, u));
+    }
+    let shared = sharing_gpu(m.local_rank, &uuids);
+    if !shared.is_empty() {
         bail!(
-            "{local} ranks on this node but {gpus} GPU(s): NCCL needs one GPU per rank; start at \
-             most {gpus} ranks per node, or use run.collectives = \"tcp\" (several ranks may share \
-             a GPU with it)"
+            "local rank {} would share GPU {uuid} (device {ordinal} of the {gpus} it sees) with \
+             local rank(s) {shared:?} of this node, but NCCL needs one GPU per rank: start at \
+             most {gpus} ranks per node, give each task its own GPU (srun --gpus-per-task=1), \
+             or use run.collectives = \"tcp\" (several ranks may share a GPU with it)",
+            m.local_rank
         );
     }
     let opts = NcclOpts { timeout, ..NcclOpts::default() };
     NcclComm::open_via_store(
-        m.local_rank as usize,
+        ordinal,
         m.rank as usize,
         m.world as usize,
         &nccl_id_key(m.generation),
@@ -443,6 +468,14 @@ fn open_nccl(client: &CoordinatorClient, m: &Membership, timeout: Duration) -> R
         |k, t| client.store_get(k, t).map_err(|e| e.to_string()),
     )
     .map_err(|e| anyhow!("{e}"))
+}
+
+/// The other local ranks whose GPU UUID (in `uuids`, `(local rank, UUID)`) is `mine`'s.
+fn sharing_gpu(mine: u32, uuids: &[(u32, String)]) -> Vec<u32> {
+    let Some((_, own)) = uuids.iter().find(|(lr, _)| *lr == mine) else {
+        return Vec::new();
+    };
+    uuids.iter().filter(|(lr, u)| *lr != mine && u == own).map(|(lr, _)| *lr).collect()
 }
 
 /// Rank 0's report goes to the launcher's file when `tessera run` started us (it prints it
@@ -455,5 +488,25 @@ fn emit_report(report: &str) -> Result<()> {
             print!("{report}");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_sharing_a_gpu_are_found_by_uuid() {
+        let u = |lr: u32, s: &str| (lr, s.to_string());
+        // slurm --gpus-per-task=1: every rank's device 0, all different GPUs.
+        let own = [u(0, "GPU-a"), u(1, "GPU-b"), u(2, "GPU-c")];
+        assert!((0..3).all(|r| sharing_gpu(r, &own).is_empty()));
+        // Four ranks seeing the same two GPUs: 0 and 2 share one, 1 and 3 the other.
+        let two = [u(0, "GPU-a"), u(1, "GPU-b"), u(2, "GPU-a"), u(3, "GPU-b")];
+        assert_eq!(sharing_gpu(0, &two), vec![2]);
+        assert_eq!(sharing_gpu(3, &two), vec![1]);
+        let one = [u(0, "GPU-a"), u(1, "GPU-a"), u(2, "GPU-a")];
+        assert_eq!(sharing_gpu(1, &one), vec![0, 2]);
+        assert!(sharing_gpu(7, &one).is_empty(), "a rank not in the list shares nothing");
     }
 }

@@ -524,7 +524,8 @@ fn open_cuda(cfg: &Config, info: &RankInfo) -> Result<CudaDevice, TrainError> {
     };
     let gpus = Gpu::count().map_err(fail)?;
     let gemm_math = GemmMath::parse(&cfg.run.cuda_gemm).unwrap_or_default();
-    CudaDevice::open(info.local_rank % gpus, CudaDeviceOpts { gemm_math }).map_err(fail)
+    CudaDevice::open(Gpu::ordinal_for(info.local_rank, gpus), CudaDeviceOpts { gemm_math })
+        .map_err(fail)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -32,6 +32,13 @@ pub(crate) fn drv<T>(
     r.map_err(|e| CudaError::driver(what, e))
 }
 
+/// A GPU UUID's 16 bytes the way nvidia-smi prints them.
+pub fn format_uuid(b: &[u8; 16]) -> String {
+    let hex =
+        |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
+    format!("GPU-{}-{}-{}-{}-{}", hex(0..4), hex(4..6), hex(6..8), hex(8..10), hex(10..16))
+}
+
 impl Gpu {
     /// GPUs the driver reports (at least 1), or an error naming the driver and the fix.
     pub fn count() -> Result<usize, CudaError> {
@@ -45,6 +52,29 @@ impl Gpu {
             ));
         }
         Ok(n as usize)
+    }
+
+    /// The GPU a rank uses: local rank `local_rank` of its node, among the `gpus` it sees.
+    /// Ranks that each see their own GPU (slurm's `--gpus-per-task=1`, where every task's GPU
+    /// is its device 0) use device 0; ranks that see all the node's GPUs use one each, and more
+    /// ranks than GPUs share them round-robin.
+    pub fn ordinal_for(local_rank: usize, gpus: usize) -> usize {
+        local_rank % gpus.max(1)
+    }
+
+    /// The driver's UUID of GPU `ordinal` (`GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, as
+    /// nvidia-smi prints it): the same GPU has the same UUID in every process, whatever
+    /// `CUDA_VISIBLE_DEVICES` numbers it.
+    pub fn uuid(ordinal: usize) -> Result<String, CudaError> {
+        let n = Gpu::count()?;
+        if ordinal >= n {
+            return Err(CudaError::Invalid(format!(
+                "GPU {ordinal} requested but the driver reports {n} GPU(s)"
+            )));
+        }
+        let dev = drv("cuDeviceGet", cudarc::driver::result::device::get(ordinal as i32))?;
+        let id = drv("cuDeviceGetUuid", cudarc::driver::result::device::get_uuid(dev))?;
+        Ok(format_uuid(&id.bytes.map(|b| b as u8)))
     }
 
     /// Opens device `ordinal`, compiles every kernel source for its architecture and loads it.
@@ -600,6 +630,17 @@ impl FusedClipLoss {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpu_uuids_print_like_nvidia_smi_and_ranks_pick_gpus_round_robin() {
+        let b: [u8; 16] = std::array::from_fn(|i| (i as u8) * 17);
+        assert_eq!(format_uuid(&b), "GPU-00112233-4455-6677-8899-aabbccddeeff");
+        // All GPUs visible: one each; one GPU per task: device 0; more ranks than GPUs: shared.
+        assert_eq!((0..4).map(|r| Gpu::ordinal_for(r, 8)).collect::<Vec<_>>(), [0, 1, 2, 3]);
+        assert_eq!((0..4).map(|r| Gpu::ordinal_for(r, 1)).collect::<Vec<_>>(), [0, 0, 0, 0]);
+        assert_eq!((0..4).map(|r| Gpu::ordinal_for(r, 3)).collect::<Vec<_>>(), [0, 1, 2, 0]);
+        assert_eq!(Gpu::ordinal_for(5, 0), 0);
+    }
 
     /// The forward grid covers every row and column tile exactly once with no empty chunk or
     /// split (clip_lse merges every partial), stays within one wave, and keeps the scratch
