@@ -1217,6 +1217,12 @@ impl OverlapAllReduce {
         let n = grads.len();
         if self.reduced.as_ref().is_none_or(|r| r.len() < n) {
             self.reduced = None;
+            if let Some(why) = &comm.broken {
+                return Err(CommError::Poisoned(why.clone()));
+            }
+            if let Err(e) = comm.ctx.bind_to_thread() {
+                return Err(Self::invalid(format!("binding the CUDA context: {e:?}")));
+            }
             // SAFETY: every element is written by a bucket's all-reduce before `take` reads it.
             match unsafe { comm.stream.alloc::<f32>(n) } {
                 Ok(r) => self.reduced = Some(r),
