@@ -81,6 +81,46 @@ fn first_nonfinite<D: Device>(dev: &D, groups: &[ParamGroup], grads: &[f32]) -> 
     })
 }
 
+/// The noise-scale estimator's squared norms of the gradient's trainable groups, taken once for
+/// one state of the buffer. Finite norms mean finite values in those groups (squares cannot
+/// cancel, and f32 squares summed in f64 cannot overflow), so when the trainable groups are
+/// every group the non-finite check reads them instead of looking at the gradient again.
+struct StepNorms<'g> {
+    /// The groups and their norms; no groups when none were taken.
+    groups: &'g [(usize, usize)],
+    norms: Option<Vec<f64>>,
+}
+
+impl<'g> StepNorms<'g> {
+    /// The norms of `grads` over `groups`, when there are groups to take.
+    fn take<D: Device>(dev: &D, groups: Option<&'g [(usize, usize)]>, grads: &[f32]) -> Self {
+        match groups {
+            Some(g) => StepNorms { groups: g, norms: Some(dev.sq_norms(grads, g)) },
+            None => StepNorms { groups: &[], norms: None },
+        }
+    }
+
+    fn is_taken(&self) -> bool {
+        self.norms.is_some()
+    }
+
+    /// Whether norms were taken and all are finite.
+    fn all_finite(&self) -> bool {
+        self.norms.as_ref().is_some_and(|n| n.iter().all(|v| v.is_finite()))
+    }
+
+    /// The estimator's norm function: these norms for their groups, the device's otherwise.
+    fn as_fn<'a, D: Device>(
+        &'a self,
+        dev: &'a D,
+    ) -> impl Fn(&[f32], &[(usize, usize)]) -> Vec<f64> + 'a {
+        move |x, groups| match &self.norms {
+            Some(n) if self.groups == groups => n.clone(),
+            _ => dev.sq_norms(x, groups),
+        }
+    }
+}
+
 /// What a step reports to the launcher's progress display (through the coordinator).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StepReport {
@@ -595,8 +635,10 @@ fn train_on<D: Device>(
         None
     };
     let mut gns_report: Option<GnsReport> = None;
-    // The estimator's gradient norms, summed by the device that holds the gradient.
-    let dev_norms = |x: &[f32], groups: &[(usize, usize)]| dev.sq_norms(x, groups);
+    // The estimator's gradient norms, summed by the device that holds the gradient: taken once
+    // per state of the buffer (a GPU waits for each) and, when the trainable groups are every
+    // group, read by the non-finite check too (see `StepNorms`).
+    let norms_cover_all = gns_groups.len() == model.param_groups().len();
     let mut gns_seconds = 0.0f64;
 
     let mut xa = Vec::new();
@@ -877,14 +919,21 @@ fn train_on<D: Device>(
             fault::at_grad(model.grads_mut());
         }
         let tg = Instant::now();
+        let local_norms = StepNorms::take(
+            dev,
+            (!accumulate && gns.is_some()).then_some(&gns_groups[..]),
+            model.grads(),
+        );
         if !accumulate && let Some(g) = gns.as_mut() {
-            g.observe_local_with(model.grads(), b_local, global, &dev_norms)?;
+            g.observe_local_with(model.grads(), b_local, global, &local_norms.as_fn(dev))?;
         }
         let mut gns_s = tg.elapsed().as_secs_f64();
         // Where a NaN/inf comes from: this rank's own loss or gradient, before the all-reduce
         // spreads it to every rank.
         let local_bad = if !loss_value.is_finite() {
             Some(format!("the loss is {loss_value}"))
+        } else if norms_cover_all && local_norms.all_finite() {
+            None
         } else {
             first_nonfinite(dev, &param_groups, model.grads())
         };
@@ -894,6 +943,13 @@ fn train_on<D: Device>(
             (Some(Reduced::Device), None) => unreachable!("only the device overlap says Device"),
             (None, _) => comm.all_reduce_f32(model.grads_mut(), ReduceOp::Sum)?,
         }
+        // The estimator's norms of the reduced gradient (one rank's sum is its own gradient:
+        // the local norms, when taken, are these).
+        let reduced_norms = if world == 1 && local_norms.is_taken() {
+            local_norms
+        } else {
+            StepNorms::take(dev, gns.is_some().then_some(&gns_groups[..]), model.grads())
+        };
         // The reduced gradient and the loss are identical on every rank, so every rank takes
         // the same decision in the same step. One rank's sum is its own gradient: no second
         // look (a GPU waits for each).
@@ -901,6 +957,8 @@ fn train_on<D: Device>(
             local_bad.clone()
         } else if !loss_value.is_finite() {
             Some(format!("the loss is {loss_value}"))
+        } else if norms_cover_all && reduced_norms.all_finite() {
+            None
         } else {
             first_nonfinite(dev, &param_groups, model.grads())
         };
@@ -939,7 +997,8 @@ fn train_on<D: Device>(
         if !skipped {
             let tg = Instant::now();
             if let Some(g) = gns.as_mut() {
-                gns_done = g.finish_step_with(comm, model.grads(), global, &dev_norms)?;
+                gns_done =
+                    g.finish_step_with(comm, model.grads(), global, &reduced_norms.as_fn(dev))?;
             }
             gns_s += tg.elapsed().as_secs_f64();
             let (params, grads) = model.params_and_grads_mut();
