@@ -448,12 +448,16 @@ fn train_checked(
                               b: usize,
                               d: usize,
                               scale: f32| {
+                // The ring sends the features through the host, and the fused loss copies
+                // them as host memory: the forward must be done.
+                dev.synchronize();
                 if let Some(ops) = blocks.as_mut() {
                     let chunk_rows = ring.chunk_rows_for(d);
                     let o = loss::clip_loss_ring_with(
                         comm, ops, chunk_rows, None, img, txt, b, d, scale, None,
                     )?;
-                    return Ok((o.loss, o.d_img_local, o.d_txt_local, o.d_t_partial));
+                    let (gi, gt) = (Vals::Host(o.d_img_local), Vals::Host(o.d_txt_local));
+                    return Ok((o.loss, gi, gt, o.d_t_partial));
                 }
                 let o = kernels.run(dev.gpu(), img, txt, b, d, scale, mode, precision).map_err(
                     |e| {
@@ -463,9 +467,10 @@ fn train_checked(
                         ))
                     },
                 )?;
-                Ok((o.loss as f32, o.d_img, o.d_txt, o.d_t as f32))
+                Ok((o.loss as f32, Vals::Host(o.d_img), Vals::Host(o.d_txt), o.d_t as f32))
             };
-            let device_loss: Option<&mut DeviceLoss> = if fused { Some(&mut on_gpu) } else { None };
+            let device_loss: Option<&mut DeviceLoss<_>> =
+                if fused { Some(&mut on_gpu) } else { None };
             // run.overlap_allreduce with NCCL: the buckets are all-reduced on NCCL's stream
             // behind events of the compute stream, the host never waiting per layer.
             let nccl = comm.as_any_mut().is_some_and(|c| c.is::<NcclComm>());
@@ -483,15 +488,46 @@ fn train_checked(
 
 /// The CLIP loss computed by the device itself: `(comm, img, txt, b, d, scale)` → the global
 /// loss, this rank's ∂L/∂I and ∂L/∂T, and its share of ∂L/∂t, as the ring loss returns them.
-type DeviceLoss<'a> = dyn FnMut(
+/// The features are the device's buffers as the forward left them, their work possibly still
+/// queued (a consumer on the host synchronizes first); the gradients may stay on the device.
+type DeviceLoss<'a, B> = dyn FnMut(
         &mut dyn Communicator,
         &[f32],
         &[f32],
         usize,
         usize,
         f32,
-    ) -> Result<(f32, Vec<f32>, Vec<f32>, f32), TrainError>
+    ) -> Result<(f32, Vals<B>, Vals<B>, f32), TrainError>
     + 'a;
+
+/// A step's values (features, feature gradients) on the host or in a device buffer.
+enum Vals<B> {
+    Host(Vec<f32>),
+    Device(B),
+}
+
+impl<B: DeviceBuf> std::ops::Deref for Vals<B> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Vals::Host(v) => v,
+            Vals::Device(b) => b,
+        }
+    }
+}
+
+impl<B: DeviceBuf> Vals<B> {
+    /// The values in a host vector (after the device's queued work).
+    fn into_host<D: Device<Buf = B>>(self, dev: &D) -> Vec<f32> {
+        match self {
+            Vals::Host(v) => v,
+            Vals::Device(b) => {
+                dev.synchronize();
+                dev.host_vec(b)
+            }
+        }
+    }
+}
 
 /// The gradient all-reduce overlapped with the backward on the device's own streams, in place
 /// of the host buckets of [`overlap::all_reduce_overlapped`]: `begin` with the local gradient,
@@ -576,7 +612,7 @@ fn train_on<D: Device>(
     on_step: &mut dyn FnMut(StepReport),
     threads: usize,
     dev: &D,
-    mut device_loss: Option<&mut DeviceLoss>,
+    mut device_loss: Option<&mut DeviceLoss<D::Buf>>,
     mut device_overlap: Option<&mut dyn DeviceOverlap>,
 ) -> Result<Summary, TrainError> {
     let (rank, world, global) = (info.rank, info.world, cfg.batch.global);
@@ -753,15 +789,21 @@ fn train_on<D: Device>(
                 data.train.gather_b(mine, &mut xb);
             }
             let (da, db) = (xa.len() / b_local, xb.len() / b_local);
+            let on_device = cfg.loss.name == LossKind::ClipTiled && device_loss.is_some();
             let (fa, fb) = if accumulate {
                 let (mut fa, mut fb) = (Vec::new(), Vec::new());
                 for &(s, m) in &chunks {
                     fa.extend(model.embed_a(dev, &xa[s * da..(s + m) * da], m));
                     fb.extend(model.embed_b(dev, &xb[s * db..(s + m) * db], m));
                 }
-                (fa, fb)
+                (Vals::Host(fa), Vals::Host(fb))
+            } else if on_device {
+                // The device's loss reads the features where the forward writes them.
+                let (fa, fb) = model.forward_pair_buf(dev, &xa, &xb, b_local);
+                (Vals::Device(fa), Vals::Device(fb))
             } else {
-                model.forward_pair(dev, &xa, &xb, b_local)
+                let (fa, fb) = model.forward_pair(dev, &xa, &xb, b_local);
+                (Vals::Host(fa), Vals::Host(fb))
             };
             let d = fa.len() / b_local;
             let scale = model.logit_scale();
@@ -772,7 +814,13 @@ fn train_on<D: Device>(
                     let o = loss::clip_loss_local(
                         &fa_all, &fb_all, global, d, row_offset, b_local, scale,
                     );
-                    (o.loss, o.d_img_local, o.d_txt_local, o.d_t_partial, None)
+                    (
+                        o.loss,
+                        Vals::Host(o.d_img_local),
+                        Vals::Host(o.d_txt_local),
+                        o.d_t_partial,
+                        None,
+                    )
                 }
                 LossKind::ClipTiled if device_loss.is_some() => {
                     let f = device_loss.as_mut().expect("matched on is_some");
@@ -786,13 +834,19 @@ fn train_on<D: Device>(
                         comm,
                         &mut loss_ws,
                         &fa,
-                        fb,
+                        fb.into_host(dev),
                         b_local,
                         d,
                         scale,
                         None,
                     )?;
-                    (o.loss, o.d_img_local, o.d_txt_local, o.d_t_partial, None)
+                    (
+                        o.loss,
+                        Vals::Host(o.d_img_local),
+                        Vals::Host(o.d_txt_local),
+                        o.d_t_partial,
+                        None,
+                    )
                 }
                 LossKind::Siglip => {
                     let bias = model.logit_bias();
@@ -800,14 +854,15 @@ fn train_on<D: Device>(
                         comm,
                         &mut loss_ws,
                         &fa,
-                        fb,
+                        fb.into_host(dev),
                         b_local,
                         d,
                         scale,
                         bias,
                         None,
                     )?;
-                    (o.loss, o.d_img_local, o.d_txt_local, o.d_t_partial, o.d_bias_partial)
+                    let (gi, gt) = (Vals::Host(o.d_img_local), Vals::Host(o.d_txt_local));
+                    (o.loss, gi, gt, o.d_t_partial, o.d_bias_partial)
                 }
             };
             let (loss_value, d_img, d_txt, d_t, d_bias) = out;

@@ -22,7 +22,7 @@ pub(crate) struct Ledger {
 }
 
 impl Ledger {
-    fn containing(&self, s: &[f32]) -> Option<usize> {
+    pub(crate) fn containing(&self, s: &[f32]) -> Option<usize> {
         let addr = s.as_ptr() as usize;
         let (&start, &len) = self.live.range(..=addr).next_back()?;
         (addr + std::mem::size_of_val(s) <= start + len).then_some(start)

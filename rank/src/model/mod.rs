@@ -798,14 +798,32 @@ impl<B: DeviceBuf> Model<B> {
         b: &[f32],
         batch: usize,
     ) -> (Vec<f32>, Vec<f32>) {
+        let (fa, fb) = self.forward_pair_buf(dev, a, b, batch);
+        dev.synchronize();
+        (dev.host_vec(fa), dev.host_vec(fb))
+    }
+
+    /// [`Model::forward_pair`] that leaves the features where the device wrote them and does
+    /// not wait: for a consumer on the device (the fused loss on the GPU reads them on the same
+    /// stream, no copy through the host). The host reads them only after
+    /// [`Device::synchronize`].
+    ///
+    /// # Panics
+    /// As [`Model::forward_pair`].
+    pub fn forward_pair_buf<D: Device<Buf = B>>(
+        &mut self,
+        dev: &D,
+        a: &[f32],
+        b: &[f32],
+        batch: usize,
+    ) -> (B, B) {
         self.assert_contrastive("forward_pair");
         let (fa, ca) = self.towers[0].forward(dev, &self.params, a, batch, true);
         let tb = self.tower_b();
         let (fb, cb) = tb.forward(dev, &self.params, b, batch, tb.trainable);
         self.cache_a = ca;
         self.cache_b = cb;
-        dev.synchronize();
-        (dev.host_vec(fa), dev.host_vec(fb))
+        (fa, fb)
     }
 
     /// Backward of the last [`Model::forward_pair`] from the feature gradients, ACCUMULATING

@@ -209,3 +209,66 @@ fn training_on_device_buffers_matches_the_cpu() {
         }
     }
 }
+
+/// A loss on the device (what the fused CLIP kernels are on a GPU) gets the features where
+/// the forward left them and may hand back gradients in device buffers: then a step stages
+/// only its two views, and trains bitwise like the host path. The stand-in computes the ring
+/// loss on the host after a wait and returns its gradients in fresh device buffers.
+#[test]
+fn a_device_loss_keeps_features_and_gradients_on_the_device() {
+    for world in [1usize, 2] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let want = on_ranks(world, config(&dir.path().join("cpu"), &[]), |info, comm, cfg| {
+            train_on(cfg, comm, &info, &mut |_| {}, 1, &CpuDevice::new(1), None, None)
+                .expect("training on the CPU device")
+        });
+        let got = on_ranks(world, config(&dir.path().join("dev"), &[]), |info, comm, cfg| {
+            let dev = Tracked::new();
+            let opts = loss::RingLossOpts { threads: 1, ..cfg.loss.ring_opts() };
+            let mut ws = loss::RingLossWorkspace::new(&opts).expect("workspace");
+            let mut calls = 0;
+            let mut on_dev = |comm: &mut dyn Communicator,
+                              img: &[f32],
+                              txt: &[f32],
+                              b: usize,
+                              d: usize,
+                              scale: f32| {
+                calls += 1;
+                let l = dev.ledger();
+                let in_device = l.containing(img).is_some() && l.containing(txt).is_some();
+                drop(l);
+                assert!(in_device, "the features reached the loss through the host");
+                dev.synchronize();
+                let o = loss::clip_loss_ring_ws_owned(
+                    comm,
+                    &mut ws,
+                    img,
+                    txt.to_vec(),
+                    b,
+                    d,
+                    scale,
+                    None,
+                )?;
+                let (mut gi, mut gt) = (dev.alloc(b * d), dev.alloc(b * d));
+                dev.synchronize();
+                gi.copy_from_slice(&o.d_img_local);
+                gt.copy_from_slice(&o.d_txt_local);
+                Ok((o.loss, Vals::Device(gi), Vals::Device(gt), o.d_t_partial))
+            };
+            let mut marks = Vec::new();
+            let mut on_step = |_: StepReport| marks.push(dev.ledger().foreign);
+            let loss_hook: &mut DeviceLoss<_> = &mut on_dev;
+            let s = train_on(cfg, comm, &info, &mut on_step, 1, &dev, Some(loss_hook), None)
+                .expect("training on the tracked device");
+            let staged: Vec<usize> = marks.windows(2).map(|w| w[1] - w[0]).collect();
+            (s, staged, calls)
+        });
+        let steps = 4;
+        for (w, (g, staged, calls)) in want.iter().zip(&got) {
+            assert_eq!(g.params_sha256, w.params_sha256, "world {world}");
+            assert_eq!(g.loss.to_bits(), w.loss.to_bits(), "world {world}");
+            assert_eq!(*calls, steps, "world {world}: the device loss ran every step");
+            assert_eq!(*staged, vec![2; steps - 1], "world {world}: staged arguments per step");
+        }
+    }
+}
