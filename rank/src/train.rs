@@ -448,8 +448,34 @@ fn train_checked(
                               b: usize,
                               d: usize,
                               scale: f32| {
-                // The ring sends the features through the host, and the fused loss copies
-                // them as host memory: the forward must be done.
+                let fail = |e: CudaError| {
+                    TrainError::Device(format!(
+                        "the fused CLIP loss on the GPU failed: {e} (run.cuda_loss = \"host\" \
+                         computes the loss on the CPU)"
+                    ))
+                };
+                if blocks.is_none() && dev.is_managed(img) && dev.is_managed(txt) {
+                    // The features as the forward left them, the gradients into the device's
+                    // buffers: copies on the GPU in the stream's order, none through the host.
+                    let (mut gi, mut gt) = (dev.alloc(b * d), dev.alloc(b * d));
+                    let (loss, d_t) = kernels
+                        .run_managed(
+                            dev.gpu(),
+                            img,
+                            txt,
+                            b,
+                            d,
+                            scale,
+                            mode,
+                            precision,
+                            &mut gi,
+                            &mut gt,
+                        )
+                        .map_err(fail)?;
+                    return Ok((loss as f32, Vals::Device(gi), Vals::Device(gt), d_t as f32));
+                }
+                // The ring sends the features through the host, and host features are copied
+                // as host memory: the forward must be done.
                 dev.synchronize();
                 if let Some(ops) = blocks.as_mut() {
                     let chunk_rows = ring.chunk_rows_for(d);
@@ -459,14 +485,8 @@ fn train_checked(
                     let (gi, gt) = (Vals::Host(o.d_img_local), Vals::Host(o.d_txt_local));
                     return Ok((o.loss, gi, gt, o.d_t_partial));
                 }
-                let o = kernels.run(dev.gpu(), img, txt, b, d, scale, mode, precision).map_err(
-                    |e| {
-                        TrainError::Device(format!(
-                            "the fused CLIP loss on the GPU failed: {e} (run.cuda_loss = \"host\" \
-                             computes the loss on the CPU)"
-                        ))
-                    },
-                )?;
+                let o =
+                    kernels.run(dev.gpu(), img, txt, b, d, scale, mode, precision).map_err(fail)?;
                 Ok((o.loss as f32, Vals::Host(o.d_img), Vals::Host(o.d_txt), o.d_t as f32))
             };
             let device_loss: Option<&mut DeviceLoss<_>> =

@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
+    PushKernelArg, result as dr, sys,
 };
 
 use super::CudaError;
@@ -121,12 +122,15 @@ impl Gpu {
         drv("copy to device", self.stream.clone_htod(v))
     }
 
-    /// Device → host copy (synchronises the stream).
+    /// Device → host copy (synchronises the stream: a copy into pageable memory returns when
+    /// done, but the wait makes it explicit).
     pub fn download<T: cudarc::driver::DeviceRepr>(
         &self,
         s: &CudaSlice<T>,
     ) -> Result<Vec<T>, CudaError> {
-        drv("copy to host", self.stream.clone_dtoh(s))
+        let v = drv("copy to host", self.stream.clone_dtoh(s))?;
+        self.sync()?;
+        Ok(v)
     }
 
     /// A zeroed device buffer.
@@ -141,6 +145,42 @@ impl Gpu {
     pub fn sync(&self) -> Result<(), CudaError> {
         drv("synchronize", self.stream.synchronize())
     }
+}
+
+/// The device address of `bytes` when they lie inside one CUDA managed allocation (which NCCL
+/// can read and write in place; `CudaDevice` allocates a model's buffers so), None for
+/// anything else (host memory is staged). Asks the driver, so it needs no context of ours.
+///
+/// Also the test of whether a slice is a [`CudaDevice`](super::device::CudaDevice)'s buffer
+/// that device-side copies can read or write where it is.
+pub(crate) fn managed_range(bytes: &[u8]) -> Option<sys::CUdeviceptr> {
+    if bytes.is_empty() {
+        return None;
+    }
+    let p = bytes.as_ptr() as sys::CUdeviceptr;
+    let attr = |a: sys::CUpointer_attribute, out: *mut std::ffi::c_void| {
+        // SAFETY: `out` points to a value of the attribute's type (unsigned int for
+        // IS_MANAGED, CUdeviceptr for RANGE_START_ADDR, size_t for RANGE_SIZE); the driver
+        // only reads the address `p`, and returns an error for memory it does not know.
+        unsafe { sys::cuPointerGetAttribute(out, a, p) == sys::CUresult::CUDA_SUCCESS }
+    };
+    let mut managed: u32 = 0;
+    let mut start: sys::CUdeviceptr = 0;
+    let mut size: usize = 0;
+    let known = attr(
+        sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_IS_MANAGED,
+        (&mut managed as *mut u32).cast(),
+    ) && managed != 0
+        && attr(
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+            (&mut start as *mut sys::CUdeviceptr).cast(),
+        )
+        && attr(
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+            (&mut size as *mut usize).cast(),
+        );
+    let end = p.checked_add(bytes.len() as sys::CUdeviceptr)?;
+    (known && start <= p && end <= start.saturating_add(size as sys::CUdeviceptr)).then_some(p)
 }
 
 /// Launch shape for grid-stride element kernels.
@@ -625,6 +665,70 @@ impl FusedClipLoss {
             d_t,
         })
     }
+
+    /// [`FusedClipLoss::run`] on features in managed memory (a `CudaDevice` model's buffers,
+    /// whose writes may still be queued on `gpu.stream`), writing ∂L/∂I and ∂L/∂T into managed
+    /// buffers `d_img` and `d_txt` (b × d each): every copy is device to device, in the
+    /// stream's order, none through the host. Returns `(loss, ∂L/∂t)` once the stream is done.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_managed(
+        &mut self,
+        gpu: &Gpu,
+        img: &[f32],
+        txt: &[f32],
+        b: usize,
+        d: usize,
+        scale: f32,
+        mode: LossMode,
+        precision: Precision,
+        d_img: &mut [f32],
+        d_txt: &mut [f32],
+    ) -> Result<(f64, f64), CudaError> {
+        let n = b * d;
+        let lens = [img.len(), txt.len(), d_img.len(), d_txt.len()];
+        if lens.iter().any(|&l| l != n) {
+            return Err(CudaError::Invalid(format!(
+                "fused loss: features and gradients must be b × d = {b} × {d} (got {lens:?})"
+            )));
+        }
+        let addr = |s: &[f32]| {
+            managed_range(f32_bytes(s)).ok_or_else(|| {
+                CudaError::Invalid(
+                    "fused loss on managed memory: a buffer is not in CUDA managed memory (use \
+                     FusedClipLoss::run for host slices)"
+                        .into(),
+                )
+            })
+        };
+        let (src_i, src_t, out_i, out_t) = (addr(img)?, addr(txt)?, addr(d_img)?, addr(d_txt)?);
+        if self.bufs.as_ref().is_none_or(|x| x.b != b || x.d != d) {
+            (self.bufs, self.feats) = (None, None);
+            self.bufs = Some(LossBuffers::new(gpu, b, d)?);
+            self.feats = Some((gpu.zeros(n)?, gpu.zeros(n)?));
+        }
+        let bufs = self.bufs.as_mut().expect("set above");
+        let (di, dt) = self.feats.as_mut().expect("set with the buffers");
+        let cu = gpu.stream.cu_stream();
+        for (dst, src) in [(&mut *di, src_i), (&mut *dt, src_t)] {
+            let (p, _g) = dst.device_ptr_mut(&gpu.stream);
+            // SAFETY: `src` addresses n managed floats (checked above) that the stream's queued
+            // work finishes writing before this copy runs; `dst` holds n floats.
+            drv("copy the features", unsafe { dr::memcpy_dtod_async(p, src, n * 4, cu) })?;
+        }
+        clip_loss_launch(gpu, bufs, di, dt, scale, mode, precision)?;
+        for (dst, src) in [(out_i, &bufs.d_img), (out_t, &bufs.d_txt)] {
+            let (p, _g) = src.device_ptr(&gpu.stream);
+            // SAFETY: `dst` addresses n managed floats (checked above), borrowed exclusively
+            // by the caller until this returns, after the stream is done (read_scalars waits).
+            drv("copy the gradient", unsafe { dr::memcpy_dtod_async(dst, p, n * 4, cu) })?;
+        }
+        read_scalars(gpu, bufs)
+    }
+}
+
+fn f32_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: any f32 is 4 initialised bytes; the slice covers exactly v's memory.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), std::mem::size_of_val(v)) }
 }
 
 #[cfg(test)]

@@ -42,6 +42,7 @@ use cudarc::nccl::{result as nr, sys as ns};
 use tessera_collectives::{CommError, Communicator, ReduceOp, Result};
 
 use super::CudaError;
+use super::gpu::managed_range;
 use super::libs::{Lib, require};
 use crate::overlap::BucketPlan;
 
@@ -945,6 +946,9 @@ impl Communicator for NcclComm {
         let f32t = ns::ncclDataType_t::ncclFloat32;
         if let Some(p) = managed_range(f32_bytes(buf)) {
             // Managed memory (a GPU model's gradient): NCCL reduces it where it is, no staging.
+            // As with any host access to managed memory, the caller has waited for the device
+            // work that writes `buf` (training reads the gradient's norms first); NCCL's stream
+            // is not ordered after any compute stream here.
             // SAFETY: `p` addresses buf.len() floats of one managed allocation, which the
             // exclusive borrow keeps alive and unaliased until the wait below returns.
             unsafe { self.all_reduce_in_place("all_reduce_f32", seq, p, buf.len(), f32t, op)? };
@@ -1486,10 +1490,11 @@ pub fn world1_checks(
 }
 
 /// [`OverlapAllReduce`] at world size 1: the gradient is written on a compute stream slice by
-/// slice from the top (copies standing in for the backward's kernels, each behind a 64 MiB
-/// memset that keeps the stream busy), each slice reported as soon as its write is queued,
-/// element 0's last. The buckets must wait for those writes: the taken gradient equals them
-/// bitwise (a bucket that ran early would read zeros). A host buffer is refused.
+/// slice from the top (memsets of a value per slice standing in for the backward's kernels,
+/// each behind a 64 MiB memset that keeps the stream busy), each slice reported as soon as its
+/// write is queued, element 0's last. The buckets must wait for those writes: the taken
+/// gradient equals them bitwise (a bucket that ran early would read zeros, or the first run's
+/// values the second time). A host buffer is refused.
 fn overlap_check(ctx: &Arc<CudaContext>, c: &mut NcclComm, x: &[f32]) -> NcclCheck {
     let n = x.len();
     let setup =
@@ -1509,29 +1514,39 @@ fn overlap_check(ctx: &Arc<CudaContext>, c: &mut NcclComm, x: &[f32]) -> NcclChe
         m.fill(0.0);
         let mut ov = OverlapAllReduce::new(compute.clone(), 4096);
         let host_refused = matches!(ov.begin(c, x), Err(CommError::InvalidArgument { .. }));
-        let run = |ov: &mut OverlapAllReduce, c: &mut NcclComm, m: &mut [f32]| -> Result<()> {
+        // Each slice is written on the device (a memset of its own value, run `base` + slice
+        // number), so nothing on the host orders the write before the bucket.
+        let run = |ov: &mut OverlapAllReduce,
+                   c: &mut NcclComm,
+                   m: &mut [f32],
+                   base: f32|
+         -> Result<Vec<f32>> {
             ov.begin(c, m)?;
+            let mut want = vec![0.0f32; n];
             let mut hi = n;
-            for lo in [n * 3 / 4, n / 2, n / 2 - 3, n / 4, 7, 0] {
+            for (k, lo) in [n * 3 / 4, n / 2, n / 2 - 3, n / 4, 7, 0].into_iter().enumerate() {
                 let cu = compute.cu_stream();
+                let v = base + k as f32;
+                want[lo..hi].fill(v);
                 // SAFETY: scratch holds `busy` bytes; m[lo..hi] lies in the managed range and
-                // only this stream writes it; `x` is pageable, so the call copies it before
-                // returning.
+                // only this stream writes it.
                 let w = unsafe {
-                    dr::memset_d8_async(scratch_p, 1, busy, cu)
-                        .and_then(|_| dr::memcpy_htod_async(p + (lo * 4) as u64, &x[lo..hi], cu))
+                    dr::memset_d8_async(scratch_p, 1, busy, cu).and_then(|_| {
+                        ds::cuMemsetD32Async(p + (lo * 4) as u64, v.to_bits(), hi - lo, cu).result()
+                    })
                 };
                 w.map_err(|e| setup("queue a write", e))?;
                 ov.ready(c, lo, hi - lo)?;
                 hi = lo;
             }
             ov.finish(c)?;
-            ov.take(c, m)
+            ov.take(c, m)?;
+            Ok(want)
         };
-        let r = run(&mut ov, c, m).map(|_| max_abs_diff(m, x));
-        // Twice: the reduced buffer is kept and reused.
-        m.fill(0.0);
-        let again = r.and_then(|e| run(&mut ov, c, m).map(|_| e.max(max_abs_diff(m, x))));
+        let r = run(&mut ov, c, m, 1.0).map(|want| max_abs_diff(m, &want));
+        // Twice, with other values: the reduced buffer is kept and reused.
+        let again =
+            r.and_then(|e| run(&mut ov, c, m, 11.0).map(|want| e.max(max_abs_diff(m, &want))));
         let _ = compute.synchronize();
         // SAFETY: allocated above; `take` waited for the communication stream and the compute
         // stream is idle (or the communicator was aborted, which ends its work).
@@ -1803,39 +1818,6 @@ pub fn bench_rank(
 fn row(path: &'static str, world: usize, bytes: usize, time_us: f64, check: bool) -> NcclBenchRow {
     let (a, b) = all_reduce_bandwidth(bytes, time_us * 1e-6, world);
     NcclBenchRow { path, world, bytes, time_us, algbw_gbs: a, busbw_gbs: b, check }
-}
-
-/// The device address of `bytes` when they lie inside one CUDA managed allocation (which NCCL
-/// can read and write in place; `CudaDevice` allocates a model's buffers so), None for
-/// anything else (host memory is staged). Asks the driver, so it needs no context of ours.
-fn managed_range(bytes: &[u8]) -> Option<ds::CUdeviceptr> {
-    if bytes.is_empty() {
-        return None;
-    }
-    let p = bytes.as_ptr() as ds::CUdeviceptr;
-    let attr = |a: ds::CUpointer_attribute, out: *mut std::ffi::c_void| {
-        // SAFETY: `out` points to a value of the attribute's type (unsigned int for
-        // IS_MANAGED, CUdeviceptr for RANGE_START_ADDR, size_t for RANGE_SIZE); the driver
-        // only reads the address `p`, and returns an error for memory it does not know.
-        unsafe { ds::cuPointerGetAttribute(out, a, p) == ds::CUresult::CUDA_SUCCESS }
-    };
-    let mut managed: u32 = 0;
-    let mut start: ds::CUdeviceptr = 0;
-    let mut size: usize = 0;
-    let known = attr(
-        ds::CUpointer_attribute::CU_POINTER_ATTRIBUTE_IS_MANAGED,
-        (&mut managed as *mut u32).cast(),
-    ) && managed != 0
-        && attr(
-            ds::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
-            (&mut start as *mut ds::CUdeviceptr).cast(),
-        )
-        && attr(
-            ds::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE,
-            (&mut size as *mut usize).cast(),
-        );
-    let end = p.checked_add(bytes.len() as ds::CUdeviceptr)?;
-    (known && start <= p && end <= start.saturating_add(size as ds::CUdeviceptr)).then_some(p)
 }
 
 #[cfg(test)]

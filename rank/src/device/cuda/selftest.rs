@@ -14,7 +14,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKerne
 
 use super::CudaError;
 use super::device::{CudaDevice, CudaDeviceOpts, GemmMath, gemm_row_major_raw};
-use super::gpu::{Gpu, LossMode, Precision, clip_loss, drv, elem_cfg, row_cfg};
+use super::gpu::{FusedClipLoss, Gpu, LossMode, Precision, clip_loss, drv, elem_cfg, row_cfg};
 use super::libs::{Lib, require};
 use crate::device::{CpuDevice, Device, L2_NORM_EPS};
 use crate::rng::Rng;
@@ -1033,6 +1033,71 @@ fn catch_fault<T>(f: impl FnOnce() -> Result<T, CudaError>) -> Result<T, CudaErr
     })
 }
 
+/// The fused loss as training on the GPU runs it (`FusedClipLoss::run_managed`): features in
+/// the device's managed buffers still being written by queued work (a staged copy stands in
+/// for the forward), gradients into managed buffers, every copy on the GPU. It must give
+/// bitwise what the host-slice path (`FusedClipLoss::run`) gives for the same features.
+fn managed_loss_check(dev: &CudaDevice, rng: &mut Rng) -> Row {
+    let (b, d, scale) = (300usize, 96usize, 14.0f32);
+    let (mode, prec) = (LossMode::Deterministic, Precision::Fp32);
+    let unit = |rng: &mut Rng| {
+        let mut v = normal(rng, b * d, 1.0);
+        for r in v.chunks_mut(d) {
+            let n = r.iter().map(|x| x * x).sum::<f32>().sqrt();
+            r.iter_mut().for_each(|x| *x /= n);
+        }
+        v
+    };
+    let (img, txt) = (unit(rng), unit(rng));
+    let r = catch_fault(|| {
+        let (mut mi, mut mt) = (dev.alloc(b * d), dev.alloc(b * d));
+        dev.copy(&img, &mut mi);
+        dev.copy(&txt, &mut mt);
+        let (mut gi, mut gt) = (dev.alloc(b * d), dev.alloc(b * d));
+        let mut k = FusedClipLoss::default();
+        let (loss, d_t) =
+            k.run_managed(dev.gpu(), &mi, &mt, b, d, scale, mode, prec, &mut gi, &mut gt)?;
+        let host = FusedClipLoss::default().run(dev.gpu(), &img, &txt, b, d, scale, mode, prec)?;
+        let bits = |a: &[f32], c: &[f32]| a.iter().zip(c).all(|(x, y)| x.to_bits() == y.to_bits());
+        let refused = k.run_managed(
+            dev.gpu(),
+            &img,
+            &txt,
+            b,
+            d,
+            scale,
+            mode,
+            prec,
+            &mut gi.to_vec(),
+            &mut gt.to_vec(),
+        );
+        Ok((
+            loss.to_bits() == host.loss.to_bits()
+                && d_t.to_bits() == host.d_t.to_bits()
+                && bits(&gi, &host.d_img)
+                && bits(&gt, &host.d_txt),
+            matches!(refused, Err(CudaError::Invalid(_))),
+        ))
+    });
+    let name = "fused loss managed".to_string();
+    match r {
+        Ok((same, refused)) => Row {
+            group: "device",
+            name,
+            detail: format!(
+                "B={b} d={d}: {} host path; host slices {}",
+                if same { "bitwise the" } else { "DIFFERS from the" },
+                if refused { "refused" } else { "ACCEPTED" }
+            ),
+            err_cpu: None,
+            err_ref: None,
+            tol: None,
+            pass: same && refused,
+        },
+        Err(e) => failed("device", "fused loss managed", &e),
+    }
+}
+
 /// The `device` group: every method of [`CudaDevice`] vs [`CpuDevice`] on managed buffers (no
 /// staging allowed) and on plain `Vec`s (staged), then the `Vec` pass again: bitwise the same
 /// results and no new scratch memory (the pool is reused).
@@ -1099,6 +1164,7 @@ fn device_checks(ordinal: usize, cpu: &CpuDevice, rng: &mut Rng) -> Result<Vec<R
     });
     out.extend(model_step_checks(&dev, cpu, rng));
     out.extend(optim_checks(&dev, rng));
+    out.push(managed_loss_check(&dev, rng));
     // Tensor-core GEMMs: inputs rounded to 10 (TF32) or 7 (BF16) mantissa bits, so the
     // normwise error is about 2⁻¹¹·√2 or 2⁻⁸·√2 at these sizes; the bounds leave 5–10×.
     for (math, tol) in [(GemmMath::Tf32, 5e-3), (GemmMath::Bf16, 2e-2)] {
