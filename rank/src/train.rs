@@ -810,7 +810,24 @@ fn train_on<D: Device>(
             }
             let (da, db) = (xa.len() / b_local, xb.len() / b_local);
             let on_device = cfg.loss.name == LossKind::ClipTiled && device_loss.is_some();
-            let (fa, fb) = if accumulate {
+            let (fa, fb) = if accumulate && on_device {
+                // GradCache with the loss on the device: the micro-batches' features gathered
+                // into device buffers, on the device.
+                let (mut fa, mut fb) = (None, None);
+                for &(s, m) in &chunks {
+                    let ca = model.embed_a_buf(dev, &xa[s * da..(s + m) * da], m);
+                    let cb = model.embed_b_buf(dev, &xb[s * db..(s + m) * db], m);
+                    for (all, c) in [(&mut fa, ca), (&mut fb, cb)] {
+                        let d = c.len() / m;
+                        let all = all.get_or_insert_with(|| dev.alloc(b_local * d));
+                        dev.copy(&c, &mut all[s * d..(s + m) * d]);
+                    }
+                }
+                match (fa, fb) {
+                    (Some(fa), Some(fb)) => (Vals::Device(fa), Vals::Device(fb)),
+                    _ => unreachable!("a step has at least one micro-batch"),
+                }
+            } else if accumulate {
                 let (mut fa, mut fb) = (Vec::new(), Vec::new());
                 for &(s, m) in &chunks {
                     fa.extend(model.embed_a(dev, &xa[s * da..(s + m) * da], m));

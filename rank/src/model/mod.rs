@@ -901,18 +901,29 @@ impl<B: DeviceBuf> Model<B> {
 
     /// Inference features of view a (no activations kept).
     pub fn embed_a<D: Device<Buf = B>>(&self, dev: &D, x: &[f32], batch: usize) -> Vec<f32> {
-        self.assert_contrastive("embed_a");
-        let f = self.towers[0].forward(dev, &self.params, x, batch, false).0;
+        let f = self.embed_a_buf(dev, x, batch);
         dev.synchronize();
         dev.host_vec(f)
     }
 
     /// Inference features of view b (tower a in shared mode).
     pub fn embed_b<D: Device<Buf = B>>(&self, dev: &D, x: &[f32], batch: usize) -> Vec<f32> {
-        self.assert_contrastive("embed_b");
-        let f = self.tower_b().forward(dev, &self.params, x, batch, false).0;
+        let f = self.embed_b_buf(dev, x, batch);
         dev.synchronize();
         dev.host_vec(f)
+    }
+
+    /// [`Model::embed_a`] left in the device's buffer, without waiting (as
+    /// [`Model::forward_pair_buf`]).
+    pub fn embed_a_buf<D: Device<Buf = B>>(&self, dev: &D, x: &[f32], batch: usize) -> B {
+        self.assert_contrastive("embed_a");
+        self.towers[0].forward(dev, &self.params, x, batch, false).0
+    }
+
+    /// [`Model::embed_b`] left in the device's buffer, without waiting.
+    pub fn embed_b_buf<D: Device<Buf = B>>(&self, dev: &D, x: &[f32], batch: usize) -> B {
+        self.assert_contrastive("embed_b");
+        self.tower_b().forward(dev, &self.params, x, batch, false).0
     }
 
     /// The raw parameter `t` (0 for a classifier).

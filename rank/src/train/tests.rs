@@ -216,13 +216,17 @@ fn training_on_device_buffers_matches_the_cpu() {
 /// loss on the host after a wait and returns its gradients in fresh device buffers.
 #[test]
 fn a_device_loss_keeps_features_and_gradients_on_the_device() {
-    for world in [1usize, 2] {
+    // (ranks, settings, staged arguments per step): the two views, per micro-batch twice with
+    // GradCache (embedding, replay).
+    type Job<'a> = (usize, &'a [&'a str], usize);
+    let jobs: [Job; 3] = [(1, &[], 2), (2, &[], 2), (2, &["batch.micro=4"], 16)];
+    for (world, extra, want_staged) in jobs {
         let dir = tempfile::tempdir().expect("tempdir");
-        let want = on_ranks(world, config(&dir.path().join("cpu"), &[]), |info, comm, cfg| {
+        let want = on_ranks(world, config(&dir.path().join("cpu"), extra), |info, comm, cfg| {
             train_on(cfg, comm, &info, &mut |_| {}, 1, &CpuDevice::new(1), None, None)
                 .expect("training on the CPU device")
         });
-        let got = on_ranks(world, config(&dir.path().join("dev"), &[]), |info, comm, cfg| {
+        let got = on_ranks(world, config(&dir.path().join("dev"), extra), |info, comm, cfg| {
             let dev = Tracked::new();
             let opts = loss::RingLossOpts { threads: 1, ..cfg.loss.ring_opts() };
             let mut ws = loss::RingLossWorkspace::new(&opts).expect("workspace");
@@ -265,10 +269,11 @@ fn a_device_loss_keeps_features_and_gradients_on_the_device() {
         });
         let steps = 4;
         for (w, (g, staged, calls)) in want.iter().zip(&got) {
-            assert_eq!(g.params_sha256, w.params_sha256, "world {world}");
-            assert_eq!(g.loss.to_bits(), w.loss.to_bits(), "world {world}");
-            assert_eq!(*calls, steps, "world {world}: the device loss ran every step");
-            assert_eq!(*staged, vec![2; steps - 1], "world {world}: staged arguments per step");
+            let what = format!("world {world} {extra:?}");
+            assert_eq!(g.params_sha256, w.params_sha256, "{what}");
+            assert_eq!(g.loss.to_bits(), w.loss.to_bits(), "{what}");
+            assert_eq!(*calls, steps, "{what}: the device loss ran every step");
+            assert_eq!(*staged, vec![want_staged; steps - 1], "{what}: staged arguments per step");
         }
     }
 }
