@@ -64,7 +64,10 @@ sys.exit(0 if ok else 1)
 PY
 done
 if [[ -n "${loss[nccl]:-}" && -n "${loss[ncclov]:-}" ]]; then
-    if [[ "${loss[nccl]}" == "${loss[ncclov]}" ]]; then
+    if ! grep -q "all-reduced on NCCL's stream" "$out/train-ncclov.log"; then
+        echo "train-check: ncclov: the overlapped NCCL path did not run (no notice in $out/train-ncclov.log): FAIL"
+        status=1
+    elif [[ "${loss[nccl]}" == "${loss[ncclov]}" ]]; then
         echo "train-check: ncclov vs nccl: final loss ${loss[ncclov]} == ${loss[nccl]} (overlapped buckets, bitwise): PASS"
     else
         echo "train-check: ncclov vs nccl: final loss ${loss[ncclov]} != ${loss[nccl]} (must be bitwise equal at world size 1): FAIL"

@@ -500,6 +500,13 @@ fn train_checked(
                     cfg.run.allreduce_bucket_bytes,
                 ))
             });
+            if on_streams.is_some() && info.rank == 0 {
+                eprintln!(
+                    "run.overlap_allreduce: gradient buckets of {} bytes all-reduced on NCCL's \
+                     stream during the backward",
+                    cfg.run.allreduce_bucket_bytes
+                );
+            }
             let overlap = on_streams.as_mut().map(|o| o as &mut dyn DeviceOverlap);
             train_on(cfg, comm, info, on_step, threads, &dev, device_loss, overlap)
         }
