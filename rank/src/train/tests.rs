@@ -1,6 +1,7 @@
 //! The training loop in one process, ranks as threads: on a device shaped like a GPU
-//! (`Tracked`: buffers that are not `Vec`s, counted waits and staged arguments), and its
-//! device-overlap path (`DeviceOverlap`, what NCCL does on a GPU) with a host stand-in.
+//! (`Tracked`: buffers that are not `Vec`s, counted waits and staged arguments), and its two
+//! device hooks with host stand-ins: the loss on the device (`DeviceLoss`, what the fused CLIP
+//! kernels are on a GPU) and the overlapped all-reduce (`DeviceOverlap`, what NCCL does).
 
 use std::ops::Range;
 
