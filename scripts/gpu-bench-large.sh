@@ -19,31 +19,15 @@ deadline=$((SECONDS + ${GPU_BENCH_BUDGET_S:-420}))
 status=0
 summary=()
 
-step() {
-    local name="$1" secs="$2"
-    shift 2
-    local left=$((deadline - SECONDS))
-    ((secs > left)) && secs=$left
-    if ((secs < 5)); then
-        summary+=("$(printf '%-16s %-12s' "$name" SKIPPED)")
-        status=1
-        return
-    fi
-    echo "=== $name (timeout ${secs}s): $*"
-    local t0=$SECONDS
-    timeout --kill-after=10 "$secs" "$@" 2>&1 | tee "$out/$name.log"
-    local rc=${PIPESTATUS[0]} verdict=ok
-    if [[ $rc -eq 124 || $rc -eq 137 ]]; then verdict=TIMEOUT; elif [[ $rc -ne 0 ]]; then verdict="FAIL(rc=$rc)"; fi
-    [[ $verdict == ok ]] || status=1
-    summary+=("$(printf '%-16s %-12s %5ss' "$name" "$verdict" $((SECONDS - t0)))")
-}
+# step NAME SECONDS CMD... (scripts/gpu-steps.sh)
+source scripts/gpu-steps.sh
 
 step tessera-lowp 150 "$bin" cuda bench-loss --batch "$batch" --dim 512,768 --mode both --precision bf16,tf32 --reps 2 --json "$out/tessera-lowp.jsonl"
 step tessera-fp32 120 "$bin" cuda bench-loss --batch "$batch" --dim 512,768 --mode det --precision fp32 --reps 1 --json "$out/tessera-fp32.jsonl"
 if python3 -c "import torch, triton" 2>/dev/null; then
     step infcl 150 python3 scripts/bench_infcl.py --batch "$batch" --dim 512,768 --dtype bf16,fp32 --reps 2 --json "$out/infcl.jsonl"
 else
-    summary+=("$(printf '%-16s %-12s' infcl NO-TRITON)")
+    summary+=("$(printf '%-14s %-12s %5ss' infcl NO-TRITON 0)")
 fi
 if python3 -c "import torch" 2>/dev/null; then
     step torch-naive 60 python3 scripts/bench_torch_clip.py --batch "$batch" --dim 512 --dtype bf16 --reps 1 --json "$out/torch-naive.jsonl"

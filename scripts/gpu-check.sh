@@ -26,26 +26,8 @@ status=0
 # All steps together stay under this many seconds (a step gets at most what is left).
 deadline=$((SECONDS + ${GPU_CHECK_BUDGET_S:-330}))
 
-# step NAME SECONDS CMD...: runs CMD with a timeout, logs to $out/NAME.log, records the result.
-step() {
-    local name="$1" secs="$2"
-    shift 2
-    local left=$((deadline - SECONDS))
-    ((secs > left)) && secs=$left
-    if ((secs < 5)); then
-        summary+=("$(printf '%-14s %-12s %5ss' "$name" "SKIPPED" 0)")
-        status=1
-        return
-    fi
-    echo "=== $name (timeout ${secs}s): $*"
-    local t0=$SECONDS
-    timeout --kill-after=10 "$secs" "$@" 2>&1 | tee "$out/$name.log"
-    local rc=${PIPESTATUS[0]}
-    local verdict="ok"
-    if [[ $rc -eq 124 || $rc -eq 137 ]]; then verdict="TIMEOUT"; elif [[ $rc -ne 0 ]]; then verdict="FAIL(rc=$rc)"; fi
-    [[ $verdict == ok ]] || status=1
-    summary+=("$(printf '%-14s %-12s %5ss' "$name" "$verdict" $((SECONDS - t0)))")
-}
+# step NAME SECONDS CMD... (scripts/gpu-steps.sh)
+source scripts/gpu-steps.sh
 
 step nvidia-smi 30 nvidia-smi
 step probe 60 "$bin" cuda probe
