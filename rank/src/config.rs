@@ -89,7 +89,8 @@ pub struct RunConfig {
     /// with one core per rank the communication thread takes that core from the backward
     /// (docs/BENCHMARKS.md); it pays where ranks have cores or a network engine to spare.
     /// With `run.device = "cuda"` and NCCL the buckets go on NCCL's stream behind events of
-    /// the compute stream instead (no thread, no host wait per layer; also at world size 1).
+    /// the compute stream instead (no thread, no host wait per layer; also at world size 1);
+    /// NCCL sums each bucket on its own, bitwise the plain all-reduce up to 2 ranks.
     pub overlap_allreduce: bool,
     /// Bucket size of the overlapped all-reduce, in bytes.
     pub allreduce_bucket_bytes: usize,
