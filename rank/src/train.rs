@@ -81,6 +81,28 @@ fn first_nonfinite<D: Device>(dev: &D, groups: &[ParamGroup], grads: &[f32]) -> 
     })
 }
 
+/// What follows a micro-batch's backward (`m` of the global batch's `global` rows): the
+/// temperature's gradient `d_t` (and the bias's), and under GradCache (`accumulate`) the
+/// noise-scale estimator's look at the accumulated gradient.
+fn after_backward<B: DeviceBuf>(
+    model: &mut Model<B>,
+    d_t: f32,
+    d_bias: Option<f32>,
+    gns: Option<&mut GnsEstimator>,
+    accumulate: bool,
+    m: usize,
+    global: usize,
+) -> Result<(), GnsError> {
+    model.add_logit_scale_grad(d_t);
+    if let Some(g) = d_bias {
+        model.add_logit_bias_grad(g);
+    }
+    match gns {
+        Some(g) if accumulate => g.observe_accumulated(model.grads(), m, global),
+        _ => Ok(()),
+    }
+}
+
 /// The noise-scale estimator's squared norms of the gradient's trainable groups, taken once for
 /// one state of the buffer. Finite norms mean finite values in those groups (squares cannot
 /// cancel, and f32 squares summed in f64 cannot overflow), so when the trainable groups are
@@ -949,13 +971,7 @@ fn train_on<D: Device>(
                     if let Some(e) = failed {
                         return Err(e.into());
                     }
-                    model.add_logit_scale_grad(dt_m);
-                    if let Some(g) = dbias_m {
-                        model.add_logit_bias_grad(g);
-                    }
-                    if accumulate && let Some(g) = gns.as_mut() {
-                        g.observe_accumulated(model.grads(), m, global)?;
-                    }
+                    after_backward(&mut model, dt_m, dbias_m, gns.as_mut(), accumulate, m, global)?;
                     // Poisons element 0, which `finish` sends.
                     fault::at_grad(model.grads_mut());
                     ov.finish(comm, model.grads())?;
@@ -965,16 +981,15 @@ fn train_on<D: Device>(
                     let (seen, red) =
                         overlap::all_reduce_overlapped(comm, n_params, bucket_bytes, |bk| {
                             model.backward_pair_with(dev, ga, gb, &mut |o, g| bk.ready(o, g));
-                            model.add_logit_scale_grad(dt_m);
-                            if let Some(g) = dbias_m {
-                                model.add_logit_bias_grad(g);
-                            }
-                            let seen = match gns.as_mut() {
-                                Some(g) if accumulate => {
-                                    g.observe_accumulated(model.grads(), m, global)
-                                }
-                                _ => Ok(()),
-                            };
+                            let seen = after_backward(
+                                &mut model,
+                                dt_m,
+                                dbias_m,
+                                gns.as_mut(),
+                                accumulate,
+                                m,
+                                global,
+                            );
                             // Poisons element 0, which the buckets read last.
                             fault::at_grad(model.grads_mut());
                             bk.finish(model.grads());
@@ -984,13 +999,7 @@ fn train_on<D: Device>(
                     reduced = Some(Reduced::Host(red));
                 } else {
                     model.backward_pair(dev, ga, gb);
-                    model.add_logit_scale_grad(dt_m);
-                    if let Some(g) = dbias_m {
-                        model.add_logit_bias_grad(g);
-                    }
-                    if accumulate && let Some(g) = gns.as_mut() {
-                        g.observe_accumulated(model.grads(), m, global)?;
-                    }
+                    after_backward(&mut model, dt_m, dbias_m, gns.as_mut(), accumulate, m, global)?;
                 }
             }
             loss_value

@@ -622,10 +622,32 @@ pub struct FusedClipLoss {
     bufs: Option<LossBuffers>,
     /// The features' device copies, kept like the buffers (a training step has the same size
     /// every time).
-    feats: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
+    feats: Option<FeatCopies>,
 }
 
+/// The image and text features' device copies of [`FusedClipLoss`].
+type FeatCopies = (CudaSlice<f32>, CudaSlice<f32>);
+
 impl FusedClipLoss {
+    /// The loss buffers and the features' device copies for `b × d`, reallocated only when the
+    /// size changes (the old size freed first).
+    fn sized(
+        &mut self,
+        gpu: &Gpu,
+        b: usize,
+        d: usize,
+    ) -> Result<(&mut LossBuffers, &mut FeatCopies), CudaError> {
+        if self.bufs.as_ref().is_none_or(|x| x.b != b || x.d != d) {
+            (self.bufs, self.feats) = (None, None);
+            self.bufs = Some(LossBuffers::new(gpu, b, d)?);
+            self.feats = Some((gpu.zeros(b * d)?, gpu.zeros(b * d)?));
+        }
+        match (self.bufs.as_mut(), self.feats.as_mut()) {
+            (Some(bufs), Some(feats)) => Ok((bufs, feats)),
+            _ => unreachable!("both set above"),
+        }
+    }
+
     /// As [`clip_loss`].
     #[allow(clippy::too_many_arguments)]
     pub fn run(
@@ -646,14 +668,7 @@ impl FusedClipLoss {
                 txt.len()
             )));
         }
-        if self.bufs.as_ref().is_none_or(|x| x.b != b || x.d != d) {
-            // Free the old size first.
-            (self.bufs, self.feats) = (None, None);
-            self.bufs = Some(LossBuffers::new(gpu, b, d)?);
-            self.feats = Some((gpu.zeros(b * d)?, gpu.zeros(b * d)?));
-        }
-        let bufs = self.bufs.as_mut().expect("set above");
-        let (di, dt) = self.feats.as_mut().expect("set with the buffers");
+        let (bufs, (di, dt)) = self.sized(gpu, b, d)?;
         drv("copy to device", gpu.stream.memcpy_htod(img, di))?;
         drv("copy to device", gpu.stream.memcpy_htod(txt, dt))?;
         clip_loss_launch(gpu, bufs, di, dt, scale, mode, precision)?;
@@ -701,13 +716,7 @@ impl FusedClipLoss {
             })
         };
         let (src_i, src_t, out_i, out_t) = (addr(img)?, addr(txt)?, addr(d_img)?, addr(d_txt)?);
-        if self.bufs.as_ref().is_none_or(|x| x.b != b || x.d != d) {
-            (self.bufs, self.feats) = (None, None);
-            self.bufs = Some(LossBuffers::new(gpu, b, d)?);
-            self.feats = Some((gpu.zeros(n)?, gpu.zeros(n)?));
-        }
-        let bufs = self.bufs.as_mut().expect("set above");
-        let (di, dt) = self.feats.as_mut().expect("set with the buffers");
+        let (bufs, (di, dt)) = self.sized(gpu, b, d)?;
         let cu = gpu.stream.cu_stream();
         for (dst, src) in [(&mut *di, src_i), (&mut *dt, src_t)] {
             let (p, _g) = dst.device_ptr_mut(&gpu.stream);
@@ -726,7 +735,8 @@ impl FusedClipLoss {
     }
 }
 
-fn f32_bytes(v: &[f32]) -> &[u8] {
+/// The bytes of `v` (for the driver's pointer queries and byte-wise staging).
+pub(crate) fn f32_bytes(v: &[f32]) -> &[u8] {
     // SAFETY: any f32 is 4 initialised bytes; the slice covers exactly v's memory.
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), std::mem::size_of_val(v)) }
 }

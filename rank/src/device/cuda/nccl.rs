@@ -42,7 +42,7 @@ use cudarc::nccl::{result as nr, sys as ns};
 use tessera_collectives::{CommError, Communicator, ReduceOp, Result};
 
 use super::CudaError;
-use super::gpu::managed_range;
+use super::gpu::{f32_bytes, managed_range};
 use super::libs::{Lib, require};
 use crate::overlap::BucketPlan;
 
@@ -149,13 +149,8 @@ fn staging_capacity(n: usize) -> usize {
     n.max(256).checked_next_power_of_two().unwrap_or(n)
 }
 
-fn f32_bytes(v: &[f32]) -> &[u8] {
-    // SAFETY: f32 has no padding and every bit pattern of its bytes is a valid u8.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
-}
-
 fn f64_bytes(v: &[f64]) -> &[u8] {
-    // SAFETY: as for f32.
+    // SAFETY: any f64 is 8 initialised bytes; the slice covers exactly v's memory.
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
