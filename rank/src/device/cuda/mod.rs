@@ -24,6 +24,8 @@
 //! Not yet here (issue 7): the bucketed gradient all-reduce ordered by CUDA events.
 
 pub mod device;
+#[cfg(test)]
+pub mod emu;
 pub mod gpu;
 pub mod libs;
 pub mod nccl;

@@ -1419,7 +1419,7 @@ pub fn random_features(rng: &mut Rng, b: usize, d: usize) -> Vec<f32> {
 /// (for the ring's sizes see the test `ring_bf16_tolerances_fit_the_rounding`); TF32's × 8 =
 /// 0.4 would not: a wrong fragment layout (two emulated: swapped A registers, reversed B
 /// columns) moves these gradients, of random features under a flat softmax, by only 0.2…0.8.
-fn loss_tols(precision: Precision, scale: f32) -> (f64, f64) {
+pub(crate) fn loss_tols(precision: Precision, scale: f32) -> (f64, f64) {
     match precision {
         Precision::Tf32 => (2e-3 * (scale as f64 / 10.0).max(1.0), 5e-2),
         Precision::Bf16 => (1.6e-2 * (scale as f64 / 10.0).max(1.0), 5e-2),

@@ -102,18 +102,26 @@ __device__ __forceinline__ void tile_dot(const float* __restrict__ A, const floa
 }
 
 __device__ __forceinline__ unsigned to_tf32(float f) {
+#ifdef TESSERA_EMU
+    return emu::cvt_rna_tf32(f);
+#else
     unsigned r;
     asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(f));
     return r;
+#endif
 }
 
 // D = A(16x8, row) * B(8x8, col) + D on the tensor cores, tf32 inputs, fp32 accumulators.
 __device__ __forceinline__ void mma_tf32(float c[4], const unsigned a[4], const unsigned b[2]) {
+#ifdef TESSERA_EMU
+    emu::mma_m16n8k8_tf32(c, a, b);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 // Xs[row][col] = scale * c for the accumulator fragments of an m16n8 mma (rows g, g + 8, columns
@@ -192,9 +200,13 @@ __device__ __forceinline__ void tile_tc(const float* __restrict__ A, const float
 }
 
 __device__ __forceinline__ unsigned short to_bf16(float f) {
+#ifdef TESSERA_EMU
+    return emu::cvt_rn_bf16(f);
+#else
     unsigned short h;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
+#endif
 }
 
 // bf16 bits to f32 (exact: bf16 is the upper half of an f32).
@@ -209,11 +221,15 @@ __device__ __forceinline__ float widen(float f) { return f; }
 // a[0] = A[g][2q..2q+1], a[1] = A[g+8][2q..], a[2] = A[g][2q+8..], a[3] = A[g+8][2q+8..];
 // b[0] = B[2q..2q+1][g], b[1] = B[2q+8..2q+9][g]; c as for m16n8k8 (rows g, g+8; cols 2q, 2q+1).
 __device__ __forceinline__ void mma_bf16(float c[4], const unsigned a[4], const unsigned b[2]) {
+#ifdef TESSERA_EMU
+    emu::mma_m16n8k16_bf16(c, a, b);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 // BF16 tensor-core tile, warps as in tile_tc (four m16n8k16 products per k-step of 16). A and

@@ -1,0 +1,207 @@
+// A CPU emulation of the parts of CUDA C++ that the kernels in ../kernels use, so that the very
+// kernel sources NVRTC compiles also run, unchanged, on machines without a GPU (rank/src/device/
+// cuda/emu.rs builds them with the host's C++ compiler and checks them against the f64
+// references). Every CUDA thread of a block is an OS thread; the blocks of a grid run one after
+// another, so `__shared__` variables become statics (one copy, the running block's). Warp-wide
+// instructions (the mma.sync tensor-core products) gather the 32 lanes' fragments through a
+// per-warp exchange and two warp barriers, and compute each lane's result from the fragment
+// layouts of the PTX ISA ("Matrix Fragments for mma.m16n8k8" and "... mma.m16n8k16 with
+// floating point type"), written here independently of the kernels' indexing.
+//
+// Not a model of timing, of memory ordering beyond the barriers, or of the tensor cores'
+// internal accumulation order (sums are taken in fp32, in k order). The point is the indexing:
+// every tile, fragment, mask and padding decision of the kernels runs here as it does on a GPU.
+
+#pragma once
+
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <math.h>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#define TESSERA_EMU 1
+#define __global__
+#define __device__ static inline
+#define __forceinline__
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+
+thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace emu {
+
+struct Warp {
+    explicit Warp(std::ptrdiff_t lanes) : bar(lanes) {}
+    std::barrier<> bar;
+    unsigned a[32][4];
+    unsigned b[32][2];
+};
+
+struct Block {
+    explicit Block(std::ptrdiff_t threads) : bar(threads) {
+        for (std::ptrdiff_t w = 0; w < threads; w += 32)
+            warps.emplace_back(std::make_unique<Warp>(std::min<std::ptrdiff_t>(32, threads - w)));
+    }
+    std::barrier<> bar;
+    std::vector<std::unique_ptr<Warp>> warps;
+    std::vector<unsigned char> dyn_shared;
+};
+
+thread_local Block* cur_block = nullptr;
+thread_local unsigned cur_tid = 0;
+
+inline unsigned lane() { return cur_tid % 32; }
+inline Warp& warp() { return *cur_block->warps[cur_tid / 32]; }
+
+template <typename T>
+T* dyn_shared() {
+    return reinterpret_cast<T*>(cur_block->dyn_shared.data());
+}
+
+template <typename To, typename From>
+To bits(From f) {
+    static_assert(sizeof(To) == sizeof(From));
+    To t;
+    std::memcpy(&t, &f, sizeof t);
+    return t;
+}
+
+// cvt.rna.tf32.f32: round to 10 mantissa bits, ties away from zero; low 13 bits zero.
+inline unsigned cvt_rna_tf32(float f) {
+    unsigned u = bits<unsigned>(f);
+    if ((u & 0x7f800000u) == 0x7f800000u) return u;  // inf, NaN
+    return (u + 0x1000u) & ~0x1fffu;
+}
+
+// cvt.rn.bf16.f32: round to nearest even.
+inline unsigned short cvt_rn_bf16(float f) {
+    unsigned u = bits<unsigned>(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);  // NaN
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// The tensor cores read only the tf32 bits of a .tf32 operand.
+inline float tf32_value(unsigned r) { return bits<float>(r & ~0x1fffu); }
+inline float bf16_value(unsigned short h) { return bits<float>((unsigned)h << 16); }
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, one lane's part. g = lane / 4,
+// q = lane % 4. A (16 x 8): a0 (g, q), a1 (g + 8, q), a2 (g, q + 4), a3 (g + 8, q + 4).
+// B (8 x 8): b0 (k = q, n = g), b1 (k = q + 4, n = g). C/D: c0 (g, 2q), c1 (g, 2q + 1),
+// c2 (g + 8, 2q), c3 (g + 8, 2q + 1).
+inline void mma_m16n8k8_tf32(float c[4], const unsigned a[4], const unsigned b[2]) {
+    Warp& w = warp();
+    const unsigned l = lane();
+    std::memcpy(w.a[l], a, sizeof w.a[l]);
+    std::memcpy(w.b[l], b, sizeof w.b[l]);
+    w.bar.arrive_and_wait();
+    auto A = [&](int r, int k) {
+        const int g = r % 8, q = k % 4, reg = (r / 8) + 2 * (k / 4);
+        return tf32_value(w.a[4 * g + q][reg]);
+    };
+    auto B = [&](int k, int n) { return tf32_value(w.b[4 * n + k % 4][k / 4]); };
+    const int g = l / 4, q = l % 4;
+    for (int e = 0; e < 4; ++e) {
+        const int r = g + 8 * (e / 2), n = 2 * q + (e % 2);
+        float acc = c[e];
+        for (int k = 0; k < 8; ++k) acc += A(r, k) * B(k, n);
+        c[e] = acc;
+    }
+    w.bar.arrive_and_wait();
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, one lane's part. Each register holds
+// two bf16, the lower k in the low half. A (16 x 16): a0 (g, 2q..2q+1), a1 (g + 8, 2q..),
+// a2 (g, 2q + 8..), a3 (g + 8, 2q + 8..). B (16 x 8): b0 (k = 2q..2q+1, n = g),
+// b1 (k = 2q + 8.., n = g). C/D as for m16n8k8.
+inline void mma_m16n8k16_bf16(float c[4], const unsigned a[4], const unsigned b[2]) {
+    Warp& w = warp();
+    const unsigned l = lane();
+    std::memcpy(w.a[l], a, sizeof w.a[l]);
+    std::memcpy(w.b[l], b, sizeof w.b[l]);
+    w.bar.arrive_and_wait();
+    auto half = [](unsigned r, int k) { return bf16_value((unsigned short)(k % 2 ? r >> 16 : r)); };
+    auto A = [&](int r, int k) {
+        const int g = r % 8, q = (k % 8) / 2, reg = (r / 8) + 2 * (k / 8);
+        return half(w.a[4 * g + q][reg], k);
+    };
+    auto B = [&](int k, int n) { return half(w.b[4 * n + (k % 8) / 2][k / 8], k); };
+    const int g = l / 4, q = l % 4;
+    for (int e = 0; e < 4; ++e) {
+        const int r = g + 8 * (e / 2), n = 2 * q + (e % 2);
+        float acc = c[e];
+        for (int k = 0; k < 16; ++k) acc += A(r, k) * B(k, n);
+        c[e] = acc;
+    }
+    w.bar.arrive_and_wait();
+}
+
+// Runs f(args...) for every thread of every block; args[i] points at the i-th argument's value
+// (as cuLaunchKernel's kernelParams).
+template <typename... A, std::size_t... I>
+void call(void (*f)(A...), void** args, std::index_sequence<I...>) {
+    f(*static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(args[I])...);
+}
+
+template <typename... A>
+void launch(void (*f)(A...), const unsigned grid[3], const unsigned block[3], unsigned shared,
+            void** args) {
+    const unsigned threads = block[0] * block[1] * block[2];
+    for (unsigned bz = 0; bz < grid[2]; ++bz)
+        for (unsigned by = 0; by < grid[1]; ++by)
+            for (unsigned bx = 0; bx < grid[0]; ++bx) {
+                Block b(threads);
+                b.dyn_shared.assign(shared, 0);
+                std::vector<std::thread> ts;
+                ts.reserve(threads);
+                for (unsigned t = 0; t < threads; ++t)
+                    ts.emplace_back([&, t] {
+                        cur_block = &b;
+                        cur_tid = t;
+                        threadIdx = {t % block[0], (t / block[0]) % block[1],
+                                     t / (block[0] * block[1])};
+                        blockIdx = {bx, by, bz};
+                        blockDim = {block[0], block[1], block[2]};
+                        gridDim = {grid[0], grid[1], grid[2]};
+                        call(f, args, std::index_sequence_for<A...>{});
+                    });
+                for (auto& t : ts) t.join();
+            }
+}
+
+}  // namespace emu
+
+inline void __syncthreads() { emu::cur_block->bar.arrive_and_wait(); }
+
+inline float __int_as_float(int i) { return emu::bits<float>(i); }
+inline float __uint_as_float(unsigned u) { return emu::bits<float>(u); }
+inline unsigned __float_as_uint(float f) { return emu::bits<unsigned>(f); }
+inline double __longlong_as_double(long long i) { return emu::bits<double>(i); }
+
+// The _rn intrinsics: one IEEE operation, rounded to nearest even (the host's default mode; the
+// emulation is compiled with -ffp-contract=off so that nothing is fused).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline float __double2float_rn(double a) { return (float)a; }
+
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+inline double atomicAdd(double* p, double v) { return std::atomic_ref<double>(*p).fetch_add(v); }
