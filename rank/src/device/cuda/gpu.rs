@@ -231,19 +231,20 @@ impl LossMode {
     }
 }
 
-/// How the fused loss computes its logit tiles (statistics and gradient products are fp32 FMA
-/// in every case; inputs and outputs are fp32 in every case).
+/// How the fused loss computes its logit tiles and the backward's gradient products (`G·T`,
+/// `Gᵀ·I`). Statistics, G and accumulators are fp32, inputs and outputs fp32, in every case.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Precision {
-    /// fp32 FMA (SIMT).
+    /// fp32 FMA (SIMT), logits and products.
     #[default]
     Fp32,
-    /// 3xTF32 tensor cores (hi/lo split): close to fp32 accuracy.
+    /// 3xTF32 tensor cores (hi/lo split), logits and products: close to fp32 accuracy.
     Tf32x3,
-    /// TF32 tensor cores (10-bit mantissa inputs).
+    /// TF32 tensor cores (10-bit mantissa inputs), logits and products.
     Tf32,
-    /// BF16 tensor cores on bf16 copies of the features (7-bit mantissa inputs), which the
-    /// gradient products read too; fp32 accumulators, statistics and outputs.
+    /// BF16 tensor cores on bf16 copies of the features (7-bit mantissa inputs), logits and
+    /// products (G rounded to bf16 for the products); fp32 accumulators, statistics and
+    /// outputs.
     Bf16,
 }
 

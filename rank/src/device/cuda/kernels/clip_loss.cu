@@ -2,9 +2,10 @@
 // rank/src/loss/ring.rs). 64 x 64 logit tiles, 256 threads per block. The logit tile is computed
 // by fp32 FMA (clip_fwd, clip_bwd), by TF32 tensor cores (m16n8k8 mma; *_tf32), by 3xTF32
 // (hi/lo split, near-fp32 accuracy; *_tf32x3) or by BF16 tensor cores (m16n8k16 mma on bf16
-// copies of the features made by clip_to_bf16; *_bf16); the LSE statistics, G and the gradient
-// products are fp32 FMA in every version (the bf16 version reads its bf16 features there too,
-// widened to f32).
+// copies of the features made by clip_to_bf16; *_bf16); the LSE statistics and G are fp32 in
+// every version. The backward's gradient products (G T, G^T I) are fp32 FMA in clip_bwd, 3xTF32
+// tensor-core products in clip_bwd_tf32x3, TF32 ones in clip_bwd_tf32 and BF16 ones (G rounded
+// to bf16, the features' bf16 copies) in clip_bwd_bf16, with fp32 accumulators.
 //
 //   x_ij = s * <I_i, T_j>,  l_i = log sum_j exp(x_ij),  k_j = log sum_i exp(x_ij)
 //   L = 1/(2B) * [ sum_i (l_i - x_ii) + sum_j (k_j - x_jj) ]
@@ -21,8 +22,8 @@
 // host): linear in B.
 //
 // Backward (clip_bwd): block rt owns the rows of dA; for each column tile it recomputes the
-// logits, forms G in shared memory and adds s * G * Bm_tile to its rows of dA (no other block
-// writes them: no atomics). Deterministic mode runs it twice, (I, T) -> dI then (T, I) -> dT
+// logits, forms G in shared memory and adds s * G * Bm_tile to its rows of dA, 64 feature
+// columns at a time (no other block writes them: no atomics). Deterministic mode runs it twice, (I, T) -> dI then (T, I) -> dT
 // (G is symmetric under the swap); fast mode runs it once and adds dT with atomicAdd.
 //
 // Rows and columns past B are masked (-inf in the forward, G = 0 in the backward), so any B
@@ -558,6 +559,11 @@ extern "C" __global__ void __launch_bounds__(NT) sum_f64(const double* __restric
     if (threadIdx.x == 0) out[0] = buf[0];
 }
 
+// Row stride of the backward's feature chunk Fs (64 + 8 elements): the tensor-core products'
+// B-fragment loads (4 chunk rows x 8 columns per warp) then hit 32 different banks, and bf16 rows
+// stay 16-byte aligned (144 bytes).
+#define FS_LD (64 + 8)
+
 // Fs[j][k] = F[row0 + j][dc + k] for the 64 x 64 chunk of F's B rows (rows >= B and k >= d read
 // as 0). fp32:
 // row stride ld (= d). bf16: the padded copies (ld and the rows multiples of 64, zero padding),
@@ -565,7 +571,7 @@ extern "C" __global__ void __launch_bounds__(NT) sum_f64(const double* __restric
 template <int MODE>
 __device__ __forceinline__ void feature_chunk(const typename Tiles<MODE>::Feat* __restrict__ F,
                                               i64 row0, i64 B, i64 d, i64 ld, i64 dc,
-                                              typename Tiles<MODE>::Feat (*Fs)[64]) {
+                                              typename Tiles<MODE>::Feat (*Fs)[FS_LD]) {
     const int t = threadIdx.x;
     if constexpr (MODE == 3) {
         for (int e = t; e < TN * 8; e += NT) {
@@ -578,6 +584,88 @@ __device__ __forceinline__ void feature_chunk(const typename Tiles<MODE>::Feat* 
             const int j = e / 64, k = e % 64;
             const i64 c = row0 + j, kk = dc + k;
             Fs[j][k] = (c < B && kk < d) ? F[c * ld + kk] : 0.0f;
+        }
+    }
+}
+
+// The gradient product of the tensor-core versions: c = sum over the tile's 64 k of
+// Gop[row][k] * Fs[k][col] for the warp's 16 x 32 block at (wm, wn) (m16n8 accumulator
+// fragments, as tile_tc), where Gop = Gs (TRANS false: dA's rows against the columns) or Gs^T
+// (TRANS true: dB's columns against the rows). TF32 m16n8k8 products with fp32 accumulators;
+// SPLIT: 3xTF32 (G and F each as hi + lo, near fp32); else G and F are rounded to TF32.
+template <bool SPLIT, bool TRANS>
+__device__ __forceinline__ void product_tc(const float (*Gs)[TN + 1], const float (*Fs)[FS_LD], int wm,
+                                           int wn, int g, int q4, float c[4][4]) {
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) c[n][e] = 0.0f;
+#pragma unroll 1
+    for (int k0 = 0; k0 < TN; k0 += 8) {
+        float af[4];
+        if (TRANS) {
+            af[0] = Gs[k0 + q4][wm + g];
+            af[1] = Gs[k0 + q4][wm + g + 8];
+            af[2] = Gs[k0 + q4 + 4][wm + g];
+            af[3] = Gs[k0 + q4 + 4][wm + g + 8];
+        } else {
+            af[0] = Gs[wm + g][k0 + q4];
+            af[1] = Gs[wm + g + 8][k0 + q4];
+            af[2] = Gs[wm + g][k0 + q4 + 4];
+            af[3] = Gs[wm + g + 8][k0 + q4 + 4];
+        }
+        unsigned ah[4], al[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            ah[e] = to_tf32(af[e]);
+            al[e] = SPLIT ? to_tf32(af[e] - __uint_as_float(ah[e])) : 0u;
+        }
+#pragma unroll
+        for (int n = 0; n < 4; ++n) {
+            const float bf[2] = {Fs[k0 + q4][wn + 8 * n + g], Fs[k0 + q4 + 4][wn + 8 * n + g]};
+            unsigned bh[2], bl[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                bh[e] = to_tf32(bf[e]);
+                bl[e] = SPLIT ? to_tf32(bf[e] - __uint_as_float(bh[e])) : 0u;
+            }
+            if (SPLIT) {
+                mma_tf32(c[n], al, bh);
+                mma_tf32(c[n], ah, bl);
+            }
+            mma_tf32(c[n], ah, bh);
+        }
+    }
+}
+
+// The gradient product of the bf16 version: as product_tc, with BF16 m16n8k16 products (twice
+// TF32's rate) on G rounded to bf16 (round to nearest even) and the bf16 feature chunk as it is;
+// fp32 accumulators. Registers hold k pairs, the lower k in the low half (see mma_bf16).
+template <bool TRANS>
+__device__ __forceinline__ void product_bf16(const float (*Gs)[TN + 1],
+                                             const unsigned short (*Fs)[FS_LD], int wm, int wn,
+                                             int g, int q4, float c[4][4]) {
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) c[n][e] = 0.0f;
+#pragma unroll 1
+    for (int k0 = 0; k0 < TN; k0 += 16) {
+        // G's element (row, k) of the warp's 16 rows, k relative to k0.
+        auto gv = [&](int row, int k) {
+            return TRANS ? Gs[k0 + k][wm + row] : Gs[wm + row][k0 + k];
+        };
+        const unsigned a[4] = {bf16_pair(gv(g, 2 * q4), gv(g, 2 * q4 + 1)),
+                               bf16_pair(gv(g + 8, 2 * q4), gv(g + 8, 2 * q4 + 1)),
+                               bf16_pair(gv(g, 2 * q4 + 8), gv(g, 2 * q4 + 9)),
+                               bf16_pair(gv(g + 8, 2 * q4 + 8), gv(g + 8, 2 * q4 + 9))};
+#pragma unroll
+        for (int n = 0; n < 4; ++n) {
+            const int col = wn + 8 * n + g;
+            const unsigned b[2] = {
+                (unsigned)Fs[k0 + 2 * q4][col] | ((unsigned)Fs[k0 + 2 * q4 + 1][col] << 16),
+                (unsigned)Fs[k0 + 2 * q4 + 8][col] | ((unsigned)Fs[k0 + 2 * q4 + 9][col] << 16)};
+            mma_bf16(c[n], a, b);
         }
     }
 }
@@ -603,35 +691,33 @@ __device__ __forceinline__ void clip_bwd_impl(
     __shared__ __align__(16) typename Tiles<MODE>::Row Bs[Tiles<MODE>::ROWS];
     __shared__ float Gs[TM][TN + 1];  // the logits, then G in place
     // A 64-wide feature chunk of Bm (for dA) or A (for dB).
-    __shared__ __align__(16) typename Tiles<MODE>::Feat Fs[TN][64];
+    __shared__ __align__(16) typename Tiles<MODE>::Feat Fs[TN][FS_LD];
     __shared__ double red[NT];
     const int t = threadIdx.x;
     const int tx = t % 16, ty = t / 16;
+    // The tensor-core products' warp tiling (as tile_tc): 16 x 32 of the 64 x 64 output each.
+    const int wg = (t % 32) / 4, wq = t % 4;
+    const int wm = 16 * ((t / 32) / 2), wn = 32 * ((t / 32) % 2);
     const i64 r0 = (i64)blockIdx.x * TM;
     const i64 n_ct = (BC + TN - 1) / TN;
-    float lah[4], lal[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const i64 r = r0 + ty + 16 * i;
-        lah[i] = r < BR ? la_hi[r] : 0.0f;
-        lal[i] = r < BR ? la_lo[r] : 0.0f;
-    }
     double dt_acc = 0.0;
     for (i64 ct = 0; ct < n_ct; ++ct) {
         const i64 c0 = ct * TN;
         tile_to_shared<MODE>(A, Bm, BR, BC, ld, r0, c0, As, Bs, Gs, scale, 0.0f);
+        // The LSEs are read here (L1 hits after the first column tile) rather than kept in
+        // registers across the loop: the tensor-core products need those registers.
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const i64 c = c0 + tx + 16 * j;
-            const float lbh = c < BC ? lb_hi[c] : 0.0f;
-            const float lbl = c < BC ? lb_lo[c] : 0.0f;
+        for (int i = 0; i < 4; ++i) {
+            const i64 r = r0 + ty + 16 * i;
+            const float lah = r < BR ? la_hi[r] : 0.0f;
+            const float lal = r < BR ? la_lo[r] : 0.0f;
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const i64 r = r0 + ty + 16 * i;
+            for (int j = 0; j < 4; ++j) {
+                const i64 c = c0 + tx + 16 * j;
                 float g = 0.0f;
                 if (r < BR && c < BC) {
                     const float x = Gs[ty + 16 * i][tx + 16 * j];
-                    g = (expf((x - lah[i]) - lal[i]) + expf((x - lbh) - lbl)) * inv2b;
+                    g = (expf((x - lah) - lal) + expf((x - lb_hi[c]) - lb_lo[c])) * inv2b;
                     // |c - r| < 2^62, so NO_DIAG (i64 min) never matches.
                     if (c - r == diag) g -= 2.0f * inv2b;
                     dt_acc += (double)g * (double)x;
@@ -644,61 +730,94 @@ __device__ __forceinline__ void clip_bwd_impl(
             // dA[r0 + li, dc + lk] += s * sum_j G[li][j] * Bm[c0 + j, dc + lk]
             feature_chunk<MODE>(Bm, c0, BC, d, ld, dc, Fs);
             __syncthreads();
-            float out[4][4];
+            if constexpr (MODE == 0) {
+                float out[4][4];
 #pragma unroll
-            for (int i = 0; i < 4; ++i)
+                for (int i = 0; i < 4; ++i)
 #pragma unroll
-                for (int k = 0; k < 4; ++k) out[i][k] = 0.0f;
-            for (int j = 0; j < TN; ++j) {
-                float f[4];
+                    for (int k = 0; k < 4; ++k) out[i][k] = 0.0f;
+                for (int j = 0; j < TN; ++j) {
+                    float f[4];
 #pragma unroll
-                for (int k = 0; k < 4; ++k) f[k] = widen(Fs[j][tx + 16 * k]);
+                    for (int k = 0; k < 4; ++k) f[k] = Fs[j][tx + 16 * k];
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const float g = Gs[ty + 16 * i][j];
+#pragma unroll
+                        for (int k = 0; k < 4; ++k) out[i][k] = fmaf(g, f[k], out[i][k]);
+                    }
+                }
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    const float g = Gs[ty + 16 * i][j];
+                    const i64 r = r0 + ty + 16 * i;
+                    if (r >= BR) continue;
 #pragma unroll
-                    for (int k = 0; k < 4; ++k) out[i][k] = fmaf(g, f[k], out[i][k]);
+                    for (int k = 0; k < 4; ++k) {
+                        const i64 kk = dc + tx + 16 * k;
+                        if (kk < d) dA[r * d + kk] += scale * out[i][k];
+                    }
                 }
-            }
+            } else {
+                float c[4][4];
+                if constexpr (MODE == 3)
+                    product_bf16<false>(Gs, Fs, wm, wn, wg, wq, c);
+                else
+                    product_tc<MODE == 1, false>(Gs, Fs, wm, wn, wg, wq, c);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const i64 r = r0 + ty + 16 * i;
-                if (r >= BR) continue;
+                for (int n = 0; n < 4; ++n)
 #pragma unroll
-                for (int k = 0; k < 4; ++k) {
-                    const i64 kk = dc + tx + 16 * k;
-                    if (kk < d) dA[r * d + kk] += scale * out[i][k];
-                }
+                    for (int e = 0; e < 4; ++e) {
+                        const i64 r = r0 + wm + wg + 8 * (e / 2);
+                        const i64 kk = dc + wn + 8 * n + 2 * wq + (e % 2);
+                        if (r < BR && kk < d) dA[r * d + kk] += scale * c[n][e];
+                    }
             }
             __syncthreads();
             if (dB != nullptr) {
                 // dB[c0 + lj, dc + lk] += s * sum_i G[i][lj] * A[r0 + i, dc + lk]
                 feature_chunk<MODE>(A, r0, BR, d, ld, dc, Fs);
                 __syncthreads();
+                if constexpr (MODE == 0) {
+                    float out[4][4];
 #pragma unroll
-                for (int j = 0; j < 4; ++j)
+                    for (int j = 0; j < 4; ++j)
 #pragma unroll
-                    for (int k = 0; k < 4; ++k) out[j][k] = 0.0f;
-                for (int i = 0; i < TM; ++i) {
-                    float f[4];
+                        for (int k = 0; k < 4; ++k) out[j][k] = 0.0f;
+                    for (int i = 0; i < TM; ++i) {
+                        float f[4];
 #pragma unroll
-                    for (int k = 0; k < 4; ++k) f[k] = widen(Fs[i][tx + 16 * k]);
+                        for (int k = 0; k < 4; ++k) f[k] = Fs[i][tx + 16 * k];
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) {
+                            const float g = Gs[i][ty + 16 * j];
+#pragma unroll
+                            for (int k = 0; k < 4; ++k) out[j][k] = fmaf(g, f[k], out[j][k]);
+                        }
+                    }
 #pragma unroll
                     for (int j = 0; j < 4; ++j) {
-                        const float g = Gs[i][ty + 16 * j];
+                        const i64 c = c0 + ty + 16 * j;
+                        if (c >= BC) continue;
 #pragma unroll
-                        for (int k = 0; k < 4; ++k) out[j][k] = fmaf(g, f[k], out[j][k]);
+                        for (int k = 0; k < 4; ++k) {
+                            const i64 kk = dc + tx + 16 * k;
+                            if (kk < d) atomicAdd(&dB[c * d + kk], scale * out[j][k]);
+                        }
                     }
-                }
+                } else {
+                    float cf[4][4];
+                    if constexpr (MODE == 3)
+                        product_bf16<true>(Gs, Fs, wm, wn, wg, wq, cf);
+                    else
+                        product_tc<MODE == 1, true>(Gs, Fs, wm, wn, wg, wq, cf);
 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const i64 c = c0 + ty + 16 * j;
-                    if (c >= BC) continue;
+                    for (int n = 0; n < 4; ++n)
 #pragma unroll
-                    for (int k = 0; k < 4; ++k) {
-                        const i64 kk = dc + tx + 16 * k;
-                        if (kk < d) atomicAdd(&dB[c * d + kk], scale * out[j][k]);
-                    }
+                        for (int e = 0; e < 4; ++e) {
+                            const i64 c = c0 + wm + wg + 8 * (e / 2);
+                            const i64 kk = dc + wn + 8 * n + 2 * wq + (e % 2);
+                            if (c < BC && kk < d) atomicAdd(&dB[c * d + kk], scale * cf[n][e]);
+                        }
                 }
                 __syncthreads();
             }
@@ -724,18 +843,18 @@ __device__ __forceinline__ void clip_bwd_impl(
 
 // fp32 FMA / 3xTF32 / TF32 / BF16 tensor-core versions of the backward. clip_bwd_bf16 takes the
 // padded bf16 copies of clip_to_bf16 and, after d, their row stride ld.
-extern "C" __global__ void __launch_bounds__(NT) clip_bwd(CLIP_BWD_HEAD(float), CLIP_BWD_TAIL) {
+extern "C" __global__ void __launch_bounds__(NT, 2) clip_bwd(CLIP_BWD_HEAD(float), CLIP_BWD_TAIL) {
     clip_bwd_impl<0>(A, Bm, BR, BC, d, d, CLIP_BWD_PASS);
 }
-extern "C" __global__ void __launch_bounds__(NT)
+extern "C" __global__ void __launch_bounds__(NT, 2)
     clip_bwd_tf32x3(CLIP_BWD_HEAD(float), CLIP_BWD_TAIL) {
     clip_bwd_impl<1>(A, Bm, BR, BC, d, d, CLIP_BWD_PASS);
 }
-extern "C" __global__ void __launch_bounds__(NT)
+extern "C" __global__ void __launch_bounds__(NT, 2)
     clip_bwd_tf32(CLIP_BWD_HEAD(float), CLIP_BWD_TAIL) {
     clip_bwd_impl<2>(A, Bm, BR, BC, d, d, CLIP_BWD_PASS);
 }
-extern "C" __global__ void __launch_bounds__(NT)
+extern "C" __global__ void __launch_bounds__(NT, 2)
     clip_bwd_bf16(CLIP_BWD_HEAD(unsigned short), i64 ld, CLIP_BWD_TAIL) {
     clip_bwd_impl<3>(A, Bm, BR, BC, d, ld, CLIP_BWD_PASS);
 }
