@@ -721,17 +721,17 @@ impl Drop for Call<'_, '_> {
 }
 
 /// Jobs of one optimizer launch: a row of blocks each, and a grid has at most 65,535 rows.
-const MAX_JOBS: usize = 65_535;
+pub(super) const MAX_JOBS: usize = 65_535;
 
 /// The job table of an optimizer pass: (offset, len, flags) per job, as optim.cu reads it.
-fn job_table(jobs: impl Iterator<Item = (Span, i64)>) -> Vec<i64> {
+pub(super) fn job_table(jobs: impl Iterator<Item = (Span, i64)>) -> Vec<i64> {
     jobs.flat_map(|(s, flags)| [s.offset as i64, s.len as i64, flags]).collect()
 }
 
 /// Launch shape of an optimizer pass: one row of blocks per job (`grid.y`), as many blocks per
 /// row as the longest job fills at 2048 values a block (at most 256; a block past a shorter
 /// job's end leaves a zero partial), 256 threads, a double per thread of shared memory.
-fn optim_cfg(spans: impl Iterator<Item = Span>) -> LaunchConfig {
+pub(super) fn optim_cfg(spans: impl Iterator<Item = Span>) -> LaunchConfig {
     let (mut jobs, mut longest) = (0u32, 0usize);
     for s in spans {
         jobs += 1;
@@ -742,7 +742,7 @@ fn optim_cfg(spans: impl Iterator<Item = Span>) -> LaunchConfig {
 }
 
 /// Launch shape of `sq_norm_partial`: `(blocks, config)`.
-fn sq_norm_cfg(n: usize) -> (usize, LaunchConfig) {
+pub(super) fn sq_norm_cfg(n: usize) -> (usize, LaunchConfig) {
     let blocks = n.div_ceil(256).clamp(1, 1024);
     let cfg = LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),

@@ -14,7 +14,17 @@
 //! GPU remains the check of those.
 //!
 //! Launches take arguments as `cuLaunchKernel` does: one pointer per parameter, to its value.
-//! Buffers are host memory; a wrong index reads or writes the wrong host element (or faults).
+//! Buffers are host memory; a wrong index reads or writes the wrong host element (or faults);
+//! the tests surround every buffer with poisoned guards (`emu_support.rs`).
+//!
+//! The tests, each mirroring the host code that launches the kernels on a GPU:
+//! - `emu_tests.rs`: the fused loss as `gpu::clip_loss_launch` runs it, every precision and
+//!   mode, against the f64 reference;
+//! - `emu_ring_tests.rs`: the ring's block work as `ring::GpuClipBlocks` runs it, inside the
+//!   ring's own schedule, against the CPU ring and the f64 reference;
+//! - `emu_kernel_tests.rs`: elementwise.cu as `CudaDevice` launches it, against `CpuDevice`;
+//!   optim.cu's passes and whole optimizer steps against the host optimizer (bitwise where the
+//!   GPU is documented to be).
 
 use std::ffi::{CString, c_char, c_int, c_uint, c_void};
 use std::path::Path;
@@ -261,3 +271,15 @@ impl EmuModule {
 #[cfg(test)]
 #[path = "emu_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "emu_support.rs"]
+mod support;
+
+#[cfg(test)]
+#[path = "emu_ring_tests.rs"]
+mod ring_tests;
+
+#[cfg(test)]
+#[path = "emu_kernel_tests.rs"]
+mod kernel_tests;

@@ -1,55 +1,11 @@
 //! The fused-loss kernels of clip_loss.cu run by the CPU emulation against the f64 reference.
 
+use super::support::{Guarded, NAN_BF16, NAN_F32, NAN_F64, to64};
 use super::{Args, EmuModule, module};
 use crate::device::cuda::gpu::{LOSS_TILE, LossMode, Precision, bf16_layout, plan_fwd_grid};
 use crate::device::cuda::selftest::{loss_tols, random_features, rel_err};
 use crate::loss::clip_loss_reference_f64;
 use crate::rng::Rng;
-
-/// Guard elements on each side of a [`Guarded`] buffer.
-const GUARD: usize = 256;
-
-/// A buffer with `GUARD` poisoned elements on each side: a kernel reading past its ends reads
-/// NaN (bf16 NaN for u16), one writing past them is caught by [`Guarded::intact`].
-struct Guarded<T: Copy> {
-    v: Vec<T>,
-    poison: T,
-}
-
-impl<T: Copy> Guarded<T> {
-    fn new(n: usize, fill: T, poison: T) -> Guarded<T> {
-        let mut v = vec![poison; n + 2 * GUARD];
-        v[GUARD..GUARD + n].fill(fill);
-        Guarded { v, poison }
-    }
-    fn from(x: &[T], poison: T) -> Guarded<T> {
-        let mut g = Guarded::new(x.len(), poison, poison);
-        g.v[GUARD..GUARD + x.len()].copy_from_slice(x);
-        g
-    }
-    fn get(&self) -> &[T] {
-        &self.v[GUARD..self.v.len() - GUARD]
-    }
-    fn get_mut(&mut self) -> &mut [T] {
-        let n = self.v.len();
-        &mut self.v[GUARD..n - GUARD]
-    }
-    /// Whether both guards still hold the poison, bit for bit.
-    fn intact(&self) -> bool {
-        let bytes = |x: &T| {
-            // SAFETY: reading the bytes of a Copy value of plain numbers.
-            unsafe { std::slice::from_raw_parts((x as *const T).cast::<u8>(), size_of::<T>()) }
-                .to_vec()
-        };
-        let p = bytes(&self.poison);
-        let n = self.v.len();
-        self.v[..GUARD].iter().chain(&self.v[n - GUARD..]).all(|x| bytes(x) == p)
-    }
-}
-
-const NAN_F32: f32 = f32::NAN;
-const NAN_F64: f64 = f64::NAN;
-const NAN_BF16: u16 = 0x7fc1;
 
 struct EmuLoss {
     loss: f64,
@@ -188,15 +144,14 @@ fn emu_clip_loss(
     }
 }
 
-fn to64(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&x| x as f64).collect()
-}
-
 /// Every precision and mode of the fused loss, as clip_loss_launch runs it, at sizes that leave
 /// partial tiles in both directions (B not a multiple of 64, d not a multiple of 16 or 64) and
 /// a forward grid of several chunks and splits; the same tolerances as `tessera cuda selftest`.
 /// Sensitivity, tried by hand: with the emulated A fragments' registers 1 and 2 swapped (in
-/// both mma emulations) the first tensor-core case fails at once (3xTF32: loss 9.9e-3, dI 0.46).
+/// both mma emulations) the first tensor-core case fails at once (3xTF32: loss 9.9e-3, dI 0.46);
+/// with a wrong row in the transposed gradient product's A fragment (`product_tc`), fast mode's
+/// dT fails (0.69); with the bf16 product's second B pair swapped (`product_bf16`), dI fails
+/// (0.97).
 #[test]
 fn fused_loss_kernels_match_the_f64_reference_in_every_precision_and_mode() {
     let m = module("clip_loss.cu").unwrap_or_else(|e| panic!("{e}"));

@@ -28,7 +28,7 @@ use super::gpu::{
 use crate::loss::ring::{ClipBlocks, LossError};
 
 /// The kernels' "no positive in this block" diagonal offset.
-const NO_DIAG: i64 = i64::MIN;
+pub(super) const NO_DIAG: i64 = i64::MIN;
 
 fn gpu_err(e: CudaError) -> LossError {
     LossError::Invalid(format!(
@@ -300,7 +300,7 @@ impl<'g> GpuClipBlocks<'g> {
 /// The diagonal offset of a block of `nb` columns starting at global column `col0`, for `rows`
 /// rows whose positives are the consecutive columns from `row0`: row `r`'s positive is the
 /// block's column `r + diag`, or NO_DIAG when none of them lies in the block.
-fn block_diag(row0: i64, rows: usize, col0: usize, nb: usize) -> i64 {
+pub(super) fn block_diag(row0: i64, rows: usize, col0: usize, nb: usize) -> i64 {
     let diag = row0 - col0 as i64;
     let (first, last) = (diag, diag + rows as i64 - 1);
     if rows == 0 || nb == 0 || last < 0 || first >= nb as i64 { NO_DIAG } else { diag }
@@ -308,7 +308,7 @@ fn block_diag(row0: i64, rows: usize, col0: usize, nb: usize) -> i64 {
 
 /// The row stride the kernels of `precision` read the features with: `d` for the fp32
 /// operands, that of the padded bf16 copies ([`bf16_layout`]) for [`Precision::Bf16`].
-fn operand_stride(precision: Precision, d: usize) -> usize {
+pub(super) fn operand_stride(precision: Precision, d: usize) -> usize {
     match precision {
         Precision::Bf16 => bf16_layout(0, d).1,
         Precision::Fp32 | Precision::Tf32 | Precision::Tf32x3 => d,
@@ -358,7 +358,7 @@ fn to_bf16(
 }
 
 /// `v` as f32 hi + lo (the CPU ring's split, rank/src/loss/ring.rs).
-fn hi_lo(v: f64) -> (f32, f32) {
+pub(super) fn hi_lo(v: f64) -> (f32, f32) {
     let hi = v as f32;
     (hi, (v - hi as f64) as f32)
 }

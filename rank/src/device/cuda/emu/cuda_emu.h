@@ -2,7 +2,8 @@
 // kernel sources NVRTC compiles also run, unchanged, on machines without a GPU (rank/src/device/
 // cuda/emu.rs builds them with the host's C++ compiler and checks them against the f64
 // references). Every CUDA thread of a block is an OS thread; the blocks of a grid run one after
-// another, so `__shared__` variables become statics (one copy, the running block's). Warp-wide
+// another, so `__shared__` variables become statics (one copy, the running block's). A thread
+// that returns leaves its block's barriers, as on the GPU. Warp-wide
 // instructions (the mma.sync tensor-core products) gather the 32 lanes' fragments through a
 // per-warp exchange and two warp barriers, and compute each lane's result from the fragment
 // layouts of the PTX ISA ("Matrix Fragments for mma.m16n8k8" and "... mma.m16n8k16 with
@@ -161,26 +162,42 @@ template <typename... A>
 void launch(void (*f)(A...), const unsigned grid[3], const unsigned block[3], unsigned shared,
             void** args) {
     const unsigned threads = block[0] * block[1] * block[2];
-    for (unsigned bz = 0; bz < grid[2]; ++bz)
-        for (unsigned by = 0; by < grid[1]; ++by)
-            for (unsigned bx = 0; bx < grid[0]; ++bx) {
-                Block b(threads);
-                b.dyn_shared.assign(shared, 0);
-                std::vector<std::thread> ts;
-                ts.reserve(threads);
-                for (unsigned t = 0; t < threads; ++t)
-                    ts.emplace_back([&, t] {
-                        cur_block = &b;
-                        cur_tid = t;
-                        threadIdx = {t % block[0], (t / block[0]) % block[1],
-                                     t / (block[0] * block[1])};
-                        blockIdx = {bx, by, bz};
-                        blockDim = {block[0], block[1], block[2]};
-                        gridDim = {grid[0], grid[1], grid[2]};
-                        call(f, args, std::index_sequence_for<A...>{});
-                    });
-                for (auto& t : ts) t.join();
+    const unsigned long long blocks = (unsigned long long)grid[0] * grid[1] * grid[2];
+    if (threads == 0 || blocks == 0) return;
+    // One OS thread per CUDA thread, reused for every block of the grid (in order: x fastest).
+    // A block's barriers are built when its turn comes, by the completion step of `next` (which
+    // runs once all threads have left the previous block, before any is released).
+    std::unique_ptr<Block> cur;
+    unsigned long long index = 0;
+    auto advance = [&]() noexcept {
+        cur = std::make_unique<Block>(threads);
+        cur->dyn_shared.assign(shared, 0);
+    };
+    advance();
+    std::barrier next(threads, [&]() noexcept {
+        if (++index < blocks) advance();
+    });
+    std::vector<std::thread> ts;
+    ts.reserve(threads);
+    for (unsigned t = 0; t < threads; ++t)
+        ts.emplace_back([&, t] {
+            cur_tid = t;
+            threadIdx = {t % block[0], (t / block[0]) % block[1], t / (block[0] * block[1])};
+            blockDim = {block[0], block[1], block[2]};
+            gridDim = {grid[0], grid[1], grid[2]};
+            for (unsigned long long i = 0; i < blocks; ++i) {
+                cur_block = cur.get();
+                blockIdx = {(unsigned)(i % grid[0]), (unsigned)((i / grid[0]) % grid[1]),
+                            (unsigned)(i / ((unsigned long long)grid[0] * grid[1]))};
+                call(f, args, std::index_sequence_for<A...>{});
+                // An exited thread no longer counts at its block's barriers, as on the GPU
+                // (sm_70 and later): the others' later __syncthreads do not wait for it.
+                cur_block->bar.arrive_and_drop();
+                warp().bar.arrive_and_drop();
+                next.arrive_and_wait();
             }
+        });
+    for (auto& t : ts) t.join();
 }
 
 }  // namespace emu

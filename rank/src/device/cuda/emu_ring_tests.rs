@@ -1,0 +1,441 @@
+//! The CLIP ring's GPU block work ([`super::super::ring::GpuClipBlocks`]) run by the CPU
+//! emulation of clip_loss.cu, inside the ring's own schedule (`clip_loss_ring_with`, ranks as
+//! threads), against the CPU ring and the f64 reference of the whole batch.
+
+use std::sync::Arc;
+
+use super::support::{Guarded, NAN_BF16, NAN_F32, NAN_F64, to64};
+use super::{Args, EmuModule, module};
+use crate::device::cuda::gpu::{LOSS_TILE, LossMode, Precision, bf16_layout, plan_fwd_grid_rect};
+use crate::device::cuda::ring::{NO_DIAG, block_diag, hi_lo, operand_stride};
+use crate::device::cuda::selftest::{loss_tols, random_features, rel_err};
+use crate::loss::ring::{ClipBlocks, LossError};
+use crate::loss::{
+    RingLossOpts, RingLossOut, clip_loss_reference_f64, clip_loss_ring, clip_loss_ring_with,
+};
+use crate::rng::Rng;
+use tessera_collectives::threads::ThreadComm;
+
+/// `gpu::elem_cfg`'s block count.
+fn elem_blocks(n: usize) -> u32 {
+    n.div_ceil(256).clamp(1, 8192) as u32
+}
+
+/// A device buffer as ring.rs's `ensure` leaves it: at least one value, its contents whatever
+/// an earlier block left (here: poison, so that reading them shows).
+fn stale<T: Copy>(len: usize, poison: T) -> Guarded<T> {
+    Guarded::new(len.max(1), poison, poison)
+}
+
+/// `GpuClipBlocks` with the emulated kernels on guarded host buffers: every launch of ring.rs
+/// in its order, with its grids, argument lists and buffer sizes; the per-block buffers are
+/// fresh (poisoned) for every block instead of grown and reused, so a kernel that reads what it
+/// did not write this block reads NaN. `wave`: the forward's block budget (`forward_wave` on a
+/// GPU), small so that blocks of the ring are split into several chunks and splits.
+struct EmuClipBlocks {
+    m: Arc<EmuModule>,
+    mode: LossMode,
+    precision: Precision,
+    wave: usize,
+    rows: usize,
+    d: usize,
+    scale: f32,
+    inv2b: f32,
+    row0: i64,
+    first: bool,
+    img: Guarded<f32>,
+    img_h: Guarded<u16>,
+    run_m: Guarded<f64>,
+    run_z: Guarded<f64>,
+    pos: Guarded<f32>,
+    la_hi: Guarded<f32>,
+    la_lo: Guarded<f32>,
+    d_img: Guarded<f32>,
+}
+
+fn wrote_outside(what: &str) -> LossError {
+    LossError::Invalid(format!("emulated ring: {what} wrote outside its buffers"))
+}
+
+impl EmuClipBlocks {
+    fn new(m: Arc<EmuModule>, mode: LossMode, precision: Precision, wave: usize) -> Self {
+        EmuClipBlocks {
+            m,
+            mode,
+            precision,
+            wave,
+            rows: 0,
+            d: 0,
+            scale: 1.0,
+            inv2b: 0.0,
+            row0: 0,
+            first: true,
+            img: stale(0, NAN_F32),
+            img_h: stale(0, NAN_BF16),
+            run_m: stale(0, NAN_F64),
+            run_z: stale(0, NAN_F64),
+            pos: stale(0, NAN_F32),
+            la_hi: stale(0, NAN_F32),
+            la_lo: stale(0, NAN_F32),
+            d_img: stale(0, NAN_F32),
+        }
+    }
+
+    fn bf16(&self) -> bool {
+        self.precision == Precision::Bf16
+    }
+
+    fn launch(&self, name: &str, grid: (u32, u32), args: &mut Args) {
+        // SAFETY: every call below passes the kernel's parameter list as ring.rs does, with
+        // buffers at least as large as ring.rs allocates them (plus guards).
+        unsafe { self.m.launch(name, (grid.0, grid.1, 1), (256, 1, 1), 0, args) }
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// ring.rs's `to_bf16`: the padded bf16 copy of the `n × d` values of `src`, written by
+    /// `clip_to_bf16` with its second operand null.
+    fn to_bf16(&self, src: &Guarded<f32>, n: usize) -> Guarded<u16> {
+        let (rows_p, ld) = bf16_layout(n, self.d);
+        let mut dst = stale(rows_p * ld, NAN_BF16);
+        if rows_p == 0 {
+            return dst;
+        }
+        let (n64, d64, rows64, ld64) = (n as i64, self.d as i64, rows_p as i64, ld as i64);
+        let mut a = Args::new();
+        a.buf(src.get()).null().i64(n64).i64(d64).i64(rows64).i64(ld64);
+        a.buf_mut(dst.get_mut()).null();
+        self.launch("clip_to_bf16", (rows_p.clamp(1, 65535) as u32, 1), &mut a);
+        dst
+    }
+
+    /// `GpuClipBlocks::fwd`.
+    fn fwd(&mut self, feat: &[f32], col0: usize, cols: &mut [f32]) -> Result<(), LossError> {
+        let d = self.d;
+        let nb = feat.len() / d;
+        if nb == 0 {
+            return Ok(());
+        }
+        let (br, bc) = (self.rows as i64, nb as i64);
+        let diag = block_diag(self.row0, self.rows, col0, nb);
+        let grid =
+            plan_fwd_grid_rect(self.rows.div_ceil(LOSS_TILE), nb.div_ceil(LOSS_TILE), self.wave);
+        let (bf16, ld) = (self.bf16(), operand_stride(self.precision, d) as i64);
+        let feat_d = Guarded::from(feat, NAN_F32);
+        let mut row_m = stale(grid.splits * self.rows, NAN_F32);
+        let mut row_z = stale(grid.splits * self.rows, NAN_F32);
+        let mut col_m = stale(grid.chunks * nb, NAN_F32);
+        let mut col_z = stale(grid.chunks * nb, NAN_F32);
+        let mut cols_d = stale(2 * nb, NAN_F32);
+        let feat_h = if bf16 { self.to_bf16(&feat_d, nb) } else { stale(0, NAN_BF16) };
+        let (tpc, tps) = (grid.tiles_per_chunk as i32, grid.tiles_per_split as i32);
+        let mut a = Args::new();
+        if bf16 {
+            a.buf(self.img_h.get()).buf(feat_h.get());
+        } else {
+            a.buf(self.img.get()).buf(feat_d.get());
+        }
+        a.i64(br).i64(bc).i64(ld).f32(self.scale);
+        a.i64(diag).i32(tpc).i32(tps);
+        a.buf_mut(row_m.get_mut()).buf_mut(row_z.get_mut()).buf_mut(col_m.get_mut());
+        a.buf_mut(col_z.get_mut()).buf_mut(self.pos.get_mut());
+        let fwd = format!("clip_fwd{}", self.precision.suffix());
+        self.launch(&fwd, (grid.chunks as u32, grid.splits as u32), &mut a);
+        if self.rows > 0 {
+            let (splits, first) = (grid.splits as i32, i32::from(self.first));
+            let mut a = Args::new();
+            a.buf(row_m.get()).buf(row_z.get()).i32(splits).i64(br).i32(first);
+            a.buf_mut(self.run_m.get_mut()).buf_mut(self.run_z.get_mut());
+            self.launch("clip_fold_rows", (elem_blocks(self.rows), 1), &mut a);
+            self.first = false;
+        }
+        let chunks = grid.chunks as i32;
+        let mut a = Args::new();
+        a.buf(col_m.get()).buf(col_z.get()).i32(chunks).i64(bc).buf_mut(cols_d.get_mut());
+        self.launch("clip_fold_cols", (elem_blocks(nb), 1), &mut a);
+        cols.copy_from_slice(&cols_d.get()[..2 * nb]);
+        let ok = [&feat_d, &row_m, &row_z, &col_m, &col_z, &cols_d].iter().all(|g| g.intact())
+            && feat_h.intact()
+            && self.held_intact();
+        if !ok {
+            return Err(wrote_outside(&format!("{fwd} / clip_fold_rows / clip_fold_cols")));
+        }
+        Ok(())
+    }
+
+    /// `GpuClipBlocks::bwd`.
+    fn bwd(
+        &mut self,
+        feat: &[f32],
+        kap: &[f64],
+        col0: usize,
+        d_feat: &mut [f32],
+    ) -> Result<f64, LossError> {
+        let d = self.d;
+        let nb = feat.len() / d;
+        if nb == 0 {
+            return Ok(0.0);
+        }
+        let (br, bc, d64) = (self.rows as i64, nb as i64, d as i64);
+        let (bf16, ld) = (self.bf16(), operand_stride(self.precision, d) as i64);
+        let diag = block_diag(self.row0, self.rows, col0, nb);
+        let (kh, kl): (Vec<f32>, Vec<f32>) = kap.iter().map(|&k| hi_lo(k)).unzip();
+        let feat_d = Guarded::from(feat, NAN_F32);
+        let feat_h = if bf16 { self.to_bf16(&feat_d, nb) } else { stale(0, NAN_BF16) };
+        let (lb_hi, lb_lo) = (Guarded::from(&kh, NAN_F32), Guarded::from(&kl, NAN_F32));
+        // Zeroed by ring.rs (memset) before the kernels add into it.
+        let mut d_feat_d = Guarded::new(nb * d, 0.0f32, NAN_F32);
+        let parts = self.rows.div_ceil(LOSS_TILE);
+        let mut dt_part = stale(parts, NAN_F64);
+        let bwd = format!("clip_bwd{}", self.precision.suffix());
+        let mut dt = 0.0;
+        if self.rows > 0 {
+            let mut a = Args::new();
+            if bf16 {
+                a.buf(self.img_h.get()).buf(feat_h.get()).i64(br).i64(bc).i64(d64).i64(ld);
+            } else {
+                a.buf(self.img.get()).buf(feat_d.get()).i64(br).i64(bc).i64(d64);
+            }
+            a.f32(self.scale).f32(self.inv2b);
+            a.buf(self.la_hi.get()).buf(self.la_lo.get()).buf(lb_hi.get()).buf(lb_lo.get());
+            a.i64(diag).buf_mut(self.d_img.get_mut());
+            match self.mode {
+                LossMode::Fast => a.buf_mut(d_feat_d.get_mut()),
+                LossMode::Deterministic => a.null(),
+            };
+            a.buf_mut(dt_part.get_mut());
+            self.launch(&bwd, (self.rows.div_ceil(LOSS_TILE) as u32, 1), &mut a);
+            if self.mode == LossMode::Deterministic {
+                let swapped = if diag == NO_DIAG { NO_DIAG } else { -diag };
+                let mut a = Args::new();
+                if bf16 {
+                    a.buf(feat_h.get()).buf(self.img_h.get()).i64(bc).i64(br).i64(d64).i64(ld);
+                } else {
+                    a.buf(feat_d.get()).buf(self.img.get()).i64(bc).i64(br).i64(d64);
+                }
+                a.f32(self.scale).f32(self.inv2b);
+                a.buf(lb_hi.get()).buf(lb_lo.get()).buf(self.la_hi.get()).buf(self.la_lo.get());
+                a.i64(swapped).buf_mut(d_feat_d.get_mut()).null().null();
+                self.launch(&bwd, (nb.div_ceil(LOSS_TILE) as u32, 1), &mut a);
+            }
+            dt = dt_part.get()[..parts].iter().sum();
+        }
+        d_feat.copy_from_slice(&d_feat_d.get()[..nb * d]);
+        let ok = [&feat_d, &lb_hi, &lb_lo, &d_feat_d].iter().all(|g| g.intact())
+            && feat_h.intact()
+            && dt_part.intact()
+            && self.held_intact();
+        if !ok {
+            return Err(wrote_outside(&bwd));
+        }
+        Ok(dt)
+    }
+
+    /// Whether the buffers held for the call kept their guards.
+    fn held_intact(&self) -> bool {
+        [&self.img, &self.pos, &self.la_hi, &self.la_lo, &self.d_img].iter().all(|g| g.intact())
+            && self.img_h.intact()
+            && self.run_m.intact()
+            && self.run_z.intact()
+    }
+}
+
+/// ring.rs's `impl ClipBlocks for GpuClipBlocks`, step for step.
+impl ClipBlocks for EmuClipBlocks {
+    fn begin(
+        &mut self,
+        img: &[f32],
+        pos: Vec<usize>,
+        d: usize,
+        scale: f32,
+        big_b: usize,
+    ) -> Result<(), LossError> {
+        let rows = img.len() / d;
+        let row0 = pos.first().copied().unwrap_or(0);
+        if pos.iter().enumerate().any(|(i, &p)| p != row0 + i) {
+            return Err(LossError::Invalid("diagonal positives only".into()));
+        }
+        (self.rows, self.d, self.scale, self.row0) = (rows, d, scale, row0 as i64);
+        self.inv2b = (1.0 / (2.0 * big_b as f64)) as f32;
+        self.first = true;
+        // ring.rs's `ensure`: at least one value (the kernels take the buffer without rows).
+        self.img = if img.is_empty() { stale(0, NAN_F32) } else { Guarded::from(img, NAN_F32) };
+        self.run_m = stale(rows, NAN_F64);
+        self.run_z = stale(rows, NAN_F64);
+        self.pos = stale(rows, NAN_F32);
+        self.la_hi = stale(rows, NAN_F32);
+        self.la_lo = stale(rows, NAN_F32);
+        self.d_img = stale(rows * d, NAN_F32);
+        if self.bf16() {
+            self.img_h = self.to_bf16(&self.img, rows);
+        }
+        Ok(())
+    }
+
+    fn fwd_block(&mut self, feat: &[f32], col0: usize, cols: &mut [f32]) -> Result<(), LossError> {
+        self.fwd(feat, col0, cols)
+    }
+
+    fn fwd_end(&mut self) -> Result<(Vec<f64>, f64), LossError> {
+        let rows = self.rows;
+        if rows == 0 {
+            return Ok((Vec::new(), 0.0));
+        }
+        let (m, z, p) = (self.run_m.get(), self.run_z.get(), self.pos.get());
+        let lse = m[..rows].iter().zip(&z[..rows]).map(|(&m, &z)| m + z.ln()).collect();
+        Ok((lse, p[..rows].iter().map(|&x| x as f64).sum()))
+    }
+
+    fn bwd_begin(&mut self, lse: &[f64]) -> Result<(), LossError> {
+        let rows = self.rows;
+        for (i, &v) in lse.iter().enumerate().take(rows) {
+            (self.la_hi.get_mut()[i], self.la_lo.get_mut()[i]) = hi_lo(v);
+        }
+        self.d_img.get_mut().fill(0.0);
+        Ok(())
+    }
+
+    fn bwd_block(
+        &mut self,
+        feat: &[f32],
+        kap: &[f64],
+        col0: usize,
+        d_feat: &mut [f32],
+    ) -> Result<f64, LossError> {
+        self.bwd(feat, kap, col0, d_feat)
+    }
+
+    fn bwd_end(&mut self) -> Result<Vec<f32>, LossError> {
+        Ok(self.d_img.get()[..self.rows * self.d].to_vec())
+    }
+
+    fn held_bytes(&self) -> usize {
+        0
+    }
+}
+
+/// One ring run over `world = sizes.len()` ranks as threads: the CPU ring (`ops` None) or the
+/// emulated GPU blocks, one [`RingLossOut`] per rank in rank order.
+fn run_ring(
+    feats: &[(Vec<f32>, Vec<f32>)],
+    d: usize,
+    scale: f32,
+    chunk_rows: usize,
+    ops: Option<(&Arc<EmuModule>, LossMode, Precision, usize)>,
+) -> Result<Vec<RingLossOut>, String> {
+    let opts = RingLossOpts { chunk_rows, ..RingLossOpts::default() };
+    std::thread::scope(|s| {
+        let hs: Vec<_> = ThreadComm::group(feats.len())
+            .into_iter()
+            .zip(feats)
+            .map(|(mut c, (img, txt))| {
+                let opts = &opts;
+                s.spawn(move || -> Result<RingLossOut, String> {
+                    let b = img.len() / d;
+                    match ops {
+                        None => clip_loss_ring(&mut c, img, txt, b, d, scale, opts)
+                            .map_err(|e| e.to_string()),
+                        Some((m, mode, prec, wave)) => {
+                            let mut ops = EmuClipBlocks::new(m.clone(), mode, prec, wave);
+                            clip_loss_ring_with(
+                                &mut c, &mut ops, chunk_rows, None, img, txt, b, d, scale, None,
+                            )
+                            .map_err(|e| e.to_string())
+                        }
+                    }
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("a rank panicked".into()))).collect()
+    })
+}
+
+/// selftest.rs's `ring_errs`: `(quantity, vs the CPU ring, vs the f64 reference)` for the loss
+/// (the worst rank's), dI and dT (the ranks' rows concatenated) and dt (the ranks' shares
+/// summed).
+fn ring_errs(
+    got: &[RingLossOut],
+    cpu: &[RingLossOut],
+    reference: &(f64, Vec<f64>, Vec<f64>, f64),
+) -> [(&'static str, f64, f64); 4] {
+    let (lr, dir, dtr, dtr_t) = reference;
+    let worst = |want: f64| got.iter().map(|g| rel_err(&[g.loss], &[want])).fold(0.0, f64::max);
+    let rows = |o: &[RingLossOut], dt: bool| -> Vec<f32> {
+        o.iter()
+            .flat_map(|r| if dt { &r.d_txt_local } else { &r.d_img_local }.iter().copied())
+            .collect()
+    };
+    let dt_sum = |o: &[RingLossOut]| o.iter().map(|r| r.d_t_partial as f64).sum::<f64>();
+    let (gi, gt, g_dt) = (rows(got, false), rows(got, true), dt_sum(got));
+    let (ci, ct, c_dt) = (rows(cpu, false), rows(cpu, true), dt_sum(cpu));
+    [
+        ("loss", worst(cpu[0].loss as f64), worst(*lr)),
+        ("dI", rel_err(&gi, &ci), rel_err(&gi, dir)),
+        ("dT", rel_err(&gt, &ct), rel_err(&gt, dtr)),
+        ("dt", rel_err(&[g_dt], &[c_dt]), rel_err(&[g_dt], &[*dtr_t])),
+    ]
+}
+
+/// The ring with its blocks on the emulated kernels, as `GpuClipBlocks` launches them (see
+/// [`EmuClipBlocks`]), against the CPU ring (`clip_loss_ring`, same world and chunks) and the
+/// f64 reference of the whole batch, with `selftest::loss_tols`. World sizes 1, 2 and 4 with
+/// unequal rows per rank (one rank without rows: its forward runs on an empty chunk, its
+/// backward launches nothing), chunks of 80 or 40 rows (several rounds, a short last chunk, a
+/// rank whose last chunk is empty), so blocks whose positives lie entirely, partly and not at
+/// all (NO_DIAG) in them, rectangular blocks of one to three 64-row tiles split over several
+/// forward chunks and splits, and d below, across and above a 64-wide chunk. fp32 runs every
+/// world in both modes; the tensor-core precisions, whose emulated launches cost far more
+/// (every mma is two warp barriers; the bf16 copy is a block per padded row), run on the
+/// smaller worlds: TF32 deterministic on two ranks, and on one rank of two rectangular blocks
+/// (70 rows against 40 and 30 columns, diagonal offsets 0 and -40) 3xTF32 deterministic, TF32
+/// fast and BF16 deterministic (its swapped launch takes the copies' stride after d).
+///
+/// Sensitivity, tried by hand (each mutation of [`EmuClipBlocks`]'s launches, then reverted):
+/// with the deterministic dT launch given `diag` instead of the swapped `-diag`, the first case
+/// fails at once (fp32 deterministic, world [150]: dT 0.60 vs the CPU ring, tolerance 1e-4);
+/// with the bf16 swapped launch given d instead of the copies' stride `ld`, the bf16 case fails
+/// (dT 1.38, tolerance 5e-2).
+#[test]
+fn ring_blocks_match_the_cpu_ring_and_the_f64_reference() {
+    use LossMode::{Deterministic as Det, Fast};
+    use Precision::{Bf16, Fp32, Tf32, Tf32x3};
+    let m = module("clip_loss.cu").unwrap_or_else(|e| panic!("{e}"));
+    let mut rng = Rng::new(17);
+    let (scale, wave) = (20.0f32, 4usize);
+    type Case<'a> = (&'a [usize], usize, usize, &'a [(LossMode, Precision)]);
+    let cases: [Case; 4] = [
+        (&[150], 40, 80, &[(Det, Fp32), (Fast, Fp32)]),
+        (&[90, 57], 67, 80, &[(Det, Fp32), (Fast, Fp32), (Det, Tf32)]),
+        (&[40, 0, 70, 33], 72, 80, &[(Det, Fp32), (Fast, Fp32)]),
+        (&[70], 40, 40, &[(Det, Tf32x3), (Fast, Tf32), (Det, Bf16)]),
+    ];
+    for (sizes, d, chunk_rows, runs) in cases {
+        let feats: Vec<(Vec<f32>, Vec<f32>)> = sizes
+            .iter()
+            .map(|&b| (random_features(&mut rng, b, d), random_features(&mut rng, b, d)))
+            .collect();
+        let cpu = run_ring(&feats, d, scale, chunk_rows, None).expect("the CPU ring");
+        let all_img: Vec<f64> = feats.iter().flat_map(|(i, _)| to64(i)).collect();
+        let all_txt: Vec<f64> = feats.iter().flat_map(|(_, t)| to64(t)).collect();
+        let big_b = sizes.iter().sum::<usize>();
+        let reference = clip_loss_reference_f64(&all_img, &all_txt, big_b, d, scale as f64);
+        for &(mode, prec) in runs {
+            let t = std::time::Instant::now();
+            let tag =
+                format!("rows {sizes:?} d={d} chunk {chunk_rows} {} {}", prec.name(), mode.name());
+            let got = run_ring(&feats, d, scale, chunk_rows, Some((&m, mode, prec, wave)))
+                .unwrap_or_else(|e| panic!("{tag}: {e}"));
+            assert_eq!(got.len(), sizes.len());
+            for (g, &b) in got.iter().zip(sizes) {
+                assert_eq!((g.d_img_local.len(), g.d_txt_local.len()), (b * d, b * d), "{tag}");
+            }
+            let errs = ring_errs(&got, &cpu, &reference);
+            eprintln!("{tag}: {errs:?} ({:.1?})", t.elapsed());
+            let (tol_loss, tol_grad) = loss_tols(prec, scale);
+            for (what, e_cpu, e_ref) in errs {
+                let tol = if what == "loss" { tol_loss } else { tol_grad };
+                assert!(e_cpu <= tol, "{tag} {what}: {e_cpu:.3e} vs the CPU ring > {tol}");
+                assert!(e_ref <= tol, "{tag} {what}: {e_ref:.3e} vs the reference > {tol}");
+            }
+        }
+    }
+}
