@@ -160,15 +160,30 @@ __device__ __forceinline__ void tile_tc(const float* __restrict__ A, const float
     for (int n = 0; n < 4; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) c[n][e] = 0.0f;
-    for (i64 k0 = 0; k0 < d; k0 += TK) {
-        const i64 ra = r0 + lrow, rb = c0 + lrow;
+    // Each thread stages 4 consecutive k of one row of A and of Bm per stage. TF32: the next
+    // stage's values are loaded into registers while the tensor cores work on this one. 3xTF32
+    // (three products per value, and short of registers in the backward) loads each stage just
+    // before storing it.
+    const i64 ra = r0 + lrow, rb = c0 + lrow;
+    float na[4], nb[4];
+    auto load = [&](i64 k0) {
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             const i64 k = k0 + lk + q;
-            As[lk + q][lrow] = (ra < BR && k < d) ? A[ra * d + k] : 0.0f;
-            Bs[lk + q][lrow] = (rb < BC && k < d) ? Bm[rb * d + k] : 0.0f;
+            na[q] = (ra < BR && k < d) ? A[ra * d + k] : 0.0f;
+            nb[q] = (rb < BC && k < d) ? Bm[rb * d + k] : 0.0f;
+        }
+    };
+    if (!SPLIT) load(0);
+    for (i64 k0 = 0; k0 < d; k0 += TK) {
+        if (SPLIT) load(k0);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            As[lk + q][lrow] = na[q];
+            Bs[lk + q][lrow] = nb[q];
         }
         __syncthreads();
+        if (!SPLIT && k0 + TK < d) load(k0 + TK);
 #pragma unroll
         for (int kk = 0; kk < TK; kk += 8) {
             const float af[4] = {As[kk + q4][wm + g], As[kk + q4][wm + g + 8],
