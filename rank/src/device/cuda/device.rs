@@ -752,6 +752,78 @@ pub(super) fn sq_norm_cfg(n: usize) -> (usize, LaunchConfig) {
     (blocks, cfg)
 }
 
+// The host side of optim.cu's launches, shared with the CPU emulation's tests (emu_kernel_tests.rs)
+// so that they check these very encodings.
+
+/// `optim_reduce`'s job table: flags bit 0 ‖w‖², bit 1 ‖g‖², bit 2 ⟨g, w⟩.
+pub(super) fn reduce_table(jobs: &[ReduceJob]) -> Vec<i64> {
+    job_table(
+        jobs.iter()
+            .map(|j| (j.span, i64::from(j.ww) | i64::from(j.gg) << 1 | i64::from(j.gw) << 2)),
+    )
+}
+
+/// The sums of `optim_reduce`'s partials (3 per block, `blocks` per job), in block order.
+pub(super) fn reduce_sums(partial: &[f64], blocks: usize) -> Vec<Sums> {
+    partial
+        .chunks(3 * blocks)
+        .map(|p| {
+            let sum = |k: usize| p.iter().skip(k).step_by(3).sum::<f64>();
+            Sums { ww: sum(0), gg: sum(1), gw: sum(2) }
+        })
+        .collect()
+}
+
+/// `optim_momentum`'s job table (bit 0 Nesterov, bit 1 ‖w‖² of the new w) and its f64
+/// constants (s, wd, m, a, b per job).
+pub(super) fn momentum_args(jobs: &[MomentumJob]) -> (Vec<i64>, Vec<f64>) {
+    let table =
+        job_table(jobs.iter().map(|j| (j.span, i64::from(j.nesterov) | i64::from(j.norm) << 1)));
+    let consts = jobs.iter().flat_map(|j| [j.k.s, j.k.wd, j.k.m, j.k.a, j.k.b]).collect();
+    (table, consts)
+}
+
+/// The new ‖w‖² of the jobs that asked for it (0 for the others): `optim_momentum`'s partials
+/// (`blocks` per job) summed in block order.
+pub(super) fn momentum_norms(partial: &[f64], blocks: usize, jobs: &[MomentumJob]) -> Vec<f64> {
+    partial
+        .chunks(blocks)
+        .zip(jobs)
+        .map(|(p, j)| if j.norm { p.iter().sum() } else { 0.0 })
+        .collect()
+}
+
+/// `optim_lamb_moments`' job table and its f32 constants (9 per job), rounded exactly as the CPU
+/// engine rounds them.
+pub(super) fn lamb_args(jobs: &[LambJob]) -> (Vec<i64>, Vec<f32>) {
+    let table = job_table(jobs.iter().map(|j| (j.span, 0)));
+    let consts = jobs
+        .iter()
+        .flat_map(|j| {
+            let k = j.k;
+            [k.s, k.b1, 1.0 - k.b1, k.b2, 1.0 - k.b2, k.c1, k.c2, k.eps, k.wd].map(|x| x as f32)
+        })
+        .collect();
+    (table, consts)
+}
+
+/// Each job's rate from `optim_lamb_moments`' partials (‖u‖², ‖w‖² per block, `blocks` per job).
+pub(super) fn lamb_rates(
+    partial: &[f64],
+    blocks: usize,
+    rate: &mut dyn FnMut(usize, f64, f64) -> f64,
+) -> Vec<f64> {
+    partial
+        .chunks(2 * blocks)
+        .enumerate()
+        .map(|(j, p)| {
+            let uu = p.iter().step_by(2).sum::<f64>();
+            let ww = p.iter().skip(1).step_by(2).sum::<f64>();
+            rate(j, uu, ww)
+        })
+        .collect()
+}
+
 impl Device for CudaDevice {
     type Buf = ManagedBuf;
 
@@ -1149,10 +1221,7 @@ impl Device for CudaDevice {
         if jobs.is_empty() {
             return Vec::new();
         }
-        let table = job_table(
-            jobs.iter()
-                .map(|j| (j.span, i64::from(j.ww) | i64::from(j.gg) << 1 | i64::from(j.gw) << 2)),
-        );
+        let table = reduce_table(jobs);
         let cfg = optim_cfg(jobs.iter().map(|j| j.span));
         let slots = cfg.grid_dim.0 as usize * jobs.len();
         let mut partial = vec![0.0f64; 3 * slots];
@@ -1164,14 +1233,7 @@ impl Device for CudaDevice {
         unsafe { self.launch("optim_reduce", cfg, &args) };
         call.fetch(&mut partial, pp);
         call.finish();
-        let per_job = 3 * cfg.grid_dim.0 as usize;
-        partial
-            .chunks(per_job)
-            .map(|p| {
-                let sum = |k: usize| p.iter().skip(k).step_by(3).sum::<f64>();
-                Sums { ww: sum(0), gg: sum(1), gw: sum(2) }
-            })
-            .collect()
+        reduce_sums(&partial, cfg.grid_dim.0 as usize)
     }
 
     fn optim_momentum(
@@ -1192,11 +1254,7 @@ impl Device for CudaDevice {
         if jobs.is_empty() {
             return Vec::new();
         }
-        let table = job_table(
-            jobs.iter().map(|j| (j.span, i64::from(j.nesterov) | i64::from(j.norm) << 1)),
-        );
-        let consts: Vec<f64> =
-            jobs.iter().flat_map(|j| [j.k.s, j.k.wd, j.k.m, j.k.a, j.k.b]).collect();
+        let (table, consts) = momentum_args(jobs);
         let cfg = optim_cfg(jobs.iter().map(|j| j.span));
         let blocks = cfg.grid_dim.0 as usize;
         let mut partial = vec![0.0f64; blocks * jobs.len()];
@@ -1220,11 +1278,7 @@ impl Device for CudaDevice {
         call.finish();
         // The host reads the parameters next (checkpoint, logit-scale clamp).
         self.shared.sync("synchronize after the optimizer step");
-        partial
-            .chunks(blocks)
-            .zip(jobs)
-            .map(|(p, j)| if j.norm { p.iter().sum() } else { 0.0 })
-            .collect()
+        momentum_norms(&partial, blocks, jobs)
     }
 
     fn optim_lamb(
@@ -1248,15 +1302,7 @@ impl Device for CudaDevice {
         if jobs.is_empty() {
             return;
         }
-        let table = job_table(jobs.iter().map(|j| (j.span, 0)));
-        // The f32 constants exactly as the CPU engine rounds them.
-        let consts: Vec<f32> = jobs
-            .iter()
-            .flat_map(|j| {
-                let k = j.k;
-                [k.s, k.b1, 1.0 - k.b1, k.b2, 1.0 - k.b2, k.c1, k.c2, k.eps, k.wd].map(|x| x as f32)
-            })
-            .collect();
+        let (table, consts) = lamb_args(jobs);
         let cfg = optim_cfg(jobs.iter().map(|j| j.span));
         let blocks = cfg.grid_dim.0 as usize;
         let mut partial = vec![0.0f64; 2 * blocks * jobs.len()];
@@ -1288,15 +1334,7 @@ impl Device for CudaDevice {
             unsafe { self.launch("optim_lamb_moments", cfg, &args) };
             call.fetch(&mut partial, pp);
             call.finish();
-            rates = partial
-                .chunks(2 * blocks)
-                .enumerate()
-                .map(|(j, p)| {
-                    let uu = p.iter().step_by(2).sum::<f64>();
-                    let ww = p.iter().skip(1).step_by(2).sum::<f64>();
-                    rate(j, uu, ww)
-                })
-                .collect();
+            rates = lamb_rates(&partial, blocks, rate);
         }
         let mut call = Call::new(self);
         let args = [

@@ -15,7 +15,10 @@ use cudarc::driver::LaunchConfig;
 
 use super::support::{Guarded, NAN_F32, NAN_F64};
 use super::{Args, EmuModule, module};
-use crate::device::cuda::device::{MAX_JOBS, job_table, optim_cfg, sq_norm_cfg};
+use crate::device::cuda::device::{
+    MAX_JOBS, lamb_args, lamb_rates, momentum_args, momentum_norms, optim_cfg, reduce_sums,
+    reduce_table, sq_norm_cfg,
+};
 use crate::device::cuda::gpu::{elem_cfg, row_cfg};
 use crate::device::cuda::selftest::rel_err;
 use crate::device::{CpuDevice, Device, L2_NORM_EPS, XentOut};
@@ -423,10 +426,7 @@ impl Device for EmuDevice {
         if jobs.is_empty() {
             return Vec::new();
         }
-        let table = job_table(
-            jobs.iter()
-                .map(|j| (j.span, i64::from(j.ww) | i64::from(j.gg) << 1 | i64::from(j.gw) << 2)),
-        );
+        let table = reduce_table(jobs);
         let cfg = optim_cfg(jobs.iter().map(|j| j.span));
         let slots = cfg.grid_dim.0 as usize * jobs.len();
         let (gw, gg, gt) = (input(w, NAN_F32), input(g, NAN_F32), input(&table, i64::MIN));
@@ -437,14 +437,7 @@ impl Device for EmuDevice {
         a.buf(gt.get()).buf_mut(gp.get_mut());
         self.launch(&self.optim, "optim_reduce", cfg, &mut a);
         guards("optim_reduce", &[gw.intact(), gg.intact(), gt.intact(), gp.intact()]);
-        let per_job = 3 * cfg.grid_dim.0 as usize;
-        gp.get()
-            .chunks(per_job)
-            .map(|p| {
-                let sum = |k: usize| p.iter().skip(k).step_by(3).sum::<f64>();
-                Sums { ww: sum(0), gg: sum(1), gw: sum(2) }
-            })
-            .collect()
+        reduce_sums(gp.get(), cfg.grid_dim.0 as usize)
     }
 
     fn optim_momentum(
@@ -462,11 +455,7 @@ impl Device for EmuDevice {
         if jobs.is_empty() {
             return Vec::new();
         }
-        let table = job_table(
-            jobs.iter().map(|j| (j.span, i64::from(j.nesterov) | i64::from(j.norm) << 1)),
-        );
-        let consts: Vec<f64> =
-            jobs.iter().flat_map(|j| [j.k.s, j.k.wd, j.k.m, j.k.a, j.k.b]).collect();
+        let (table, consts) = momentum_args(jobs);
         let cfg = optim_cfg(jobs.iter().map(|j| j.span));
         let blocks = cfg.grid_dim.0 as usize;
         let (mut gw, gg, mut gv) = (input(w, NAN_F32), input(g, NAN_F32), input(v, NAN_F32));
@@ -481,11 +470,7 @@ impl Device for EmuDevice {
         w.copy_from_slice(gw.get());
         v.copy_from_slice(gv.get());
         // The partials are fetched only when some job asks for a norm; the others' stay unread.
-        gp.get()
-            .chunks(blocks)
-            .zip(jobs)
-            .map(|(p, j)| if j.norm { p.iter().sum() } else { 0.0 })
-            .collect()
+        momentum_norms(gp.get(), blocks, jobs)
     }
 
     fn optim_lamb(
@@ -509,14 +494,7 @@ impl Device for EmuDevice {
         if jobs.is_empty() {
             return;
         }
-        let table = job_table(jobs.iter().map(|j| (j.span, 0)));
-        let consts: Vec<f32> = jobs
-            .iter()
-            .flat_map(|j| {
-                let k = j.k;
-                [k.s, k.b1, 1.0 - k.b1, k.b2, 1.0 - k.b2, k.c1, k.c2, k.eps, k.wd].map(|x| x as f32)
-            })
-            .collect();
+        let (table, consts) = lamb_args(jobs);
         let cfg = optim_cfg(jobs.iter().map(|j| j.span));
         let blocks = cfg.grid_dim.0 as usize;
         // u indexed like w: the caller's scratch when it is that long, else the device's own.
@@ -539,16 +517,7 @@ impl Device for EmuDevice {
         m.copy_from_slice(gm.get());
         v.copy_from_slice(gv.get());
         u.copy_from_slice(gu.get());
-        let rates: Vec<f64> = gp
-            .get()
-            .chunks(2 * blocks)
-            .enumerate()
-            .map(|(j, p)| {
-                let uu = p.iter().step_by(2).sum::<f64>();
-                let ww = p.iter().skip(1).step_by(2).sum::<f64>();
-                rate(j, uu, ww)
-            })
-            .collect();
+        let rates = lamb_rates(gp.get(), blocks, rate);
         let (mut gw, gu) = (input(w, NAN_F32), input(u, NAN_F32));
         let (gt, gr) = (input(&table, i64::MIN), input(&rates, NAN_F64));
         let mut a = Args::new();

@@ -23,8 +23,9 @@
 //
 // Backward (clip_bwd): block rt owns the rows of dA; for each column tile it recomputes the
 // logits, forms G in shared memory and adds s * G * Bm_tile to its rows of dA, 64 feature
-// columns at a time (no other block writes them: no atomics). Deterministic mode runs it twice, (I, T) -> dI then (T, I) -> dT
-// (G is symmetric under the swap); fast mode runs it once and adds dT with atomicAdd.
+// columns at a time (no other block writes them: no atomics). Deterministic mode runs it twice,
+// (I, T) -> dI then (T, I) -> dT (G is symmetric under the swap); fast mode runs it once and adds
+// dT with atomicAdd.
 //
 // Rows and columns past B are masked (-inf in the forward, G = 0 in the backward), so any B
 // and d are valid. The bf16 copies are zero-padded to multiples of 64 rows and 64 columns, so
@@ -125,6 +126,35 @@ __device__ __forceinline__ void mma_tf32(float c[4], const unsigned a[4], const 
 #endif
 }
 
+// One k-step of 8 for a warp's 16 x 32 block: c[n] += A x B_n (n = 0..3, m16n8k8) from fp32
+// values, rounded to TF32, or with SPLIT as 3xTF32 (x = hi + lo; hi*hi + hi*lo + lo*hi). af: the
+// A fragment's values (rows g, g + 8 at k q4, then at k q4 + 4); bf(n, e): B_n's value at
+// k = q4 + 4 e, column g.
+template <bool SPLIT, typename BF>
+__device__ __forceinline__ void mma_tf32_row(float c[4][4], const float af[4], BF bf) {
+    unsigned ah[4], al[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        ah[e] = to_tf32(af[e]);
+        al[e] = SPLIT ? to_tf32(af[e] - __uint_as_float(ah[e])) : 0u;
+    }
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+        unsigned bh[2], bl[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const float b = bf(n, e);
+            bh[e] = to_tf32(b);
+            bl[e] = SPLIT ? to_tf32(b - __uint_as_float(bh[e])) : 0u;
+        }
+        if (SPLIT) {
+            mma_tf32(c[n], al, bh);
+            mma_tf32(c[n], ah, bl);
+        }
+        mma_tf32(c[n], ah, bh);
+    }
+}
+
 // Xs[row][col] = scale * c for the accumulator fragments of an m16n8 mma (rows g, g + 8, columns
 // 2 q4, 2 q4 + 1 of each 16 x 8 block) of the warp's 16 x 32 block at (wm, wn); `fill` in rows
 // past BR and columns past BC.
@@ -188,27 +218,8 @@ __device__ __forceinline__ void tile_tc(const float* __restrict__ A, const float
         for (int kk = 0; kk < TK; kk += 8) {
             const float af[4] = {As[kk + q4][wm + g], As[kk + q4][wm + g + 8],
                                  As[kk + q4 + 4][wm + g], As[kk + q4 + 4][wm + g + 8]};
-            unsigned ah[4], al[4];
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                ah[e] = to_tf32(af[e]);
-                al[e] = SPLIT ? to_tf32(af[e] - __uint_as_float(ah[e])) : 0u;
-            }
-#pragma unroll
-            for (int n = 0; n < 4; ++n) {
-                const float bf[2] = {Bs[kk + q4][wn + 8 * n + g], Bs[kk + q4 + 4][wn + 8 * n + g]};
-                unsigned bh[2], bl[2];
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    bh[e] = to_tf32(bf[e]);
-                    bl[e] = SPLIT ? to_tf32(bf[e] - __uint_as_float(bh[e])) : 0u;
-                }
-                if (SPLIT) {
-                    mma_tf32(c[n], al, bh);
-                    mma_tf32(c[n], ah, bl);
-                }
-                mma_tf32(c[n], ah, bh);
-            }
+            mma_tf32_row<SPLIT>(
+                c, af, [&](int n, int e) { return Bs[kk + q4 + 4 * e][wn + 8 * n + g]; });
         }
         __syncthreads();
     }
@@ -609,8 +620,8 @@ __device__ __forceinline__ void feature_chunk(const typename Tiles<MODE>::Feat* 
 // (TRANS true: dB's columns against the rows). TF32 m16n8k8 products with fp32 accumulators;
 // SPLIT: 3xTF32 (G and F each as hi + lo, near fp32); else G and F are rounded to TF32.
 template <bool SPLIT, bool TRANS>
-__device__ __forceinline__ void product_tc(const float (*Gs)[TN + 1], const float (*Fs)[FS_LD], int wm,
-                                           int wn, int g, int q4, float c[4][4]) {
+__device__ __forceinline__ void product_tc(const float (*Gs)[TN + 1], const float (*Fs)[FS_LD],
+                                           int wm, int wn, int g, int q4, float c[4][4]) {
 #pragma unroll
     for (int n = 0; n < 4; ++n)
 #pragma unroll
@@ -629,27 +640,8 @@ __device__ __forceinline__ void product_tc(const float (*Gs)[TN + 1], const floa
             af[2] = Gs[wm + g][k0 + q4 + 4];
             af[3] = Gs[wm + g + 8][k0 + q4 + 4];
         }
-        unsigned ah[4], al[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            ah[e] = to_tf32(af[e]);
-            al[e] = SPLIT ? to_tf32(af[e] - __uint_as_float(ah[e])) : 0u;
-        }
-#pragma unroll
-        for (int n = 0; n < 4; ++n) {
-            const float bf[2] = {Fs[k0 + q4][wn + 8 * n + g], Fs[k0 + q4 + 4][wn + 8 * n + g]};
-            unsigned bh[2], bl[2];
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                bh[e] = to_tf32(bf[e]);
-                bl[e] = SPLIT ? to_tf32(bf[e] - __uint_as_float(bh[e])) : 0u;
-            }
-            if (SPLIT) {
-                mma_tf32(c[n], al, bh);
-                mma_tf32(c[n], ah, bl);
-            }
-            mma_tf32(c[n], ah, bh);
-        }
+        mma_tf32_row<SPLIT>(c, af,
+                            [&](int n, int e) { return Fs[k0 + q4 + 4 * e][wn + 8 * n + g]; });
     }
 }
 
