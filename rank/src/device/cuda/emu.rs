@@ -68,8 +68,9 @@ unsafe impl Send for EmuModule {}
 unsafe impl Sync for EmuModule {}
 
 /// The C++ translation unit for `src`: the emulation header, the source as NVRTC gets it
-/// (`extern __shared__ T name[];` becoming the launch's dynamic shared memory), and a launcher
-/// that finds a kernel by name.
+/// (`extern __shared__ T name[];` becoming the launch's dynamic shared memory, and each
+/// `__shared__ ... name[...];` followed by its registration for poisoning), and a launcher that
+/// finds a kernel by name.
 pub fn translation_unit(src: &KernelSource) -> String {
     let mut body = String::new();
     for line in src.src.lines() {
@@ -80,6 +81,18 @@ pub fn translation_unit(src: &KernelSource) -> String {
             let (ty, name) = rest.rsplit_once(' ').expect("extern __shared__ <type> <name>[]");
             let indent = &line[..line.len() - t.len()];
             body.push_str(&format!("{indent}{ty}* {name} = emu::dyn_shared<{ty}>();\n"));
+        } else if t.starts_with("__shared__ ") {
+            // "__shared__ <type> name[...]...;" -> the same, then "static emu::Reg ...(name)".
+            // (A trailing comment stays after the registration.)
+            let (code, comment) = line.split_once("//").map_or((line, ""), |(c, r)| (c, r));
+            let decl = t.split('[').next().unwrap_or("");
+            let name = decl.split_whitespace().last().expect("__shared__ <type> <name>[...]");
+            body.push_str(code.trim_end());
+            body.push_str(&format!(" static emu::Reg emu_reg_{name}(&{name}, sizeof {name});"));
+            if !comment.is_empty() {
+                body.push_str(&format!("  //{comment}"));
+            }
+            body.push('\n');
         } else {
             body.push_str(line);
             body.push('\n');

@@ -196,3 +196,24 @@ fn fused_loss_kernels_match_the_f64_reference_in_every_precision_and_mode() {
         }
     }
 }
+
+/// The translation unit registers every static `__shared__` array for poisoning (also the one
+/// declared with a trailing comment) and maps `extern __shared__` to the dynamic shared memory.
+#[test]
+fn translation_units_register_shared_memory_and_know_every_kernel() {
+    use crate::device::cuda::nvrtc::SOURCES;
+    for src in SOURCES {
+        let tu = super::translation_unit(src);
+        let declared =
+            src.src.lines().filter(|l| l.trim_start().starts_with("__shared__ ")).count();
+        assert_eq!(tu.matches("static emu::Reg emu_reg_").count(), declared, "{}", src.name);
+        assert!(!tu.contains("extern __shared__"), "{}", src.name);
+        for k in src.kernels {
+            assert!(tu.contains(&format!("emu::launch({k}, ")), "{}: {k}", src.name);
+        }
+    }
+    let tu = super::translation_unit(SOURCES.iter().find(|s| s.name == "clip_loss.cu").unwrap());
+    assert!(tu.contains(
+        "__shared__ float Gs[TM][TN + 1]; static emu::Reg emu_reg_Gs(&Gs, sizeof Gs);  // the"
+    ));
+}

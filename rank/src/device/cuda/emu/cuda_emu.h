@@ -22,6 +22,7 @@
 #include <cstring>
 #include <math.h>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -62,6 +63,30 @@ struct Block {
     std::vector<std::unique_ptr<Warp>> warps;
     std::vector<unsigned char> dyn_shared;
 };
+
+// The `__shared__` arrays met so far (emu.rs adds a `Reg` after each declaration). Before every
+// block they are filled with 0xff bytes (NaN as f32, f64 and bf16), as the launch's dynamic
+// shared memory is: shared memory starts as garbage on a GPU, and a kernel that reads what its
+// block did not write reads NaN here. (The first block to meet a declaration sees what earlier
+// launches left.)
+struct SharedRegs {
+    std::mutex m;
+    std::vector<std::pair<void*, std::size_t>> v;
+};
+inline SharedRegs& shared_regs() {
+    static SharedRegs r;
+    return r;
+}
+struct Reg {
+    Reg(void* p, std::size_t n) {
+        std::lock_guard<std::mutex> g(shared_regs().m);
+        shared_regs().v.emplace_back(p, n);
+    }
+};
+inline void poison_shared() {
+    std::lock_guard<std::mutex> g(shared_regs().m);
+    for (auto& [p, n] : shared_regs().v) std::memset(p, 0xff, n);
+}
 
 thread_local Block* cur_block = nullptr;
 thread_local unsigned cur_tid = 0;
@@ -171,7 +196,8 @@ void launch(void (*f)(A...), const unsigned grid[3], const unsigned block[3], un
     unsigned long long index = 0;
     auto advance = [&]() noexcept {
         cur = std::make_unique<Block>(threads);
-        cur->dyn_shared.assign(shared, 0);
+        cur->dyn_shared.assign(shared, 0xff);
+        poison_shared();
     };
     advance();
     std::barrier next(threads, [&]() noexcept {
