@@ -145,8 +145,8 @@ fn emu_clip_loss(
 }
 
 /// Every precision and mode of the fused loss, as clip_loss_launch runs it, at sizes that leave
-/// partial tiles in both directions (B not a multiple of 64, d not a multiple of 16 or 64) and
-/// a forward grid of several chunks and splits; the same tolerances as `tessera cuda selftest`.
+/// partial tiles in both directions (B not a multiple of 64, d not a multiple of 16 or 64), a
+/// forward grid of several chunks and splits, and a d with many k-stages and feature chunks; the same tolerances as `tessera cuda selftest`.
 /// Sensitivity, tried by hand: with the emulated A fragments' registers 1 and 2 swapped (in
 /// both mma emulations) the first tensor-core case fails at once (3xTF32: loss 9.9e-3, dI 0.46);
 /// with a wrong row in the transposed gradient product's A fragment (`product_tc`), fast mode's
@@ -156,7 +156,10 @@ fn emu_clip_loss(
 fn fused_loss_kernels_match_the_f64_reference_in_every_precision_and_mode() {
     let m = module("clip_loss.cu").unwrap_or_else(|e| panic!("{e}"));
     let mut rng = Rng::new(5);
-    for &(b, d, scale, target) in &[(130usize, 40usize, 14.3f32, 4usize), (70, 72, 30.0, 2)] {
+    // (64, 200): one tile, but 13 k-stages and 4 feature chunks (the last 8 wide, bf16 padded
+    // to 256) per tile.
+    let cases = [(130usize, 40usize, 14.3f32, 4usize), (70, 72, 30.0, 2), (64, 200, 10.0, 1)];
+    for &(b, d, scale, target) in &cases {
         let img = random_features(&mut rng, b, d);
         let txt = random_features(&mut rng, b, d);
         let (lr, dir, dtr, dtr_t) =
