@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::support::{Guarded, NAN_BF16, NAN_F32, NAN_F64, to64};
 use super::{Args, EmuModule, module};
 use crate::device::cuda::gpu::{LOSS_TILE, LossMode, Precision, bf16_layout, plan_fwd_grid_rect};
-use crate::device::cuda::ring::{NO_DIAG, block_diag, hi_lo, operand_stride};
+use crate::device::cuda::ring::{block_diag, hi_lo, operand_stride};
 use crate::device::cuda::selftest::{loss_tols, random_features, rel_err};
 use crate::loss::ring::{ClipBlocks, LossError};
 use crate::loss::{
@@ -186,7 +186,16 @@ impl EmuClipBlocks {
         let mut d_feat_d = Guarded::new(nb * d, 0.0f32, NAN_F32);
         let parts = self.rows.div_ceil(LOSS_TILE);
         let mut dt_part = stale(parts, NAN_F64);
-        let bwd = format!("clip_bwd{}", self.precision.suffix());
+        // ring.rs: fast mode one clip_bwd* pass (the block's dT by atomicAdd), deterministic
+        // mode clip_bwd_pair* (both passes, grid y = 2, over the longer pass's row tiles).
+        let (bwd, grid) = match self.mode {
+            LossMode::Fast => {
+                (format!("clip_bwd{}", self.precision.suffix()), (self.rows.div_ceil(LOSS_TILE), 1))
+            }
+            LossMode::Deterministic => {
+                (self.precision.bwd_pair(), (self.rows.max(nb).div_ceil(LOSS_TILE), 2))
+            }
+        };
         let mut dt = 0.0;
         if self.rows > 0 {
             let mut a = Args::new();
@@ -197,26 +206,9 @@ impl EmuClipBlocks {
             }
             a.f32(self.scale).f32(self.inv2b);
             a.buf(self.la_hi.get()).buf(self.la_lo.get()).buf(lb_hi.get()).buf(lb_lo.get());
-            a.i64(diag).buf_mut(self.d_img.get_mut());
-            match self.mode {
-                LossMode::Fast => a.buf_mut(d_feat_d.get_mut()),
-                LossMode::Deterministic => a.null(),
-            };
+            a.i64(diag).buf_mut(self.d_img.get_mut()).buf_mut(d_feat_d.get_mut());
             a.buf_mut(dt_part.get_mut());
-            self.launch(&bwd, (self.rows.div_ceil(LOSS_TILE) as u32, 1), &mut a);
-            if self.mode == LossMode::Deterministic {
-                let swapped = if diag == NO_DIAG { NO_DIAG } else { -diag };
-                let mut a = Args::new();
-                if bf16 {
-                    a.buf(feat_h.get()).buf(self.img_h.get()).i64(bc).i64(br).i64(d64).i64(ld);
-                } else {
-                    a.buf(feat_d.get()).buf(self.img.get()).i64(bc).i64(br).i64(d64);
-                }
-                a.f32(self.scale).f32(self.inv2b);
-                a.buf(lb_hi.get()).buf(lb_lo.get()).buf(self.la_hi.get()).buf(self.la_lo.get());
-                a.i64(swapped).buf_mut(d_feat_d.get_mut()).null().null();
-                self.launch(&bwd, (nb.div_ceil(LOSS_TILE) as u32, 1), &mut a);
-            }
+            self.launch(&bwd, (grid.0 as u32, grid.1), &mut a);
             dt = dt_part.get()[..parts].iter().sum();
         }
         d_feat.copy_from_slice(&d_feat_d.get()[..nb * d]);
@@ -389,10 +381,11 @@ fn ring_errs(
 /// (70 rows against 40 and 30 columns, diagonal offsets 0 and -40) 3xTF32 deterministic, TF32
 /// fast and BF16 deterministic (its swapped launch takes the copies' stride after d).
 ///
-/// Sensitivity, tried by hand (each mutation of [`EmuClipBlocks`]'s launches, then reverted):
-/// with the deterministic dT launch given `diag` instead of the swapped `-diag`, the first case
-/// fails at once (fp32 deterministic, world [150]: dT 0.60 vs the CPU ring, tolerance 1e-4);
-/// with the bf16 swapped launch given d instead of the copies' stride `ld`, the bf16 case fails
+/// Sensitivity, tried by hand (each mutation then reverted): with the deterministic dT pass
+/// given `diag` instead of the swapped `-diag` (when the two passes were separate launches, and
+/// again in `clip_bwd_pair_impl` since they are one), the first case fails at once (fp32
+/// deterministic, world [150]: dT 0.60 vs the CPU ring, tolerance 1e-4); with the bf16 swapped
+/// launch given d instead of the copies' stride `ld` (separate launches), the bf16 case failed
 /// (dT 1.38, tolerance 5e-2).
 #[test]
 fn ring_blocks_match_the_cpu_ring_and_the_f64_reference() {

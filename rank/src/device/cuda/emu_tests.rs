@@ -54,13 +54,11 @@ fn emu_clip_loss(
         launch(m, "clip_to_bf16", rows_p.clamp(1, 65535) as u32, 1, &mut a);
     }
     let ld = if bf16 { ld_p as i64 } else { di };
-    let feats = |a: &mut Args, swap: bool| {
-        let (x, y) = if swap { (&txt, &img) } else { (&img, &txt) };
-        let (xh, yh) = if swap { (&txt_h, &img_h) } else { (&img_h, &txt_h) };
+    let feats = |a: &mut Args| {
         if bf16 {
-            a.buf(xh.get()).buf(yh.get());
+            a.buf(img_h.get()).buf(txt_h.get());
         } else {
-            a.buf(x.get()).buf(y.get());
+            a.buf(img.get()).buf(txt.get());
         }
     };
     let (chunks, splits) = (grid.chunks, grid.splits);
@@ -70,7 +68,7 @@ fn emu_clip_loss(
     let mut col_z = Guarded::new(chunks * b, NAN_F32, NAN_F32);
     let mut pos = Guarded::new(b, NAN_F32, NAN_F32);
     let mut a = Args::new();
-    feats(&mut a, false);
+    feats(&mut a);
     a.i64(bi).i64(bi).i64(ld).f32(scale).i64(0);
     a.i32(grid.tiles_per_chunk as i32).i32(grid.tiles_per_split as i32);
     a.buf_mut(row_m.get_mut()).buf_mut(row_z.get_mut());
@@ -97,34 +95,22 @@ fn emu_clip_loss(
     let mut d_txt = Guarded::new(b * d, 0.0f32, NAN_F32);
     let mut dt_part = Guarded::new(n_t, NAN_F64, NAN_F64);
     let inv2b = (1.0 / (2.0 * b as f64)) as f32;
-    let bwd = format!("clip_bwd{}", prec.suffix());
+    // Fast mode: clip_bwd*, dT by atomicAdd; deterministic mode: both passes in one launch of
+    // clip_bwd_pair* (grid y = 2).
+    let (bwd, grid_y) = match mode {
+        LossMode::Fast => (format!("clip_bwd{}", prec.suffix()), 1),
+        LossMode::Deterministic => (prec.bwd_pair(), 2),
+    };
     let mut a = Args::new();
-    feats(&mut a, false);
+    feats(&mut a);
     a.i64(bi).i64(bi).i64(di);
     if bf16 {
         a.i64(ld);
     }
     a.f32(scale).f32(inv2b);
     a.buf(lse_hi.get()).buf(lse_lo.get()).buf(kap_hi.get()).buf(kap_lo.get()).i64(0);
-    a.buf_mut(d_img.get_mut());
-    match mode {
-        LossMode::Fast => a.buf_mut(d_txt.get_mut()),
-        LossMode::Deterministic => a.null(),
-    };
-    a.buf_mut(dt_part.get_mut());
-    launch(m, &bwd, n_t as u32, 1, &mut a);
-    if mode == LossMode::Deterministic {
-        let mut a = Args::new();
-        feats(&mut a, true);
-        a.i64(bi).i64(bi).i64(di);
-        if bf16 {
-            a.i64(ld);
-        }
-        a.f32(scale).f32(inv2b);
-        a.buf(kap_hi.get()).buf(kap_lo.get()).buf(lse_hi.get()).buf(lse_lo.get()).i64(0);
-        a.buf_mut(d_txt.get_mut()).null().null();
-        launch(m, &bwd, n_t as u32, 1, &mut a);
-    }
+    a.buf_mut(d_img.get_mut()).buf_mut(d_txt.get_mut()).buf_mut(dt_part.get_mut());
+    launch(m, &bwd, n_t as u32, grid_y, &mut a);
     let mut dt = Guarded::new(1, NAN_F64, NAN_F64);
     let mut a = Args::new();
     a.buf(dt_part.get()).i64(n_t as i64).buf_mut(dt.get_mut());

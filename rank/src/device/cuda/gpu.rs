@@ -201,7 +201,8 @@ pub const LOSS_TILE: usize = 64;
 /// Backward mode of the fused loss.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LossMode {
-    /// No atomics: dI and dT by two kernels, each recomputing the logits (bitwise repeatable).
+    /// No atomics: dI and dT by two passes (one launch), each recomputing the logits (bitwise
+    /// repeatable).
     #[default]
     Deterministic,
     /// One backward kernel recomputing the logits once; dT by atomicAdd.
@@ -285,6 +286,11 @@ impl Precision {
     /// The forward and backward kernels of this precision (in clip_loss.cu).
     fn kernels(self) -> (String, String) {
         (format!("clip_fwd{}", self.suffix()), format!("clip_bwd{}", self.suffix()))
+    }
+
+    /// Deterministic mode's backward: both passes in one launch (grid y = 2).
+    pub(crate) fn bwd_pair(self) -> String {
+        format!("clip_bwd_pair{}", self.suffix())
     }
 }
 
@@ -551,40 +557,28 @@ pub fn clip_loss_launch(
     drv("zero dI", s.memset_zeros(&mut bufs.d_img))?;
     drv("zero dT", s.memset_zeros(&mut bufs.d_txt))?;
     let inv2b = (1.0 / (2.0 * bufs.b as f64)) as f32;
-    let null = 0u64;
-    let rows =
-        LaunchConfig { grid_dim: (n_t as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let f = gpu.func(&bwd)?;
-    {
-        let mut l = s.launch_builder(f);
-        match feats {
-            Some((hi, ht)) => l.arg(hi).arg(ht).arg(&b).arg(&b).arg(&d).arg(&ld),
-            None => l.arg(img).arg(txt).arg(&b).arg(&b).arg(&d),
-        };
-        l.arg(&scale).arg(&inv2b);
-        l.arg(&bufs.lse_hi).arg(&bufs.lse_lo).arg(&bufs.kap_hi).arg(&bufs.kap_lo).arg(&diag);
-        l.arg(&mut bufs.d_img);
-        match mode {
-            LossMode::Fast => l.arg(&mut bufs.d_txt),
-            LossMode::Deterministic => l.arg(&null),
-        };
-        l.arg(&mut bufs.dt_part);
-        // SAFETY: matches clip_bwd* (clip_bwd_bf16 has the copies' row stride after d); dA/dB
-        // hold b·d values, dt_part n_t; a null dB is allowed.
-        drv("launch clip_bwd (dI)", unsafe { l.launch(rows) })?;
-    }
-    if mode == LossMode::Deterministic {
-        let mut l = s.launch_builder(f);
-        match feats {
-            Some((hi, ht)) => l.arg(ht).arg(hi).arg(&b).arg(&b).arg(&d).arg(&ld),
-            None => l.arg(txt).arg(img).arg(&b).arg(&b).arg(&d),
-        };
-        l.arg(&scale).arg(&inv2b);
-        l.arg(&bufs.kap_hi).arg(&bufs.kap_lo).arg(&bufs.lse_hi).arg(&bufs.lse_lo).arg(&diag);
-        l.arg(&mut bufs.d_txt).arg(&null).arg(&null);
-        // SAFETY: as above with the roles of I and T swapped; dB and dt_part null.
-        drv("launch clip_bwd (dT)", unsafe { l.launch(rows) })?;
-    }
+    // Fast mode: one pass, dT by atomicAdd. Deterministic mode: the pass and its swap (T, I) ->
+    // dT in one launch of the paired kernel (grid y = 2), with d_txt as the swapped pass's dA.
+    let (f, grid_y) = match mode {
+        LossMode::Fast => (gpu.func(&bwd)?, 1),
+        LossMode::Deterministic => (gpu.func(&precision.bwd_pair())?, 2),
+    };
+    let rows = LaunchConfig {
+        grid_dim: (n_t as u32, grid_y, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = s.launch_builder(f);
+    match feats {
+        Some((hi, ht)) => l.arg(hi).arg(ht).arg(&b).arg(&b).arg(&d).arg(&ld),
+        None => l.arg(img).arg(txt).arg(&b).arg(&b).arg(&d),
+    };
+    l.arg(&scale).arg(&inv2b);
+    l.arg(&bufs.lse_hi).arg(&bufs.lse_lo).arg(&bufs.kap_hi).arg(&bufs.kap_lo).arg(&diag);
+    l.arg(&mut bufs.d_img).arg(&mut bufs.d_txt).arg(&mut bufs.dt_part);
+    // SAFETY: matches clip_bwd* and clip_bwd_pair* (the bf16 ones have the copies' row stride
+    // after d); dA/dB hold b·d values, dt_part n_t.
+    drv("launch clip_bwd", unsafe { l.launch(rows) })?;
     let n_t64 = n_t as i64;
     let f = gpu.func("sum_f64")?;
     let mut l = s.launch_builder(f);
@@ -823,7 +817,8 @@ mod tests {
             .expect("clip_loss.cu in SOURCES");
         let (fwd, bwd): (Vec<String>, Vec<String>) =
             Precision::ALL.into_iter().map(Precision::kernels).unzip();
-        for k in fwd.iter().chain(&bwd).map(String::as_str).chain(["clip_to_bf16"]) {
+        let pairs: Vec<String> = Precision::ALL.into_iter().map(Precision::bwd_pair).collect();
+        for k in fwd.iter().chain(&bwd).chain(&pairs).map(String::as_str).chain(["clip_to_bf16"]) {
             assert!(clip.kernels.contains(&k), "{k} missing from SOURCES: {:?}", clip.kernels);
             assert!(clip.src.contains(&format!(" {k}(")), "{k} not defined in clip_loss.cu");
         }

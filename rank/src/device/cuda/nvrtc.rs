@@ -59,6 +59,10 @@ pub const SOURCES: &[KernelSource] = &[
             "clip_bwd_tf32x3",
             "clip_bwd_tf32",
             "clip_bwd_bf16",
+            "clip_bwd_pair",
+            "clip_bwd_pair_tf32x3",
+            "clip_bwd_pair_tf32",
+            "clip_bwd_pair_bf16",
         ],
     },
     KernelSource {

@@ -241,51 +241,39 @@ impl<'g> GpuClipBlocks<'g> {
         drv("upload column LSEs", s.memcpy_htod(&kh, &mut buf_mut!(b.lb_hi).slice_mut(..nb)))?;
         drv("upload column LSEs", s.memcpy_htod(&kl, &mut buf_mut!(b.lb_lo).slice_mut(..nb)))?;
         drv("zero the block's dT", s.memset_zeros(&mut buf_mut!(b.d_feat).slice_mut(..nb * d)))?;
-        let f = gpu.func(&format!("clip_bwd{}", self.precision.suffix()))?;
-        let null = 0u64;
+        // Fast mode: one pass, the block's dT by atomicAdd. Deterministic mode: the pass and
+        // its swap (the block's rows against this rank's rows -> the block's dT) in one launch
+        // of the paired kernel (grid y = 2), d_feat taking the swapped pass's dA.
+        let (f, grid_y) = match self.mode {
+            LossMode::Fast => (gpu.func(&format!("clip_bwd{}", self.precision.suffix()))?, 1),
+            LossMode::Deterministic => (gpu.func(&self.precision.bwd_pair())?, 2),
+        };
         let mut dt = 0.0;
         if self.rows > 0 {
-            let tiles = |n: usize| LaunchConfig {
-                grid_dim: (n.div_ceil(LOSS_TILE) as u32, 1, 1),
+            // The paired kernel's grid covers the longer pass's row tiles.
+            let n = if grid_y == 2 { self.rows.max(nb) } else { self.rows };
+            let tiles = n.div_ceil(LOSS_TILE) as u32;
+            let cfg = LaunchConfig {
+                grid_dim: (tiles, grid_y, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
-            {
-                let mut l = s.launch_builder(f);
-                if bf16 {
-                    // clip_bwd_bf16 takes the copies' row stride after d.
-                    l.arg(buf!(b.img_h)).arg(buf!(b.feat_h)).arg(&br).arg(&bc).arg(&d64).arg(&ld)
-                } else {
-                    l.arg(buf!(b.img)).arg(buf!(b.feat)).arg(&br).arg(&bc).arg(&d64)
-                };
-                l.arg(&self.scale).arg(&self.inv2b);
-                l.arg(buf!(b.la_hi)).arg(buf!(b.la_lo)).arg(buf!(b.lb_hi)).arg(buf!(b.lb_lo));
-                l.arg(&diag).arg(buf_mut!(b.d_img));
-                match self.mode {
-                    LossMode::Fast => l.arg(buf_mut!(b.d_feat)),
-                    LossMode::Deterministic => l.arg(&null),
-                };
-                l.arg(buf_mut!(b.dt_part));
-                // SAFETY: matches clip_bwd*; A = img (rows·d), Bm = feat (nb·d) (bf16: their
-                // copies, bf16_layout(rows, d) and bf16_layout(nb, d) with row stride ld), row
-                // LSEs rows, column LSEs nb, dA rows·d, dB nb·d or null, dt_part ⌈rows/64⌉.
-                drv("launch clip_bwd (ring dI)", unsafe { l.launch(tiles(self.rows)) })?;
-            }
-            if self.mode == LossMode::Deterministic {
-                // The same G with the roles swapped: Bm's rows against this rank's rows.
-                let swapped = if diag == NO_DIAG { NO_DIAG } else { -diag };
-                let mut l = s.launch_builder(f);
-                if bf16 {
-                    l.arg(buf!(b.feat_h)).arg(buf!(b.img_h)).arg(&bc).arg(&br).arg(&d64).arg(&ld)
-                } else {
-                    l.arg(buf!(b.feat)).arg(buf!(b.img)).arg(&bc).arg(&br).arg(&d64)
-                };
-                l.arg(&self.scale).arg(&self.inv2b);
-                l.arg(buf!(b.lb_hi)).arg(buf!(b.lb_lo)).arg(buf!(b.la_hi)).arg(buf!(b.la_lo));
-                l.arg(&swapped).arg(buf_mut!(b.d_feat)).arg(&null).arg(&null);
-                // SAFETY: as above with A and Bm swapped; dB and dt_part null.
-                drv("launch clip_bwd (ring dT)", unsafe { l.launch(tiles(nb)) })?;
-            }
+            let mut l = s.launch_builder(f);
+            if bf16 {
+                // The bf16 kernels take the copies' row stride after d.
+                l.arg(buf!(b.img_h)).arg(buf!(b.feat_h)).arg(&br).arg(&bc).arg(&d64).arg(&ld)
+            } else {
+                l.arg(buf!(b.img)).arg(buf!(b.feat)).arg(&br).arg(&bc).arg(&d64)
+            };
+            l.arg(&self.scale).arg(&self.inv2b);
+            l.arg(buf!(b.la_hi)).arg(buf!(b.la_lo)).arg(buf!(b.lb_hi)).arg(buf!(b.lb_lo));
+            l.arg(&diag).arg(buf_mut!(b.d_img)).arg(buf_mut!(b.d_feat)).arg(buf_mut!(b.dt_part));
+            // SAFETY: matches clip_bwd* and clip_bwd_pair*; A = img (rows·d), Bm = feat
+            // (nb·d) (bf16: their copies, bf16_layout(rows, d) and bf16_layout(nb, d) with row
+            // stride ld), row LSEs rows, column LSEs nb, dA rows·d, dB nb·d, dt_part
+            // ⌈rows/64⌉ (written by the first pass's blocks only); the paired kernel's blocks
+            // past a pass's tiles return at once.
+            drv("launch clip_bwd (ring block)", unsafe { l.launch(cfg) })?;
             let parts = self.rows.div_ceil(LOSS_TILE);
             let mut host = vec![0.0f64; parts];
             drv("download dt partials", s.memcpy_dtoh(&buf!(b.dt_part).slice(..parts), &mut host))?;

@@ -865,3 +865,43 @@ extern "C" __global__ void __launch_bounds__(NT, 2)
     clip_bwd_bf16(CLIP_BWD_HEAD(unsigned short), i64 ld, CLIP_BWD_TAIL) {
     clip_bwd_impl<3>(A, Bm, BR, BC, d, ld, CLIP_BWD_PASS);
 }
+
+// Deterministic mode's two backward passes in one launch: grid (max(ceil(BR/64), ceil(BC/64)), 2).
+// Blocks with blockIdx.y = 0 run the pass (A, Bm) -> dA (and dt_part), those with 1 the swapped
+// pass (Bm, A) -> dB (row and column LSEs exchanged, the diagonal offset negated); blocks past
+// their pass's row tiles return at once. Every element of dA and dB is still written by one
+// block, as with two launches of clip_bwd (bitwise the same), but the two passes' blocks fill
+// the GPU together (at B = 4k a pass alone has 64 blocks). dB is not an atomic target here.
+template <int MODE>
+__device__ __forceinline__ void clip_bwd_pair_impl(
+    const typename Tiles<MODE>::Feat* __restrict__ A,
+    const typename Tiles<MODE>::Feat* __restrict__ Bm, i64 BR, i64 BC, i64 d, i64 ld,
+    float scale, float inv2b, const float* __restrict__ la_hi, const float* __restrict__ la_lo,
+    const float* __restrict__ lb_hi, const float* __restrict__ lb_lo, i64 diag,
+    float* __restrict__ dA, float* __restrict__ dB, double* __restrict__ dt_part) {
+    const bool sw = blockIdx.y == 1;
+    if ((i64)blockIdx.x * TM >= (sw ? BC : BR)) return;
+    const i64 dg = (sw && diag != NO_DIAG) ? -diag : diag;
+    // One call site, so that the shared memory of clip_bwd_impl exists once.
+    clip_bwd_impl<MODE>(sw ? Bm : A, sw ? A : Bm, sw ? BC : BR, sw ? BR : BC, d, ld, scale, inv2b,
+                        sw ? lb_hi : la_hi, sw ? lb_lo : la_lo, sw ? la_hi : lb_hi,
+                        sw ? la_lo : lb_lo, dg, sw ? dB : dA, nullptr, sw ? nullptr : dt_part);
+}
+
+// The paired versions of clip_bwd* (same parameters; dB receives the swapped pass's dA).
+extern "C" __global__ void __launch_bounds__(NT, 2)
+    clip_bwd_pair(CLIP_BWD_HEAD(float), CLIP_BWD_TAIL) {
+    clip_bwd_pair_impl<0>(A, Bm, BR, BC, d, d, CLIP_BWD_PASS);
+}
+extern "C" __global__ void __launch_bounds__(NT, 2)
+    clip_bwd_pair_tf32x3(CLIP_BWD_HEAD(float), CLIP_BWD_TAIL) {
+    clip_bwd_pair_impl<1>(A, Bm, BR, BC, d, d, CLIP_BWD_PASS);
+}
+extern "C" __global__ void __launch_bounds__(NT, 2)
+    clip_bwd_pair_tf32(CLIP_BWD_HEAD(float), CLIP_BWD_TAIL) {
+    clip_bwd_pair_impl<2>(A, Bm, BR, BC, d, d, CLIP_BWD_PASS);
+}
+extern "C" __global__ void __launch_bounds__(NT, 2)
+    clip_bwd_pair_bf16(CLIP_BWD_HEAD(unsigned short), i64 ld, CLIP_BWD_TAIL) {
+    clip_bwd_pair_impl<3>(A, Bm, BR, BC, d, ld, CLIP_BWD_PASS);
+}
