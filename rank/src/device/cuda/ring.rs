@@ -244,17 +244,19 @@ impl<'g> GpuClipBlocks<'g> {
         // Fast mode: one pass, the block's dT by atomicAdd. Deterministic mode: the pass and
         // its swap (the block's rows against this rank's rows -> the block's dT) in one launch
         // of the paired kernel (grid y = 2), d_feat taking the swapped pass's dA.
-        let (f, grid_y) = match self.mode {
-            LossMode::Fast => (gpu.func(&format!("clip_bwd{}", self.precision.suffix()))?, 1),
-            LossMode::Deterministic => (gpu.func(&self.precision.bwd_pair())?, 2),
+        // (The paired kernel's grid covers the longer pass's row tiles.)
+        let (f, grid_rows, grid_y) = match self.mode {
+            LossMode::Fast => {
+                (gpu.func(&format!("clip_bwd{}", self.precision.suffix()))?, self.rows, 1)
+            }
+            LossMode::Deterministic => {
+                (gpu.func(&self.precision.bwd_pair())?, self.rows.max(nb), 2)
+            }
         };
         let mut dt = 0.0;
         if self.rows > 0 {
-            // The paired kernel's grid covers the longer pass's row tiles.
-            let n = if grid_y == 2 { self.rows.max(nb) } else { self.rows };
-            let tiles = n.div_ceil(LOSS_TILE) as u32;
             let cfg = LaunchConfig {
-                grid_dim: (tiles, grid_y, 1),
+                grid_dim: (grid_rows.div_ceil(LOSS_TILE) as u32, grid_y, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };

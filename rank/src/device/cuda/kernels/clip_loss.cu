@@ -236,12 +236,6 @@ __device__ __forceinline__ unsigned short to_bf16(float f) {
 #endif
 }
 
-// bf16 bits to f32 (exact: bf16 is the upper half of an f32).
-__device__ __forceinline__ float widen(unsigned short h) {
-    return __uint_as_float((unsigned)h << 16);
-}
-__device__ __forceinline__ float widen(float f) { return f; }
-
 // D = A(16x16, row) * B(16x8, col) + D on the tensor cores, bf16 inputs, fp32 accumulators.
 // Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"), with
 // g = lane / 4, q = lane % 4, each register two bf16 with the lower k in the low half:
