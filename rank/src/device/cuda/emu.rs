@@ -110,8 +110,8 @@ pub fn translation_unit(src: &KernelSource) -> String {
     );
     for k in src.kernels {
         out.push_str(&format!(
-            "    if (!std::strcmp(name, \"{k}\")) {{ emu::launch({k}, grid, block, shared, args); \
-             return 0; }}\n"
+            "    if (!std::strcmp(name, \"{k}\")) {{ emu::cp_leak = false; \
+             emu::launch({k}, grid, block, shared, args); return emu::cp_leak ? -2 : 0; }}\n"
         ));
     }
     out.push_str("    return -1;\n}\n");
@@ -274,8 +274,15 @@ impl EmuModule {
         let rc = unsafe {
             (self.launch)(cname.as_ptr(), g.as_ptr(), b.as_ptr(), shared, ptrs.as_mut_ptr())
         };
-        if rc != 0 {
-            return Err(format!("{}: launcher does not know {name}", self.name));
+        match rc {
+            0 => {}
+            -2 => {
+                return Err(format!(
+                    "{}: {name} ended with cp.async copies it never waited for",
+                    self.name
+                ));
+            }
+            _ => return Err(format!("{}: launcher does not know {name}", self.name)),
         }
         Ok(())
     }

@@ -178,6 +178,38 @@ inline void mma_m16n8k16_bf16(float c[4], const unsigned a[4], const unsigned b[
 
 // Runs f(args...) for every thread of every block; args[i] points at the i-th argument's value
 // (as cuLaunchKernel's kernelParams).
+// cp.async (sm_80): each thread's copies wait in its open group until cp_async_commit, and a
+// committed group lands in shared memory only at cp_async_wait(n) (all but the n most recent
+// groups), as on the GPU, where nothing guarantees it lands earlier: a kernel that reads a stage
+// before waiting for it reads the poison or the previous stage here.
+struct CpAsync {
+    void* dst;
+    const void* src;
+    int bytes;
+    unsigned src_bytes;
+};
+inline thread_local std::vector<CpAsync> cp_open;
+inline thread_local std::vector<std::vector<CpAsync>> cp_groups;
+// Set when a thread of a launch ends with copies not waited for (a kernel bug: they would land
+// at no defined time); the launcher then fails.
+inline std::atomic<bool> cp_leak{false};
+inline void cp_async(void* dst, const void* src, int bytes, unsigned src_bytes) {
+    cp_open.push_back({dst, src, bytes, src_bytes});
+}
+inline void cp_async_commit() {
+    cp_groups.push_back(std::move(cp_open));
+    cp_open.clear();
+}
+inline void cp_async_wait(std::size_t n) {
+    while (cp_groups.size() > n) {
+        for (const CpAsync& c : cp_groups.front()) {
+            if (c.src_bytes > 0) std::memcpy(c.dst, c.src, c.src_bytes);
+            std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
+        }
+        cp_groups.erase(cp_groups.begin());
+    }
+}
+
 template <typename... A, std::size_t... I>
 void call(void (*f)(A...), void** args, std::index_sequence<I...>) {
     f(*static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(args[I])...);
@@ -216,6 +248,11 @@ void launch(void (*f)(A...), const unsigned grid[3], const unsigned block[3], un
                 blockIdx = {(unsigned)(i % grid[0]), (unsigned)((i / grid[0]) % grid[1]),
                             (unsigned)(i / ((unsigned long long)grid[0] * grid[1]))};
                 call(f, args, std::index_sequence_for<A...>{});
+                if (!cp_open.empty() || !cp_groups.empty()) {
+                    cp_leak = true;
+                    cp_open.clear();
+                    cp_groups.clear();
+                }
                 // An exited thread no longer counts at its block's barriers, as on the GPU
                 // (sm_70 and later): the others' later __syncthreads do not wait for it.
                 cur_block->bar.arrive_and_drop();

@@ -579,82 +579,132 @@ extern "C" __global__ void __launch_bounds__(NT) sum_f64(const double* __restric
     if (threadIdx.x == 0) out[0] = buf[0];
 }
 
-// Row stride of the backward's feature chunk Fs (64 + 8 elements): the tensor-core products'
-// B-fragment loads (4 chunk rows x 8 columns per warp) then hit 32 different banks, and bf16 rows
-// stay 16-byte aligned (144 bytes).
+// Row stride of the backward's feature stages Fs (64 + 8 elements): the tensor-core products'
+// B-fragment loads (4 stage rows x 8 columns per warp) then hit 32 different banks, and rows stay
+// 16-byte aligned (288 bytes fp32, 144 bf16).
 #define FS_LD (64 + 8)
 
-// Fs[j][k] = F[row0 + j][dc + k] for the 64 x 64 chunk of F's B rows (rows >= B and k >= d read
-// as 0). fp32:
-// row stride ld (= d). bf16: the padded copies (ld and the rows multiples of 64, zero padding),
-// so whole 16-byte pieces, 2 per thread, without tests.
-template <int MODE>
-__device__ __forceinline__ void feature_chunk(const typename Tiles<MODE>::Feat* __restrict__ F,
-                                              i64 row0, i64 B, i64 d, i64 ld, i64 dc,
-                                              typename Tiles<MODE>::Feat (*Fs)[FS_LD]) {
-    const int t = threadIdx.x;
-    if constexpr (MODE == 3) {
-        for (int e = t; e < TN * 8; e += NT) {
-            const int j = e / 8, p = e % 8;
-            *reinterpret_cast<uint4*>(&Fs[j][8 * p]) =
-                *reinterpret_cast<const uint4*>(F + (row0 + j) * ld + dc + 8 * p);
-        }
-    } else {
-        for (int e = t; e < TN * 64; e += NT) {
-            const int j = e / 64, k = e % 64;
-            const i64 c = row0 + j, kk = dc + k;
-            Fs[j][k] = (c < B && kk < d) ? F[c * ld + kk] : 0.0f;
-        }
-    }
+// Asynchronous global -> shared copies (sm_80 cp.async): BYTES (4 or 16) to `dst`, of which the
+// first `src_bytes` come from `src` and the rest are zero (src_bytes = 0: zeros, nothing read).
+// They complete at cp_async_wait<N>() (all but the N most recent committed groups), made
+// visible to the block by the barrier after it.
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, unsigned src_bytes) {
+#ifdef TESSERA_EMU
+    emu::cp_async(dst, src, BYTES, src_bytes);
+#else
+    unsigned a;
+    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }"
+                 : "=r"(a)
+                 : "l"(dst));
+    if (BYTES == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(a), "l"(src),
+                     "r"(src_bytes)
+                     : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(a), "l"(src),
+                     "r"(src_bytes)
+                     : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef TESSERA_EMU
+    emu::cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef TESSERA_EMU
+    emu::cp_async_wait(N);
+#else
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
 }
 
-// The gradient product of the tensor-core versions: c = sum over the tile's 64 k of
-// Gop[row][k] * Fs[k][col] for the warp's 16 x 32 block at (wm, wn) (m16n8 accumulator
-// fragments, as tile_tc), where Gop = Gs (TRANS false: dA's rows against the columns) or Gs^T
-// (TRANS true: dB's columns against the rows). TF32 m16n8k8 products with fp32 accumulators;
-// SPLIT: 3xTF32 (G and F each as hi + lo, near fp32); else G and F are rounded to TF32.
-template <bool SPLIT, bool TRANS>
+// Rows of one backward stage: the contraction (the tile's 64 columns for dA, its 64 rows for
+// dB) is staged SR rows at a time, 64 feature columns wide, two stages in flight: 64 bf16 rows
+// or 32 fp32 rows, 9,216 bytes per stage either way.
+template <int MODE>
+struct Stage {
+    static constexpr int SR = MODE == 3 ? 64 : 32;
+};
+
+// Starts the copy of Fs[j][k] = F[row0 + j][dc + k] (j < SR, k < 64) into shared memory, rows
+// >= nrows and k >= d as 0. fp32: row stride ld (= d); 16-byte pieces when `vec` (d a multiple
+// of 4, F 16-byte aligned), else single elements. bf16: the padded copies (ld and the rows
+// multiples of 64, zero padding), so whole 16-byte pieces without tests.
+template <int MODE>
+__device__ __forceinline__ void stage_load(const typename Tiles<MODE>::Feat* __restrict__ F,
+                                           i64 row0, i64 nrows, i64 d, i64 ld, i64 dc, bool vec,
+                                           typename Tiles<MODE>::Feat (*Fs)[FS_LD]) {
+    constexpr int SR = Stage<MODE>::SR;
+    const int t = threadIdx.x;
+    if constexpr (MODE == 3) {
+        for (int e = t; e < SR * 8; e += NT) {
+            const int j = e / 8, p = e % 8;
+            cp_async<16>(&Fs[j][8 * p], F + (row0 + j) * ld + dc + 8 * p, 16);
+        }
+    } else if (vec) {
+        for (int e = t; e < SR * 16; e += NT) {
+            const int j = e / 16, p = e % 16;
+            const i64 r = row0 + j, k = dc + 4 * p;
+            const bool ok = r < nrows && k < d;
+            cp_async<16>(&Fs[j][4 * p], ok ? F + r * ld + k : F, ok ? 16 : 0);
+        }
+    } else {
+        for (int e = t; e < SR * 64; e += NT) {
+            const int j = e / 64, k = e % 64;
+            const i64 r = row0 + j, kk = dc + k;
+            const bool ok = r < nrows && kk < d;
+            cp_async<4>(&Fs[j][k], ok ? F + r * ld + kk : F, ok ? 4 : 0);
+        }
+    }
+    cp_async_commit();
+}
+
+// The gradient product of the tensor-core versions for one stage: c += sum over the stage's SR
+// contraction indices k of Gop[row][kb + k] * Fs[k][col], for the warp's 16 x 32 block at
+// (wm, wn) (m16n8 accumulator fragments, as tile_tc), where Gop = Gs (TRANS false: dA's rows
+// against the tile's columns) or Gs^T (TRANS true: dB's rows against the tile's rows). TF32
+// m16n8k8 products, fp32 accumulators; SPLIT: 3xTF32 (G and F each as hi + lo, near fp32).
+template <bool SPLIT, bool TRANS, int SR>
 __device__ __forceinline__ void product_tc(const float (*Gs)[TN + 1], const float (*Fs)[FS_LD],
-                                           int wm, int wn, int g, int q4, float c[4][4]) {
-#pragma unroll
-    for (int n = 0; n < 4; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) c[n][e] = 0.0f;
+                                           int kb, int wm, int wn, int g, int q4, float c[4][4]) {
 #pragma unroll 1
-    for (int k0 = 0; k0 < TN; k0 += 8) {
+    for (int k0 = 0; k0 < SR; k0 += 8) {
+        const int k = kb + k0;
         float af[4];
         if (TRANS) {
-            af[0] = Gs[k0 + q4][wm + g];
-            af[1] = Gs[k0 + q4][wm + g + 8];
-            af[2] = Gs[k0 + q4 + 4][wm + g];
-            af[3] = Gs[k0 + q4 + 4][wm + g + 8];
+            af[0] = Gs[k + q4][wm + g];
+            af[1] = Gs[k + q4][wm + g + 8];
+            af[2] = Gs[k + q4 + 4][wm + g];
+            af[3] = Gs[k + q4 + 4][wm + g + 8];
         } else {
-            af[0] = Gs[wm + g][k0 + q4];
-            af[1] = Gs[wm + g + 8][k0 + q4];
-            af[2] = Gs[wm + g][k0 + q4 + 4];
-            af[3] = Gs[wm + g + 8][k0 + q4 + 4];
+            af[0] = Gs[wm + g][k + q4];
+            af[1] = Gs[wm + g + 8][k + q4];
+            af[2] = Gs[wm + g][k + q4 + 4];
+            af[3] = Gs[wm + g + 8][k + q4 + 4];
         }
         mma_tf32_row<SPLIT>(c, af,
                             [&](int n, int e) { return Fs[k0 + q4 + 4 * e][wn + 8 * n + g]; });
     }
 }
 
-// The gradient product of the bf16 version: as product_tc, with BF16 m16n8k16 products (twice
-// TF32's rate) on G rounded to bf16 (round to nearest even) and the bf16 feature chunk as it is;
-// fp32 accumulators. Registers hold k pairs, the lower k in the low half (see mma_bf16).
-template <bool TRANS>
+// The gradient product of the bf16 version for one stage: as product_tc, with BF16 m16n8k16
+// products (twice TF32's rate) on G rounded to bf16 (round to nearest even) and the bf16
+// feature stage as it is; fp32 accumulators. Registers hold k pairs, the lower k in the low half
+// (see mma_bf16).
+template <bool TRANS, int SR>
 __device__ __forceinline__ void product_bf16(const float (*Gs)[TN + 1],
-                                             const unsigned short (*Fs)[FS_LD], int wm, int wn,
-                                             int g, int q4, float c[4][4]) {
-#pragma unroll
-    for (int n = 0; n < 4; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) c[n][e] = 0.0f;
+                                             const unsigned short (*Fs)[FS_LD], int kb, int wm,
+                                             int wn, int g, int q4, float c[4][4]) {
 #pragma unroll 1
-    for (int k0 = 0; k0 < TN; k0 += 16) {
-        // G's element (row, k) of the warp's 16 rows, k relative to k0.
+    for (int k0 = 0; k0 < SR; k0 += 16) {
+        // G's element (row, k) of the warp's 16 rows, k relative to the stage's k0.
         auto gv = [&](int row, int k) {
-            return TRANS ? Gs[k0 + k][wm + row] : Gs[wm + row][k0 + k];
+            return TRANS ? Gs[kb + k0 + k][wm + row] : Gs[wm + row][kb + k0 + k];
         };
         const unsigned a[4] = {bf16_pair(gv(g, 2 * q4), gv(g, 2 * q4 + 1)),
                                bf16_pair(gv(g + 8, 2 * q4), gv(g + 8, 2 * q4 + 1)),
@@ -671,15 +721,39 @@ __device__ __forceinline__ void product_bf16(const float (*Gs)[TN + 1],
     }
 }
 
+// The fp32 FMA product for one stage, with the same meaning: out[i][k] += sum over the stage's
+// j of Gop[ty + 16 i][kb + j] * Fs[j][tx + 16 k].
+template <bool TRANS, int SR>
+__device__ __forceinline__ void product_fma(const float (*Gs)[TN + 1], const float (*Fs)[FS_LD],
+                                            int kb, int tx, int ty, float out[4][4]) {
+#pragma unroll 2
+    for (int j = 0; j < SR; ++j) {
+        float f[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) f[k] = Fs[j][tx + 16 * k];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float g = TRANS ? Gs[kb + j][ty + 16 * i] : Gs[ty + 16 * i][kb + j];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) out[i][k] = fmaf(g, f[k], out[i][k]);
+        }
+    }
+}
+
 // Grid ceil(BR/64), 256 threads, over the BR x BC logits of A's rows against Bm's rows (the
 // positive of A's row r is Bm's row r + diag, when in 0..BC; NO_DIAG: none). dA[rows of tile]
-// += s * G * Bm (dA must be initialised, e.g.
-// zero); with dB non-null also dB += s * G^T * A by atomicAdd (fast mode, not deterministic);
-// with dt_part non-null, dt_part[blockIdx.x] = sum over the block's rows of G_ij x_ij.
-// (la_hi, la_lo): LSEs of A's rows; (lb_hi, lb_lo): LSEs of Bm's rows (the other direction).
-// d: the feature dimension (dA is BR x d, dB BC x d); ld: the row stride of A and Bm (d, or for
-// MODE 3
-// that of the padded bf16 copies).
+// += s * G * Bm (dA must be initialised, e.g. zero); with dB non-null also dB += s * G^T * A by
+// atomicAdd (fast mode, not deterministic); with dt_part non-null, dt_part[blockIdx.x] = sum
+// over the block's rows of G_ij x_ij. (la_hi, la_lo): LSEs of A's rows; (lb_hi, lb_lo): LSEs of
+// Bm's rows (the other direction). d: the feature dimension (dA is BR x d, dB BC x d); ld: the
+// row stride of A and Bm (d, or for MODE 3 that of the padded bf16 copies).
+//
+// Per column tile: recompute the logits, form s * G in shared memory, then run the tile's jobs
+// (for each 64-wide feature chunk dc: dA's, then in fast mode dB's), each as 64 / SR stages of
+// its contraction. Stages are double-buffered with cp.async, so the next stage's features load
+// while this one's products run; a job's accumulators start from dA's current values (loaded
+// while the previous job's last stage is waited for) and go back to dA when it ends (dB: zero,
+// then atomicAdd).
 template <int MODE>
 __device__ __forceinline__ void clip_bwd_impl(
     const typename Tiles<MODE>::Feat* __restrict__ A,
@@ -688,140 +762,154 @@ __device__ __forceinline__ void clip_bwd_impl(
     const float* __restrict__ lb_hi, const float* __restrict__ lb_lo, i64 diag,
     float* __restrict__ dA,
     float* __restrict__ dB, double* __restrict__ dt_part) {
+    typedef typename Tiles<MODE>::Feat Feat;
+    constexpr int SR = Stage<MODE>::SR;
+    constexpr int H = TN / SR;  // stages per job
     __shared__ __align__(16) typename Tiles<MODE>::Row As[Tiles<MODE>::ROWS];
     __shared__ __align__(16) typename Tiles<MODE>::Row Bs[Tiles<MODE>::ROWS];
-    __shared__ float Gs[TM][TN + 1];  // the logits, then G in place
-    // A 64-wide feature chunk of Bm (for dA) or A (for dB).
-    __shared__ __align__(16) typename Tiles<MODE>::Feat Fs[TN][FS_LD];
+    __shared__ float Gs[TM][TN + 1];  // the logits, then s * G in place
+    // Two stages of SR rows of Bm (for dA) or A (for dB), 64 feature columns each.
+    __shared__ __align__(16) Feat Fs[2][SR][FS_LD];
     __shared__ double red[NT];
     const int t = threadIdx.x;
     const int tx = t % 16, ty = t / 16;
     // The tensor-core products' warp tiling (as tile_tc): 16 x 32 of the 64 x 64 output each.
     const int wg = (t % 32) / 4, wq = t % 4;
     const int wm = 16 * ((t / 32) / 2), wn = 32 * ((t / 32) % 2);
+    // Accumulator element (n, e) of this thread is output (row, column) (ar(n, e), ac(n, e)) of
+    // the job's 64 x 64 block.
+    auto ar = [&](int n, int e) { return MODE == 0 ? ty + 16 * n : wm + wg + 8 * (e / 2); };
+    auto ac = [&](int n, int e) {
+        return MODE == 0 ? tx + 16 * e : wn + 8 * n + 2 * wq + (e % 2);
+    };
     const i64 r0 = (i64)blockIdx.x * TM;
     const i64 n_ct = (BC + TN - 1) / TN;
+    const int passes = dB != nullptr ? 2 : 1;
+    const int n_stages = (int)((d + 63) / 64) * passes * H;
+    const bool vec = MODE != 3 && (d & 3) == 0 &&
+                     ((reinterpret_cast<unsigned long long>(A) |
+                       reinterpret_cast<unsigned long long>(Bm)) &
+                      15) == 0;
+    // A stage: feature chunk dc, pass (0: dA from Bm's rows, 1: dB from A's rows), part h of
+    // the job's contraction; stages run chunk by chunk, pass by pass, part by part.
+    struct St {
+        i64 dc;
+        int pass, h;
+    };
+    auto next = [&](St x) {
+        if (++x.h == H) {
+            x.h = 0;
+            if (++x.pass == passes) {
+                x.pass = 0;
+                x.dc += 64;
+            }
+        }
+        return x;
+    };
+    auto issue = [&](St x, int buf, i64 c0) {
+        if (x.pass == 0)
+            stage_load<MODE>(Bm, c0 + x.h * SR, BC, d, ld, x.dc, vec, Fs[buf]);
+        else
+            stage_load<MODE>(A, r0 + x.h * SR, BR, d, ld, x.dc, vec, Fs[buf]);
+    };
+    // A job's accumulators at its start: dA's current values (pass 0), or zero (pass 1).
+    float c[4][4];
+    auto init = [&](St x) {
+#pragma unroll
+        for (int n = 0; n < 4; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const i64 r = r0 + ar(n, e), kk = x.dc + ac(n, e);
+                c[n][e] = (x.pass == 0 && r < BR && kk < d) ? dA[r * d + kk] : 0.0f;
+            }
+    };
     double dt_acc = 0.0;
     for (i64 ct = 0; ct < n_ct; ++ct) {
         const i64 c0 = ct * TN;
         tile_to_shared<MODE>(A, Bm, BR, BC, ld, r0, c0, As, Bs, Gs, scale, 0.0f);
-        // The LSEs are read here (L1 hits after the first column tile) rather than kept in
-        // registers across the loop: the tensor-core products need those registers.
+        // The first stage's features load while G is formed (the previous tile's last stage
+        // ended with a barrier, and nothing of it is in flight).
+        const St first = {0, 0, 0};
+        issue(first, 0, c0);
+        {
+            float lah[4], lal[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const i64 r = r0 + ty + 16 * i;
-            const float lah = r < BR ? la_hi[r] : 0.0f;
-            const float lal = r < BR ? la_lo[r] : 0.0f;
+            for (int i = 0; i < 4; ++i) {
+                const i64 r = r0 + ty + 16 * i;
+                lah[i] = r < BR ? la_hi[r] : 0.0f;
+                lal[i] = r < BR ? la_lo[r] : 0.0f;
+            }
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                const i64 c = c0 + tx + 16 * j;
-                float g = 0.0f;
-                if (r < BR && c < BC) {
-                    const float x = Gs[ty + 16 * i][tx + 16 * j];
-                    g = (expf((x - lah) - lal) + expf((x - lb_hi[c]) - lb_lo[c])) * inv2b;
-                    // |c - r| < 2^62, so NO_DIAG (i64 min) never matches.
-                    if (c - r == diag) g -= 2.0f * inv2b;
-                    dt_acc += (double)g * (double)x;
-                }
-                Gs[ty + 16 * i][tx + 16 * j] = g;
-            }
-        }
-        __syncthreads();
-        for (i64 dc = 0; dc < d; dc += 64) {
-            // dA[r0 + li, dc + lk] += s * sum_j G[li][j] * Bm[c0 + j, dc + lk]
-            feature_chunk<MODE>(Bm, c0, BC, d, ld, dc, Fs);
-            __syncthreads();
-            if constexpr (MODE == 0) {
-                float out[4][4];
-#pragma unroll
-                for (int i = 0; i < 4; ++i)
-#pragma unroll
-                    for (int k = 0; k < 4; ++k) out[i][k] = 0.0f;
-                for (int j = 0; j < TN; ++j) {
-                    float f[4];
-#pragma unroll
-                    for (int k = 0; k < 4; ++k) f[k] = Fs[j][tx + 16 * k];
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        const float g = Gs[ty + 16 * i][j];
-#pragma unroll
-                        for (int k = 0; k < 4; ++k) out[i][k] = fmaf(g, f[k], out[i][k]);
-                    }
-                }
+                const i64 cc = c0 + tx + 16 * j;
+                const float lbh = cc < BC ? lb_hi[cc] : 0.0f;
+                const float lbl = cc < BC ? lb_lo[cc] : 0.0f;
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     const i64 r = r0 + ty + 16 * i;
-                    if (r >= BR) continue;
-#pragma unroll
-                    for (int k = 0; k < 4; ++k) {
-                        const i64 kk = dc + tx + 16 * k;
-                        if (kk < d) dA[r * d + kk] += scale * out[i][k];
+                    float g = 0.0f;
+                    if (r < BR && cc < BC) {
+                        const float x = Gs[ty + 16 * i][tx + 16 * j];
+                        g = (expf((x - lah[i]) - lal[i]) + expf((x - lbh) - lbl)) * inv2b;
+                        // |cc - r| < 2^62, so NO_DIAG (i64 min) never matches.
+                        if (cc - r == diag) g -= 2.0f * inv2b;
+                        dt_acc += (double)g * (double)x;
                     }
+                    Gs[ty + 16 * i][tx + 16 * j] = scale * g;
                 }
+            }
+        }
+        init(first);
+        St cur = first;
+        for (int s = 0; s < n_stages; ++s) {
+            const St nx = next(cur);
+            if (s + 1 < n_stages) {
+                issue(nx, (s + 1) & 1, c0);
+                cp_async_wait<1>();
             } else {
-                float c[4][4];
-                if constexpr (MODE == 3)
-                    product_bf16<false>(Gs, Fs, wm, wn, wg, wq, c);
+                cp_async_wait<0>();
+            }
+            __syncthreads();  // stage s (and, at s = 0, s * G) visible to every thread
+            const i64 dc = cur.dc;
+            const int pass = cur.pass, h = cur.h;
+            const Feat(*F)[FS_LD] = Fs[s & 1];
+            if constexpr (MODE == 0) {
+                if (pass == 0)
+                    product_fma<false, SR>(Gs, F, h * SR, tx, ty, c);
                 else
-                    product_tc<MODE == 1, false>(Gs, Fs, wm, wn, wg, wq, c);
+                    product_fma<true, SR>(Gs, F, h * SR, tx, ty, c);
+            } else if constexpr (MODE == 3) {
+                if (pass == 0)
+                    product_bf16<false, SR>(Gs, F, h * SR, wm, wn, wg, wq, c);
+                else
+                    product_bf16<true, SR>(Gs, F, h * SR, wm, wn, wg, wq, c);
+            } else {
+                if (pass == 0)
+                    product_tc<MODE == 1, false, SR>(Gs, F, h * SR, wm, wn, wg, wq, c);
+                else
+                    product_tc<MODE == 1, true, SR>(Gs, F, h * SR, wm, wn, wg, wq, c);
+            }
+            if (h == H - 1) {
+                // The job ends: its accumulators go out, and the next job's come in while the
+                // next stage is waited for.
 #pragma unroll
                 for (int n = 0; n < 4; ++n)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
-                        const i64 r = r0 + wm + wg + 8 * (e / 2);
-                        const i64 kk = dc + wn + 8 * n + 2 * wq + (e % 2);
-                        if (r < BR && kk < d) dA[r * d + kk] += scale * c[n][e];
+                        const i64 kk = dc + ac(n, e);
+                        if (kk >= d) continue;
+                        if (pass == 0) {
+                            const i64 r = r0 + ar(n, e);
+                            if (r < BR) dA[r * d + kk] = c[n][e];
+                        } else {
+                            const i64 cc = c0 + ar(n, e);
+                            if (cc < BC) atomicAdd(&dB[cc * d + kk], c[n][e]);
+                        }
                     }
+                if (s + 1 < n_stages) init(nx);
             }
-            __syncthreads();
-            if (dB != nullptr) {
-                // dB[c0 + lj, dc + lk] += s * sum_i G[i][lj] * A[r0 + i, dc + lk]
-                feature_chunk<MODE>(A, r0, BR, d, ld, dc, Fs);
-                __syncthreads();
-                if constexpr (MODE == 0) {
-                    float out[4][4];
-#pragma unroll
-                    for (int j = 0; j < 4; ++j)
-#pragma unroll
-                        for (int k = 0; k < 4; ++k) out[j][k] = 0.0f;
-                    for (int i = 0; i < TM; ++i) {
-                        float f[4];
-#pragma unroll
-                        for (int k = 0; k < 4; ++k) f[k] = Fs[i][tx + 16 * k];
-#pragma unroll
-                        for (int j = 0; j < 4; ++j) {
-                            const float g = Gs[i][ty + 16 * j];
-#pragma unroll
-                            for (int k = 0; k < 4; ++k) out[j][k] = fmaf(g, f[k], out[j][k]);
-                        }
-                    }
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        const i64 c = c0 + ty + 16 * j;
-                        if (c >= BC) continue;
-#pragma unroll
-                        for (int k = 0; k < 4; ++k) {
-                            const i64 kk = dc + tx + 16 * k;
-                            if (kk < d) atomicAdd(&dB[c * d + kk], scale * out[j][k]);
-                        }
-                    }
-                } else {
-                    float cf[4][4];
-                    if constexpr (MODE == 3)
-                        product_bf16<true>(Gs, Fs, wm, wn, wg, wq, cf);
-                    else
-                        product_tc<MODE == 1, true>(Gs, Fs, wm, wn, wg, wq, cf);
-#pragma unroll
-                    for (int n = 0; n < 4; ++n)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const i64 c = c0 + wm + wg + 8 * (e / 2);
-                            const i64 kk = dc + wn + 8 * n + 2 * wq + (e % 2);
-                            if (c < BC && kk < d) atomicAdd(&dB[c * d + kk], scale * cf[n][e]);
-                        }
-                }
-                __syncthreads();
-            }
+            __syncthreads();  // every read of this stage's buffer done before it is refilled
+            cur = nx;
         }
     }
     if (dt_part != nullptr) {
