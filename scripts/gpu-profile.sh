@@ -32,12 +32,14 @@ for p in ${precs//,/ }; do
             tail -5 "$work/$name.txt"
             status=1
         fi
+        # The report's sections as text (with --export, ncu prints none of them itself).
+        ncu -i "$work/$name.ncu-rep" --page details >"$work/$name.details.txt" 2>&1 || status=1
     done
 done
 tar -C "$work" -czf "$out/profile.tar.gz" . && echo "gpu-profile: reports in $out/profile.tar.gz"
 echo "=== headline metrics"
-for f in "$work"/ncu-*.txt; do
-    echo "--- $(basename "$f" .txt)"
-    grep -E '^  [a-z_0-9]+\(|Duration |Compute \(SM\) Throughput|Memory Throughput|L1/TEX Cache Throughput|L2 Cache Throughput|DRAM Throughput|Achieved Occupancy|Registers Per Thread|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc Active' "$f" | sed 's/  */ /g'
+for f in "$work"/ncu-*.details.txt; do
+    echo "--- $(basename "$f" .details.txt)"
+    grep -E '^  [a-z_0-9]+\(|^  [a-z_0-9]+ \(|Duration |Compute \(SM\) Throughput|Memory Throughput|L1/TEX Cache Throughput|L2 Cache Throughput|DRAM Throughput|Achieved Occupancy|Registers Per Thread|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc Active' "$f" | sed 's/  */ /g'
 done
 exit $status

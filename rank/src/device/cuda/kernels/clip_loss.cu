@@ -41,8 +41,7 @@
 #define TK 16
 #define NT 256
 
-// Shared-memory operand tiles: [k][row], rows padded by 8 floats so that the tensor-core
-// fragment loads (4 k-rows x 8 rows per warp) hit 32 different banks.
+// Shared-memory operand tiles of the fp32 FMA version: [k][row], rows padded by 8 floats.
 #define TPAD (TM + 8)
 
 // bf16 operand tiles: [row][k] (k contiguous, as in the features), KB bf16 of k per stage, k
@@ -51,10 +50,21 @@
 #define KB 32
 #define KW (KB / 2 + 4)
 
+// fp32 operand tiles of the TF32 versions: [row][k] (k contiguous, as in the features), TK
+// floats of k per stage; rows are KF = TK + 4 words, so that a fragment load (8 rows x 4
+// consecutive words per warp) hits 32 different banks.
+#define KF (TK + 4)
+
 // The feature element type and the operand staging of each MODE (0 fp32 FMA, 1 3xTF32, 2 TF32,
 // 3 BF16). bf16 values are kept as their bits (NVRTC builds without the CUDA headers).
 template <int MODE>
 struct Tiles {
+    typedef float Feat;
+    typedef float Row[KF];
+    static constexpr int ROWS = TM;
+};
+template <>
+struct Tiles<0> {
     typedef float Feat;
     typedef float Row[TPAD];
     static constexpr int ROWS = TK;
@@ -174,52 +184,86 @@ __device__ __forceinline__ void store_frags(const float c[4][4], int wm, int wn,
 // Tensor-core tile: warp w (of 8) computes rows 16*(w/2).. +16, columns 32*(w%2).. +32 as four
 // m16n8k8 products per k-step of 8. SPLIT: 3xTF32 (x = hi + lo, hi*hi + hi*lo + lo*hi), close to
 // fp32 accuracy; else plain TF32 (10-bit mantissa inputs). Writes scale * <A_i, Bm_j> into
-// Xs[row][col] (rows past BR or columns past BC get `fill`).
+// Xs[row][col] (rows past BR or columns past BC get `fill`). Each thread stages one 16-byte
+// piece (4 k) of one row of A and of Bm per stage: one vector load each when d is a multiple of
+// 4 and A, Bm are 16-byte aligned, else four element loads with bounds tests. TF32 rounds the
+// values once, as they are staged, and loads the next stage into registers while the tensor
+// cores work on this one; 3xTF32 (three products per value, and short of registers in the
+// backward) stages fp32 values just in time and splits them as they are read.
 template <bool SPLIT>
 __device__ __forceinline__ void tile_tc(const float* __restrict__ A, const float* __restrict__ Bm,
-                                        i64 BR, i64 BC, i64 d, i64 r0, i64 c0, float (*As)[TPAD],
-                                        float (*Bs)[TPAD], float (*Xs)[TN + 1], float scale,
+                                        i64 BR, i64 BC, i64 d, i64 r0, i64 c0, float (*As)[KF],
+                                        float (*Bs)[KF], float (*Xs)[TN + 1], float scale,
                                         float fill) {
     const int t = threadIdx.x;
     const int lane = t % 32, warp = t / 32;
     const int g = lane / 4, q4 = lane % 4;
     const int wm = 16 * (warp / 2), wn = 32 * (warp % 2);
-    const int lrow = t / 4, lk = (t % 4) * 4;
+    const int lrow = t / 4, lp = t % 4;
     float c[4][4];
 #pragma unroll
     for (int n = 0; n < 4; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) c[n][e] = 0.0f;
-    // Each thread stages 4 consecutive k of one row of A and of Bm per stage. TF32: the next
-    // stage's values are loaded into registers while the tensor cores work on this one. 3xTF32
-    // (three products per value, and short of registers in the backward) loads each stage just
-    // before storing it.
     const i64 ra = r0 + lrow, rb = c0 + lrow;
-    float na[4], nb[4];
-    auto load = [&](i64 k0) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const i64 k = k0 + lk + q;
-            na[q] = (ra < BR && k < d) ? A[ra * d + k] : 0.0f;
-            nb[q] = (rb < BC && k < d) ? Bm[rb * d + k] : 0.0f;
+    const bool vec = (d & 3) == 0 && ((reinterpret_cast<unsigned long long>(A) |
+                                       reinterpret_cast<unsigned long long>(Bm)) &
+                                      15) == 0;
+    uint4 na, nb;  // the staged piece's 4 values (as bits)
+    auto piece = [&](const float* __restrict__ F, i64 r, i64 nrows, i64 k) {
+        uint4 v = {0u, 0u, 0u, 0u};
+        if (r < nrows && k < d) {
+            if (vec) {
+                v = *reinterpret_cast<const uint4*>(F + r * d + k);
+            } else {
+                v.x = __float_as_uint(F[r * d + k]);
+                if (k + 1 < d) v.y = __float_as_uint(F[r * d + k + 1]);
+                if (k + 2 < d) v.z = __float_as_uint(F[r * d + k + 2]);
+                if (k + 3 < d) v.w = __float_as_uint(F[r * d + k + 3]);
+            }
         }
+        return v;
+    };
+    auto load = [&](i64 k0) {
+        na = piece(A, ra, BR, k0 + 4 * lp);
+        nb = piece(Bm, rb, BC, k0 + 4 * lp);
+    };
+    auto stage = [&](float* dst, uint4 v) {
+        if (!SPLIT) {
+            v.x = to_tf32(__uint_as_float(v.x));
+            v.y = to_tf32(__uint_as_float(v.y));
+            v.z = to_tf32(__uint_as_float(v.z));
+            v.w = to_tf32(__uint_as_float(v.w));
+        }
+        *reinterpret_cast<uint4*>(dst) = v;
     };
     if (!SPLIT) load(0);
     for (i64 k0 = 0; k0 < d; k0 += TK) {
         if (SPLIT) load(k0);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            As[lk + q][lrow] = na[q];
-            Bs[lk + q][lrow] = nb[q];
-        }
+        stage(&As[lrow][4 * lp], na);
+        stage(&Bs[lrow][4 * lp], nb);
         __syncthreads();
         if (!SPLIT && k0 + TK < d) load(k0 + TK);
 #pragma unroll
         for (int kk = 0; kk < TK; kk += 8) {
-            const float af[4] = {As[kk + q4][wm + g], As[kk + q4][wm + g + 8],
-                                 As[kk + q4 + 4][wm + g], As[kk + q4 + 4][wm + g + 8]};
-            mma_tf32_row<SPLIT>(
-                c, af, [&](int n, int e) { return Bs[kk + q4 + 4 * e][wn + 8 * n + g]; });
+            if (SPLIT) {
+                const float af[4] = {As[wm + g][kk + q4], As[wm + g + 8][kk + q4],
+                                     As[wm + g][kk + q4 + 4], As[wm + g + 8][kk + q4 + 4]};
+                mma_tf32_row<true>(
+                    c, af, [&](int n, int e) { return Bs[wn + 8 * n + g][kk + q4 + 4 * e]; });
+            } else {
+                // Staged already rounded: the bits go to the tensor cores as they are.
+                const unsigned a[4] = {__float_as_uint(As[wm + g][kk + q4]),
+                                       __float_as_uint(As[wm + g + 8][kk + q4]),
+                                       __float_as_uint(As[wm + g][kk + q4 + 4]),
+                                       __float_as_uint(As[wm + g + 8][kk + q4 + 4])};
+#pragma unroll
+                for (int n = 0; n < 4; ++n) {
+                    const unsigned bb[2] = {__float_as_uint(Bs[wn + 8 * n + g][kk + q4]),
+                                            __float_as_uint(Bs[wn + 8 * n + g][kk + q4 + 4])};
+                    mma_tf32(c[n], a, bb);
+                }
+            }
         }
         __syncthreads();
     }
