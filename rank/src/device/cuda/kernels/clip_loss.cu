@@ -168,8 +168,9 @@ __device__ __forceinline__ void mma_tf32_row(float c[4][4], const float af[4], B
 // Xs[row][col] = scale * c for the accumulator fragments of an m16n8 mma (rows g, g + 8, columns
 // 2 q4, 2 q4 + 1 of each 16 x 8 block) of the warp's 16 x 32 block at (wm, wn); `fill` in rows
 // past BR and columns past BC.
+template <int XLD>
 __device__ __forceinline__ void store_frags(const float c[4][4], int wm, int wn, int g, int q4,
-                                            i64 BR, i64 BC, i64 r0, i64 c0, float (*Xs)[TN + 1],
+                                            i64 BR, i64 BC, i64 r0, i64 c0, float (*Xs)[XLD],
                                             float scale, float fill) {
 #pragma unroll
     for (int n = 0; n < 4; ++n)
@@ -190,10 +191,10 @@ __device__ __forceinline__ void store_frags(const float c[4][4], int wm, int wn,
 // values once, as they are staged, and loads the next stage into registers while the tensor
 // cores work on this one; 3xTF32 (three products per value, and short of registers in the
 // backward) stages fp32 values just in time and splits them as they are read.
-template <bool SPLIT>
+template <bool SPLIT, int XLD>
 __device__ __forceinline__ void tile_tc(const float* __restrict__ A, const float* __restrict__ Bm,
                                         i64 BR, i64 BC, i64 d, i64 r0, i64 c0, float (*As)[KF],
-                                        float (*Bs)[KF], float (*Xs)[TN + 1], float scale,
+                                        float (*Bs)[KF], float (*Xs)[XLD], float scale,
                                         float fill) {
     const int t = threadIdx.x;
     const int lane = t % 32, warp = t / 32;
@@ -302,11 +303,12 @@ __device__ __forceinline__ void mma_bf16(float c[4], const unsigned a[4], const 
 // zero padding), so every 16-byte load is aligned and in bounds and needs no test. Each thread
 // stages one 16-byte piece of A and of Bm per stage (row t / 4, k offset 8 * (t % 4)) and loads
 // the next stage's pieces into registers while the tensor cores work on this one.
+template <int XLD>
 __device__ __forceinline__ void tile_bf16(const unsigned short* __restrict__ A,
                                           const unsigned short* __restrict__ Bm, i64 BR, i64 BC,
                                           i64 ld,
                                           i64 r0, i64 c0, unsigned (*As)[KW], unsigned (*Bs)[KW],
-                                          float (*Xs)[TN + 1], float scale, float fill) {
+                                          float (*Xs)[XLD], float scale, float fill) {
     const int t = threadIdx.x;
     const int lane = t % 32, warp = t / 32;
     const int g = lane / 4, q4 = lane % 4;
@@ -348,12 +350,12 @@ __device__ __forceinline__ void tile_bf16(const unsigned short* __restrict__ A,
 // and columns past BC), by
 // fp32 FMA (MODE 0), 3xTF32 (MODE 1), TF32 (MODE 2) or BF16 (MODE 3) tensor cores. d: the
 // features' row stride (for MODE 3 that of the padded bf16 copies). Ends with a barrier.
-template <int MODE>
+template <int MODE, int XLD>
 __device__ __forceinline__ void tile_to_shared(const typename Tiles<MODE>::Feat* __restrict__ A,
                                                const typename Tiles<MODE>::Feat* __restrict__ Bm,
                                                i64 BR, i64 BC, i64 d, i64 r0, i64 c0,
                                                typename Tiles<MODE>::Row* As,
-                                               typename Tiles<MODE>::Row* Bs, float (*Xs)[TN + 1],
+                                               typename Tiles<MODE>::Row* Bs, float (*Xs)[XLD],
                                                float scale, float fill) {
     if constexpr (MODE == 3) {
         tile_bf16(A, Bm, BR, BC, d, r0, c0, As, Bs, Xs, scale, fill);
@@ -370,7 +372,7 @@ __device__ __forceinline__ void tile_to_shared(const typename Tiles<MODE>::Feat*
                 Xs[li][lj] = ok ? scale * acc[i][j] : fill;
             }
     } else {
-        tile_tc<MODE == 1>(A, Bm, BR, BC, d, r0, c0, As, Bs, Xs, scale, fill);
+        tile_tc<MODE == 1, XLD>(A, Bm, BR, BC, d, r0, c0, As, Bs, Xs, scale, fill);
     }
     __syncthreads();
 }
@@ -431,7 +433,8 @@ __device__ __forceinline__ void clip_fwd_impl(const typename Tiles<MODE>::Feat* 
         float m = NEG_INF_F, z = 0.0f;  // row stats of row r0 + t (threads t < 64)
         for (i64 ct = ct_begin; ct < ct_end; ++ct) {
             const i64 c0 = ct * TN;
-            tile_to_shared<MODE>(img, txt, BR, BC, d, r0, c0, As, Bs, Xs, scale, NEG_INF_F);
+            tile_to_shared<MODE, TN + 1>(img, txt, BR, BC, d, r0, c0, As, Bs, Xs, scale,
+                                         NEG_INF_F);
             if (t < TM) {
                 const i64 r = r0 + t;
                 if (r < BR) {
@@ -628,6 +631,12 @@ extern "C" __global__ void __launch_bounds__(NT) sum_f64(const double* __restric
 // 16-byte aligned (288 bytes fp32, 144 bf16).
 #define FS_LD (64 + 8)
 
+// Row stride of the backward's logit / G tile (64 + 4 floats): the TF32 products' A-fragment
+// reads of G (8 rows x 4 columns per warp) hit 32 different banks, the transposed and bf16
+// reads and the fragment stores at most 2 per bank (4 with rows of 65 floats, which the
+// forward's LSE loops keep for their row- and column-wise reads).
+#define GS_LD (TN + 4)
+
 // Asynchronous global -> shared copies (sm_80 cp.async): BYTES (4 or 16) to `dst`, of which the
 // first `src_bytes` come from `src` and the rest are zero (src_bytes = 0: zeros, nothing read).
 // They complete at cp_async_wait<N>() (all but the N most recent committed groups), made
@@ -714,7 +723,7 @@ __device__ __forceinline__ void stage_load(const typename Tiles<MODE>::Feat* __r
 // against the tile's columns) or Gs^T (TRANS true: dB's rows against the tile's rows). TF32
 // m16n8k8 products, fp32 accumulators; SPLIT: 3xTF32 (G and F each as hi + lo, near fp32).
 template <bool SPLIT, bool TRANS, int SR>
-__device__ __forceinline__ void product_tc(const float (*Gs)[TN + 1], const float (*Fs)[FS_LD],
+__device__ __forceinline__ void product_tc(const float (*Gs)[GS_LD], const float (*Fs)[FS_LD],
                                            int kb, int wm, int wn, int g, int q4, float c[4][4]) {
 #pragma unroll 1
     for (int k0 = 0; k0 < SR; k0 += 8) {
@@ -741,7 +750,7 @@ __device__ __forceinline__ void product_tc(const float (*Gs)[TN + 1], const floa
 // feature stage as it is; fp32 accumulators. Registers hold k pairs, the lower k in the low half
 // (see mma_bf16).
 template <bool TRANS, int SR>
-__device__ __forceinline__ void product_bf16(const float (*Gs)[TN + 1],
+__device__ __forceinline__ void product_bf16(const float (*Gs)[GS_LD],
                                              const unsigned short (*Fs)[FS_LD], int kb, int wm,
                                              int wn, int g, int q4, float c[4][4]) {
 #pragma unroll 1
@@ -768,7 +777,7 @@ __device__ __forceinline__ void product_bf16(const float (*Gs)[TN + 1],
 // The fp32 FMA product for one stage, with the same meaning: out[i][k] += sum over the stage's
 // j of Gop[ty + 16 i][kb + j] * Fs[j][tx + 16 k].
 template <bool TRANS, int SR>
-__device__ __forceinline__ void product_fma(const float (*Gs)[TN + 1], const float (*Fs)[FS_LD],
+__device__ __forceinline__ void product_fma(const float (*Gs)[GS_LD], const float (*Fs)[FS_LD],
                                             int kb, int tx, int ty, float out[4][4]) {
 #pragma unroll 2
     for (int j = 0; j < SR; ++j) {
@@ -811,7 +820,7 @@ __device__ __forceinline__ void clip_bwd_impl(
     constexpr int H = TN / SR;  // stages per job
     __shared__ __align__(16) typename Tiles<MODE>::Row As[Tiles<MODE>::ROWS];
     __shared__ __align__(16) typename Tiles<MODE>::Row Bs[Tiles<MODE>::ROWS];
-    __shared__ float Gs[TM][TN + 1];  // the logits, then s * G in place
+    __shared__ __align__(16) float Gs[TM][GS_LD];  // the logits, then s * G in place
     // Two stages of SR rows of Bm (for dA) or A (for dB), 64 feature columns each.
     __shared__ __align__(16) Feat Fs[2][SR][FS_LD];
     __shared__ double red[NT];
@@ -870,7 +879,7 @@ __device__ __forceinline__ void clip_bwd_impl(
     double dt_acc = 0.0;
     for (i64 ct = 0; ct < n_ct; ++ct) {
         const i64 c0 = ct * TN;
-        tile_to_shared<MODE>(A, Bm, BR, BC, ld, r0, c0, As, Bs, Gs, scale, 0.0f);
+        tile_to_shared<MODE, GS_LD>(A, Bm, BR, BC, ld, r0, c0, As, Bs, Gs, scale, 0.0f);
         // The first stage's features load while G is formed (the previous tile's last stage
         // ended with a barrier, and nothing of it is in flight).
         const St first = {0, 0, 0};
