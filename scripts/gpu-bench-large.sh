@@ -3,8 +3,8 @@
 # scripts/gpu-check.sh: B = 256k at d = 512 and 768, Tessera's fused loss (bf16 and tf32, both
 # modes; fp32 deterministic) beside inf-cl 1.2.1 (fp32, bf16) and the naive PyTorch loss (which
 # reports OOM at this size: its B × B logits alone are 256 GiB in fp32). Each step has a timeout,
-# all of them share GPU_BENCH_BUDGET_S (default 420 s). Prints the rows last; with $OUT set,
-# logs and JSON go there.
+# all of them share GPU_BENCH_BUDGET_S (default 420 s). Prints the rows last; logs and JSON go to
+# a temporary folder, packed with $OUT set into $OUT/gpu-bench-large.tar.gz.
 #
 # Usage: scripts/gpu-bench-large.sh [path-to-tessera-binary] [batch]   (batch default 262144)
 set -uo pipefail
@@ -12,8 +12,7 @@ cd "$(dirname "$0")/.."
 bin="${1:-target/release/tessera}"
 batch="${2:-262144}"
 [[ -x "$bin" ]] || { echo "gpu-bench-large: $bin is not an executable (build: cargo build --release -p tessera-launch)" >&2; exit 2; }
-out="${OUT:-$(mktemp -d)}"
-mkdir -p "$out"
+out="$(mktemp -d)"
 export PYTHONUNBUFFERED=1
 deadline=$((SECONDS + ${GPU_BENCH_BUDGET_S:-420}))
 status=0
@@ -38,5 +37,9 @@ echo "=== B = $batch, fwd+bwd ms (median), peak / workspace MiB"
 grep -hE '^ +[0-9]+ +[0-9]+ ' "$out"/tessera-*.log "$out"/infcl.log "$out"/torch-naive.log 2>/dev/null
 echo "=== gpu-bench-large summary (logs in $out)"
 printf '%s\n' "${summary[@]}"
+if [[ -n "${OUT:-}" ]]; then
+    mkdir -p "$OUT"
+    tar -czf "$OUT/gpu-bench-large.tar.gz" -C "$out" . && echo "gpu-bench-large: logs packed into $OUT/gpu-bench-large.tar.gz"
+fi
 [[ $status -eq 0 ]] && echo "gpu-bench-large: PASS" || echo "gpu-bench-large: FAIL"
 exit $status

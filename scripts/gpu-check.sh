@@ -8,7 +8,9 @@
 # model's training step in PyTorch eager. Our bf16 loss runs at every size where inf-cl and the
 # naive loss run in bf16 (B = 16k, 64k; d = 512, 768).
 # Every step has a timeout; the whole run stays well under 6 minutes.
-# Prints a short table last; with $OUT set, logs and JSON go there too.
+# Prints a short table last. Logs and JSON go to a temporary folder (named in the table); with
+# $OUT set, they are packed there as one archive, gpu-check.tar.gz (the device tool brings back
+# only a few files).
 #
 # Usage: scripts/gpu-check.sh [path-to-tessera-binary]   (default target/release/tessera)
 # The binary is a prebuilt x86-64 release build (the GPU machine has no Rust toolchain).
@@ -17,8 +19,7 @@ cd "$(dirname "$0")/.."
 
 bin="${1:-target/release/tessera}"
 [[ -x "$bin" ]] || { echo "gpu-check: $bin is not an executable (build: cargo build --release -p tessera-launch)" >&2; exit 2; }
-out="${OUT:-$(mktemp -d)}"
-mkdir -p "$out"
+out="$(mktemp -d)"
 export PYTHONUNBUFFERED=1
 summary=()
 status=0
@@ -38,8 +39,9 @@ step train-cuda 150 scripts/gpu-train-check.sh "$bin" "$out" 50
 precs=fp32,tf32x3,tf32,bf16
 step bench-loss 150 "$bin" cuda bench-loss --batch 4096,16384 --dim 512,768 --mode both --precision "$precs" --reps 5 --json "$out/bench-loss.jsonl"
 step bench-loss-64k 120 "$bin" cuda bench-loss --batch 65536 --dim 512 --mode both --precision "$precs" --reps 2 --json "$out/bench-loss-64k.jsonl"
-# The one size the peers run in bf16 that the steps above leave out (bf16 only: short).
-step bench-bf16-768 60 "$bin" cuda bench-loss --batch 65536 --dim 768 --mode both --precision bf16 --reps 2 --json "$out/bench-bf16-768.jsonl"
+# Issue 7's target size, B = 64k, d = 768, which the steps above leave out: bf16 (what the peers'
+# bf16 rows compare with) and tf32 (inf-cl computes its tiles in TF32 whatever the input type).
+step bench-64k-768 60 "$bin" cuda bench-loss --batch 65536 --dim 768 --mode both --precision bf16,tf32 --reps 2 --json "$out/bench-64k-768.jsonl"
 if python3 -c "import torch" 2>/dev/null; then
     step bench-torch 120 python3 scripts/bench_torch_clip.py --batch 4096,16384,65536 --dim 512,768 --reps 5 --json "$out/bench-torch.jsonl"
 fi
@@ -66,15 +68,19 @@ sed -n '/^ *bytes path/,/^cuda nccl-bench/p' "$out/nccl-bench.log" 2>/dev/null
 echo "=== two ranks training on the one GPU vs on the CPU"
 grep -h '^train-check:' "$out/train-cuda.log" 2>/dev/null
 echo "=== fused loss (tessera) vs naive PyTorch fp32, fwd+bwd ms (median)"
-grep -hE '^ +[0-9]+ +[0-9]+ ' "$out/bench-loss.log" "$out/bench-loss-64k.log" "$out/bench-bf16-768.log" 2>/dev/null
+grep -hE '^ +[0-9]+ +[0-9]+ ' "$out/bench-loss.log" "$out/bench-loss-64k.log" "$out/bench-64k-768.log" 2>/dev/null
 [[ -f "$out/bench-torch.log" ]] && grep -hE '^ +[0-9]+ +[0-9]+ ' "$out/bench-torch.log"
 echo "=== peers: inf-cl 1.2.1 and naive PyTorch bf16, fwd+bwd ms (median), peak / workspace MiB"
 grep -hE '^ +[0-9]+ +[0-9]+ ' "$out/bench-infcl.log" "$out/torch-bf16.log" 2>/dev/null
-echo "--- tessera bf16 at the same sizes (B d mode prec ms(med) ms(min) TFLOP/s ws MiB loss)"
-grep -hE '^ +(16384|65536) +[0-9]+ +[a-z]+ +bf16 ' "$out/bench-loss.log" "$out/bench-loss-64k.log" "$out/bench-bf16-768.log" 2>/dev/null
+echo "--- tessera bf16 and tf32 at the same sizes (B d mode prec ms(med) ms(min) TFLOP/s ws MiB loss)"
+grep -hE '^ +(16384|65536) +[0-9]+ +[a-z]+ +(bf16|tf32) ' "$out/bench-loss.log" "$out/bench-loss-64k.log" "$out/bench-64k-768.log" 2>/dev/null
 echo "=== training step, default dual encoder: Tessera (run.device = cuda) vs PyTorch eager on this GPU"
 grep -hE '^(round |Tessera throughput)' "$out/train-torch.log" 2>/dev/null
 echo "=== gpu-check summary (logs in $out)"
 printf '%s\n' "${summary[@]}"
+if [[ -n "${OUT:-}" ]]; then
+    mkdir -p "$OUT"
+    tar -czf "$OUT/gpu-check.tar.gz" -C "$out" . && echo "gpu-check: logs packed into $OUT/gpu-check.tar.gz"
+fi
 [[ $status -eq 0 ]] && echo "gpu-check: PASS" || echo "gpu-check: FAIL"
 exit $status
