@@ -52,6 +52,7 @@ struct Warp {
     std::barrier<> bar;
     unsigned a[32][4];
     unsigned b[32][2];
+    const void* row[32];
 };
 
 struct Block {
@@ -173,6 +174,28 @@ inline void mma_m16n8k16_bf16(float c[4], const unsigned a[4], const unsigned b[
         for (int k = 0; k < 16; ++k) acc += A(r, k) * B(k, n);
         c[e] = acc;
     }
+    w.bar.arrive_and_wait();
+}
+
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16, one lane's part (PTX ISA, "Warp-level
+// matrix load instruction: ldmatrix"): lane 8 m + r supplies the address of row r (8 b16, 16
+// bytes) of matrix m; register m of lane 4 r + w receives word w of row r of matrix m (its
+// elements 2 w, 2 w + 1, the lower in the low half), of the transposed matrix with .trans
+// (elements (2 w, r) and (2 w + 1, r) of the matrix as stored).
+inline void ldmatrix_x4(unsigned r[4], const void* row_addr, bool trans) {
+    Warp& w = warp();
+    const unsigned l = lane();
+    w.row[l] = row_addr;
+    w.bar.arrive_and_wait();
+    auto elem = [&](int m, int row, int col) {
+        unsigned short h;
+        std::memcpy(&h, static_cast<const unsigned char*>(w.row[8 * m + row]) + 2 * col, 2);
+        return (unsigned)h;
+    };
+    const int rr = l / 4, ww = l % 4;
+    for (int m = 0; m < 4; ++m)
+        r[m] = trans ? elem(m, 2 * ww, rr) | (elem(m, 2 * ww + 1, rr) << 16)
+                     : elem(m, rr, 2 * ww) | (elem(m, rr, 2 * ww + 1) << 16);
     w.bar.arrive_and_wait();
 }
 

@@ -298,6 +298,33 @@ __device__ __forceinline__ void mma_bf16(float c[4], const unsigned a[4], const 
 #endif
 }
 
+// The shared-memory address of a generic pointer into shared memory (for cp.async, ldmatrix).
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// ldmatrix.sync.aligned.m8n8.x4 (.trans with TRANS): lane 8 m + r gives `row`, the shared
+// address of row r (8 b16, 16-byte aligned) of matrix m; register m of lane 4 r + w receives
+// word w (elements 2 w, 2 w + 1, the lower in the low half) of row r of matrix m, or with TRANS
+// of row r of its transpose. Warp-wide: all 32 lanes execute it.
+template <bool TRANS>
+__device__ __forceinline__ void ldsm_x4(unsigned r[4], const void* row) {
+#ifdef TESSERA_EMU
+    emu::ldmatrix_x4(r, row, TRANS);
+#else
+    if (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_addr(row)));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_addr(row)));
+#endif
+}
+
 // BF16 tensor-core tile, warps as in tile_tc (four m16n8k16 products per k-step of 16). A and
 // Bm are the padded bf16 copies (row stride ld, a multiple of 64; rows up to a multiple of 64;
 // zero padding), so every 16-byte load is aligned and in bounds and needs no test. Each thread
@@ -332,13 +359,17 @@ __device__ __forceinline__ void tile_bf16(const unsigned short* __restrict__ A,
         }
 #pragma unroll
         for (int kw = 0; kw < KB / 2; kw += 8) {
-            const unsigned af[4] = {As[wm + g][kw + q4], As[wm + g + 8][kw + q4],
-                                    As[wm + g][kw + q4 + 4], As[wm + g + 8][kw + q4 + 4]};
+            // ldmatrix: A's four 8 x 8 blocks (rows +0/+8, k +0/+8) in one load, B's two
+            // n-tiles' (k +0/+8) in another each; lane 8 m + r addresses row r of block m.
+            const int lr = lane % 8, lm = lane / 8;
+            unsigned af[4];
+            ldsm_x4<false>(af, &As[wm + lr + 8 * (lm % 2)][kw + 4 * (lm / 2)]);
 #pragma unroll
-            for (int n = 0; n < 4; ++n) {
-                const unsigned bf[2] = {Bs[wn + 8 * n + g][kw + q4],
-                                        Bs[wn + 8 * n + g][kw + q4 + 4]};
-                mma_bf16(c[n], af, bf);
+            for (int np = 0; np < 2; ++np) {
+                unsigned bf[4];
+                ldsm_x4<false>(bf, &Bs[wn + 16 * np + 8 * (lm / 2) + lr][kw + 4 * (lm % 2)]);
+                mma_bf16(c[2 * np], af, bf);
+                mma_bf16(c[2 * np + 1], af, bf + 2);
             }
         }
         __syncthreads();
@@ -637,6 +668,10 @@ extern "C" __global__ void __launch_bounds__(NT) sum_f64(const double* __restric
 // forward's LSE loops keep for their row- and column-wise reads).
 #define GS_LD (TN + 4)
 
+// Row stride of the bf16 copy of s * G that the bf16 products read (64 + 8 bf16, 144 bytes):
+// ldmatrix's 8 rows of 16 bytes then hit 32 different banks.
+#define GH_LD (64 + 8)
+
 // Asynchronous global -> shared copies (sm_80 cp.async): BYTES (4 or 16) to `dst`, of which the
 // first `src_bytes` come from `src` and the rest are zero (src_bytes = 0: zeros, nothing read).
 // They complete at cp_async_wait<N>() (all but the N most recent committed groups), made
@@ -646,10 +681,7 @@ __device__ __forceinline__ void cp_async(void* dst, const void* src, unsigned sr
 #ifdef TESSERA_EMU
     emu::cp_async(dst, src, BYTES, src_bytes);
 #else
-    unsigned a;
-    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }"
-                 : "=r"(a)
-                 : "l"(dst));
+    const unsigned a = smem_addr(dst);
     if (BYTES == 16)
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(a), "l"(src),
                      "r"(src_bytes)
@@ -746,30 +778,29 @@ __device__ __forceinline__ void product_tc(const float (*Gs)[GS_LD], const float
 }
 
 // The gradient product of the bf16 version for one stage: as product_tc, with BF16 m16n8k16
-// products (twice TF32's rate) on G rounded to bf16 (round to nearest even) and the bf16
-// feature stage as it is; fp32 accumulators. Registers hold k pairs, the lower k in the low half
-// (see mma_bf16).
+// products (twice TF32's rate) on Gh, the bf16 copy of s * G (round to nearest even), and the
+// bf16 feature stage; fp32 accumulators. All fragments come by ldmatrix: G's (rows +0/+8, k
+// +0/+8 blocks; transposed for TRANS) in one load, the stage's for two n-tiles (k +0/+8,
+// transposed: the stage is [k][column]) in another.
 template <bool TRANS, int SR>
-__device__ __forceinline__ void product_bf16(const float (*Gs)[GS_LD],
+__device__ __forceinline__ void product_bf16(const unsigned short (*Gh)[GH_LD],
                                              const unsigned short (*Fs)[FS_LD], int kb, int wm,
-                                             int wn, int g, int q4, float c[4][4]) {
+                                             int wn, int lane, float c[4][4]) {
+    const int lr = lane % 8, lm = lane / 8;
 #pragma unroll 1
     for (int k0 = 0; k0 < SR; k0 += 16) {
-        // G's element (row, k) of the warp's 16 rows, k relative to the stage's k0.
-        auto gv = [&](int row, int k) {
-            return TRANS ? Gs[kb + k0 + k][wm + row] : Gs[wm + row][kb + k0 + k];
-        };
-        const unsigned a[4] = {bf16_pair(gv(g, 2 * q4), gv(g, 2 * q4 + 1)),
-                               bf16_pair(gv(g + 8, 2 * q4), gv(g + 8, 2 * q4 + 1)),
-                               bf16_pair(gv(g, 2 * q4 + 8), gv(g, 2 * q4 + 9)),
-                               bf16_pair(gv(g + 8, 2 * q4 + 8), gv(g + 8, 2 * q4 + 9))};
+        const int k = kb + k0;
+        unsigned a[4];
+        if (TRANS)
+            ldsm_x4<true>(a, &Gh[k + lr + 8 * (lm / 2)][wm + 8 * (lm % 2)]);
+        else
+            ldsm_x4<false>(a, &Gh[wm + lr + 8 * (lm % 2)][k + 8 * (lm / 2)]);
 #pragma unroll
-        for (int n = 0; n < 4; ++n) {
-            const int col = wn + 8 * n + g;
-            const unsigned b[2] = {
-                (unsigned)Fs[k0 + 2 * q4][col] | ((unsigned)Fs[k0 + 2 * q4 + 1][col] << 16),
-                (unsigned)Fs[k0 + 2 * q4 + 8][col] | ((unsigned)Fs[k0 + 2 * q4 + 9][col] << 16)};
-            mma_bf16(c[n], a, b);
+        for (int np = 0; np < 2; ++np) {
+            unsigned b[4];
+            ldsm_x4<true>(b, &Fs[k0 + lr + 8 * (lm % 2)][wn + 16 * np + 8 * (lm / 2)]);
+            mma_bf16(c[2 * np], a, b);
+            mma_bf16(c[2 * np + 1], a, b + 2);
         }
     }
 }
@@ -818,8 +849,14 @@ __device__ __forceinline__ void clip_bwd_impl(
     typedef typename Tiles<MODE>::Feat Feat;
     constexpr int SR = Stage<MODE>::SR;
     constexpr int H = TN / SR;  // stages per job
-    __shared__ __align__(16) typename Tiles<MODE>::Row As[Tiles<MODE>::ROWS];
-    __shared__ __align__(16) typename Tiles<MODE>::Row Bs[Tiles<MODE>::ROWS];
+    // The logit tile's operand staging: As, then Bs. Once the tile is computed, the bf16
+    // version keeps the bf16 copy of s * G there (Gh), until the next tile's staging.
+    __shared__ __align__(16) typename Tiles<MODE>::Row AB[2 * Tiles<MODE>::ROWS];
+    typename Tiles<MODE>::Row* As = AB;
+    typename Tiles<MODE>::Row* Bs = AB + Tiles<MODE>::ROWS;
+    static_assert(MODE != 3 || sizeof(AB) >= sizeof(unsigned short[TM][GH_LD]),
+                  "the bf16 copy of G fits in the staging");
+    unsigned short(*Gh)[GH_LD] = reinterpret_cast<unsigned short(*)[GH_LD]>(AB);
     __shared__ __align__(16) float Gs[TM][GS_LD];  // the logits, then s * G in place
     // Two stages of SR rows of Bm (for dA) or A (for dB), 64 feature columns each.
     __shared__ __align__(16) Feat Fs[2][SR][FS_LD];
@@ -908,7 +945,10 @@ __device__ __forceinline__ void clip_bwd_impl(
                         if (cc - r == diag) g -= 2.0f * inv2b;
                         dt_acc += (double)g * (double)x;
                     }
-                    Gs[ty + 16 * i][tx + 16 * j] = scale * g;
+                    if constexpr (MODE == 3)
+                        Gh[ty + 16 * i][tx + 16 * j] = to_bf16(scale * g);
+                    else
+                        Gs[ty + 16 * i][tx + 16 * j] = scale * g;
                 }
             }
         }
@@ -933,9 +973,9 @@ __device__ __forceinline__ void clip_bwd_impl(
                     product_fma<true, SR>(Gs, F, h * SR, tx, ty, c);
             } else if constexpr (MODE == 3) {
                 if (pass == 0)
-                    product_bf16<false, SR>(Gs, F, h * SR, wm, wn, wg, wq, c);
+                    product_bf16<false, SR>(Gh, F, h * SR, wm, wn, t % 32, c);
                 else
-                    product_bf16<true, SR>(Gs, F, h * SR, wm, wn, wg, wq, c);
+                    product_bf16<true, SR>(Gh, F, h * SR, wm, wn, t % 32, c);
             } else {
                 if (pass == 0)
                     product_tc<MODE == 1, false, SR>(Gs, F, h * SR, wm, wn, wg, wq, c);
