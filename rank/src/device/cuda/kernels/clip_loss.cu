@@ -140,12 +140,13 @@ __device__ __forceinline__ void mma_tf32(float c[4], const unsigned a[4], const 
 // values, rounded to TF32, or with SPLIT as 3xTF32 (x = hi + lo; hi*hi + hi*lo + lo*hi). af: the
 // A fragment's values (rows g, g + 8 at k q4, then at k q4 + 4); bf(n, e): B_n's value at
 // k = q4 + 4 e, column g.
-template <bool SPLIT, typename BF>
+// A_TF32: the A values are TF32 already (rounded when stored), so their bits go as they are.
+template <bool SPLIT, typename BF, bool A_TF32 = false>
 __device__ __forceinline__ void mma_tf32_row(float c[4][4], const float af[4], BF bf) {
     unsigned ah[4], al[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-        ah[e] = to_tf32(af[e]);
+        ah[e] = A_TF32 ? __float_as_uint(af[e]) : to_tf32(af[e]);
         al[e] = SPLIT ? to_tf32(af[e] - __uint_as_float(ah[e])) : 0u;
     }
 #pragma unroll
@@ -772,8 +773,9 @@ __device__ __forceinline__ void product_tc(const float (*Gs)[GS_LD], const float
             af[2] = Gs[wm + g][k + q4 + 4];
             af[3] = Gs[wm + g + 8][k + q4 + 4];
         }
-        mma_tf32_row<SPLIT>(c, af,
-                            [&](int n, int e) { return Fs[k0 + q4 + 4 * e][wn + 8 * n + g]; });
+        // TF32: s * G was rounded to TF32 when stored (the G loop); 3xTF32 splits it here.
+        auto bf = [&](int n, int e) { return Fs[k0 + q4 + 4 * e][wn + 8 * n + g]; };
+        mma_tf32_row<SPLIT, decltype(bf), !SPLIT>(c, af, bf);
     }
 }
 
@@ -947,6 +949,8 @@ __device__ __forceinline__ void clip_bwd_impl(
                     }
                     if constexpr (MODE == 3)
                         Gh[ty + 16 * i][tx + 16 * j] = to_bf16(scale * g);
+                    else if constexpr (MODE == 2)  // rounded once here, not at every read
+                        Gs[ty + 16 * i][tx + 16 * j] = __uint_as_float(to_tf32(scale * g));
                     else
                         Gs[ty + 16 * i][tx + 16 * j] = scale * g;
                 }
