@@ -42,7 +42,7 @@ for ((r = 1; r <= rounds; r++)); do
         done
     done
 done
-python3 - "$work" "$a" "$b" <<'EOF' || status=1
+python3 - "$work" "$a ($("$a" --version 2>&1))" "$b ($("$b" --version 2>&1))" <<'EOF' || status=1
 import glob, json, statistics, sys
 work, a, b = sys.argv[1:4]
 rows = {}

@@ -30,6 +30,7 @@ deadline=$((SECONDS + ${GPU_CHECK_BUDGET_S:-330}))
 # step NAME SECONDS CMD... (scripts/gpu-steps.sh)
 source scripts/gpu-steps.sh
 
+step version 10 "$bin" --version
 step nvidia-smi 30 nvidia-smi
 step probe 60 "$bin" cuda probe
 step check-kernels 120 "$bin" cuda check-kernels --arch sm_80,sm_90 --resource-usage

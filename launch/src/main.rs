@@ -21,7 +21,7 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "tessera",
-    version,
+    version = env!("TESSERA_VERSION"),
     about = "Data-parallel trainer for large-batch contrastive learning",
     long_about = "Data-parallel trainer for large-batch contrastive learning.\n\n\
                   `tessera run --nproc 4` trains the embedded default job on 4 local rank \
