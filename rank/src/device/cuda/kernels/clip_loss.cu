@@ -439,6 +439,8 @@ __device__ __forceinline__ void clip_fwd_impl(const typename Tiles<MODE>::Feat* 
     __shared__ __align__(16) typename Tiles<MODE>::Row As[Tiles<MODE>::ROWS];
     __shared__ __align__(16) typename Tiles<MODE>::Row Bs[Tiles<MODE>::ROWS];
     __shared__ float Xs[TM][TN + 1];
+    // (max, sum) of each quarter of the tile's rows and columns (the LSE epilogue's partials).
+    __shared__ float qrm[4][TM], qrz[4][TM], qcm[4][TN], qcz[4][TN];
     const int t = threadIdx.x;
     const i64 rc = blockIdx.x, cs = blockIdx.y;
     const i64 n_r = (BR + TM - 1) / TM, n_c = (BC + TN - 1) / TN;
@@ -467,15 +469,41 @@ __device__ __forceinline__ void clip_fwd_impl(const typename Tiles<MODE>::Feat* 
             const i64 c0 = ct * TN;
             tile_to_shared<MODE, TN + 1>(img, txt, BR, BC, d, r0, c0, As, Bs, Xs, scale,
                                          NEG_INF_F);
+            {
+                // Every thread: the (max, sum) of a quarter (16 values) of row t % 64 and of
+                // column t % 64, quarter t / 64 (masked entries are -inf: a (-inf, 0) partial).
+                const int li = t % TM, part = t / TM;
+                float v[16], mx = NEG_INF_F, zs = 0.0f;
+#pragma unroll
+                for (int k = 0; k < 16; ++k) {
+                    v[k] = Xs[li][16 * part + k];
+                    mx = fmaxf(mx, v[k]);
+                }
+                if (mx != NEG_INF_F)
+#pragma unroll
+                    for (int k = 0; k < 16; ++k) zs += expf(v[k] - mx);
+                qrm[part][li] = mx;
+                qrz[part][li] = zs;
+                mx = NEG_INF_F;
+                zs = 0.0f;
+#pragma unroll
+                for (int k = 0; k < 16; ++k) {
+                    v[k] = Xs[16 * part + k][li];
+                    mx = fmaxf(mx, v[k]);
+                }
+                if (mx != NEG_INF_F)
+#pragma unroll
+                    for (int k = 0; k < 16; ++k) zs += expf(v[k] - mx);
+                qcm[part][li] = mx;
+                qcz[part][li] = zs;
+            }
+            __syncthreads();
             if (t < TM) {
                 const i64 r = r0 + t;
                 if (r < BR) {
-                    float mx = NEG_INF_F;
-                    for (int j = 0; j < TN; ++j) mx = fmaxf(mx, Xs[t][j]);
-                    float zs = 0.0f;
-                    if (mx != NEG_INF_F)
-                        for (int j = 0; j < TN; ++j) zs += expf(Xs[t][j] - mx);
-                    lse_merge(m, z, mx, zs);
+                    // The row's four quarters, in order, into its running statistics.
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) lse_merge(m, z, qrm[q][t], qrz[q][t]);
                     if (diag != NO_DIAG) {
                         const i64 p = r + diag;  // the positive's column
                         if (p >= c0 && p < c0 + TN && p < BC) pos[r] = Xs[t][p - c0];
@@ -487,11 +515,10 @@ __device__ __forceinline__ void clip_fwd_impl(const typename Tiles<MODE>::Feat* 
                 const int j = t - TM;
                 const i64 c = c0 + j;
                 if (c < BC) {
-                    float mx = NEG_INF_F;
-                    for (int i = 0; i < TM; ++i) mx = fmaxf(mx, Xs[i][j]);
-                    float zs = 0.0f;
-                    if (mx != NEG_INF_F)
-                        for (int i = 0; i < TM; ++i) zs += expf(Xs[i][j] - mx);
+                    // The column's four quarters of this tile, in order.
+                    float mx = NEG_INF_F, zs = 0.0f;
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) lse_merge(mx, zs, qcm[q][j], qcz[q][j]);
                     if (rt == rt_begin) {
                         cm[c] = mx;
                         cz[c] = zs;
