@@ -473,29 +473,21 @@ __device__ __forceinline__ void clip_fwd_impl(const typename Tiles<MODE>::Feat* 
                 // Every thread: the (max, sum) of a quarter (16 values) of row t % 64 and of
                 // column t % 64, quarter t / 64 (masked entries are -inf: a (-inf, 0) partial).
                 const int li = t % TM, part = t / TM;
-                float v[16], mx = NEG_INF_F, zs = 0.0f;
+                auto quarter = [&](bool col, float& qm, float& qz) {
+                    float v[16], mx = NEG_INF_F, zs = 0.0f;
 #pragma unroll
-                for (int k = 0; k < 16; ++k) {
-                    v[k] = Xs[li][16 * part + k];
-                    mx = fmaxf(mx, v[k]);
-                }
-                if (mx != NEG_INF_F)
+                    for (int k = 0; k < 16; ++k) {
+                        v[k] = col ? Xs[16 * part + k][li] : Xs[li][16 * part + k];
+                        mx = fmaxf(mx, v[k]);
+                    }
+                    if (mx != NEG_INF_F)
 #pragma unroll
-                    for (int k = 0; k < 16; ++k) zs += expf(v[k] - mx);
-                qrm[part][li] = mx;
-                qrz[part][li] = zs;
-                mx = NEG_INF_F;
-                zs = 0.0f;
-#pragma unroll
-                for (int k = 0; k < 16; ++k) {
-                    v[k] = Xs[16 * part + k][li];
-                    mx = fmaxf(mx, v[k]);
-                }
-                if (mx != NEG_INF_F)
-#pragma unroll
-                    for (int k = 0; k < 16; ++k) zs += expf(v[k] - mx);
-                qcm[part][li] = mx;
-                qcz[part][li] = zs;
+                        for (int k = 0; k < 16; ++k) zs += expf(v[k] - mx);
+                    qm = mx;
+                    qz = zs;
+                };
+                quarter(false, qrm[part][li], qrz[part][li]);
+                quarter(true, qcm[part][li], qcz[part][li]);
             }
             __syncthreads();
             if (t < TM) {
