@@ -3,7 +3,7 @@
 // by fp32 FMA (clip_fwd, clip_bwd), by TF32 tensor cores (m16n8k8 mma; *_tf32), by 3xTF32
 // (hi/lo split, near-fp32 accuracy; *_tf32x3) or by BF16 tensor cores (m16n8k16 mma on bf16
 // copies of the features made by clip_to_bf16; *_bf16); the LSE statistics and G are fp32 in
-// every version. The backward's gradient products (G T, G^T I) are fp32 FMA in clip_bwd, 3xTF32
+// every version (G is rounded to the products' input type where they read it). The backward's gradient products (G T, G^T I) are fp32 FMA in clip_bwd, 3xTF32
 // tensor-core products in clip_bwd_tf32x3, TF32 ones in clip_bwd_tf32 and BF16 ones (G rounded
 // to bf16, the features' bf16 copies) in clip_bwd_bf16, with fp32 accumulators.
 //
@@ -15,17 +15,20 @@
 // Forward (clip_fwd): block (rc, cs) owns the consecutive row tiles of chunk rc and the column
 // tiles of split cs; for each row tile, in order, and each of its column tiles it computes the
 // logits into shared memory, folds them into the online (max, sum) of the tile's rows (kept in
-// registers across column tiles) and into the online (max, sum) of each column, kept in global
+// registers across column tiles; each tile's share taken by all threads, a quarter row and a
+// quarter column each) and into the online (max, sum) of each column, kept in global
 // scratch that this block alone owns (so no atomics). Logits never reach global memory. clip_lse
 // then merges the partials in a fixed order, so the result is deterministic. Partial storage:
 // (chunks + splits) * B * 2 floats, with chunks * splits about one wave of blocks (set by the
 // host): linear in B.
 //
 // Backward (clip_bwd): block rt owns the rows of dA; for each column tile it recomputes the
-// logits, forms G in shared memory and adds s * G * Bm_tile to its rows of dA, 64 feature
-// columns at a time (no other block writes them: no atomics). Deterministic mode runs it twice,
-// (I, T) -> dI then (T, I) -> dT (G is symmetric under the swap); fast mode runs it once and adds
-// dT with atomicAdd.
+// logits, forms s * G in shared memory and adds s * G * Bm_tile to its rows of dA, 64 feature
+// columns at a time (no other block writes them: no atomics), the features staged through
+// shared memory by cp.async, two stages in flight. Deterministic mode runs it twice, (I, T) ->
+// dI then (T, I) -> dT (G is symmetric under the swap; clip_bwd_pair* runs both in one launch);
+// fast mode runs it once and adds dT with atomicAdd. The bf16 versions read every tensor-core
+// fragment with ldmatrix.
 //
 // Rows and columns past B are masked (-inf in the forward, G = 0 in the backward), so any B
 // and d are valid. The bf16 copies are zero-padded to multiples of 64 rows and 64 columns, so
