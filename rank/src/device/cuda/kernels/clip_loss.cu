@@ -944,7 +944,7 @@ __device__ __forceinline__ void clip_bwd_impl(
         // The first stage's features load while G is formed (the previous tile's last stage
         // ended with a barrier, and nothing of it is in flight).
         const St first = {0, 0, 0};
-        issue(first, 0, c0);
+        if (n_stages > 0) issue(first, 0, c0);  // (d = 0: no stage, nothing left in flight)
         {
             float lah[4], lal[4];
 #pragma unroll
