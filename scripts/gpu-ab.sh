@@ -21,6 +21,7 @@ for x in "$a" "$b"; do
 done
 work="$(mktemp -d)"
 status=0
+source scripts/gpu-steps.sh  # pack_logs
 # name|bench-loss arguments: every precision at B = 16k, and the target size in bf16 and tf32.
 grid=(
     "16k|--batch 16384 --dim 512,768 --mode both --precision fp32,tf32x3,tf32,bf16 --reps 3"
@@ -71,9 +72,6 @@ for k in keys:
           f"{'same' if same else f'DIFFERS {la} vs {lb}'}")
 sys.exit(1 if bad else 0)
 EOF
-if [[ -n "${OUT:-}" ]]; then
-    mkdir -p "$OUT"
-    tar -czf "$OUT/gpu-ab.tar.gz" -C "$work" . && echo "gpu-ab: runs packed into $OUT/gpu-ab.tar.gz"
-fi
+pack_logs gpu-ab "$work"
 [[ $status -eq 0 ]] && echo "gpu-ab: PASS" || echo "gpu-ab: FAIL"
 exit $status

@@ -37,9 +37,6 @@ echo "=== B = $batch, fwd+bwd ms (median), peak / workspace MiB"
 grep -hE '^ +[0-9]+ +[0-9]+ ' "$out"/tessera-*.log "$out"/infcl.log "$out"/torch-naive.log 2>/dev/null
 echo "=== gpu-bench-large summary (logs in $out)"
 printf '%s\n' "${summary[@]}"
-if [[ -n "${OUT:-}" ]]; then
-    mkdir -p "$OUT"
-    tar -czf "$OUT/gpu-bench-large.tar.gz" -C "$out" . && echo "gpu-bench-large: logs packed into $OUT/gpu-bench-large.tar.gz"
-fi
+pack_logs gpu-bench-large "$out"
 [[ $status -eq 0 ]] && echo "gpu-bench-large: PASS" || echo "gpu-bench-large: FAIL"
 exit $status

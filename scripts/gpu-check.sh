@@ -79,9 +79,6 @@ echo "=== training step, default dual encoder: Tessera (run.device = cuda) vs Py
 grep -hE '^(round |Tessera throughput)' "$out/train-torch.log" 2>/dev/null
 echo "=== gpu-check summary (logs in $out)"
 printf '%s\n' "${summary[@]}"
-if [[ -n "${OUT:-}" ]]; then
-    mkdir -p "$OUT"
-    tar -czf "$OUT/gpu-check.tar.gz" -C "$out" . && echo "gpu-check: logs packed into $OUT/gpu-check.tar.gz"
-fi
+pack_logs gpu-check "$out"
 [[ $status -eq 0 ]] && echo "gpu-check: PASS" || echo "gpu-check: FAIL"
 exit $status

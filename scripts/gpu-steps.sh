@@ -1,4 +1,4 @@
-# Sourced by the GPU session scripts (gpu-check.sh, gpu-bench-large.sh): `step`, which runs one
+# Sourced by the GPU session scripts (gpu-check.sh, gpu-bench-large.sh, gpu-ab.sh): `step`, which runs one
 # command with a timeout inside a shared budget. Uses the caller's variables: `deadline`
 # (SECONDS value at which the budget ends), `out` (log folder), and appends to `summary` and
 # sets `status=1` on a failure.
@@ -23,4 +23,12 @@ step() {
     if [[ $rc -eq 124 || $rc -eq 137 ]]; then verdict="TIMEOUT"; elif [[ $rc -ne 0 ]]; then verdict="FAIL(rc=$rc)"; fi
     [[ $verdict == ok ]] || status=1
     summary+=("$(printf '%-14s %-12s %5ss' "$name" "$verdict" $((SECONDS - t0)))")
+}
+
+# pack_logs NAME DIR: with $OUT set (the device tool's folder), packs DIR into $OUT/NAME.tar.gz:
+# one file, since the tool brings back only a few.
+pack_logs() {
+    [[ -n "${OUT:-}" ]] || return 0
+    mkdir -p "$OUT"
+    tar -czf "$OUT/$1.tar.gz" -C "$2" . && echo "$1: logs packed into $OUT/$1.tar.gz"
 }

@@ -186,6 +186,14 @@ __device__ __forceinline__ void store_frags(const float c[4][4], int wm, int wn,
         }
 }
 
+// Whether rows of d floats at A and Bm can be read in 16-byte pieces: d a multiple of 4 and both
+// 16-byte aligned (else element loads with bounds tests).
+__device__ __forceinline__ bool vec4_rows(i64 d, const void* A, const void* Bm) {
+    return (d & 3) == 0 &&
+           ((reinterpret_cast<unsigned long long>(A) | reinterpret_cast<unsigned long long>(Bm)) &
+            15) == 0;
+}
+
 // Tensor-core tile: warp w (of 8) computes rows 16*(w/2).. +16, columns 32*(w%2).. +32 as four
 // m16n8k8 products per k-step of 8. SPLIT: 3xTF32 (x = hi + lo, hi*hi + hi*lo + lo*hi), close to
 // fp32 accuracy; else plain TF32 (10-bit mantissa inputs). Writes scale * <A_i, Bm_j> into
@@ -211,9 +219,7 @@ __device__ __forceinline__ void tile_tc(const float* __restrict__ A, const float
 #pragma unroll
         for (int e = 0; e < 4; ++e) c[n][e] = 0.0f;
     const i64 ra = r0 + lrow, rb = c0 + lrow;
-    const bool vec = (d & 3) == 0 && ((reinterpret_cast<unsigned long long>(A) |
-                                       reinterpret_cast<unsigned long long>(Bm)) &
-                                      15) == 0;
+    const bool vec = vec4_rows(d, A, Bm);
     uint4 na, nb;  // the staged piece's 4 values (as bits)
     auto piece = [&](const float* __restrict__ F, i64 r, i64 nrows, i64 k) {
         uint4 v = {0u, 0u, 0u, 0u};
@@ -900,10 +906,7 @@ __device__ __forceinline__ void clip_bwd_impl(
     const i64 n_ct = (BC + TN - 1) / TN;
     const int passes = dB != nullptr ? 2 : 1;
     const int n_stages = (int)((d + 63) / 64) * passes * H;
-    const bool vec = MODE != 3 && (d & 3) == 0 &&
-                     ((reinterpret_cast<unsigned long long>(A) |
-                       reinterpret_cast<unsigned long long>(Bm)) &
-                      15) == 0;
+    const bool vec = MODE != 3 && vec4_rows(d, A, Bm);
     // A stage: feature chunk dc, pass (0: dA from Bm's rows, 1: dB from A's rows), part h of
     // the job's contraction; stages run chunk by chunk, pass by pass, part by part.
     struct St {
