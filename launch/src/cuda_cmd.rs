@@ -60,6 +60,11 @@ pub struct CheckArgs {
     /// Also print ptxas's registers / shared memory / spills per kernel.
     #[arg(long)]
     pub resource_usage: bool,
+    /// Also write each source's cubin, as DIR/<source>.<arch>.cubin, for reading the machine
+    /// code (`cuobjdump -sass`, `nvdisasm`: PyPI wheels nvidia-cuda-cuobjdump,
+    /// nvidia-cuda-nvdisasm; no GPU needed).
+    #[arg(long, value_name = "DIR")]
+    pub save_cubins: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -237,6 +242,19 @@ fn check_kernels(a: &CheckArgs) -> Result<ExitCode> {
                 for line in nvrtc::resource_usage(src, arch)? {
                     println!("{arch} {}: {line}", src.name);
                 }
+            }
+        }
+    }
+    if let Some(dir) = &a.save_cubins {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        for arch in &archs {
+            for src in nvrtc::SOURCES {
+                let c = nvrtc::compile(src, arch)?;
+                let stem = src.name.trim_end_matches(".cu");
+                let path = dir.join(format!("{stem}.{arch}.cubin"));
+                std::fs::write(&path, &c.cubin)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                println!("wrote {} ({} bytes)", path.display(), c.cubin.len());
             }
         }
     }

@@ -203,7 +203,7 @@ fn translation_units_register_shared_memory_and_know_every_kernel() {
     }
     let tu = super::translation_unit(SOURCES.iter().find(|s| s.name == "clip_loss.cu").unwrap());
     assert!(tu.contains(
-        "__shared__ __align__(16) float Gs[TM][GS_LD]; static emu::Reg emu_reg_Gs(&Gs, sizeof Gs);  \
-         // the"
+        "__shared__ __align__(16) float FG[FG_BYTES / 4]; static emu::Reg emu_reg_FG(&FG, sizeof FG);  \
+         // the stages"
     ));
 }

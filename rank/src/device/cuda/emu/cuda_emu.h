@@ -42,6 +42,10 @@ struct dim3 {
 struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
+struct alignas(8) float2 {
+    float x, y;
+};
+static inline float2 make_float2(float x, float y) { return {x, y}; }
 
 thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 

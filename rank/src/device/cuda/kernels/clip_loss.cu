@@ -686,10 +686,14 @@ extern "C" __global__ void __launch_bounds__(NT) sum_f64(const double* __restric
     if (threadIdx.x == 0) out[0] = buf[0];
 }
 
-// Row stride of the backward's feature stages Fs (64 + 8 elements): the tensor-core products'
+// Row stride of the fp32 versions' feature stages Fs (64 + 8 floats): the tensor-core products'
 // B-fragment loads (4 stage rows x 8 columns per warp) then hit 32 different banks, and rows stay
-// 16-byte aligned (288 bytes fp32, 144 bf16).
+// 16-byte aligned (288 bytes).
 #define FS_LD (64 + 8)
+
+// Row stride of the bf16 version's feature stages (128 + 8 bf16, 272 bytes = 68 words): the
+// ldmatrix loads' 8 rows of 16 bytes then hit 32 different banks.
+#define FH_LD (128 + 8)
 
 // Row stride of the backward's logit / G tile (64 + 4 floats): the TF32 products' A-fragment
 // reads of G (8 rows x 4 columns per warp) hit 32 different banks, the transposed and bf16
@@ -737,28 +741,38 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-// Rows of one backward stage: the contraction (the tile's 64 columns for dA, its 64 rows for
-// dB) is staged SR rows at a time, 64 feature columns wide, two stages in flight: 64 bf16 rows
-// or 32 fp32 rows, 9,216 bytes per stage either way.
+// One backward stage: the contraction (the tile's 64 columns for dA, its 64 rows for dB) is
+// staged SR rows at a time, CW feature columns wide (the job's feature chunk), rows LD elements
+// apart, two stages in flight. fp32: 32 rows x 64 columns (9,216 bytes); bf16: the whole
+// contraction, 64 rows x 128 columns (17,408 bytes), so that each warp's product is 32 x 32
+// (ldmatrix traffic per mma two thirds of a 16 x 32 product's).
 template <int MODE>
 struct Stage {
-    static constexpr int SR = MODE == 3 ? 64 : 32;
+    static constexpr int SR = 32, CW = 64, LD = FS_LD;
+};
+template <>
+struct Stage<3> {
+    static constexpr int SR = 64, CW = 128, LD = FH_LD;
 };
 
-// Starts the copy of Fs[j][k] = F[row0 + j][dc + k] (j < SR, k < 64) into shared memory, rows
+// Starts the copy of Fs[j][k] = F[row0 + j][dc + k] (j < SR, k < CW) into shared memory, rows
 // >= nrows and k >= d as 0. fp32: row stride ld (= d); 16-byte pieces when `vec` (d a multiple
 // of 4, F 16-byte aligned), else single elements. bf16: the padded copies (ld and the rows
-// multiples of 64, zero padding), so whole 16-byte pieces without tests.
+// multiples of 64, zero padding), so whole 16-byte pieces; only the chunk's second half may
+// lie past ld (ld an odd multiple of 64), and is zero-filled there.
 template <int MODE>
 __device__ __forceinline__ void stage_load(const typename Tiles<MODE>::Feat* __restrict__ F,
                                            i64 row0, i64 nrows, i64 d, i64 ld, i64 dc, bool vec,
-                                           typename Tiles<MODE>::Feat (*Fs)[FS_LD]) {
+                                           typename Tiles<MODE>::Feat (*Fs)[Stage<MODE>::LD]) {
     constexpr int SR = Stage<MODE>::SR;
     const int t = threadIdx.x;
     if constexpr (MODE == 3) {
-        for (int e = t; e < SR * 8; e += NT) {
-            const int j = e / 8, p = e % 8;
-            cp_async<16>(&Fs[j][8 * p], F + (row0 + j) * ld + dc + 8 * p, 16);
+        constexpr int P = Stage<3>::CW / 8;  // 16-byte pieces per row
+        for (int e = t; e < SR * P; e += NT) {
+            const int j = e / P, p = e % P;
+            const i64 k = dc + 8 * p;
+            const bool ok = k < ld;
+            cp_async<16>(&Fs[j][8 * p], ok ? F + (row0 + j) * ld + k : F, ok ? 16 : 0);
         }
     } else if (vec) {
         for (int e = t; e < SR * 16; e += NT) {
@@ -807,30 +821,40 @@ __device__ __forceinline__ void product_tc(const float (*Gs)[GS_LD], const float
     }
 }
 
-// The gradient product of the bf16 version for one stage: as product_tc, with BF16 m16n8k16
-// products (twice TF32's rate) on Gh, the bf16 copy of s * G (round to nearest even), and the
-// bf16 feature stage; fp32 accumulators. All fragments come by ldmatrix: G's (rows +0/+8, k
-// +0/+8 blocks; transposed for TRANS) in one load, the stage's for two n-tiles (k +0/+8,
-// transposed: the stage is [k][column]) in another.
+// The gradient product of the bf16 version for one stage: c += sum over the stage's SR
+// contraction indices k of Gop[row][kb + k] * Fs[k][col] for the warp's 32 x 32 block at (wm, wn)
+// of the job's 64 x 128 output (two m16 row blocks mi times four n8 column blocks n, accumulator
+// c[4 mi + n]), where Gop = Gh (TRANS false: dA's rows against the tile's columns) or Gh^T (TRANS
+// true: dB's rows against the tile's rows); Gh is the bf16 copy of s * G (round to nearest
+// even), Fs the bf16 feature stage, BF16 m16n8k16 products with fp32 accumulators. All fragments
+// come by ldmatrix: per k-step of 16, G's for each row block (rows +0/+8, k +0/+8; transposed for
+// TRANS) in one load each, the stage's for two n-blocks (k +0/+8, transposed: the stage is
+// [k][column]) in one load each: four loads for eight products.
 template <bool TRANS, int SR>
 __device__ __forceinline__ void product_bf16(const unsigned short (*Gh)[GH_LD],
-                                             const unsigned short (*Fs)[FS_LD], int kb, int wm,
-                                             int wn, int lane, float c[4][4]) {
+                                             const unsigned short (*Fs)[FH_LD], int kb, int wm,
+                                             int wn, int lane, float c[8][4]) {
     const int lr = lane % 8, lm = lane / 8;
 #pragma unroll 1
     for (int k0 = 0; k0 < SR; k0 += 16) {
         const int k = kb + k0;
-        unsigned a[4];
-        if (TRANS)
-            ldsm_x4<true>(a, &Gh[k + lr + 8 * (lm / 2)][wm + 8 * (lm % 2)]);
-        else
-            ldsm_x4<false>(a, &Gh[wm + lr + 8 * (lm % 2)][k + 8 * (lm / 2)]);
+        unsigned a[2][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+            if (TRANS)
+                ldsm_x4<true>(a[mi], &Gh[k + lr + 8 * (lm / 2)][wm + 16 * mi + 8 * (lm % 2)]);
+            else
+                ldsm_x4<false>(a[mi], &Gh[wm + 16 * mi + lr + 8 * (lm % 2)][k + 8 * (lm / 2)]);
+        }
 #pragma unroll
         for (int np = 0; np < 2; ++np) {
             unsigned b[4];
             ldsm_x4<true>(b, &Fs[k0 + lr + 8 * (lm % 2)][wn + 16 * np + 8 * (lm / 2)]);
-            mma_bf16(c[2 * np], a, b);
-            mma_bf16(c[2 * np + 1], a, b + 2);
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+                mma_bf16(c[4 * mi + 2 * np], a[mi], b);
+                mma_bf16(c[4 * mi + 2 * np + 1], a[mi], b + 2);
+            }
         }
     }
 }
@@ -852,6 +876,53 @@ __device__ __forceinline__ void product_fma(const float (*Gs)[GS_LD], const floa
             for (int k = 0; k < 4; ++k) out[i][k] = fmaf(g, f[k], out[i][k]);
         }
     }
+}
+
+// The backward's accumulators: element (i, e) of a thread's c[i][e] is output (rb + bwd_ro(i, e),
+// cb + bwd_co(i, e)) of the job's block, where (rb, cb) is the thread's first element. fp32 FMA
+// (MODE 0): rows ty + 16 i, columns tx + 16 e. Tensor-core versions: m16n8 fragment i % 4 of
+// row block i / 4, so that elements e = 0, 1 (and 2, 3) are neighbours in a row.
+template <int MODE>
+__device__ __forceinline__ int bwd_ro(int i, int e) {
+    return MODE == 0 ? 16 * i : 16 * (i / 4) + 8 * (e / 2);
+}
+template <int MODE>
+__device__ __forceinline__ int bwd_co(int i, int e) {
+    return MODE == 0 ? 16 * e : 8 * (i % 4) + (e % 2);
+}
+
+// Calls f(i, e, q) for a thread's accumulator elements (i, e) of a job (e in steps of STEP; 2:
+// the pairs e, e + 1), q the element's address in the output: p + ro * ld + co, for those with
+// ro < rows and co < cols (the ones inside the matrix). When all are inside (`interior`), there
+// are no tests: the addresses are one multiply per row plus immediate offsets.
+template <int MODE, int NACC, int STEP, typename F>
+__device__ __forceinline__ void job_elems(float* p, i64 rows, i64 cols, i64 ld, bool interior,
+                                          F f) {
+    if (interior) {
+#pragma unroll
+        for (int i = 0; i < NACC; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; e += STEP)
+                f(i, e, p + bwd_ro<MODE>(i, e) * ld + bwd_co<MODE>(i, e));
+    } else {
+#pragma unroll
+        for (int i = 0; i < NACC; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; e += STEP)
+                if (bwd_ro<MODE>(i, e) < rows && bwd_co<MODE>(i, e) < cols)
+                    f(i, e, p + bwd_ro<MODE>(i, e) * ld + bwd_co<MODE>(i, e));
+    }
+}
+
+// p[0] += x, p[1] += y as a reduction in global memory (p 8-byte aligned): one vector red on
+// sm_90 and later, two scalar ones before.
+__device__ __forceinline__ void red_add2(float* p, float x, float y) {
+#if !defined(TESSERA_EMU) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(x), "f"(y) : "memory");
+#else
+    atomicAdd(p, x);
+    atomicAdd(p + 1, y);
+#endif
 }
 
 // Grid ceil(BR/64), 256 threads, over the BR x BC logits of A's rows against Bm's rows (the
@@ -877,8 +948,9 @@ __device__ __forceinline__ void clip_bwd_impl(
     float* __restrict__ dA,
     float* __restrict__ dB, double* __restrict__ dt_part) {
     typedef typename Tiles<MODE>::Feat Feat;
-    constexpr int SR = Stage<MODE>::SR;
-    constexpr int H = TN / SR;  // stages per job
+    constexpr int SR = Stage<MODE>::SR, CW = Stage<MODE>::CW, LD = Stage<MODE>::LD;
+    constexpr int H = TN / SR;               // stages per job
+    constexpr int NACC = MODE == 3 ? 8 : 4;  // accumulator fragments per thread
     // The logit tile's operand staging: As, then Bs. Once the tile is computed, the bf16
     // version keeps the bf16 copy of s * G there (Gh), until the next tile's staging.
     __shared__ __align__(16) typename Tiles<MODE>::Row AB[2 * Tiles<MODE>::ROWS];
@@ -887,25 +959,31 @@ __device__ __forceinline__ void clip_bwd_impl(
     static_assert(MODE != 3 || sizeof(AB) >= sizeof(unsigned short[TM][GH_LD]),
                   "the bf16 copy of G fits in the staging");
     unsigned short(*Gh)[GH_LD] = reinterpret_cast<unsigned short(*)[GH_LD]>(AB);
-    __shared__ __align__(16) float Gs[TM][GS_LD];  // the logits, then s * G in place
-    // Two stages of SR rows of Bm (for dA) or A (for dB), 64 feature columns each.
-    __shared__ __align__(16) Feat Fs[2][SR][FS_LD];
+    // FG: two stages of SR rows of Bm (for dA) or A (for dB), CW feature columns each, and the
+    // logit tile Gs (the logits, then s * G in place): after the stages, or in the bf16 version
+    // in the second stage's place (its logits are dead once Gh holds s * G, and the barrier
+    // after that comes before the second stage is issued).
+    constexpr int FS_BYTES = 2 * SR * LD * (int)sizeof(Feat), GS_BYTES = TM * GS_LD * 4;
+    constexpr int GS_AT = MODE == 3 ? FS_BYTES / 2 : FS_BYTES;
+    constexpr int FG_BYTES = GS_AT + GS_BYTES > FS_BYTES ? GS_AT + GS_BYTES : FS_BYTES;
+    __shared__ __align__(16) float FG[FG_BYTES / 4];  // the stages, and Gs
+    Feat(*Fs)[SR][LD] = reinterpret_cast<Feat(*)[SR][LD]>(FG);
+    float(*Gs)[GS_LD] = reinterpret_cast<float(*)[GS_LD]>(FG + GS_AT / 4);
     __shared__ double red[NT];
     const int t = threadIdx.x;
     const int tx = t % 16, ty = t / 16;
-    // The tensor-core products' warp tiling (as tile_tc): 16 x 32 of the 64 x 64 output each.
-    const int wg = (t % 32) / 4, wq = t % 4;
-    const int wm = 16 * ((t / 32) / 2), wn = 32 * ((t / 32) % 2);
-    // Accumulator element (n, e) of this thread is output (row, column) (ar(n, e), ac(n, e)) of
-    // the job's 64 x 64 block.
-    auto ar = [&](int n, int e) { return MODE == 0 ? ty + 16 * n : wm + wg + 8 * (e / 2); };
-    auto ac = [&](int n, int e) {
-        return MODE == 0 ? tx + 16 * e : wn + 8 * n + 2 * wq + (e % 2);
-    };
+    // The tensor-core products' warp tiling: 16 x 32 of the job's 64 x 64 output each (as
+    // tile_tc); bf16: 32 x 32 of its 64 x 128 output.
+    const int lane = t % 32, warp = t / 32;
+    const int wg = lane / 4, wq = lane % 4;
+    const int wm = MODE == 3 ? 32 * (warp / 4) : 16 * (warp / 2);
+    const int wn = MODE == 3 ? 32 * (warp % 4) : 32 * (warp % 2);
+    // This thread's first output element of a job's block (bwd_ro, bwd_co give the others).
+    const int rb = MODE == 0 ? ty : wm + wg, cb = MODE == 0 ? tx : wn + 2 * wq;
     const i64 r0 = (i64)blockIdx.x * TM;
     const i64 n_ct = (BC + TN - 1) / TN;
     const int passes = dB != nullptr ? 2 : 1;
-    const int n_stages = (int)((d + 63) / 64) * passes * H;
+    const int n_stages = (int)((d + CW - 1) / CW) * passes * H;
     const bool vec = MODE != 3 && vec4_rows(d, A, Bm);
     // A stage: feature chunk dc, pass (0: dA from Bm's rows, 1: dB from A's rows), part h of
     // the job's contraction; stages run chunk by chunk, pass by pass, part by part.
@@ -918,7 +996,7 @@ __device__ __forceinline__ void clip_bwd_impl(
             x.h = 0;
             if (++x.pass == passes) {
                 x.pass = 0;
-                x.dc += 64;
+                x.dc += CW;
             }
         }
         return x;
@@ -929,16 +1007,45 @@ __device__ __forceinline__ void clip_bwd_impl(
         else
             stage_load<MODE>(A, r0 + x.h * SR, BR, d, ld, x.dc, vec, Fs[buf]);
     };
+    // The neighbours (e, e + 1) of the tensor-core versions move as one 8-byte access when d is
+    // even and dA, dB 8-byte aligned: a warp's access is then 8 rows of 32 whole bytes.
+    const bool vec2 = MODE != 0 && (d & 1) == 0 &&
+                      ((reinterpret_cast<unsigned long long>(dA) |
+                        reinterpret_cast<unsigned long long>(dB)) & 7) == 0;
+    // The job at (pass, dc): this thread's first output element, and how many rows and columns
+    // from there are inside the matrix (for job_elems).
+    struct Out {
+        float* p;
+        i64 rows, cols;
+        bool interior;
+    };
+    auto out = [&](int pass, i64 dc, i64 c0) {
+        const i64 r = (pass == 0 ? r0 : c0) + rb, k = dc + cb;
+        const i64 rows = (pass == 0 ? BR : BC) - r, cols = d - k;
+        const bool in = rows > bwd_ro<MODE>(NACC - 1, 3) && cols > bwd_co<MODE>(NACC - 1, 3);
+        return Out{(pass == 0 ? dA : dB) + r * d + k, rows, cols, in};
+    };
     // A job's accumulators at its start: dA's current values (pass 0), or zero (pass 1).
-    float c[4][4];
+    float c[NACC][4];
     auto init = [&](St x) {
+        const Out o = out(0, x.dc, 0);
+        if (x.pass != 0 || !o.interior) {
 #pragma unroll
-        for (int n = 0; n < 4; ++n)
+            for (int i = 0; i < NACC; ++i)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const i64 r = r0 + ar(n, e), kk = x.dc + ac(n, e);
-                c[n][e] = (x.pass == 0 && r < BR && kk < d) ? dA[r * d + kk] : 0.0f;
-            }
+                for (int e = 0; e < 4; ++e) c[i][e] = 0.0f;
+        }
+        if (x.pass != 0) return;
+        if (vec2)  // (co even and cols even: co + 1 < cols with co)
+            job_elems<MODE, NACC, 2>(o.p, o.rows, o.cols, d, o.interior,
+                                     [&](int i, int e, const float* q) {
+                                         const float2 v = *reinterpret_cast<const float2*>(q);
+                                         c[i][e] = v.x;
+                                         c[i][e + 1] = v.y;
+                                     });
+        else
+            job_elems<MODE, NACC, 1>(o.p, o.rows, o.cols, d, o.interior,
+                                     [&](int i, int e, const float* q) { c[i][e] = *q; });
     };
     double dt_acc = 0.0;
     for (i64 ct = 0; ct < n_ct; ++ct) {
@@ -981,6 +1088,7 @@ __device__ __forceinline__ void clip_bwd_impl(
                 }
             }
         }
+        if constexpr (MODE == 3) __syncthreads();  // Gs read by all before stage 1 replaces it
         init(first);
         St cur = first;
         for (int s = 0; s < n_stages; ++s) {
@@ -994,7 +1102,7 @@ __device__ __forceinline__ void clip_bwd_impl(
             __syncthreads();  // stage s (and, at s = 0, s * G) visible to every thread
             const i64 dc = cur.dc;
             const int pass = cur.pass, h = cur.h;
-            const Feat(*F)[FS_LD] = Fs[s & 1];
+            const Feat(*F)[LD] = Fs[s & 1];
             if constexpr (MODE == 0) {
                 if (pass == 0)
                     product_fma<false, SR>(Gs, F, h * SR, tx, ty, c);
@@ -1002,9 +1110,9 @@ __device__ __forceinline__ void clip_bwd_impl(
                     product_fma<true, SR>(Gs, F, h * SR, tx, ty, c);
             } else if constexpr (MODE == 3) {
                 if (pass == 0)
-                    product_bf16<false, SR>(Gh, F, h * SR, wm, wn, t % 32, c);
+                    product_bf16<false, SR>(Gh, F, h * SR, wm, wn, lane, c);
                 else
-                    product_bf16<true, SR>(Gh, F, h * SR, wm, wn, t % 32, c);
+                    product_bf16<true, SR>(Gh, F, h * SR, wm, wn, lane, c);
             } else {
                 if (pass == 0)
                     product_tc<MODE == 1, false, SR>(Gs, F, h * SR, wm, wn, wg, wq, c);
@@ -1014,20 +1122,24 @@ __device__ __forceinline__ void clip_bwd_impl(
             if (h == H - 1) {
                 // The job ends: its accumulators go out, and the next job's come in while the
                 // next stage is waited for.
-#pragma unroll
-                for (int n = 0; n < 4; ++n)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const i64 kk = dc + ac(n, e);
-                        if (kk >= d) continue;
-                        if (pass == 0) {
-                            const i64 r = r0 + ar(n, e);
-                            if (r < BR) dA[r * d + kk] = c[n][e];
-                        } else {
-                            const i64 cc = c0 + ar(n, e);
-                            if (cc < BC) atomicAdd(&dB[cc * d + kk], c[n][e]);
-                        }
-                    }
+                const Out o = out(pass, dc, c0);
+                if (vec2 && pass == 0)
+                    job_elems<MODE, NACC, 2>(o.p, o.rows, o.cols, d, o.interior,
+                                             [&](int i, int e, float* q) {
+                                                 *reinterpret_cast<float2*>(q) =
+                                                     make_float2(c[i][e], c[i][e + 1]);
+                                             });
+                else if (vec2)
+                    job_elems<MODE, NACC, 2>(
+                        o.p, o.rows, o.cols, d, o.interior,
+                        [&](int i, int e, float* q) { red_add2(q, c[i][e], c[i][e + 1]); });
+                else if (pass == 0)
+                    job_elems<MODE, NACC, 1>(o.p, o.rows, o.cols, d, o.interior,
+                                             [&](int i, int e, float* q) { *q = c[i][e]; });
+                else
+                    job_elems<MODE, NACC, 1>(
+                        o.p, o.rows, o.cols, d, o.interior,
+                        [&](int i, int e, float* q) { atomicAdd(q, c[i][e]); });
                 if (s + 1 < n_stages) init(nx);
             }
             __syncthreads();  // every read of this stage's buffer done before it is refilled
