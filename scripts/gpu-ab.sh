@@ -1,22 +1,30 @@
 #!/usr/bin/env bash
-# A/B timing of the fused CLIP loss on one GPU: two tessera binaries (say, the last build whose
-# numbers are recorded in docs/BENCHMARKS.md, and the current one) run `tessera cuda
-# bench-loss` on the same sizes, alternating, ROUNDS times, in one call of the device tool, so
-# that both see the same card, clocks and neighbours. Prints, per size, mode and precision, the
-# median over the rounds of each binary's median time and the ratio B / A (below 1: B faster),
-# and checks that both give the same loss to 5 significant digits (a kernel change that alters
-# the result shows up here). With $OUT set, the JSON rows are packed into $OUT/gpu-ab.tar.gz.
+# A/B timing of the fused CLIP loss on one GPU: two or more tessera binaries (say, the last build
+# whose numbers are recorded in docs/BENCHMARKS.md, then later builds) run `tessera cuda
+# bench-loss` on the same sizes, taking turns, ROUNDS times, in one call of the device tool, so
+# that all see the same card, clocks and neighbours. Prints, per size, mode and precision, the
+# median over the rounds of each binary's median time and its ratio to the first binary's
+# (below 1: faster), and checks that all give the first one's loss to 5 significant digits (a
+# kernel change that alters the result shows up here). With $OUT set, the JSON rows are packed
+# into $OUT/gpu-ab.tar.gz.
 #
-# Usage: scripts/gpu-ab.sh A_BIN B_BIN [ROUNDS]     (ROUNDS default 2; about 60 s per round)
-# A baseline binary of an earlier commit:  git worktree add /tmp/base COMMIT &&
+# Usage: scripts/gpu-ab.sh BIN0 BIN1 [BIN2 ...] [ROUNDS]   (ROUNDS: a number, default 2; about
+#        30 s per binary and round)
+# A binary of an earlier commit:  git worktree add /tmp/base COMMIT &&
 #   (cd /tmp/base && cargo build --release -p tessera-launch) &&
 #   strip -o target/gpu/tessera-COMMIT /tmp/base/target/release/tessera
 set -uo pipefail
 cd "$(dirname "$0")/.."
-a="${1:?usage: scripts/gpu-ab.sh A_BIN B_BIN [ROUNDS]}"
-b="${2:?usage: scripts/gpu-ab.sh A_BIN B_BIN [ROUNDS]}"
-rounds="${3:-2}"
-for x in "$a" "$b"; do
+usage="usage: scripts/gpu-ab.sh BIN0 BIN1 [BIN2 ...] [ROUNDS]"
+bins=("$@")
+rounds=2
+if ((${#bins[@]} > 0)) && [[ "${bins[-1]}" =~ ^[0-9]+$ ]]; then
+    rounds="${bins[-1]}"
+    unset 'bins[-1]'
+fi
+((${#bins[@]} >= 2)) || { echo "$usage" >&2; exit 2; }
+((rounds >= 1)) || { echo "gpu-ab: ROUNDS must be at least 1" >&2; exit 2; }
+for x in "${bins[@]}"; do
     [[ -x "$x" ]] || { echo "gpu-ab: $x is not an executable" >&2; exit 2; }
 done
 work="$(mktemp -d)"
@@ -28,48 +36,58 @@ grid=(
     "64k|--batch 65536 --dim 768 --mode both --precision bf16,tf32 --reps 2"
 )
 for ((r = 1; r <= rounds; r++)); do
-    for side in A B; do
-        bin="$a"
-        [[ $side == B ]] && bin="$b"
+    for i in "${!bins[@]}"; do
+        bin="${bins[$i]}"
         for entry in "${grid[@]}"; do
             name="${entry%%|*}"
             read -r -a args <<<"${entry#*|}"
-            log="$work/$side-$name-r$r"
+            log="$work/$i-$name-r$r"
             if ! timeout 120 "$bin" cuda bench-loss "${args[@]}" --json "$log.jsonl" >"$log.log" 2>&1; then
-                echo "gpu-ab: $side ($bin) failed on $name, round $r:"
+                echo "gpu-ab: $i ($bin) failed on $name, round $r:"
                 tail -5 "$log.log"
                 status=1
             fi
         done
     done
 done
-python3 - "$work" "$a ($("$a" --version 2>&1))" "$b ($("$b" --version 2>&1))" <<'EOF' || status=1
+labels=()
+for i in "${!bins[@]}"; do labels+=("${bins[$i]} ($("${bins[$i]}" --version 2>&1))"); done
+python3 - "$work" "${labels[@]}" <<'EOF' || status=1
 import glob, json, statistics, sys
-work, a, b = sys.argv[1:4]
+work, labels = sys.argv[1], sys.argv[2:]
+n = len(labels)
 rows = {}
-for side in "AB":
-    for f in glob.glob(f"{work}/{side}-*.jsonl"):
+for i in range(n):
+    for f in glob.glob(f"{work}/{i}-*.jsonl"):
         for line in open(f):
             r = json.loads(line)
             key = (r["b"], r["d"], r["mode"], r["precision"])
-            rows.setdefault((side, key), []).append(r)
+            rows.setdefault((i, key), []).append(r)
 keys = sorted({k for (_, k) in rows}, key=lambda k: (k[0], k[1], k[3], k[2]))
-print(f"A = {a}\nB = {b}\nmedian over rounds of each run's median fwd+bwd ms")
-print(f"{'B':>7} {'d':>5} {'mode':<14} {'prec':<7} {'A ms':>10} {'B ms':>10} {'B/A':>6}  loss")
+for i, l in enumerate(labels):
+    print(f"{i} = {l}")
+print("median over rounds of each run's median fwd+bwd ms; i/0: ratio to binary 0")
+head = f"{'B':>7} {'d':>5} {'mode':<14} {'prec':<7} {'0 ms':>9}"
+for i in range(1, n):
+    head += f" {f'{i} ms':>9} {f'{i}/0':>6}"
+print(head + "  loss")
 bad = 0
 for k in keys:
-    ra, rb = rows.get(("A", k), []), rows.get(("B", k), [])
-    if not ra or not rb:
-        print(f"{k[0]:>7} {k[1]:>5} {k[2]:<14} {k[3]:<7} missing on one side")
+    line = f"{k[0]:>7} {k[1]:>5} {k[2]:<14} {k[3]:<7}"
+    got = [rows.get((i, k), []) for i in range(n)]
+    if any(not g for g in got):
+        print(line + " missing for binary " + ",".join(str(i) for i, g in enumerate(got) if not g))
         bad += 1
         continue
-    ta = statistics.median(r["ms_median"] for r in ra)
-    tb = statistics.median(r["ms_median"] for r in rb)
-    la, lb = ra[0]["loss"], rb[0]["loss"]
-    same = abs(la - lb) <= 1e-5 * abs(la)
-    bad += not same
-    print(f"{k[0]:>7} {k[1]:>5} {k[2]:<14} {k[3]:<7} {ta:>10.3f} {tb:>10.3f} {tb / ta:>6.3f}  "
-          f"{'same' if same else f'DIFFERS {la} vs {lb}'}")
+    t = [statistics.median(r["ms_median"] for r in g) for g in got]
+    loss = [g[0]["loss"] for g in got]
+    line += f" {t[0]:>9.3f}"
+    for i in range(1, n):
+        line += f" {t[i]:>9.3f} {t[i] / t[0]:>6.3f}"
+    differs = [i for i in range(1, n) if abs(loss[i] - loss[0]) > 1e-5 * abs(loss[0])]
+    bad += bool(differs)
+    print(line + ("  same" if not differs else
+                  "  DIFFERS " + ", ".join(f"{i}: {loss[i]} vs {loss[0]}" for i in differs)))
 sys.exit(1 if bad else 0)
 EOF
 pack_logs gpu-ab "$work"
