@@ -418,6 +418,18 @@ __device__ __forceinline__ void tile_to_shared(const typename Tiles<MODE>::Feat*
     __syncthreads();
 }
 
+// 2^x by the special-function unit (ex2.approx.ftz: about 2 ulp; results below 2^-126 flush to
+// zero).
+__device__ __forceinline__ float ex2(float x) {
+#ifdef TESSERA_EMU
+    return exp2f(x);
+#else
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+#endif
+}
+
 // Online log-sum-exp step: fold a set with max `mx` and sum `zs` (relative to mx) into (m, z).
 __device__ __forceinline__ void lse_merge(float& m, float& z, float mx, float zs) {
     if (mx == NEG_INF_F) return;
@@ -1056,37 +1068,57 @@ __device__ __forceinline__ void clip_bwd_impl(
         const St first = {0, 0, 0};
         if (n_stages > 0) issue(first, 0, c0);  // (d = 0: no stage, nothing left in flight)
         {
-            float lah[4], lal[4];
+            // G from the logits: exp2 of arguments scaled by log2(e) (one MUFU.EX2 each, where
+            // expf is a longer sequence); the diagonal found by a local offset; rows and columns
+            // tested only in edge tiles; this tile's share of dL/dt summed in fp32 over the
+            // thread's 16 elements, then added to the fp64 total.
+            const float L2E = 1.4426950408889634f;
+            float lah[4], lal[4];  // row i's LSE as hi + lo; lal scaled by -log2(e)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const i64 r = r0 + ty + 16 * i;
                 lah[i] = r < BR ? la_hi[r] : 0.0f;
-                lal[i] = r < BR ? la_lo[r] : 0.0f;
+                lal[i] = r < BR ? -L2E * la_lo[r] : 0.0f;
             }
+            // The positive of local row li is local column li + dl (none: dl out of reach).
+            const i64 dl64 = diag == NO_DIAG ? (i64)TN : diag + r0 - c0;
+            const int dl = (dl64 > -TM && dl64 < TN) ? (int)dl64 : 4 * TN;
+            float dt_tile = 0.0f;
+            // Element (i, j) of this thread: local row ty + 16 i, column tx + 16 j; `test`: check
+            // that it lies inside the matrix (edge tiles).
+            auto elem = [&](int i, int j, float lbh, float lbl, bool test) {
+                const int li = ty + 16 * i, lj = tx + 16 * j;
+                float g = 0.0f;
+                if (!test || (r0 + li < BR && c0 + lj < BC)) {
+                    const float x = Gs[li][lj];
+                    // exp(x - lse) = 2^((x - hi) log2(e) - lo log2(e)), x - hi nearly exact.
+                    g = (ex2(fmaf(x - lah[i], L2E, lal[i])) + ex2(fmaf(x - lbh, L2E, lbl))) *
+                        inv2b;
+                    if (lj - li == dl) g -= 2.0f * inv2b;
+                    dt_tile = fmaf(g, x, dt_tile);
+                }
+                if constexpr (MODE == 3)
+                    Gh[li][lj] = to_bf16(scale * g);
+                else if constexpr (MODE == 2)  // rounded once here, not at every read
+                    Gs[li][lj] = __uint_as_float(to_tf32(scale * g));
+                else
+                    Gs[li][lj] = scale * g;
+            };
+            const bool edge = r0 + TM > BR || c0 + TN > BC;
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const i64 cc = c0 + tx + 16 * j;
                 const float lbh = cc < BC ? lb_hi[cc] : 0.0f;
-                const float lbl = cc < BC ? lb_lo[cc] : 0.0f;
+                const float lbl = cc < BC ? -L2E * lb_lo[cc] : 0.0f;
+                if (edge) {
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const i64 r = r0 + ty + 16 * i;
-                    float g = 0.0f;
-                    if (r < BR && cc < BC) {
-                        const float x = Gs[ty + 16 * i][tx + 16 * j];
-                        g = (expf((x - lah[i]) - lal[i]) + expf((x - lbh) - lbl)) * inv2b;
-                        // |cc - r| < 2^62, so NO_DIAG (i64 min) never matches.
-                        if (cc - r == diag) g -= 2.0f * inv2b;
-                        dt_acc += (double)g * (double)x;
-                    }
-                    if constexpr (MODE == 3)
-                        Gh[ty + 16 * i][tx + 16 * j] = to_bf16(scale * g);
-                    else if constexpr (MODE == 2)  // rounded once here, not at every read
-                        Gs[ty + 16 * i][tx + 16 * j] = __uint_as_float(to_tf32(scale * g));
-                    else
-                        Gs[ty + 16 * i][tx + 16 * j] = scale * g;
+                    for (int i = 0; i < 4; ++i) elem(i, j, lbh, lbl, true);
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) elem(i, j, lbh, lbl, false);
                 }
             }
+            dt_acc += (double)dt_tile;
         }
         if constexpr (MODE == 3) __syncthreads();  // Gs read by all before stage 1 replaces it
         init(first);
