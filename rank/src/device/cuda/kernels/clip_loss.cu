@@ -488,6 +488,13 @@ __device__ __forceinline__ void clip_fwd_impl(const typename Tiles<MODE>::Feat* 
         float m = NEG_INF_F, z = 0.0f;  // row stats of row r0 + t (threads t < 64)
         for (i64 ct = ct_begin; ct < ct_end; ++ct) {
             const i64 c0 = ct * TN;
+            // The column partials that this tile's columns merge into (threads 64..127; from the
+            // earlier row tiles of this chunk), loaded now so that they arrive during the tile.
+            float pm = NEG_INF_F, pz = 0.0f;
+            if (t >= TM && t < TM + TN && rt != rt_begin && c0 + (t - TM) < BC) {
+                pm = cm[c0 + (t - TM)];
+                pz = cz[c0 + (t - TM)];
+            }
             tile_to_shared<MODE, TN + 1>(img, txt, BR, BC, d, r0, c0, As, Bs, Xs, scale,
                                          NEG_INF_F);
             {
@@ -501,9 +508,10 @@ __device__ __forceinline__ void clip_fwd_impl(const typename Tiles<MODE>::Feat* 
                         v[k] = col ? Xs[16 * part + k][li] : Xs[li][16 * part + k];
                         mx = fmaxf(mx, v[k]);
                     }
+                    // exp(v - mx) as 2^((v - mx) log2(e)) on the special-function unit.
                     if (mx != NEG_INF_F)
 #pragma unroll
-                        for (int k = 0; k < 16; ++k) zs += expf(v[k] - mx);
+                        for (int k = 0; k < 16; ++k) zs += ex2((v[k] - mx) * 1.4426950408889634f);
                     qm = mx;
                     qz = zs;
                 };
@@ -536,7 +544,6 @@ __device__ __forceinline__ void clip_fwd_impl(const typename Tiles<MODE>::Feat* 
                         cm[c] = mx;
                         cz[c] = zs;
                     } else {
-                        float pm = cm[c], pz = cz[c];
                         lse_merge(pm, pz, mx, zs);
                         cm[c] = pm;
                         cz[c] = pz;
@@ -563,16 +570,16 @@ __device__ __forceinline__ void clip_fwd_impl(const typename Tiles<MODE>::Feat* 
 
 // fp32 FMA / 3xTF32 / TF32 / BF16 tensor-core versions of the forward. clip_fwd_bf16 takes the
 // padded bf16 copies of clip_to_bf16 and their row stride as d.
-extern "C" __global__ void __launch_bounds__(NT) clip_fwd(CLIP_FWD_ARGS(float)) {
+extern "C" __global__ void __launch_bounds__(NT, 4) clip_fwd(CLIP_FWD_ARGS(float)) {
     clip_fwd_impl<0>(CLIP_FWD_PASS);
 }
-extern "C" __global__ void __launch_bounds__(NT) clip_fwd_tf32x3(CLIP_FWD_ARGS(float)) {
+extern "C" __global__ void __launch_bounds__(NT, 4) clip_fwd_tf32x3(CLIP_FWD_ARGS(float)) {
     clip_fwd_impl<1>(CLIP_FWD_PASS);
 }
-extern "C" __global__ void __launch_bounds__(NT) clip_fwd_tf32(CLIP_FWD_ARGS(float)) {
+extern "C" __global__ void __launch_bounds__(NT, 4) clip_fwd_tf32(CLIP_FWD_ARGS(float)) {
     clip_fwd_impl<2>(CLIP_FWD_PASS);
 }
-extern "C" __global__ void __launch_bounds__(NT) clip_fwd_bf16(CLIP_FWD_ARGS(unsigned short)) {
+extern "C" __global__ void __launch_bounds__(NT, 4) clip_fwd_bf16(CLIP_FWD_ARGS(unsigned short)) {
     clip_fwd_impl<3>(CLIP_FWD_PASS);
 }
 
