@@ -82,8 +82,10 @@ fn every_kernel_compiles_for_sm80_and_sm90_with_the_pinned_nvrtc_wheel() {
          does) to install nvidia-cuda-nvrtc==13.0.88 there",
         lib.display()
     );
+    let cubins = tempfile::tempdir().expect("tempdir");
     let out = tessera()
-        .args(["cuda", "check-kernels", "--arch", "sm_80,sm_90"])
+        .args(["cuda", "check-kernels", "--arch", "sm_80,sm_90", "--save-cubins"])
+        .arg(cubins.path())
         .env("TESSERA_CUDA_LIB_DIRS", &lib)
         .output()
         .expect("spawn tessera");
@@ -92,6 +94,24 @@ fn every_kernel_compiles_for_sm80_and_sm90_with_the_pinned_nvrtc_wheel() {
     assert!(out.status.success(), "kernel check failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("check-kernels: OK"), "{stdout}");
     assert!(stdout.contains("sm_80") && stdout.contains("sm_90"), "{stdout}");
+    // --save-cubins: each source's machine code per architecture, as ELF files that name its
+    // kernels (what cuobjdump and nvdisasm read).
+    for src in tessera_rank::device::cuda::nvrtc::SOURCES {
+        for arch in ["sm_80", "sm_90"] {
+            let stem = src.name.trim_end_matches(".cu");
+            let path = cubins.path().join(format!("{stem}.{arch}.cubin"));
+            let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(&bytes[..4], b"\x7fELF", "{} is not an ELF cubin", path.display());
+            for k in src.kernels {
+                let name = k.as_bytes();
+                assert!(
+                    bytes.windows(name.len()).any(|w| w == name),
+                    "{} lacks kernel {k}",
+                    path.display()
+                );
+            }
+        }
+    }
 }
 
 /// `run.device = "cuda"` (two ranks sharing a GPU over the TCP ring) and `run.collectives =
