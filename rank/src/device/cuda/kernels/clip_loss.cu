@@ -419,7 +419,8 @@ __device__ __forceinline__ void tile_to_shared(const typename Tiles<MODE>::Feat*
 }
 
 // 2^x by the special-function unit (ex2.approx.ftz: about 2 ulp; results below 2^-126 flush to
-// zero).
+// zero). exp(x) = ex2(x * LOG2E_F).
+#define LOG2E_F 1.4426950408889634f
 __device__ __forceinline__ float ex2(float x) {
 #ifdef TESSERA_EMU
     return exp2f(x);
@@ -511,7 +512,7 @@ __device__ __forceinline__ void clip_fwd_impl(const typename Tiles<MODE>::Feat* 
                     // exp(v - mx) as 2^((v - mx) log2(e)) on the special-function unit.
                     if (mx != NEG_INF_F)
 #pragma unroll
-                        for (int k = 0; k < 16; ++k) zs += ex2((v[k] - mx) * 1.4426950408889634f);
+                        for (int k = 0; k < 16; ++k) zs += ex2((v[k] - mx) * LOG2E_F);
                     qm = mx;
                     qz = zs;
                 };
@@ -1079,7 +1080,7 @@ __device__ __forceinline__ void clip_bwd_impl(
             // expf is a longer sequence); the diagonal found by a local offset; rows and columns
             // tested only in edge tiles; this tile's share of dL/dt summed in fp32 over the
             // thread's 16 elements, then added to the fp64 total.
-            const float L2E = 1.4426950408889634f;
+            const float L2E = LOG2E_F;
             float lah[4], lal[4];  // row i's LSE as hi + lo; lal scaled by -log2(e)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
