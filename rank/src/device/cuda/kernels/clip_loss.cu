@@ -52,6 +52,9 @@
 // that a fragment load (8 rows x 4 consecutive words per warp) hits 32 different banks.
 #define KB 32
 #define KW (KB / 2 + 4)
+// The bf16 tile's staging is double-buffered: As[0..64) and Bs[0..64) hold one stage, As and Bs
+// BF16_BUF2 rows further on the other (a staging array of 4 x 64 rows: A, B, A', B').
+#define BF16_BUF2 (2 * TM)
 
 // fp32 operand tiles of the TF32 versions: [row][k] (k contiguous, as in the features), TK
 // floats of k per stage; rows are KF = TK + 4 words, so that a fragment load (8 rows x 4
@@ -339,7 +342,9 @@ __device__ __forceinline__ void ldsm_x4(unsigned r[4], const void* row) {
 // Bm are the padded bf16 copies (row stride ld, a multiple of 64; rows up to a multiple of 64;
 // zero padding), so every 16-byte load is aligned and in bounds and needs no test. Each thread
 // stages one 16-byte piece of A and of Bm per stage (row t / 4, k offset 8 * (t % 4)) and loads
-// the next stage's pieces into registers while the tensor cores work on this one.
+// the next stage's pieces into registers while the tensor cores work on this one. The staging
+// is double-buffered (As and Bs each have a second buffer BF16_BUF2 rows further on): the next
+// stage goes into the other buffer while this one is read, so one barrier a stage suffices.
 template <int XLD>
 __device__ __forceinline__ void tile_bf16(const unsigned short* __restrict__ A,
                                           const unsigned short* __restrict__ Bm, i64 BR, i64 BC,
@@ -359,28 +364,40 @@ __device__ __forceinline__ void tile_bf16(const unsigned short* __restrict__ A,
 #pragma unroll
         for (int e = 0; e < 4; ++e) c[n][e] = 0.0f;
     uint4 na = pa[0], nb = pb[0];
+    *reinterpret_cast<uint4*>(&As[lrow][4 * lp]) = na;
+    *reinterpret_cast<uint4*>(&Bs[lrow][4 * lp]) = nb;
+    __syncthreads();
+    int cur = 0;  // the buffer holding this stage: rows cur * BF16_BUF2 on
     for (i64 k0 = 0; k0 < ld; k0 += KB) {
-        *reinterpret_cast<uint4*>(&As[lrow][4 * lp]) = na;
-        *reinterpret_cast<uint4*>(&Bs[lrow][4 * lp]) = nb;
-        __syncthreads();
-        if (k0 + KB < ld) {
+        const bool more = k0 + KB < ld;
+        if (more) {
             na = pa[(k0 + KB) / 8];
             nb = pb[(k0 + KB) / 8];
         }
+        const unsigned(*Ac)[KW] = As + cur * BF16_BUF2;
+        const unsigned(*Bc)[KW] = Bs + cur * BF16_BUF2;
 #pragma unroll
         for (int kw = 0; kw < KB / 2; kw += 8) {
             // ldmatrix: A's four 8 x 8 blocks (rows +0/+8, k +0/+8) in one load, B's two
             // n-tiles' (k +0/+8) in another each; lane 8 m + r addresses row r of block m.
             const int lr = lane % 8, lm = lane / 8;
             unsigned af[4];
-            ldsm_x4<false>(af, &As[wm + lr + 8 * (lm % 2)][kw + 4 * (lm / 2)]);
+            ldsm_x4<false>(af, &Ac[wm + lr + 8 * (lm % 2)][kw + 4 * (lm / 2)]);
 #pragma unroll
             for (int np = 0; np < 2; ++np) {
                 unsigned bf[4];
-                ldsm_x4<false>(bf, &Bs[wn + 16 * np + 8 * (lm / 2) + lr][kw + 4 * (lm % 2)]);
+                ldsm_x4<false>(bf, &Bc[wn + 16 * np + 8 * (lm / 2) + lr][kw + 4 * (lm % 2)]);
                 mma_bf16(c[2 * np], af, bf);
                 mma_bf16(c[2 * np + 1], af, bf + 2);
             }
+        }
+        // The next stage into the other buffer: its last readers (the stage before this one)
+        // finished before the previous barrier; this barrier publishes it, and ends this
+        // stage's reads before its buffer is refilled.
+        if (more) {
+            cur ^= 1;
+            *reinterpret_cast<uint4*>(&As[cur * BF16_BUF2 + lrow][4 * lp]) = na;
+            *reinterpret_cast<uint4*>(&Bs[cur * BF16_BUF2 + lrow][4 * lp]) = nb;
         }
         __syncthreads();
     }
@@ -458,8 +475,10 @@ __device__ __forceinline__ void clip_fwd_impl(const typename Tiles<MODE>::Feat* 
                                               float* __restrict__ row_m,
                                               float* __restrict__ row_z, float* __restrict__ col_m,
                                               float* __restrict__ col_z, float* __restrict__ pos) {
-    __shared__ __align__(16) typename Tiles<MODE>::Row As[Tiles<MODE>::ROWS];
-    __shared__ __align__(16) typename Tiles<MODE>::Row Bs[Tiles<MODE>::ROWS];
+    // The logit tile's operand staging: As, then Bs (bf16: twice, see BF16_BUF2).
+    __shared__ __align__(16) typename Tiles<MODE>::Row AB[(MODE == 3 ? 4 : 2) * Tiles<MODE>::ROWS];
+    typename Tiles<MODE>::Row* As = AB;
+    typename Tiles<MODE>::Row* Bs = AB + Tiles<MODE>::ROWS;
     __shared__ float Xs[TM][TN + 1];
     // (max, sum) of each quarter of the tile's rows and columns (the LSE epilogue's partials).
     __shared__ float qrm[4][TM], qrz[4][TM], qcm[4][TN], qcz[4][TN];
@@ -971,13 +990,12 @@ __device__ __forceinline__ void clip_bwd_impl(
     constexpr int SR = Stage<MODE>::SR, CW = Stage<MODE>::CW, LD = Stage<MODE>::LD;
     constexpr int H = TN / SR;               // stages per job
     constexpr int NACC = MODE == 3 ? 8 : 4;  // accumulator fragments per thread
-    // The logit tile's operand staging: As, then Bs. Once the tile is computed, the bf16
-    // version keeps the bf16 copy of s * G there (Gh), until the next tile's staging.
-    __shared__ __align__(16) typename Tiles<MODE>::Row AB[2 * Tiles<MODE>::ROWS];
-    typename Tiles<MODE>::Row* As = AB;
-    typename Tiles<MODE>::Row* Bs = AB + Tiles<MODE>::ROWS;
+    typedef typename Tiles<MODE>::Row Row;
+    // AB: the logit tile's operand staging, As then Bs (fp32 versions); the bf16 version keeps
+    // its bf16 copy of s * G there (Gh) and stages the logit tile in FG (below).
+    __shared__ __align__(16) Row AB[2 * Tiles<MODE>::ROWS];
     static_assert(MODE != 3 || sizeof(AB) >= sizeof(unsigned short[TM][GH_LD]),
-                  "the bf16 copy of G fits in the staging");
+                  "the bf16 copy of G fits in AB");
     unsigned short(*Gh)[GH_LD] = reinterpret_cast<unsigned short(*)[GH_LD]>(AB);
     // FG: two stages of SR rows of Bm (for dA) or A (for dB), CW feature columns each, and the
     // logit tile Gs (the logits, then s * G in place): after the stages, or in the bf16 version
@@ -989,6 +1007,13 @@ __device__ __forceinline__ void clip_bwd_impl(
     __shared__ __align__(16) float FG[FG_BYTES / 4];  // the stages, and Gs
     Feat(*Fs)[SR][LD] = reinterpret_cast<Feat(*)[SR][LD]>(FG);
     float(*Gs)[GS_LD] = reinterpret_cast<float(*)[GS_LD]>(FG + GS_AT / 4);
+    // The bf16 version's logit tile stages double-buffered (BF16_BUF2) at the start of FG: no
+    // stage of the products is in flight during the tile, and the logits reach Gs only after
+    // the tile's last read of the staging.
+    static_assert(MODE != 3 || 2 * BF16_BUF2 * sizeof(Row) <= sizeof(FG),
+                  "the bf16 logit tile's staging fits in FG");
+    Row* As = MODE == 3 ? reinterpret_cast<Row*>(FG) : AB;
+    Row* Bs = As + Tiles<MODE>::ROWS;
     __shared__ double red[NT];
     const int t = threadIdx.x;
     const int tx = t % 16, ty = t / 16;
