@@ -1,5 +1,5 @@
-# Sourced by the GPU session scripts (gpu-check.sh, gpu-bench-large.sh, gpu-ab.sh): `step`, which runs one
-# command with a timeout inside a shared budget. Uses the caller's variables: `deadline`
+# Sourced by the GPU session scripts (gpu-check.sh, gpu-bench-large.sh, gpu-ab.sh): `step`, which
+# runs one command with a timeout inside a shared budget. Uses the caller's variables: `deadline`
 # (SECONDS value at which the budget ends), `out` (log folder), and appends to `summary` and
 # sets `status=1` on a failure.
 

@@ -208,7 +208,8 @@ pub fn resource_usage(src: &KernelSource, arch: &str) -> Result<Vec<String>, Cud
 pub struct CheckRow {
     pub source: &'static str,
     pub arch: String,
-    pub cubin_bytes: usize,
+    /// The cubin (as [`Compiled::cubin`]).
+    pub cubin: Vec<u8>,
     pub millis: f64,
 }
 
@@ -229,7 +230,7 @@ pub fn check_all(archs: &[&str]) -> Result<Vec<CheckRow>, CudaError> {
             rows.push(CheckRow {
                 source: src.name,
                 arch: arch.to_string(),
-                cubin_bytes: c.cubin.len(),
+                cubin: c.cubin,
                 millis: t.elapsed().as_secs_f64() * 1e3,
             });
         }
@@ -259,7 +260,7 @@ mod tests {
         }
         let rows = check_all(CHECK_ARCHS).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(rows.len(), SOURCES.len() * CHECK_ARCHS.len());
-        assert!(rows.iter().all(|r| r.cubin_bytes > 0));
+        assert!(rows.iter().all(|r| !r.cubin.is_empty()));
     }
 
     #[test]
