@@ -10,6 +10,9 @@
 #
 # Usage: scripts/gpu-ab.sh BIN0 BIN1 [BIN2 ...] [ROUNDS]   (ROUNDS: a number, default 2; about
 #        30 s per binary and round)
+# A BIN may carry extra bench-loss arguments in the same word, e.g. the same binary with a kernel
+# knob: "target/gpu/tessera --define CLIP_FWD_MIN_BLOCKS=3" (docs/GPU.md, "Kernel knobs").
+# Binaries that report them (since the knobs came) also get forward and backward ratios.
 # A binary of an earlier commit:  git worktree add /tmp/base COMMIT &&
 #   (cd /tmp/base && cargo build --release -p tessera-launch) &&
 #   strip -o target/gpu/tessera-COMMIT /tmp/base/target/release/tessera
@@ -25,7 +28,8 @@ fi
 ((${#bins[@]} >= 2)) || { echo "$usage" >&2; exit 2; }
 ((rounds >= 1)) || { echo "gpu-ab: ROUNDS must be at least 1" >&2; exit 2; }
 for x in "${bins[@]}"; do
-    [[ -x "$x" ]] || { echo "gpu-ab: $x is not an executable" >&2; exit 2; }
+    read -r -a cmd <<<"$x"
+    [[ -x "${cmd[0]}" ]] || { echo "gpu-ab: ${cmd[0]} is not an executable" >&2; exit 2; }
 done
 work="$(mktemp -d)"
 status=0
@@ -37,13 +41,14 @@ grid=(
 )
 for ((r = 1; r <= rounds; r++)); do
     for i in "${!bins[@]}"; do
-        bin="${bins[$i]}"
+        read -r -a cmd <<<"${bins[$i]}"
         for entry in "${grid[@]}"; do
             name="${entry%%|*}"
             read -r -a args <<<"${entry#*|}"
             log="$work/$i-$name-r$r"
-            if ! timeout 120 "$bin" cuda bench-loss "${args[@]}" --json "$log.jsonl" >"$log.log" 2>&1; then
-                echo "gpu-ab: $i ($bin) failed on $name, round $r:"
+            if ! timeout 120 "${cmd[0]}" cuda bench-loss "${args[@]}" "${cmd[@]:1}" \
+                --json "$log.jsonl" >"$log.log" 2>&1; then
+                echo "gpu-ab: $i (${bins[$i]}) failed on $name, round $r:"
                 tail -5 "$log.log"
                 status=1
             fi
@@ -51,7 +56,10 @@ for ((r = 1; r <= rounds; r++)); do
     done
 done
 labels=()
-for i in "${!bins[@]}"; do labels+=("${bins[$i]} ($("${bins[$i]}" --version 2>&1))"); done
+for i in "${!bins[@]}"; do
+    read -r -a cmd <<<"${bins[$i]}"
+    labels+=("${bins[$i]} ($("${cmd[0]}" --version 2>&1))")
+done
 python3 - "$work" "${labels[@]}" <<'EOF' || status=1
 import glob, json, statistics, sys
 work, labels = sys.argv[1], sys.argv[2:]
@@ -88,6 +96,27 @@ for k in keys:
     bad += bool(differs)
     print(line + ("  same" if not differs else
                   "  DIFFERS " + ", ".join(f"{i}: {loss[i]} vs {loss[0]}" for i in differs)))
+# Forward and backward apart, for the binaries that time them (fwd_ms_median, bwd_ms_median).
+split = [i for i in range(n) if all("fwd_ms_median" in r
+                                    for (j, _), rs in rows.items() if j == i for r in rs)]
+if len(split) >= 2:
+    b0 = split[0]
+    print(f"forward / backward apart (median over rounds of each run's median ms); "
+          f"ratios to binary {b0}")
+    head = f"{'B':>7} {'d':>5} {'mode':<14} {'prec':<7} {f'{b0} fwd':>9} {f'{b0} bwd':>9}"
+    for i in split[1:]:
+        head += f" {f'{i}/{b0} fwd':>9} {f'{i}/{b0} bwd':>9}"
+    print(head)
+    for k in keys:
+        got = [rows.get((i, k), []) for i in split]
+        if any(not g for g in got):
+            continue
+        f = [statistics.median(r["fwd_ms_median"] for r in g) for g in got]
+        b = [statistics.median(r["bwd_ms_median"] for r in g) for g in got]
+        line = f"{k[0]:>7} {k[1]:>5} {k[2]:<14} {k[3]:<7} {f[0]:>9.3f} {b[0]:>9.3f}"
+        for j in range(1, len(split)):
+            line += f" {f[j] / f[0]:>9.3f} {b[j] / b[0]:>9.3f}"
+        print(line)
 sys.exit(1 if bad else 0)
 EOF
 pack_logs gpu-ab "$work"

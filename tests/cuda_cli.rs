@@ -65,6 +65,25 @@ fn bench_loss_rejects_bad_mode_before_touching_the_gpu() {
     assert!(stderr.contains("sideways") || stderr.contains("libcuda.so.1"), "{stderr}");
 }
 
+/// A kernel knob that does not exist, or a value out of its range, is named with the knobs
+/// and their ranges before any library is looked for (so the same answer with or without a
+/// GPU).
+#[test]
+fn a_bad_kernel_define_is_named_before_touching_the_gpu() {
+    for cmd in ["selftest", "bench-loss", "check-kernels"] {
+        for (define, says) in [
+            ("NOPE=1", "no knob named \"NOPE\"; the knobs are CLIP_FWD_MIN_BLOCKS (1..=8"),
+            ("CLIP_BWD_MIN_BLOCKS=5", "CLIP_BWD_MIN_BLOCKS takes an integer in 1..=4"),
+        ] {
+            let (code, _, stderr) = run(&["cuda", cmd, "--define", define]);
+            assert_eq!(code, 1, "{cmd} --define {define}:\n{stderr}");
+            assert!(!stderr.contains("panicked"), "{stderr}");
+            assert!(stderr.contains(says) && stderr.contains("--define"), "{stderr}");
+            assert!(!stderr.contains("libcuda") && !stderr.contains("libnvrtc"), "{stderr}");
+        }
+    }
+}
+
 /// The pinned NVRTC wheel that `scripts/check-kernels.sh --install-only` (called by
 /// `scripts/ci/setup.sh`) installs under the repository's target/ folder.
 fn nvrtc_wheel_lib() -> std::path::PathBuf {
@@ -94,6 +113,7 @@ fn every_kernel_compiles_for_sm80_and_sm90_with_the_pinned_nvrtc_wheel() {
     assert!(out.status.success(), "kernel check failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("check-kernels: OK"), "{stdout}");
     assert!(stdout.contains("sm_80") && stdout.contains("sm_90"), "{stdout}");
+    assert!(stdout.contains("kernel knobs: defaults"), "{stdout}");
     // --save-cubins: each source's machine code per architecture, as ELF files that name its
     // kernels (what cuobjdump and nvdisasm read).
     for src in tessera_rank::device::cuda::nvrtc::SOURCES {

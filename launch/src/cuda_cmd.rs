@@ -65,6 +65,12 @@ pub struct CheckArgs {
     /// nvidia-cuda-nvdisasm; no GPU needed).
     #[arg(long, value_name = "DIR")]
     pub save_cubins: Option<std::path::PathBuf>,
+    /// Kernel tuning knob, NAME=VALUE (repeat, or comma-separate, for several); the others keep
+    /// their defaults. Knobs: CLIP_FWD_MIN_BLOCKS (1..=8, default 4) and CLIP_BWD_MIN_BLOCKS
+    /// (1..=4, default 2), the blocks per multiprocessor in the fused loss kernels' launch
+    /// bounds (docs/GPU.md, "Kernel knobs").
+    #[arg(long = "define", value_name = "NAME=VALUE")]
+    pub define: Vec<String>,
 }
 
 #[derive(Args)]
@@ -78,6 +84,12 @@ pub struct SelftestArgs {
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Kernel tuning knob, NAME=VALUE (repeat, or comma-separate, for several); the others keep
+    /// their defaults. Knobs: CLIP_FWD_MIN_BLOCKS (1..=8, default 4) and CLIP_BWD_MIN_BLOCKS
+    /// (1..=4, default 2), the blocks per multiprocessor in the fused loss kernels' launch
+    /// bounds (docs/GPU.md, "Kernel knobs").
+    #[arg(long = "define", value_name = "NAME=VALUE")]
+    pub define: Vec<String>,
 }
 
 #[derive(Args)]
@@ -104,20 +116,29 @@ pub struct BenchLossArgs {
     /// Also write the rows as JSON lines to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Kernel tuning knob, NAME=VALUE (repeat, or comma-separate, for several); the others keep
+    /// their defaults. Knobs: CLIP_FWD_MIN_BLOCKS (1..=8, default 4) and CLIP_BWD_MIN_BLOCKS
+    /// (1..=4, default 2), the blocks per multiprocessor in the fused loss kernels' launch
+    /// bounds (docs/GPU.md, "Kernel knobs").
+    #[arg(long = "define", value_name = "NAME=VALUE")]
+    pub define: Vec<String>,
 }
 
 pub fn cuda(cmd: CudaCommand) -> Result<ExitCode> {
     match cmd {
         CudaCommand::Probe => probe(),
         CudaCommand::CheckKernels(a) => {
+            defines(&a.define)?; // bad input is named before any library is looked for
             ensure_loadable(&[Lib::Nvrtc])?;
             check_kernels(&a)
         }
         CudaCommand::Selftest(a) => {
+            defines(&a.define)?; // bad input is named before any library is looked for
             ensure_loadable(&Lib::ALL)?;
             run_selftest(&a)
         }
         CudaCommand::BenchLoss(a) => {
+            defines(&a.define)?; // bad input is named before any library is looked for
             ensure_loadable(&[Lib::Driver, Lib::Nvrtc])?;
             bench_loss(&a)
         }
@@ -220,18 +241,24 @@ fn probe() -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The `--define` items, checked (before any library or GPU is touched).
+fn defines(items: &[String]) -> Result<nvrtc::Defines> {
+    nvrtc::Defines::parse(items).context("--define")
+}
+
 fn check_kernels(a: &CheckArgs) -> Result<ExitCode> {
+    let defs = defines(&a.define)?;
     let archs: Vec<&str> = a.arch.iter().map(|s| s.trim()).filter(|s| !s.is_empty()).collect();
     if archs.is_empty() {
         bail!("--arch needs at least one architecture, e.g. sm_90");
     }
     let (maj, min) = nvrtc::version()?;
     println!(
-        "NVRTC {maj}.{min}; compiling {} sources for {}",
+        "NVRTC {maj}.{min}; compiling {} sources for {}; kernel knobs: {defs}",
         nvrtc::SOURCES.len(),
         archs.join(", ")
     );
-    let rows = nvrtc::check_all(&archs)?;
+    let rows = nvrtc::check_all(&archs, &defs)?;
     println!("{:<18} {:<7} {:>11} {:>9}", "source", "arch", "cubin bytes", "ms");
     for r in &rows {
         println!("{:<18} {:<7} {:>11} {:>9.0}", r.source, r.arch, r.cubin.len(), r.millis);
@@ -239,7 +266,7 @@ fn check_kernels(a: &CheckArgs) -> Result<ExitCode> {
     if a.resource_usage {
         for arch in &archs {
             for src in nvrtc::SOURCES {
-                for line in nvrtc::resource_usage(src, arch)? {
+                for line in nvrtc::resource_usage(src, arch, &defs)? {
                     println!("{arch} {}: {line}", src.name);
                 }
             }
@@ -268,7 +295,8 @@ fn run_selftest(a: &SelftestArgs) -> Result<ExitCode> {
     for r in selftest::probe_rows() {
         println!("{:<12} {}", r.name, r.detail);
     }
-    let rep = selftest::run(a.device, a.seed).context("cuda selftest cannot start")?;
+    let defs = defines(&a.define)?;
+    let rep = selftest::run(a.device, a.seed, &defs).context("cuda selftest cannot start")?;
     println!("device: {} ({})", rep.device, rep.arch);
     print!("{}", rep.table());
     if let Some(p) = &a.json {
@@ -295,15 +323,26 @@ fn bench_loss(a: &BenchLossArgs) -> Result<ExitCode> {
     if a.batch.contains(&0) || a.dim.contains(&0) {
         bail!("--batch and --dim must be positive");
     }
-    let gpu = Gpu::open(a.device).context("cuda bench-loss cannot start")?;
+    let defs = defines(&a.define)?;
+    let gpu = Gpu::open_with(a.device, &defs).context("cuda bench-loss cannot start")?;
     println!(
         "device: {} ({}), fused CLIP loss fwd+bwd, fp32 in and out, prec = logit tiles, median \
-         of {} runs",
+         of {} runs; kernel knobs: {defs}",
         gpu.name, gpu.arch, a.reps
     );
     println!(
-        "{:>8} {:>5} {:<6} {:<7} {:>10} {:>10} {:>8} {:>12} {:>12}",
-        "B", "d", "mode", "prec", "ms(med)", "ms(min)", "TFLOP/s", "ws MiB", "loss"
+        "{:>8} {:>5} {:<6} {:<7} {:>10} {:>10} {:>9} {:>9} {:>8} {:>12} {:>12}",
+        "B",
+        "d",
+        "mode",
+        "prec",
+        "ms(med)",
+        "ms(min)",
+        "fwd(med)",
+        "bwd(med)",
+        "TFLOP/s",
+        "ws MiB",
+        "loss"
     );
     let mut out = String::new();
     for &b in &a.batch {
@@ -312,13 +351,16 @@ fn bench_loss(a: &BenchLossArgs) -> Result<ExitCode> {
                 for &m in &modes {
                     let r = selftest::bench_loss(&gpu, b, d, m, p, a.reps, 1)?;
                     println!(
-                        "{:>8} {:>5} {:<6} {:<7} {:>10.3} {:>10.3} {:>8.2} {:>12.1} {:>12.6}",
+                        "{:>8} {:>5} {:<6} {:<7} {:>10.3} {:>10.3} {:>9.3} {:>9.3} {:>8.2} \
+                         {:>12.1} {:>12.6}",
                         r.b,
                         r.d,
                         r.mode,
                         r.precision,
                         r.ms_median,
                         r.ms_min,
+                        r.fwd_ms_median,
+                        r.bwd_ms_median,
                         r.tflops,
                         r.workspace_bytes as f64 / (1 << 20) as f64,
                         r.loss

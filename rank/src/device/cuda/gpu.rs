@@ -11,7 +11,7 @@ use cudarc::driver::{
 
 use super::CudaError;
 use super::libs::{Lib, require};
-use super::nvrtc::{SOURCES, compile};
+use super::nvrtc::{Defines, SOURCES, compile_defined};
 
 /// One GPU with the kernels loaded.
 pub struct Gpu {
@@ -24,6 +24,8 @@ pub struct Gpu {
     funcs: HashMap<&'static str, CudaFunction>,
     /// Milliseconds NVRTC took for all sources.
     pub compile_ms: f64,
+    /// The kernel knobs' values the sources were compiled with.
+    pub defines: Defines,
 }
 
 pub(crate) fn drv<T>(
@@ -80,6 +82,11 @@ impl Gpu {
 
     /// Opens device `ordinal`, compiles every kernel source for its architecture and loads it.
     pub fn open(ordinal: usize) -> Result<Gpu, CudaError> {
+        Gpu::open_with(ordinal, &Defines::default())
+    }
+
+    /// [`Gpu::open`] with the kernel knobs `defs` (see [`Defines`]): for timing their values.
+    pub fn open_with(ordinal: usize, defs: &Defines) -> Result<Gpu, CudaError> {
         let n = Gpu::count()?;
         require(Lib::Nvrtc)?;
         if ordinal >= n {
@@ -95,7 +102,7 @@ impl Gpu {
         let t = std::time::Instant::now();
         let mut funcs = HashMap::new();
         for src in SOURCES {
-            let c = compile(src, &arch)?;
+            let c = compile_defined(src, &arch, defs)?;
             let module = drv(
                 &format!("load module {}", src.name),
                 ctx.load_module(cudarc::nvrtc::Ptx::from_binary(c.cubin)),
@@ -106,7 +113,7 @@ impl Gpu {
             }
         }
         let compile_ms = t.elapsed().as_secs_f64() * 1e3;
-        Ok(Gpu { ctx, stream, arch, name, funcs, compile_ms })
+        Ok(Gpu { ctx, stream, arch, name, funcs, compile_ms, defines: defs.clone() })
     }
 
     /// The loaded kernel `name`.
@@ -479,6 +486,23 @@ pub fn clip_loss_launch(
     mode: LossMode,
     precision: Precision,
 ) -> Result<(), CudaError> {
+    clip_loss_launch_marked(gpu, bufs, img, txt, scale, mode, precision, None)
+}
+
+/// [`clip_loss_launch`] that records `mid` on the stream between the forward (the bf16 copies,
+/// the tile kernels, the LSE merge and the loss's sum) and the backward (zeroing the gradients,
+/// the backward kernels, the sum of dL/dt): for timing the two apart.
+#[allow(clippy::too_many_arguments)]
+pub fn clip_loss_launch_marked(
+    gpu: &Gpu,
+    bufs: &mut LossBuffers,
+    img: &CudaSlice<f32>,
+    txt: &CudaSlice<f32>,
+    scale: f32,
+    mode: LossMode,
+    precision: Precision,
+    mid: Option<&cudarc::driver::CudaEvent>,
+) -> Result<(), CudaError> {
     let (b, d) = (bufs.b as i64, bufs.d as i64);
     let n_t = bufs.b.div_ceil(LOSS_TILE);
     if img.len() < bufs.b * bufs.d || txt.len() < bufs.b * bufs.d {
@@ -553,6 +577,9 @@ pub fn clip_loss_launch(
     l.arg(&bufs.term).arg(&b).arg(&mut bufs.loss);
     // SAFETY: matches sum_f64; term has b values, loss 1.
     drv("launch sum_f64 (loss)", unsafe { l.launch(one) })?;
+    if let Some(e) = mid {
+        drv("record", e.record(s))?;
+    }
 
     drv("zero dI", s.memset_zeros(&mut bufs.d_img))?;
     drv("zero dT", s.memset_zeros(&mut bufs.d_txt))?;

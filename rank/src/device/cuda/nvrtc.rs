@@ -72,6 +72,124 @@ pub const SOURCES: &[KernelSource] = &[
     },
 ];
 
+/// A compile-time tuning knob of a kernel source: a macro that the `.cu` file defines with its
+/// default (`#ifndef NAME` / `#define NAME DEFAULT`) and that NVRTC can be given another value
+/// of (`-DNAME=VALUE`), so that one binary can time the choices on a GPU.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Knob {
+    /// The macro.
+    pub name: &'static str,
+    /// The source that reads it (`SOURCES[..].name`).
+    pub source: &'static str,
+    /// The value in the source.
+    pub default: i64,
+    /// The valid values, inclusive.
+    pub min: i64,
+    pub max: i64,
+    /// What it sets.
+    pub what: &'static str,
+}
+
+/// Every tuning knob of the kernel sources.
+pub const KNOBS: &[Knob] = &[
+    Knob {
+        name: "CLIP_FWD_MIN_BLOCKS",
+        source: "clip_loss.cu",
+        default: 4,
+        min: 1,
+        max: 8,
+        what: "blocks per multiprocessor in the launch bounds of the fused forward (clip_fwd*): \
+               the register budget is 65,536 / (256 x blocks) per thread",
+    },
+    Knob {
+        name: "CLIP_BWD_MIN_BLOCKS",
+        source: "clip_loss.cu",
+        default: 2,
+        min: 1,
+        max: 4,
+        what: "blocks per multiprocessor in the launch bounds of the fused backward \
+               (clip_bwd*, clip_bwd_pair*): the register budget is 65,536 / (256 x blocks) per \
+               thread",
+    },
+];
+
+/// Values for some of [`KNOBS`], given as `NAME=VALUE`; the others keep their defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Defines(Vec<(&'static Knob, i64)>);
+
+impl Defines {
+    /// Parses `NAME=VALUE` items (each may also be a comma-separated list). Unknown names,
+    /// values out of range and a name given twice are errors that list the knobs.
+    pub fn parse<S: AsRef<str>>(items: &[S]) -> Result<Defines, CudaError> {
+        let mut out: Vec<(&'static Knob, i64)> = Vec::new();
+        let list = || {
+            KNOBS
+                .iter()
+                .map(|k| format!("{} ({}..={}, default {})", k.name, k.min, k.max, k.default))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for item in items.iter().flat_map(|s| s.as_ref().split(',')) {
+            let item = item.trim();
+            if item.is_empty() {
+                continue;
+            }
+            let Some((name, value)) = item.split_once('=') else {
+                return Err(CudaError::Invalid(format!(
+                    "kernel define {item:?}: expected NAME=VALUE, with NAME one of {}",
+                    list()
+                )));
+            };
+            let (name, value) = (name.trim(), value.trim());
+            let Some(knob) = KNOBS.iter().find(|k| k.name == name) else {
+                return Err(CudaError::Invalid(format!(
+                    "kernel define {item:?}: no knob named {name:?}; the knobs are {}",
+                    list()
+                )));
+            };
+            let v = value.parse::<i64>().ok().filter(|v| (knob.min..=knob.max).contains(v));
+            let Some(v) = v else {
+                return Err(CudaError::Invalid(format!(
+                    "kernel define {item:?}: {name} takes an integer in {}..={} (default {})",
+                    knob.min, knob.max, knob.default
+                )));
+            };
+            if out.iter().any(|(k, _)| k.name == name) {
+                return Err(CudaError::Invalid(format!(
+                    "kernel define {name} is given twice; give it once"
+                )));
+            }
+            out.push((knob, v));
+        }
+        Ok(Defines(out))
+    }
+
+    /// True when every knob keeps its default.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The NVRTC options (`-DNAME=VALUE`) for `source`.
+    pub fn options(&self, source: &str) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k.source == source)
+            .map(|(k, v)| format!("-D{}={v}", k.name))
+            .collect()
+    }
+}
+
+impl std::fmt::Display for Defines {
+    /// `NAME=VALUE, ...`, or `defaults`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("defaults");
+        }
+        let items: Vec<String> = self.0.iter().map(|(k, v)| format!("{}={v}", k.name)).collect();
+        f.write_str(&items.join(", "))
+    }
+}
+
 /// The architectures CI compiles for (A100 and H100/H200).
 pub const CHECK_ARCHS: &[&str] = &["sm_80", "sm_90"];
 
@@ -110,6 +228,17 @@ pub fn options(arch: &str) -> Vec<String> {
 /// Also checks that every listed kernel name is in the cubin's symbol table.
 pub fn compile(src: &KernelSource, arch: &str) -> Result<Compiled, CudaError> {
     compile_with(src, arch, &[])
+}
+
+/// [`compile`] with the knob values `defs` (see [`Defines`]).
+pub fn compile_defined(
+    src: &KernelSource,
+    arch: &str,
+    defs: &Defines,
+) -> Result<Compiled, CudaError> {
+    let opts = defs.options(src.name);
+    let opts: Vec<&str> = opts.iter().map(String::as_str).collect();
+    compile_with(src, arch, &opts)
 }
 
 /// [`compile`] with extra NVRTC options (e.g. `-Xptxas=-v`, whose report lands in the log).
@@ -184,8 +313,16 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 /// ptxas's resource report for every kernel of `src` on `arch`: one line per kernel,
 /// `name: Used N registers, ... [, spills]`.
-pub fn resource_usage(src: &KernelSource, arch: &str) -> Result<Vec<String>, CudaError> {
-    let c = compile_with(src, arch, &["-Xptxas=-v"])?;
+/// `defs`: knob values (see [`Defines`]).
+pub fn resource_usage(
+    src: &KernelSource,
+    arch: &str,
+    defs: &Defines,
+) -> Result<Vec<String>, CudaError> {
+    let mut extra = defs.options(src.name);
+    extra.push("-Xptxas=-v".to_string());
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let c = compile_with(src, arch, &extra)?;
     let mut out = Vec::new();
     let mut name = String::new();
     let mut spill = String::new();
@@ -213,13 +350,14 @@ pub struct CheckRow {
     pub millis: f64,
 }
 
-/// Compiles every source for every arch in `archs`; fails on the first error or warning.
-pub fn check_all(archs: &[&str]) -> Result<Vec<CheckRow>, CudaError> {
+/// Compiles every source for every arch in `archs`, with the knob values `defs`; fails on the
+/// first error or warning.
+pub fn check_all(archs: &[&str], defs: &Defines) -> Result<Vec<CheckRow>, CudaError> {
     let mut rows = Vec::new();
     for arch in archs {
         for src in SOURCES {
             let t = std::time::Instant::now();
-            let c = compile(src, arch)?;
+            let c = compile_defined(src, arch, defs)?;
             if !c.log.is_empty() {
                 return Err(CudaError::Warnings {
                     source_name: src.name.to_string(),
@@ -254,11 +392,11 @@ mod tests {
                 "CI=true but libnvrtc.so.13 cannot be loaded: run scripts/check-kernels.sh \
                  (it installs nvidia-cuda-nvrtc==13.0.88 and sets LD_LIBRARY_PATH)"
             );
-            let e = check_all(CHECK_ARCHS).unwrap_err().to_string();
+            let e = check_all(CHECK_ARCHS, &Defines::default()).unwrap_err().to_string();
             assert!(e.contains("libnvrtc.so.13") && e.contains("pip install"), "{e}");
             return;
         }
-        let rows = check_all(CHECK_ARCHS).unwrap_or_else(|e| panic!("{e}"));
+        let rows = check_all(CHECK_ARCHS, &Defines::default()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(rows.len(), SOURCES.len() * CHECK_ARCHS.len());
         assert!(rows.iter().all(|r| !r.cubin.is_empty()));
     }
@@ -287,12 +425,64 @@ mod tests {
     #[test]
     fn resource_usage_lists_every_kernel() {
         if !Lib::Nvrtc.present() {
-            let e = resource_usage(&SOURCES[1], "sm_90").unwrap_err().to_string();
+            let e =
+                resource_usage(&SOURCES[1], "sm_90", &Defines::default()).unwrap_err().to_string();
             return assert!(e.contains("libnvrtc.so.13"), "{e}");
         }
-        let lines = resource_usage(&SOURCES[1], "sm_90").unwrap_or_else(|e| panic!("{e}"));
+        let lines = resource_usage(&SOURCES[1], "sm_90", &Defines::default())
+            .unwrap_or_else(|e| panic!("{e}"));
         for k in SOURCES[1].kernels {
             assert!(lines.iter().any(|l| l.starts_with(&format!("{k}: Used "))), "{k}: {lines:?}");
+        }
+        // The knobs reach ptxas: at 8 forward and 4 backward blocks per multiprocessor the
+        // register budgets are 32 and 64, where the defaults (4 and 2) give 64 and 128.
+        let defs = Defines::parse(&["CLIP_FWD_MIN_BLOCKS=8,CLIP_BWD_MIN_BLOCKS=4"]).unwrap();
+        let tuned = resource_usage(&SOURCES[1], "sm_90", &defs).unwrap_or_else(|e| panic!("{e}"));
+        let regs = |lines: &[String], k: &str| -> u32 {
+            let l = lines.iter().find(|l| l.starts_with(&format!("{k}: Used "))).unwrap();
+            l[k.len() + 7..].split(' ').next().unwrap().parse().unwrap()
+        };
+        assert!(regs(&lines, "clip_fwd_tf32") <= 64 && regs(&tuned, "clip_fwd_tf32") <= 32);
+        assert!(regs(&lines, "clip_bwd_bf16") > 64, "{lines:?}");
+        assert!(regs(&tuned, "clip_bwd_bf16") <= 64, "{tuned:?}");
+        assert!(regs(&tuned, "clip_bwd_pair") <= 64, "{tuned:?}");
+    }
+
+    /// Each knob's default is the one its source defines, and the source uses it.
+    #[test]
+    fn knobs_match_their_sources() {
+        for k in KNOBS {
+            let src = SOURCES.iter().find(|s| s.name == k.source).expect(k.source);
+            let def = format!("#ifndef {0}\n#define {0} {1}\n#endif\n", k.name, k.default);
+            assert!(src.src.contains(&def), "{}: expected {def:?}", k.name);
+            assert!(src.src.matches(k.name).count() > 3, "{} is never used", k.name);
+            assert!(k.min <= k.default && k.default <= k.max, "{}", k.name);
+        }
+    }
+
+    #[test]
+    fn defines_are_checked_against_the_knobs() {
+        let d = Defines::parse(&["CLIP_FWD_MIN_BLOCKS=3", " CLIP_BWD_MIN_BLOCKS = 1 "]).unwrap();
+        assert_eq!(d.to_string(), "CLIP_FWD_MIN_BLOCKS=3, CLIP_BWD_MIN_BLOCKS=1");
+        assert_eq!(
+            d.options("clip_loss.cu"),
+            ["-DCLIP_FWD_MIN_BLOCKS=3", "-DCLIP_BWD_MIN_BLOCKS=1"]
+        );
+        assert!(d.options("elementwise.cu").is_empty());
+        assert_eq!(Defines::parse::<&str>(&[]).unwrap().to_string(), "defaults");
+        assert!(Defines::parse(&[""]).unwrap().is_empty());
+        for (bad, says) in [
+            ("CLIP_FWD_MIN_BLOCKS", "expected NAME=VALUE"),
+            ("NO_SUCH=1", "no knob named \"NO_SUCH\""),
+            ("CLIP_FWD_MIN_BLOCKS=0", "integer in 1..=8"),
+            ("CLIP_BWD_MIN_BLOCKS=x", "integer in 1..=4"),
+            ("CLIP_FWD_MIN_BLOCKS=3,CLIP_FWD_MIN_BLOCKS=4", "given twice"),
+        ] {
+            let e = Defines::parse(&[bad]).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+            if !e.contains("twice") {
+                assert!(e.contains("CLIP_"), "{bad}: the error names the knobs: {e}");
+            }
         }
     }
 

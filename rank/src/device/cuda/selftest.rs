@@ -16,6 +16,7 @@ use super::CudaError;
 use super::device::{CudaDevice, CudaDeviceOpts, GemmMath, gemm_row_major_raw};
 use super::gpu::{FusedClipLoss, Gpu, LossMode, Precision, clip_loss, drv, elem_cfg, row_cfg};
 use super::libs::{Lib, require};
+use super::nvrtc::Defines;
 use crate::device::{CpuDevice, Device, L2_NORM_EPS};
 use crate::rng::Rng;
 
@@ -157,21 +158,22 @@ fn to64(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
 }
 
-/// Runs the whole self-test on GPU `ordinal`. `Err` only when the GPU cannot be used at all
-/// (driver or NVRTC missing, no device, kernels fail to compile); every later failure is a
-/// failed row.
-pub fn run(ordinal: usize, seed: u64) -> Result<Report, CudaError> {
+/// Runs the whole self-test on GPU `ordinal`, its kernels compiled with the knobs `defs`
+/// (defaults: `Defines::default()`). `Err` only when the GPU cannot be used at all (driver or
+/// NVRTC missing, no device, kernels fail to compile); every later failure is a failed row.
+pub fn run(ordinal: usize, seed: u64, defs: &Defines) -> Result<Report, CudaError> {
     let mut rows = probe_rows();
-    let gpu = Gpu::open(ordinal)?;
+    let gpu = Gpu::open_with(ordinal, defs)?;
     let mut rep = Report { device: gpu.name.clone(), arch: gpu.arch.clone(), rows: Vec::new() };
     rows.push(Row {
         group: "nvrtc",
         name: "compile+load".into(),
         detail: format!(
-            "{} sources for {} in {:.0} ms",
+            "{} sources for {} in {:.0} ms, knobs: {}",
             super::nvrtc::SOURCES.len(),
             gpu.arch,
-            gpu.compile_ms
+            gpu.compile_ms,
+            gpu.defines
         ),
         err_cpu: None,
         err_ref: None,
@@ -191,7 +193,7 @@ pub fn run(ordinal: usize, seed: u64) -> Result<Report, CudaError> {
     guard!("kernel", "elementwise", elementwise_checks(&gpu, &cpu, &mut rng));
     guard!("kernel", "row kernels", row_checks(&gpu, &cpu, &mut rng));
     guard!("cublas", "sgemm", cublas_checks(&gpu, &cpu, &mut rng));
-    guard!("device", "CudaDevice", catch_fault(|| device_checks(ordinal, &cpu, &mut rng)));
+    guard!("device", "CudaDevice", catch_fault(|| device_checks(ordinal, defs, &cpu, &mut rng)));
     guard!("loss", "fused clip loss", loss_checks(&gpu, &mut rng));
     guard!("loss", "GPU ring blocks", catch_fault(|| ring_checks(&gpu, &mut rng)));
     guard!("nccl", "NcclComm world 1", nccl_check(&gpu, &mut rng));
@@ -1101,8 +1103,13 @@ fn managed_loss_check(dev: &CudaDevice, rng: &mut Rng) -> Row {
 /// The `device` group: every method of [`CudaDevice`] vs [`CpuDevice`] on managed buffers (no
 /// staging allowed) and on plain `Vec`s (staged), then the `Vec` pass again: bitwise the same
 /// results and no new scratch memory (the pool is reused).
-fn device_checks(ordinal: usize, cpu: &CpuDevice, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
-    let mut dev = CudaDevice::open(ordinal, CudaDeviceOpts::default())?;
+fn device_checks(
+    ordinal: usize,
+    defs: &Defines,
+    cpu: &CpuDevice,
+    rng: &mut Rng,
+) -> Result<Vec<Row>, CudaError> {
+    let mut dev = CudaDevice::with_gpu(Gpu::open_with(ordinal, defs)?, CudaDeviceOpts::default())?;
     let table_bug =
         |c: &DevCase| CudaError::Invalid(format!("device check {}: buffers do not fit", c.name));
     let cases = device_cases(rng);
@@ -1709,6 +1716,11 @@ pub struct BenchRow {
     /// Median milliseconds of forward + backward.
     pub ms_median: f64,
     pub ms_min: f64,
+    /// Median milliseconds of the forward (the bf16 copies, the tile kernels, the LSE merge,
+    /// the loss's sum) and of the backward (zeroing, the backward kernels, the sum of dL/dt),
+    /// each over the same runs (their medians need not add up to `ms_median`).
+    pub fwd_ms_median: f64,
+    pub bwd_ms_median: f64,
     /// FP32 TFLOP/s counting `2·B²·d` per GEMM-equivalent (5 deterministic, 4 fast).
     pub tflops: f64,
     /// Device bytes of the loss buffers (the caller's fp32 features excluded; bf16: the bf16
@@ -1737,18 +1749,34 @@ pub fn bench_loss(
     super::gpu::clip_loss_launch(gpu, &mut bufs, &img, &txt, scale, mode, precision)?;
     gpu.sync()?;
     let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-    let mut times = Vec::new();
+    let (mut times, mut fwd, mut bwd) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..reps.max(1) {
         let start = drv("event", gpu.ctx.new_event(flags))?;
+        let mid = drv("event", gpu.ctx.new_event(flags))?;
         let stop = drv("event", gpu.ctx.new_event(flags))?;
         drv("record", start.record(&gpu.stream))?;
-        super::gpu::clip_loss_launch(gpu, &mut bufs, &img, &txt, scale, mode, precision)?;
+        super::gpu::clip_loss_launch_marked(
+            gpu,
+            &mut bufs,
+            &img,
+            &txt,
+            scale,
+            mode,
+            precision,
+            Some(&mid),
+        )?;
         drv("record", stop.record(&gpu.stream))?;
         drv("event sync", stop.synchronize())?;
         times.push(drv("elapsed", start.elapsed_ms(&stop))? as f64);
+        fwd.push(drv("elapsed", start.elapsed_ms(&mid))? as f64);
+        bwd.push(drv("elapsed", mid.elapsed_ms(&stop))? as f64);
     }
-    times.sort_by(f64::total_cmp);
-    let med = times[times.len() / 2];
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let med = median(&mut times);
+    let (fwd_med, bwd_med) = (median(&mut fwd), median(&mut bwd));
     let gemms = if mode == LossMode::Fast { 4.0 } else { 5.0 };
     let flops = gemms * 2.0 * (b as f64) * (b as f64) * d as f64;
     let (loss, _) = super::gpu::read_scalars(gpu, &bufs)?;
@@ -1759,6 +1787,8 @@ pub fn bench_loss(
         precision: precision.name().to_string(),
         ms_median: med,
         ms_min: times[0],
+        fwd_ms_median: fwd_med,
+        bwd_ms_median: bwd_med,
         tflops: flops / (med * 1e-3) / 1e12,
         workspace_bytes: bufs.bytes(),
         loss,
@@ -1938,11 +1968,12 @@ mod tests {
     fn without_a_driver_run_is_a_clean_error() {
         if Lib::Driver.present() {
             // A GPU machine: the whole self-test must pass.
-            let rep = run(0, 1).unwrap_or_else(|e| panic!("{e}"));
+            let rep = run(0, 1, &Defines::default()).unwrap_or_else(|e| panic!("{e}"));
             assert!(rep.passed(), "{}", rep.table());
             return;
         }
-        let e = run(0, 1).expect_err("run must fail without a driver").to_string();
+        let e =
+            run(0, 1, &Defines::default()).expect_err("run must fail without a driver").to_string();
         assert!(e.contains("libcuda.so.1") && e.contains("NVIDIA driver"), "{e}");
     }
 }

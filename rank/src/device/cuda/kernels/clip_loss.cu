@@ -3,9 +3,10 @@
 // by fp32 FMA (clip_fwd, clip_bwd), by TF32 tensor cores (m16n8k8 mma; *_tf32), by 3xTF32
 // (hi/lo split, near-fp32 accuracy; *_tf32x3) or by BF16 tensor cores (m16n8k16 mma on bf16
 // copies of the features made by clip_to_bf16; *_bf16); the LSE statistics and G are fp32 in
-// every version (G is rounded to the products' input type where they read it). The backward's gradient products (G T, G^T I) are fp32 FMA in clip_bwd, 3xTF32
-// tensor-core products in clip_bwd_tf32x3, TF32 ones in clip_bwd_tf32 and BF16 ones (G rounded
-// to bf16, the features' bf16 copies) in clip_bwd_bf16, with fp32 accumulators.
+// every version (G is rounded to the products' input type where they read it). The backward's
+// gradient products (G T, G^T I) are fp32 FMA in clip_bwd, 3xTF32 tensor-core products in
+// clip_bwd_tf32x3, TF32 ones in clip_bwd_tf32 and BF16 ones (G rounded to bf16, the features'
+// bf16 copies) in clip_bwd_bf16, with fp32 accumulators.
 //
 //   x_ij = s * <I_i, T_j>,  l_i = log sum_j exp(x_ij),  k_j = log sum_i exp(x_ij)
 //   L = 1/(2B) * [ sum_i (l_i - x_ii) + sum_j (k_j - x_jj) ]
@@ -43,6 +44,17 @@
 #define TN 64
 #define TK 16
 #define NT 256
+
+// Tuning knobs: the minimum blocks per multiprocessor that the launch bounds ask ptxas for, which
+// sets the register budget per thread (65,536 / (NT * blocks), rounded down to a multiple of 8).
+// nvrtc.rs (KNOBS) lists them with their ranges; `tessera cuda bench-loss --define NAME=VALUE`
+// and the other GPU commands compile the kernels with another value, for timing the choice.
+#ifndef CLIP_FWD_MIN_BLOCKS
+#define CLIP_FWD_MIN_BLOCKS 4
+#endif
+#ifndef CLIP_BWD_MIN_BLOCKS
+#define CLIP_BWD_MIN_BLOCKS 2
+#endif
 
 // Shared-memory operand tiles of the fp32 FMA version: [k][row], rows padded by 8 floats.
 #define TPAD (TM + 8)
@@ -590,16 +602,20 @@ __device__ __forceinline__ void clip_fwd_impl(const typename Tiles<MODE>::Feat* 
 
 // fp32 FMA / 3xTF32 / TF32 / BF16 tensor-core versions of the forward. clip_fwd_bf16 takes the
 // padded bf16 copies of clip_to_bf16 and their row stride as d.
-extern "C" __global__ void __launch_bounds__(NT, 4) clip_fwd(CLIP_FWD_ARGS(float)) {
+extern "C" __global__ void __launch_bounds__(NT, CLIP_FWD_MIN_BLOCKS)
+    clip_fwd(CLIP_FWD_ARGS(float)) {
     clip_fwd_impl<0>(CLIP_FWD_PASS);
 }
-extern "C" __global__ void __launch_bounds__(NT, 4) clip_fwd_tf32x3(CLIP_FWD_ARGS(float)) {
+extern "C" __global__ void __launch_bounds__(NT, CLIP_FWD_MIN_BLOCKS)
+    clip_fwd_tf32x3(CLIP_FWD_ARGS(float)) {
     clip_fwd_impl<1>(CLIP_FWD_PASS);
 }
-extern "C" __global__ void __launch_bounds__(NT, 4) clip_fwd_tf32(CLIP_FWD_ARGS(float)) {
+extern "C" __global__ void __launch_bounds__(NT, CLIP_FWD_MIN_BLOCKS)
+    clip_fwd_tf32(CLIP_FWD_ARGS(float)) {
     clip_fwd_impl<2>(CLIP_FWD_PASS);
 }
-extern "C" __global__ void __launch_bounds__(NT, 4) clip_fwd_bf16(CLIP_FWD_ARGS(unsigned short)) {
+extern "C" __global__ void __launch_bounds__(NT, CLIP_FWD_MIN_BLOCKS)
+    clip_fwd_bf16(CLIP_FWD_ARGS(unsigned short)) {
     clip_fwd_impl<3>(CLIP_FWD_PASS);
 }
 
@@ -1231,18 +1247,19 @@ __device__ __forceinline__ void clip_bwd_impl(
 
 // fp32 FMA / 3xTF32 / TF32 / BF16 tensor-core versions of the backward. clip_bwd_bf16 takes the
 // padded bf16 copies of clip_to_bf16 and, after d, their row stride ld.
-extern "C" __global__ void __launch_bounds__(NT, 2) clip_bwd(CLIP_BWD_HEAD(float), CLIP_BWD_TAIL) {
+extern "C" __global__ void __launch_bounds__(NT, CLIP_BWD_MIN_BLOCKS)
+    clip_bwd(CLIP_BWD_HEAD(float), CLIP_BWD_TAIL) {
     clip_bwd_impl<0>(A, Bm, BR, BC, d, d, CLIP_BWD_PASS);
 }
-extern "C" __global__ void __launch_bounds__(NT, 2)
+extern "C" __global__ void __launch_bounds__(NT, CLIP_BWD_MIN_BLOCKS)
     clip_bwd_tf32x3(CLIP_BWD_HEAD(float), CLIP_BWD_TAIL) {
     clip_bwd_impl<1>(A, Bm, BR, BC, d, d, CLIP_BWD_PASS);
 }
-extern "C" __global__ void __launch_bounds__(NT, 2)
+extern "C" __global__ void __launch_bounds__(NT, CLIP_BWD_MIN_BLOCKS)
     clip_bwd_tf32(CLIP_BWD_HEAD(float), CLIP_BWD_TAIL) {
     clip_bwd_impl<2>(A, Bm, BR, BC, d, d, CLIP_BWD_PASS);
 }
-extern "C" __global__ void __launch_bounds__(NT, 2)
+extern "C" __global__ void __launch_bounds__(NT, CLIP_BWD_MIN_BLOCKS)
     clip_bwd_bf16(CLIP_BWD_HEAD(unsigned short), i64 ld, CLIP_BWD_TAIL) {
     clip_bwd_impl<3>(A, Bm, BR, BC, d, ld, CLIP_BWD_PASS);
 }
@@ -1270,19 +1287,19 @@ __device__ __forceinline__ void clip_bwd_pair_impl(
 }
 
 // The paired versions of clip_bwd* (same parameters; dB receives the swapped pass's dA).
-extern "C" __global__ void __launch_bounds__(NT, 2)
+extern "C" __global__ void __launch_bounds__(NT, CLIP_BWD_MIN_BLOCKS)
     clip_bwd_pair(CLIP_BWD_HEAD(float), CLIP_BWD_TAIL) {
     clip_bwd_pair_impl<0>(A, Bm, BR, BC, d, d, CLIP_BWD_PASS);
 }
-extern "C" __global__ void __launch_bounds__(NT, 2)
+extern "C" __global__ void __launch_bounds__(NT, CLIP_BWD_MIN_BLOCKS)
     clip_bwd_pair_tf32x3(CLIP_BWD_HEAD(float), CLIP_BWD_TAIL) {
     clip_bwd_pair_impl<1>(A, Bm, BR, BC, d, d, CLIP_BWD_PASS);
 }
-extern "C" __global__ void __launch_bounds__(NT, 2)
+extern "C" __global__ void __launch_bounds__(NT, CLIP_BWD_MIN_BLOCKS)
     clip_bwd_pair_tf32(CLIP_BWD_HEAD(float), CLIP_BWD_TAIL) {
     clip_bwd_pair_impl<2>(A, Bm, BR, BC, d, d, CLIP_BWD_PASS);
 }
-extern "C" __global__ void __launch_bounds__(NT, 2)
+extern "C" __global__ void __launch_bounds__(NT, CLIP_BWD_MIN_BLOCKS)
     clip_bwd_pair_bf16(CLIP_BWD_HEAD(unsigned short), i64 ld, CLIP_BWD_TAIL) {
     clip_bwd_pair_impl<3>(A, Bm, BR, BC, d, ld, CLIP_BWD_PASS);
 }

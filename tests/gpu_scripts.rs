@@ -1,0 +1,121 @@
+//! The GPU scripts' own logic, checked here where no GPU is: scripts/gpu-ab.sh run over stand-in
+//! binaries (bash scripts that answer `--version` and `cuda bench-loss ... --json FILE` with rows
+//! of known times and losses). A GPU session has 15 minutes; a script that misreads its rows
+//! there wastes them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A stand-in for `tessera` whose bench-loss rows take `fwd` + `bwd` ms (the forward `fwd3`
+/// with `--define CLIP_FWD_MIN_BLOCKS=3`) and give `loss`; `split`: whether it reports the
+/// forward and backward apart (binaries from before the knobs do not).
+fn stand_in(
+    dir: &Path,
+    name: &str,
+    fwd: &str,
+    fwd3: &str,
+    bwd: &str,
+    loss: &str,
+    split: bool,
+) -> PathBuf {
+    let fields = if split { r#","fwd_ms_median":'$fwd',"bwd_ms_median":'$bwd'"# } else { "" };
+    let script = format!(
+        r#"#!/usr/bin/env bash
+[[ "$1" == "--version" ]] && {{ echo "stand-in {name}"; exit 0; }}
+[[ "$1 $2" == "cuda bench-loss" ]] || {{ echo "unexpected: $*" >&2; exit 3; }}
+fwd={fwd}; bwd={bwd}; b=0; json=""
+while (($#)); do
+    case "$1" in
+        --batch) b="${{2%%,*}}"; shift ;;
+        --json) json="$2"; shift ;;
+        --define) [[ "$2" == CLIP_FWD_MIN_BLOCKS=3 ]] && fwd={fwd3}; shift ;;
+    esac
+    shift
+done
+total=$(python3 -c "print($fwd + $bwd)")
+for p in bf16 tf32; do
+    echo '{{"b":'$b',"d":768,"mode":"fast","precision":"'$p'","ms_median":'$total'{fields},"loss":{loss}}}'
+done >"$json"
+"#
+    );
+    let path = dir.join(name);
+    std::fs::write(&path, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+fn gpu_ab(args: &[String]) -> (i32, String) {
+    let out = Command::new("bash")
+        .arg(repo().join("scripts/gpu-ab.sh"))
+        .args(args)
+        .env_remove("OUT")
+        .output()
+        .expect("run scripts/gpu-ab.sh");
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// The row of `table` (the lines after the line containing `title`) for B = `b`, precision
+/// `prec`, split into words.
+fn row(text: &str, title: &str, b: &str, prec: &str) -> Vec<String> {
+    let start = text.find(title).unwrap_or_else(|| panic!("no {title:?} in:\n{text}"));
+    text[start..]
+        .lines()
+        .map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>())
+        .find(|w| w.len() > 4 && w[0] == b && w[3] == prec)
+        .unwrap_or_else(|| panic!("no row {b} {prec} after {title:?} in:\n{text}"))
+}
+
+#[test]
+fn gpu_ab_gives_ratios_to_the_first_binary_apart_for_forward_and_backward() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = stand_in(dir.path(), "base", "2", "2", "6", "0.5", true);
+    let old = stand_in(dir.path(), "old", "1", "1", "3", "0.5", false);
+    let new = stand_in(dir.path(), "new", "2", "1", "6", "0.5", true);
+    let args = vec![
+        base.display().to_string(),
+        old.display().to_string(),
+        // The same binary with a kernel knob, as one word.
+        format!("{} --define CLIP_FWD_MIN_BLOCKS=3", new.display()),
+        "1".to_string(),
+    ];
+    let (code, text) = gpu_ab(&args);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("gpu-ab: PASS"), "{text}");
+    assert!(text.contains("stand-in new"), "the labels name each binary's version:\n{text}");
+    // Totals: 8 ms for binary 0, then 4 (ratio 0.5) and 7 (0.875); the same loss.
+    for b in ["16384", "65536"] {
+        let r = row(&text, "median over rounds", b, "bf16");
+        assert_eq!(&r[4..], ["8.000", "4.000", "0.500", "7.000", "0.875", "same"], "{text}");
+    }
+    // Forward and backward apart, for binaries 0 and 2 only (1 does not report them): the knob
+    // halved the forward and left the backward.
+    let r = row(&text, "forward / backward apart", "65536", "tf32");
+    assert_eq!(&r[4..], ["2.000", "6.000", "0.500", "1.000"], "{text}");
+    assert!(text.contains("2/0 fwd") && !text.contains("1/0 fwd"), "{text}");
+}
+
+#[test]
+fn gpu_ab_fails_on_a_changed_loss_and_on_bad_arguments() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = stand_in(dir.path(), "base", "2", "2", "6", "0.5", true);
+    let wrong = stand_in(dir.path(), "wrong", "2", "2", "6", "0.6", true);
+    let (code, text) =
+        gpu_ab(&[base.display().to_string(), wrong.display().to_string(), "1".into()]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("DIFFERS 1: 0.6 vs 0.5") && text.contains("gpu-ab: FAIL"), "{text}");
+
+    let (code, text) = gpu_ab(&[base.display().to_string()]);
+    assert_eq!(code, 2, "one binary is a usage error:\n{text}");
+    assert!(text.contains("usage: scripts/gpu-ab.sh"), "{text}");
+    let missing = dir.path().join("missing").display().to_string();
+    let (code, text) = gpu_ab(&[base.display().to_string(), format!("{missing} --define X=1")]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains(&format!("{missing} is not an executable")), "{text}");
+}
