@@ -134,6 +134,52 @@ fn every_kernel_compiles_for_sm80_and_sm90_with_the_pinned_nvrtc_wheel() {
     }
 }
 
+/// `tessera cuda warm-cache` fills the kernel cache once; a second run finds every source
+/// there; an unwritable folder or a disabled cache is an error that says so.
+#[test]
+fn warm_cache_compiles_once_then_finds_every_kernel() {
+    let lib = nvrtc_wheel_lib();
+    assert!(lib.join("libnvrtc.so.13").exists(), "run scripts/check-kernels.sh --install-only");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let warm = |cache: &std::path::Path, extra: &[(&str, &str)]| {
+        let mut cmd = tessera();
+        cmd.args(["cuda", "warm-cache", "--arch", "sm_90"])
+            .env("TESSERA_CUDA_LIB_DIRS", &lib)
+            .env("TESSERA_KERNEL_CACHE_DIR", cache)
+            .env_remove("TESSERA_KERNEL_CACHE_DISABLE");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("spawn tessera");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!text.contains("panicked"), "{text}");
+        (out.status.code().unwrap_or(-1), text)
+    };
+    let sources = tessera_rank::device::cuda::nvrtc::SOURCES;
+    let cache = dir.path().join("kernels");
+    for (round, origin) in [(1, "compiled"), (2, "cached")] {
+        let (code, text) = warm(&cache, &[]);
+        assert_eq!(code, 0, "round {round}:\n{text}");
+        for src in sources {
+            let row = text.lines().find(|l| l.starts_with(src.name)).unwrap_or("");
+            assert!(row.contains(&format!("sm_90   {origin}")), "round {round}: {row}\n{text}");
+        }
+        assert_eq!(std::fs::read_dir(&cache).unwrap().count(), sources.len(), "{text}");
+    }
+    let blocked = dir.path().join("a-file");
+    std::fs::write(&blocked, b"x").unwrap();
+    let (code, text) = warm(&blocked.join("kernels"), &[]);
+    assert_ne!(code, 0);
+    assert!(text.contains("cannot write elementwise.cu") && text.contains("writable"), "{text}");
+    let (code, text) = warm(&cache, &[("TESSERA_KERNEL_CACHE_DISABLE", "1")]);
+    assert_ne!(code, 0);
+    assert!(text.contains("the kernel cache is off"), "{text}");
+}
+
 /// `run.device = "cuda"` (two ranks sharing a GPU over the TCP ring) and `run.collectives =
 /// "nccl"` (one rank): without a driver the job stops at set-up with an error that names the
 /// setting, the driver and the way back (no hang, no panic); on a GPU machine they train.

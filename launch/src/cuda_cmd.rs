@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use tessera_rank::device::cuda::gpu::{Gpu, LossMode, Precision};
 use tessera_rank::device::cuda::libs::{self, Lib};
-use tessera_rank::device::cuda::{nccl, nvrtc, selftest};
+use tessera_rank::device::cuda::{kcache, nccl, nvrtc, selftest};
 
 /// Set in the environment of the re-executed process (so it re-executes at most once).
 const REEXEC_ENV: &str = "TESSERA_CUDA_REEXEC";
@@ -19,6 +19,9 @@ pub enum CudaCommand {
     Probe,
     /// Compile every .cu kernel with NVRTC (no GPU needed); any error or warning fails.
     CheckKernels(CheckArgs),
+    /// Compile every .cu kernel into the kernel cache (no GPU needed), so that ranks that
+    /// start later load them instead of compiling: e.g. once per node before a job.
+    WarmCache(WarmCacheArgs),
     /// On a GPU: every kernel vs the CPU device and an f64 reference, cuBLAS, every method of
     /// the CUDA Device vs the CPU device, the fused loss, NCCL at world size 1. Exits non-zero
     /// on any failure.
@@ -69,6 +72,17 @@ pub struct CheckArgs {
     /// their defaults. Knobs: CLIP_FWD_MIN_BLOCKS (1..=8, default 4) and CLIP_BWD_MIN_BLOCKS
     /// (1..=4, default 2), the blocks per multiprocessor in the fused loss kernels' launch
     /// bounds (docs/GPU.md, "Kernel knobs").
+    #[arg(long = "define", value_name = "NAME=VALUE")]
+    pub define: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct WarmCacheArgs {
+    /// Architectures of the GPUs that will load them, comma-separated (an H100 or H200 is
+    /// sm_90, an A100 sm_80).
+    #[arg(long, default_value = "sm_90", value_delimiter = ',')]
+    pub arch: Vec<String>,
+    /// Kernel tuning knob, NAME=VALUE, as for bench-loss (training uses the defaults).
     #[arg(long = "define", value_name = "NAME=VALUE")]
     pub define: Vec<String>,
 }
@@ -131,6 +145,11 @@ pub fn cuda(cmd: CudaCommand) -> Result<ExitCode> {
             defines(&a.define)?; // bad input is named before any library is looked for
             ensure_loadable(&[Lib::Nvrtc])?;
             check_kernels(&a)
+        }
+        CudaCommand::WarmCache(a) => {
+            defines(&a.define)?;
+            ensure_loadable(&[Lib::Nvrtc])?;
+            warm_cache(&a)
         }
         CudaCommand::Selftest(a) => {
             defines(&a.define)?; // bad input is named before any library is looked for
@@ -238,6 +257,13 @@ fn probe() -> Result<ExitCode> {
         let (maj, min) = nvrtc::version()?;
         println!("NVRTC version {maj}.{min}");
     }
+    match kcache::KernelCache::from_env().dir() {
+        Some(d) => println!(
+            "kernel cache: {} (from TESSERA_KERNEL_CACHE_DIR, XDG_CACHE_HOME or HOME)",
+            d.display()
+        ),
+        None => println!("kernel cache: off (TESSERA_KERNEL_CACHE_DISABLE, or no HOME)"),
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -288,6 +314,39 @@ fn check_kernels(a: &CheckArgs) -> Result<ExitCode> {
         "check-kernels: OK ({kernels} kernels in {} sources, no errors or warnings)",
         nvrtc::SOURCES.len()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn warm_cache(a: &WarmCacheArgs) -> Result<ExitCode> {
+    let defs = defines(&a.define)?;
+    let cache = kcache::KernelCache::from_env();
+    let Some(dir) = cache.dir() else {
+        bail!(
+            "the kernel cache is off (TESSERA_KERNEL_CACHE_DISABLE is set, or HOME is not): unset \
+             it, or set TESSERA_KERNEL_CACHE_DIR"
+        );
+    };
+    let (maj, min) = nvrtc::version()?;
+    println!("kernel cache: {}; NVRTC {maj}.{min}; kernel knobs: {defs}", dir.display());
+    println!("{:<18} {:<7} {:<9} {:>10}", "source", "arch", "origin", "ms");
+    for arch in a.arch.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        for src in nvrtc::SOURCES {
+            let t = std::time::Instant::now();
+            let (_, origin) = cache.compile(src, arch, &defs)?;
+            let origin = match origin {
+                kcache::Origin::Hit => "cached",
+                kcache::Origin::Stored => "compiled",
+                kcache::Origin::Compiled => bail!(
+                    "cannot write {} to the kernel cache {}: check that it is writable",
+                    src.name,
+                    dir.display()
+                ),
+            };
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            println!("{:<18} {arch:<7} {origin:<9} {ms:>10.1}", src.name);
+        }
+    }
+    println!("warm-cache: OK");
     Ok(ExitCode::SUCCESS)
 }
 

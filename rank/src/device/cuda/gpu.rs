@@ -10,6 +10,7 @@ use cudarc::driver::{
 };
 
 use super::CudaError;
+use super::kcache::{KernelCache, Origin};
 use super::libs::{Lib, require};
 use super::nvrtc::{Defines, SOURCES, compile_defined};
 
@@ -22,8 +23,11 @@ pub struct Gpu {
     /// Device name as the driver reports it.
     pub name: String,
     funcs: HashMap<&'static str, CudaFunction>,
-    /// Milliseconds NVRTC took for all sources.
+    /// Milliseconds that compiling (or reading from the kernel cache) and loading all sources
+    /// took.
     pub compile_ms: f64,
+    /// How many sources came from the kernel cache ([`super::kcache`]).
+    pub cached: usize,
     /// The kernel knobs' values the sources were compiled with.
     pub defines: Defines,
 }
@@ -100,20 +104,32 @@ impl Gpu {
         let arch = format!("sm_{maj}{min}");
         let stream = ctx.default_stream();
         let t = std::time::Instant::now();
+        let cache = KernelCache::from_env();
         let mut funcs = HashMap::new();
+        let mut cached = 0;
         for src in SOURCES {
-            let c = compile_defined(src, &arch, defs)?;
-            let module = drv(
-                &format!("load module {}", src.name),
-                ctx.load_module(cudarc::nvrtc::Ptx::from_binary(c.cubin)),
-            )?;
+            let (c, origin) = cache.compile(src, &arch, defs)?;
+            let load = |cubin: Vec<u8>| ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin));
+            let module = match (load(c.cubin), origin) {
+                (Ok(m), _) => m,
+                // An entry the driver refuses: dropped, and the source compiled afresh.
+                (Err(_), Origin::Hit) => {
+                    cache.forget(src, &arch, defs);
+                    let c = compile_defined(src, &arch, defs)?;
+                    drv(&format!("load module {}", src.name), load(c.cubin))?
+                }
+                (Err(e), _) => {
+                    return Err(CudaError::driver(format!("load module {}", src.name), e));
+                }
+            };
+            cached += usize::from(origin == Origin::Hit);
             for k in src.kernels {
                 let f = drv(&format!("load kernel {k}"), module.load_function(k))?;
                 funcs.insert(*k, f);
             }
         }
         let compile_ms = t.elapsed().as_secs_f64() * 1e3;
-        Ok(Gpu { ctx, stream, arch, name, funcs, compile_ms, defines: defs.clone() })
+        Ok(Gpu { ctx, stream, arch, name, funcs, compile_ms, cached, defines: defs.clone() })
     }
 
     /// The loaded kernel `name`.

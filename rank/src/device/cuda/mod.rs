@@ -10,6 +10,7 @@
 //!   makes them loadable (NCCL ships as `libnccl.so.2`, a name cudarc does not try).
 //! - [`nvrtc`]: the `.cu` sources in `kernels/` and their compilation (warnings are errors in
 //!   `tessera cuda check-kernels`, which CI runs with the NVRTC of the PyPI wheel).
+//! - [`kcache`]: the on-disk cache of compiled kernels that [`gpu::Gpu::open`] reads first.
 //! - [`gpu`]: a context with every kernel loaded, and launch helpers.
 //! - [`device`]: [`device::CudaDevice`], the `Device` trait on one GPU (managed buffers,
 //!   staging of plain slices through a scratch pool, cuBLAS GEMMs).
@@ -21,12 +22,13 @@
 //! - [`selftest`]: every kernel vs the CPU device and an f64 reference, cuBLAS, the fused
 //!   loss, `CudaDevice` vs `CpuDevice`, NCCL at world size 1 (`tessera cuda selftest`).
 //!
-//! Not yet here (issue 7): the bucketed gradient all-reduce ordered by CUDA events.
+//! The bucketed gradient all-reduce ordered by CUDA events is [`nccl::OverlapAllReduce`].
 
 pub mod device;
 #[cfg(test)]
 pub mod emu;
 pub mod gpu;
+pub mod kcache;
 pub mod libs;
 pub mod nccl;
 pub mod nvrtc;

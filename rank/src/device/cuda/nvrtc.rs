@@ -306,7 +306,8 @@ fn get_cubin(prog: sys::nvrtcProgram) -> Result<Vec<u8>, String> {
     }
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
+/// Whether `hay` (a cubin) holds `needle` as a NUL-terminated symbol name.
+pub(crate) fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len() + 2)
         .any(|w| w[0] == 0 && &w[1..=needle.len()] == needle && w[needle.len() + 1] == 0)
 }

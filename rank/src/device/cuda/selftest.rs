@@ -169,10 +169,11 @@ pub fn run(ordinal: usize, seed: u64, defs: &Defines) -> Result<Report, CudaErro
         group: "nvrtc",
         name: "compile+load".into(),
         detail: format!(
-            "{} sources for {} in {:.0} ms, knobs: {}",
+            "{} sources for {} in {:.0} ms ({} from the kernel cache), knobs: {}",
             super::nvrtc::SOURCES.len(),
             gpu.arch,
             gpu.compile_ms,
+            gpu.cached,
             gpu.defines
         ),
         err_cpu: None,
