@@ -12,7 +12,10 @@
 #        30 s per binary and round)
 # A BIN may carry extra bench-loss arguments in the same word, e.g. the same binary with a kernel
 # knob: "target/gpu/tessera --define CLIP_FWD_MIN_BLOCKS=3" (docs/GPU.md, "Kernel knobs").
-# Binaries that report them (since the knobs came) also get forward and backward ratios.
+# Binaries that report them (since the knobs came) also get forward and backward ratios, and
+# their gradients are checked against the first such binary's (norms and projections of dI and
+# dT within 2e-2 of the norm: tells a wrong gradient from rounding; the loss alone would not see
+# a wrong backward).
 # A binary of an earlier commit:  git worktree add /tmp/base COMMIT &&
 #   (cd /tmp/base && cargo build --release -p tessera-launch) &&
 #   strip -o target/gpu/tessera-COMMIT /tmp/base/target/release/tessera
@@ -94,8 +97,19 @@ for k in keys:
         line += f" {t[i]:>9.3f} {t[i] / t[0]:>6.3f}"
     differs = [i for i in range(1, n) if abs(loss[i] - loss[0]) > 1e-5 * abs(loss[0])]
     bad += bool(differs)
-    print(line + ("  same" if not differs else
-                  "  DIFFERS " + ", ".join(f"{i}: {loss[i]} vs {loss[0]}" for i in differs)))
+    line += ("  same" if not differs else
+             "  DIFFERS " + ", ".join(f"{i}: {loss[i]} vs {loss[0]}" for i in differs))
+    fp = ["grad_norm_i", "grad_norm_t", "grad_proj_i", "grad_proj_t"]
+    with_fp = [i for i in range(n) if all(f in got[i][0] for f in fp)]
+    if len(with_fp) >= 2:
+        g0 = got[with_fp[0]][0]
+        def grads_differ(r):
+            return any(abs(r[f] - g0[f]) > 2e-2 * g0["grad_norm_" + f[-1]] for f in fp)
+        gd = [i for i in with_fp[1:] if grads_differ(got[i][0])]
+        bad += bool(gd)
+        line += (f"  grads same as {with_fp[0]}" if not gd else
+                 f"  GRADS DIFFER from {with_fp[0]}: " + ", ".join(map(str, gd)))
+    print(line)
 # Forward and backward apart, for the binaries that time them (fwd_ms_median, bwd_ms_median).
 split = [i for i in range(n) if all("fwd_ms_median" in r
                                     for (j, _), rs in rows.items() if j == i for r in rs)]

@@ -12,7 +12,8 @@ fn repo() -> PathBuf {
 
 /// A stand-in for `tessera` whose bench-loss rows take `fwd` + `bwd` ms (the forward `fwd3`
 /// with `--define CLIP_FWD_MIN_BLOCKS=3`) and give `loss`; `split`: whether it reports the
-/// forward and backward apart (binaries from before the knobs do not).
+/// forward and backward apart and the gradients' fingerprints (binaries from before the knobs
+/// do not), dT's projection being `split`'s value (the norms 10).
 fn stand_in(
     dir: &Path,
     name: &str,
@@ -20,9 +21,14 @@ fn stand_in(
     fwd3: &str,
     bwd: &str,
     loss: &str,
-    split: bool,
+    split: Option<&str>,
 ) -> PathBuf {
-    let fields = if split { r#","fwd_ms_median":'$fwd',"bwd_ms_median":'$bwd'"# } else { "" };
+    let fields = match split {
+        Some(proj) => format!(
+            r#","fwd_ms_median":'$fwd',"bwd_ms_median":'$bwd',"grad_norm_i":10,"grad_norm_t":10,"grad_proj_i":1.5,"grad_proj_t":{proj}"#
+        ),
+        None => String::new(),
+    };
     let script = format!(
         r#"#!/usr/bin/env bash
 [[ "$1" == "--version" ]] && {{ echo "stand-in {name}"; exit 0; }}
@@ -75,9 +81,9 @@ fn row(text: &str, title: &str, b: &str, prec: &str) -> Vec<String> {
 #[test]
 fn gpu_ab_gives_ratios_to_the_first_binary_apart_for_forward_and_backward() {
     let dir = tempfile::tempdir().unwrap();
-    let base = stand_in(dir.path(), "base", "2", "2", "6", "0.5", true);
-    let old = stand_in(dir.path(), "old", "1", "1", "3", "0.5", false);
-    let new = stand_in(dir.path(), "new", "2", "1", "6", "0.5", true);
+    let base = stand_in(dir.path(), "base", "2", "2", "6", "0.5", Some("-3"));
+    let old = stand_in(dir.path(), "old", "1", "1", "3", "0.5", None);
+    let new = stand_in(dir.path(), "new", "2", "1", "6", "0.5", Some("-3.1"));
     let args = vec![
         base.display().to_string(),
         old.display().to_string(),
@@ -92,7 +98,9 @@ fn gpu_ab_gives_ratios_to_the_first_binary_apart_for_forward_and_backward() {
     // Totals: 8 ms for binary 0, then 4 (ratio 0.5) and 7 (0.875); the same loss.
     for b in ["16384", "65536"] {
         let r = row(&text, "median over rounds", b, "bf16");
-        assert_eq!(&r[4..], ["8.000", "4.000", "0.500", "7.000", "0.875", "same"], "{text}");
+        let want =
+            ["8.000", "4.000", "0.500", "7.000", "0.875", "same", "grads", "same", "as", "0"];
+        assert_eq!(&r[4..], want, "{text}");
     }
     // Forward and backward apart, for binaries 0 and 2 only (1 does not report them): the knob
     // halved the forward and left the backward.
@@ -104,12 +112,30 @@ fn gpu_ab_gives_ratios_to_the_first_binary_apart_for_forward_and_backward() {
 #[test]
 fn gpu_ab_fails_on_a_changed_loss_and_on_bad_arguments() {
     let dir = tempfile::tempdir().unwrap();
-    let base = stand_in(dir.path(), "base", "2", "2", "6", "0.5", true);
-    let wrong = stand_in(dir.path(), "wrong", "2", "2", "6", "0.6", true);
+    let base = stand_in(dir.path(), "base", "2", "2", "6", "0.5", Some("-3"));
+    let wrong = stand_in(dir.path(), "wrong", "2", "2", "6", "0.6", Some("-3"));
     let (code, text) =
         gpu_ab(&[base.display().to_string(), wrong.display().to_string(), "1".into()]);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("DIFFERS 1: 0.6 vs 0.5") && text.contains("gpu-ab: FAIL"), "{text}");
+    // The same loss with another gradient (dT's projection 5 away, the norm being 10): a
+    // wrong backward, which the loss does not show.
+    let wrong_grad = stand_in(dir.path(), "wrong_grad", "2", "2", "6", "0.5", Some("2"));
+    let (code, text) =
+        gpu_ab(&[base.display().to_string(), wrong_grad.display().to_string(), "1".into()]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("same  GRADS DIFFER from 0: 1") && text.contains("FAIL"), "{text}");
+    // Checked against the first binary that reports gradients (binary 1 here, after an older
+    // one).
+    let old = stand_in(dir.path(), "old", "1", "1", "3", "0.5", None);
+    let (code, text) = gpu_ab(&[
+        old.display().to_string(),
+        base.display().to_string(),
+        wrong_grad.display().to_string(),
+        "1".into(),
+    ]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("same  GRADS DIFFER from 1: 2"), "{text}");
 
     let (code, text) = gpu_ab(&[base.display().to_string()]);
     assert_eq!(code, 2, "one binary is a usage error:\n{text}");

@@ -30,7 +30,7 @@ use std::ffi::{CString, c_char, c_int, c_uint, c_void};
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use super::nvrtc::{KernelSource, SOURCES};
+use super::nvrtc::{Defines, KernelSource, SOURCES};
 
 const HEADER: &str = include_str!("emu/cuda_emu.h");
 const CXX_FLAGS: &[&str] = &[
@@ -129,11 +129,13 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
     h
 }
 
-/// Compiles `src` (cached by content in the temp directory) and loads it.
-fn build(src: &'static KernelSource) -> Result<EmuModule, String> {
+/// Compiles `src` with the kernel knobs `defs` (cached by content in the temp directory) and
+/// loads it.
+fn build(src: &'static KernelSource, defs: &Defines) -> Result<EmuModule, String> {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let tu = translation_unit(src);
-    let flags = CXX_FLAGS.join(" ");
+    let knobs = defs.options(src.name);
+    let flags = format!("{} {}", CXX_FLAGS.join(" "), knobs.join(" "));
     let key = fnv1a(&[tu.as_bytes(), flags.as_bytes(), cxx.as_bytes()]);
     let dir = std::env::temp_dir().join("tessera-cuda-emu");
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
@@ -147,6 +149,7 @@ fn build(src: &'static KernelSource) -> Result<EmuModule, String> {
         std::fs::write(&cpp, &tu).map_err(|e| format!("write {}: {e}", cpp.display()))?;
         let out = std::process::Command::new(&cxx)
             .args(CXX_FLAGS)
+            .args(&knobs)
             .arg("-o")
             .arg(&tmp)
             .arg(&cpp)
@@ -194,15 +197,20 @@ fn load(src: &'static KernelSource, lib: &Path) -> Result<EmuModule, String> {
 
 /// The emulation of the source named `name` (e.g. `clip_loss.cu`), built once per process.
 pub fn module(name: &str) -> Result<Arc<EmuModule>, String> {
-    type Built = Vec<(&'static str, Arc<EmuModule>)>;
+    module_with(name, &Defines::default())
+}
+
+/// [`module`] with the kernel knobs `defs` (as `Gpu::open_with` compiles them).
+pub fn module_with(name: &str, defs: &Defines) -> Result<Arc<EmuModule>, String> {
+    type Built = Vec<(&'static str, Defines, Arc<EmuModule>)>;
     static MODULES: OnceLock<Mutex<Built>> = OnceLock::new();
     let mut mods = MODULES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, m)) = mods.iter().find(|(n, _)| *n == name) {
+    if let Some((_, _, m)) = mods.iter().find(|(n, d, _)| *n == name && d == defs) {
         return Ok(m.clone());
     }
     let src = SOURCES.iter().find(|s| s.name == name).ok_or_else(|| format!("no source {name}"))?;
-    let m = Arc::new(build(src)?);
-    mods.push((src.name, m.clone()));
+    let m = Arc::new(build(src, defs)?);
+    mods.push((src.name, defs.clone(), m.clone()));
     Ok(m)
 }
 

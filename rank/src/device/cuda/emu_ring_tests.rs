@@ -5,8 +5,11 @@
 use std::sync::Arc;
 
 use super::support::{Guarded, NAN_BF16, NAN_F32, NAN_F64, to64};
-use super::{Args, EmuModule, module};
-use crate::device::cuda::gpu::{LOSS_TILE, LossMode, Precision, bf16_layout, plan_fwd_grid_rect};
+use super::{Args, EmuModule, module, module_with};
+use crate::device::cuda::gpu::{
+    LOSS_TILE, LossMode, Precision, bf16_layout, bwd_shared_bytes, plan_fwd_grid_rect,
+};
+use crate::device::cuda::nvrtc::Defines;
 use crate::device::cuda::ring::{block_diag, hi_lo, operand_stride};
 use crate::device::cuda::selftest::{loss_tols, random_features, rel_err};
 use crate::loss::ring::{ClipBlocks, LossError};
@@ -51,6 +54,9 @@ struct EmuClipBlocks {
     la_hi: Guarded<f32>,
     la_lo: Guarded<f32>,
     d_img: Guarded<f32>,
+    /// Dynamic shared memory of the backward launches (`gpu::bwd_shared_bytes` of the knobs
+    /// `m` was built with).
+    bwd_shared: u32,
 }
 
 fn wrote_outside(what: &str) -> LossError {
@@ -58,8 +64,15 @@ fn wrote_outside(what: &str) -> LossError {
 }
 
 impl EmuClipBlocks {
-    fn new(m: Arc<EmuModule>, mode: LossMode, precision: Precision, wave: usize) -> Self {
+    fn new(
+        m: Arc<EmuModule>,
+        mode: LossMode,
+        precision: Precision,
+        wave: usize,
+        bwd_shared: u32,
+    ) -> Self {
         EmuClipBlocks {
+            bwd_shared,
             m,
             mode,
             precision,
@@ -86,9 +99,14 @@ impl EmuClipBlocks {
     }
 
     fn launch(&self, name: &str, grid: (u32, u32), args: &mut Args) {
+        self.launch_shared(name, grid, 0, args)
+    }
+
+    fn launch_shared(&self, name: &str, grid: (u32, u32), shared: u32, args: &mut Args) {
         // SAFETY: every call below passes the kernel's parameter list as ring.rs does, with
-        // buffers at least as large as ring.rs allocates them (plus guards).
-        unsafe { self.m.launch(name, (grid.0, grid.1, 1), (256, 1, 1), 0, args) }
+        // buffers at least as large as ring.rs allocates them (plus guards), and its dynamic
+        // shared memory.
+        unsafe { self.m.launch(name, (grid.0, grid.1, 1), (256, 1, 1), shared, args) }
             .unwrap_or_else(|e| panic!("{e}"));
     }
 
@@ -208,7 +226,7 @@ impl EmuClipBlocks {
             a.buf(self.la_hi.get()).buf(self.la_lo.get()).buf(lb_hi.get()).buf(lb_lo.get());
             a.i64(diag).buf_mut(self.d_img.get_mut()).buf_mut(d_feat_d.get_mut());
             a.buf_mut(dt_part.get_mut());
-            self.launch(&bwd, (grid.0 as u32, grid.1), &mut a);
+            self.launch_shared(&bwd, (grid.0 as u32, grid.1), self.bwd_shared, &mut a);
             dt = dt_part.get()[..parts].iter().sum();
         }
         d_feat.copy_from_slice(&d_feat_d.get()[..nb * d]);
@@ -305,6 +323,10 @@ impl ClipBlocks for EmuClipBlocks {
     }
 }
 
+/// The emulated blocks of a ring run: module, mode, precision, forward wave, and the backward's
+/// dynamic shared memory.
+type EmuOps<'a> = (&'a Arc<EmuModule>, LossMode, Precision, usize, u32);
+
 /// One ring run over `world = sizes.len()` ranks as threads: the CPU ring (`ops` None) or the
 /// emulated GPU blocks, one [`RingLossOut`] per rank in rank order.
 fn run_ring(
@@ -312,7 +334,7 @@ fn run_ring(
     d: usize,
     scale: f32,
     chunk_rows: usize,
-    ops: Option<(&Arc<EmuModule>, LossMode, Precision, usize)>,
+    ops: Option<EmuOps>,
 ) -> Result<Vec<RingLossOut>, String> {
     let opts = RingLossOpts { chunk_rows, ..RingLossOpts::default() };
     std::thread::scope(|s| {
@@ -326,8 +348,8 @@ fn run_ring(
                     match ops {
                         None => clip_loss_ring(&mut c, img, txt, b, d, scale, opts)
                             .map_err(|e| e.to_string()),
-                        Some((m, mode, prec, wave)) => {
-                            let mut ops = EmuClipBlocks::new(m.clone(), mode, prec, wave);
+                        Some((m, mode, prec, wave, shared)) => {
+                            let mut ops = EmuClipBlocks::new(m.clone(), mode, prec, wave, shared);
                             clip_loss_ring_with(
                                 &mut c, &mut ops, chunk_rows, None, img, txt, b, d, scale, None,
                             )
@@ -415,7 +437,7 @@ fn ring_blocks_match_the_cpu_ring_and_the_f64_reference() {
             let t = std::time::Instant::now();
             let tag =
                 format!("rows {sizes:?} d={d} chunk {chunk_rows} {} {}", prec.name(), mode.name());
-            let got = run_ring(&feats, d, scale, chunk_rows, Some((&m, mode, prec, wave)))
+            let got = run_ring(&feats, d, scale, chunk_rows, Some((&m, mode, prec, wave, 0)))
                 .unwrap_or_else(|e| panic!("{tag}: {e}"));
             assert_eq!(got.len(), sizes.len());
             for (g, &b) in got.iter().zip(sizes) {
@@ -430,5 +452,35 @@ fn ring_blocks_match_the_cpu_ring_and_the_f64_reference() {
                 assert!(e_ref <= tol, "{tag} {what}: {e_ref:.3e} vs the reference > {tol}");
             }
         }
+    }
+}
+
+/// The ring's blocks with the bf16 backward's G panels of 2 tiles (`CLIP_BWD_PANEL=2`): one rank
+/// of 150 rows in chunks of 80, so rectangular blocks of two column tiles (80 and 70 columns)
+/// whose positives lie at diagonal offsets 0 and -80, both modes: bitwise the single-tile
+/// kernels' ring, and within tolerance of the CPU ring.
+#[test]
+fn ring_blocks_with_bf16_panels_give_the_single_tile_results_bitwise() {
+    let defs = Defines::parse(&["CLIP_BWD_PANEL=2"]).unwrap();
+    let one = module("clip_loss.cu").unwrap_or_else(|e| panic!("{e}"));
+    let two = module_with("clip_loss.cu", &defs).unwrap_or_else(|e| panic!("{e}"));
+    let shared = bwd_shared_bytes(Precision::Bf16, &defs);
+    let mut rng = Rng::new(23);
+    let (b, d, scale, chunk) = (150usize, 40usize, 20.0f32, 80usize);
+    let feats = vec![(random_features(&mut rng, b, d), random_features(&mut rng, b, d))];
+    let cpu = run_ring(&feats, d, scale, chunk, None).expect("the CPU ring");
+    let (_, tol_grad) = loss_tols(Precision::Bf16, scale);
+    for mode in LossMode::ALL {
+        let run = |m, shared| {
+            run_ring(&feats, d, scale, chunk, Some((m, mode, Precision::Bf16, 4, shared)))
+                .unwrap_or_else(|e| panic!("{}: {e}", mode.name()))
+        };
+        let (p, s) = (run(&two, shared), run(&one, 0));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(bits(&p[0].d_img_local) == bits(&s[0].d_img_local), "{}: dI", mode.name());
+        assert!(bits(&p[0].d_txt_local) == bits(&s[0].d_txt_local), "{}: dT", mode.name());
+        assert_eq!(p[0].d_t_partial.to_bits(), s[0].d_t_partial.to_bits(), "{}", mode.name());
+        let e = rel_err(&p[0].d_txt_local, &to64(&cpu[0].d_txt_local));
+        assert!(e <= tol_grad, "{}: dT {e:.3e} vs the CPU ring", mode.name());
     }
 }

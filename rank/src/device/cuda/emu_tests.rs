@@ -1,8 +1,11 @@
 //! The fused-loss kernels of clip_loss.cu run by the CPU emulation against the f64 reference.
 
 use super::support::{Guarded, NAN_BF16, NAN_F32, NAN_F64, to64};
-use super::{Args, EmuModule, module};
-use crate::device::cuda::gpu::{LOSS_TILE, LossMode, Precision, bf16_layout, plan_fwd_grid};
+use super::{Args, EmuModule, module, module_with};
+use crate::device::cuda::gpu::{
+    LOSS_TILE, LossMode, Precision, bf16_layout, bwd_shared_bytes, plan_fwd_grid,
+};
+use crate::device::cuda::nvrtc::Defines;
 use crate::device::cuda::selftest::{loss_tols, random_features, rel_err};
 use crate::loss::clip_loss_reference_f64;
 use crate::rng::Rng;
@@ -17,18 +20,23 @@ struct EmuLoss {
 }
 
 fn launch(m: &EmuModule, name: &str, grid: u32, grid_y: u32, args: &mut Args) {
+    launch_shared(m, name, grid, grid_y, 0, args)
+}
+
+fn launch_shared(m: &EmuModule, name: &str, grid: u32, grid_y: u32, shared: u32, args: &mut Args) {
     // SAFETY: each call below passes clip_loss.cu's parameter list with buffers sized as
-    // gpu::clip_loss_launch sizes them (plus guards).
-    unsafe { m.launch(name, (grid, grid_y, 1), (256, 1, 1), 0, args) }
+    // gpu::clip_loss_launch sizes them (plus guards), and the dynamic shared memory it gives.
+    unsafe { m.launch(name, (grid, grid_y, 1), (256, 1, 1), shared, args) }
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// The launches of `gpu::clip_loss_launch`, in its order, with its grids and argument lists,
 /// on guarded host buffers; `target`: the forward's block budget (a GPU's one wave), small here
-/// so that rows and columns are split among several blocks.
+/// so that rows and columns are split among several blocks. `m` compiled with the knobs `defs`.
 #[allow(clippy::too_many_arguments)]
 fn emu_clip_loss(
     m: &EmuModule,
+    defs: &Defines,
     img: &[f32],
     txt: &[f32],
     b: usize,
@@ -110,7 +118,7 @@ fn emu_clip_loss(
     a.f32(scale).f32(inv2b);
     a.buf(lse_hi.get()).buf(lse_lo.get()).buf(kap_hi.get()).buf(kap_lo.get()).i64(0);
     a.buf_mut(d_img.get_mut()).buf_mut(d_txt.get_mut()).buf_mut(dt_part.get_mut());
-    launch(m, &bwd, n_t as u32, grid_y, &mut a);
+    launch_shared(m, &bwd, n_t as u32, grid_y, bwd_shared_bytes(prec, defs), &mut a);
     let mut dt = Guarded::new(1, NAN_F64, NAN_F64);
     let mut a = Args::new();
     a.buf(dt_part.get()).i64(n_t as i64).buf_mut(dt.get_mut());
@@ -141,6 +149,7 @@ fn emu_clip_loss(
 #[test]
 fn fused_loss_kernels_match_the_f64_reference_in_every_precision_and_mode() {
     let m = module("clip_loss.cu").unwrap_or_else(|e| panic!("{e}"));
+    let none = Defines::default();
     let mut rng = Rng::new(5);
     // (64, 200): one tile, but 13 k-stages and 4 feature chunks (the last 8 wide, bf16 padded
     // to 256) per tile.
@@ -154,7 +163,7 @@ fn fused_loss_kernels_match_the_f64_reference_in_every_precision_and_mode() {
             let (tol_loss, tol_grad) = loss_tols(prec, scale);
             for mode in LossMode::ALL {
                 let t = std::time::Instant::now();
-                let g = emu_clip_loss(&m, &img, &txt, b, d, scale, mode, prec, target);
+                let g = emu_clip_loss(&m, &none, &img, &txt, b, d, scale, mode, prec, target);
                 let errs = [
                     ("loss", rel_err(&[g.loss], &[lr]), tol_loss),
                     ("dI", rel_err(&g.d_img, &dir), tol_grad),
@@ -181,6 +190,64 @@ fn fused_loss_kernels_match_the_f64_reference_in_every_precision_and_mode() {
                         mode.name()
                     );
                 }
+            }
+        }
+    }
+}
+
+/// The bf16 backward with G panels of 2 and 4 column tiles (`CLIP_BWD_PANEL`, dynamic shared
+/// memory): bitwise the single-tile kernels' results, since a dA job then sums the same
+/// products in the same order without the round trip through dA between tiles, at sizes where
+/// the last panel is partial (B = 130: 3 tiles; 260: 5) or a single tile (B = 64), in both
+/// modes, and within the f64 reference's tolerances. Sensitivity, tried by hand: with the
+/// transposed product reading the panel's first tile for every dB job, fast mode's dT differs.
+#[test]
+fn bf16_backward_panels_give_the_single_tile_results_bitwise() {
+    let none = Defines::default();
+    let one = module("clip_loss.cu").unwrap_or_else(|e| panic!("{e}"));
+    let mut rng = Rng::new(11);
+    let cases = [(130usize, 40usize, 14.3f32, 4usize), (260, 72, 30.0, 3), (64, 200, 10.0, 1)];
+    let data: Vec<_> = cases
+        .iter()
+        .map(|&(b, d, ..)| (random_features(&mut rng, b, d), random_features(&mut rng, b, d)))
+        .collect();
+    // The single-tile kernels' results, per case and mode.
+    let single: Vec<Vec<EmuLoss>> = cases
+        .iter()
+        .zip(&data)
+        .map(|(&(b, d, scale, target), (img, txt))| {
+            LossMode::ALL
+                .iter()
+                .map(|&mode| {
+                    emu_clip_loss(&one, &none, img, txt, b, d, scale, mode, Precision::Bf16, target)
+                })
+                .collect()
+        })
+        .collect();
+    for panel in [2, 4] {
+        let defs = Defines::parse(&[format!("CLIP_BWD_PANEL={panel}")]).unwrap();
+        assert_eq!(bwd_shared_bytes(Precision::Bf16, &defs), 64 * (64 * panel + 8) * 2);
+        let m = module_with("clip_loss.cu", &defs).unwrap_or_else(|e| panic!("{e}"));
+        for ((&(b, d, scale, target), (img, txt)), single) in cases.iter().zip(&data).zip(&single) {
+            let (lr, dir, dtr, dtr_t) =
+                clip_loss_reference_f64(&to64(img), &to64(txt), b, d, scale as f64);
+            let (tol_loss, tol_grad) = loss_tols(Precision::Bf16, scale);
+            for (mode, s) in LossMode::ALL.into_iter().zip(single) {
+                let p =
+                    emu_clip_loss(&m, &defs, img, txt, b, d, scale, mode, Precision::Bf16, target);
+                let what = format!("panel {panel}, B={b} d={d} {}", mode.name());
+                assert!(p.guards, "{what}: a kernel wrote outside its buffers");
+                assert!(rel_err(&[p.loss], &[lr]) <= tol_loss, "{what}: loss");
+                for (name, got, want) in [("dI", &p.d_img, &dir), ("dT", &p.d_txt, &dtr)] {
+                    let e = rel_err(got, want);
+                    assert!(e <= tol_grad, "{what}: {name} {e:.3e} > {tol_grad}");
+                }
+                assert!(rel_err(&[p.d_t], &[dtr_t]) <= tol_grad, "{what}: dt");
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert!(bits(&p.d_img) == bits(&s.d_img), "{what}: dI differs from one tile's");
+                assert!(bits(&p.d_txt) == bits(&s.d_txt), "{what}: dT differs from one tile's");
+                assert_eq!(p.loss.to_bits(), s.loss.to_bits(), "{what}: loss");
+                assert_eq!(p.d_t.to_bits(), s.d_t.to_bits(), "{what}: dt");
             }
         }
     }

@@ -128,6 +128,20 @@ impl Gpu {
                 funcs.insert(*k, f);
             }
         }
+        // Static and dynamic shared memory above 48 KiB needs the kernel's consent.
+        let dynamic = bwd_shared_bytes(Precision::Bf16, defs);
+        if dynamic > 0 {
+            for k in ["clip_bwd_bf16", "clip_bwd_pair_bf16"] {
+                let f = funcs.get(k).expect("clip_loss.cu's kernels are loaded");
+                drv(
+                    &format!("{k}: allow {dynamic} bytes of dynamic shared memory"),
+                    f.set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        dynamic as i32,
+                    ),
+                )?;
+            }
+        }
         let compile_ms = t.elapsed().as_secs_f64() * 1e3;
         Ok(Gpu { ctx, stream, arch, name, funcs, compile_ms, cached, defines: defs.clone() })
     }
@@ -315,6 +329,17 @@ impl Precision {
     pub(crate) fn bwd_pair(self) -> String {
         format!("clip_bwd_pair{}", self.suffix())
     }
+}
+
+/// Dynamic shared memory of the backward kernels of `precision` (`clip_bwd*`, `clip_bwd_pair*`)
+/// compiled with the knobs `defs`: the bf16 copy of a G panel (64 rows of 64 × panel + 8 bf16)
+/// when `CLIP_BWD_PANEL` is above 1, else none (all static).
+pub fn bwd_shared_bytes(precision: Precision, defs: &Defines) -> u32 {
+    let panel = defs.value("CLIP_BWD_PANEL") as u32;
+    if precision != Precision::Bf16 || panel <= 1 {
+        return 0;
+    }
+    LOSS_TILE as u32 * (64 * panel + 8) * 2
 }
 
 /// Result of [`clip_loss`], copied to the host.
@@ -609,7 +634,7 @@ pub fn clip_loss_launch_marked(
     let rows = LaunchConfig {
         grid_dim: (n_t as u32, grid_y, 1),
         block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: bwd_shared_bytes(precision, &gpu.defines),
     };
     let mut l = s.launch_builder(f);
     match feats {

@@ -111,6 +111,16 @@ pub const KNOBS: &[Knob] = &[
                (clip_bwd*, clip_bwd_pair*): the register budget is 65,536 / (256 x blocks) per \
                thread",
     },
+    Knob {
+        name: "CLIP_BWD_PANEL",
+        source: "clip_loss.cu",
+        default: 1,
+        min: 1,
+        max: 4,
+        what: "column tiles per G panel of the bf16 backward: a dA job contracts over 64 x panel \
+               columns, reading and writing its accumulators once per panel (above 1: dynamic \
+               shared memory, gpu::bwd_shared_bytes)",
+    },
 ];
 
 /// Values for some of [`KNOBS`], given as `NAME=VALUE`; the others keep their defaults.
@@ -162,6 +172,16 @@ impl Defines {
             out.push((knob, v));
         }
         Ok(Defines(out))
+    }
+
+    /// The value of knob `name` (its default when not given).
+    pub fn value(&self, name: &str) -> i64 {
+        self.0
+            .iter()
+            .find(|(k, _)| k.name == name)
+            .map(|&(_, v)| v)
+            .or_else(|| KNOBS.iter().find(|k| k.name == name).map(|k| k.default))
+            .unwrap_or_else(|| panic!("no kernel knob named {name}"))
     }
 
     /// True when every knob keeps its default.

@@ -258,7 +258,7 @@ impl<'g> GpuClipBlocks<'g> {
             let cfg = LaunchConfig {
                 grid_dim: (grid_rows.div_ceil(LOSS_TILE) as u32, grid_y, 1),
                 block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
+                shared_mem_bytes: super::gpu::bwd_shared_bytes(self.precision, &gpu.defines),
             };
             let mut l = s.launch_builder(f);
             if bf16 {

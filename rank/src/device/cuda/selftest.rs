@@ -1722,12 +1722,36 @@ pub struct BenchRow {
     /// each over the same runs (their medians need not add up to `ms_median`).
     pub fwd_ms_median: f64,
     pub bwd_ms_median: f64,
+    /// Fingerprints of the gradients of the last run (see [`grad_fingerprint`]): the norms of
+    /// dI and dT and their projections on a fixed ±1 sequence, so that two builds (or kernel
+    /// knobs) timed on the same inputs can be checked to give the same gradients.
+    pub grad_norm_i: f64,
+    pub grad_norm_t: f64,
+    pub grad_proj_i: f64,
+    pub grad_proj_t: f64,
     /// FP32 TFLOP/s counting `2·B²·d` per GEMM-equivalent (5 deterministic, 4 fast).
     pub tflops: f64,
     /// Device bytes of the loss buffers (the caller's fp32 features excluded; bf16: the bf16
     /// copies included).
     pub workspace_bytes: usize,
     pub loss: f64,
+}
+
+/// `(‖v‖, Σ wᵢ vᵢ)` with wᵢ = ±1 from a fixed xorshift sequence: a gradient that differs from
+/// another by a relative error ε moves the projection by about ε‖v‖, so comparing both at a
+/// tolerance of a few 1e-2 of the norm tells a wrong gradient (ε near 1) from rounding.
+pub fn grad_fingerprint(v: &[f32]) -> (f64, f64) {
+    let mut h = 0x9e37_79b9_7f4a_7c15u64;
+    let (mut n2, mut proj) = (0.0f64, 0.0f64);
+    for &x in v {
+        h ^= h << 13;
+        h ^= h >> 7;
+        h ^= h << 17;
+        let x = x as f64;
+        n2 += x * x;
+        proj += if h & 1 == 0 { x } else { -x };
+    }
+    (n2.sqrt(), proj)
 }
 
 /// Times the fused loss (forward + backward) at `b × d`, `reps` timed runs after one warm-up,
@@ -1781,6 +1805,8 @@ pub fn bench_loss(
     let gemms = if mode == LossMode::Fast { 4.0 } else { 5.0 };
     let flops = gemms * 2.0 * (b as f64) * (b as f64) * d as f64;
     let (loss, _) = super::gpu::read_scalars(gpu, &bufs)?;
+    let (grad_norm_i, grad_proj_i) = grad_fingerprint(&gpu.download(&bufs.d_img)?[..b * d]);
+    let (grad_norm_t, grad_proj_t) = grad_fingerprint(&gpu.download(&bufs.d_txt)?[..b * d]);
     Ok(BenchRow {
         b,
         d,
@@ -1790,6 +1816,10 @@ pub fn bench_loss(
         ms_min: times[0],
         fwd_ms_median: fwd_med,
         bwd_ms_median: bwd_med,
+        grad_norm_i,
+        grad_norm_t,
+        grad_proj_i,
+        grad_proj_t,
         tflops: flops / (med * 1e-3) / 1e12,
         workspace_bytes: bufs.bytes(),
         loss,
@@ -1799,6 +1829,26 @@ pub fn bench_loss(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fingerprint tells a gradient from a wrong one (another vector of the same norm) and
+    /// from a permuted one, and not from a rounded one.
+    #[test]
+    fn grad_fingerprints_tell_wrong_gradients_from_rounding() {
+        let mut rng = Rng::new(4);
+        let g = random_features(&mut rng, 300, 64);
+        let wrong = random_features(&mut rng, 300, 64);
+        let rounded: Vec<f32> = g.iter().map(|&x| x * (1.0 + 1e-3 * (x.signum()))).collect();
+        let mut permuted = g.clone();
+        permuted.rotate_left(1);
+        let (n, p) = grad_fingerprint(&g);
+        assert!((n - (300f64).sqrt()).abs() < 1e-3, "rows of unit norm: {n}");
+        let close = |v: &[f32]| {
+            let (n2, p2) = grad_fingerprint(v);
+            (n2 - n).abs() <= 2e-2 * n && (p2 - p).abs() <= 2e-2 * n
+        };
+        assert!(close(&g) && close(&rounded));
+        assert!(!close(&wrong) && !close(&permuted));
+    }
 
     #[test]
     fn rel_err_is_normwise_and_nan_is_infinite() {

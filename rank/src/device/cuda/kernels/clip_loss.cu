@@ -55,6 +55,13 @@
 #ifndef CLIP_BWD_MIN_BLOCKS
 #define CLIP_BWD_MIN_BLOCKS 2
 #endif
+// Column tiles per G panel of the bf16 backward (clip_bwd_bf16, clip_bwd_pair_bf16): s * G of
+// this many tiles is formed before the products, so that a dA job contracts over 64 x
+// CLIP_BWD_PANEL columns and reads and writes its accumulators once per panel instead of once
+// per tile. Above 1 the panel lives in dynamic shared memory (the host's bwd_shared_bytes).
+#ifndef CLIP_BWD_PANEL
+#define CLIP_BWD_PANEL 1
+#endif
 
 // Shared-memory operand tiles of the fp32 FMA version: [k][row], rows padded by 8 floats.
 #define TPAD (TM + 8)
@@ -756,9 +763,10 @@ extern "C" __global__ void __launch_bounds__(NT) sum_f64(const double* __restric
 // forward's LSE loops keep for their row- and column-wise reads).
 #define GS_LD (TN + 4)
 
-// Row stride of the bf16 copy of s * G that the bf16 products read (64 + 8 bf16, 144 bytes):
-// ldmatrix's 8 rows of 16 bytes then hit 32 different banks.
-#define GH_LD (64 + 8)
+// Row stride of the bf16 copy of s * G that the bf16 products read (64 per panel tile + 8 bf16;
+// 144 bytes for one tile): ldmatrix's 8 rows of 16 bytes then hit 32 different banks (rows 4
+// words apart modulo 32, whatever the panel).
+#define GH_LD (64 * CLIP_BWD_PANEL + 8)
 
 // Asynchronous global -> shared copies (sm_80 cp.async): BYTES (4 or 16) to `dst`, of which the
 // first `src_bytes` come from `src` and the rest are zero (src_bytes = 0: zeros, nothing read).
@@ -1004,15 +1012,19 @@ __device__ __forceinline__ void clip_bwd_impl(
     float* __restrict__ dB, double* __restrict__ dt_part) {
     typedef typename Tiles<MODE>::Feat Feat;
     constexpr int SR = Stage<MODE>::SR, CW = Stage<MODE>::CW, LD = Stage<MODE>::LD;
-    constexpr int H = TN / SR;               // stages per job
+    constexpr int H = TN / SR;               // stages per tile of a job's contraction
     constexpr int NACC = MODE == 3 ? 8 : 4;  // accumulator fragments per thread
+    constexpr int PT = MODE == 3 ? CLIP_BWD_PANEL : 1;  // column tiles per G panel
     typedef typename Tiles<MODE>::Row Row;
     // AB: the logit tile's operand staging, As then Bs (fp32 versions); the bf16 version keeps
-    // its bf16 copy of s * G there (Gh) and stages the logit tile in FG (below).
-    __shared__ __align__(16) Row AB[2 * Tiles<MODE>::ROWS];
-    static_assert(MODE != 3 || sizeof(AB) >= sizeof(unsigned short[TM][GH_LD]),
+    // its bf16 copy of s * G there (Gh) and stages the logit tile in FG (below). With panels of
+    // several tiles, Gh (TM x GH_LD bf16) is the launch's dynamic shared memory instead.
+    __shared__ __align__(16) Row AB[PT > 1 ? 1 : 2 * Tiles<MODE>::ROWS];
+    extern __shared__ uint4 bwd_panel[];
+    static_assert(MODE != 3 || PT > 1 || sizeof(AB) >= sizeof(unsigned short[TM][GH_LD]),
                   "the bf16 copy of G fits in AB");
-    unsigned short(*Gh)[GH_LD] = reinterpret_cast<unsigned short(*)[GH_LD]>(AB);
+    unsigned short(*Gh)[GH_LD] = reinterpret_cast<unsigned short(*)[GH_LD]>(
+        PT > 1 ? static_cast<void*>(bwd_panel) : static_cast<void*>(AB));
     // FG: two stages of SR rows of Bm (for dA) or A (for dB), CW feature columns each, and the
     // logit tile Gs (the logits, then s * G in place): after the stages, or in the bf16 version
     // in the second stage's place (its logits are dead once Gh holds s * G, and the barrier
@@ -1044,16 +1056,20 @@ __device__ __forceinline__ void clip_bwd_impl(
     const i64 r0 = (i64)blockIdx.x * TM;
     const i64 n_ct = (BC + TN - 1) / TN;
     const int passes = dB != nullptr ? 2 : 1;
-    const int n_stages = (int)((d + CW - 1) / CW) * passes * H;
+    const int n_chunks = (int)((d + CW - 1) / CW);
+    // Stages per pass and chunk in the current panel (of nt tiles): a dA job contracts over all
+    // of the panel's nt * TN columns (nt * H stages); the dB jobs are one per tile (H each).
+    int HP = H;
     const bool vec = MODE != 3 && vec4_rows(d, A, Bm);
     // A stage: feature chunk dc, pass (0: dA from Bm's rows, 1: dB from A's rows), part h of
-    // the job's contraction; stages run chunk by chunk, pass by pass, part by part.
+    // the pass's contractions (pass 1: tile h / H of the panel, part h % H of its job); stages
+    // run chunk by chunk, pass by pass, part by part.
     struct St {
         i64 dc;
         int pass, h;
     };
     auto next = [&](St x) {
-        if (++x.h == H) {
+        if (++x.h == HP) {
             x.h = 0;
             if (++x.pass == passes) {
                 x.pass = 0;
@@ -1066,30 +1082,30 @@ __device__ __forceinline__ void clip_bwd_impl(
         if (x.pass == 0)
             stage_load<MODE>(Bm, c0 + x.h * SR, BC, d, ld, x.dc, vec, Fs[buf]);
         else
-            stage_load<MODE>(A, r0 + x.h * SR, BR, d, ld, x.dc, vec, Fs[buf]);
+            stage_load<MODE>(A, r0 + (x.h % H) * SR, BR, d, ld, x.dc, vec, Fs[buf]);
     };
     // The neighbours (e, e + 1) of the tensor-core versions move as one 8-byte access when d is
     // even and dA, dB 8-byte aligned: a warp's access is then 8 rows of 32 whole bytes.
     const bool vec2 = MODE != 0 && (d & 1) == 0 &&
                       ((reinterpret_cast<unsigned long long>(dA) |
                         reinterpret_cast<unsigned long long>(dB)) & 7) == 0;
-    // The job at (pass, dc): this thread's first output element, and how many rows and columns
-    // from there are inside the matrix (for job_elems).
+    // The job of stage x in the panel at column c0: this thread's first output element, and how
+    // many rows and columns from there are inside the matrix (for job_elems).
     struct Out {
         float* p;
         i64 rows, cols;
         bool interior;
     };
-    auto out = [&](int pass, i64 dc, i64 c0) {
-        const i64 r = (pass == 0 ? r0 : c0) + rb, k = dc + cb;
-        const i64 rows = (pass == 0 ? BR : BC) - r, cols = d - k;
+    auto out = [&](St x, i64 c0) {
+        const i64 r = (x.pass == 0 ? r0 : c0 + TN * (x.h / H)) + rb, k = x.dc + cb;
+        const i64 rows = (x.pass == 0 ? BR : BC) - r, cols = d - k;
         const bool in = rows > bwd_ro<MODE>(NACC - 1, 3) && cols > bwd_co<MODE>(NACC - 1, 3);
-        return Out{(pass == 0 ? dA : dB) + r * d + k, rows, cols, in};
+        return Out{(x.pass == 0 ? dA : dB) + r * d + k, rows, cols, in};
     };
     // A job's accumulators at its start: dA's current values (pass 0), or zero (pass 1).
     float c[NACC][4];
     auto init = [&](St x) {
-        const Out o = out(0, x.dc, 0);
+        const Out o = out(St{x.dc, 0, 0}, 0);
         if (x.pass != 0 || !o.interior) {
 #pragma unroll
             for (int i = 0; i < NACC; ++i)
@@ -1109,14 +1125,22 @@ __device__ __forceinline__ void clip_bwd_impl(
                                      [&](int i, int e, const float* q) { c[i][e] = *q; });
     };
     double dt_acc = 0.0;
-    for (i64 ct = 0; ct < n_ct; ++ct) {
+    for (i64 ct = 0; ct < n_ct; ct += PT) {
+        // The panel: nt column tiles from column c0 (one but in the bf16 version).
         const i64 c0 = ct * TN;
-        tile_to_shared<MODE, GS_LD>(A, Bm, BR, BC, ld, r0, c0, As, Bs, Gs, scale, 0.0f);
-        // The first stage's features load while G is formed (the previous tile's last stage
-        // ended with a barrier, and nothing of it is in flight).
+        const int nt = PT == 1 ? 1 : (int)(n_ct - ct < PT ? n_ct - ct : PT);
+        HP = nt * H;
+        const int n_stages = n_chunks * passes * HP;
         const St first = {0, 0, 0};
-        if (n_stages > 0) issue(first, 0, c0);  // (d = 0: no stage, nothing left in flight)
-        {
+        for (int tt = 0; tt < nt; ++tt) {
+            const i64 c0t = c0 + TN * tt;  // this tile's first column
+            // (Panels: every thread done with the previous tile's logits, which the bf16 staging
+            // of this one overlaps.)
+            if (PT > 1 && tt > 0) __syncthreads();
+            tile_to_shared<MODE, GS_LD>(A, Bm, BR, BC, ld, r0, c0t, As, Bs, Gs, scale, 0.0f);
+            // The first stage's features load while the panel's last G is formed (the previous
+            // panel's last stage ended with a barrier, and nothing of it is in flight).
+            if (tt == nt - 1 && n_stages > 0) issue(first, 0, c0);  // (d = 0: no stage)
             // G from the logits: exp2 of arguments scaled by log2(e) (one MUFU.EX2 each, where
             // expf is a longer sequence); the diagonal found by a local offset; rows and columns
             // tested only in edge tiles; this tile's share of dL/dt summed in fp32 over the
@@ -1130,7 +1154,7 @@ __device__ __forceinline__ void clip_bwd_impl(
                 lal[i] = r < BR ? -L2E * la_lo[r] : 0.0f;
             }
             // The positive of local row li is local column li + dl (none: dl out of reach).
-            const i64 dl64 = diag == NO_DIAG ? (i64)TN : diag + r0 - c0;
+            const i64 dl64 = diag == NO_DIAG ? (i64)TN : diag + r0 - c0t;
             const int dl = (dl64 > -TM && dl64 < TN) ? (int)dl64 : 4 * TN;
             float dt_tile = 0.0f;
             // Element (i, j) of this thread: local row ty + 16 i, column tx + 16 j; `test`: check
@@ -1138,7 +1162,7 @@ __device__ __forceinline__ void clip_bwd_impl(
             auto elem = [&](int i, int j, float lbh, float lbl, bool test) {
                 const int li = ty + 16 * i, lj = tx + 16 * j;
                 float g = 0.0f;
-                if (!test || (r0 + li < BR && c0 + lj < BC)) {
+                if (!test || (r0 + li < BR && c0t + lj < BC)) {
                     const float x = Gs[li][lj];
                     // exp(x - lse) = 2^((x - hi) log2(e) - lo log2(e)), x - hi nearly exact.
                     g = (ex2(fmaf(x - lah[i], L2E, lal[i])) + ex2(fmaf(x - lbh, L2E, lbl))) *
@@ -1147,16 +1171,16 @@ __device__ __forceinline__ void clip_bwd_impl(
                     dt_tile = fmaf(g, x, dt_tile);
                 }
                 if constexpr (MODE == 3)
-                    Gh[li][lj] = to_bf16(scale * g);
+                    Gh[li][TN * tt + lj] = to_bf16(scale * g);
                 else if constexpr (MODE == 2)  // rounded once here, not at every read
                     Gs[li][lj] = __uint_as_float(to_tf32(scale * g));
                 else
                     Gs[li][lj] = scale * g;
             };
-            const bool edge = r0 + TM > BR || c0 + TN > BC;
+            const bool edge = r0 + TM > BR || c0t + TN > BC;
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                const i64 cc = c0 + tx + 16 * j;
+                const i64 cc = c0t + tx + 16 * j;
                 const float lbh = cc < BC ? lb_hi[cc] : 0.0f;
                 const float lbl = cc < BC ? -L2E * lb_lo[cc] : 0.0f;
                 if (edge) {
@@ -1181,7 +1205,6 @@ __device__ __forceinline__ void clip_bwd_impl(
                 cp_async_wait<0>();
             }
             __syncthreads();  // stage s (and, at s = 0, s * G) visible to every thread
-            const i64 dc = cur.dc;
             const int pass = cur.pass, h = cur.h;
             const Feat(*F)[LD] = Fs[s & 1];
             if constexpr (MODE == 0) {
@@ -1193,17 +1216,19 @@ __device__ __forceinline__ void clip_bwd_impl(
                 if (pass == 0)
                     product_bf16<false, SR>(Gh, F, h * SR, wm, wn, lane, c);
                 else
-                    product_bf16<true, SR>(Gh, F, h * SR, wm, wn, lane, c);
+                    // (the panel's tile h / H: its columns of Gh are the job's rows)
+                    product_bf16<true, SR>(Gh, F, (h % H) * SR, wm + TN * (h / H), wn, lane,
+                                           c);
             } else {
                 if (pass == 0)
                     product_tc<MODE == 1, false, SR>(Gs, F, h * SR, wm, wn, wg, wq, c);
                 else
                     product_tc<MODE == 1, true, SR>(Gs, F, h * SR, wm, wn, wg, wq, c);
             }
-            if (h == H - 1) {
+            if (pass == 0 ? h == HP - 1 : h % H == H - 1) {
                 // The job ends: its accumulators go out, and the next job's come in while the
                 // next stage is waited for.
-                const Out o = out(pass, dc, c0);
+                const Out o = out(cur, c0);
                 if (vec2 && pass == 0)
                     job_elems<MODE, NACC, 2>(o.p, o.rows, o.cols, d, o.interior,
                                              [&](int i, int e, float* q) {
