@@ -1059,6 +1059,8 @@ __device__ __forceinline__ void clip_bwd_impl(
     const int n_chunks = (int)((d + CW - 1) / CW);
     // Stages per pass and chunk in the current panel (of nt tiles): a dA job contracts over all
     // of the panel's nt * TN columns (nt * H stages); the dB jobs are one per tile (H each).
+    // (Written so that with one tile per panel the compiler sees H and the code is the
+    // single-tile kernel's.)
     int HP = H;
     const bool vec = MODE != 3 && vec4_rows(d, A, Bm);
     // A stage: feature chunk dc, pass (0: dA from Bm's rows, 1: dB from A's rows), part h of
@@ -1069,7 +1071,7 @@ __device__ __forceinline__ void clip_bwd_impl(
         int pass, h;
     };
     auto next = [&](St x) {
-        if (++x.h == HP) {
+        if (++x.h == (PT == 1 ? H : HP)) {
             x.h = 0;
             if (++x.pass == passes) {
                 x.pass = 0;
@@ -1082,7 +1084,8 @@ __device__ __forceinline__ void clip_bwd_impl(
         if (x.pass == 0)
             stage_load<MODE>(Bm, c0 + x.h * SR, BC, d, ld, x.dc, vec, Fs[buf]);
         else
-            stage_load<MODE>(A, r0 + (x.h % H) * SR, BR, d, ld, x.dc, vec, Fs[buf]);
+            stage_load<MODE>(A, r0 + (PT == 1 ? x.h : x.h % H) * SR, BR, d, ld, x.dc, vec,
+                             Fs[buf]);
     };
     // The neighbours (e, e + 1) of the tensor-core versions move as one 8-byte access when d is
     // even and dA, dB 8-byte aligned: a warp's access is then 8 rows of 32 whole bytes.
@@ -1097,7 +1100,8 @@ __device__ __forceinline__ void clip_bwd_impl(
         bool interior;
     };
     auto out = [&](St x, i64 c0) {
-        const i64 r = (x.pass == 0 ? r0 : c0 + TN * (x.h / H)) + rb, k = x.dc + cb;
+        const i64 r = (x.pass == 0 ? r0 : c0 + (PT == 1 ? 0 : TN * (x.h / H))) + rb;
+        const i64 k = x.dc + cb;
         const i64 rows = (x.pass == 0 ? BR : BC) - r, cols = d - k;
         const bool in = rows > bwd_ro<MODE>(NACC - 1, 3) && cols > bwd_co<MODE>(NACC - 1, 3);
         return Out{(x.pass == 0 ? dA : dB) + r * d + k, rows, cols, in};
@@ -1217,15 +1221,15 @@ __device__ __forceinline__ void clip_bwd_impl(
                     product_bf16<false, SR>(Gh, F, h * SR, wm, wn, lane, c);
                 else
                     // (the panel's tile h / H: its columns of Gh are the job's rows)
-                    product_bf16<true, SR>(Gh, F, (h % H) * SR, wm + TN * (h / H), wn, lane,
-                                           c);
+                    product_bf16<true, SR>(Gh, F, (PT == 1 ? h : h % H) * SR,
+                                           wm + (PT == 1 ? 0 : TN * (h / H)), wn, lane, c);
             } else {
                 if (pass == 0)
                     product_tc<MODE == 1, false, SR>(Gs, F, h * SR, wm, wn, wg, wq, c);
                 else
                     product_tc<MODE == 1, true, SR>(Gs, F, h * SR, wm, wn, wg, wq, c);
             }
-            if (pass == 0 ? h == HP - 1 : h % H == H - 1) {
+            if (PT == 1 ? h == H - 1 : pass == 0 ? h == HP - 1 : h % H == H - 1) {
                 // The job ends: its accumulators go out, and the next job's come in while the
                 // next stage is waited for.
                 const Out o = out(cur, c0);
