@@ -84,6 +84,19 @@ fn a_bad_kernel_define_is_named_before_touching_the_gpu() {
     }
 }
 
+/// `--help` of the commands that take `--define` names every knob with its default.
+#[test]
+fn define_help_names_every_knob() {
+    for cmd in ["selftest", "bench-loss", "check-kernels", "warm-cache"] {
+        let (code, stdout, _) = run(&["cuda", cmd, "--help"]);
+        assert_eq!(code, 0);
+        for k in tessera_rank::device::cuda::nvrtc::KNOBS {
+            let want = format!("{} ({}..={}, default {})", k.name, k.min, k.max, k.default);
+            assert!(stdout.contains(&want), "{cmd} --help lacks {want}:\n{stdout}");
+        }
+    }
+}
+
 /// The pinned NVRTC wheel that `scripts/check-kernels.sh --install-only` (called by
 /// `scripts/ci/setup.sh`) installs under the repository's target/ folder.
 fn nvrtc_wheel_lib() -> std::path::PathBuf {

@@ -55,6 +55,18 @@ pub struct NcclBenchArgs {
     pub json: Option<PathBuf>,
 }
 
+/// `--define`: the kernel knobs (rank/src/device/cuda/nvrtc.rs, `KNOBS`).
+#[derive(Args)]
+pub struct KnobArgs {
+    /// Kernel tuning knob, NAME=VALUE (repeat, or comma-separate, for several); the others keep
+    /// their defaults, which training uses. Knobs: CLIP_FWD_MIN_BLOCKS (1..=8, default 4) and
+    /// CLIP_BWD_MIN_BLOCKS (1..=4, default 2), the blocks per multiprocessor in the fused loss
+    /// kernels' launch bounds; CLIP_BWD_PANEL (1..=4, default 1), column tiles per G panel of
+    /// the bf16 backward (docs/GPU.md, "Kernel knobs").
+    #[arg(long = "define", value_name = "NAME=VALUE")]
+    pub define: Vec<String>,
+}
+
 #[derive(Args)]
 pub struct CheckArgs {
     /// Architectures, comma-separated.
@@ -68,12 +80,8 @@ pub struct CheckArgs {
     /// nvidia-cuda-nvdisasm; no GPU needed).
     #[arg(long, value_name = "DIR")]
     pub save_cubins: Option<std::path::PathBuf>,
-    /// Kernel tuning knob, NAME=VALUE (repeat, or comma-separate, for several); the others keep
-    /// their defaults. Knobs: CLIP_FWD_MIN_BLOCKS (1..=8, default 4) and CLIP_BWD_MIN_BLOCKS
-    /// (1..=4, default 2), the blocks per multiprocessor in the fused loss kernels' launch
-    /// bounds (docs/GPU.md, "Kernel knobs").
-    #[arg(long = "define", value_name = "NAME=VALUE")]
-    pub define: Vec<String>,
+    #[command(flatten)]
+    pub knobs: KnobArgs,
 }
 
 #[derive(Args)]
@@ -82,9 +90,8 @@ pub struct WarmCacheArgs {
     /// sm_90, an A100 sm_80).
     #[arg(long, default_value = "sm_90", value_delimiter = ',')]
     pub arch: Vec<String>,
-    /// Kernel tuning knob, NAME=VALUE, as for bench-loss (training uses the defaults).
-    #[arg(long = "define", value_name = "NAME=VALUE")]
-    pub define: Vec<String>,
+    #[command(flatten)]
+    pub knobs: KnobArgs,
 }
 
 #[derive(Args)]
@@ -98,12 +105,8 @@ pub struct SelftestArgs {
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Kernel tuning knob, NAME=VALUE (repeat, or comma-separate, for several); the others keep
-    /// their defaults. Knobs: CLIP_FWD_MIN_BLOCKS (1..=8, default 4) and CLIP_BWD_MIN_BLOCKS
-    /// (1..=4, default 2), the blocks per multiprocessor in the fused loss kernels' launch
-    /// bounds (docs/GPU.md, "Kernel knobs").
-    #[arg(long = "define", value_name = "NAME=VALUE")]
-    pub define: Vec<String>,
+    #[command(flatten)]
+    pub knobs: KnobArgs,
 }
 
 #[derive(Args)]
@@ -130,34 +133,30 @@ pub struct BenchLossArgs {
     /// Also write the rows as JSON lines to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Kernel tuning knob, NAME=VALUE (repeat, or comma-separate, for several); the others keep
-    /// their defaults. Knobs: CLIP_FWD_MIN_BLOCKS (1..=8, default 4) and CLIP_BWD_MIN_BLOCKS
-    /// (1..=4, default 2), the blocks per multiprocessor in the fused loss kernels' launch
-    /// bounds (docs/GPU.md, "Kernel knobs").
-    #[arg(long = "define", value_name = "NAME=VALUE")]
-    pub define: Vec<String>,
+    #[command(flatten)]
+    pub knobs: KnobArgs,
 }
 
 pub fn cuda(cmd: CudaCommand) -> Result<ExitCode> {
     match cmd {
         CudaCommand::Probe => probe(),
         CudaCommand::CheckKernels(a) => {
-            defines(&a.define)?; // bad input is named before any library is looked for
+            defines(&a.knobs.define)?; // bad input is named before any library is looked for
             ensure_loadable(&[Lib::Nvrtc])?;
             check_kernels(&a)
         }
         CudaCommand::WarmCache(a) => {
-            defines(&a.define)?;
+            defines(&a.knobs.define)?;
             ensure_loadable(&[Lib::Nvrtc])?;
             warm_cache(&a)
         }
         CudaCommand::Selftest(a) => {
-            defines(&a.define)?; // bad input is named before any library is looked for
+            defines(&a.knobs.define)?; // bad input is named before any library is looked for
             ensure_loadable(&Lib::ALL)?;
             run_selftest(&a)
         }
         CudaCommand::BenchLoss(a) => {
-            defines(&a.define)?; // bad input is named before any library is looked for
+            defines(&a.knobs.define)?; // bad input is named before any library is looked for
             ensure_loadable(&[Lib::Driver, Lib::Nvrtc])?;
             bench_loss(&a)
         }
@@ -273,7 +272,7 @@ fn defines(items: &[String]) -> Result<nvrtc::Defines> {
 }
 
 fn check_kernels(a: &CheckArgs) -> Result<ExitCode> {
-    let defs = defines(&a.define)?;
+    let defs = defines(&a.knobs.define)?;
     let archs: Vec<&str> = a.arch.iter().map(|s| s.trim()).filter(|s| !s.is_empty()).collect();
     if archs.is_empty() {
         bail!("--arch needs at least one architecture, e.g. sm_90");
@@ -318,7 +317,7 @@ fn check_kernels(a: &CheckArgs) -> Result<ExitCode> {
 }
 
 fn warm_cache(a: &WarmCacheArgs) -> Result<ExitCode> {
-    let defs = defines(&a.define)?;
+    let defs = defines(&a.knobs.define)?;
     let cache = kcache::KernelCache::from_env();
     let Some(dir) = cache.dir() else {
         bail!(
@@ -354,7 +353,7 @@ fn run_selftest(a: &SelftestArgs) -> Result<ExitCode> {
     for r in selftest::probe_rows() {
         println!("{:<12} {}", r.name, r.detail);
     }
-    let defs = defines(&a.define)?;
+    let defs = defines(&a.knobs.define)?;
     let rep = selftest::run(a.device, a.seed, &defs).context("cuda selftest cannot start")?;
     println!("device: {} ({})", rep.device, rep.arch);
     print!("{}", rep.table());
@@ -382,7 +381,7 @@ fn bench_loss(a: &BenchLossArgs) -> Result<ExitCode> {
     if a.batch.contains(&0) || a.dim.contains(&0) {
         bail!("--batch and --dim must be positive");
     }
-    let defs = defines(&a.define)?;
+    let defs = defines(&a.knobs.define)?;
     let gpu = Gpu::open_with(a.device, &defs).context("cuda bench-loss cannot start")?;
     println!(
         "device: {} ({}), fused CLIP loss fwd+bwd, fp32 in and out, prec = logit tiles, median \
