@@ -73,7 +73,7 @@ grep -hE '^ +[0-9]+ +[0-9]+ ' "$out/bench-loss.log" "$out/bench-loss-64k.log" "$
 [[ -f "$out/bench-torch.log" ]] && grep -hE '^ +[0-9]+ +[0-9]+ ' "$out/bench-torch.log"
 echo "=== peers: inf-cl 1.2.1 and naive PyTorch bf16, fwd+bwd ms (median), peak / workspace MiB"
 grep -hE '^ +[0-9]+ +[0-9]+ ' "$out/bench-infcl.log" "$out/torch-bf16.log" 2>/dev/null
-echo "--- tessera bf16 and tf32 at the same sizes (B d mode prec ms(med) ms(min) TFLOP/s ws MiB loss)"
+echo "--- tessera bf16 and tf32 at the same sizes (B d mode prec ms(med) ms(min) fwd(med) bwd(med) TFLOP/s ws MiB loss)"
 grep -hE '^ +(16384|65536) +[0-9]+ +[a-z]+ +(bf16|tf32) ' "$out/bench-loss.log" "$out/bench-loss-64k.log" "$out/bench-64k-768.log" 2>/dev/null
 echo "=== training step, default dual encoder: Tessera (run.device = cuda) vs PyTorch eager on this GPU"
 grep -hE '^(round |Tessera throughput)' "$out/train-torch.log" 2>/dev/null
