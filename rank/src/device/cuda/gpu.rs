@@ -516,25 +516,12 @@ pub fn plan_fwd_grid_rect(n_r: usize, n_c: usize, target: usize) -> FwdGrid {
 
 /// Queues the fused CLIP loss (forward + backward) on `gpu.stream` for `img`, `txt`
 /// (`b × d`, row-major, on the device) with logit scale `scale`; results stay in `bufs`
-/// (`d_img`, `d_txt`, and the scalars read by [`read_scalars`]).
+/// (`d_img`, `d_txt`, and the scalars read by [`read_scalars`]). `mid`, when given, is recorded
+/// on the stream between the forward (the bf16 copies, the tile kernels, the LSE merge and the
+/// loss's sum) and the backward (zeroing the gradients, the backward kernels, the sum of
+/// dL/dt): for timing the two apart.
 #[allow(clippy::too_many_arguments)]
 pub fn clip_loss_launch(
-    gpu: &Gpu,
-    bufs: &mut LossBuffers,
-    img: &CudaSlice<f32>,
-    txt: &CudaSlice<f32>,
-    scale: f32,
-    mode: LossMode,
-    precision: Precision,
-) -> Result<(), CudaError> {
-    clip_loss_launch_marked(gpu, bufs, img, txt, scale, mode, precision, None)
-}
-
-/// [`clip_loss_launch`] that records `mid` on the stream between the forward (the bf16 copies,
-/// the tile kernels, the LSE merge and the loss's sum) and the backward (zeroing the gradients,
-/// the backward kernels, the sum of dL/dt): for timing the two apart.
-#[allow(clippy::too_many_arguments)]
-pub fn clip_loss_launch_marked(
     gpu: &Gpu,
     bufs: &mut LossBuffers,
     img: &CudaSlice<f32>,
@@ -734,7 +721,7 @@ impl FusedClipLoss {
         let (bufs, (di, dt)) = self.sized(gpu, b, d)?;
         drv("copy to device", gpu.stream.memcpy_htod(img, di))?;
         drv("copy to device", gpu.stream.memcpy_htod(txt, dt))?;
-        clip_loss_launch(gpu, bufs, di, dt, scale, mode, precision)?;
+        clip_loss_launch(gpu, bufs, di, dt, scale, mode, precision, None)?;
         let (loss, d_t) = read_scalars(gpu, bufs)?;
         Ok(GpuLossOut {
             loss,
@@ -787,7 +774,7 @@ impl FusedClipLoss {
             // work finishes writing before this copy runs; `dst` holds n floats.
             drv("copy the features", unsafe { dr::memcpy_dtod_async(p, src, n * 4, cu) })?;
         }
-        clip_loss_launch(gpu, bufs, di, dt, scale, mode, precision)?;
+        clip_loss_launch(gpu, bufs, di, dt, scale, mode, precision, None)?;
         for (dst, src) in [(out_i, &bufs.d_img), (out_t, &bufs.d_txt)] {
             let (p, _g) = src.device_ptr(&gpu.stream);
             // SAFETY: `dst` addresses n managed floats (checked above), borrowed exclusively

@@ -1771,7 +1771,7 @@ pub fn bench_loss(
     let txt = gpu.upload(&random_features(&mut rng, b, d))?;
     let mut bufs = super::gpu::LossBuffers::new(gpu, b, d)?;
     let scale = 14.3f32;
-    super::gpu::clip_loss_launch(gpu, &mut bufs, &img, &txt, scale, mode, precision)?;
+    super::gpu::clip_loss_launch(gpu, &mut bufs, &img, &txt, scale, mode, precision, None)?;
     gpu.sync()?;
     let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
     let (mut times, mut fwd, mut bwd) = (Vec::new(), Vec::new(), Vec::new());
@@ -1780,7 +1780,7 @@ pub fn bench_loss(
         let mid = drv("event", gpu.ctx.new_event(flags))?;
         let stop = drv("event", gpu.ctx.new_event(flags))?;
         drv("record", start.record(&gpu.stream))?;
-        super::gpu::clip_loss_launch_marked(
+        super::gpu::clip_loss_launch(
             gpu,
             &mut bufs,
             &img,
