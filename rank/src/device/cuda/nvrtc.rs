@@ -86,41 +86,20 @@ pub struct Knob {
     /// The valid values, inclusive.
     pub min: i64,
     pub max: i64,
-    /// What it sets.
-    pub what: &'static str,
 }
 
 /// Every tuning knob of the kernel sources.
 pub const KNOBS: &[Knob] = &[
-    Knob {
-        name: "CLIP_FWD_MIN_BLOCKS",
-        source: "clip_loss.cu",
-        default: 4,
-        min: 1,
-        max: 8,
-        what: "blocks per multiprocessor in the launch bounds of the fused forward (clip_fwd*): \
-               the register budget is 65,536 / (256 x blocks) per thread",
-    },
-    Knob {
-        name: "CLIP_BWD_MIN_BLOCKS",
-        source: "clip_loss.cu",
-        default: 2,
-        min: 1,
-        max: 4,
-        what: "blocks per multiprocessor in the launch bounds of the fused backward \
-               (clip_bwd*, clip_bwd_pair*): the register budget is 65,536 / (256 x blocks) per \
-               thread",
-    },
-    Knob {
-        name: "CLIP_BWD_PANEL",
-        source: "clip_loss.cu",
-        default: 1,
-        min: 1,
-        max: 4,
-        what: "column tiles per G panel of the bf16 backward: a dA job contracts over 64 x panel \
-               columns, reading and writing its accumulators once per panel (above 1: dynamic \
-               shared memory, gpu::bwd_shared_bytes)",
-    },
+    // Blocks per multiprocessor in the launch bounds of the fused forward (clip_fwd*): the
+    // register budget is 65,536 / (256 x blocks) per thread.
+    Knob { name: "CLIP_FWD_MIN_BLOCKS", source: "clip_loss.cu", default: 4, min: 1, max: 8 },
+    // Blocks per multiprocessor in the launch bounds of the fused backward (clip_bwd*,
+    // clip_bwd_pair*): the register budget is 65,536 / (256 x blocks) per thread.
+    Knob { name: "CLIP_BWD_MIN_BLOCKS", source: "clip_loss.cu", default: 2, min: 1, max: 4 },
+    // Column tiles per G panel of the bf16 backward: a dA job contracts over 64 x panel columns,
+    // reading and writing its accumulators once per panel (above 1: dynamic shared memory,
+    // gpu::bwd_shared_bytes).
+    Knob { name: "CLIP_BWD_PANEL", source: "clip_loss.cu", default: 1, min: 1, max: 4 },
 ];
 
 /// Values for some of [`KNOBS`], given as `NAME=VALUE`; the others keep their defaults.
