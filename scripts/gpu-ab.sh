@@ -37,9 +37,10 @@ done
 work="$(mktemp -d)"
 status=0
 source scripts/gpu-steps.sh  # pack_logs
-# name|bench-loss arguments: every precision at B = 16k, and the target size in bf16 and tf32.
+# name|bench-loss arguments: every precision at B = 4k (a grid of fewer row tiles than a wave:
+# the backward's column splits) and 16k, and the target size in bf16 and tf32.
 grid=(
-    "16k|--batch 16384 --dim 512,768 --mode both --precision fp32,tf32x3,tf32,bf16 --reps 3"
+    "16k|--batch 4096,16384 --dim 512,768 --mode both --precision fp32,tf32x3,tf32,bf16 --reps 3"
     "64k|--batch 65536 --dim 768 --mode both --precision bf16,tf32 --reps 2"
 )
 for ((r = 1; r <= rounds; r++)); do

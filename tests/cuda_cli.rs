@@ -84,6 +84,18 @@ fn a_bad_kernel_define_is_named_before_touching_the_gpu() {
     }
 }
 
+/// A bad `--bwd-splits` is named before any library is looked for.
+#[test]
+fn a_bad_bwd_splits_is_named_before_touching_the_gpu() {
+    for bad in ["0", "two", "1.5", ""] {
+        let (code, _, stderr) = run(&["cuda", "bench-loss", "--bwd-splits", bad]);
+        assert_eq!(code, 1, "--bwd-splits {bad:?}:\n{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(stderr.contains("expected auto or a number of splits (1 or more)"), "{stderr}");
+        assert!(!stderr.contains("libcuda") && !stderr.contains("libnvrtc"), "{stderr}");
+    }
+}
+
 /// `--help` of the commands that take `--define` names every knob with its default.
 #[test]
 fn define_help_names_every_knob() {

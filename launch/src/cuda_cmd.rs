@@ -127,6 +127,11 @@ pub struct BenchLossArgs {
     /// Timed repetitions (median reported).
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
+    /// Column splits of the backward's grid: `auto` (as training plans them: enough to fill
+    /// one wave of blocks when the row tiles alone do not) or a number (1: no splits), for
+    /// timing the choice.
+    #[arg(long, default_value = "auto")]
+    pub bwd_splits: String,
     /// GPU ordinal.
     #[arg(long, default_value_t = 0)]
     pub device: usize,
@@ -135,6 +140,17 @@ pub struct BenchLossArgs {
     pub json: Option<PathBuf>,
     #[command(flatten)]
     pub knobs: KnobArgs,
+}
+
+/// `--bwd-splits`: `auto` (None) or a positive number.
+fn parse_bwd_splits(s: &str) -> Result<Option<usize>> {
+    match s.trim() {
+        "auto" => Ok(None),
+        n => match n.parse::<usize>() {
+            Ok(v) if v >= 1 => Ok(Some(v)),
+            _ => bail!("--bwd-splits {s:?}: expected auto or a number of splits (1 or more)"),
+        },
+    }
 }
 
 pub fn cuda(cmd: CudaCommand) -> Result<ExitCode> {
@@ -157,6 +173,7 @@ pub fn cuda(cmd: CudaCommand) -> Result<ExitCode> {
         }
         CudaCommand::BenchLoss(a) => {
             defines(&a.knobs.define)?; // bad input is named before any library is looked for
+            parse_bwd_splits(&a.bwd_splits)?;
             ensure_loadable(&[Lib::Driver, Lib::Nvrtc])?;
             bench_loss(&a)
         }
@@ -382,14 +399,15 @@ fn bench_loss(a: &BenchLossArgs) -> Result<ExitCode> {
         bail!("--batch and --dim must be positive");
     }
     let defs = defines(&a.knobs.define)?;
+    let splits = parse_bwd_splits(&a.bwd_splits)?;
     let gpu = Gpu::open_with(a.device, &defs).context("cuda bench-loss cannot start")?;
     println!(
         "device: {} ({}), fused CLIP loss fwd+bwd, fp32 in and out, prec = logit tiles, median \
-         of {} runs; kernel knobs: {defs}",
-        gpu.name, gpu.arch, a.reps
+         of {} runs; kernel knobs: {defs}; backward column splits: {}",
+        gpu.name, gpu.arch, a.reps, a.bwd_splits
     );
     println!(
-        "{:>8} {:>5} {:<6} {:<7} {:>10} {:>10} {:>9} {:>9} {:>8} {:>12} {:>12}",
+        "{:>8} {:>5} {:<6} {:<7} {:>10} {:>10} {:>9} {:>9} {:>8} {:>12} {:>12} {:>6}",
         "B",
         "d",
         "mode",
@@ -400,17 +418,18 @@ fn bench_loss(a: &BenchLossArgs) -> Result<ExitCode> {
         "bwd(med)",
         "TFLOP/s",
         "ws MiB",
-        "loss"
+        "loss",
+        "splits"
     );
     let mut out = String::new();
     for &b in &a.batch {
         for &d in &a.dim {
             for &p in &precisions {
                 for &m in &modes {
-                    let r = selftest::bench_loss(&gpu, b, d, m, p, a.reps, 1)?;
+                    let r = selftest::bench_loss(&gpu, b, d, m, p, a.reps, 1, splits)?;
                     println!(
                         "{:>8} {:>5} {:<6} {:<7} {:>10.3} {:>10.3} {:>9.3} {:>9.3} {:>8.2} \
-                         {:>12.1} {:>12.6}",
+                         {:>12.1} {:>12.6} {:>6}",
                         r.b,
                         r.d,
                         r.mode,
@@ -421,7 +440,8 @@ fn bench_loss(a: &BenchLossArgs) -> Result<ExitCode> {
                         r.bwd_ms_median,
                         r.tflops,
                         r.workspace_bytes as f64 / (1 << 20) as f64,
-                        r.loss
+                        r.loss,
+                        r.bwd_splits
                     );
                     out += &serde_json::to_string(&r)?;
                     out.push('\n');

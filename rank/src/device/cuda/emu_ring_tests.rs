@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::support::{Guarded, NAN_BF16, NAN_F32, NAN_F64, to64};
 use super::{Args, EmuModule, module, module_with};
 use crate::device::cuda::gpu::{
-    LOSS_TILE, LossMode, Precision, bf16_layout, bwd_shared_bytes, plan_fwd_grid_rect,
+    LOSS_TILE, LossMode, Precision, bf16_layout, bwd_shared_bytes, plan_bwd, plan_fwd_grid_rect,
 };
 use crate::device::cuda::nvrtc::Defines;
 use crate::device::cuda::ring::{block_diag, hi_lo, operand_stride};
@@ -33,8 +33,9 @@ fn stale<T: Copy>(len: usize, poison: T) -> Guarded<T> {
 /// `GpuClipBlocks` with the emulated kernels on guarded host buffers: every launch of ring.rs
 /// in its order, with its grids, argument lists and buffer sizes; the per-block buffers are
 /// fresh (poisoned) for every block instead of grown and reused, so a kernel that reads what it
-/// did not write this block reads NaN. `wave`: the forward's block budget (`forward_wave` on a
-/// GPU), small so that blocks of the ring are split into several chunks and splits.
+/// did not write this block reads NaN. `wave`: the forward's and the backward's block budget
+/// (`forward_wave` and `backward_wave` on a GPU), small so that blocks of the ring are split
+/// into several chunks and splits.
 struct EmuClipBlocks {
     m: Arc<EmuModule>,
     mode: LossMode,
@@ -99,14 +100,14 @@ impl EmuClipBlocks {
     }
 
     fn launch(&self, name: &str, grid: (u32, u32), args: &mut Args) {
-        self.launch_shared(name, grid, 0, args)
+        self.launch_shared(name, (grid.0, grid.1, 1), 0, args)
     }
 
-    fn launch_shared(&self, name: &str, grid: (u32, u32), shared: u32, args: &mut Args) {
+    fn launch_shared(&self, name: &str, grid: (u32, u32, u32), shared: u32, args: &mut Args) {
         // SAFETY: every call below passes the kernel's parameter list as ring.rs does, with
         // buffers at least as large as ring.rs allocates them (plus guards), and its dynamic
         // shared memory.
-        unsafe { self.m.launch(name, (grid.0, grid.1, 1), (256, 1, 1), shared, args) }
+        unsafe { self.m.launch(name, grid, (256, 1, 1), shared, args) }
             .unwrap_or_else(|e| panic!("{e}"));
     }
 
@@ -202,17 +203,15 @@ impl EmuClipBlocks {
         let (lb_hi, lb_lo) = (Guarded::from(&kh, NAN_F32), Guarded::from(&kl, NAN_F32));
         // Zeroed by ring.rs (memset) before the kernels add into it.
         let mut d_feat_d = Guarded::new(nb * d, 0.0f32, NAN_F32);
-        let parts = self.rows.div_ceil(LOSS_TILE);
-        let mut dt_part = stale(parts, NAN_F64);
+        let plan = plan_bwd(self.mode, self.rows, nb, d, self.wave, None);
+        let mut dt_part = stale(plan.dt_parts, NAN_F64);
+        let mut parts = stale(plan.parts_len, NAN_F32);
         // ring.rs: fast mode one clip_bwd* pass (the block's dT by atomicAdd), deterministic
-        // mode clip_bwd_pair* (both passes, grid y = 2, over the longer pass's row tiles).
-        let (bwd, grid) = match self.mode {
-            LossMode::Fast => {
-                (format!("clip_bwd{}", self.precision.suffix()), (self.rows.div_ceil(LOSS_TILE), 1))
-            }
-            LossMode::Deterministic => {
-                (self.precision.bwd_pair(), (self.rows.max(nb).div_ceil(LOSS_TILE), 2))
-            }
+        // mode clip_bwd_pair* (both passes, grid y = 2, over the longer pass's row tiles);
+        // columns split in grid z as planned.
+        let bwd = match self.mode {
+            LossMode::Fast => format!("clip_bwd{}", self.precision.suffix()),
+            LossMode::Deterministic => self.precision.bwd_pair(),
         };
         let mut dt = 0.0;
         if self.rows > 0 {
@@ -226,13 +225,34 @@ impl EmuClipBlocks {
             a.buf(self.la_hi.get()).buf(self.la_lo.get()).buf(lb_hi.get()).buf(lb_lo.get());
             a.i64(diag).buf_mut(self.d_img.get_mut()).buf_mut(d_feat_d.get_mut());
             a.buf_mut(dt_part.get_mut());
-            self.launch_shared(&bwd, (grid.0 as u32, grid.1), self.bwd_shared, &mut a);
-            dt = dt_part.get()[..parts].iter().sum();
+            if plan.parts_len > 0 {
+                a.buf_mut(parts.get_mut());
+            } else {
+                a.null();
+            }
+            self.launch_shared(&bwd, plan.grid, self.bwd_shared, &mut a);
+            // gpu::fold_splits: the swapped pass's shares after the first's.
+            let (rows_n, cols_n) = (self.rows * d, nb * d);
+            let off_b = (plan.splits() - 1) * rows_n;
+            if plan.folds.0 > 0 {
+                let mut a = Args::new();
+                a.buf_mut(self.d_img.get_mut()).buf(parts.get()).i64(rows_n as i64);
+                a.i32(plan.folds.0 as i32);
+                self.launch("clip_fold_splits", (elem_blocks(rows_n), 1), &mut a);
+            }
+            if plan.folds.1 > 0 {
+                let mut a = Args::new();
+                a.buf_mut(d_feat_d.get_mut()).buf(&parts.get()[off_b..]).i64(cols_n as i64);
+                a.i32(plan.folds.1 as i32);
+                self.launch("clip_fold_splits", (elem_blocks(cols_n), 1), &mut a);
+            }
+            dt = dt_part.get()[..plan.dt_parts].iter().sum();
         }
         d_feat.copy_from_slice(&d_feat_d.get()[..nb * d]);
         let ok = [&feat_d, &lb_hi, &lb_lo, &d_feat_d].iter().all(|g| g.intact())
             && feat_h.intact()
             && dt_part.intact()
+            && parts.intact()
             && self.held_intact();
         if !ok {
             return Err(wrote_outside(&bwd));
@@ -482,5 +502,49 @@ fn ring_blocks_with_bf16_panels_give_the_single_tile_results_bitwise() {
         assert_eq!(p[0].d_t_partial.to_bits(), s[0].d_t_partial.to_bits(), "{}", mode.name());
         let e = rel_err(&p[0].d_txt_local, &to64(&cpu[0].d_txt_local));
         assert!(e <= tol_grad, "{}: dT {e:.3e} vs the CPU ring", mode.name());
+    }
+}
+
+/// The ring's blocks with the backward's columns split (a wave of 64 blocks, as a small ring
+/// step on a GPU has): one rank of 150 rows in chunks of 70, so rectangular blocks of three row
+/// tiles against two column tiles, where deterministic mode's three splits leave the first pass
+/// a split without tiles (not folded) and fast mode adds dI atomically from two; and two ranks
+/// of 90 and 57 rows. fp32 and bf16, both modes, against the CPU ring and the f64 reference.
+/// Sensitivity, tried by hand: with the block's dT folded over the first pass's count of shares
+/// (1, not 2), fp32 deterministic dT is off by 0.38 from the CPU ring.
+#[test]
+fn ring_blocks_with_backward_column_splits_match_the_cpu_ring() {
+    use LossMode::{Deterministic as Det, Fast};
+    use Precision::{Bf16, Fp32};
+    let m = module("clip_loss.cu").unwrap_or_else(|e| panic!("{e}"));
+    let mut rng = Rng::new(31);
+    let (scale, wave) = (20.0f32, 64usize);
+    let det = plan_bwd(Det, 150, 70, 40, wave, None);
+    assert_eq!((det.splits(), det.folds), (3, (1, 2)), "the case below splits as described");
+    assert_eq!(plan_bwd(Fast, 150, 70, 40, wave, None).splits(), 2);
+    let runs: &[(LossMode, Precision)] = &[(Det, Fp32), (Fast, Fp32), (Det, Bf16), (Fast, Bf16)];
+    for (sizes, d, chunk) in [(&[150usize][..], 40usize, 70usize), (&[90, 57], 67, 80)] {
+        let feats: Vec<(Vec<f32>, Vec<f32>)> = sizes
+            .iter()
+            .map(|&b| (random_features(&mut rng, b, d), random_features(&mut rng, b, d)))
+            .collect();
+        let cpu = run_ring(&feats, d, scale, chunk, None).expect("the CPU ring");
+        let all_img: Vec<f64> = feats.iter().flat_map(|(i, _)| to64(i)).collect();
+        let all_txt: Vec<f64> = feats.iter().flat_map(|(_, t)| to64(t)).collect();
+        let big_b = sizes.iter().sum::<usize>();
+        let reference = clip_loss_reference_f64(&all_img, &all_txt, big_b, d, scale as f64);
+        for &(mode, prec) in runs {
+            let tag = format!("rows {sizes:?} d={d} chunk {chunk} {} {}", prec.name(), mode.name());
+            let got = run_ring(&feats, d, scale, chunk, Some((&m, mode, prec, wave, 0)))
+                .unwrap_or_else(|e| panic!("{tag}: {e}"));
+            let errs = ring_errs(&got, &cpu, &reference);
+            eprintln!("{tag}: {errs:?}");
+            let (tol_loss, tol_grad) = loss_tols(prec, scale);
+            for (what, e_cpu, e_ref) in errs {
+                let tol = if what == "loss" { tol_loss } else { tol_grad };
+                assert!(e_cpu <= tol, "{tag} {what}: {e_cpu:.3e} vs the CPU ring > {tol}");
+                assert!(e_ref <= tol, "{tag} {what}: {e_ref:.3e} vs the reference > {tol}");
+            }
+        }
     }
 }

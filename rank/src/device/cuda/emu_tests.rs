@@ -3,7 +3,7 @@
 use super::support::{Guarded, NAN_BF16, NAN_F32, NAN_F64, to64};
 use super::{Args, EmuModule, module, module_with};
 use crate::device::cuda::gpu::{
-    LOSS_TILE, LossMode, Precision, bf16_layout, bwd_shared_bytes, plan_fwd_grid,
+    LOSS_TILE, LossMode, Precision, bf16_layout, bwd_shared_bytes, plan_bwd, plan_fwd_grid,
 };
 use crate::device::cuda::nvrtc::Defines;
 use crate::device::cuda::selftest::{loss_tols, random_features, rel_err};
@@ -20,19 +20,20 @@ struct EmuLoss {
 }
 
 fn launch(m: &EmuModule, name: &str, grid: u32, grid_y: u32, args: &mut Args) {
-    launch_shared(m, name, grid, grid_y, 0, args)
+    launch_shared(m, name, (grid, grid_y, 1), 0, args)
 }
 
-fn launch_shared(m: &EmuModule, name: &str, grid: u32, grid_y: u32, shared: u32, args: &mut Args) {
+fn launch_shared(m: &EmuModule, name: &str, grid: (u32, u32, u32), shared: u32, args: &mut Args) {
     // SAFETY: each call below passes clip_loss.cu's parameter list with buffers sized as
     // gpu::clip_loss_launch sizes them (plus guards), and the dynamic shared memory it gives.
-    unsafe { m.launch(name, (grid, grid_y, 1), (256, 1, 1), shared, args) }
-        .unwrap_or_else(|e| panic!("{e}"));
+    unsafe { m.launch(name, grid, (256, 1, 1), shared, args) }.unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// The launches of `gpu::clip_loss_launch`, in its order, with its grids and argument lists,
-/// on guarded host buffers; `target`: the forward's block budget (a GPU's one wave), small here
-/// so that rows and columns are split among several blocks. `m` compiled with the knobs `defs`.
+/// on guarded host buffers; `target`: the forward's and the backward's block budget (a GPU's
+/// one wave), small here so that rows and columns are split among several blocks;
+/// `bwd_splits`: the backward's column splits instead of the planned ones (`LossBuffers::
+/// bwd_splits`). `m` compiled with the knobs `defs`.
 #[allow(clippy::too_many_arguments)]
 fn emu_clip_loss(
     m: &EmuModule,
@@ -45,6 +46,7 @@ fn emu_clip_loss(
     mode: LossMode,
     prec: Precision,
     target: usize,
+    bwd_splits: Option<usize>,
 ) -> EmuLoss {
     let n_t = b.div_ceil(LOSS_TILE);
     let grid = plan_fwd_grid(n_t, target);
@@ -101,13 +103,15 @@ fn emu_clip_loss(
 
     let mut d_img = Guarded::new(b * d, 0.0f32, NAN_F32);
     let mut d_txt = Guarded::new(b * d, 0.0f32, NAN_F32);
-    let mut dt_part = Guarded::new(n_t, NAN_F64, NAN_F64);
+    let plan = plan_bwd(mode, b, b, d, target, bwd_splits);
+    let mut dt_part = Guarded::new(plan.dt_parts, NAN_F64, NAN_F64);
+    let mut parts = Guarded::new(plan.parts_len, NAN_F32, NAN_F32);
     let inv2b = (1.0 / (2.0 * b as f64)) as f32;
     // Fast mode: clip_bwd*, dT by atomicAdd; deterministic mode: both passes in one launch of
-    // clip_bwd_pair* (grid y = 2).
-    let (bwd, grid_y) = match mode {
-        LossMode::Fast => (format!("clip_bwd{}", prec.suffix()), 1),
-        LossMode::Deterministic => (prec.bwd_pair(), 2),
+    // clip_bwd_pair* (grid y = 2); the columns split in grid z as planned.
+    let bwd = match mode {
+        LossMode::Fast => format!("clip_bwd{}", prec.suffix()),
+        LossMode::Deterministic => prec.bwd_pair(),
     };
     let mut a = Args::new();
     feats(&mut a);
@@ -118,15 +122,32 @@ fn emu_clip_loss(
     a.f32(scale).f32(inv2b);
     a.buf(lse_hi.get()).buf(lse_lo.get()).buf(kap_hi.get()).buf(kap_lo.get()).i64(0);
     a.buf_mut(d_img.get_mut()).buf_mut(d_txt.get_mut()).buf_mut(dt_part.get_mut());
-    launch_shared(m, &bwd, n_t as u32, grid_y, bwd_shared_bytes(prec, defs), &mut a);
+    if plan.parts_len > 0 {
+        a.buf_mut(parts.get_mut());
+    } else {
+        a.null();
+    }
+    launch_shared(m, &bwd, plan.grid, bwd_shared_bytes(prec, defs), &mut a);
+    // gpu::fold_splits: the swapped pass's shares after the first's.
+    let n = b * d;
+    for (dst, off, np) in
+        [(&mut d_img, 0, plan.folds.0), (&mut d_txt, plan.splits() - 1, plan.folds.1)]
+    {
+        if np > 0 {
+            let mut a = Args::new();
+            a.buf_mut(dst.get_mut()).buf(&parts.get()[off * n..]).i64(n as i64).i32(np as i32);
+            launch(m, "clip_fold_splits", n.div_ceil(256).clamp(1, 8192) as u32, 1, &mut a);
+        }
+    }
     let mut dt = Guarded::new(1, NAN_F64, NAN_F64);
     let mut a = Args::new();
-    a.buf(dt_part.get()).i64(n_t as i64).buf_mut(dt.get_mut());
+    a.buf(dt_part.get()).i64(plan.dt_parts as i64).buf_mut(dt.get_mut());
     launch(m, "sum_f64", 1, 1, &mut a);
 
     let guards = [&img, &txt, &row_m, &row_z, &col_m, &col_z, &pos].iter().all(|g| g.intact())
         && [&lse_hi, &lse_lo, &kap_hi, &kap_lo, &d_img, &d_txt].iter().all(|g| g.intact())
         && [&term, &loss, &dt_part, &dt].iter().all(|g| g.intact())
+        && parts.intact()
         && img_h.intact()
         && txt_h.intact();
     EmuLoss {
@@ -163,7 +184,7 @@ fn fused_loss_kernels_match_the_f64_reference_in_every_precision_and_mode() {
             let (tol_loss, tol_grad) = loss_tols(prec, scale);
             for mode in LossMode::ALL {
                 let t = std::time::Instant::now();
-                let g = emu_clip_loss(&m, &none, &img, &txt, b, d, scale, mode, prec, target);
+                let g = emu_clip_loss(&m, &none, &img, &txt, b, d, scale, mode, prec, target, None);
                 let errs = [
                     ("loss", rel_err(&[g.loss], &[lr]), tol_loss),
                     ("dI", rel_err(&g.d_img, &dir), tol_grad),
@@ -219,7 +240,19 @@ fn bf16_backward_panels_give_the_single_tile_results_bitwise() {
             LossMode::ALL
                 .iter()
                 .map(|&mode| {
-                    emu_clip_loss(&one, &none, img, txt, b, d, scale, mode, Precision::Bf16, target)
+                    emu_clip_loss(
+                        &one,
+                        &none,
+                        img,
+                        txt,
+                        b,
+                        d,
+                        scale,
+                        mode,
+                        Precision::Bf16,
+                        target,
+                        None,
+                    )
                 })
                 .collect()
         })
@@ -233,8 +266,19 @@ fn bf16_backward_panels_give_the_single_tile_results_bitwise() {
                 clip_loss_reference_f64(&to64(img), &to64(txt), b, d, scale as f64);
             let (tol_loss, tol_grad) = loss_tols(Precision::Bf16, scale);
             for (mode, s) in LossMode::ALL.into_iter().zip(single) {
-                let p =
-                    emu_clip_loss(&m, &defs, img, txt, b, d, scale, mode, Precision::Bf16, target);
+                let p = emu_clip_loss(
+                    &m,
+                    &defs,
+                    img,
+                    txt,
+                    b,
+                    d,
+                    scale,
+                    mode,
+                    Precision::Bf16,
+                    target,
+                    None,
+                );
                 let what = format!("panel {panel}, B={b} d={d} {}", mode.name());
                 assert!(p.guards, "{what}: a kernel wrote outside its buffers");
                 assert!(rel_err(&[p.loss], &[lr]) <= tol_loss, "{what}: loss");
@@ -273,4 +317,62 @@ fn translation_units_register_shared_memory_and_know_every_kernel() {
         "__shared__ __align__(16) float FG[FG_BYTES / 4]; static emu::Reg emu_reg_FG(&FG, sizeof FG);  \
          // the stages"
     ));
+}
+
+/// The backward's column splits (grid z, `gpu::plan_bwd`): fast mode's splits adding dI by
+/// atomicAdd, deterministic mode's writing their shares for `clip_fold_splits`, at 1 to 5
+/// splits of 3 and 5 column tiles (4 asked of 5 tiles gives 3 of 2, 2 and 1), every precision:
+/// the one-split results up to the order of the fp32 sums (relative 1e-5), the same loss, and
+/// the f64 reference's tolerances. Sensitivity, tried by hand: with each split's range one tile
+/// short (`ct_end` one less), deterministic dI is off by 0.50 at two splits; with the shares
+/// not folded, by 0.50; and the first version, whose later tiles' jobs in a share started from
+/// zero again (overwriting the earlier tiles'), by 0.48 wherever a share had two tiles.
+#[test]
+fn backward_column_splits_give_the_one_split_results() {
+    let m = module("clip_loss.cu").unwrap_or_else(|e| panic!("{e}"));
+    let none = Defines::default();
+    let mut rng = Rng::new(29);
+    for (b, d, scale, splits) in
+        [(260usize, 40usize, 14.3f32, &[2usize, 4, 5][..]), (130, 72, 30.0, &[2, 3])]
+    {
+        let img = random_features(&mut rng, b, d);
+        let txt = random_features(&mut rng, b, d);
+        let (lr, dir, dtr, dtr_t) =
+            clip_loss_reference_f64(&to64(&img), &to64(&txt), b, d, scale as f64);
+        for prec in Precision::ALL {
+            let (tol_loss, tol_grad) = loss_tols(prec, scale);
+            // The tensor-core precisions' emulation is slow: one split count each beyond one.
+            let ns = if matches!(prec, Precision::Fp32 | Precision::Bf16) {
+                splits
+            } else {
+                &splits[..1]
+            };
+            for mode in LossMode::ALL {
+                let one = emu_clip_loss(&m, &none, &img, &txt, b, d, scale, mode, prec, 1, Some(1));
+                for &n in ns {
+                    let plan = plan_bwd(mode, b, b, d, 1, Some(n));
+                    let tiles = b.div_ceil(LOSS_TILE);
+                    let per = tiles.div_ceil(n);
+                    assert_eq!(plan.splits(), tiles.div_ceil(per), "B={b}: {n} splits evened");
+                    let g =
+                        emu_clip_loss(&m, &none, &img, &txt, b, d, scale, mode, prec, 1, Some(n));
+                    let what = format!("B={b} d={d} {} {} {n} splits", prec.name(), mode.name());
+                    assert!(g.guards, "{what}: a kernel wrote outside its buffers");
+                    assert_eq!(g.loss.to_bits(), one.loss.to_bits(), "{what}: loss");
+                    for (name, got, one, want) in
+                        [("dI", &g.d_img, &one.d_img, &dir), ("dT", &g.d_txt, &one.d_txt, &dtr)]
+                    {
+                        let e1 = rel_err(got, &to64(one));
+                        assert!(e1 <= 1e-5, "{what}: {name} {e1:.3e} from one split's");
+                        let e = rel_err(got, want);
+                        assert!(e <= tol_grad, "{what}: {name} {e:.3e} > {tol_grad}");
+                    }
+                    let e = rel_err(&[g.d_t], &[one.d_t]);
+                    assert!(e <= 1e-12, "{what}: dt {e:.3e} from one split's");
+                    assert!(rel_err(&[g.loss], &[lr]) <= tol_loss, "{what}: loss vs reference");
+                    assert!(rel_err(&[g.d_t], &[dtr_t]) <= tol_grad, "{what}: dt vs reference");
+                }
+            }
+        }
+    }
 }

@@ -342,6 +342,103 @@ pub fn bwd_shared_bytes(precision: Precision, defs: &Defines) -> u32 {
     LOSS_TILE as u32 * (64 * panel + 8) * 2
 }
 
+/// The backward launch (`clip_bwd*` or `clip_bwd_pair*`) of `br` rows against `bc` columns:
+/// its grid and the buffers its column splits need. Planned by [`plan_bwd`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BwdPlan {
+    /// Row tiles (deterministic mode: the longer pass's), passes (1 fast, 2 deterministic) and
+    /// column splits (grid z): each split takes `⌈tiles / splits⌉` consecutive column tiles.
+    pub grid: (u32, u32, u32),
+    /// Values of `dt_part` the launch writes: `⌈br/64⌉ × splits`, summed by the host.
+    pub dt_parts: usize,
+    /// Deterministic mode: how many splits' shares to fold into dA and into dB afterwards
+    /// (`clip_fold_splits`; the splits past a pass's last column tile have none). 0 and 0 in
+    /// fast mode, whose splits add into dA and dB atomically.
+    pub folds: (usize, usize),
+    /// Floats of the deterministic shares' buffer (`parts`): `(splits − 1) · (br + bc) · d`; 0
+    /// when the launch takes a null pointer.
+    pub parts_len: usize,
+}
+
+impl BwdPlan {
+    pub fn splits(&self) -> usize {
+        self.grid.2 as usize
+    }
+}
+
+/// Plans the backward of `br × bc` logits at dimension `d` for `wave` resident blocks (the
+/// GPU's multiprocessors × the kernel's blocks each, [`backward_wave`]). Grids of fewer row
+/// tiles than the wave are split along the columns (grid z) until they fill it, at most one
+/// split per column tile; without that, the batch of a ring step (a few thousand rows) or a
+/// small training batch leaves most multiprocessors idle. `splits`: that number instead (for
+/// timing and tests; brought into 1 ..= column tiles the same way).
+pub fn plan_bwd(
+    mode: LossMode,
+    br: usize,
+    bc: usize,
+    d: usize,
+    wave: usize,
+    splits: Option<usize>,
+) -> BwdPlan {
+    let (rt, ct) = (br.div_ceil(LOSS_TILE), bc.div_ceil(LOSS_TILE));
+    let (gx, gy, n_c) = match mode {
+        LossMode::Fast => (rt, 1, ct),
+        LossMode::Deterministic => (rt.max(ct), 2, rt.max(ct)),
+    };
+    let want = splits.unwrap_or(wave / (gx * gy).max(1)).clamp(1, n_c.max(1));
+    // Evened so that every split of the n_c tiles has some: ⌈n_c / ⌈n_c / want⌉⌉.
+    let s = n_c.max(1).div_ceil(n_c.max(1).div_ceil(want));
+    let used = |n: usize| if n == 0 { 0 } else { n.div_ceil(n.div_ceil(s)) };
+    let (folds, parts_len) = match mode {
+        LossMode::Deterministic if s > 1 => {
+            ((used(ct).max(1) - 1, used(rt).max(1) - 1), (s - 1) * (br + bc) * d)
+        }
+        _ => ((0, 0), 0),
+    };
+    BwdPlan { grid: (gx.max(1) as u32, gy as u32, s as u32), dt_parts: rt * s, folds, parts_len }
+}
+
+/// Backward blocks in one wave on `gpu`: multiprocessors × resident blocks of `kernel` with
+/// `shared` bytes of dynamic shared memory.
+pub fn backward_wave(gpu: &Gpu, kernel: &str, shared: u32) -> Result<usize, CudaError> {
+    drv("bind context", gpu.ctx.bind_to_thread())?;
+    let occ = drv(
+        "occupancy of the fused-loss backward",
+        gpu.func(kernel)?.occupancy_max_active_blocks_per_multiprocessor(
+            256,
+            shared as usize,
+            None,
+        ),
+    )?;
+    Ok(sm_count(gpu)? * occ.max(1) as usize)
+}
+
+/// The backward's column splits of deterministic mode: `dst[i] += shares[0][i] + … +
+/// shares[n_parts − 1][i]` for the `n` values of `dst`, in that order (`clip_fold_splits`).
+pub(crate) fn fold_splits(
+    gpu: &Gpu,
+    dst: &mut CudaSlice<f32>,
+    parts: &CudaSlice<f32>,
+    offset: usize,
+    n: usize,
+    n_parts: usize,
+) -> Result<(), CudaError> {
+    if n_parts == 0 || n == 0 {
+        return Ok(());
+    }
+    if dst.len() < n || parts.len() < offset + n_parts * n {
+        return Err(CudaError::Invalid("clip_fold_splits: buffers shorter than planned".into()));
+    }
+    let (n64, np) = (n as i64, n_parts as i32);
+    let shares = parts.slice(offset..offset + n_parts * n);
+    let mut l = gpu.stream.launch_builder(gpu.func("clip_fold_splits")?);
+    l.arg(dst).arg(&shares).arg(&n64).arg(&np);
+    // SAFETY: matches clip_fold_splits; dst holds at least n values, the shares n_parts · n
+    // (both checked above).
+    drv("launch clip_fold_splits", unsafe { l.launch(elem_cfg(n)) })?;
+    Ok(())
+}
+
 /// Result of [`clip_loss`], copied to the host.
 #[derive(Clone, Debug)]
 pub struct GpuLossOut {
@@ -407,8 +504,16 @@ pub struct LossBuffers {
     kap_lo: CudaSlice<f32>,
     term: CudaSlice<f64>,
     loss: CudaSlice<f64>,
+    /// The backward's ∂L/∂t partials, one per row tile and column split (grown as needed).
     dt_part: CudaSlice<f64>,
     dt: CudaSlice<f64>,
+    /// Deterministic mode's column splits' shares of dI and dT ([`BwdPlan::parts_len`]),
+    /// made by the first call that splits.
+    parts: Option<CudaSlice<f32>>,
+    /// Column splits of the backward: `None` plans them ([`plan_bwd`]), `Some(n)` asks for n.
+    pub bwd_splits: Option<usize>,
+    /// The plan of the last call's backward.
+    pub last_bwd: Option<BwdPlan>,
     pub d_img: CudaSlice<f32>,
     pub d_txt: CudaSlice<f32>,
     /// Allocated by the first [`Precision::Bf16`] call, so the other precisions do not pay
@@ -446,15 +551,22 @@ impl LossBuffers {
             loss: gpu.zeros(1)?,
             dt_part: gpu.zeros(n_t)?,
             dt: gpu.zeros(1)?,
+            parts: None,
+            bwd_splits: None,
+            last_bwd: None,
             d_img: gpu.zeros(b * d)?,
             d_txt: gpu.zeros(b * d)?,
             bf16: None,
         })
     }
 
-    /// Device bytes held (the bf16 feature copies included once a bf16 call made them).
+    /// Device bytes held (the bf16 feature copies included once a bf16 call made them, and
+    /// the backward's column splits' buffers once a call split).
     pub fn bytes(&self) -> usize {
+        let n_t = self.b.div_ceil(LOSS_TILE);
         loss_workspace_bytes(self.b, self.d, self.chunks, self.splits, self.bf16.is_some())
+            + 8 * (self.dt_part.len() - n_t)
+            + 4 * self.parts.as_ref().map_or(0, |p| p.len())
     }
 }
 
@@ -462,13 +574,7 @@ impl LossBuffers {
 /// kernels (the least over the precisions, so a grid never spills into a second, mostly idle
 /// wave).
 pub fn forward_wave(gpu: &Gpu) -> Result<usize, CudaError> {
-    let sms = drv(
-        "multiprocessor count",
-        gpu.ctx.attribute(
-            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-        ),
-    )?
-    .max(1) as usize;
+    let sms = sm_count(gpu)?;
     // Resident blocks per multiprocessor: the least over the forward's precisions, so the
     // grid never spills into a second, mostly idle wave.
     drv("bind context", gpu.ctx.bind_to_thread())?;
@@ -481,6 +587,17 @@ pub fn forward_wave(gpu: &Gpu) -> Result<usize, CudaError> {
         per_sm = per_sm.min(occ);
     }
     Ok(sms * (per_sm.max(1) as usize))
+}
+
+/// The multiprocessors of `gpu` (at least 1).
+fn sm_count(gpu: &Gpu) -> Result<usize, CudaError> {
+    let n = drv(
+        "multiprocessor count",
+        gpu.ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        ),
+    )?;
+    Ok(n.max(1) as usize)
 }
 
 /// The fused-loss forward grid: `chunks × splits` blocks, chunk `rc` covering row tiles
@@ -532,7 +649,6 @@ pub fn clip_loss_launch(
     mid: Option<&cudarc::driver::CudaEvent>,
 ) -> Result<(), CudaError> {
     let (b, d) = (bufs.b as i64, bufs.d as i64);
-    let n_t = bufs.b.div_ceil(LOSS_TILE);
     if img.len() < bufs.b * bufs.d || txt.len() < bufs.b * bufs.d {
         return Err(CudaError::Invalid("fused loss: feature buffers shorter than b × d".into()));
     }
@@ -614,16 +730,26 @@ pub fn clip_loss_launch(
     let inv2b = (1.0 / (2.0 * bufs.b as f64)) as f32;
     // Fast mode: one pass, dT by atomicAdd. Deterministic mode: the pass and its swap (T, I) ->
     // dT in one launch of the paired kernel (grid y = 2), with d_txt as the swapped pass's dA.
-    let (f, grid_y) = match mode {
-        LossMode::Fast => (gpu.func(&bwd)?, 1),
-        LossMode::Deterministic => (gpu.func(&precision.bwd_pair())?, 2),
+    // Both split the columns (grid z) when the row tiles alone are less than a wave.
+    let bwd = match mode {
+        LossMode::Fast => bwd,
+        LossMode::Deterministic => precision.bwd_pair(),
     };
-    let rows = LaunchConfig {
-        grid_dim: (n_t as u32, grid_y, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: bwd_shared_bytes(precision, &gpu.defines),
-    };
-    let mut l = s.launch_builder(f);
+    let shared = bwd_shared_bytes(precision, &gpu.defines);
+    let wave = if bufs.bwd_splits.is_none() { backward_wave(gpu, &bwd, shared)? } else { 0 };
+    let plan = plan_bwd(mode, bufs.b, bufs.b, bufs.d, wave, bufs.bwd_splits);
+    if bufs.dt_part.len() < plan.dt_parts {
+        bufs.dt_part = gpu.zeros(plan.dt_parts)?;
+    }
+    if plan.parts_len > bufs.parts.as_ref().map_or(0, |p| p.len()) {
+        bufs.parts = None;
+        bufs.parts = Some(gpu.zeros(plan.parts_len)?);
+    }
+    bufs.last_bwd = Some(plan);
+    let rows =
+        LaunchConfig { grid_dim: plan.grid, block_dim: (256, 1, 1), shared_mem_bytes: shared };
+    let null_parts = 0u64;
+    let mut l = s.launch_builder(gpu.func(&bwd)?);
     match feats {
         Some((hi, ht)) => l.arg(hi).arg(ht).arg(&b).arg(&b).arg(&d).arg(&ld),
         None => l.arg(img).arg(txt).arg(&b).arg(&b).arg(&d),
@@ -631,14 +757,25 @@ pub fn clip_loss_launch(
     l.arg(&scale).arg(&inv2b);
     l.arg(&bufs.lse_hi).arg(&bufs.lse_lo).arg(&bufs.kap_hi).arg(&bufs.kap_lo).arg(&diag);
     l.arg(&mut bufs.d_img).arg(&mut bufs.d_txt).arg(&mut bufs.dt_part);
+    match (&mut bufs.parts, plan.parts_len) {
+        (Some(p), n) if n > 0 => l.arg(p),
+        _ => l.arg(&null_parts),
+    };
     // SAFETY: matches clip_bwd* and clip_bwd_pair* (the bf16 ones have the copies' row stride
-    // after d); dA/dB hold b·d values, dt_part n_t.
+    // after d); dA/dB hold b·d values, dt_part plan.dt_parts (grown above), parts
+    // plan.parts_len (grown above) or null where the plan has no shares.
     drv("launch clip_bwd", unsafe { l.launch(rows) })?;
-    let n_t64 = n_t as i64;
+    if let Some(p) = &bufs.parts {
+        let (n, (fa, fb)) = (bufs.b * bufs.d, plan.folds);
+        let off_b = (plan.splits() - 1) * n; // the swapped pass's shares, after the first's
+        fold_splits(gpu, &mut bufs.d_img, p, 0, n, fa)?;
+        fold_splits(gpu, &mut bufs.d_txt, p, off_b, n, fb)?;
+    }
+    let n_parts = plan.dt_parts as i64;
     let f = gpu.func("sum_f64")?;
     let mut l = s.launch_builder(f);
-    l.arg(&bufs.dt_part).arg(&n_t64).arg(&mut bufs.dt);
-    // SAFETY: matches sum_f64; dt_part has n_t values.
+    l.arg(&bufs.dt_part).arg(&n_parts).arg(&mut bufs.dt);
+    // SAFETY: matches sum_f64; dt_part has at least plan.dt_parts values.
     drv("launch sum_f64 (dt)", unsafe { l.launch(one) })?;
     Ok(())
 }
@@ -669,6 +806,8 @@ pub fn clip_loss(
 /// calls it every step).
 #[derive(Default)]
 pub struct FusedClipLoss {
+    /// The backward's column splits: None as planned ([`plan_bwd`]), or this many.
+    pub bwd_splits: Option<usize>,
     bufs: Option<LossBuffers>,
     /// The features' device copies, kept like the buffers (a training step has the same size
     /// every time).
@@ -718,7 +857,9 @@ impl FusedClipLoss {
                 txt.len()
             )));
         }
+        let splits = self.bwd_splits;
         let (bufs, (di, dt)) = self.sized(gpu, b, d)?;
+        bufs.bwd_splits = splits;
         drv("copy to device", gpu.stream.memcpy_htod(img, di))?;
         drv("copy to device", gpu.stream.memcpy_htod(txt, dt))?;
         clip_loss_launch(gpu, bufs, di, dt, scale, mode, precision, None)?;
@@ -766,7 +907,9 @@ impl FusedClipLoss {
             })
         };
         let (src_i, src_t, out_i, out_t) = (addr(img)?, addr(txt)?, addr(d_img)?, addr(d_txt)?);
+        let splits = self.bwd_splits;
         let (bufs, (di, dt)) = self.sized(gpu, b, d)?;
+        bufs.bwd_splits = splits;
         let cu = gpu.stream.cu_stream();
         for (dst, src) in [(&mut *di, src_i), (&mut *dt, src_t)] {
             let (p, _g) = dst.device_ptr_mut(&gpu.stream);
@@ -929,5 +1072,63 @@ mod tests {
             assert!((g.splits - 1) * g.tiles_per_split < n_c.max(1), "no empty split: {g:?}");
         }
         assert_eq!(plan_fwd_grid(300, 528), plan_fwd_grid_rect(300, 300, 528));
+    }
+
+    /// The backward's column splits: none once the row tiles fill the wave (the large batches
+    /// as measured); otherwise as many as fill it, at most one per column tile, none of them
+    /// empty for the planned columns; deterministic mode's shares and folds counted per pass
+    /// (the shorter pass of a rectangular block has splits without tiles: not folded).
+    #[test]
+    fn backward_splits_fill_the_wave_and_count_their_buffers() {
+        use LossMode::{Deterministic as Det, Fast};
+        // H200: 132 multiprocessors x 2 blocks.
+        let wave = 264;
+        for mode in LossMode::ALL {
+            for b in [16_384usize, 65_536, 262_144] {
+                let p = plan_bwd(mode, b, b, 512, wave, None);
+                assert_eq!((p.splits(), p.parts_len, p.folds), (1, 0, (0, 0)), "{mode:?} {b}");
+                assert_eq!(p.dt_parts, b.div_ceil(64));
+            }
+        }
+        // B = 4096: 64 row tiles; fast 4 splits of 16 tiles, deterministic (2 passes) 2 of 32.
+        let p = plan_bwd(Fast, 4096, 4096, 768, wave, None);
+        assert_eq!(p, BwdPlan { grid: (64, 1, 4), dt_parts: 256, folds: (0, 0), parts_len: 0 });
+        let p = plan_bwd(Det, 4096, 4096, 768, wave, None);
+        let want =
+            BwdPlan { grid: (64, 2, 2), dt_parts: 128, folds: (1, 1), parts_len: 8192 * 768 };
+        assert_eq!(p, want);
+        // The default job's batch, 512: 8 tiles, one split per column tile.
+        assert_eq!(plan_bwd(Fast, 512, 512, 64, wave, None).grid, (8, 1, 8));
+        assert_eq!(plan_bwd(Det, 512, 512, 64, wave, None).grid, (8, 2, 8));
+        for mode in LossMode::ALL {
+            for (br, bc) in
+                [(1usize, 1usize), (130, 130), (150, 70), (70, 150), (3000, 5000), (0, 64)]
+            {
+                for wave in [1usize, 4, 64, 264, 1000] {
+                    let p = plan_bwd(mode, br, bc, 40, wave, None);
+                    let (rt, ct) = (br.div_ceil(64), bc.div_ceil(64));
+                    let n_c = if mode == Fast { ct } else { rt.max(ct) };
+                    let (s, per) = (p.splits(), n_c.max(1).div_ceil(p.splits()));
+                    let ctx = format!("{mode:?} {br}x{bc} wave {wave}: {p:?}");
+                    assert!(s >= 1 && s <= n_c.max(1), "{ctx}");
+                    assert!((s - 1) * per < n_c.max(1), "an empty split: {ctx}");
+                    let blocks = (p.grid.0 * p.grid.1) as usize;
+                    assert!(s == 1 || blocks * s <= wave, "past a wave: {ctx}");
+                    assert_eq!(p.dt_parts, rt * s, "{ctx}");
+                    if mode == Fast || s == 1 {
+                        assert_eq!((p.folds, p.parts_len), ((0, 0), 0), "{ctx}");
+                    } else {
+                        let used = |n: usize| if n == 0 { 0 } else { n.div_ceil(n.div_ceil(s)) };
+                        assert_eq!(p.folds, (used(ct) - 1, used(rt).max(1) - 1), "{ctx}");
+                        assert_eq!(p.parts_len, (s - 1) * (br + bc) * 40, "{ctx}");
+                    }
+                }
+            }
+        }
+        // Asked for: evened the same way, within 1 ..= column tiles.
+        assert_eq!(plan_bwd(Fast, 260, 260, 8, 0, Some(4)).splits(), 3);
+        assert_eq!(plan_bwd(Fast, 260, 260, 8, 0, Some(99)).splits(), 5);
+        assert_eq!(plan_bwd(Det, 260, 260, 8, 0, Some(0)).splits(), 1);
+        assert_eq!(plan_bwd(Det, 150, 70, 8, 0, Some(3)).folds, (1, 2));
     }
 }

@@ -55,6 +55,7 @@ pub const SOURCES: &[KernelSource] = &[
             "clip_fold_rows",
             "clip_fold_cols",
             "sum_f64",
+            "clip_fold_splits",
             "clip_bwd",
             "clip_bwd_tf32x3",
             "clip_bwd_tf32",

@@ -68,6 +68,9 @@ struct Bufs {
     d_img: Option<CudaSlice<f32>>,
     d_feat: Option<CudaSlice<f32>>,
     dt_part: Option<CudaSlice<f64>>,
+    /// Deterministic mode's column splits' shares of the block's dI and dT
+    /// ([`super::gpu::BwdPlan::parts_len`]).
+    parts: Option<CudaSlice<f32>>,
     /// [`Precision::Bf16`]: the padded bf16 copies ([`bf16_layout`]) of `img` and of the
     /// visiting block (`feat`).
     img_h: Option<CudaSlice<u16>>,
@@ -81,6 +84,8 @@ pub struct GpuClipBlocks<'g> {
     precision: Precision,
     /// Forward blocks in one wave (multiprocessors × resident blocks).
     wave: usize,
+    /// Backward blocks in one wave (of this mode's and precision's kernel).
+    bwd_wave: usize,
     rows: usize,
     d: usize,
     scale: f32,
@@ -107,11 +112,17 @@ impl<'g> GpuClipBlocks<'g> {
     /// Blocks for every [`LossMode`] and [`Precision`].
     pub fn new(gpu: &'g Gpu, mode: LossMode, precision: Precision) -> Result<Self, CudaError> {
         let wave = super::gpu::forward_wave(gpu)?;
+        let bwd_wave = super::gpu::backward_wave(
+            gpu,
+            &Self::bwd_kernel(mode, precision),
+            super::gpu::bwd_shared_bytes(precision, &gpu.defines),
+        )?;
         Ok(GpuClipBlocks {
             gpu,
             mode,
             precision,
             wave,
+            bwd_wave,
             rows: 0,
             d: 0,
             scale: 1.0,
@@ -122,12 +133,22 @@ impl<'g> GpuClipBlocks<'g> {
         })
     }
 
+    /// Fast mode: one pass, the block's dT by atomicAdd. Deterministic mode: the pass and its
+    /// swap (the block's rows against this rank's rows -> the block's dT) in one launch of the
+    /// paired kernel (grid y = 2).
+    fn bwd_kernel(mode: LossMode, precision: Precision) -> String {
+        match mode {
+            LossMode::Fast => format!("clip_bwd{}", precision.suffix()),
+            LossMode::Deterministic => precision.bwd_pair(),
+        }
+    }
+
     /// Device bytes held now.
     pub fn device_bytes(&self) -> usize {
         let b = &self.bufs;
         let f32s = [
             &b.img, &b.feat, &b.row_m, &b.row_z, &b.col_m, &b.col_z, &b.pos, &b.cols, &b.la_hi,
-            &b.la_lo, &b.lb_hi, &b.lb_lo, &b.d_img, &b.d_feat,
+            &b.la_lo, &b.lb_hi, &b.lb_lo, &b.d_img, &b.d_feat, &b.parts,
         ];
         let f64s = [&b.run_m, &b.run_z, &b.dt_part];
         let u16s = [&b.img_h, &b.feat_h];
@@ -231,7 +252,11 @@ impl<'g> GpuClipBlocks<'g> {
         ensure(gpu, &mut b.lb_hi, nb)?;
         ensure(gpu, &mut b.lb_lo, nb)?;
         ensure(gpu, &mut b.d_feat, nb * d)?;
-        ensure(gpu, &mut b.dt_part, self.rows.div_ceil(LOSS_TILE))?;
+        let plan = super::gpu::plan_bwd(self.mode, self.rows, nb, d, self.bwd_wave, None);
+        ensure(gpu, &mut b.dt_part, plan.dt_parts)?;
+        if plan.parts_len > 0 {
+            ensure(gpu, &mut b.parts, plan.parts_len)?;
+        }
         let (kh, kl): (Vec<f32>, Vec<f32>) = kap.iter().map(|&k| hi_lo(k)).unzip();
         let s = &gpu.stream;
         drv("upload a ring block", s.memcpy_htod(feat, &mut buf_mut!(b.feat).slice_mut(..nb * d)))?;
@@ -241,25 +266,17 @@ impl<'g> GpuClipBlocks<'g> {
         drv("upload column LSEs", s.memcpy_htod(&kh, &mut buf_mut!(b.lb_hi).slice_mut(..nb)))?;
         drv("upload column LSEs", s.memcpy_htod(&kl, &mut buf_mut!(b.lb_lo).slice_mut(..nb)))?;
         drv("zero the block's dT", s.memset_zeros(&mut buf_mut!(b.d_feat).slice_mut(..nb * d)))?;
-        // Fast mode: one pass, the block's dT by atomicAdd. Deterministic mode: the pass and
-        // its swap (the block's rows against this rank's rows -> the block's dT) in one launch
-        // of the paired kernel (grid y = 2), d_feat taking the swapped pass's dA.
-        // (The paired kernel's grid covers the longer pass's row tiles.)
-        let (f, grid_rows, grid_y) = match self.mode {
-            LossMode::Fast => {
-                (gpu.func(&format!("clip_bwd{}", self.precision.suffix()))?, self.rows, 1)
-            }
-            LossMode::Deterministic => {
-                (gpu.func(&self.precision.bwd_pair())?, self.rows.max(nb), 2)
-            }
-        };
+        // Self::bwd_kernel; in deterministic mode d_feat takes the swapped pass's dA (the
+        // paired kernel's grid covers the longer pass's row tiles). Columns split as planned.
+        let f = gpu.func(&Self::bwd_kernel(self.mode, self.precision))?;
         let mut dt = 0.0;
         if self.rows > 0 {
             let cfg = LaunchConfig {
-                grid_dim: (grid_rows.div_ceil(LOSS_TILE) as u32, grid_y, 1),
+                grid_dim: plan.grid,
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: super::gpu::bwd_shared_bytes(self.precision, &gpu.defines),
             };
+            let null_parts = 0u64;
             let mut l = s.launch_builder(f);
             if bf16 {
                 // The bf16 kernels take the copies' row stride after d.
@@ -270,15 +287,28 @@ impl<'g> GpuClipBlocks<'g> {
             l.arg(&self.scale).arg(&self.inv2b);
             l.arg(buf!(b.la_hi)).arg(buf!(b.la_lo)).arg(buf!(b.lb_hi)).arg(buf!(b.lb_lo));
             l.arg(&diag).arg(buf_mut!(b.d_img)).arg(buf_mut!(b.d_feat)).arg(buf_mut!(b.dt_part));
+            if plan.parts_len > 0 {
+                l.arg(buf_mut!(b.parts));
+            } else {
+                l.arg(&null_parts);
+            }
             // SAFETY: matches clip_bwd* and clip_bwd_pair*; A = img (rows·d), Bm = feat
             // (nb·d) (bf16: their copies, bf16_layout(rows, d) and bf16_layout(nb, d) with row
             // stride ld), row LSEs rows, column LSEs nb, dA rows·d, dB nb·d, dt_part
-            // ⌈rows/64⌉ (written by the first pass's blocks only); the paired kernel's blocks
-            // past a pass's tiles return at once.
+            // plan.dt_parts (written by the first pass's blocks only), parts plan.parts_len or
+            // null where the plan has none; the paired kernel's blocks past a pass's tiles
+            // return at once.
             drv("launch clip_bwd (ring block)", unsafe { l.launch(cfg) })?;
-            let parts = self.rows.div_ceil(LOSS_TILE);
-            let mut host = vec![0.0f64; parts];
-            drv("download dt partials", s.memcpy_dtoh(&buf!(b.dt_part).slice(..parts), &mut host))?;
+            if plan.parts_len > 0 {
+                let (fa, fb) = plan.folds;
+                let parts = buf!(b.parts);
+                let off_b = (plan.splits() - 1) * self.rows * d;
+                super::gpu::fold_splits(gpu, buf_mut!(b.d_img), parts, 0, self.rows * d, fa)?;
+                super::gpu::fold_splits(gpu, buf_mut!(b.d_feat), parts, off_b, nb * d, fb)?;
+            }
+            let n = plan.dt_parts;
+            let mut host = vec![0.0f64; n];
+            drv("download dt partials", s.memcpy_dtoh(&buf!(b.dt_part).slice(..n), &mut host))?;
             dt = host.iter().sum();
         }
         drv("download the block's dT", s.memcpy_dtoh(&buf!(b.d_feat).slice(..nb * d), d_feat))?;

@@ -1452,12 +1452,21 @@ fn loss_checks(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
         for prec in Precision::ALL {
             let (tol_loss, tol_grad) = loss_tols(prec, scale);
             let mut det_runs = Vec::new();
-            for mode in [LossMode::Deterministic, LossMode::Fast] {
-                let g = clip_loss(gpu, &img, &txt, b, d, scale, mode, prec)?;
+            // The backward's column splits as planned (at these sizes, several on a large GPU)
+            // and, for the two larger cases, none (the grid of large batches).
+            let splits: &[Option<usize>] = if b >= 1000 { &[None, Some(1)] } else { &[None] };
+            for (mode, &bwd_splits) in [LossMode::Deterministic, LossMode::Fast]
+                .into_iter()
+                .flat_map(|m| splits.iter().map(move |s| (m, s)))
+            {
+                let mut loss = FusedClipLoss::default();
+                loss.bwd_splits = bwd_splits;
+                let g = loss.run(gpu, &img, &txt, b, d, scale, mode, prec)?;
                 let tag = format!(
-                    "{} {}",
+                    "{} {}{}",
                     prec.name(),
-                    if mode == LossMode::Fast { "fast" } else { "det" }
+                    if mode == LossMode::Fast { "fast" } else { "det" },
+                    if bwd_splits.is_some() { " 1 split" } else { "" }
                 );
                 let checks: [(&str, f64, f64, f64); 4] = [
                     ("loss", rel_err(&[g.loss], &[cpu.loss]), rel_err(&[g.loss], &[lr]), tol_loss),
@@ -1480,7 +1489,7 @@ fn loss_checks(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
                         tol,
                     ));
                 }
-                if mode == LossMode::Deterministic {
+                if mode == LossMode::Deterministic && bwd_splits.is_none() {
                     det_runs.push(g);
                     det_runs.push(clip_loss(gpu, &img, &txt, b, d, scale, mode, prec)?);
                 }
@@ -1734,6 +1743,8 @@ pub struct BenchRow {
     /// Device bytes of the loss buffers (the caller's fp32 features excluded; bf16: the bf16
     /// copies included).
     pub workspace_bytes: usize,
+    /// Column splits of the backward's grid ([`super::gpu::plan_bwd`]).
+    pub bwd_splits: usize,
     pub loss: f64,
 }
 
@@ -1755,7 +1766,7 @@ pub fn grad_fingerprint(v: &[f32]) -> (f64, f64) {
 }
 
 /// Times the fused loss (forward + backward) at `b × d`, `reps` timed runs after one warm-up,
-/// with CUDA events.
+/// with CUDA events; `bwd_splits`: the backward's column splits (None: as planned).
 #[allow(clippy::too_many_arguments)]
 pub fn bench_loss(
     gpu: &Gpu,
@@ -1765,11 +1776,13 @@ pub fn bench_loss(
     precision: Precision,
     reps: usize,
     seed: u64,
+    bwd_splits: Option<usize>,
 ) -> Result<BenchRow, CudaError> {
     let mut rng = Rng::new(seed);
     let img = gpu.upload(&random_features(&mut rng, b, d))?;
     let txt = gpu.upload(&random_features(&mut rng, b, d))?;
     let mut bufs = super::gpu::LossBuffers::new(gpu, b, d)?;
+    bufs.bwd_splits = bwd_splits;
     let scale = 14.3f32;
     super::gpu::clip_loss_launch(gpu, &mut bufs, &img, &txt, scale, mode, precision, None)?;
     gpu.sync()?;
@@ -1822,6 +1835,7 @@ pub fn bench_loss(
         grad_proj_t,
         tflops: flops / (med * 1e-3) / 1e12,
         workspace_bytes: bufs.bytes(),
+        bwd_splits: bufs.last_bwd.map_or(1, |p| p.splits()),
         loss,
     })
 }

@@ -29,7 +29,10 @@
 // shared memory by cp.async, two stages in flight. Deterministic mode runs it twice, (I, T) ->
 // dI then (T, I) -> dT (G is symmetric under the swap; clip_bwd_pair* runs both in one launch);
 // fast mode runs it once and adds dT with atomicAdd. The bf16 versions read every tensor-core
-// fragment with ldmatrix.
+// fragment with ldmatrix. When the row tiles are fewer than a wave of blocks (small batches,
+// the blocks of a ring step), the host splits the column tiles among several blocks per row
+// tile (grid z): fast mode's then add dA atomically too, deterministic mode's write shares that
+// clip_fold_splits adds in a fixed order.
 //
 // Rows and columns past B are masked (-inf in the forward, G = 0 in the backward), so any B
 // and d are valid. The bf16 copies are zero-padded to multiples of 64 rows and 64 columns, so
@@ -748,6 +751,17 @@ extern "C" __global__ void __launch_bounds__(NT) sum_f64(const double* __restric
     if (threadIdx.x == 0) out[0] = buf[0];
 }
 
+// Deterministic mode's column splits (clip_bwd_pair*, grid z = S): dst[i] += parts[0][i] +
+// parts[1][i] + ... over n_parts shares of n floats each, added in that order.
+extern "C" __global__ void clip_fold_splits(float* __restrict__ dst, const float* __restrict__ parts,
+                                            i64 n, int n_parts) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        float v = dst[i];
+        for (int p = 0; p < n_parts; ++p) v += parts[(i64)p * n + i];
+        dst[i] = v;
+    }
+}
+
 // Row stride of the fp32 versions' feature stages Fs (64 + 8 floats): the tensor-core products'
 // B-fragment loads (4 stage rows x 8 columns per warp) then hit 32 different banks, and rows stay
 // 16-byte aligned (288 bytes).
@@ -988,13 +1002,23 @@ __device__ __forceinline__ void red_add2(float* p, float x, float y) {
 #endif
 }
 
-// Grid ceil(BR/64), 256 threads, over the BR x BC logits of A's rows against Bm's rows (the
-// positive of A's row r is Bm's row r + diag, when in 0..BC; NO_DIAG: none). dA[rows of tile]
-// += s * G * Bm (dA must be initialised, e.g. zero); with dB non-null also dB += s * G^T * A by
-// atomicAdd (fast mode, not deterministic); with dt_part non-null, dt_part[blockIdx.x] = sum
-// over the block's rows of G_ij x_ij. (la_hi, la_lo): LSEs of A's rows; (lb_hi, lb_lo): LSEs of
-// Bm's rows (the other direction). d: the feature dimension (dA is BR x d, dB BC x d); ld: the
-// row stride of A and Bm (d, or for MODE 3 that of the padded bf16 copies).
+// Grid ceil(BR/64) x 1 x S, 256 threads, over the BR x BC logits of A's rows against Bm's rows
+// (the positive of A's row r is Bm's row r + diag, when in 0..BC; NO_DIAG: none). dA[rows of
+// tile] += s * G * Bm (dA must be initialised, e.g. zero); with dB non-null also dB += s * G^T *
+// A by atomicAdd (fast mode, not deterministic); with dt_part non-null, dt_part[blockIdx.x +
+// ceil(BR/64) * blockIdx.z] = sum over the block's rows and columns of G_ij x_ij.
+// (la_hi, la_lo): LSEs of A's rows; (lb_hi, lb_lo): LSEs of Bm's rows (the other direction). d:
+// the feature dimension (dA is BR x d, dB BC x d); ld: the row stride of A and Bm (d, or for
+// MODE 3 that of the padded bf16 copies).
+//
+// Column splits (grid z = S > 1, for grids of fewer row tiles than a wave of blocks): block
+// (x, 0, z) takes the column tiles [z * per, (z + 1) * per) of the ceil(BC/64), per = ceil(tiles
+// / S) (splits past the last tile have none). Fast mode then adds every dA job into dA by
+// atomicAdd too (each job from zero). Deterministic mode keeps dA an ordinary target: split 0
+// updates it as one split does, and split z > 0 its share at parts + (z - 1) * BR * d (the
+// first tile's jobs from zero, the later ones from the share), which the host folds into dA in
+// split order (clip_fold_splits): the result depends on S, which the host plans from the GPU's
+// size, and not on the blocks' timing.
 //
 // Per column tile: recompute the logits, form s * G in shared memory, then run the tile's jobs
 // (for each 64-wide feature chunk dc: dA's, then in fast mode dB's), each as 64 / SR stages of
@@ -1009,7 +1033,7 @@ __device__ __forceinline__ void clip_bwd_impl(
     float scale, float inv2b, const float* __restrict__ la_hi, const float* __restrict__ la_lo,
     const float* __restrict__ lb_hi, const float* __restrict__ lb_lo, i64 diag,
     float* __restrict__ dA,
-    float* __restrict__ dB, double* __restrict__ dt_part) {
+    float* __restrict__ dB, double* __restrict__ dt_part, float* __restrict__ parts) {
     typedef typename Tiles<MODE>::Feat Feat;
     constexpr int SR = Stage<MODE>::SR, CW = Stage<MODE>::CW, LD = Stage<MODE>::LD;
     constexpr int H = TN / SR;               // stages per tile of a job's contraction
@@ -1055,6 +1079,17 @@ __device__ __forceinline__ void clip_bwd_impl(
     const int rb = MODE == 0 ? ty : wm + wg, cb = MODE == 0 ? tx : wn + 2 * wq;
     const i64 r0 = (i64)blockIdx.x * TM;
     const i64 n_ct = (BC + TN - 1) / TN;
+    // This block's column tiles [ct_begin, ct_end) (all of them with one split), and where its
+    // dA jobs go (see above).
+    const int n_split = (int)gridDim.z, split = (int)blockIdx.z;
+    const i64 per_split = (n_ct + n_split - 1) / n_split;
+    const i64 ct_begin = split * per_split;
+    const i64 ct_end = n_ct < ct_begin + per_split ? n_ct : ct_begin + per_split;
+    const bool fast = dB != nullptr;
+    const bool dA_atomic = n_split > 1 && fast;  // dA jobs end by atomicAdd (from zero)
+    const bool share = n_split > 1 && !fast && split > 0;
+    float* const dAo = share ? parts + (i64)(split - 1) * BR * d : dA;
+    bool dA_zero = dA_atomic;  // this panel's dA jobs start from zero (set per panel)
     const int passes = dB != nullptr ? 2 : 1;
     const int n_chunks = (int)((d + CW - 1) / CW);
     // Stages per pass and chunk in the current panel (of nt tiles): a dA job contracts over all
@@ -1090,7 +1125,7 @@ __device__ __forceinline__ void clip_bwd_impl(
     // The neighbours (e, e + 1) of the tensor-core versions move as one 8-byte access when d is
     // even and dA, dB 8-byte aligned: a warp's access is then 8 rows of 32 whole bytes.
     const bool vec2 = MODE != 0 && (d & 1) == 0 &&
-                      ((reinterpret_cast<unsigned long long>(dA) |
+                      ((reinterpret_cast<unsigned long long>(dAo) |
                         reinterpret_cast<unsigned long long>(dB)) & 7) == 0;
     // The job of stage x in the panel at column c0: this thread's first output element, and how
     // many rows and columns from there are inside the matrix (for job_elems).
@@ -1104,19 +1139,20 @@ __device__ __forceinline__ void clip_bwd_impl(
         const i64 k = x.dc + cb;
         const i64 rows = (x.pass == 0 ? BR : BC) - r, cols = d - k;
         const bool in = rows > bwd_ro<MODE>(NACC - 1, 3) && cols > bwd_co<MODE>(NACC - 1, 3);
-        return Out{(x.pass == 0 ? dA : dB) + r * d + k, rows, cols, in};
+        return Out{(x.pass == 0 ? dAo : dB) + r * d + k, rows, cols, in};
     };
-    // A job's accumulators at its start: dA's current values (pass 0), or zero (pass 1).
+    // A job's accumulators at its start: dA's current values (pass 0), or zero (pass 1, and
+    // pass 0 into a split's share).
     float c[NACC][4];
     auto init = [&](St x) {
         const Out o = out(St{x.dc, 0, 0}, 0);
-        if (x.pass != 0 || !o.interior) {
+        if (x.pass != 0 || dA_zero || !o.interior) {
 #pragma unroll
             for (int i = 0; i < NACC; ++i)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) c[i][e] = 0.0f;
         }
-        if (x.pass != 0) return;
+        if (x.pass != 0 || dA_zero) return;
         if (vec2)  // (co even and cols even: co + 1 < cols with co)
             job_elems<MODE, NACC, 2>(o.p, o.rows, o.cols, d, o.interior,
                                      [&](int i, int e, const float* q) {
@@ -1129,10 +1165,11 @@ __device__ __forceinline__ void clip_bwd_impl(
                                      [&](int i, int e, const float* q) { c[i][e] = *q; });
     };
     double dt_acc = 0.0;
-    for (i64 ct = 0; ct < n_ct; ct += PT) {
+    for (i64 ct = ct_begin; ct < ct_end; ct += PT) {
         // The panel: nt column tiles from column c0 (one but in the bf16 version).
         const i64 c0 = ct * TN;
-        const int nt = PT == 1 ? 1 : (int)(n_ct - ct < PT ? n_ct - ct : PT);
+        const int nt = PT == 1 ? 1 : (int)(ct_end - ct < PT ? ct_end - ct : PT);
+        dA_zero = dA_atomic || (share && ct == ct_begin);
         HP = nt * H;
         const int n_stages = n_chunks * passes * HP;
         const St first = {0, 0, 0};
@@ -1233,7 +1270,8 @@ __device__ __forceinline__ void clip_bwd_impl(
                 // The job ends: its accumulators go out, and the next job's come in while the
                 // next stage is waited for.
                 const Out o = out(cur, c0);
-                if (vec2 && pass == 0)
+                const bool store = pass == 0 && !dA_atomic;
+                if (vec2 && store)
                     job_elems<MODE, NACC, 2>(o.p, o.rows, o.cols, d, o.interior,
                                              [&](int i, int e, float* q) {
                                                  *reinterpret_cast<float2*>(q) =
@@ -1243,7 +1281,7 @@ __device__ __forceinline__ void clip_bwd_impl(
                     job_elems<MODE, NACC, 2>(
                         o.p, o.rows, o.cols, d, o.interior,
                         [&](int i, int e, float* q) { red_add2(q, c[i][e], c[i][e + 1]); });
-                else if (pass == 0)
+                else if (store)
                     job_elems<MODE, NACC, 1>(o.p, o.rows, o.cols, d, o.interior,
                                              [&](int i, int e, float* q) { *q = c[i][e]; });
                 else
@@ -1263,7 +1301,7 @@ __device__ __forceinline__ void clip_bwd_impl(
             if (t < s) red[t] += red[t + s];
             __syncthreads();
         }
-        if (t == 0) dt_part[blockIdx.x] = red[0];
+        if (t == 0) dt_part[blockIdx.x + (BR + TM - 1) / TM * split] = red[0];
     }
 }
 
@@ -1271,8 +1309,9 @@ __device__ __forceinline__ void clip_bwd_impl(
 #define CLIP_BWD_TAIL                                                                          \
     float scale, float inv2b, const float *__restrict__ la_hi, const float *__restrict__ la_lo, \
         const float *__restrict__ lb_hi, const float *__restrict__ lb_lo, i64 diag,              \
-        float *__restrict__ dA, float *__restrict__ dB, double *__restrict__ dt_part
-#define CLIP_BWD_PASS scale, inv2b, la_hi, la_lo, lb_hi, lb_lo, diag, dA, dB, dt_part
+        float *__restrict__ dA, float *__restrict__ dB, double *__restrict__ dt_part,          \
+        float *__restrict__ parts
+#define CLIP_BWD_PASS scale, inv2b, la_hi, la_lo, lb_hi, lb_lo, diag, dA, dB, dt_part, parts
 
 // fp32 FMA / 3xTF32 / TF32 / BF16 tensor-core versions of the backward. clip_bwd_bf16 takes the
 // padded bf16 copies of clip_to_bf16 and, after d, their row stride ld.
@@ -1293,26 +1332,30 @@ extern "C" __global__ void __launch_bounds__(NT, CLIP_BWD_MIN_BLOCKS)
     clip_bwd_impl<3>(A, Bm, BR, BC, d, ld, CLIP_BWD_PASS);
 }
 
-// Deterministic mode's two backward passes in one launch: grid (max(ceil(BR/64), ceil(BC/64)), 2).
-// Blocks with blockIdx.y = 0 run the pass (A, Bm) -> dA (and dt_part), those with 1 the swapped
-// pass (Bm, A) -> dB (row and column LSEs exchanged, the diagonal offset negated); blocks past
-// their pass's row tiles return at once. Every element of dA and dB is still written by one
-// block, as with two launches of clip_bwd (bitwise the same), but the two passes' blocks fill
-// the GPU together (at B = 4k a pass alone has 64 blocks). dB is not an atomic target here.
+// Deterministic mode's two backward passes in one launch: grid (max(ceil(BR/64), ceil(BC/64)), 2,
+// S). Blocks with blockIdx.y = 0 run the pass (A, Bm) -> dA (and dt_part), those with 1 the
+// swapped pass (Bm, A) -> dB (row and column LSEs exchanged, the diagonal offset negated);
+// blocks past their pass's row tiles return at once. Every element of dA and dB (and of each
+// split's share) is still written by one block, as with two launches of clip_bwd (bitwise the
+// same), but the two passes' blocks fill the GPU together (at B = 4k a pass alone has 64
+// blocks). dB is not an atomic target here. With S > 1 column splits, the first pass's shares
+// are parts[0 .. (S - 1) BR d) and the swapped pass's the (S - 1) BC d floats after them.
 template <int MODE>
 __device__ __forceinline__ void clip_bwd_pair_impl(
     const typename Tiles<MODE>::Feat* __restrict__ A,
     const typename Tiles<MODE>::Feat* __restrict__ Bm, i64 BR, i64 BC, i64 d, i64 ld,
     float scale, float inv2b, const float* __restrict__ la_hi, const float* __restrict__ la_lo,
     const float* __restrict__ lb_hi, const float* __restrict__ lb_lo, i64 diag,
-    float* __restrict__ dA, float* __restrict__ dB, double* __restrict__ dt_part) {
+    float* __restrict__ dA, float* __restrict__ dB, double* __restrict__ dt_part,
+    float* __restrict__ parts) {
     const bool sw = blockIdx.y == 1;
     if ((i64)blockIdx.x * TM >= (sw ? BC : BR)) return;
     const i64 dg = (sw && diag != NO_DIAG) ? -diag : diag;
     // One call site, so that the shared memory of clip_bwd_impl exists once.
     clip_bwd_impl<MODE>(sw ? Bm : A, sw ? A : Bm, sw ? BC : BR, sw ? BR : BC, d, ld, scale, inv2b,
                         sw ? lb_hi : la_hi, sw ? lb_lo : la_lo, sw ? la_hi : lb_hi,
-                        sw ? la_lo : lb_lo, dg, sw ? dB : dA, nullptr, sw ? nullptr : dt_part);
+                        sw ? la_lo : lb_lo, dg, sw ? dB : dA, nullptr, sw ? nullptr : dt_part,
+                        sw ? parts + (i64)(gridDim.z - 1) * BR * d : parts);
 }
 
 // The paired versions of clip_bwd* (same parameters; dB receives the swapped pass's dA).
