@@ -434,16 +434,24 @@ fn ring_blocks_match_the_cpu_ring_and_the_f64_reference() {
     use LossMode::{Deterministic as Det, Fast};
     use Precision::{Bf16, Fp32, Tf32, Tf32x3};
     let m = module("clip_loss.cu").unwrap_or_else(|e| panic!("{e}"));
-    let mut rng = Rng::new(17);
-    let (scale, wave) = (20.0f32, 4usize);
-    type Case<'a> = (&'a [usize], usize, usize, &'a [(LossMode, Precision)]);
     let cases: [Case; 4] = [
         (&[150], 40, 80, &[(Det, Fp32), (Fast, Fp32)]),
         (&[90, 57], 67, 80, &[(Det, Fp32), (Fast, Fp32), (Det, Tf32)]),
         (&[40, 0, 70, 33], 72, 80, &[(Det, Fp32), (Fast, Fp32)]),
         (&[70], 40, 40, &[(Det, Tf32x3), (Fast, Tf32), (Det, Bf16)]),
     ];
-    for (sizes, d, chunk_rows, runs) in cases {
+    check_against_cpu_ring(&m, 17, 4, &cases);
+}
+
+/// Rows per rank, d, chunk rows, and the (mode, precision) runs of a ring case.
+type Case<'a> = (&'a [usize], usize, usize, &'a [(LossMode, Precision)]);
+
+/// Each case's ring with the emulated blocks (`wave`: their block budget; scale 20, features
+/// drawn from `seed`) against the CPU ring and the f64 reference, with `selftest::loss_tols`.
+fn check_against_cpu_ring(m: &Arc<EmuModule>, seed: u64, wave: usize, cases: &[Case]) {
+    let mut rng = Rng::new(seed);
+    let scale = 20.0f32;
+    for &(sizes, d, chunk_rows, runs) in cases {
         let feats: Vec<(Vec<f32>, Vec<f32>)> = sizes
             .iter()
             .map(|&b| (random_features(&mut rng, b, d), random_features(&mut rng, b, d)))
@@ -457,7 +465,7 @@ fn ring_blocks_match_the_cpu_ring_and_the_f64_reference() {
             let t = std::time::Instant::now();
             let tag =
                 format!("rows {sizes:?} d={d} chunk {chunk_rows} {} {}", prec.name(), mode.name());
-            let got = run_ring(&feats, d, scale, chunk_rows, Some((&m, mode, prec, wave, 0)))
+            let got = run_ring(&feats, d, scale, chunk_rows, Some((m, mode, prec, wave, 0)))
                 .unwrap_or_else(|e| panic!("{tag}: {e}"));
             assert_eq!(got.len(), sizes.len());
             for (g, &b) in got.iter().zip(sizes) {
@@ -517,34 +525,10 @@ fn ring_blocks_with_backward_column_splits_match_the_cpu_ring() {
     use LossMode::{Deterministic as Det, Fast};
     use Precision::{Bf16, Fp32};
     let m = module("clip_loss.cu").unwrap_or_else(|e| panic!("{e}"));
-    let mut rng = Rng::new(31);
-    let (scale, wave) = (20.0f32, 64usize);
+    let wave = 64;
     let det = plan_bwd(Det, 150, 70, 40, wave, None);
     assert_eq!((det.splits(), det.folds), (3, (1, 2)), "the case below splits as described");
     assert_eq!(plan_bwd(Fast, 150, 70, 40, wave, None).splits(), 2);
     let runs: &[(LossMode, Precision)] = &[(Det, Fp32), (Fast, Fp32), (Det, Bf16), (Fast, Bf16)];
-    for (sizes, d, chunk) in [(&[150usize][..], 40usize, 70usize), (&[90, 57], 67, 80)] {
-        let feats: Vec<(Vec<f32>, Vec<f32>)> = sizes
-            .iter()
-            .map(|&b| (random_features(&mut rng, b, d), random_features(&mut rng, b, d)))
-            .collect();
-        let cpu = run_ring(&feats, d, scale, chunk, None).expect("the CPU ring");
-        let all_img: Vec<f64> = feats.iter().flat_map(|(i, _)| to64(i)).collect();
-        let all_txt: Vec<f64> = feats.iter().flat_map(|(_, t)| to64(t)).collect();
-        let big_b = sizes.iter().sum::<usize>();
-        let reference = clip_loss_reference_f64(&all_img, &all_txt, big_b, d, scale as f64);
-        for &(mode, prec) in runs {
-            let tag = format!("rows {sizes:?} d={d} chunk {chunk} {} {}", prec.name(), mode.name());
-            let got = run_ring(&feats, d, scale, chunk, Some((&m, mode, prec, wave, 0)))
-                .unwrap_or_else(|e| panic!("{tag}: {e}"));
-            let errs = ring_errs(&got, &cpu, &reference);
-            eprintln!("{tag}: {errs:?}");
-            let (tol_loss, tol_grad) = loss_tols(prec, scale);
-            for (what, e_cpu, e_ref) in errs {
-                let tol = if what == "loss" { tol_loss } else { tol_grad };
-                assert!(e_cpu <= tol, "{tag} {what}: {e_cpu:.3e} vs the CPU ring > {tol}");
-                assert!(e_ref <= tol, "{tag} {what}: {e_ref:.3e} vs the reference > {tol}");
-            }
-        }
-    }
+    check_against_cpu_ring(&m, 31, wave, &[(&[150], 40, 70, runs), (&[90, 57], 67, 80, runs)]);
 }

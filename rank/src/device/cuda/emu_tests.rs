@@ -10,6 +10,16 @@ use crate::device::cuda::selftest::{loss_tols, random_features, rel_err};
 use crate::loss::clip_loss_reference_f64;
 use crate::rng::Rng;
 
+/// The loss's inputs: `b × d` image and text features and the logit scale.
+#[derive(Clone, Copy)]
+struct Inputs<'a> {
+    img: &'a [f32],
+    txt: &'a [f32],
+    b: usize,
+    d: usize,
+    scale: f32,
+}
+
 struct EmuLoss {
     loss: f64,
     d_img: Vec<f32>,
@@ -34,20 +44,16 @@ fn launch_shared(m: &EmuModule, name: &str, grid: (u32, u32, u32), shared: u32, 
 /// one wave), small here so that rows and columns are split among several blocks;
 /// `bwd_splits`: the backward's column splits instead of the planned ones (`LossBuffers::
 /// bwd_splits`). `m` compiled with the knobs `defs`.
-#[allow(clippy::too_many_arguments)]
 fn emu_clip_loss(
     m: &EmuModule,
     defs: &Defines,
-    img: &[f32],
-    txt: &[f32],
-    b: usize,
-    d: usize,
-    scale: f32,
+    x: &Inputs,
     mode: LossMode,
     prec: Precision,
     target: usize,
     bwd_splits: Option<usize>,
 ) -> EmuLoss {
+    let Inputs { img, txt, b, d, scale } = *x;
     let n_t = b.div_ceil(LOSS_TILE);
     let grid = plan_fwd_grid(n_t, target);
     let (bi, di) = (b as i64, d as i64);
@@ -184,7 +190,8 @@ fn fused_loss_kernels_match_the_f64_reference_in_every_precision_and_mode() {
             let (tol_loss, tol_grad) = loss_tols(prec, scale);
             for mode in LossMode::ALL {
                 let t = std::time::Instant::now();
-                let g = emu_clip_loss(&m, &none, &img, &txt, b, d, scale, mode, prec, target, None);
+                let x = Inputs { img: &img, txt: &txt, b, d, scale };
+                let g = emu_clip_loss(&m, &none, &x, mode, prec, target, None);
                 let errs = [
                     ("loss", rel_err(&[g.loss], &[lr]), tol_loss),
                     ("dI", rel_err(&g.d_img, &dir), tol_grad),
@@ -240,19 +247,8 @@ fn bf16_backward_panels_give_the_single_tile_results_bitwise() {
             LossMode::ALL
                 .iter()
                 .map(|&mode| {
-                    emu_clip_loss(
-                        &one,
-                        &none,
-                        img,
-                        txt,
-                        b,
-                        d,
-                        scale,
-                        mode,
-                        Precision::Bf16,
-                        target,
-                        None,
-                    )
+                    let x = Inputs { img, txt, b, d, scale };
+                    emu_clip_loss(&one, &none, &x, mode, Precision::Bf16, target, None)
                 })
                 .collect()
         })
@@ -266,19 +262,8 @@ fn bf16_backward_panels_give_the_single_tile_results_bitwise() {
                 clip_loss_reference_f64(&to64(img), &to64(txt), b, d, scale as f64);
             let (tol_loss, tol_grad) = loss_tols(Precision::Bf16, scale);
             for (mode, s) in LossMode::ALL.into_iter().zip(single) {
-                let p = emu_clip_loss(
-                    &m,
-                    &defs,
-                    img,
-                    txt,
-                    b,
-                    d,
-                    scale,
-                    mode,
-                    Precision::Bf16,
-                    target,
-                    None,
-                );
+                let x = Inputs { img, txt, b, d, scale };
+                let p = emu_clip_loss(&m, &defs, &x, mode, Precision::Bf16, target, None);
                 let what = format!("panel {panel}, B={b} d={d} {}", mode.name());
                 assert!(p.guards, "{what}: a kernel wrote outside its buffers");
                 assert!(rel_err(&[p.loss], &[lr]) <= tol_loss, "{what}: loss");
@@ -339,6 +324,7 @@ fn backward_column_splits_give_the_one_split_results() {
         let txt = random_features(&mut rng, b, d);
         let (lr, dir, dtr, dtr_t) =
             clip_loss_reference_f64(&to64(&img), &to64(&txt), b, d, scale as f64);
+        let x = Inputs { img: &img, txt: &txt, b, d, scale };
         for prec in Precision::ALL {
             let (tol_loss, tol_grad) = loss_tols(prec, scale);
             // The tensor-core precisions' emulation is slow: one split count each beyond one.
@@ -348,14 +334,13 @@ fn backward_column_splits_give_the_one_split_results() {
                 &splits[..1]
             };
             for mode in LossMode::ALL {
-                let one = emu_clip_loss(&m, &none, &img, &txt, b, d, scale, mode, prec, 1, Some(1));
+                let one = emu_clip_loss(&m, &none, &x, mode, prec, 1, Some(1));
                 for &n in ns {
                     let plan = plan_bwd(mode, b, b, d, 1, Some(n));
                     let tiles = b.div_ceil(LOSS_TILE);
                     let per = tiles.div_ceil(n);
                     assert_eq!(plan.splits(), tiles.div_ceil(per), "B={b}: {n} splits evened");
-                    let g =
-                        emu_clip_loss(&m, &none, &img, &txt, b, d, scale, mode, prec, 1, Some(n));
+                    let g = emu_clip_loss(&m, &none, &x, mode, prec, 1, Some(n));
                     let what = format!("B={b} d={d} {} {} {n} splits", prec.name(), mode.name());
                     assert!(g.guards, "{what}: a kernel wrote outside its buffers");
                     assert_eq!(g.loss.to_bits(), one.loss.to_bits(), "{what}: loss");
