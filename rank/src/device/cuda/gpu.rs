@@ -30,6 +30,10 @@ pub struct Gpu {
     pub cached: usize,
     /// The kernel knobs' values the sources were compiled with.
     pub defines: Defines,
+    /// Backward blocks in one wave per backward kernel (`clip_bwd*`, `clip_bwd_pair*`): the
+    /// multiprocessors × the kernel's resident blocks with its dynamic shared memory, asked of
+    /// the driver once here (see [`backward_wave`]).
+    bwd_waves: HashMap<String, usize>,
 }
 
 pub(crate) fn drv<T>(
@@ -142,8 +146,23 @@ impl Gpu {
                 )?;
             }
         }
+        let sms = sm_count(&ctx)?;
+        drv("bind context", ctx.bind_to_thread())?;
+        let mut bwd_waves = HashMap::new();
+        for p in Precision::ALL {
+            let shared = bwd_shared_bytes(p, defs) as usize;
+            for k in [p.kernels().1, p.bwd_pair()] {
+                let f = funcs.get(k.as_str()).expect("clip_loss.cu's kernels are loaded");
+                let occ = drv(
+                    &format!("occupancy of {k}"),
+                    f.occupancy_max_active_blocks_per_multiprocessor(256, shared, None),
+                )?;
+                bwd_waves.insert(k, sms * occ.max(1) as usize);
+            }
+        }
         let compile_ms = t.elapsed().as_secs_f64() * 1e3;
-        Ok(Gpu { ctx, stream, arch, name, funcs, compile_ms, cached, defines: defs.clone() })
+        let defines = defs.clone();
+        Ok(Gpu { ctx, stream, arch, name, funcs, compile_ms, cached, defines, bwd_waves })
     }
 
     /// The loaded kernel `name`.
@@ -398,44 +417,47 @@ pub fn plan_bwd(
     BwdPlan { grid: (gx.max(1) as u32, gy as u32, s as u32), dt_parts: rt * s, folds, parts_len }
 }
 
-/// Backward blocks in one wave on `gpu`: multiprocessors × resident blocks of `kernel` with
-/// `shared` bytes of dynamic shared memory.
-pub fn backward_wave(gpu: &Gpu, kernel: &str, shared: u32) -> Result<usize, CudaError> {
-    drv("bind context", gpu.ctx.bind_to_thread())?;
-    let occ = drv(
-        "occupancy of the fused-loss backward",
-        gpu.func(kernel)?.occupancy_max_active_blocks_per_multiprocessor(
-            256,
-            shared as usize,
-            None,
-        ),
-    )?;
-    Ok(sm_count(gpu)? * occ.max(1) as usize)
+/// Backward blocks in one wave on `gpu`: multiprocessors × resident blocks of the backward
+/// kernel `kernel` with its dynamic shared memory ([`bwd_shared_bytes`]), as `Gpu::open_with`
+/// found them (no driver call here: training asks every step).
+pub fn backward_wave(gpu: &Gpu, kernel: &str) -> Result<usize, CudaError> {
+    gpu.bwd_waves.get(kernel).copied().ok_or_else(|| {
+        CudaError::Invalid(format!("{kernel} is not a backward kernel of the fused loss"))
+    })
 }
 
-/// The backward's column splits of deterministic mode: `dst[i] += shares[0][i] + … +
-/// shares[n_parts − 1][i]` for the `n` values of `dst`, in that order (`clip_fold_splits`).
-pub(crate) fn fold_splits(
+/// Deterministic mode's column splits, after the backward of `plan`: adds the splits' shares
+/// in `parts` into dA (its first `n_a` values: rows × d) and dB (`n_b`: columns × d), each in
+/// split order (`clip_fold_splits`). The swapped pass's shares follow the first pass's
+/// `(splits − 1) · n_a` floats. Nothing to do without shares.
+pub(crate) fn fold_bwd_shares(
     gpu: &Gpu,
-    dst: &mut CudaSlice<f32>,
-    parts: &CudaSlice<f32>,
-    offset: usize,
-    n: usize,
-    n_parts: usize,
+    plan: &BwdPlan,
+    parts: Option<&CudaSlice<f32>>,
+    d_a: &mut CudaSlice<f32>,
+    n_a: usize,
+    d_b: &mut CudaSlice<f32>,
+    n_b: usize,
 ) -> Result<(), CudaError> {
-    if n_parts == 0 || n == 0 {
-        return Ok(());
+    let Some(parts) = parts.filter(|_| plan.parts_len > 0) else { return Ok(()) };
+    let off_b = (plan.splits() - 1) * n_a;
+    for (dst, off, n, n_parts) in [(d_a, 0, n_a, plan.folds.0), (d_b, off_b, n_b, plan.folds.1)] {
+        if n_parts == 0 || n == 0 {
+            continue;
+        }
+        if dst.len() < n || parts.len() < off + n_parts * n {
+            return Err(CudaError::Invalid(
+                "clip_fold_splits: buffers shorter than planned".into(),
+            ));
+        }
+        let (n64, np) = (n as i64, n_parts as i32);
+        let shares = parts.slice(off..off + n_parts * n);
+        let mut l = gpu.stream.launch_builder(gpu.func("clip_fold_splits")?);
+        l.arg(dst).arg(&shares).arg(&n64).arg(&np);
+        // SAFETY: matches clip_fold_splits; dst holds at least n values, the shares
+        // n_parts · n (both checked above).
+        drv("launch clip_fold_splits", unsafe { l.launch(elem_cfg(n)) })?;
     }
-    if dst.len() < n || parts.len() < offset + n_parts * n {
-        return Err(CudaError::Invalid("clip_fold_splits: buffers shorter than planned".into()));
-    }
-    let (n64, np) = (n as i64, n_parts as i32);
-    let shares = parts.slice(offset..offset + n_parts * n);
-    let mut l = gpu.stream.launch_builder(gpu.func("clip_fold_splits")?);
-    l.arg(dst).arg(&shares).arg(&n64).arg(&np);
-    // SAFETY: matches clip_fold_splits; dst holds at least n values, the shares n_parts · n
-    // (both checked above).
-    drv("launch clip_fold_splits", unsafe { l.launch(elem_cfg(n)) })?;
     Ok(())
 }
 
@@ -574,7 +596,7 @@ impl LossBuffers {
 /// kernels (the least over the precisions, so a grid never spills into a second, mostly idle
 /// wave).
 pub fn forward_wave(gpu: &Gpu) -> Result<usize, CudaError> {
-    let sms = sm_count(gpu)?;
+    let sms = sm_count(&gpu.ctx)?;
     // Resident blocks per multiprocessor: the least over the forward's precisions, so the
     // grid never spills into a second, mostly idle wave.
     drv("bind context", gpu.ctx.bind_to_thread())?;
@@ -589,11 +611,11 @@ pub fn forward_wave(gpu: &Gpu) -> Result<usize, CudaError> {
     Ok(sms * (per_sm.max(1) as usize))
 }
 
-/// The multiprocessors of `gpu` (at least 1).
-fn sm_count(gpu: &Gpu) -> Result<usize, CudaError> {
+/// The multiprocessors of the device of `ctx` (at least 1).
+fn sm_count(ctx: &CudaContext) -> Result<usize, CudaError> {
     let n = drv(
         "multiprocessor count",
-        gpu.ctx.attribute(
+        ctx.attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
         ),
     )?;
@@ -736,7 +758,7 @@ pub fn clip_loss_launch(
         LossMode::Deterministic => precision.bwd_pair(),
     };
     let shared = bwd_shared_bytes(precision, &gpu.defines);
-    let wave = if bufs.bwd_splits.is_none() { backward_wave(gpu, &bwd, shared)? } else { 0 };
+    let wave = backward_wave(gpu, &bwd)?;
     let plan = plan_bwd(mode, bufs.b, bufs.b, bufs.d, wave, bufs.bwd_splits);
     if bufs.dt_part.len() < plan.dt_parts {
         bufs.dt_part = gpu.zeros(plan.dt_parts)?;
@@ -765,12 +787,8 @@ pub fn clip_loss_launch(
     // after d); dA/dB hold b·d values, dt_part plan.dt_parts (grown above), parts
     // plan.parts_len (grown above) or null where the plan has no shares.
     drv("launch clip_bwd", unsafe { l.launch(rows) })?;
-    if let Some(p) = &bufs.parts {
-        let (n, (fa, fb)) = (bufs.b * bufs.d, plan.folds);
-        let off_b = (plan.splits() - 1) * n; // the swapped pass's shares, after the first's
-        fold_splits(gpu, &mut bufs.d_img, p, 0, n, fa)?;
-        fold_splits(gpu, &mut bufs.d_txt, p, off_b, n, fb)?;
-    }
+    let n = bufs.b * bufs.d;
+    fold_bwd_shares(gpu, &plan, bufs.parts.as_ref(), &mut bufs.d_img, n, &mut bufs.d_txt, n)?;
     let n_parts = plan.dt_parts as i64;
     let f = gpu.func("sum_f64")?;
     let mut l = s.launch_builder(f);
@@ -819,7 +837,7 @@ type FeatCopies = (CudaSlice<f32>, CudaSlice<f32>);
 
 impl FusedClipLoss {
     /// The loss buffers and the features' device copies for `b × d`, reallocated only when the
-    /// size changes (the old size freed first).
+    /// size changes (the old size freed first); the buffers take this loss's `bwd_splits`.
     fn sized(
         &mut self,
         gpu: &Gpu,
@@ -832,7 +850,10 @@ impl FusedClipLoss {
             self.feats = Some((gpu.zeros(b * d)?, gpu.zeros(b * d)?));
         }
         match (self.bufs.as_mut(), self.feats.as_mut()) {
-            (Some(bufs), Some(feats)) => Ok((bufs, feats)),
+            (Some(bufs), Some(feats)) => {
+                bufs.bwd_splits = self.bwd_splits;
+                Ok((bufs, feats))
+            }
             _ => unreachable!("both set above"),
         }
     }
@@ -857,9 +878,7 @@ impl FusedClipLoss {
                 txt.len()
             )));
         }
-        let splits = self.bwd_splits;
         let (bufs, (di, dt)) = self.sized(gpu, b, d)?;
-        bufs.bwd_splits = splits;
         drv("copy to device", gpu.stream.memcpy_htod(img, di))?;
         drv("copy to device", gpu.stream.memcpy_htod(txt, dt))?;
         clip_loss_launch(gpu, bufs, di, dt, scale, mode, precision, None)?;
@@ -907,9 +926,7 @@ impl FusedClipLoss {
             })
         };
         let (src_i, src_t, out_i, out_t) = (addr(img)?, addr(txt)?, addr(d_img)?, addr(d_txt)?);
-        let splits = self.bwd_splits;
         let (bufs, (di, dt)) = self.sized(gpu, b, d)?;
-        bufs.bwd_splits = splits;
         let cu = gpu.stream.cu_stream();
         for (dst, src) in [(&mut *di, src_i), (&mut *dt, src_t)] {
             let (p, _g) = dst.device_ptr_mut(&gpu.stream);

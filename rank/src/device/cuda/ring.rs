@@ -84,8 +84,6 @@ pub struct GpuClipBlocks<'g> {
     precision: Precision,
     /// Forward blocks in one wave (multiprocessors × resident blocks).
     wave: usize,
-    /// Backward blocks in one wave (of this mode's and precision's kernel).
-    bwd_wave: usize,
     rows: usize,
     d: usize,
     scale: f32,
@@ -112,17 +110,11 @@ impl<'g> GpuClipBlocks<'g> {
     /// Blocks for every [`LossMode`] and [`Precision`].
     pub fn new(gpu: &'g Gpu, mode: LossMode, precision: Precision) -> Result<Self, CudaError> {
         let wave = super::gpu::forward_wave(gpu)?;
-        let bwd_wave = super::gpu::backward_wave(
-            gpu,
-            &Self::bwd_kernel(mode, precision),
-            super::gpu::bwd_shared_bytes(precision, &gpu.defines),
-        )?;
         Ok(GpuClipBlocks {
             gpu,
             mode,
             precision,
             wave,
-            bwd_wave,
             rows: 0,
             d: 0,
             scale: 1.0,
@@ -252,7 +244,9 @@ impl<'g> GpuClipBlocks<'g> {
         ensure(gpu, &mut b.lb_hi, nb)?;
         ensure(gpu, &mut b.lb_lo, nb)?;
         ensure(gpu, &mut b.d_feat, nb * d)?;
-        let plan = super::gpu::plan_bwd(self.mode, self.rows, nb, d, self.bwd_wave, None);
+        let kernel = Self::bwd_kernel(self.mode, self.precision);
+        let bwd_wave = super::gpu::backward_wave(gpu, &kernel)?;
+        let plan = super::gpu::plan_bwd(self.mode, self.rows, nb, d, bwd_wave, None);
         ensure(gpu, &mut b.dt_part, plan.dt_parts)?;
         if plan.parts_len > 0 {
             ensure(gpu, &mut b.parts, plan.parts_len)?;
@@ -268,7 +262,7 @@ impl<'g> GpuClipBlocks<'g> {
         drv("zero the block's dT", s.memset_zeros(&mut buf_mut!(b.d_feat).slice_mut(..nb * d)))?;
         // Self::bwd_kernel; in deterministic mode d_feat takes the swapped pass's dA (the
         // paired kernel's grid covers the longer pass's row tiles). Columns split as planned.
-        let f = gpu.func(&Self::bwd_kernel(self.mode, self.precision))?;
+        let f = gpu.func(&kernel)?;
         let mut dt = 0.0;
         if self.rows > 0 {
             let cfg = LaunchConfig {
@@ -299,13 +293,9 @@ impl<'g> GpuClipBlocks<'g> {
             // null where the plan has none; the paired kernel's blocks past a pass's tiles
             // return at once.
             drv("launch clip_bwd (ring block)", unsafe { l.launch(cfg) })?;
-            if plan.parts_len > 0 {
-                let (fa, fb) = plan.folds;
-                let parts = buf!(b.parts);
-                let off_b = (plan.splits() - 1) * self.rows * d;
-                super::gpu::fold_splits(gpu, buf_mut!(b.d_img), parts, 0, self.rows * d, fa)?;
-                super::gpu::fold_splits(gpu, buf_mut!(b.d_feat), parts, off_b, nb * d, fb)?;
-            }
+            let (d_img, d_feat) = (buf_mut!(b.d_img), buf_mut!(b.d_feat));
+            let n_a = self.rows * d;
+            super::gpu::fold_bwd_shares(gpu, &plan, b.parts.as_ref(), d_img, n_a, d_feat, nb * d)?;
             let n = plan.dt_parts;
             let mut host = vec![0.0f64; n];
             drv("download dt partials", s.memcpy_dtoh(&buf!(b.dt_part).slice(..n), &mut host))?;
