@@ -2,7 +2,9 @@
 # The one script a GPU session runs (issue 7): library discovery, the NVRTC kernel check, the
 # GPU self-test (every kernel vs the CPU device and an f64 reference, cuBLAS, the fused CLIP
 # loss vs the CPU tiled loss, every NCCL collective at world size 1), the NCCL all-reduce
-# bandwidth at world size 1 (raw NCCL vs Tessera's NcclComm), a timing of the fused loss (every
+# bandwidth over every GPU of the machine (raw NCCL vs Tessera's NcclComm), training on the GPU
+# against the CPU (scripts/gpu-train-check.sh; with several GPUs also one rank per GPU over
+# NCCL), a timing of the fused loss (every
 # precision, bf16 included) against a naive PyTorch CLIP loss, and the peers: inf-cl (its wheel
 # carried in target/peer-wheels, see docs/GPU.md), the naive loss in bf16, and the default
 # model's training step in PyTorch eager. Our bf16 loss runs at every size where inf-cl and the
@@ -35,7 +37,14 @@ step nvidia-smi 30 nvidia-smi
 step probe 60 "$bin" cuda probe
 step check-kernels 120 "$bin" cuda check-kernels --arch sm_80,sm_90 --resource-usage
 step selftest 180 "$bin" cuda selftest --json "$out/selftest.json"
-step nccl-bench 30 "$bin" cuda nccl-bench --world 1 --bytes 1M,64M --iters 20 --warmup 5 --timeout-s 20 --json "$out/nccl-bench.jsonl"
+# All-reduce over every GPU (--world 0); with several, a 256 MiB size too, where bus bandwidth
+# (issue 7's target: Tessera >= 0.97x raw NCCL) is near its peak.
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+if ((gpus > 1)); then
+    step nccl-bench 60 "$bin" cuda nccl-bench --world 0 --bytes 1M,64M,256M --iters 20 --warmup 5 --timeout-s 30 --json "$out/nccl-bench.jsonl"
+else
+    step nccl-bench 30 "$bin" cuda nccl-bench --world 0 --bytes 1M,64M --iters 20 --warmup 5 --timeout-s 20 --json "$out/nccl-bench.jsonl"
+fi
 step train-cuda 150 scripts/gpu-train-check.sh "$bin" "$out" 50
 precs=fp32,tf32x3,tf32,bf16
 step bench-loss 150 "$bin" cuda bench-loss --batch 4096,16384 --dim 512,768 --mode both --precision "$precs" --reps 5 --json "$out/bench-loss.jsonl"
@@ -64,9 +73,9 @@ fi
 echo
 echo "=== selftest table"
 sed -n '/^group /,/checks, .* failed$/p' "$out/selftest.log" 2>/dev/null
-echo "=== NCCL all-reduce, world 1: raw NCCL vs Tessera's NcclComm (vs_raw: busbw ratio, algbw at world 1)"
+echo "=== NCCL all-reduce over $gpus GPU(s): raw NCCL vs Tessera's NcclComm (vs_raw: busbw ratio, algbw at world 1)"
 sed -n '/^ *bytes path/,/^cuda nccl-bench/p' "$out/nccl-bench.log" 2>/dev/null
-echo "=== two ranks training on the one GPU vs on the CPU"
+echo "=== training on the GPU(s) vs on the CPU"
 grep -h '^train-check:' "$out/train-cuda.log" 2>/dev/null
 echo "=== fused loss (tessera) vs naive PyTorch fp32, fwd+bwd ms (median)"
 grep -hE '^ +[0-9]+ +[0-9]+ ' "$out/bench-loss.log" "$out/bench-loss-64k.log" "$out/bench-64k-768.log" 2>/dev/null
