@@ -114,6 +114,12 @@ pub struct RunConfig {
     /// `run.device = "cuda"`: how cuBLAS computes the model's GEMMs: `fp32` (tracks the CPU),
     /// `tf32` or `bf16` (tensor cores, fp32 accumulation).
     pub cuda_gemm: String,
+    /// `run.device = "cuda"`: values of the CUDA kernels' tuning knobs, as `NAME=VALUE` items
+    /// (e.g. `["CLIP_BWD_PANEL=2"]`), compiled into this job's kernels; empty (the default):
+    /// the knobs' defaults. The knobs, their ranges and how to time a value first:
+    /// docs/GPU.md, "Kernel knobs" (`tessera cuda bench-loss --define NAME=VALUE`). Ignored on
+    /// the CPU.
+    pub cuda_kernel_defines: Vec<String>,
     /// The collectives of training: `tcp` (the ring over the data plane; any devices, several
     /// ranks per GPU) or `nccl` (one GPU per rank, GPU `local_rank`; the id travels through
     /// the coordinator's store).
@@ -166,6 +172,7 @@ impl Default for RunConfig {
             cuda_loss: "fused".into(),
             cuda_loss_precision: "fp32".into(),
             cuda_loss_mode: "deterministic".into(),
+            cuda_kernel_defines: Vec::new(),
             collectives: CollectivesKind::Tcp,
         }
     }
@@ -283,6 +290,7 @@ pub const RESUME_IGNORED_KEYS: &[&str] = &[
     "run.check_collectives",
     "run.overlap_allreduce",
     "run.allreduce_bucket_bytes",
+    "run.cuda_kernel_defines",
 ];
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -395,6 +403,12 @@ impl Config {
                 "run.cuda_loss_mode = {:?}: must be one of {} (the fused CLIP loss's backward)",
                 self.run.cuda_loss_mode,
                 quoted(&LossMode::ALL.map(LossMode::name)),
+            ));
+        }
+        if let Err(e) = crate::device::cuda::nvrtc::Defines::parse(&self.run.cuda_kernel_defines) {
+            return Err(format!(
+                "run.cuda_kernel_defines = {:?}: {e} (leave it empty for the defaults)",
+                self.run.cuda_kernel_defines
             ));
         }
         if self.run.allreduce_bucket_bytes < 4 {
@@ -611,6 +625,29 @@ mod tests {
         assert_eq!(cfg.run.cuda_loss, "host");
         let err = Config::load(None, &["run.cuda_loss=\"gpu\"".into()]).unwrap_err().to_string();
         assert!(err.contains("run.cuda_loss") && err.contains("fused"), "{err}");
+    }
+
+    #[test]
+    fn kernel_defines_are_checked_with_the_config_and_leave_resume_alone() {
+        let base = Config::load(None, &[]).unwrap();
+        assert!(base.run.cuda_kernel_defines.is_empty());
+        let set = |v: &str| Config::load(None, &[format!("run.cuda_kernel_defines={v}")]);
+        let cfg = set(r#"["CLIP_BWD_PANEL=2", "CLIP_FWD_MIN_BLOCKS=3"]"#).unwrap();
+        let defs = crate::device::cuda::nvrtc::Defines::parse(&cfg.run.cuda_kernel_defines);
+        let defs = defs.unwrap();
+        assert_eq!((defs.value("CLIP_BWD_PANEL"), defs.value("CLIP_FWD_MIN_BLOCKS")), (2, 3));
+        // A tuning knob, like the bucket size: a checkpoint resumes under another value (and
+        // the checkpoints of configs from before the key have the same hash).
+        assert_eq!(cfg.resume_hash(), base.resume_hash());
+        for (bad, want) in [
+            (r#"["NOPE=1"]"#, "no knob named \"NOPE\""),
+            (r#"["CLIP_BWD_PANEL=9"]"#, "1..=4"),
+            (r#"["CLIP_BWD_PANEL"]"#, "expected NAME=VALUE"),
+            (r#"["CLIP_BWD_PANEL=2", "CLIP_BWD_PANEL=3"]"#, "CLIP_BWD_PANEL"),
+        ] {
+            let err = set(bad).unwrap_err().to_string();
+            assert!(err.contains("run.cuda_kernel_defines") && err.contains(want), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::device::cuda::CudaError;
 use crate::device::cuda::device::{CudaDevice, CudaDeviceOpts, GemmMath};
 use crate::device::cuda::gpu::{FusedClipLoss, Gpu, LossMode, Precision};
 use crate::device::cuda::nccl::{NcclComm, OverlapAllReduce};
+use crate::device::cuda::nvrtc::Defines;
 use crate::device::cuda::ring::GpuClipBlocks;
 use crate::device::{CpuDevice, Device, DeviceBuf};
 use crate::eval::{self, EvalReport};
@@ -649,8 +650,20 @@ fn open_cuda(cfg: &Config, info: &RankInfo) -> Result<CudaDevice, TrainError> {
     };
     let gpus = Gpu::count().map_err(fail)?;
     let gemm_math = GemmMath::parse(&cfg.run.cuda_gemm).unwrap_or_default();
-    CudaDevice::open(Gpu::ordinal_for(info.local_rank, gpus), CudaDeviceOpts { gemm_math })
-        .map_err(fail)
+    // (Validated with the config.)
+    let defines = Defines::parse(&cfg.run.cuda_kernel_defines).map_err(fail)?;
+    if !defines.is_empty() && info.rank == 0 {
+        eprintln!(
+            "run.cuda_kernel_defines: the CUDA kernels are compiled with {}",
+            cfg.run.cuda_kernel_defines.join(", ")
+        );
+    }
+    CudaDevice::open_with(
+        Gpu::ordinal_for(info.local_rank, gpus),
+        CudaDeviceOpts { gemm_math },
+        &defines,
+    )
+    .map_err(fail)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -43,6 +43,7 @@ use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg, result as dr, sys 
 use super::CudaError;
 use super::gpu::{Gpu, drv, elem_cfg, row_cfg};
 use super::libs::{Lib, require};
+use super::nvrtc::Defines;
 use crate::device::{Device, L2_NORM_EPS, XentOut};
 use crate::optim::passes::{LambJob, MomentumJob, ReduceJob, Span, Sums, check_spans};
 
@@ -360,10 +361,20 @@ impl CudaDevice {
     /// stream. Fails (never panics) when the driver, NVRTC or cuBLAS is missing, the GPU does
     /// not exist, lacks concurrent managed access, or a kernel does not compile.
     pub fn open(ordinal: usize, opts: CudaDeviceOpts) -> Result<CudaDevice, CudaError> {
+        CudaDevice::open_with(ordinal, opts, &Defines::default())
+    }
+
+    /// [`CudaDevice::open`] with the kernels compiled with the tuning knobs `defs` (training's
+    /// `run.cuda_kernel_defines`).
+    pub fn open_with(
+        ordinal: usize,
+        opts: CudaDeviceOpts,
+        defs: &Defines,
+    ) -> Result<CudaDevice, CudaError> {
         require(Lib::Driver)?;
         require(Lib::Nvrtc)?;
         require(Lib::Cublas)?;
-        CudaDevice::with_gpu(Gpu::open(ordinal)?, opts)
+        CudaDevice::with_gpu(Gpu::open_with(ordinal, defs)?, opts)
     }
 
     /// A device on an already opened [`Gpu`] (its kernels and stream).
