@@ -483,33 +483,36 @@ fn check_against_cpu_ring(m: &Arc<EmuModule>, seed: u64, wave: usize, cases: &[C
     }
 }
 
-/// The ring's blocks with the bf16 backward's G panels of 2 tiles (`CLIP_BWD_PANEL=2`): one rank
-/// of 150 rows in chunks of 80, so rectangular blocks of two column tiles (80 and 70 columns)
-/// whose positives lie at diagonal offsets 0 and -80, both modes: bitwise the single-tile
-/// kernels' ring, and within tolerance of the CPU ring.
+/// The ring's blocks with the backward's G panels of 2 tiles (`CLIP_BWD_PANEL=2`), every
+/// precision: one rank of 150 rows in chunks of 80, so rectangular blocks of two column tiles
+/// (80 and 70 columns) whose positives lie at diagonal offsets 0 and -80, both modes: bitwise the
+/// single-tile kernels' ring, and within tolerance of the CPU ring.
 #[test]
-fn ring_blocks_with_bf16_panels_give_the_single_tile_results_bitwise() {
+fn ring_blocks_with_backward_panels_give_the_single_tile_results_bitwise() {
     let defs = Defines::parse(&["CLIP_BWD_PANEL=2"]).unwrap();
     let one = module("clip_loss.cu").unwrap_or_else(|e| panic!("{e}"));
     let two = module_with("clip_loss.cu", &defs).unwrap_or_else(|e| panic!("{e}"));
-    let shared = bwd_shared_bytes(Precision::Bf16, &defs);
     let mut rng = Rng::new(23);
     let (b, d, scale, chunk) = (150usize, 40usize, 20.0f32, 80usize);
     let feats = vec![(random_features(&mut rng, b, d), random_features(&mut rng, b, d))];
     let cpu = run_ring(&feats, d, scale, chunk, None).expect("the CPU ring");
-    let (_, tol_grad) = loss_tols(Precision::Bf16, scale);
-    for mode in LossMode::ALL {
-        let run = |m, shared| {
-            run_ring(&feats, d, scale, chunk, Some((m, mode, Precision::Bf16, 4, shared)))
-                .unwrap_or_else(|e| panic!("{}: {e}", mode.name()))
-        };
-        let (p, s) = (run(&two, shared), run(&one, 0));
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert!(bits(&p[0].d_img_local) == bits(&s[0].d_img_local), "{}: dI", mode.name());
-        assert!(bits(&p[0].d_txt_local) == bits(&s[0].d_txt_local), "{}: dT", mode.name());
-        assert_eq!(p[0].d_t_partial.to_bits(), s[0].d_t_partial.to_bits(), "{}", mode.name());
-        let e = rel_err(&p[0].d_txt_local, &to64(&cpu[0].d_txt_local));
-        assert!(e <= tol_grad, "{}: dT {e:.3e} vs the CPU ring", mode.name());
+    for prec in Precision::ALL {
+        let shared = bwd_shared_bytes(prec, &defs);
+        let (_, tol_grad) = loss_tols(prec, scale);
+        for mode in LossMode::ALL {
+            let what = format!("{} {}", prec.name(), mode.name());
+            let run = |m, shared| {
+                run_ring(&feats, d, scale, chunk, Some((m, mode, prec, 4, shared)))
+                    .unwrap_or_else(|e| panic!("{what}: {e}"))
+            };
+            let (p, s) = (run(&two, shared), run(&one, 0));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert!(bits(&p[0].d_img_local) == bits(&s[0].d_img_local), "{what}: dI");
+            assert!(bits(&p[0].d_txt_local) == bits(&s[0].d_txt_local), "{what}: dT");
+            assert_eq!(p[0].d_t_partial.to_bits(), s[0].d_t_partial.to_bits(), "{what}");
+            let e = rel_err(&p[0].d_txt_local, &to64(&cpu[0].d_txt_local));
+            assert!(e <= tol_grad, "{what}: dT {e:.3e} vs the CPU ring");
+        }
     }
 }
 

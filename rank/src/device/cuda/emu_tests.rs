@@ -223,14 +223,15 @@ fn fused_loss_kernels_match_the_f64_reference_in_every_precision_and_mode() {
     }
 }
 
-/// The bf16 backward with G panels of 2 and 4 column tiles (`CLIP_BWD_PANEL`, dynamic shared
-/// memory): bitwise the single-tile kernels' results, since a dA job then sums the same
-/// products in the same order without the round trip through dA between tiles, at sizes where
-/// the last panel is partial (B = 130: 3 tiles; 260: 5) or a single tile (B = 64), in both
-/// modes, and within the f64 reference's tolerances. Sensitivity, tried by hand: with the
-/// transposed product reading the panel's first tile for every dB job, fast mode's dT differs.
+/// The backward with G panels of 2 and 4 column tiles (`CLIP_BWD_PANEL`, dynamic shared
+/// memory), every precision: bitwise the single-tile kernels' results, since a dA job then sums
+/// the same products in the same order without the round trip through dA between tiles, at
+/// sizes where the last panel is partial (B = 130: 3 tiles; 260: 5) or a single tile (B = 64),
+/// in both modes, and within the f64 reference's tolerances. Sensitivity, tried by hand: with
+/// the transposed product reading the panel's first tile for every dB job, fast mode's dT
+/// differs (bf16 and fp32 alike).
 #[test]
-fn bf16_backward_panels_give_the_single_tile_results_bitwise() {
+fn backward_panels_give_the_single_tile_results_bitwise() {
     let none = Defines::default();
     let one = module("clip_loss.cu").unwrap_or_else(|e| panic!("{e}"));
     let mut rng = Rng::new(11);
@@ -239,16 +240,21 @@ fn bf16_backward_panels_give_the_single_tile_results_bitwise() {
         .iter()
         .map(|&(b, d, ..)| (random_features(&mut rng, b, d), random_features(&mut rng, b, d)))
         .collect();
-    // The single-tile kernels' results, per case and mode.
-    let single: Vec<Vec<EmuLoss>> = cases
+    // The single-tile kernels' results, per precision, case and mode.
+    let single: Vec<Vec<Vec<EmuLoss>>> = Precision::ALL
         .iter()
-        .zip(&data)
-        .map(|(&(b, d, scale, target), (img, txt))| {
-            LossMode::ALL
+        .map(|&prec| {
+            cases
                 .iter()
-                .map(|&mode| {
-                    let x = Inputs { img, txt, b, d, scale };
-                    emu_clip_loss(&one, &none, &x, mode, Precision::Bf16, target, None)
+                .zip(&data)
+                .map(|(&(b, d, scale, target), (img, txt))| {
+                    LossMode::ALL
+                        .iter()
+                        .map(|&mode| {
+                            let x = Inputs { img, txt, b, d, scale };
+                            emu_clip_loss(&one, &none, &x, mode, prec, target, None)
+                        })
+                        .collect()
                 })
                 .collect()
         })
@@ -256,27 +262,33 @@ fn bf16_backward_panels_give_the_single_tile_results_bitwise() {
     for panel in [2, 4] {
         let defs = Defines::parse(&[format!("CLIP_BWD_PANEL={panel}")]).unwrap();
         assert_eq!(bwd_shared_bytes(Precision::Bf16, &defs), 64 * (64 * panel + 8) * 2);
+        assert_eq!(bwd_shared_bytes(Precision::Tf32, &defs), 64 * (64 * panel + 4) * 4);
         let m = module_with("clip_loss.cu", &defs).unwrap_or_else(|e| panic!("{e}"));
-        for ((&(b, d, scale, target), (img, txt)), single) in cases.iter().zip(&data).zip(&single) {
-            let (lr, dir, dtr, dtr_t) =
-                clip_loss_reference_f64(&to64(img), &to64(txt), b, d, scale as f64);
-            let (tol_loss, tol_grad) = loss_tols(Precision::Bf16, scale);
-            for (mode, s) in LossMode::ALL.into_iter().zip(single) {
-                let x = Inputs { img, txt, b, d, scale };
-                let p = emu_clip_loss(&m, &defs, &x, mode, Precision::Bf16, target, None);
-                let what = format!("panel {panel}, B={b} d={d} {}", mode.name());
-                assert!(p.guards, "{what}: a kernel wrote outside its buffers");
-                assert!(rel_err(&[p.loss], &[lr]) <= tol_loss, "{what}: loss");
-                for (name, got, want) in [("dI", &p.d_img, &dir), ("dT", &p.d_txt, &dtr)] {
-                    let e = rel_err(got, want);
-                    assert!(e <= tol_grad, "{what}: {name} {e:.3e} > {tol_grad}");
+        for (&prec, single) in Precision::ALL.iter().zip(&single) {
+            for ((&(b, d, scale, target), (img, txt)), single) in
+                cases.iter().zip(&data).zip(single)
+            {
+                let (lr, dir, dtr, dtr_t) =
+                    clip_loss_reference_f64(&to64(img), &to64(txt), b, d, scale as f64);
+                let (tol_loss, tol_grad) = loss_tols(prec, scale);
+                for (mode, s) in LossMode::ALL.into_iter().zip(single) {
+                    let x = Inputs { img, txt, b, d, scale };
+                    let p = emu_clip_loss(&m, &defs, &x, mode, prec, target, None);
+                    let what =
+                        format!("panel {panel}, {} B={b} d={d} {}", prec.name(), mode.name());
+                    assert!(p.guards, "{what}: a kernel wrote outside its buffers");
+                    assert!(rel_err(&[p.loss], &[lr]) <= tol_loss, "{what}: loss");
+                    for (name, got, want) in [("dI", &p.d_img, &dir), ("dT", &p.d_txt, &dtr)] {
+                        let e = rel_err(got, want);
+                        assert!(e <= tol_grad, "{what}: {name} {e:.3e} > {tol_grad}");
+                    }
+                    assert!(rel_err(&[p.d_t], &[dtr_t]) <= tol_grad, "{what}: dt");
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert!(bits(&p.d_img) == bits(&s.d_img), "{what}: dI differs from one tile's");
+                    assert!(bits(&p.d_txt) == bits(&s.d_txt), "{what}: dT differs from one tile's");
+                    assert_eq!(p.loss.to_bits(), s.loss.to_bits(), "{what}: loss");
+                    assert_eq!(p.d_t.to_bits(), s.d_t.to_bits(), "{what}: dt");
                 }
-                assert!(rel_err(&[p.d_t], &[dtr_t]) <= tol_grad, "{what}: dt");
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert!(bits(&p.d_img) == bits(&s.d_img), "{what}: dI differs from one tile's");
-                assert!(bits(&p.d_txt) == bits(&s.d_txt), "{what}: dT differs from one tile's");
-                assert_eq!(p.loss.to_bits(), s.loss.to_bits(), "{what}: loss");
-                assert_eq!(p.d_t.to_bits(), s.d_t.to_bits(), "{what}: dt");
             }
         }
     }

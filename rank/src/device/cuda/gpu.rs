@@ -133,10 +133,13 @@ impl Gpu {
             }
         }
         // Static and dynamic shared memory above 48 KiB needs the kernel's consent.
-        let dynamic = bwd_shared_bytes(Precision::Bf16, defs);
-        if dynamic > 0 {
-            for k in ["clip_bwd_bf16", "clip_bwd_pair_bf16"] {
-                let f = funcs.get(k).expect("clip_loss.cu's kernels are loaded");
+        for p in Precision::ALL {
+            let dynamic = bwd_shared_bytes(p, defs);
+            if dynamic == 0 {
+                continue;
+            }
+            for k in [p.kernels().1, p.bwd_pair()] {
+                let f = funcs.get(k.as_str()).expect("clip_loss.cu's kernels are loaded");
                 drv(
                     &format!("{k}: allow {dynamic} bytes of dynamic shared memory"),
                     f.set_attribute(
@@ -351,14 +354,18 @@ impl Precision {
 }
 
 /// Dynamic shared memory of the backward kernels of `precision` (`clip_bwd*`, `clip_bwd_pair*`)
-/// compiled with the knobs `defs`: the bf16 copy of a G panel (64 rows of 64 × panel + 8 bf16)
-/// when `CLIP_BWD_PANEL` is above 1, else none (all static).
+/// compiled with the knobs `defs`: the G panel when `CLIP_BWD_PANEL` is above 1 (bf16: its
+/// bf16 copy, 64 rows of 64 × panel + 8 bf16; the others: 64 rows of 64 × panel + 4 floats),
+/// else none (all static).
 pub fn bwd_shared_bytes(precision: Precision, defs: &Defines) -> u32 {
     let panel = defs.value("CLIP_BWD_PANEL") as u32;
-    if precision != Precision::Bf16 || panel <= 1 {
+    if panel <= 1 {
         return 0;
     }
-    LOSS_TILE as u32 * (64 * panel + 8) * 2
+    match precision {
+        Precision::Bf16 => LOSS_TILE as u32 * (64 * panel + 8) * 2,
+        _ => LOSS_TILE as u32 * (64 * panel + 4) * 4,
+    }
 }
 
 /// The backward launch (`clip_bwd*` or `clip_bwd_pair*`) of `br` rows against `bc` columns:

@@ -97,7 +97,8 @@ pub const KNOBS: &[Knob] = &[
     // Blocks per multiprocessor in the launch bounds of the fused backward (clip_bwd*,
     // clip_bwd_pair*): the register budget is 65,536 / (256 x blocks) per thread.
     Knob { name: "CLIP_BWD_MIN_BLOCKS", source: "clip_loss.cu", default: 2, min: 1, max: 4 },
-    // Column tiles per G panel of the bf16 backward: a dA job contracts over 64 x panel columns,
+    // Column tiles per G panel of the backward (every precision): a dA job contracts over 64 x
+    // panel columns,
     // reading and writing its accumulators once per panel (above 1: dynamic shared memory,
     // gpu::bwd_shared_bytes).
     Knob { name: "CLIP_BWD_PANEL", source: "clip_loss.cu", default: 1, min: 1, max: 4 },

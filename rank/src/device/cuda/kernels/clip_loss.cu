@@ -58,10 +58,10 @@
 #ifndef CLIP_BWD_MIN_BLOCKS
 #define CLIP_BWD_MIN_BLOCKS 2
 #endif
-// Column tiles per G panel of the bf16 backward (clip_bwd_bf16, clip_bwd_pair_bf16): s * G of
-// this many tiles is formed before the products, so that a dA job contracts over 64 x
-// CLIP_BWD_PANEL columns and reads and writes its accumulators once per panel instead of once
-// per tile. Above 1 the panel lives in dynamic shared memory (the host's bwd_shared_bytes).
+// Column tiles per G panel of the backward (clip_bwd*, clip_bwd_pair*): s * G of this many tiles
+// is formed before the products, so that a dA job contracts over 64 x CLIP_BWD_PANEL columns and
+// reads and writes its accumulators once per panel instead of once per tile. Above 1 the panel
+// lives in dynamic shared memory (the host's bwd_shared_bytes).
 #ifndef CLIP_BWD_PANEL
 #define CLIP_BWD_PANEL 1
 #endif
@@ -777,6 +777,10 @@ extern "C" __global__ void clip_fold_splits(float* __restrict__ dst, const float
 // forward's LSE loops keep for their row- and column-wise reads).
 #define GS_LD (TN + 4)
 
+// Row stride of the fp32 versions' G panel (64 per panel tile + 4 floats; GS_LD for one tile):
+// rows 4 words apart modulo 32 whatever the panel, so the reads keep GS_LD's bank pattern.
+#define GP_LD (TN * CLIP_BWD_PANEL + 4)
+
 // Row stride of the bf16 copy of s * G that the bf16 products read (64 per panel tile + 8 bf16;
 // 144 bytes for one tile): ldmatrix's 8 rows of 16 bytes then hit 32 different banks (rows 4
 // words apart modulo 32, whatever the panel).
@@ -874,8 +878,8 @@ __device__ __forceinline__ void stage_load(const typename Tiles<MODE>::Feat* __r
 // (wm, wn) (m16n8 accumulator fragments, as tile_tc), where Gop = Gs (TRANS false: dA's rows
 // against the tile's columns) or Gs^T (TRANS true: dB's rows against the tile's rows). TF32
 // m16n8k8 products, fp32 accumulators; SPLIT: 3xTF32 (G and F each as hi + lo, near fp32).
-template <bool SPLIT, bool TRANS, int SR>
-__device__ __forceinline__ void product_tc(const float (*Gs)[GS_LD], const float (*Fs)[FS_LD],
+template <bool SPLIT, bool TRANS, int SR, int GLD>
+__device__ __forceinline__ void product_tc(const float (*Gs)[GLD], const float (*Fs)[FS_LD],
                                            int kb, int wm, int wn, int g, int q4, float c[4][4]) {
 #pragma unroll 1
     for (int k0 = 0; k0 < SR; k0 += 8) {
@@ -938,8 +942,8 @@ __device__ __forceinline__ void product_bf16(const unsigned short (*Gh)[GH_LD],
 
 // The fp32 FMA product for one stage, with the same meaning: out[i][k] += sum over the stage's
 // j of Gop[ty + 16 i][kb + j] * Fs[j][tx + 16 k].
-template <bool TRANS, int SR>
-__device__ __forceinline__ void product_fma(const float (*Gs)[GS_LD], const float (*Fs)[FS_LD],
+template <bool TRANS, int SR, int GLD>
+__device__ __forceinline__ void product_fma(const float (*Gs)[GLD], const float (*Fs)[FS_LD],
                                             int kb, int tx, int ty, float out[4][4]) {
 #pragma unroll 2
     for (int j = 0; j < SR; ++j) {
@@ -1038,12 +1042,16 @@ __device__ __forceinline__ void clip_bwd_impl(
     constexpr int SR = Stage<MODE>::SR, CW = Stage<MODE>::CW, LD = Stage<MODE>::LD;
     constexpr int H = TN / SR;               // stages per tile of a job's contraction
     constexpr int NACC = MODE == 3 ? 8 : 4;  // accumulator fragments per thread
-    constexpr int PT = MODE == 3 ? CLIP_BWD_PANEL : 1;  // column tiles per G panel
+    constexpr int PT = CLIP_BWD_PANEL;       // column tiles per G panel
+    // The row stride of Gs: the bf16 version's per-tile logits (its panel is Gh), the fp32
+    // versions' panel of s * G (GS_LD for one tile).
+    constexpr int GLD = MODE == 3 ? GS_LD : GP_LD;
     typedef typename Tiles<MODE>::Row Row;
     // AB: the logit tile's operand staging, As then Bs (fp32 versions); the bf16 version keeps
     // its bf16 copy of s * G there (Gh) and stages the logit tile in FG (below). With panels of
-    // several tiles, Gh (TM x GH_LD bf16) is the launch's dynamic shared memory instead.
-    __shared__ __align__(16) Row AB[PT > 1 ? 1 : 2 * Tiles<MODE>::ROWS];
+    // several tiles, the panel is the launch's dynamic shared memory instead: Gh (TM x GH_LD
+    // bf16) in the bf16 version, Gs (TM x GP_LD floats) in the fp32 ones.
+    __shared__ __align__(16) Row AB[MODE == 3 && PT > 1 ? 1 : 2 * Tiles<MODE>::ROWS];
     extern __shared__ uint4 bwd_panel[];
     static_assert(MODE != 3 || PT > 1 || sizeof(AB) >= sizeof(unsigned short[TM][GH_LD]),
                   "the bf16 copy of G fits in AB");
@@ -1052,13 +1060,17 @@ __device__ __forceinline__ void clip_bwd_impl(
     // FG: two stages of SR rows of Bm (for dA) or A (for dB), CW feature columns each, and the
     // logit tile Gs (the logits, then s * G in place): after the stages, or in the bf16 version
     // in the second stage's place (its logits are dead once Gh holds s * G, and the barrier
-    // after that comes before the second stage is issued).
-    constexpr int FS_BYTES = 2 * SR * LD * (int)sizeof(Feat), GS_BYTES = TM * GS_LD * 4;
+    // after that comes before the second stage is issued). The fp32 versions' panels of
+    // several tiles are in dynamic shared memory, the tile's logits and s * G in its columns.
+    constexpr bool GS_DYN = MODE != 3 && PT > 1;
+    constexpr int FS_BYTES = 2 * SR * LD * (int)sizeof(Feat);
+    constexpr int GS_BYTES = GS_DYN ? 0 : TM * GS_LD * 4;
     constexpr int GS_AT = MODE == 3 ? FS_BYTES / 2 : FS_BYTES;
     constexpr int FG_BYTES = GS_AT + GS_BYTES > FS_BYTES ? GS_AT + GS_BYTES : FS_BYTES;
     __shared__ __align__(16) float FG[FG_BYTES / 4];  // the stages, and Gs
     Feat(*Fs)[SR][LD] = reinterpret_cast<Feat(*)[SR][LD]>(FG);
-    float(*Gs)[GS_LD] = reinterpret_cast<float(*)[GS_LD]>(FG + GS_AT / 4);
+    float(*Gs)[GLD] = reinterpret_cast<float(*)[GLD]>(
+        GS_DYN ? static_cast<void*>(bwd_panel) : static_cast<void*>(FG + GS_AT / 4));
     // The bf16 version's logit tile stages double-buffered (BF16_BUF2) at the start of FG: no
     // stage of the products is in flight during the tile, and the logits reach Gs only after
     // the tile's last read of the staging.
@@ -1175,10 +1187,13 @@ __device__ __forceinline__ void clip_bwd_impl(
         const St first = {0, 0, 0};
         for (int tt = 0; tt < nt; ++tt) {
             const i64 c0t = c0 + TN * tt;  // this tile's first column
+            // The tile's logits, then s * G: the fp32 versions' in the panel's columns of the
+            // tile; the bf16 version's logits in Gs (s * G to Gh's columns of the tile).
+            float(*Gt)[GLD] = MODE == 3 ? Gs : reinterpret_cast<float(*)[GLD]>(&Gs[0][TN * tt]);
             // (Panels: every thread done with the previous tile's logits, which the bf16 staging
             // of this one overlaps.)
             if (PT > 1 && tt > 0) __syncthreads();
-            tile_to_shared<MODE, GS_LD>(A, Bm, BR, BC, ld, r0, c0t, As, Bs, Gs, scale, 0.0f);
+            tile_to_shared<MODE, GLD>(A, Bm, BR, BC, ld, r0, c0t, As, Bs, Gt, scale, 0.0f);
             // The first stage's features load while the panel's last G is formed (the previous
             // panel's last stage ended with a barrier, and nothing of it is in flight).
             if (tt == nt - 1 && n_stages > 0) issue(first, 0, c0);  // (d = 0: no stage)
@@ -1204,7 +1219,7 @@ __device__ __forceinline__ void clip_bwd_impl(
                 const int li = ty + 16 * i, lj = tx + 16 * j;
                 float g = 0.0f;
                 if (!test || (r0 + li < BR && c0t + lj < BC)) {
-                    const float x = Gs[li][lj];
+                    const float x = Gt[li][lj];
                     // exp(x - lse) = 2^((x - hi) log2(e) - lo log2(e)), x - hi nearly exact.
                     g = (ex2(fmaf(x - lah[i], L2E, lal[i])) + ex2(fmaf(x - lbh, L2E, lbl))) *
                         inv2b;
@@ -1214,9 +1229,9 @@ __device__ __forceinline__ void clip_bwd_impl(
                 if constexpr (MODE == 3)
                     Gh[li][TN * tt + lj] = to_bf16(scale * g);
                 else if constexpr (MODE == 2)  // rounded once here, not at every read
-                    Gs[li][lj] = __uint_as_float(to_tf32(scale * g));
+                    Gt[li][lj] = __uint_as_float(to_tf32(scale * g));
                 else
-                    Gs[li][lj] = scale * g;
+                    Gt[li][lj] = scale * g;
             };
             const bool edge = r0 + TM > BR || c0t + TN > BC;
 #pragma unroll
@@ -1248,11 +1263,16 @@ __device__ __forceinline__ void clip_bwd_impl(
             __syncthreads();  // stage s (and, at s = 0, s * G) visible to every thread
             const int pass = cur.pass, h = cur.h;
             const Feat(*F)[LD] = Fs[s & 1];
+            // The panel's tile h / H, whose rows are the dB job's contraction (its columns of
+            // G are the job's rows).
+            const float(*Gp)[GLD] = reinterpret_cast<const float(*)[GLD]>(
+                &Gs[0][PT == 1 ? 0 : TN * (h / H)]);
+            const int hp = PT == 1 ? h : h % H;  // the part of that tile's job
             if constexpr (MODE == 0) {
                 if (pass == 0)
-                    product_fma<false, SR>(Gs, F, h * SR, tx, ty, c);
+                    product_fma<false, SR, GLD>(Gs, F, h * SR, tx, ty, c);
                 else
-                    product_fma<true, SR>(Gs, F, h * SR, tx, ty, c);
+                    product_fma<true, SR, GLD>(Gp, F, hp * SR, tx, ty, c);
             } else if constexpr (MODE == 3) {
                 if (pass == 0)
                     product_bf16<false, SR>(Gh, F, h * SR, wm, wn, lane, c);
@@ -1262,9 +1282,9 @@ __device__ __forceinline__ void clip_bwd_impl(
                                            wm + (PT == 1 ? 0 : TN * (h / H)), wn, lane, c);
             } else {
                 if (pass == 0)
-                    product_tc<MODE == 1, false, SR>(Gs, F, h * SR, wm, wn, wg, wq, c);
+                    product_tc<MODE == 1, false, SR, GLD>(Gs, F, h * SR, wm, wn, wg, wq, c);
                 else
-                    product_tc<MODE == 1, true, SR>(Gs, F, h * SR, wm, wn, wg, wq, c);
+                    product_tc<MODE == 1, true, SR, GLD>(Gp, F, hp * SR, wm, wn, wg, wq, c);
             }
             if (PT == 1 ? h == H - 1 : pass == 0 ? h == HP - 1 : h % H == H - 1) {
                 // The job ends: its accumulators go out, and the next job's come in while the
