@@ -53,7 +53,29 @@ type LaunchFn = unsafe extern "C" fn(
     block: *const c_uint,
     shared: c_uint,
     args: *mut *mut c_void,
+    order: u64,
 ) -> c_int;
+
+std::thread_local! {
+    /// The block order of this thread's launches (see [`with_block_order`]).
+    static BLOCK_ORDER: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `f` with this thread's launches running their blocks in an order drawn from `seed`
+/// (0: by linear index, x fastest, the default). A GPU runs a grid's blocks in no defined
+/// order, and blocks may run at once: a deterministic kernel must give the same bits whatever
+/// the order, and the emulation's sequential blocks alone would not show one that does not.
+pub fn with_block_order<R>(seed: u64, f: impl FnOnce() -> R) -> R {
+    let old = BLOCK_ORDER.with(|o| o.replace(seed));
+    struct Restore(u64);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BLOCK_ORDER.with(|o| o.set(self.0));
+        }
+    }
+    let _restore = Restore(old);
+    f()
+}
 
 /// One kernel source built for the CPU.
 pub struct EmuModule {
@@ -106,12 +128,12 @@ pub fn translation_unit(src: &KernelSource) -> String {
     out.push_str(&body);
     out.push_str(
         "\nextern \"C\" int tessera_emu_launch(const char* name, const unsigned* grid, \
-         const unsigned* block, unsigned shared, void** args) {\n",
+         const unsigned* block, unsigned shared, void** args, unsigned long long order) {\n",
     );
     for k in src.kernels {
         out.push_str(&format!(
             "    if (!std::strcmp(name, \"{k}\")) {{ emu::cp_leak = false; \
-             emu::launch({k}, grid, block, shared, args); return emu::cp_leak ? -2 : 0; }}\n"
+             emu::launch({k}, grid, block, shared, args, order); return emu::cp_leak ? -2 : 0; }}\n"
         ));
     }
     out.push_str("    return -1;\n}\n");
@@ -279,8 +301,9 @@ impl EmuModule {
             args.slots.iter_mut().map(|s| (s as *mut u64).cast()).collect();
         // SAFETY: per the caller; the launcher only reads `ptrs.len()` entries (the kernel's
         // parameter count, which the caller matched).
+        let order = BLOCK_ORDER.with(|o| o.get());
         let rc = unsafe {
-            (self.launch)(cname.as_ptr(), g.as_ptr(), b.as_ptr(), shared, ptrs.as_mut_ptr())
+            (self.launch)(cname.as_ptr(), g.as_ptr(), b.as_ptr(), shared, ptrs.as_mut_ptr(), order)
         };
         match rc {
             0 => {}

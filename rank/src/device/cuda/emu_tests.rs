@@ -1,7 +1,7 @@
 //! The fused-loss kernels of clip_loss.cu run by the CPU emulation against the f64 reference.
 
 use super::support::{Guarded, NAN_BF16, NAN_F32, NAN_F64, to64};
-use super::{Args, EmuModule, module, module_with};
+use super::{Args, EmuModule, module, module_with, with_block_order};
 use crate::device::cuda::gpu::{
     LOSS_TILE, LossMode, Precision, bf16_layout, bwd_shared_bytes, plan_bwd, plan_fwd_grid,
 };
@@ -292,6 +292,59 @@ fn backward_panels_give_the_single_tile_results_bitwise() {
             }
         }
     }
+}
+
+/// A GPU runs a grid's blocks in no defined order (and several at once): the fused loss must
+/// give the same bits whatever the order in deterministic mode, and the same values up to the
+/// atomics' rounding in fast mode. B = 200 with a block budget of 16: the forward's rows and
+/// columns split among blocks, the backward's columns split (fast mode 4 ways, deterministic 2
+/// per pass, with their shares folded), every precision, blocks run in two permuted orders
+/// against the in-order run. Fast mode's results must move (its atomics' order does), which
+/// shows the orders took effect. Sensitivity, tried by hand: deterministic mode's splits adding
+/// into dA atomically, as fast mode's do (no shares, no fold), pass the one-split comparison of
+/// `backward_column_splits_give_the_one_split_results` (the values are right) and fail here
+/// (fp32 dI differs under the first permuted order). Not caught by either: a non-atomic
+/// read-modify-write shared by blocks, since the emulation still runs one block at a time.
+#[test]
+fn deterministic_mode_gives_the_same_bits_whatever_the_block_order() {
+    let m = module("clip_loss.cu").unwrap_or_else(|e| panic!("{e}"));
+    let none = Defines::default();
+    let mut rng = Rng::new(41);
+    let (b, d, scale, target) = (200usize, 40usize, 14.3f32, 16usize);
+    assert_eq!(plan_bwd(LossMode::Fast, b, b, d, target, None).splits(), 4);
+    assert_eq!(plan_bwd(LossMode::Deterministic, b, b, d, target, None).splits(), 2);
+    let (img, txt) = (random_features(&mut rng, b, d), random_features(&mut rng, b, d));
+    let x = Inputs { img: &img, txt: &txt, b, d, scale };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let mut fast_moved = false;
+    for prec in Precision::ALL {
+        for mode in LossMode::ALL {
+            let base = emu_clip_loss(&m, &none, &x, mode, prec, target, None);
+            for seed in [1, 2] {
+                let p = with_block_order(seed, || {
+                    emu_clip_loss(&m, &none, &x, mode, prec, target, None)
+                });
+                let what = format!("{} {}, block order {seed}", prec.name(), mode.name());
+                assert!(p.guards, "{what}: a kernel wrote outside its buffers");
+                // The forward has no atomics: the loss is the same in both modes.
+                assert_eq!(p.loss.to_bits(), base.loss.to_bits(), "{what}: loss");
+                if mode == LossMode::Deterministic {
+                    assert!(bits(&p.d_img) == bits(&base.d_img), "{what}: dI");
+                    assert!(bits(&p.d_txt) == bits(&base.d_txt), "{what}: dT");
+                    assert_eq!(p.d_t.to_bits(), base.d_t.to_bits(), "{what}: dt");
+                } else {
+                    for (name, got, want) in
+                        [("dI", &p.d_img, &base.d_img), ("dT", &p.d_txt, &base.d_txt)]
+                    {
+                        let e = rel_err(got, &to64(want));
+                        assert!(e <= 1e-5, "{what}: {name} {e:.3e} from the in-order run");
+                        fast_moved |= bits(got) != bits(want);
+                    }
+                }
+            }
+        }
+    }
+    assert!(fast_moved, "fast mode's atomics never changed order: the orders had no effect");
 }
 
 /// The translation unit registers every static `__shared__` array for poisoning (also the one

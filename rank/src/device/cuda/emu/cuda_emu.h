@@ -27,6 +27,8 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+#include <utility>
+#include <vector>
 
 #define TESSERA_EMU 1
 #define __global__
@@ -242,15 +244,37 @@ void call(void (*f)(A...), void** args, std::index_sequence<I...>) {
     f(*static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(args[I])...);
 }
 
+// The order in which a launch runs its blocks: `order` 0, by linear index (x fastest); else a
+// permutation of them drawn from `order` (Fisher-Yates on splitmix64), since a GPU runs a
+// grid's blocks in no defined order and a kernel must not depend on one.
+inline std::vector<unsigned long long> block_order(unsigned long long blocks,
+                                                   unsigned long long order) {
+    std::vector<unsigned long long> p(blocks);
+    for (unsigned long long i = 0; i < blocks; ++i) p[i] = i;
+    if (order == 0) return p;
+    unsigned long long x = order;
+    auto next = [&x]() {
+        x += 0x9e3779b97f4a7c15ULL;
+        unsigned long long z = x;
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+        return z ^ (z >> 31);
+    };
+    for (unsigned long long i = blocks; i > 1; --i) std::swap(p[i - 1], p[next() % i]);
+    return p;
+}
+
 template <typename... A>
 void launch(void (*f)(A...), const unsigned grid[3], const unsigned block[3], unsigned shared,
-            void** args) {
+            void** args, unsigned long long order) {
     const unsigned threads = block[0] * block[1] * block[2];
     const unsigned long long blocks = (unsigned long long)grid[0] * grid[1] * grid[2];
     if (threads == 0 || blocks == 0) return;
-    // One OS thread per CUDA thread, reused for every block of the grid (in order: x fastest).
-    // A block's barriers are built when its turn comes, by the completion step of `next` (which
-    // runs once all threads have left the previous block, before any is released).
+    const std::vector<unsigned long long> turn = block_order(blocks, order);
+    // One OS thread per CUDA thread, reused for every block of the grid (one after another, in
+    // the order `turn`). A block's barriers are built when its turn comes, by the completion
+    // step of `next` (which runs once all threads have left the previous block, before any is
+    // released).
     std::unique_ptr<Block> cur;
     unsigned long long index = 0;
     auto advance = [&]() noexcept {
@@ -270,8 +294,9 @@ void launch(void (*f)(A...), const unsigned grid[3], const unsigned block[3], un
             threadIdx = {t % block[0], (t / block[0]) % block[1], t / (block[0] * block[1])};
             blockDim = {block[0], block[1], block[2]};
             gridDim = {grid[0], grid[1], grid[2]};
-            for (unsigned long long i = 0; i < blocks; ++i) {
+            for (unsigned long long n = 0; n < blocks; ++n) {
                 cur_block = cur.get();
+                const unsigned long long i = turn[n];
                 blockIdx = {(unsigned)(i % grid[0]), (unsigned)((i / grid[0]) % grid[1]),
                             (unsigned)(i / ((unsigned long long)grid[0] * grid[1]))};
                 call(f, args, std::index_sequence_for<A...>{});
