@@ -61,6 +61,11 @@ std::thread_local! {
     static BLOCK_ORDER: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
+/// The block order of this thread's launches (0: linear); for handing it to helper threads.
+pub fn block_order() -> u64 {
+    BLOCK_ORDER.with(|o| o.get())
+}
+
 /// Runs `f` with this thread's launches running their blocks in an order drawn from `seed`
 /// (0: by linear index, x fastest, the default). A GPU runs a grid's blocks in no defined
 /// order, and blocks may run at once: a deterministic kernel must give the same bits whatever

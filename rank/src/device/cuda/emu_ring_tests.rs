@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::support::{Guarded, NAN_BF16, NAN_F32, NAN_F64, to64};
-use super::{Args, EmuModule, module, module_with};
+use super::{Args, EmuModule, block_order, module, module_with, with_block_order};
 use crate::device::cuda::gpu::{
     LOSS_TILE, LossMode, Precision, bf16_layout, bwd_shared_bytes, plan_bwd, plan_fwd_grid_rect,
 };
@@ -357,6 +357,8 @@ fn run_ring(
     ops: Option<EmuOps>,
 ) -> Result<Vec<RingLossOut>, String> {
     let opts = RingLossOpts { chunk_rows, ..RingLossOpts::default() };
+    // The rank threads launch in the caller's block order.
+    let order = block_order();
     std::thread::scope(|s| {
         let hs: Vec<_> = ThreadComm::group(feats.len())
             .into_iter()
@@ -365,7 +367,7 @@ fn run_ring(
                 let opts = &opts;
                 s.spawn(move || -> Result<RingLossOut, String> {
                     let b = img.len() / d;
-                    match ops {
+                    with_block_order(order, || match ops {
                         None => clip_loss_ring(&mut c, img, txt, b, d, scale, opts)
                             .map_err(|e| e.to_string()),
                         Some((m, mode, prec, wave, shared)) => {
@@ -375,7 +377,7 @@ fn run_ring(
                             )
                             .map_err(|e| e.to_string())
                         }
-                    }
+                    })
                 })
             })
             .collect();
@@ -534,4 +536,40 @@ fn ring_blocks_with_backward_column_splits_match_the_cpu_ring() {
     assert_eq!(plan_bwd(Fast, 150, 70, 40, wave, None).splits(), 2);
     let runs: &[(LossMode, Precision)] = &[(Det, Fp32), (Fast, Fp32), (Det, Bf16), (Fast, Bf16)];
     check_against_cpu_ring(&m, 31, wave, &[(&[150], 40, 70, runs), (&[90, 57], 67, 80, runs)]);
+}
+
+/// The ring's blocks in deterministic mode give the same bits whatever order their launches run
+/// their blocks in (a GPU keeps none): two ranks of 150 and 57 rows in chunks of 40, so
+/// rectangular blocks with and without a positive, forward grids of several chunks and splits
+/// and backward column splits (a wave of 64) with both passes' shares folded; fp32, TF32 and
+/// bf16, against the in-order run, under two permuted orders. Sensitivity, tried by hand:
+/// deterministic mode's splits adding into dA atomically (no shares, no fold) fail it.
+#[test]
+fn ring_blocks_in_deterministic_mode_give_the_same_bits_whatever_the_block_order() {
+    let m = module("clip_loss.cu").unwrap_or_else(|e| panic!("{e}"));
+    let mut rng = Rng::new(37);
+    let (d, scale, chunk, wave) = (67usize, 20.0f32, 40usize, 64usize);
+    // (Three splits: with two, each element would get two additions onto zero, the same in
+    // either order whatever the kernel did.)
+    assert_eq!(plan_bwd(LossMode::Deterministic, 40, 150, d, wave, None).splits(), 3);
+    let feats: Vec<_> = [150usize, 57]
+        .iter()
+        .map(|&b| (random_features(&mut rng, b, d), random_features(&mut rng, b, d)))
+        .collect();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for prec in [Precision::Fp32, Precision::Tf32, Precision::Bf16] {
+        let ops = Some((&m, LossMode::Deterministic, prec, wave, 0));
+        let run = || run_ring(&feats, d, scale, chunk, ops).unwrap_or_else(|e| panic!("{e}"));
+        let base = run();
+        for seed in [1, 2] {
+            let got = with_block_order(seed, run);
+            for (r, (g, w)) in got.iter().zip(&base).enumerate() {
+                let what = format!("{} rank {r}, block order {seed}", prec.name());
+                assert_eq!(g.loss.to_bits(), w.loss.to_bits(), "{what}: loss");
+                assert!(bits(&g.d_img_local) == bits(&w.d_img_local), "{what}: dI");
+                assert!(bits(&g.d_txt_local) == bits(&w.d_txt_local), "{what}: dT");
+                assert_eq!(g.d_t_partial.to_bits(), w.d_t_partial.to_bits(), "{what}: dt");
+            }
+        }
+    }
 }
