@@ -294,6 +294,56 @@ fn backward_panels_give_the_single_tile_results_bitwise() {
     }
 }
 
+/// G panels inside column splits: B = 260 (5 column tiles) in 2 splits of 3 and 2 tiles, so a
+/// split holds a whole panel and a partial one (panel 2) or one partial panel (panel 4), every
+/// precision. Deterministic mode: bitwise the one-tile kernels with the same splits (a share
+/// starts from zero at its split's first panel and carries over the later ones); fast mode adds
+/// each panel's dA atomically instead of each tile's, so only close to them (1e-5).
+/// Sensitivity, tried by hand: a panel that runs past its split's last tile (bounded by the
+/// column tiles instead of the split) gives fp32 deterministic dI 0.49 off; the panel tests
+/// without splits do not see it.
+#[test]
+fn backward_panels_inside_column_splits() {
+    let none = Defines::default();
+    let one = module("clip_loss.cu").unwrap_or_else(|e| panic!("{e}"));
+    let mut rng = Rng::new(43);
+    let (b, d, scale) = (260usize, 40usize, 14.3f32);
+    let (img, txt) = (random_features(&mut rng, b, d), random_features(&mut rng, b, d));
+    let x = Inputs { img: &img, txt: &txt, b, d, scale };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let (lr, dir, dtr, _) = clip_loss_reference_f64(&to64(&img), &to64(&txt), b, d, scale as f64);
+    for panel in [2, 4] {
+        let defs = Defines::parse(&[format!("CLIP_BWD_PANEL={panel}")]).unwrap();
+        let m = module_with("clip_loss.cu", &defs).unwrap_or_else(|e| panic!("{e}"));
+        for prec in Precision::ALL {
+            let (tol_loss, tol_grad) = loss_tols(prec, scale);
+            for mode in LossMode::ALL {
+                let what = format!("panel {panel}, {} {}", prec.name(), mode.name());
+                let s = emu_clip_loss(&one, &none, &x, mode, prec, 1, Some(2));
+                let p = emu_clip_loss(&m, &defs, &x, mode, prec, 1, Some(2));
+                assert!(p.guards, "{what}: a kernel wrote outside its buffers");
+                assert!(rel_err(&[p.loss], &[lr]) <= tol_loss, "{what}: loss");
+                for (name, got, want) in [("dI", &p.d_img, &dir), ("dT", &p.d_txt, &dtr)] {
+                    let e = rel_err(got, want);
+                    assert!(e <= tol_grad, "{what}: {name} {e:.3e} > {tol_grad}");
+                }
+                if mode == LossMode::Deterministic {
+                    assert!(bits(&p.d_img) == bits(&s.d_img), "{what}: dI differs from one tile's");
+                    assert!(bits(&p.d_txt) == bits(&s.d_txt), "{what}: dT differs from one tile's");
+                    assert_eq!(p.d_t.to_bits(), s.d_t.to_bits(), "{what}: dt");
+                } else {
+                    for (name, got, want) in
+                        [("dI", &p.d_img, &s.d_img), ("dT", &p.d_txt, &s.d_txt)]
+                    {
+                        let e = rel_err(got, &to64(want));
+                        assert!(e <= 1e-5, "{what}: {name} {e:.3e} from one tile's");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A GPU runs a grid's blocks in no defined order (and several at once): the fused loss must
 /// give the same bits whatever the order in deterministic mode, and the same values up to the
 /// atomics' rounding in fast mode. B = 200 with a block budget of 16: the forward's rows and
