@@ -29,6 +29,27 @@ struct EmuLoss {
     guards: bool,
 }
 
+/// Asserts that `got`'s loss, gradients and dL/dt are bitwise `want`'s (`what` names the run).
+fn assert_same_bits(what: &str, got: &EmuLoss, want: &EmuLoss) {
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(got.loss.to_bits(), want.loss.to_bits(), "{what}: loss");
+    assert!(bits(&got.d_img) == bits(&want.d_img), "{what}: dI differs");
+    assert!(bits(&got.d_txt) == bits(&want.d_txt), "{what}: dT differs");
+    assert_eq!(got.d_t.to_bits(), want.d_t.to_bits(), "{what}: dt");
+}
+
+/// Asserts that `got`'s gradients are within `tol` (normwise) of `want`'s; returns whether any
+/// of their bits differ.
+fn assert_close_grads(what: &str, got: &EmuLoss, want: &EmuLoss, tol: f64) -> bool {
+    let mut moved = false;
+    for (name, g, w) in [("dI", &got.d_img, &want.d_img), ("dT", &got.d_txt, &want.d_txt)] {
+        let e = rel_err(g, &to64(w));
+        assert!(e <= tol, "{what}: {name} {e:.3e} > {tol}");
+        moved |= g.iter().zip(w).any(|(a, b)| a.to_bits() != b.to_bits());
+    }
+    moved
+}
+
 fn launch(m: &EmuModule, name: &str, grid: u32, grid_y: u32, args: &mut Args) {
     launch_shared(m, name, (grid, grid_y, 1), 0, args)
 }
@@ -283,11 +304,7 @@ fn backward_panels_give_the_single_tile_results_bitwise() {
                         assert!(e <= tol_grad, "{what}: {name} {e:.3e} > {tol_grad}");
                     }
                     assert!(rel_err(&[p.d_t], &[dtr_t]) <= tol_grad, "{what}: dt");
-                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    assert!(bits(&p.d_img) == bits(&s.d_img), "{what}: dI differs from one tile's");
-                    assert!(bits(&p.d_txt) == bits(&s.d_txt), "{what}: dT differs from one tile's");
-                    assert_eq!(p.loss.to_bits(), s.loss.to_bits(), "{what}: loss");
-                    assert_eq!(p.d_t.to_bits(), s.d_t.to_bits(), "{what}: dt");
+                    assert_same_bits(&format!("{what} against one tile"), &p, s);
                 }
             }
         }
@@ -310,7 +327,6 @@ fn backward_panels_inside_column_splits() {
     let (b, d, scale) = (260usize, 40usize, 14.3f32);
     let (img, txt) = (random_features(&mut rng, b, d), random_features(&mut rng, b, d));
     let x = Inputs { img: &img, txt: &txt, b, d, scale };
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let (lr, dir, dtr, _) = clip_loss_reference_f64(&to64(&img), &to64(&txt), b, d, scale as f64);
     for panel in [2, 4] {
         let defs = Defines::parse(&[format!("CLIP_BWD_PANEL={panel}")]).unwrap();
@@ -327,17 +343,11 @@ fn backward_panels_inside_column_splits() {
                     let e = rel_err(got, want);
                     assert!(e <= tol_grad, "{what}: {name} {e:.3e} > {tol_grad}");
                 }
+                let what = format!("{what} against one tile");
                 if mode == LossMode::Deterministic {
-                    assert!(bits(&p.d_img) == bits(&s.d_img), "{what}: dI differs from one tile's");
-                    assert!(bits(&p.d_txt) == bits(&s.d_txt), "{what}: dT differs from one tile's");
-                    assert_eq!(p.d_t.to_bits(), s.d_t.to_bits(), "{what}: dt");
+                    assert_same_bits(&what, &p, &s);
                 } else {
-                    for (name, got, want) in
-                        [("dI", &p.d_img, &s.d_img), ("dT", &p.d_txt, &s.d_txt)]
-                    {
-                        let e = rel_err(got, &to64(want));
-                        assert!(e <= 1e-5, "{what}: {name} {e:.3e} from one tile's");
-                    }
+                    assert_close_grads(&what, &p, &s, 1e-5);
                 }
             }
         }
@@ -365,7 +375,6 @@ fn deterministic_mode_gives_the_same_bits_whatever_the_block_order() {
     assert_eq!(plan_bwd(LossMode::Deterministic, b, b, d, target, None).splits(), 2);
     let (img, txt) = (random_features(&mut rng, b, d), random_features(&mut rng, b, d));
     let x = Inputs { img: &img, txt: &txt, b, d, scale };
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let mut fast_moved = false;
     for prec in Precision::ALL {
         for mode in LossMode::ALL {
@@ -378,18 +387,11 @@ fn deterministic_mode_gives_the_same_bits_whatever_the_block_order() {
                 assert!(p.guards, "{what}: a kernel wrote outside its buffers");
                 // The forward has no atomics: the loss is the same in both modes.
                 assert_eq!(p.loss.to_bits(), base.loss.to_bits(), "{what}: loss");
+                let what = format!("{what} against the in-order run");
                 if mode == LossMode::Deterministic {
-                    assert!(bits(&p.d_img) == bits(&base.d_img), "{what}: dI");
-                    assert!(bits(&p.d_txt) == bits(&base.d_txt), "{what}: dT");
-                    assert_eq!(p.d_t.to_bits(), base.d_t.to_bits(), "{what}: dt");
+                    assert_same_bits(&what, &p, &base);
                 } else {
-                    for (name, got, want) in
-                        [("dI", &p.d_img, &base.d_img), ("dT", &p.d_txt, &base.d_txt)]
-                    {
-                        let e = rel_err(got, &to64(want));
-                        assert!(e <= 1e-5, "{what}: {name} {e:.3e} from the in-order run");
-                        fast_moved |= bits(got) != bits(want);
-                    }
+                    fast_moved |= assert_close_grads(&what, &p, &base, 1e-5);
                 }
             }
         }
