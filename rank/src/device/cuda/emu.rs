@@ -54,6 +54,7 @@ type LaunchFn = unsafe extern "C" fn(
     shared: c_uint,
     args: *mut *mut c_void,
     order: u64,
+    token: *mut c_void,
 ) -> c_int;
 
 std::thread_local! {
@@ -96,11 +97,21 @@ unsafe impl Sync for EmuModule {}
 
 /// The C++ translation unit for `src`: the emulation header, the source as NVRTC gets it
 /// (`extern __shared__ T name[];` becoming the launch's dynamic shared memory, and each
-/// `__shared__ ... name[...];` followed by its registration for poisoning), and a launcher that
-/// finds a kernel by name.
+/// `__shared__ ... name[...];` the running block's own arrays, see [`block_shared`]), and a
+/// launcher that finds a kernel by name.
 pub fn translation_unit(src: &KernelSource) -> String {
+    // `#line` marks, so that the compiler's and the sanitizer's reports name the kernel file and
+    // line (the source is common.cuh, then the file).
+    const COMMON: &str = include_str!("kernels/common.cuh");
+    let common_lines = if src.src.starts_with(COMMON) { COMMON.lines().count() } else { 0 };
     let mut body = String::new();
-    for line in src.src.lines() {
+    if common_lines > 0 {
+        body.push_str("#line 1 \"kernels/common.cuh\"\n");
+    }
+    for (i, line) in src.src.lines().enumerate() {
+        if i == common_lines {
+            body.push_str(&format!("#line 1 \"kernels/{}\"\n", src.name));
+        }
         let t = line.trim_start();
         if let Some(rest) = t.strip_prefix("extern __shared__ ") {
             // "double name[];" -> "double* name = emu::dyn_shared<double>();"
@@ -108,17 +119,10 @@ pub fn translation_unit(src: &KernelSource) -> String {
             let (ty, name) = rest.rsplit_once(' ').expect("extern __shared__ <type> <name>[]");
             let indent = &line[..line.len() - t.len()];
             body.push_str(&format!("{indent}{ty}* {name} = emu::dyn_shared<{ty}>();\n"));
-        } else if t.starts_with("__shared__ ") {
-            // "__shared__ <type> name[...]...;" -> the same, then "static emu::Reg ...(name)".
-            // (A trailing comment stays after the registration.)
-            let (code, comment) = line.split_once("//").map_or((line, ""), |(c, r)| (c, r));
-            let decl = t.split('[').next().unwrap_or("");
-            let name = decl.split_whitespace().last().expect("__shared__ <type> <name>[...]");
-            body.push_str(code.trim_end());
-            body.push_str(&format!(" static emu::Reg emu_reg_{name}(&{name}, sizeof {name});"));
-            if !comment.is_empty() {
-                body.push_str(&format!("  //{comment}"));
-            }
+        } else if let Some(decl) = t.strip_prefix("__shared__ ") {
+            let indent = &line[..line.len() - t.len()];
+            body.push_str(indent);
+            body.push_str(&block_shared(decl));
             body.push('\n');
         } else {
             body.push_str(line);
@@ -126,14 +130,14 @@ pub fn translation_unit(src: &KernelSource) -> String {
         }
     }
     let mut out = String::with_capacity(HEADER.len() + body.len() + 4096);
+    out.push_str("#line 1 \"emu/cuda_emu.h\"\n");
     out.push_str(HEADER);
-    out.push_str("\n#line 1 \"");
-    out.push_str(src.name);
-    out.push_str("\"\n");
+    out.push('\n');
     out.push_str(&body);
     out.push_str(
-        "\nextern \"C\" int tessera_emu_launch(const char* name, const unsigned* grid, \
-         const unsigned* block, unsigned shared, void** args, unsigned long long order) {\n",
+        "\n#line 1 \"emu.rs: the launcher\"\nextern \"C\" int tessera_emu_launch(const char* name, const unsigned* grid, \
+         const unsigned* block, unsigned shared, void** args, unsigned long long order, \
+         void* token) {\n    emu::LaunchOrder in_order(token);\n",
     );
     for k in src.kernels {
         out.push_str(&format!(
@@ -142,6 +146,55 @@ pub fn translation_unit(src: &KernelSource) -> String {
         ));
     }
     out.push_str("    return -1;\n}\n");
+    out
+}
+
+/// A `__shared__` declaration (what follows the keyword, on one line) as the emulation's
+/// per-block arrays: `[__align__(N)] T a[X][Y], b[Z];  // c` becomes
+/// `static char emu_sh_a; auto& a = *emu::block_shared<T[(X)][(Y)]>(&emu_sh_a); ...  // c`, each
+/// array the running block's own (blocks may run at once), poisoned when the block starts.
+fn block_shared(decl: &str) -> String {
+    let (code, comment) = decl.split_once("//").map_or((decl, None), |(c, r)| (c, Some(r)));
+    let code = code.trim().trim_end_matches(';').trim_end();
+    // (Every array is 128-byte aligned, so an __align__ asks for nothing more.)
+    let code = match code.strip_prefix("__align__(") {
+        Some(rest) => rest.split_once(')').map_or(rest, |(_, r)| r).trim_start(),
+        None => code,
+    };
+    // The type ends where the first declarator's name begins: the identifier before its '['.
+    let first = code.find('[').expect("__shared__ <type> <name>[...]");
+    let name_at = code[..first].trim_end().rfind(' ').expect("__shared__ <type> <name>[...]") + 1;
+    let ty = code[..name_at].trim_end();
+    // Declarators, split at the commas outside brackets and parentheses.
+    let mut decls = vec![];
+    let (mut depth, mut start) = (0i32, name_at);
+    for (i, c) in code.char_indices().skip(name_at) {
+        match c {
+            '[' | '(' => depth += 1,
+            ']' | ')' => depth -= 1,
+            ',' if depth == 0 => {
+                decls.push(code[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    decls.push(code[start..].trim());
+    let mut out = String::new();
+    for d in decls {
+        let (name, dims) = d.split_at(d.find('[').expect("<name>[...]"));
+        let name = name.trim();
+        // Each bound in parentheses: a `>` in one would end the template argument list.
+        let dims = dims.replace("][", ")][(").replacen('[', "[(", 1);
+        let dims = format!("{})]", dims.trim_end().strip_suffix(']').expect("<name>[...]"));
+        out.push_str(&format!(
+            "static char emu_sh_{name}; auto& {name} = *emu::block_shared<{ty}{dims}>(&emu_sh_{name}); "
+        ));
+    }
+    let mut out = out.trim_end().to_string();
+    if let Some(c) = comment {
+        out.push_str(&format!("  //{c}"));
+    }
     out
 }
 
@@ -161,7 +214,10 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
 fn build(src: &'static KernelSource, defs: &Defines) -> Result<EmuModule, String> {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let tu = translation_unit(src);
-    let knobs = defs.options(src.name);
+    let mut knobs = defs.options(src.name);
+    if sanitizing() {
+        knobs.extend(["-fsanitize=thread".to_string(), "-g".to_string()]);
+    }
     let flags = format!("{} {}", CXX_FLAGS.join(" "), knobs.join(" "));
     let key = fnv1a(&[tu.as_bytes(), flags.as_bytes(), cxx.as_bytes()]);
     let dir = std::env::temp_dir().join("tessera-cuda-emu");
@@ -201,6 +257,16 @@ fn build(src: &'static KernelSource, defs: &Defines) -> Result<EmuModule, String
     load(src, &lib)
 }
 
+/// The environment variable that builds the emulation with ThreadSanitizer
+/// (`TESSERA_EMU_SANITIZE=thread`); its runtime must then be loaded before anything else
+/// (`LD_PRELOAD`), as `race_tests` runs it.
+pub const SANITIZE_ENV: &str = "TESSERA_EMU_SANITIZE";
+
+/// Whether this process builds the emulation with ThreadSanitizer ([`SANITIZE_ENV`]).
+pub fn sanitizing() -> bool {
+    std::env::var(SANITIZE_ENV).as_deref() == Ok("thread")
+}
+
 fn load(src: &'static KernelSource, lib: &Path) -> Result<EmuModule, String> {
     let path = CString::new(lib.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
     // SAFETY: dlopen/dlsym with NUL-terminated strings; the handle is kept for the process.
@@ -208,7 +274,15 @@ fn load(src: &'static KernelSource, lib: &Path) -> Result<EmuModule, String> {
         let h = libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
         if h.is_null() {
             let err = std::ffi::CStr::from_ptr(libc::dlerror()).to_string_lossy().into_owned();
-            return Err(format!("dlopen {}: {err}", lib.display()));
+            let hint = if sanitizing() {
+                format!(
+                    " ({SANITIZE_ENV}=thread needs ThreadSanitizer's runtime loaded first: \
+                     LD_PRELOAD=$(c++ -print-file-name=libtsan.so))"
+                )
+            } else {
+                String::new()
+            };
+            return Err(format!("dlopen {}: {err}{hint}", lib.display()));
         }
         let sym = libc::dlsym(h, c"tessera_emu_launch".as_ptr());
         if sym.is_null() {
@@ -297,8 +371,10 @@ impl EmuModule {
         if !self.kernels.contains(&name) {
             return Err(format!("{}: no kernel {name}", self.name));
         }
-        static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-        let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        static ONE_AT_A_TIME: Mutex<u8> = Mutex::new(0);
+        let mut guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        // The launches' order, for ThreadSanitizer: one address for every module.
+        let token: *mut u8 = &mut *guard;
         let cname = CString::new(name).map_err(|e| e.to_string())?;
         let g = [grid.0, grid.1, grid.2];
         let b = [block.0, block.1, block.2];
@@ -308,7 +384,15 @@ impl EmuModule {
         // parameter count, which the caller matched).
         let order = BLOCK_ORDER.with(|o| o.get());
         let rc = unsafe {
-            (self.launch)(cname.as_ptr(), g.as_ptr(), b.as_ptr(), shared, ptrs.as_mut_ptr(), order)
+            (self.launch)(
+                cname.as_ptr(),
+                g.as_ptr(),
+                b.as_ptr(),
+                shared,
+                ptrs.as_mut_ptr(),
+                order,
+                token.cast(),
+            )
         };
         match rc {
             0 => {}
@@ -339,3 +423,7 @@ mod ring_tests;
 #[cfg(test)]
 #[path = "emu_kernel_tests.rs"]
 mod kernel_tests;
+
+#[cfg(test)]
+#[path = "emu_race_tests.rs"]
+mod race_tests;

@@ -12,21 +12,21 @@ use crate::rng::Rng;
 
 /// The loss's inputs: `b × d` image and text features and the logit scale.
 #[derive(Clone, Copy)]
-struct Inputs<'a> {
-    img: &'a [f32],
-    txt: &'a [f32],
-    b: usize,
-    d: usize,
-    scale: f32,
+pub(super) struct Inputs<'a> {
+    pub img: &'a [f32],
+    pub txt: &'a [f32],
+    pub b: usize,
+    pub d: usize,
+    pub scale: f32,
 }
 
-struct EmuLoss {
-    loss: f64,
-    d_img: Vec<f32>,
-    d_txt: Vec<f32>,
-    d_t: f64,
+pub(super) struct EmuLoss {
+    pub loss: f64,
+    pub d_img: Vec<f32>,
+    pub d_txt: Vec<f32>,
+    pub d_t: f64,
     /// Whether every buffer's guards held.
-    guards: bool,
+    pub guards: bool,
 }
 
 /// Asserts that `got`'s loss, gradients and dL/dt are bitwise `want`'s (`what` names the run).
@@ -65,7 +65,7 @@ fn launch_shared(m: &EmuModule, name: &str, grid: (u32, u32, u32), shared: u32, 
 /// one wave), small here so that rows and columns are split among several blocks;
 /// `bwd_splits`: the backward's column splits instead of the planned ones (`LossBuffers::
 /// bwd_splits`). `m` compiled with the knobs `defs`.
-fn emu_clip_loss(
+pub(super) fn emu_clip_loss(
     m: &EmuModule,
     defs: &Defines,
     x: &Inputs,
@@ -399,26 +399,45 @@ fn deterministic_mode_gives_the_same_bits_whatever_the_block_order() {
     assert!(fast_moved, "fast mode's atomics never changed order: the orders had no effect");
 }
 
-/// The translation unit registers every static `__shared__` array for poisoning (also the one
-/// declared with a trailing comment) and maps `extern __shared__` to the dynamic shared memory.
+/// The translation unit makes every static `__shared__` array the running block's own (also
+/// several on one line, and one declared with a trailing comment), maps `extern __shared__` to
+/// the dynamic shared memory, and has a launcher for every kernel.
 #[test]
-fn translation_units_register_shared_memory_and_know_every_kernel() {
+fn translation_units_give_each_block_its_shared_memory_and_know_every_kernel() {
     use crate::device::cuda::nvrtc::SOURCES;
     for src in SOURCES {
         let tu = super::translation_unit(src);
-        let declared =
-            src.src.lines().filter(|l| l.trim_start().starts_with("__shared__ ")).count();
-        assert_eq!(tu.matches("static emu::Reg emu_reg_").count(), declared, "{}", src.name);
-        assert!(!tu.contains("extern __shared__"), "{}", src.name);
+        let lines = src.src.lines().filter(|l| l.trim_start().starts_with("__shared__ "));
+        let arrays: usize = lines.map(|l| 1 + l.matches("], ").count()).sum();
+        assert_eq!(tu.matches("emu::block_shared<").count(), arrays, "{}", src.name);
+        let body = &tu[tu.find("#line 1 \"kernels/").expect("the sources' marks")..];
+        assert!(
+            !body.lines().any(|l| l.contains("__shared__ ") && !l.contains("//")),
+            "{}",
+            src.name
+        );
         for k in src.kernels {
             assert!(tu.contains(&format!("emu::launch({k}, ")), "{}: {k}", src.name);
         }
     }
     let tu = super::translation_unit(SOURCES.iter().find(|s| s.name == "clip_loss.cu").unwrap());
-    assert!(tu.contains(
-        "__shared__ __align__(16) float FG[FG_BYTES / 4]; static emu::Reg emu_reg_FG(&FG, sizeof FG);  \
-         // the stages"
-    ));
+    for decl in [
+        "static char emu_sh_FG; auto& FG = *emu::block_shared<float[(FG_BYTES / 4)]>(&emu_sh_FG);  \
+         // the stages",
+        "auto& qrm = *emu::block_shared<float[(4)][(TM)]>(&emu_sh_qrm); static char emu_sh_qrz; \
+         auto& qrz = *emu::block_shared<float[(4)][(TM)]>(&emu_sh_qrz);",
+        "auto& AB = *emu::block_shared<typename Tiles<MODE>::Row[((MODE == 3 ? 4 : 2) * \
+         Tiles<MODE>::ROWS)]>(&emu_sh_AB);",
+        "auto& AB = *emu::block_shared<Row[(MODE == 3 && PT > 1 ? 1 : 2 * Tiles<MODE>::ROWS)]>(",
+    ] {
+        assert!(tu.contains(decl), "{decl}");
+    }
+    // Reports name the kernel file's own lines: its first line follows its `#line 1` mark, after
+    // common.cuh's.
+    let first = include_str!("kernels/clip_loss.cu").lines().next().unwrap();
+    let common = tu.find("#line 1 \"kernels/common.cuh\"\n").expect("common.cuh's mark");
+    let file = tu.find(&format!("#line 1 \"kernels/clip_loss.cu\"\n{first}\n")).expect("its mark");
+    assert!(common < file);
 }
 
 /// The backward's column splits (grid z, `gpu::plan_bwd`): fast mode's splits adding dI by
