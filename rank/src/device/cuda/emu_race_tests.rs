@@ -41,8 +41,9 @@ fn tsan_runtime(cxx: &str) -> Result<String, String> {
     let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
     if !out.status.success() || !std::path::Path::new(&path).is_absolute() {
         return Err(format!(
-            "`{cxx} -print-file-name=libtsan.so` found no ThreadSanitizer runtime; install it \
-             (Debian: apt-get install libtsan2, which g++ brings)"
+            "`{cxx} -print-file-name=libtsan.so` found no ThreadSanitizer runtime: the race \
+             check needs GCC's shared one (Debian: apt-get install g++, which brings libtsan2; \
+             or set CXX=g++ where another compiler is the default)"
         ));
     }
     Ok(path)
