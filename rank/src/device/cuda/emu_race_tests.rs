@@ -85,9 +85,9 @@ fn clip_loss_workload() {
 /// dL/dt tree reduction's; with fast mode's dA `atomicAdd` as a plain `+=`. Each time the child
 /// stopped at the first report, naming the kernel lines of both accesses (e.g. the refill:
 /// `cp_async` from `stage_load<0>`, line 1258, against `product_fma`'s read, line 952). The
-/// value checks of the other emulated tests fail on the first four too, but by chance of the
-/// OS's interleaving of 256 threads (the fp32 deterministic refill race passed them); the
-/// fifth (lost updates between blocks) passes all of them.
+/// value checks of the other emulated tests fail on the first four too: the poisoned shared
+/// memory turns a bad interleaving into NaN, and 256 threads on a few cores gave one each time,
+/// though nothing makes them; the fifth (lost updates between blocks) passes all of them.
 #[test]
 fn kernels_have_no_data_races_within_or_between_blocks() {
     let me = module_path!().split_once("::").map_or(module_path!(), |(_, rest)| rest);
