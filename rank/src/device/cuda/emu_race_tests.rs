@@ -118,10 +118,12 @@ fn kernels_have_no_data_races_within_or_between_blocks() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("child under ThreadSanitizer ({runtime}): {:?} in {:.1?}", out.status, t.elapsed());
     let ran = stdout.matches("... ok").count();
-    let report = stderr.find("ThreadSanitizer:").map(|i| &stderr[i.saturating_sub(200)..]);
-    if let Some(r) = report {
-        let end = r.char_indices().nth(8000).map_or(r.len(), |(i, _)| i);
-        panic!("ThreadSanitizer reported:\n{}", &r[..end]);
+    // The report (its first 120 lines, from just before its header), if any.
+    let lines: Vec<&str> = stderr.lines().collect();
+    if let Some(at) = lines.iter().position(|l| l.contains("ThreadSanitizer:")) {
+        let from = at.saturating_sub(2);
+        let to = (from + 120).min(lines.len());
+        panic!("ThreadSanitizer reported:\n{}", lines[from..to].join("\n"));
     }
     assert!(
         out.status.success() && ran == 1 + ALSO.len(),
