@@ -209,10 +209,15 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
     h
 }
 
+/// The C++ compiler that builds the emulation: `$CXX`, else `c++`.
+pub fn cxx() -> String {
+    std::env::var("CXX").unwrap_or_else(|_| "c++".into())
+}
+
 /// Compiles `src` with the kernel knobs `defs` (cached by content in the temp directory) and
 /// loads it.
 fn build(src: &'static KernelSource, defs: &Defines) -> Result<EmuModule, String> {
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let cxx = cxx();
     let tu = translation_unit(src);
     let mut knobs = defs.options(src.name);
     if sanitizing() {
@@ -277,7 +282,8 @@ fn load(src: &'static KernelSource, lib: &Path) -> Result<EmuModule, String> {
             let hint = if sanitizing() {
                 format!(
                     " ({SANITIZE_ENV}=thread needs ThreadSanitizer's runtime loaded first: \
-                     LD_PRELOAD=$(c++ -print-file-name=libtsan.so))"
+                     LD_PRELOAD=$({} -print-file-name=libtsan.so))",
+                    cxx()
                 )
             } else {
                 String::new()

@@ -21,7 +21,7 @@
 use std::process::Command;
 
 use super::tests::{Inputs, emu_clip_loss};
-use super::{SANITIZE_ENV, module, module_with, sanitizing};
+use super::{SANITIZE_ENV, cxx, module, module_with, sanitizing};
 use crate::device::cuda::gpu::{LossMode, Precision};
 use crate::device::cuda::nvrtc::Defines;
 use crate::device::cuda::selftest::random_features;
@@ -90,16 +90,16 @@ fn clip_loss_workload() {
 /// though nothing makes them; the fifth (lost updates between blocks) passes all of them.
 #[test]
 fn kernels_have_no_data_races_within_or_between_blocks() {
-    let me = module_path!().split_once("::").map_or(module_path!(), |(_, rest)| rest);
-    let me = format!("{me}::kernels_have_no_data_races_within_or_between_blocks");
+    // Test names as the harness knows them: without the crate.
+    let here = module_path!().split_once("::").map_or(module_path!(), |(_, rest)| rest);
+    let me = format!("{here}::kernels_have_no_data_races_within_or_between_blocks");
     if sanitizing() {
         // The child: the workload, every module built with -fsanitize=thread.
         clip_loss_workload();
         return;
     }
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let runtime = tsan_runtime(&cxx).unwrap_or_else(|e| panic!("{e}"));
-    let parent = me.rsplit_once("::race_tests").map(|(p, _)| p).expect("in emu::race_tests");
+    let runtime = tsan_runtime(&cxx()).unwrap_or_else(|e| panic!("{e}"));
+    let parent = here.strip_suffix("::race_tests").expect("in emu::race_tests");
     let exe = std::env::current_exe().expect("the test binary's path");
     let t = std::time::Instant::now();
     let out = Command::new(&exe)
