@@ -345,11 +345,11 @@ impl ClipBlocks for EmuClipBlocks {
 
 /// The emulated blocks of a ring run: module, mode, precision, forward wave, and the backward's
 /// dynamic shared memory.
-type EmuOps<'a> = (&'a Arc<EmuModule>, LossMode, Precision, usize, u32);
+pub(super) type EmuOps<'a> = (&'a Arc<EmuModule>, LossMode, Precision, usize, u32);
 
 /// One ring run over `world = sizes.len()` ranks as threads: the CPU ring (`ops` None) or the
 /// emulated GPU blocks, one [`RingLossOut`] per rank in rank order.
-fn run_ring(
+pub(super) fn run_ring(
     feats: &[(Vec<f32>, Vec<f32>)],
     d: usize,
     scale: f32,

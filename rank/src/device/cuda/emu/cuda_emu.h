@@ -409,9 +409,11 @@ void launch(void (*f)(A...), const unsigned grid[3], const unsigned block[3], un
                 threadIdx = {t % block[0], (t / block[0]) % block[1], t / (block[0] * block[1])};
                 blockDim = {block[0], block[1], block[2]};
                 gridDim = {grid[0], grid[1], grid[2]};
-                for (unsigned long long n = k; n < blocks; n += slots) {
+                // slot.n: the slot's block, which only the completion step of slot.next
+                // moves on, while every thread of the slot waits there.
+                for (;;) {
                     cur_block = slot.cur.get();
-                    const unsigned long long i = turn[n];
+                    const unsigned long long i = turn[slot.n];
                     blockIdx = {(unsigned)(i % grid[0]), (unsigned)((i / grid[0]) % grid[1]),
                                 (unsigned)(i / ((unsigned long long)grid[0] * grid[1]))};
                     call(f, args, std::index_sequence_for<A...>{});
@@ -425,6 +427,7 @@ void launch(void (*f)(A...), const unsigned grid[3], const unsigned block[3], un
                     cur_block->bar.arrive_and_drop();
                     warp().bar.arrive_and_drop();
                     slot.next.arrive_and_wait();
+                    if (slot.n >= blocks) break;
                 }
             });
     for (auto& t : ts) t.join();
