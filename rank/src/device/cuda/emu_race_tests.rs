@@ -86,7 +86,7 @@ fn clip_loss_workload() {
 /// both passes' shares folded, and fast mode's dI added atomically from two splits. fp32 and
 /// TF32 in both modes, BF16 deterministic: 3xTF32 moves its operands through shared memory as
 /// TF32 does (TF32 adds a write there, its rounded G), and BF16's staging is the same in both
-/// modes; under the sanitizer these runs take 20 to 60 s each on 2 cores, BF16 twice that.
+/// modes. Under the sanitizer these runs took 24 to 48 s each on 2 cores, BF16 83 s.
 /// The ranks are threads; their launches run one at a time, in an order the sanitizer sees, so
 /// a report is a race inside a launch.
 fn ring_workload() {
@@ -116,18 +116,18 @@ fn ring_workload() {
     }
 }
 
-/// Every kernel of clip_loss.cu (as the one-GPU loss and as the ring launches them),
-/// elementwise.cu and optim.cu, emulated under ThreadSanitizer, with no race reported. Sensitivity, tried by hand, one change to clip_loss.cu at a time:
-/// without the forward's barrier between the tile's quarter statistics and their merge; without
-/// the bf16 backward's barrier before its second stage (over the logits) is issued; without the
-/// backward's barrier between a stage's products and its buffer's refill; without one of the
-/// dL/dt tree reduction's; with fast mode's dA `atomicAdd` as a plain `+=`. Each time the child
-/// stopped at the first report, naming the kernel lines of both accesses (e.g. the refill:
-/// `cp_async` from `stage_load<0>`, line 1258, against `product_fma`'s read, line 952). The
-/// value checks of the other emulated tests fail on the first four too: the poisoned shared
-/// memory turns a bad interleaving into NaN, and 256 threads on a few cores gave one each time,
-/// though nothing makes them; the fifth (lost updates between blocks) passes all of them. The
-/// ring's workload alone (the other skipped) reports the fifth too, in its fp32 fast run.
+/// Every kernel of clip_loss.cu (as the one-GPU loss and as the ring launch them), elementwise.cu
+/// and optim.cu, emulated under ThreadSanitizer, with no race reported. Sensitivity, tried by hand,
+/// one change to clip_loss.cu at a time: without the forward's barrier between the tile's quarter
+/// statistics and their merge; without the bf16 backward's barrier before its second stage (over
+/// the logits) is issued; without the backward's barrier between a stage's products and its
+/// buffer's refill; without one of the dL/dt tree reduction's; with fast mode's dA `atomicAdd` as a
+/// plain `+=`. Each time the child stopped at the first report, naming the kernel lines of both
+/// accesses (e.g. the refill: `cp_async` from `stage_load<0>`, line 1258, against `product_fma`'s
+/// read, line 952). The value checks of the other emulated tests fail on the first four too: the
+/// poisoned shared memory turns a bad interleaving into NaN, and 256 threads on a few cores gave
+/// one each time, though nothing makes them; the fifth (lost updates between blocks) passes all of
+/// them. The ring's workload alone (the other skipped) reports the fifth too, in its fp32 fast run.
 #[test]
 fn kernels_have_no_data_races_within_or_between_blocks() {
     // Test names as the harness knows them: without the crate.
