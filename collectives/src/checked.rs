@@ -35,29 +35,74 @@ impl<'a> CheckedComm<'a> {
         let all = self.inner.all_gather_bytes(mine.as_bytes())?;
         let all: Vec<String> =
             all.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect();
-        if all.iter().all(|d| *d == mine) {
-            return Ok(());
-        }
-        // Group the ranks by call; the largest group (lowest rank on a tie) is the reference.
-        let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-        for (r, d) in all.iter().enumerate() {
-            groups.entry(d.as_str()).or_default().push(r);
-        }
-        let reference =
-            groups.iter().max_by_key(|(_, rs)| (rs.len(), std::cmp::Reverse(rs[0]))).map(|g| *g.0);
-        let first = all.iter().position(|d| Some(d.as_str()) != reference).unwrap_or(0);
-        let mut parts: Vec<(usize, String)> = groups
+        diverged(call, &mine, &all)
+    }
+
+    /// [`CheckedComm::check`] for a sized ring shift: the ranks must all be in it, and each
+    /// rank's expected length must be what rank r−1 sends.
+    fn check_shift(&mut self, send: usize, recv: usize) -> Result<()> {
+        let call = self.calls;
+        self.calls += 1;
+        let what = format!("#{call} ring_shift_bytes_sized");
+        let all = self.inner.all_gather_bytes(format!("{what} {send} {recv}").as_bytes())?;
+        let all: Vec<String> =
+            all.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect();
+        // The call without its lengths, as `check` would see it; then the lengths.
+        let split = |d: &str| -> Option<(String, (usize, usize))> {
+            let (rest, recv) = d.rsplit_once(' ')?;
+            let (call, send) = rest.rsplit_once(' ')?;
+            Some((call.to_string(), (send.parse().ok()?, recv.parse().ok()?)))
+        };
+        let (calls, lens): (Vec<String>, Vec<(usize, usize)>) =
+            all.iter().map(|d| split(d).unwrap_or_else(|| (d.clone(), (0, 0)))).unzip();
+        diverged(call, &what, &calls)?;
+        let n = all.len();
+        let prev = |r: usize| (r + n - 1) % n;
+        let bad: Vec<usize> = (0..n).filter(|&r| lens[r].1 != lens[prev(r)].0).collect();
+        let Some(&first) = bad.first() else { return Ok(()) };
+        let detail: Vec<String> = bad
             .iter()
-            .map(|(d, rs)| {
-                let names: Vec<String> = rs.iter().map(usize::to_string).collect();
-                let who = if rs.len() == 1 { "rank" } else { "ranks" };
-                (rs[0], format!("{who} {} call {d}", names.join(", ")))
+            .map(|&r| {
+                let p = prev(r);
+                format!("rank {r} expects {} bytes, rank {p} sends {}", lens[r].1, lens[p].0)
             })
             .collect();
-        parts.sort();
-        let detail: Vec<String> = parts.into_iter().map(|p| p.1).collect();
-        Err(CommError::Diverged { call, first, detail: detail.join("; ") })
+        Err(CommError::Diverged {
+            call,
+            first,
+            detail: format!(
+                "ring_shift_bytes_sized with mismatched lengths: {}",
+                detail.join("; ")
+            ),
+        })
     }
+}
+
+/// `Ok` when every rank's description of call `call` is `mine`; otherwise the error naming the
+/// groups of ranks that agree (the largest group, lowest rank on a tie, is the reference).
+fn diverged(call: u64, mine: &str, all: &[String]) -> Result<()> {
+    if all.iter().all(|d| *d == mine) {
+        return Ok(());
+    }
+    // Group the ranks by call; the largest group (lowest rank on a tie) is the reference.
+    let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (r, d) in all.iter().enumerate() {
+        groups.entry(d.as_str()).or_default().push(r);
+    }
+    let reference =
+        groups.iter().max_by_key(|(_, rs)| (rs.len(), std::cmp::Reverse(rs[0]))).map(|g| *g.0);
+    let first = all.iter().position(|d| Some(d.as_str()) != reference).unwrap_or(0);
+    let mut parts: Vec<(usize, String)> = groups
+        .iter()
+        .map(|(d, rs)| {
+            let names: Vec<String> = rs.iter().map(usize::to_string).collect();
+            let who = if rs.len() == 1 { "rank" } else { "ranks" };
+            (rs[0], format!("{who} {} call {d}", names.join(", ")))
+        })
+        .collect();
+    parts.sort();
+    let detail: Vec<String> = parts.into_iter().map(|p| p.1).collect();
+    Err(CommError::Diverged { call, first, detail: detail.join("; ") })
 }
 
 fn reduce_name(op: ReduceOp) -> &'static str {
@@ -129,6 +174,15 @@ impl Communicator for CheckedComm<'_> {
     fn ring_shift_bytes(&mut self, send: &[u8], recv: &mut Vec<u8>) -> Result<()> {
         self.check("ring_shift_bytes".into())?;
         self.inner.ring_shift_bytes(send, recv)
+    }
+    fn ring_shift_bytes_sized(
+        &mut self,
+        send: &[u8],
+        recv: &mut Vec<u8>,
+        recv_len: usize,
+    ) -> Result<()> {
+        self.check_shift(send.len(), recv_len)?;
+        self.inner.ring_shift_bytes_sized(send, recv, recv_len)
     }
     fn barrier(&mut self) -> Result<()> {
         self.check("barrier".into())?;

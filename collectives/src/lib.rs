@@ -40,6 +40,27 @@ pub(crate) fn check_part(op: &'static str, len: usize, offset: usize, total: usi
     Ok(())
 }
 
+/// The error of a [`Communicator::ring_shift_bytes_sized`] whose message from rank r−1 has
+/// `got` bytes where this rank expected `want`.
+pub fn shift_len_mismatch(
+    rank: usize,
+    world: usize,
+    seq: u64,
+    got: usize,
+    want: usize,
+) -> CommError {
+    let peer = (rank + world - 1) % world;
+    CommError::Protocol {
+        op: "ring_shift_bytes",
+        seq,
+        peer,
+        detail: format!(
+            "rank {peer} sent {got} bytes where rank {rank} expected {want}: the ranks disagree \
+             on the sizes of the ring's messages (different inputs or Tessera versions)"
+        ),
+    }
+}
+
 pub type Result<T> = std::result::Result<T, CommError>;
 
 /// Reduction applied by all-reduce and reduce-scatter.
@@ -92,6 +113,24 @@ pub trait Communicator: Send {
     /// Sends `send` to rank r+1 while receiving rank r-1's message into `recv` (resized to fit).
     /// Lengths may differ between ranks.
     fn ring_shift_bytes(&mut self, send: &[u8], recv: &mut Vec<u8>) -> Result<()>;
+    /// [`Communicator::ring_shift_bytes`] where the caller knows the length of rank r−1's
+    /// message: receives exactly `recv_len` bytes, and a message of another length is a
+    /// protocol error naming rank r−1. Every rank's `recv_len` must be rank r−1's `send.len()`.
+    /// Backends whose transfers need both lengths up front (NCCL's send/recv) skip the round
+    /// that would otherwise announce them. The default shifts and checks the length after.
+    fn ring_shift_bytes_sized(
+        &mut self,
+        send: &[u8],
+        recv: &mut Vec<u8>,
+        recv_len: usize,
+    ) -> Result<()> {
+        let seq = self.seq();
+        self.ring_shift_bytes(send, recv)?;
+        if recv.len() == recv_len {
+            return Ok(());
+        }
+        Err(shift_len_mismatch(self.rank(), self.world(), seq, recv.len(), recv_len))
+    }
     /// Returns once every rank has entered the barrier.
     fn barrier(&mut self) -> Result<()>;
 

@@ -1761,6 +1761,25 @@ impl Communicator for TcpRing {
         self.finish(&ctx, r)
     }
 
+    fn ring_shift_bytes_sized(
+        &mut self,
+        send: &[u8],
+        recv: &mut Vec<u8>,
+        recv_len: usize,
+    ) -> Result<()> {
+        // The frame header carries the length anyway: checked there, before any payload.
+        let ctx = self.begin(Op::RingShift)?;
+        let r = self.exchange(ctx, send, recv, Some(recv_len), 0).and_then(|()| {
+            // One rank: the message comes back to its sender, unchecked by any header.
+            if recv.len() == recv_len {
+                Ok(())
+            } else {
+                Err(crate::shift_len_mismatch(ctx.me, ctx.world, ctx.seq, recv.len(), recv_len))
+            }
+        });
+        self.finish(&ctx, r)
+    }
+
     fn barrier(&mut self) -> Result<()> {
         let ctx = self.begin(Op::Barrier)?;
         let r = self.gather_bytes(ctx, &[], Some(0), 0);

@@ -66,3 +66,36 @@ fn a_rank_that_skipped_a_collective_is_named() {
         assert!(msg.contains("ranks 1, 2 call #0 barrier"), "{msg}");
     }
 }
+
+#[test]
+fn a_sized_ring_shift_whose_lengths_disagree_is_named_before_any_data_moves() {
+    // Rank 2 expects 9 bytes, but rank 1 sends 11; the others agree.
+    let errs = run_ranks(tcp_group(3, &cfg()), |mut ring| {
+        let mut c = CheckedComm::new(&mut ring);
+        let r = c.rank();
+        let send = vec![1u8; 10 + r];
+        let want = if r == 2 { 9 } else { 10 + (r + 2) % 3 };
+        let mut recv = Vec::new();
+        c.ring_shift_bytes_sized(&send, &mut recv, want).unwrap_err()
+    });
+    for e in errs {
+        let msg = e.to_string();
+        assert!(matches!(e, CommError::Diverged { call: 0, first: 2, .. }), "{msg}");
+        assert!(msg.contains("rank 2 expects 9 bytes, rank 1 sends 11"), "{msg}");
+    }
+}
+
+#[test]
+fn sized_ring_shifts_that_agree_pass_through() {
+    let out = run_ranks(tcp_group(3, &cfg()), |mut ring| {
+        let mut c = CheckedComm::new(&mut ring);
+        let r = c.rank();
+        let mut recv = Vec::new();
+        c.ring_shift_bytes_sized(&vec![r as u8; 10 + r], &mut recv, 10 + (r + 2) % 3).unwrap();
+        recv
+    });
+    for (r, recv) in out.iter().enumerate() {
+        let p = (r + 2) % 3;
+        assert_eq!(*recv, vec![p as u8; 10 + p]);
+    }
+}

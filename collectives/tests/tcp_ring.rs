@@ -140,6 +140,32 @@ fn mismatched_lengths_are_protocol_errors() {
 }
 
 #[test]
+fn a_sized_ring_shift_of_another_length_is_refused_at_the_header() {
+    // Rank 0 expects 100 bytes from rank 1, which sends 101: refused before the payload, and
+    // the communicator is poisoned. Rank 1's own shift completes (rank 0 sent what it expects).
+    let out = run_ranks(tcp_group(2, &cfg()), |mut c| {
+        let mut recv = Vec::new();
+        let r = c.ring_shift_bytes_sized(&vec![3u8; 100 + c.rank()], &mut recv, 100);
+        (r.err(), recv.len())
+    });
+    let e = out[0].0.as_ref().expect("rank 0 fails");
+    assert!(matches!(e, CommError::Protocol { peer: 1, .. }), "{e}");
+    assert!(e.to_string().contains("frame of 101 bytes where 100 were expected"), "{e}");
+    assert!(out[1].0.is_none(), "{:?}", out[1].0);
+    assert_eq!(out[1].1, 100);
+}
+
+#[test]
+fn a_sized_ring_shift_on_one_rank_checks_the_length() {
+    let mut c = tcp_group(1, &cfg()).pop().unwrap();
+    let mut recv = Vec::new();
+    c.ring_shift_bytes_sized(b"abc", &mut recv, 3).unwrap();
+    assert_eq!(recv, b"abc");
+    let e = c.ring_shift_bytes_sized(b"abc", &mut recv, 4).unwrap_err();
+    assert!(e.to_string().contains("rank 0 sent 3 bytes where rank 0 expected 4"), "{e}");
+}
+
+#[test]
 fn dropped_peer_mid_all_reduce_is_named() {
     dropped_peer_mid_all_reduce(&cfg());
 }

@@ -72,3 +72,17 @@ fn diverging_collectives_are_protocol_errors() {
     assert!(matches!(errs[0], CommError::Protocol { peer: 1, .. }), "{}", errs[0]);
     assert!(matches!(errs[1], CommError::Protocol { peer: 0, .. }), "{}", errs[1]);
 }
+
+#[test]
+fn a_sized_ring_shift_of_another_length_names_the_sender() {
+    // Rank 1 expects 6 bytes from rank 0, which sends 5 (the trait's default: shift, then check).
+    let errs = run_ranks(ThreadComm::group(3), |mut c| {
+        let mut recv = Vec::new();
+        let want = if c.rank() == 1 { 6 } else { 5 };
+        c.ring_shift_bytes_sized(&[7u8; 5], &mut recv, want).err()
+    });
+    assert!(errs[0].is_none() && errs[2].is_none(), "{errs:?}");
+    let e = errs[1].as_ref().expect("rank 1 fails");
+    assert!(matches!(e, CommError::Protocol { peer: 0, .. }), "{e}");
+    assert!(e.to_string().contains("rank 0 sent 5 bytes where rank 1 expected 6"), "{e}");
+}

@@ -127,6 +127,11 @@ pub fn exercise(c: &mut dyn Communicator, lens: &[usize]) -> Vec<Vec<f32>> {
         c.ring_shift_bytes(&byte_msg(r, len + r, 7), &mut recv).expect("ring_shift_bytes");
         let prev = (r + n - 1) % n;
         assert_eq!(recv, byte_msg(prev, len + prev, 7), "ring_shift len {len}");
+        // the same with the incoming length told
+        let mut recv = vec![1u8; 3];
+        c.ring_shift_bytes_sized(&byte_msg(r, len + 2 * r, 8), &mut recv, len + 2 * prev)
+            .expect("ring_shift_bytes_sized");
+        assert_eq!(recv, byte_msg(prev, len + 2 * prev, 8), "ring_shift_bytes_sized len {len}");
         // f64 all-reduce and barrier
         let mut f = [r as f64 + 0.5, len as f64, -(r as f64)];
         c.all_reduce_f64(&mut f, ReduceOp::Sum).expect("all_reduce_f64");

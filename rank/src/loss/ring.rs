@@ -509,15 +509,20 @@ fn decode(
 
 /// One trip of blocks around the ring. `compute(q, feat_q, extra_q, partial)` writes this
 /// rank's contribution to block `q`'s accumulator (`acc_per_row · b_q` values) into `partial`;
-/// `combine(partial, incoming)` turns it into `incoming ⊕ partial`. Returns this rank's own
-/// block's final accumulator and the peak bytes of the buffers used here.
+/// `combine(partial, incoming)` turns it into `incoming ⊕ partial`. `own_extra` holds
+/// `extra_per_row` values per row of this rank's block. Returns this rank's own block's final
+/// accumulator and the peak bytes of the buffers used here.
+///
+/// Every message's length follows from `sizes`, so each shift tells the communicator what it
+/// expects ([`Communicator::ring_shift_bytes_sized`]): NCCL then moves a message in one round
+/// instead of announcing its length first.
 #[allow(clippy::too_many_arguments)]
 fn ring_drive(
     comm: &mut dyn Communicator,
     sizes: &[usize],
     d: usize,
     own_feat: &[f32],
-    own_extra: &[f64],
+    (own_extra, extra_per_row): (&[f64], usize),
     acc_per_row: usize,
     combine: fn(&mut [f32], &[f32]),
     mut compute: impl FnMut(usize, &[f32], &[f64], &mut [f32]) -> Result<(), LossError>,
@@ -535,6 +540,11 @@ fn ring_drive(
     let mut recv: Vec<u8> = Vec::new();
     let mut peak = 0usize;
     let prev = (r + n - 1) % n;
+    // The encoded length of a message of `rows` rows' features and extras and `acc_rows` rows'
+    // accumulator (`encode`).
+    let msg_len = |rows: usize, acc_rows: usize| {
+        24 + rows * (d * 4 + extra_per_row * 8) + acc_rows * acc_per_row * 4
+    };
     for k in 0..n {
         let q = (r + n - k) % n;
         let bq = sizes[q];
@@ -559,11 +569,15 @@ fn ring_drive(
                 if last { &[] } else { &cur_extra },
                 &done,
             );
+            // Rank r−1 sends the block this rank holds next (unless this is the last step)
+            // and its accumulator of block q (none yet at step 0).
+            let q_next = (r + 2 * n - k - 1) % n;
+            let want = msg_len(if last { 0 } else { sizes[q_next] }, if k == 0 { 0 } else { bq });
             let (shifted, computed) = std::thread::scope(|s| {
                 let comm = &mut *comm;
                 let send = &send;
                 let recv = &mut recv;
-                let h = s.spawn(move || comm.ring_shift_bytes(send, recv));
+                let h = s.spawn(move || comm.ring_shift_bytes_sized(send, recv, want));
                 let computed = compute(q, &cur_feat, &cur_extra, &mut partial);
                 (h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)), computed)
             });
@@ -600,7 +614,7 @@ fn ring_drive(
     }
     // The accumulator of block r+1 sits here: one more hop takes it home, and ours arrives.
     encode(&mut send, &[], &[], &done);
-    comm.ring_shift_bytes(&send, &mut recv)?;
+    comm.ring_shift_bytes_sized(&send, &mut recv, msg_len(0, sizes[r]))?;
     decode(&recv, prev, &mut next_feat, &mut next_extra, &mut incoming)?;
     let want = sizes[r] * acc_per_row;
     if incoming.len() != want || !next_feat.is_empty() {
@@ -1471,10 +1485,16 @@ fn clip_ring_with<K: ClipBlocks + ?Sized>(
         let (starts, lens) = ch.round(&sizes, s);
         let (lo, n) = ch.of(b_local, s);
         let own = &txt.feat()[lo * d..(lo + n) * d];
-        let (cols, peak) =
-            ring_drive(comm, &lens, d, own, &[], 2, merge_into, |q, feat, _extra, partial| {
-                ops.fwd_block(feat, offs[q] + starts[q], partial)
-            })?;
+        let (cols, peak) = ring_drive(
+            comm,
+            &lens,
+            d,
+            own,
+            (&[], 0),
+            2,
+            merge_into,
+            |q, feat, _extra, partial| ops.fwd_block(feat, offs[q] + starts[q], partial),
+        )?;
         own_cols[lo..lo + n].copy_from_slice(&cols[..n]);
         own_cols[b_local + lo..b_local + lo + n].copy_from_slice(&cols[n..]);
         peak_fwd = peak_fwd.max(peak);
@@ -1501,7 +1521,7 @@ fn clip_ring_with<K: ClipBlocks + ?Sized>(
             &lens,
             d,
             own,
-            &kap[lo..lo + n],
+            (&kap[lo..lo + n], 1),
             d,
             add_into,
             |q, feat, extra, partial| {
@@ -1633,7 +1653,7 @@ fn siglip_ring(
         let (lo, n) = ch.of(b_local, s);
         let own = &txt.feat()[lo * d..(lo + n) * d];
         let (d_chunk, p) =
-            ring_drive(comm, &lens, d, own, &[], d, add_into, |q, feat, _extra, partial| {
+            ring_drive(comm, &lens, d, own, (&[], 0), d, add_into, |q, feat, _extra, partial| {
                 let s = install(pool, || {
                     kn.grad_block(
                         img_local,

@@ -1132,6 +1132,36 @@ impl Communicator for NcclComm {
         Ok(())
     }
 
+    fn ring_shift_bytes_sized(
+        &mut self,
+        send: &[u8],
+        recv: &mut Vec<u8>,
+        recv_len: usize,
+    ) -> Result<()> {
+        // NCCL's send and recv each need their count up front: known here, so the message
+        // moves in one group, without ring_shift_bytes's round announcing the length.
+        let name = "ring_shift_bytes";
+        let seq = self.begin()?;
+        let limit = self.opts.max_message_bytes;
+        if send.len() > limit || recv_len > limit {
+            return Err(CommError::InvalidArgument {
+                op: name,
+                detail: format!(
+                    "message of {} bytes sent or {recv_len} expected exceeds max_message_bytes \
+                     {limit} (call #{seq})",
+                    send.len()
+                ),
+            });
+        }
+        let nb = send.len();
+        let got = self.staged(name, seq, send, [nb, recv_len], 1, recv_len, |c| {
+            c.shift(name, seq, nb, recv_len)
+        })?;
+        recv.clear();
+        recv.extend_from_slice(got);
+        Ok(())
+    }
+
     fn barrier(&mut self) -> Result<()> {
         let seq = self.begin()?;
         let one = 1.0f32.to_ne_bytes();
@@ -1415,6 +1445,11 @@ pub fn world1_checks(
     let mut recv = vec![9u8; 5];
     let r = c.ring_shift_bytes(&bytes, &mut recv).map(|_| if recv == bytes { 0.0 } else { 1.0 });
     push("ring_shift_bytes", "1001 bytes to self".into(), r);
+    let mut recv = vec![9u8; 5];
+    let r = c
+        .ring_shift_bytes_sized(&bytes, &mut recv, bytes.len())
+        .map(|_| if recv == bytes { 0.0 } else { 1.0 });
+    push("ring_shift_bytes_sized", "1001 bytes to self, one NCCL group".into(), r);
     let r = c.all_gather_bytes(&bytes).map(|v| if v == vec![bytes.clone()] { 0.0 } else { 1.0 });
     push("all_gather_bytes", "1001 bytes".into(), r);
     let r = c.all_gather_bytes(&[]).map(|v| if v == vec![Vec::<u8>::new()] { 0.0 } else { 1.0 });
