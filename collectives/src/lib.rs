@@ -118,6 +118,9 @@ pub trait Communicator: Send {
     /// protocol error naming rank r−1. Every rank's `recv_len` must be rank r−1's `send.len()`.
     /// Backends whose transfers need both lengths up front (NCCL's send/recv) skip the round
     /// that would otherwise announce them. The default shifts and checks the length after.
+    /// NCCL cannot check it: there a mismatch leaves the ranks waiting until the watchdog's
+    /// timeout, so the lengths must come from values every rank agrees on (`CheckedComm`,
+    /// `run.check_collectives`, finds a mismatch before any data moves).
     fn ring_shift_bytes_sized(
         &mut self,
         send: &[u8],

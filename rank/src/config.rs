@@ -111,6 +111,12 @@ pub struct RunConfig {
     /// `run.cuda_loss = "fused"`: the fused loss's backward: `deterministic` (the default: no
     /// atomics, bitwise repeatable) or `fast` (one pass fewer, ∂L/∂T by atomicAdd).
     pub cuda_loss_mode: String,
+    /// `run.cuda_loss = "fused"` with `run.collectives = "nccl"` and several ranks: how the
+    /// loss ring's blocks travel. `device` (the default): NCCL send/recv between the blocks'
+    /// own GPU buffers, on NCCL's stream while the compute stream works on the block in hand
+    /// (rank/src/loss/ring_device.rs); `host`: as host messages through the communicator
+    /// (each hop copied to the host and back). Other communicators always use host messages.
+    pub cuda_ring: String,
     /// `run.device = "cuda"`: how cuBLAS computes the model's GEMMs: `fp32` (tracks the CPU),
     /// `tf32` or `bf16` (tensor cores, fp32 accumulation).
     pub cuda_gemm: String,
@@ -172,6 +178,7 @@ impl Default for RunConfig {
             cuda_loss: "fused".into(),
             cuda_loss_precision: "fp32".into(),
             cuda_loss_mode: "deterministic".into(),
+            cuda_ring: "device".into(),
             cuda_kernel_defines: Vec::new(),
             collectives: CollectivesKind::Tcp,
         }
@@ -403,6 +410,13 @@ impl Config {
                 "run.cuda_loss_mode = {:?}: must be one of {} (the fused CLIP loss's backward)",
                 self.run.cuda_loss_mode,
                 quoted(&LossMode::ALL.map(LossMode::name)),
+            ));
+        }
+        if !matches!(self.run.cuda_ring.as_str(), "device" | "host") {
+            return Err(format!(
+                "run.cuda_ring = {:?}: must be \"device\" (the loss ring's blocks move between \
+                 GPU buffers over NCCL) or \"host\" (as host messages)",
+                self.run.cuda_ring
             ));
         }
         if let Err(e) = crate::device::cuda::nvrtc::Defines::parse(&self.run.cuda_kernel_defines) {
@@ -683,6 +697,11 @@ mod tests {
             err.contains("\"fp32\", \"tf32x3\", \"tf32\" or \"bf16\""),
             "names every allowed value: {err}"
         );
+        assert_eq!(cfg.run.cuda_ring, "device");
+        let host = Config::load(None, &["run.cuda_ring=\"host\"".into()]).unwrap();
+        assert_eq!(host.run.cuda_ring, "host");
+        let err = Config::load(None, &["run.cuda_ring=\"gpu\"".into()]).unwrap_err().to_string();
+        assert!(err.contains("run.cuda_ring = \"gpu\": must be \"device\""), "{err}");
         let err =
             Config::load(None, &["run.cuda_loss_mode=\"det\"".into()]).unwrap_err().to_string();
         assert!(err.contains("run.cuda_loss_mode = \"det\""), "{err}");

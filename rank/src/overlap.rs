@@ -4,8 +4,10 @@
 //! communication thread.
 //!
 //! Each bucket is reduced with [`Communicator::all_reduce_f32_part`], which sums every element
-//! in the order of one all-reduce over the whole buffer: the reduced gradient is bitwise
-//! identical to the unbucketed all-reduce at any world size and any bucket size.
+//! in the order of one all-reduce over the whole buffer: with the TCP ring and the thread
+//! communicator the reduced gradient is bitwise identical to the unbucketed all-reduce at any
+//! world size and any bucket size. NCCL's all-reduce picks its own order per call, so over
+//! NCCL (the trait's default `all_reduce_f32_part`) that holds only up to two ranks.
 //!
 //! The local gradient buffer is never modified here: buckets are copies. The caller keeps the
 //! local (pre-reduction) gradient for the noise-scale estimator and the NaN check and takes the

@@ -460,7 +460,7 @@ fn train_checked(
                          loss on the CPU)"
                     ))
                 })?;
-                Some(b)
+                Some(b.with_device_ring(cfg.run.cuda_ring == "device"))
             } else {
                 None
             };

@@ -7,6 +7,9 @@ mod clip;
 mod cross_entropy;
 pub mod loss_config;
 pub mod ring;
+pub mod ring_device;
+#[cfg(test)]
+mod ring_device_tests;
 #[cfg(test)]
 mod ring_tests;
 

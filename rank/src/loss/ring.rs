@@ -507,6 +507,43 @@ fn decode(
     Ok(())
 }
 
+/// What moves on one hop of the ring, in rows: a block's features (and extras) and an
+/// accumulator, each out to rank r+1 and in from rank r−1. Every rank derives the same plan
+/// from the sizes, so each side of a hop knows the other's lengths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hop {
+    /// Rows of the block sent on (that in hand), 0 at the last step.
+    pub feat_out: usize,
+    /// Rows of the block arriving (the one held next), 0 at the last step.
+    pub feat_in: usize,
+    /// Rows of the accumulator sent on: that of the block computed at the step before
+    /// (block q+1), 0 at step 0.
+    pub acc_out: usize,
+    /// Rows of the accumulator arriving: block q's, extended by the ranks before, 0 at step 0.
+    pub acc_in: usize,
+}
+
+impl Hop {
+    /// The hop of step `k` on rank `r`, which holds block `q = (r − k) mod n` (`n ≥ 2`).
+    pub fn at(sizes: &[usize], r: usize, k: usize) -> Hop {
+        let n = sizes.len();
+        let q = (r + n - k) % n;
+        let last = k + 1 == n;
+        Hop {
+            feat_out: if last { 0 } else { sizes[q] },
+            feat_in: if last { 0 } else { sizes[(q + n - 1) % n] },
+            acc_out: if k == 0 { 0 } else { sizes[(q + 1) % n] },
+            acc_in: if k == 0 { 0 } else { sizes[q] },
+        }
+    }
+
+    /// The trip home after the last step: block r+1's accumulator out, this rank's in.
+    pub fn home(sizes: &[usize], r: usize) -> Hop {
+        let n = sizes.len();
+        Hop { feat_out: 0, feat_in: 0, acc_out: sizes[(r + 1) % n], acc_in: sizes[r] }
+    }
+}
+
 /// One trip of blocks around the ring. `compute(q, feat_q, extra_q, partial)` writes this
 /// rank's contribution to block `q`'s accumulator (`acc_per_row · b_q` values) into `partial`;
 /// `combine(partial, incoming)` turns it into `incoming ⊕ partial`. `own_extra` holds
@@ -540,11 +577,10 @@ fn ring_drive(
     let mut recv: Vec<u8> = Vec::new();
     let mut peak = 0usize;
     let prev = (r + n - 1) % n;
-    // The encoded length of a message of `rows` rows' features and extras and `acc_rows` rows'
-    // accumulator (`encode`).
-    let msg_len = |rows: usize, acc_rows: usize| {
-        24 + rows * (d * 4 + extra_per_row * 8) + acc_rows * acc_per_row * 4
-    };
+    // The encoded length of `hop`'s incoming message: its rows' features and extras and its
+    // accumulator's rows (`encode`).
+    let msg_len =
+        |h: &Hop| 24 + h.feat_in * (d * 4 + extra_per_row * 8) + h.acc_in * acc_per_row * 4;
     for k in 0..n {
         let q = (r + n - k) % n;
         let bq = sizes[q];
@@ -562,6 +598,7 @@ fn ring_drive(
         if n == 1 {
             compute(q, &cur_feat, &cur_extra, &mut partial)?;
         } else {
+            let h = Hop::at(sizes, r, k);
             let last = k + 1 == n;
             encode(
                 &mut send,
@@ -569,10 +606,7 @@ fn ring_drive(
                 if last { &[] } else { &cur_extra },
                 &done,
             );
-            // Rank r−1 sends the block this rank holds next (unless this is the last step)
-            // and its accumulator of block q (none yet at step 0).
-            let q_next = (r + 2 * n - k - 1) % n;
-            let want = msg_len(if last { 0 } else { sizes[q_next] }, if k == 0 { 0 } else { bq });
+            let want = msg_len(&h);
             let (shifted, computed) = std::thread::scope(|s| {
                 let comm = &mut *comm;
                 let send = &send;
@@ -614,7 +648,7 @@ fn ring_drive(
     }
     // The accumulator of block r+1 sits here: one more hop takes it home, and ours arrives.
     encode(&mut send, &[], &[], &done);
-    comm.ring_shift_bytes_sized(&send, &mut recv, msg_len(0, sizes[r]))?;
+    comm.ring_shift_bytes_sized(&send, &mut recv, msg_len(&Hop::home(sizes, r)))?;
     decode(&recv, prev, &mut next_feat, &mut next_extra, &mut incoming)?;
     let want = sizes[r] * acc_per_row;
     if incoming.len() != want || !next_feat.is_empty() {
@@ -1107,13 +1141,13 @@ fn siglip_grad_row(xr: &mut [f32], bias: f32, diag: Option<usize>, inv_b: f64) -
     siglip_grad_row_body(xr, bias, diag, inv_b)
 }
 
-fn add_into(partial: &mut [f32], incoming: &[f32]) {
+pub(crate) fn add_into(partial: &mut [f32], incoming: &[f32]) {
     for (p, &i) in partial.iter_mut().zip(incoming) {
         *p += i;
     }
 }
 
-fn merge_into(partial: &mut [f32], incoming: &[f32]) {
+pub(crate) fn merge_into(partial: &mut [f32], incoming: &[f32]) {
     let bq = partial.len() / 2;
     let (pm, pz) = partial.split_at_mut(bq);
     let (im, iz) = incoming.split_at(bq);
@@ -1290,6 +1324,72 @@ pub trait ClipBlocks {
 
     /// Host bytes this implementation holds for the call (for `workspace_bytes`).
     fn held_bytes(&self) -> usize;
+
+    /// One forward round of the ring: this rank's chunk `own` (`lens[r] × d`) and the other
+    /// ranks' chunks (`lens[q] × d`, first row at global column `col0[q]`) each visit every
+    /// rank once. Returns this rank's chunk's column statistics over every rank's rows
+    /// (`[m; lens[r]]` then `[z; lens[r]]`) and the peak bytes of the round's buffers.
+    ///
+    /// The default moves host messages through `comm` ([`host_fwd_round`]). A device whose
+    /// communicator moves the device's own buffers overrides it ([`super::ring_device`]).
+    fn fwd_round(
+        &mut self,
+        comm: &mut dyn Communicator,
+        lens: &[usize],
+        col0: &[usize],
+        d: usize,
+        own: &[f32],
+    ) -> Result<(Vec<f32>, usize), LossError> {
+        host_fwd_round(self, comm, lens, col0, d, own)
+    }
+
+    /// One backward round, as [`ClipBlocks::fwd_round`], with this rank's chunk's column LSEs
+    /// `kap` riding along. Returns this rank's chunk's `∂L/∂T` (`lens[r] × d`), this rank's
+    /// share of `∂L/∂t` over the round's blocks, and the peak bytes of the round's buffers.
+    fn bwd_round(
+        &mut self,
+        comm: &mut dyn Communicator,
+        lens: &[usize],
+        col0: &[usize],
+        d: usize,
+        own: &[f32],
+        kap: &[f64],
+    ) -> Result<(Vec<f32>, f64, usize), LossError> {
+        host_bwd_round(self, comm, lens, col0, d, own, kap)
+    }
+}
+
+/// [`ClipBlocks::fwd_round`] with host messages: [`ring_drive`] through `comm`.
+pub fn host_fwd_round<K: ClipBlocks + ?Sized>(
+    ops: &mut K,
+    comm: &mut dyn Communicator,
+    lens: &[usize],
+    col0: &[usize],
+    d: usize,
+    own: &[f32],
+) -> Result<(Vec<f32>, usize), LossError> {
+    ring_drive(comm, lens, d, own, (&[], 0), 2, merge_into, |q, feat, _extra, partial| {
+        ops.fwd_block(feat, col0[q], partial)
+    })
+}
+
+/// [`ClipBlocks::bwd_round`] with host messages: [`ring_drive`] through `comm`.
+pub fn host_bwd_round<K: ClipBlocks + ?Sized>(
+    ops: &mut K,
+    comm: &mut dyn Communicator,
+    lens: &[usize],
+    col0: &[usize],
+    d: usize,
+    own: &[f32],
+    kap: &[f64],
+) -> Result<(Vec<f32>, f64, usize), LossError> {
+    let mut d_t = 0.0f64;
+    let (d_chunk, peak) =
+        ring_drive(comm, lens, d, own, (kap, 1), d, add_into, |q, feat, extra, partial| {
+            d_t += ops.bwd_block(feat, extra, col0[q], partial)?;
+            Ok(())
+        })?;
+    Ok((d_chunk, d_t, peak))
 }
 
 /// [`ClipBlocks`] on the CPU: rayon over row tiles, the tile GEMM and fused passes of [`Kern`].
@@ -1379,6 +1479,33 @@ impl ClipBlocks for CpuClipBlocks<'_> {
             + self.d_img.capacity() * 4
             + self.pos.capacity() * 8
     }
+}
+
+/// Runs `f` with the CPU's tile work for rows `img` and the chunk rows of `ws`'s options (tests
+/// that wrap the CPU blocks).
+#[cfg(test)]
+pub(crate) fn with_cpu_blocks<R>(
+    ws: &mut RingLossWorkspace,
+    img: &[f32],
+    d: usize,
+    scale: f32,
+    f: impl FnOnce(&mut dyn ClipBlocks, usize) -> R,
+) -> R {
+    let RingLossWorkspace { opts, pool, dev, tiles, slots, .. } = ws;
+    let chunk_rows = opts.chunk_rows_for(d);
+    let mut ops = CpuClipBlocks {
+        kn: Kern { dev, tiles, tr: opts.tile_rows, tc: opts.tile_cols, d, scale },
+        pool,
+        slots,
+        img,
+        pos: Vec::new(),
+        rows: Vec::new(),
+        lse_hl: Vec::new(),
+        kap_hl: (Vec::new(), Vec::new()),
+        inv2b: 0.0,
+        d_img: Vec::new(),
+    };
+    f(&mut ops, chunk_rows)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1485,16 +1612,14 @@ fn clip_ring_with<K: ClipBlocks + ?Sized>(
         let (starts, lens) = ch.round(&sizes, s);
         let (lo, n) = ch.of(b_local, s);
         let own = &txt.feat()[lo * d..(lo + n) * d];
-        let (cols, peak) = ring_drive(
-            comm,
-            &lens,
-            d,
-            own,
-            (&[], 0),
-            2,
-            merge_into,
-            |q, feat, _extra, partial| ops.fwd_block(feat, offs[q] + starts[q], partial),
-        )?;
+        let col0: Vec<usize> = offs.iter().zip(&starts).map(|(o, s)| o + s).collect();
+        let (cols, peak) = ops.fwd_round(comm, &lens, &col0, d, own)?;
+        if cols.len() != 2 * n {
+            return Err(LossError::Invalid(format!(
+                "the forward round returned {} column statistics for a chunk of {n} rows",
+                cols.len()
+            )));
+        }
         own_cols[lo..lo + n].copy_from_slice(&cols[..n]);
         own_cols[b_local + lo..b_local + lo + n].copy_from_slice(&cols[n..]);
         peak_fwd = peak_fwd.max(peak);
@@ -1516,19 +1641,16 @@ fn clip_ring_with<K: ClipBlocks + ?Sized>(
         let (starts, lens) = ch.round(&sizes, s);
         let (lo, n) = ch.of(b_local, s);
         let own = &txt.feat()[lo * d..(lo + n) * d];
-        let (d_chunk, peak) = ring_drive(
-            comm,
-            &lens,
-            d,
-            own,
-            (&kap[lo..lo + n], 1),
-            d,
-            add_into,
-            |q, feat, extra, partial| {
-                d_t += ops.bwd_block(feat, extra, offs[q] + starts[q], partial)?;
-                Ok(())
-            },
-        )?;
+        let col0: Vec<usize> = offs.iter().zip(&starts).map(|(o, s)| o + s).collect();
+        let (d_chunk, dt_round, peak) =
+            ops.bwd_round(comm, &lens, &col0, d, own, &kap[lo..lo + n])?;
+        if d_chunk.len() != n * d {
+            return Err(LossError::Invalid(format!(
+                "the backward round returned {} gradient values for a chunk of {n} × {d}",
+                d_chunk.len()
+            )));
+        }
+        d_t += dt_round;
         // This rank's chunk s has made its last trip: its gradient may take its place.
         txt.put_grad(lo, d, &d_chunk);
         peak_bwd = peak_bwd.max(peak);

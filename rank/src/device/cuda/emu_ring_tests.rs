@@ -573,3 +573,61 @@ fn ring_blocks_in_deterministic_mode_give_the_same_bits_whatever_the_block_order
         }
     }
 }
+
+/// `clip_merge_cols` (the device ring's merge of column statistics, rank/src/loss/ring_device.rs)
+/// against the f64 log-sum-exp of both partials and against the CPU ring's merge: empty
+/// partials on either side (m = −∞, z = 0), far-apart maxima, and more columns than the launch
+/// has threads (the grid-stride loop).
+#[test]
+fn device_ring_column_merge_matches_the_f64_merge_and_the_cpu_ring() {
+    let m = module("clip_loss.cu").unwrap_or_else(|e| panic!("{e}"));
+    let mut rng = Rng::new(31);
+    for n in [1usize, 7, 300, 1100] {
+        let mut stats = |empty_every: usize| -> Vec<f32> {
+            let mut v = vec![0.0f32; 2 * n];
+            for j in 0..n {
+                if empty_every > 0 && j % empty_every == 0 {
+                    (v[j], v[n + j]) = (f32::NEG_INFINITY, 0.0);
+                } else {
+                    v[j] = (rng.normal() * 30.0) as f32;
+                    v[n + j] = 1.0 + (rng.uniform() * 50.0) as f32;
+                }
+            }
+            v
+        };
+        let (part0, inc) = (stats(3), stats(5));
+        let mut part = Guarded::from(&part0, NAN_F32);
+        let incoming = Guarded::from(&inc, NAN_F32);
+        let mut a = Args::new();
+        a.buf_mut(part.get_mut()).buf(incoming.get()).i64(n as i64);
+        // Two blocks of 256 threads: fewer threads than columns at n = 1100.
+        // SAFETY: clip_merge_cols(float* part, const float* inc, i64 n), both 2·n values.
+        unsafe { m.launch("clip_merge_cols", (2, 1, 1), (256, 1, 1), 0, &mut a) }
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(part.intact() && incoming.intact(), "n {n}: wrote outside its buffers");
+        let got = part.get();
+        let mut cpu = part0.clone();
+        crate::loss::ring::merge_into(&mut cpu, &inc);
+        for j in 0..n {
+            let lse = |m: f32, z: f32| {
+                if z == 0.0 { f64::NEG_INFINITY } else { m as f64 + (z as f64).ln() }
+            };
+            let (l1, l2) = (lse(inc[j], inc[n + j]), lse(part0[j], part0[n + j]));
+            let want = if l1 == f64::NEG_INFINITY && l2 == f64::NEG_INFINITY {
+                f64::NEG_INFINITY
+            } else {
+                let mx = l1.max(l2);
+                mx + ((l1 - mx).exp() + (l2 - mx).exp()).ln()
+            };
+            let g = lse(got[j], got[n + j]);
+            let c = lse(cpu[j], cpu[n + j]);
+            if want == f64::NEG_INFINITY {
+                assert_eq!((got[j], got[n + j]), (f32::NEG_INFINITY, 0.0), "n {n} col {j}");
+                continue;
+            }
+            assert!((g - want).abs() <= 1e-6 * want.abs().max(1.0), "n {n} col {j}: {g} vs {want}");
+            assert!((c - want).abs() <= 1e-5 * want.abs().max(1.0), "n {n} col {j}: CPU {c}");
+            assert!(got[n + j] >= 1.0 - 1e-6, "n {n} col {j}: z {} is below exp(0)", got[n + j]);
+        }
+    }
+}

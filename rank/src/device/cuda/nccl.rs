@@ -36,7 +36,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtrMut};
+use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use cudarc::driver::{PinnedHostSlice, result as dr, sys as ds};
 use cudarc::nccl::{result as nr, sys as ns};
 use tessera_collectives::{CommError, Communicator, ReduceOp, Result};
@@ -685,6 +685,73 @@ impl NcclComm {
             )
         };
         self.check(name, seq, "ncclAllReduce", r)
+    }
+
+    /// Queues one hop of the device ring (rank/src/loss/ring_device.rs) on the communication
+    /// stream, ordered after the work queued so far on `compute`: the first `n` values of each
+    /// `send` part go to rank r+1, each `recv` part's first `n` values come from rank r−1, all
+    /// in one NCCL group, in order. Parts of no values are left out: both sides derive every
+    /// length from the same sizes, so rank r's sends pair with rank r+1's receives. Does not
+    /// wait: [`NcclComm::wait`] does, with the watchdog; until then the buffers stay in use.
+    pub fn ring_exchange_f32_device_enqueue(
+        &mut self,
+        send: &[(&CudaSlice<f32>, usize)],
+        recv: &mut [(&mut CudaSlice<f32>, usize)],
+        compute: Option<&CudaStream>,
+    ) -> Result<()> {
+        let name = "ring_exchange_f32_device";
+        let seq = self.begin()?;
+        let short =
+            send.iter().map(|(b, n)| (b.len(), *n)).chain(recv.iter().map(|(b, n)| (b.len(), *n)));
+        for (have, n) in short {
+            if n > have {
+                // A bug in the caller while the peers may already be in their half of the
+                // hop: the communicator is aborted, never reused out of step with them, and
+                // the error ends the job through the coordinator.
+                return Err(self.fail(
+                    name,
+                    seq,
+                    format!("{n} values to move with a device buffer of {have}"),
+                ));
+            }
+        }
+        self.after(name, seq, compute)?;
+        let next = ((self.rank + 1) % self.world) as i32;
+        let prev = ((self.rank + self.world - 1) % self.world) as i32;
+        let f32t = ns::ncclDataType_t::ncclFloat32;
+        let stream = self.stream.clone();
+        let (comm, cu) = (self.comm.0, self.cu());
+        let mut results = Vec::with_capacity(send.len() + recv.len());
+        let r = nr::group_start();
+        self.check(name, seq, "ncclGroupStart", r)?;
+        {
+            // The guards record the buffers' use on the communication stream when dropped,
+            // after the group is queued.
+            let mut reads = Vec::with_capacity(send.len());
+            for (b, n) in send.iter().filter(|(_, n)| *n > 0) {
+                let (p, g) = b.device_ptr(&stream);
+                reads.push(g);
+                // SAFETY: `p` holds at least n floats (checked above) on this device, kept
+                // alive by the caller's borrow until it has waited for the stream.
+                results.push(("ncclSend", unsafe {
+                    nr::send(p as *const _, *n, f32t, next, comm, cu)
+                }));
+            }
+            let mut writes = Vec::with_capacity(recv.len());
+            for (b, n) in recv.iter_mut().filter(|(_, n)| *n > 0) {
+                let (p, g) = b.device_ptr_mut(&stream);
+                writes.push(g);
+                // SAFETY: as above; nothing else uses the buffer until the caller's wait.
+                results
+                    .push(("ncclRecv", unsafe { nr::recv(p as *mut _, *n, f32t, prev, comm, cu) }));
+            }
+            let re = nr::group_end();
+            results.push(("ncclGroupEnd", re));
+        }
+        for (call, r) in results {
+            self.check(name, seq, call, r)?;
+        }
+        Ok(())
     }
 
     /// In-place all-reduce of device buffer `buf`, waiting (with the watchdog) for it.
@@ -1464,6 +1531,40 @@ pub fn world1_checks(
         Ok(max_abs_diff(&y, &x))
     })();
     push("all_reduce_f32_device", format!("{d}, after the compute stream"), r);
+    let r = (|| {
+        // The device ring's hop: three parts (one of them empty) to itself in one group, after
+        // the compute stream; what arrives must be what was sent, the buffers' tails untouched.
+        let stream = ctx.default_stream();
+        let setup = |e: cudarc::driver::DriverError| CommError::Setup(format!("{e:?}"));
+        let (a, b) = (
+            stream.clone_htod(&x[..4001]).map_err(setup)?,
+            stream.clone_htod(&x[..9]).map_err(setup)?,
+        );
+        let c3 = stream.clone_htod(&x[5000..7000]).map_err(setup)?;
+        let fill = vec![7.0f32; 4100];
+        let (mut ra, mut rb, mut rc) = (
+            stream.clone_htod(&fill).map_err(setup)?,
+            stream.clone_htod(&fill[..9]).map_err(setup)?,
+            stream.clone_htod(&fill[..2100]).map_err(setup)?,
+        );
+        c.ring_exchange_f32_device_enqueue(
+            &[(&a, 4001), (&b, 0), (&c3, 1999)],
+            &mut [(&mut ra, 4001), (&mut rb, 0), (&mut rc, 1999)],
+            Some(&stream),
+        )?;
+        c.wait()?;
+        stream.join(c.stream()).map_err(setup)?;
+        let (ya, yb, yc) = (
+            stream.clone_dtoh(&ra).map_err(setup)?,
+            stream.clone_dtoh(&rb).map_err(setup)?,
+            stream.clone_dtoh(&rc).map_err(setup)?,
+        );
+        let tails = ya[4001..].iter().chain(&yb).chain(&yc[1999..]).all(|&v| v == 7.0);
+        let e =
+            max_abs_diff(&ya[..4001], &x[..4001]).max(max_abs_diff(&yc[..1999], &x[5000..6999]));
+        Ok(if tails { e } else { 1.0 })
+    })();
+    push("ring_exchange_f32_device", "4001 + 0 + 1999 floats to self, one group".into(), r);
     let r = (|| {
         let bytes = n * 4;
         ctx.bind_to_thread().map_err(|e| CommError::Setup(format!("bind context: {e:?}")))?;

@@ -54,6 +54,7 @@ pub const SOURCES: &[KernelSource] = &[
             "clip_lse",
             "clip_fold_rows",
             "clip_fold_cols",
+            "clip_merge_cols",
             "sum_f64",
             "clip_fold_splits",
             "clip_bwd",

@@ -21,11 +21,15 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
+use tessera_collectives::Communicator;
+
 use super::CudaError;
 use super::gpu::{
     Gpu, LOSS_TILE, LossMode, Precision, bf16_layout, drv, elem_cfg, plan_fwd_grid_rect,
 };
-use crate::loss::ring::{ClipBlocks, LossError};
+use super::nccl::NcclComm;
+use crate::loss::ring::{ClipBlocks, LossError, host_bwd_round, host_fwd_round};
+use crate::loss::ring_device::{DeviceRing, DeviceSlots, device_bwd_round, device_fwd_round};
 
 /// The kernels' "no positive in this block" diagonal offset.
 pub(super) const NO_DIAG: i64 = i64::MIN;
@@ -93,6 +97,10 @@ pub struct GpuClipBlocks<'g> {
     /// No block folded into the running row statistics yet.
     first: bool,
     bufs: Bufs,
+    /// Over NCCL with several ranks, the rounds move the blocks' device buffers
+    /// ([`crate::loss::ring_device`]) instead of host messages.
+    device_ring: bool,
+    ring_slots: DeviceSlots<CudaSlice<f32>>,
 }
 
 macro_rules! buf {
@@ -122,7 +130,16 @@ impl<'g> GpuClipBlocks<'g> {
             row0: 0,
             first: true,
             bufs: Bufs::default(),
+            device_ring: true,
+            ring_slots: DeviceSlots::default(),
         })
+    }
+
+    /// `run.cuda_ring`: whether the rounds over an [`NcclComm`] of several ranks move the
+    /// blocks' device buffers (`true`, the default) or host messages through the communicator.
+    pub fn with_device_ring(mut self, on: bool) -> Self {
+        self.device_ring = on;
+        self
     }
 
     /// Fast mode: one pass, the block's dT by atomicAdd. Deterministic mode: the pass and its
@@ -147,6 +164,15 @@ impl<'g> GpuClipBlocks<'g> {
         f32s.iter().map(|x| x.as_ref().map_or(0, |s| 4 * s.len())).sum::<usize>()
             + f64s.iter().map(|x| x.as_ref().map_or(0, |s| 8 * s.len())).sum::<usize>()
             + u16s.iter().map(|x| x.as_ref().map_or(0, |s| 2 * s.len())).sum::<usize>()
+            + 4 * self.ring_slots.values(|s| s.len())
+    }
+
+    /// The NCCL communicator under `comm` when the rounds should move device buffers.
+    fn nccl<'c>(&self, comm: &'c mut dyn Communicator) -> Option<&'c mut NcclComm> {
+        if !self.device_ring || comm.world() < 2 {
+            return None;
+        }
+        comm.as_any_mut().and_then(|a| a.downcast_mut::<NcclComm>())
     }
 
     fn bf16(&self) -> bool {
@@ -163,22 +189,59 @@ impl<'g> GpuClipBlocks<'g> {
         if nb == 0 {
             return Ok(()); // an empty chunk: nothing to fold, no columns
         }
+        let b = &mut self.bufs;
+        ensure(gpu, &mut b.feat, nb * d)?;
+        ensure(gpu, &mut b.cols, 2 * nb)?;
+        let s = &gpu.stream;
+        drv("upload a ring block", s.memcpy_htod(feat, &mut buf_mut!(b.feat).slice_mut(..nb * d)))?;
+        self.fwd_queue(None, nb, col0, None)?;
+        let b = &self.bufs;
+        drv("download column statistics", s.memcpy_dtoh(&buf!(b.cols).slice(..2 * nb), cols))?;
+        gpu.sync()
+    }
+
+    /// Queues the forward over the block of `nb` rows whose features are `feat` on the device
+    /// (`None`: the upload buffer), its column statistics (`[m; nb]` then `[z; nb]`) into `out`
+    /// (`None`: the download buffer), on the compute stream; waits for nothing.
+    fn fwd_queue(
+        &mut self,
+        feat: Option<&CudaSlice<f32>>,
+        nb: usize,
+        col0: usize,
+        out: Option<&mut CudaSlice<f32>>,
+    ) -> Result<(), CudaError> {
+        let (gpu, d) = (self.gpu, self.d);
+        if nb == 0 {
+            return Ok(());
+        }
         let (br, bc) = (self.rows as i64, nb as i64);
         let diag = self.diag(col0, nb);
         let grid =
             plan_fwd_grid_rect(self.rows.div_ceil(LOSS_TILE), nb.div_ceil(LOSS_TILE), self.wave);
         let (bf16, ld) = (self.bf16(), operand_stride(self.precision, d) as i64);
         let b = &mut self.bufs;
-        ensure(gpu, &mut b.feat, nb * d)?;
         ensure(gpu, &mut b.row_m, grid.splits * self.rows)?;
         ensure(gpu, &mut b.row_z, grid.splits * self.rows)?;
         ensure(gpu, &mut b.col_m, grid.chunks * nb)?;
         ensure(gpu, &mut b.col_z, grid.chunks * nb)?;
-        ensure(gpu, &mut b.cols, 2 * nb)?;
+        let feat_d: &CudaSlice<f32> = match feat {
+            Some(f) => f,
+            None => buf!(b.feat),
+        };
+        let cols_d: &mut CudaSlice<f32> = match out {
+            Some(o) => o,
+            None => buf_mut!(b.cols),
+        };
+        if feat_d.len() < nb * d || cols_d.len() < 2 * nb {
+            return Err(CudaError::Invalid(format!(
+                "ring forward: {} feature and {} statistic values on the device for a block of                  {nb} × {d}",
+                feat_d.len(),
+                cols_d.len()
+            )));
+        }
         let s = &gpu.stream;
-        drv("upload a ring block", s.memcpy_htod(feat, &mut buf_mut!(b.feat).slice_mut(..nb * d)))?;
         if bf16 {
-            to_bf16(gpu, buf!(b.feat), nb, d, &mut b.feat_h)?;
+            to_bf16(gpu, feat_d, nb, d, &mut b.feat_h)?;
         }
         let cfg = LaunchConfig {
             grid_dim: (grid.chunks as u32, grid.splits as u32, 1),
@@ -191,16 +254,17 @@ impl<'g> GpuClipBlocks<'g> {
         if bf16 {
             l.arg(buf!(b.img_h)).arg(buf!(b.feat_h))
         } else {
-            l.arg(buf!(b.img)).arg(buf!(b.feat))
+            l.arg(buf!(b.img)).arg(feat_d)
         };
         // The row stride: d, or that of the bf16 copies (clip_fwd_bf16 takes it in place of d).
         l.arg(&br).arg(&bc).arg(&ld).arg(&self.scale);
         l.arg(&diag).arg(&tpc).arg(&tps);
         l.arg(buf_mut!(b.row_m)).arg(buf_mut!(b.row_z)).arg(buf_mut!(b.col_m));
         l.arg(buf_mut!(b.col_z)).arg(buf_mut!(b.pos));
-        // SAFETY: matches clip_fwd*'s signature; img holds rows·d, feat nb·d values (bf16: the
-        // copies hold bf16_layout(rows, d) and bf16_layout(nb, d), written by to_bf16), the row
-        // partials splits·rows, the column partials chunks·nb, pos rows (ensured above).
+        // SAFETY: matches clip_fwd*'s signature; img holds rows·d, feat nb·d values (checked
+        // above; bf16: the copies hold bf16_layout(rows, d) and bf16_layout(nb, d), written by
+        // to_bf16), the row partials splits·rows, the column partials chunks·nb, pos rows
+        // (ensured above).
         drv("launch clip_fwd (ring block)", unsafe { l.launch(cfg) })?;
         if self.rows > 0 {
             let (splits, first) = (grid.splits as i32, i32::from(self.first));
@@ -216,12 +280,11 @@ impl<'g> GpuClipBlocks<'g> {
             let chunks = grid.chunks as i32;
             let f = gpu.func("clip_fold_cols")?;
             let mut l = s.launch_builder(f);
-            l.arg(buf!(b.col_m)).arg(buf!(b.col_z)).arg(&chunks).arg(&bc).arg(buf_mut!(b.cols));
-            // SAFETY: matches clip_fold_cols; partials chunks·nb, output 2·nb.
+            l.arg(buf!(b.col_m)).arg(buf!(b.col_z)).arg(&chunks).arg(&bc).arg(cols_d);
+            // SAFETY: matches clip_fold_cols; partials chunks·nb, output ≥ 2·nb (checked).
             drv("launch clip_fold_cols", unsafe { l.launch(elem_cfg(nb)) })?;
         }
-        drv("download column statistics", s.memcpy_dtoh(&buf!(b.cols).slice(..2 * nb), cols))?;
-        gpu.sync()
+        Ok(())
     }
 
     fn bwd(
@@ -236,14 +299,43 @@ impl<'g> GpuClipBlocks<'g> {
         if nb == 0 {
             return Ok(0.0);
         }
-        let (br, bc, d64) = (self.rows as i64, nb as i64, d as i64);
-        let (bf16, ld) = (self.bf16(), operand_stride(self.precision, d) as i64);
-        let diag = self.diag(col0, nb);
         let b = &mut self.bufs;
         ensure(gpu, &mut b.feat, nb * d)?;
         ensure(gpu, &mut b.lb_hi, nb)?;
         ensure(gpu, &mut b.lb_lo, nb)?;
         ensure(gpu, &mut b.d_feat, nb * d)?;
+        let (kh, kl): (Vec<f32>, Vec<f32>) = kap.iter().map(|&k| hi_lo(k)).unzip();
+        let s = &gpu.stream;
+        drv("upload a ring block", s.memcpy_htod(feat, &mut buf_mut!(b.feat).slice_mut(..nb * d)))?;
+        drv("upload column LSEs", s.memcpy_htod(&kh, &mut buf_mut!(b.lb_hi).slice_mut(..nb)))?;
+        drv("upload column LSEs", s.memcpy_htod(&kl, &mut buf_mut!(b.lb_lo).slice_mut(..nb)))?;
+        let dt = self.bwd_queue(None, None, nb, col0, None)?;
+        let b = &self.bufs;
+        drv("download the block's dT", s.memcpy_dtoh(&buf!(b.d_feat).slice(..nb * d), d_feat))?;
+        gpu.sync()?;
+        Ok(dt)
+    }
+
+    /// Queues the backward over the block of `nb` rows whose features are `feat` on the device
+    /// (`None`: the upload buffer) and whose column LSEs are `kap` (`[hi; nb]` then `[lo; nb]`;
+    /// `None`: the upload buffers), its `∂L/∂T` into `out` (`None`: the download buffer), on
+    /// the compute stream. Returns `Σ G∘X` over the block: the one wait, for its partials.
+    fn bwd_queue(
+        &mut self,
+        feat: Option<&CudaSlice<f32>>,
+        kap: Option<&CudaSlice<f32>>,
+        nb: usize,
+        col0: usize,
+        out: Option<&mut CudaSlice<f32>>,
+    ) -> Result<f64, CudaError> {
+        let (gpu, d) = (self.gpu, self.d);
+        if nb == 0 {
+            return Ok(0.0);
+        }
+        let (br, bc, d64) = (self.rows as i64, nb as i64, d as i64);
+        let (bf16, ld) = (self.bf16(), operand_stride(self.precision, d) as i64);
+        let diag = self.diag(col0, nb);
+        let b = &mut self.bufs;
         let kernel = Self::bwd_kernel(self.mode, self.precision);
         let bwd_wave = super::gpu::backward_wave(gpu, &kernel)?;
         let plan = super::gpu::plan_bwd(self.mode, self.rows, nb, d, bwd_wave, None);
@@ -251,15 +343,36 @@ impl<'g> GpuClipBlocks<'g> {
         if plan.parts_len > 0 {
             ensure(gpu, &mut b.parts, plan.parts_len)?;
         }
-        let (kh, kl): (Vec<f32>, Vec<f32>) = kap.iter().map(|&k| hi_lo(k)).unzip();
-        let s = &gpu.stream;
-        drv("upload a ring block", s.memcpy_htod(feat, &mut buf_mut!(b.feat).slice_mut(..nb * d)))?;
-        if bf16 {
-            to_bf16(gpu, buf!(b.feat), nb, d, &mut b.feat_h)?;
+        let feat_d: &CudaSlice<f32> = match feat {
+            Some(f) => f,
+            None => buf!(b.feat),
+        };
+        let (lb_hi, lb_lo) = match kap {
+            Some(k) if k.len() >= 2 * nb => (k.slice(..nb), k.slice(nb..2 * nb)),
+            Some(k) => {
+                return Err(CudaError::Invalid(format!(
+                    "ring backward: {} column LSE values on the device for {nb} columns",
+                    k.len()
+                )));
+            }
+            None => (buf!(b.lb_hi).slice(..nb), buf!(b.lb_lo).slice(..nb)),
+        };
+        let d_feat: &mut CudaSlice<f32> = match out {
+            Some(o) => o,
+            None => buf_mut!(b.d_feat),
+        };
+        if feat_d.len() < nb * d || d_feat.len() < nb * d {
+            return Err(CudaError::Invalid(format!(
+                "ring backward: {} feature and {} gradient values on the device for a block of                  {nb} × {d}",
+                feat_d.len(),
+                d_feat.len()
+            )));
         }
-        drv("upload column LSEs", s.memcpy_htod(&kh, &mut buf_mut!(b.lb_hi).slice_mut(..nb)))?;
-        drv("upload column LSEs", s.memcpy_htod(&kl, &mut buf_mut!(b.lb_lo).slice_mut(..nb)))?;
-        drv("zero the block's dT", s.memset_zeros(&mut buf_mut!(b.d_feat).slice_mut(..nb * d)))?;
+        let s = &gpu.stream;
+        if bf16 {
+            to_bf16(gpu, feat_d, nb, d, &mut b.feat_h)?;
+        }
+        drv("zero the block's dT", s.memset_zeros(&mut d_feat.slice_mut(..nb * d)))?;
         // Self::bwd_kernel; in deterministic mode d_feat takes the swapped pass's dA (the
         // paired kernel's grid covers the longer pass's row tiles). Columns split as planned.
         let f = gpu.func(&kernel)?;
@@ -276,24 +389,24 @@ impl<'g> GpuClipBlocks<'g> {
                 // The bf16 kernels take the copies' row stride after d.
                 l.arg(buf!(b.img_h)).arg(buf!(b.feat_h)).arg(&br).arg(&bc).arg(&d64).arg(&ld)
             } else {
-                l.arg(buf!(b.img)).arg(buf!(b.feat)).arg(&br).arg(&bc).arg(&d64)
+                l.arg(buf!(b.img)).arg(feat_d).arg(&br).arg(&bc).arg(&d64)
             };
             l.arg(&self.scale).arg(&self.inv2b);
-            l.arg(buf!(b.la_hi)).arg(buf!(b.la_lo)).arg(buf!(b.lb_hi)).arg(buf!(b.lb_lo));
-            l.arg(&diag).arg(buf_mut!(b.d_img)).arg(buf_mut!(b.d_feat)).arg(buf_mut!(b.dt_part));
+            l.arg(buf!(b.la_hi)).arg(buf!(b.la_lo)).arg(&lb_hi).arg(&lb_lo);
+            l.arg(&diag).arg(buf_mut!(b.d_img)).arg(&mut *d_feat).arg(buf_mut!(b.dt_part));
             if plan.parts_len > 0 {
                 l.arg(buf_mut!(b.parts));
             } else {
                 l.arg(&null_parts);
             }
             // SAFETY: matches clip_bwd* and clip_bwd_pair*; A = img (rows·d), Bm = feat
-            // (nb·d) (bf16: their copies, bf16_layout(rows, d) and bf16_layout(nb, d) with row
-            // stride ld), row LSEs rows, column LSEs nb, dA rows·d, dB nb·d, dt_part
-            // plan.dt_parts (written by the first pass's blocks only), parts plan.parts_len or
-            // null where the plan has none; the paired kernel's blocks past a pass's tiles
-            // return at once.
+            // (nb·d, checked above) (bf16: their copies, bf16_layout(rows, d) and
+            // bf16_layout(nb, d) with row stride ld), row LSEs rows, column LSEs nb, dA rows·d,
+            // dB ≥ nb·d (checked), dt_part plan.dt_parts (written by the first pass's blocks
+            // only), parts plan.parts_len or null where the plan has none; the paired kernel's
+            // blocks past a pass's tiles return at once.
             drv("launch clip_bwd (ring block)", unsafe { l.launch(cfg) })?;
-            let (d_img, d_feat) = (buf_mut!(b.d_img), buf_mut!(b.d_feat));
+            let d_img = buf_mut!(b.d_img);
             let n_a = self.rows * d;
             super::gpu::fold_bwd_shares(gpu, &plan, b.parts.as_ref(), d_img, n_a, d_feat, nb * d)?;
             let n = plan.dt_parts;
@@ -301,8 +414,6 @@ impl<'g> GpuClipBlocks<'g> {
             drv("download dt partials", s.memcpy_dtoh(&buf!(b.dt_part).slice(..n), &mut host))?;
             dt = host.iter().sum();
         }
-        drv("download the block's dT", s.memcpy_dtoh(&buf!(b.d_feat).slice(..nb * d), d_feat))?;
-        gpu.sync()?;
         Ok(dt)
     }
 }
@@ -491,6 +602,194 @@ impl ClipBlocks for GpuClipBlocks<'_> {
     fn held_bytes(&self) -> usize {
         // Host memory: the per-block staging vectors only; the device's is device_bytes().
         0
+    }
+
+    fn fwd_round(
+        &mut self,
+        comm: &mut dyn Communicator,
+        lens: &[usize],
+        col0: &[usize],
+        d: usize,
+        own: &[f32],
+    ) -> Result<(Vec<f32>, usize), LossError> {
+        if let Some(nccl) = self.nccl(comm) {
+            let mut slots = std::mem::take(&mut self.ring_slots);
+            let r = device_fwd_round(
+                &mut NcclRing { comm: nccl, blocks: self },
+                &mut slots,
+                lens,
+                col0,
+                d,
+                own,
+            );
+            self.ring_slots = slots;
+            return r;
+        }
+        host_fwd_round(self, comm, lens, col0, d, own)
+    }
+
+    fn bwd_round(
+        &mut self,
+        comm: &mut dyn Communicator,
+        lens: &[usize],
+        col0: &[usize],
+        d: usize,
+        own: &[f32],
+        kap: &[f64],
+    ) -> Result<(Vec<f32>, f64, usize), LossError> {
+        if let Some(nccl) = self.nccl(comm) {
+            let mut slots = std::mem::take(&mut self.ring_slots);
+            let r = device_bwd_round(
+                &mut NcclRing { comm: nccl, blocks: self },
+                &mut slots,
+                lens,
+                col0,
+                d,
+                own,
+                kap,
+            );
+            self.ring_slots = slots;
+            return r;
+        }
+        host_bwd_round(self, comm, lens, col0, d, own, kap)
+    }
+}
+
+/// The device ring ([`crate::loss::ring_device`]) of [`GpuClipBlocks`] over NCCL: the block
+/// work on the GPU's compute stream, the hops as NCCL send/recv groups on the communicator's
+/// stream between the blocks' own device buffers, the two streams ordered by joins.
+struct NcclRing<'a, 'g> {
+    comm: &'a mut NcclComm,
+    blocks: &'a mut GpuClipBlocks<'g>,
+}
+
+impl DeviceRing for NcclRing<'_, '_> {
+    type Buf = CudaSlice<f32>;
+
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    fn world(&self) -> usize {
+        self.comm.world()
+    }
+
+    fn alloc(&mut self, len: usize) -> Result<CudaSlice<f32>, LossError> {
+        self.blocks.gpu.zeros::<f32>(len.max(1)).map_err(gpu_err)
+    }
+
+    fn capacity(buf: &CudaSlice<f32>) -> usize {
+        buf.len()
+    }
+
+    fn upload(&mut self, src: &[f32], dst: &mut CudaSlice<f32>) -> Result<(), LossError> {
+        let s = &self.blocks.gpu.stream;
+        let r = drv("upload a ring block", s.memcpy_htod(src, &mut dst.slice_mut(..src.len())));
+        r.map_err(gpu_err)
+    }
+
+    fn download(&mut self, src: &CudaSlice<f32>, dst: &mut [f32]) -> Result<(), LossError> {
+        let gpu = self.blocks.gpu;
+        let r = drv(
+            "download a ring accumulator",
+            gpu.stream.memcpy_dtoh(&src.slice(..dst.len()), dst),
+        );
+        r.and_then(|()| gpu.sync()).map_err(gpu_err)
+    }
+
+    fn exchange(
+        &mut self,
+        send: [(&CudaSlice<f32>, usize); 3],
+        recv: [(&mut CudaSlice<f32>, usize); 3],
+    ) -> Result<(), LossError> {
+        let mut recv = recv;
+        let compute = self.blocks.gpu.stream.clone();
+        self.comm.ring_exchange_f32_device_enqueue(&send, &mut recv, Some(&compute))?;
+        Ok(())
+    }
+
+    fn exchange_wait(&mut self) -> Result<(), LossError> {
+        // The host waits with the watchdog; the compute stream then orders its next work after
+        // the hop (already complete, so the join costs the GPU nothing).
+        self.comm.wait()?;
+        let r = drv(
+            "order the compute stream after the ring hop",
+            self.blocks.gpu.stream.join(self.comm.stream()),
+        );
+        r.map_err(gpu_err)
+    }
+
+    fn fwd_block(
+        &mut self,
+        feat: &CudaSlice<f32>,
+        nb: usize,
+        col0: usize,
+        cols: &mut CudaSlice<f32>,
+    ) -> Result<(), LossError> {
+        self.blocks.fwd_queue(Some(feat), nb, col0, Some(cols)).map_err(gpu_err)
+    }
+
+    fn bwd_block(
+        &mut self,
+        feat: &CudaSlice<f32>,
+        kap: &CudaSlice<f32>,
+        nb: usize,
+        col0: usize,
+        d_feat: &mut CudaSlice<f32>,
+    ) -> Result<f64, LossError> {
+        self.blocks.bwd_queue(Some(feat), Some(kap), nb, col0, Some(d_feat)).map_err(gpu_err)
+    }
+
+    fn merge_cols(
+        &mut self,
+        partial: &mut CudaSlice<f32>,
+        incoming: &CudaSlice<f32>,
+        nb: usize,
+    ) -> Result<(), LossError> {
+        let gpu = self.blocks.gpu;
+        if partial.len() < 2 * nb || incoming.len() < 2 * nb {
+            return Err(gpu_err(CudaError::Invalid(format!(
+                "ring merge: {} and {} values on the device for {nb} columns",
+                partial.len(),
+                incoming.len()
+            ))));
+        }
+        let n = nb as i64;
+        let r = (|| {
+            let mut l = gpu.stream.launch_builder(gpu.func("clip_merge_cols")?);
+            l.arg(&mut *partial).arg(incoming).arg(&n);
+            // SAFETY: matches clip_merge_cols(float* part, const float* inc, i64 n); both hold
+            // at least 2·nb values (checked above).
+            drv("launch clip_merge_cols", unsafe { l.launch(elem_cfg(nb)) })?;
+            Ok(())
+        })();
+        r.map_err(gpu_err)
+    }
+
+    fn add(
+        &mut self,
+        partial: &mut CudaSlice<f32>,
+        incoming: &CudaSlice<f32>,
+        n: usize,
+    ) -> Result<(), LossError> {
+        let gpu = self.blocks.gpu;
+        if partial.len() < n || incoming.len() < n {
+            return Err(gpu_err(CudaError::Invalid(format!(
+                "ring add: {} and {} values on the device for {n}",
+                partial.len(),
+                incoming.len()
+            ))));
+        }
+        let n64 = n as i64;
+        let r = (|| {
+            let mut l = gpu.stream.launch_builder(gpu.func("add_inplace")?);
+            l.arg(&mut *partial).arg(incoming).arg(&n64);
+            // SAFETY: matches add_inplace(float* y, const float* x, i64 n); both hold at least
+            // n values (checked above).
+            drv("launch add_inplace (ring)", unsafe { l.launch(elem_cfg(n)) })?;
+            Ok(())
+        })();
+        r.map_err(gpu_err)
     }
 }
 

@@ -736,6 +736,21 @@ extern "C" __global__ void clip_fold_cols(const float* __restrict__ col_m,
     }
 }
 
+// The device ring's accumulator merge (rank/src/loss/ring_device.rs): part <- inc (+) part for
+// the column statistics of n columns ([m; n] then [z; n], as clip_fold_cols writes them), in f64,
+// the incoming statistics first, written back as clip_fold_cols writes its output.
+extern "C" __global__ void clip_merge_cols(float* __restrict__ part, const float* __restrict__ inc,
+                                           i64 n) {
+    for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += (i64)gridDim.x * blockDim.x) {
+        double m = NEG_INF_D, z = 0.0;
+        merge_into(inc, inc + n, 1, n, j, m, z);
+        merge_into(part, part + n, 1, n, j, m, z);
+        const float mf = (float)m;
+        part[j] = mf;
+        part[n + j] = m == NEG_INF_D ? 0.0f : (float)(z * exp(m - (double)mf));
+    }
+}
+
 // out[0] = sum of v[0..n) in f64 with one block of NT threads: fixed order, deterministic.
 extern "C" __global__ void __launch_bounds__(NT) sum_f64(const double* __restrict__ v, i64 n,
                                                          double* __restrict__ out) {
