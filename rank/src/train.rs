@@ -23,7 +23,7 @@ use crate::device::cuda::device::{CudaDevice, CudaDeviceOpts, GemmMath};
 use crate::device::cuda::gpu::{FusedClipLoss, Gpu, LossMode, Precision};
 use crate::device::cuda::nccl::{NcclComm, OverlapAllReduce};
 use crate::device::cuda::nvrtc::Defines;
-use crate::device::cuda::ring::GpuClipBlocks;
+use crate::device::cuda::ring::{BlockTravel, GpuClipBlocks};
 use crate::device::{CpuDevice, Device, DeviceBuf};
 use crate::eval::{self, EvalReport};
 use crate::fault;
@@ -460,7 +460,11 @@ fn train_checked(
                          loss on the CPU)"
                     ))
                 })?;
-                Some(b.with_device_ring(cfg.run.cuda_ring == "device"))
+                Some(b.with_travel(if cfg.run.cuda_ring == "host" {
+                    BlockTravel::Host
+                } else {
+                    BlockTravel::DeviceOverNccl
+                }))
             } else {
                 None
             };

@@ -97,9 +97,8 @@ pub struct GpuClipBlocks<'g> {
     /// No block folded into the running row statistics yet.
     first: bool,
     bufs: Bufs,
-    /// Over NCCL with several ranks, the rounds move the blocks' device buffers
-    /// ([`crate::loss::ring_device`]) instead of host messages.
-    device_ring: bool,
+    /// How the rounds move the blocks between ranks.
+    travel: BlockTravel,
     ring_slots: DeviceSlots<CudaSlice<f32>>,
 }
 
@@ -130,15 +129,14 @@ impl<'g> GpuClipBlocks<'g> {
             row0: 0,
             first: true,
             bufs: Bufs::default(),
-            device_ring: true,
+            travel: BlockTravel::DeviceOverNccl,
             ring_slots: DeviceSlots::default(),
         })
     }
 
-    /// `run.cuda_ring`: whether the rounds over an [`NcclComm`] of several ranks move the
-    /// blocks' device buffers (`true`, the default) or host messages through the communicator.
-    pub fn with_device_ring(mut self, on: bool) -> Self {
-        self.device_ring = on;
+    /// How the rounds move the blocks ([`BlockTravel::DeviceOverNccl`] by default).
+    pub fn with_travel(mut self, travel: BlockTravel) -> Self {
+        self.travel = travel;
         self
     }
 
@@ -167,12 +165,18 @@ impl<'g> GpuClipBlocks<'g> {
             + 4 * self.ring_slots.values(|s| s.len())
     }
 
-    /// The NCCL communicator under `comm` when the rounds should move device buffers.
-    fn nccl<'c>(&self, comm: &'c mut dyn Communicator) -> Option<&'c mut NcclComm> {
-        if !self.device_ring || comm.world() < 2 {
-            return None;
+    /// How this call's rounds move the blocks over `comm`: `None` for host messages.
+    fn link<'c>(&self, comm: &'c mut dyn Communicator) -> Option<Link<'c>> {
+        let over_nccl = comm.world() > 1
+            && comm.as_any_mut().is_some_and(|a| a.downcast_mut::<NcclComm>().is_some());
+        match self.travel {
+            BlockTravel::Host => None,
+            BlockTravel::DeviceOverNccl | BlockTravel::Device if over_nccl => {
+                comm.as_any_mut().and_then(|a| a.downcast_mut::<NcclComm>()).map(Link::Nccl)
+            }
+            BlockTravel::DeviceOverNccl => None,
+            BlockTravel::Device => Some(Link::Staged(comm)),
         }
-        comm.as_any_mut().and_then(|a| a.downcast_mut::<NcclComm>())
     }
 
     fn bf16(&self) -> bool {
@@ -234,7 +238,8 @@ impl<'g> GpuClipBlocks<'g> {
         };
         if feat_d.len() < nb * d || cols_d.len() < 2 * nb {
             return Err(CudaError::Invalid(format!(
-                "ring forward: {} feature and {} statistic values on the device for a block of                  {nb} × {d}",
+                "ring forward: {} feature and {} statistic values on the device for a block \
+                 of {nb} × {d}",
                 feat_d.len(),
                 cols_d.len()
             )));
@@ -363,7 +368,8 @@ impl<'g> GpuClipBlocks<'g> {
         };
         if feat_d.len() < nb * d || d_feat.len() < nb * d {
             return Err(CudaError::Invalid(format!(
-                "ring backward: {} feature and {} gradient values on the device for a block of                  {nb} × {d}",
+                "ring backward: {} feature and {} gradient values on the device for a block \
+                 of {nb} × {d}",
                 feat_d.len(),
                 d_feat.len()
             )));
@@ -612,10 +618,10 @@ impl ClipBlocks for GpuClipBlocks<'_> {
         d: usize,
         own: &[f32],
     ) -> Result<(Vec<f32>, usize), LossError> {
-        if let Some(nccl) = self.nccl(comm) {
+        if let Some(link) = self.link(comm) {
             let mut slots = std::mem::take(&mut self.ring_slots);
             let r = device_fwd_round(
-                &mut NcclRing { comm: nccl, blocks: self },
+                &mut GpuRing { link, blocks: self },
                 &mut slots,
                 lens,
                 col0,
@@ -637,10 +643,10 @@ impl ClipBlocks for GpuClipBlocks<'_> {
         own: &[f32],
         kap: &[f64],
     ) -> Result<(Vec<f32>, f64, usize), LossError> {
-        if let Some(nccl) = self.nccl(comm) {
+        if let Some(link) = self.link(comm) {
             let mut slots = std::mem::take(&mut self.ring_slots);
             let r = device_bwd_round(
-                &mut NcclRing { comm: nccl, blocks: self },
+                &mut GpuRing { link, blocks: self },
                 &mut slots,
                 lens,
                 col0,
@@ -655,23 +661,53 @@ impl ClipBlocks for GpuClipBlocks<'_> {
     }
 }
 
-/// The device ring ([`crate::loss::ring_device`]) of [`GpuClipBlocks`] over NCCL: the block
-/// work on the GPU's compute stream, the hops as NCCL send/recv groups on the communicator's
-/// stream between the blocks' own device buffers, the two streams ordered by joins.
-struct NcclRing<'a, 'g> {
-    comm: &'a mut NcclComm,
+/// How the CLIP ring's rounds move the blocks between GPU ranks (`run.cuda_ring`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockTravel {
+    /// Host messages through the communicator (`run.cuda_ring = "host"`): each hop downloads
+    /// what it sends and the next block work uploads what arrived.
+    Host,
+    /// The blocks' device buffers ([`crate::loss::ring_device`]) where the communicator is
+    /// NCCL with several ranks (NCCL send/recv on its stream, overlapping the block work);
+    /// host messages otherwise (`run.cuda_ring = "device"`, the default).
+    DeviceOverNccl,
+    /// The device ring whatever the communicator: over one that is not NCCL each hop is staged
+    /// through the host, in order, without overlap (the self-test's ranks sharing one GPU,
+    /// which NCCL refuses).
+    Device,
+}
+
+/// The transport of a [`GpuRing`].
+enum Link<'c> {
+    /// NCCL send/recv between device buffers on NCCL's stream.
+    Nccl(&'c mut NcclComm),
+    /// Any communicator: download, sized shift, upload, when the hop is queued.
+    Staged(&'c mut dyn Communicator),
+}
+
+/// The device ring ([`crate::loss::ring_device`]) of [`GpuClipBlocks`]: the block work on the
+/// GPU's compute stream, the hops through [`Link`]. Over NCCL they are send/recv groups on the
+/// communicator's stream between the blocks' own device buffers, the streams ordered by joins.
+struct GpuRing<'a, 'g> {
+    link: Link<'a>,
     blocks: &'a mut GpuClipBlocks<'g>,
 }
 
-impl DeviceRing for NcclRing<'_, '_> {
+impl DeviceRing for GpuRing<'_, '_> {
     type Buf = CudaSlice<f32>;
 
     fn rank(&self) -> usize {
-        self.comm.rank()
+        match &self.link {
+            Link::Nccl(c) => c.rank(),
+            Link::Staged(c) => c.rank(),
+        }
     }
 
     fn world(&self) -> usize {
-        self.comm.world()
+        match &self.link {
+            Link::Nccl(c) => c.world(),
+            Link::Staged(c) => c.world(),
+        }
     }
 
     fn alloc(&mut self, len: usize) -> Result<CudaSlice<f32>, LossError> {
@@ -703,20 +739,62 @@ impl DeviceRing for NcclRing<'_, '_> {
         recv: [(&mut CudaSlice<f32>, usize); 3],
     ) -> Result<(), LossError> {
         let mut recv = recv;
-        let compute = self.blocks.gpu.stream.clone();
-        self.comm.ring_exchange_f32_device_enqueue(&send, &mut recv, Some(&compute))?;
-        Ok(())
+        let gpu = self.blocks.gpu;
+        match &mut self.link {
+            Link::Nccl(c) => {
+                let compute = gpu.stream.clone();
+                c.ring_exchange_f32_device_enqueue(&send, &mut recv, Some(&compute))?;
+                Ok(())
+            }
+            Link::Staged(c) => {
+                // After the block work queued so far (the exchange's place in the order).
+                let mut msg = Vec::new();
+                let mut host = Vec::new();
+                for (b, n) in send.into_iter().filter(|(_, n)| *n > 0) {
+                    host.resize(n, 0.0f32);
+                    let r = drv(
+                        "download a ring part",
+                        gpu.stream.memcpy_dtoh(&b.slice(..n), &mut host[..]),
+                    );
+                    r.and_then(|()| gpu.sync()).map_err(gpu_err)?;
+                    msg.extend(host.iter().flat_map(|v| v.to_le_bytes()));
+                }
+                let want = 4 * recv.iter().map(|(_, n)| n).sum::<usize>();
+                let mut got = Vec::new();
+                c.ring_shift_bytes_sized(&msg, &mut got, want)?;
+                let mut at = 0;
+                for (b, n) in recv.iter_mut().filter(|(_, n)| *n > 0) {
+                    let vals: Vec<f32> = got[at..at + 4 * *n]
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect();
+                    at += 4 * *n;
+                    let r = drv(
+                        "upload a ring part",
+                        gpu.stream.memcpy_htod(&vals, &mut b.slice_mut(..*n)),
+                    );
+                    r.map_err(gpu_err)?;
+                }
+                Ok(())
+            }
+        }
     }
 
     fn exchange_wait(&mut self) -> Result<(), LossError> {
-        // The host waits with the watchdog; the compute stream then orders its next work after
-        // the hop (already complete, so the join costs the GPU nothing).
-        self.comm.wait()?;
-        let r = drv(
-            "order the compute stream after the ring hop",
-            self.blocks.gpu.stream.join(self.comm.stream()),
-        );
-        r.map_err(gpu_err)
+        match &mut self.link {
+            Link::Nccl(c) => {
+                // The host waits with the watchdog; the compute stream then orders its next
+                // work after the hop (complete, so the join costs the GPU nothing).
+                c.wait()?;
+                let r = drv(
+                    "order the compute stream after the ring hop",
+                    self.blocks.gpu.stream.join(c.stream()),
+                );
+                r.map_err(gpu_err)
+            }
+            // Done when queued, in the compute stream's order.
+            Link::Staged(_) => Ok(()),
+        }
     }
 
     fn fwd_block(

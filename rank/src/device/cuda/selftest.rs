@@ -1551,7 +1551,7 @@ const RING_CHUNK_ROWS: usize = 96;
 /// reference of the whole batch, with the single-GPU bf16 tolerances ([`loss_tols`]), and a
 /// bitwise repeat of deterministic mode.
 fn ring_checks(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
-    use super::ring::GpuClipBlocks;
+    use super::ring::{BlockTravel, GpuClipBlocks};
     use crate::loss::{RingLossOpts, RingLossOut, clip_loss_reference_f64, clip_loss_ring_with};
     use tessera_collectives::threads::ThreadComm;
     let (d, scale, chunk_rows) = (RING_D, RING_SCALE, RING_CHUNK_ROWS);
@@ -1563,7 +1563,7 @@ fn ring_checks(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
             .map(|&b| (random_features(rng, b, d), random_features(rng, b, d)))
             .collect();
         let opts = RingLossOpts { chunk_rows, ..RingLossOpts::default() };
-        let run = |gpu_ops: Option<(LossMode, Precision)>| -> Result<Vec<RingLossOut>, String> {
+        let run = |gpu_ops: Option<(LossMode, Precision, BlockTravel)>| -> Result<Vec<RingLossOut>, String> {
             std::thread::scope(|s| {
                 let hs: Vec<_> = ThreadComm::group(world)
                     .into_iter()
@@ -1577,9 +1577,10 @@ fn ring_checks(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
                                     crate::loss::clip_loss_ring(&mut c, img, txt, b, d, scale, opts)
                                         .map_err(|e| e.to_string())
                                 }
-                                Some((mode, prec)) => {
+                                Some((mode, prec, travel)) => {
                                     let mut ops = GpuClipBlocks::new(gpu, mode, prec)
-                                        .map_err(|e| e.to_string())?;
+                                        .map_err(|e| e.to_string())?
+                                        .with_travel(travel);
                                     clip_loss_ring_with(
                                         &mut c, &mut ops, chunk_rows, None, img, txt, b, d, scale,
                                         None,
@@ -1597,18 +1598,24 @@ fn ring_checks(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
         };
         let cpu = run(None).map_err(|e| CudaError::Invalid(format!("CPU ring loss: {e}")))?;
         let detail = format!("rows {sizes:?} d={d} s={scale} chunk {chunk_rows}");
-        for (mode, prec, tol) in [
-            (LossMode::Deterministic, Precision::Fp32, 1e-4),
-            (LossMode::Fast, Precision::Fp32, 1e-4),
-            (LossMode::Deterministic, Precision::Tf32, 5e-2),
+        // Host messages (the blocks' ring over a communicator other than NCCL), then the device
+        // ring (rank/src/loss/ring_device.rs: the blocks' own buffers, each hop staged through
+        // the host here, as NCCL refuses ranks sharing a GPU).
+        for (mode, prec, tol, travel) in [
+            (LossMode::Deterministic, Precision::Fp32, 1e-4, BlockTravel::Host),
+            (LossMode::Fast, Precision::Fp32, 1e-4, BlockTravel::Host),
+            (LossMode::Deterministic, Precision::Tf32, 5e-2, BlockTravel::Host),
+            (LossMode::Deterministic, Precision::Fp32, 1e-4, BlockTravel::Device),
+            (LossMode::Fast, Precision::Tf32, 5e-2, BlockTravel::Device),
         ] {
             let name = format!(
-                "ring {} {} world {world}",
+                "ring{} {} {} world {world}",
+                if travel == BlockTravel::Device { " device" } else { "" },
                 prec.name(),
                 if mode == LossMode::Fast { "fast" } else { "det" }
             );
             let detail = detail.clone();
-            match run(Some((mode, prec))) {
+            match run(Some((mode, prec, travel))) {
                 Ok(got) => {
                     let mut err = 0.0f64;
                     for (g, c) in got.iter().zip(&cpu) {
@@ -1629,12 +1636,17 @@ fn ring_checks(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
         let big_b = sizes.iter().sum::<usize>();
         let reference = clip_loss_reference_f64(&all_img, &all_txt, big_b, d, scale as f64);
         let (tol_loss, tol_grad) = loss_tols(Precision::Bf16, scale);
-        for mode in [LossMode::Deterministic, LossMode::Fast] {
+        for (mode, travel) in [
+            (LossMode::Deterministic, BlockTravel::Host),
+            (LossMode::Fast, BlockTravel::Host),
+            (LossMode::Deterministic, BlockTravel::Device),
+        ] {
             let tag = format!(
-                "ring bf16 {} world {world}",
+                "ring{} bf16 {} world {world}",
+                if travel == BlockTravel::Device { " device" } else { "" },
                 if mode == LossMode::Fast { "fast" } else { "det" }
             );
-            let got = match run(Some((mode, Precision::Bf16))) {
+            let got = match run(Some((mode, Precision::Bf16, travel))) {
                 Ok(got) => got,
                 Err(e) => {
                     out.push(failed("loss", &tag, &CudaError::Invalid(e)));
@@ -1648,7 +1660,7 @@ fn ring_checks(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
             }
             if mode == LossMode::Deterministic {
                 let name = format!("{tag} repeat");
-                let same = match run(Some((mode, Precision::Bf16))) {
+                let same = match run(Some((mode, Precision::Bf16, travel))) {
                     Ok(again) => same_ring_bits(&got, &again),
                     Err(e) => {
                         out.push(failed("loss", &name, &CudaError::Invalid(e)));
