@@ -516,8 +516,23 @@ impl NcclComm {
 
     /// Aborts the communicator and returns the error every later call repeats.
     fn fail(&mut self, op: &str, seq: u64, why: String) -> CommError {
+        // NCCL's own account (a peer, a network error), read before the abort frees it.
+        let last = if self.broken.is_some() {
+            std::ptr::null()
+        } else {
+            // SAFETY: the communicator is live (not yet aborted: broken is unset); NCCL
+            // returns a NUL-terminated string it owns, or null.
+            unsafe { ns::ncclGetLastError(self.comm.0) }
+        };
+        let last = if last.is_null() {
+            String::new()
+        } else {
+            // SAFETY: non-null, NUL-terminated, valid until the next NCCL call on this thread.
+            unsafe { std::ffi::CStr::from_ptr(last) }.to_string_lossy().trim().to_string()
+        };
+        let last = if last.is_empty() { last } else { format!(" (NCCL: {last})") };
         let msg = format!(
-            "NCCL {op} #{seq} (rank {} of {}): {why}; the communicator was aborted; {FIX}",
+            "NCCL {op} #{seq} (rank {} of {}): {why}{last}; the communicator was aborted; {FIX}",
             self.rank, self.world
         );
         if self.broken.is_none() {
