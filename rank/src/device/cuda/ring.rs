@@ -824,24 +824,8 @@ impl DeviceRing for GpuRing<'_, '_> {
         incoming: &CudaSlice<f32>,
         nb: usize,
     ) -> Result<(), LossError> {
-        let gpu = self.blocks.gpu;
-        if partial.len() < 2 * nb || incoming.len() < 2 * nb {
-            return Err(gpu_err(CudaError::Invalid(format!(
-                "ring merge: {} and {} values on the device for {nb} columns",
-                partial.len(),
-                incoming.len()
-            ))));
-        }
-        let n = nb as i64;
-        let r = (|| {
-            let mut l = gpu.stream.launch_builder(gpu.func("clip_merge_cols")?);
-            l.arg(&mut *partial).arg(incoming).arg(&n);
-            // SAFETY: matches clip_merge_cols(float* part, const float* inc, i64 n); both hold
-            // at least 2·nb values (checked above).
-            drv("launch clip_merge_cols", unsafe { l.launch(elem_cfg(nb)) })?;
-            Ok(())
-        })();
-        r.map_err(gpu_err)
+        // clip_merge_cols(float* part, const float* inc, i64 n): 2·n values each.
+        combine(self.blocks.gpu, "clip_merge_cols", partial, incoming, nb, 2 * nb)
     }
 
     fn add(
@@ -850,25 +834,38 @@ impl DeviceRing for GpuRing<'_, '_> {
         incoming: &CudaSlice<f32>,
         n: usize,
     ) -> Result<(), LossError> {
-        let gpu = self.blocks.gpu;
-        if partial.len() < n || incoming.len() < n {
-            return Err(gpu_err(CudaError::Invalid(format!(
-                "ring add: {} and {} values on the device for {n}",
-                partial.len(),
-                incoming.len()
-            ))));
-        }
-        let n64 = n as i64;
-        let r = (|| {
-            let mut l = gpu.stream.launch_builder(gpu.func("add_inplace")?);
-            l.arg(&mut *partial).arg(incoming).arg(&n64);
-            // SAFETY: matches add_inplace(float* y, const float* x, i64 n); both hold at least
-            // n values (checked above).
-            drv("launch add_inplace (ring)", unsafe { l.launch(elem_cfg(n)) })?;
-            Ok(())
-        })();
-        r.map_err(gpu_err)
+        // add_inplace(float* y, const float* x, i64 n): n values each.
+        combine(self.blocks.gpu, "add_inplace", partial, incoming, n, n)
     }
+}
+
+/// Launches `kernel(float* partial, const float* incoming, i64 n)`, an elementwise combine of
+/// an incoming ring accumulator into this rank's, which reads and writes `len` values of each.
+fn combine(
+    gpu: &Gpu,
+    kernel: &str,
+    partial: &mut CudaSlice<f32>,
+    incoming: &CudaSlice<f32>,
+    n: usize,
+    len: usize,
+) -> Result<(), LossError> {
+    if partial.len() < len || incoming.len() < len {
+        return Err(gpu_err(CudaError::Invalid(format!(
+            "ring {kernel}: {} and {} values on the device where it reads {len}",
+            partial.len(),
+            incoming.len()
+        ))));
+    }
+    let n64 = n as i64;
+    let r = (|| {
+        let mut l = gpu.stream.launch_builder(gpu.func(kernel)?);
+        l.arg(&mut *partial).arg(incoming).arg(&n64);
+        // SAFETY: `kernel` is clip_merge_cols or add_inplace, both (float*, const float*, i64),
+        // reading and writing `len` values of each buffer (checked above).
+        drv(&format!("launch {kernel} (ring)"), unsafe { l.launch(elem_cfg(n)) })?;
+        Ok(())
+    })();
+    r.map_err(gpu_err)
 }
 
 #[cfg(test)]
