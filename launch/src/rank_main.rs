@@ -370,8 +370,12 @@ pub fn rank_main(args: &RankArgs) -> Result<ExitCode> {
                         samples: s.samples,
                         b_simple: s.b_simple,
                     });
-                })?;
-                Ok(serde_json::to_string(&summary)? + "\n")
+                });
+                if let (Err(_), Some(n)) = (&summary, nccl.as_mut()) {
+                    // Report the error now: finalizing would first wait for the peers.
+                    n.abort("this rank failed; the coordinator ends the job");
+                }
+                Ok(serde_json::to_string(&summary?)? + "\n")
             }
             None if args.job == "collectives-selftest" => crate::selftest::run(&mut comm),
             None if args.job == "bench-gns" => {

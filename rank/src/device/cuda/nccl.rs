@@ -501,6 +501,23 @@ impl NcclComm {
         self.broken.as_deref()
     }
 
+    /// Aborts the communicator without waiting for the peers (`ncclCommAbort`): for a rank
+    /// that is failing for a reason of its own, so that dropping the communicator does not
+    /// first wait for peers stuck in a collective this rank will never join (finalizing would
+    /// wait up to 30 s before the rank reports its error). Every later call fails with `why`.
+    pub fn abort(&mut self, why: &str) {
+        if self.broken.is_none() {
+            let _ = self.ctx.bind_to_thread();
+            // SAFETY: the communicator is live and owned here; after abort it is never used
+            // again (broken is set, Drop skips finalize and destroy).
+            let _ = unsafe { nr::comm_abort(self.comm.0) };
+            self.broken = Some(format!(
+                "NCCL communicator (rank {} of {}) aborted: {why}",
+                self.rank, self.world
+            ));
+        }
+    }
+
     /// Starts a call: sequence number, poisoned check, context bound.
     fn begin(&mut self) -> Result<u64> {
         let seq = self.seq;
@@ -1625,14 +1642,38 @@ pub fn world1_checks(
     });
     out.push(NcclCheck {
         name: "seq counts calls".into(),
-        detail: format!("seq {} after 17 calls", c.seq()),
+        detail: format!("seq {} after 18 calls", c.seq()),
         err: None,
-        pass: c.seq() == 17,
+        pass: c.seq() == 18,
     });
     out.push(overlap_check(ctx, &mut c, &x));
     drop(c);
     out.push(init_timeout_check(ctx));
+    out.push(abort_check(ctx));
     Ok(out)
+}
+
+/// [`NcclComm::abort`] (a rank failing for a reason of its own): later calls fail with the
+/// reason, and the drop returns at once (no finalize).
+fn abort_check(ctx: &Arc<CudaContext>) -> NcclCheck {
+    let name = "abort -> calls refused".to_string();
+    let opts = NcclOpts { timeout: Duration::from_secs(60), ..NcclOpts::default() };
+    let mut c = match unique_id().and_then(|id| NcclComm::init(ctx, 0, 1, &id, opts)) {
+        Ok(c) => c,
+        Err(e) => return NcclCheck { name, detail: e.to_string(), err: None, pass: false },
+    };
+    c.abort("self-test");
+    let refused =
+        matches!(c.barrier(), Err(CommError::Poisoned(m)) if m.contains("aborted: self-test"));
+    let t0 = Instant::now();
+    drop(c);
+    let secs = t0.elapsed().as_secs_f64();
+    NcclCheck {
+        name,
+        detail: format!("barrier refused: {refused}; drop took {secs:.2} s"),
+        err: None,
+        pass: refused && secs < 5.0,
+    }
 }
 
 /// [`OverlapAllReduce`] at world size 1: the gradient is written on a compute stream slice by
