@@ -14,6 +14,11 @@
 //! so receiving overlaps computing too. After the last step one more hop brings each
 //! accumulator home to the block's owner.
 //!
+//! The messages here are host bytes. A device whose communicator moves its own buffers (GPU
+//! blocks over NCCL) runs the same schedule on device buffers instead: [`super::ring_device`],
+//! through [`ClipBlocks::fwd_round`] and [`ClipBlocks::bwd_round`]; [`Hop`] is the schedule's
+//! plan of what each hop moves, shared by both.
+//!
 //! Blocks travel in chunks of at most [`RingLossOpts::chunk_rows`] rows (about 2 MiB of
 //! features by default): round `s` runs the schedule above on chunk `s` of every block, so what
 //! is in flight per rank is O(chunk·d) whatever the batch. What a rank holds for the whole
@@ -1359,7 +1364,7 @@ pub trait ClipBlocks {
     }
 }
 
-/// [`ClipBlocks::fwd_round`] with host messages: [`ring_drive`] through `comm`.
+/// [`ClipBlocks::fwd_round`] with host messages: `ring_drive` through `comm`.
 pub fn host_fwd_round<K: ClipBlocks + ?Sized>(
     ops: &mut K,
     comm: &mut dyn Communicator,
@@ -1373,7 +1378,7 @@ pub fn host_fwd_round<K: ClipBlocks + ?Sized>(
     })
 }
 
-/// [`ClipBlocks::bwd_round`] with host messages: [`ring_drive`] through `comm`.
+/// [`ClipBlocks::bwd_round`] with host messages: `ring_drive` through `comm`.
 pub fn host_bwd_round<K: ClipBlocks + ?Sized>(
     ops: &mut K,
     comm: &mut dyn Communicator,
