@@ -115,7 +115,8 @@ pub struct RunConfig {
     /// loss ring's blocks travel. `device` (the default): NCCL send/recv between the blocks'
     /// own GPU buffers, on NCCL's stream while the compute stream works on the block in hand
     /// (rank/src/loss/ring_device.rs); `host`: as host messages through the communicator
-    /// (each hop copied to the host and back). Other communicators always use host messages.
+    /// (each hop copied to the host and back). Other communicators always use host messages,
+    /// and so does `run.check_collectives` (its checker compares the messages' lengths).
     pub cuda_ring: String,
     /// `run.device = "cuda"`: how cuBLAS computes the model's GEMMs: `fp32` (tracks the CPU),
     /// `tf32` or `bf16` (tensor cores, fp32 accumulation).

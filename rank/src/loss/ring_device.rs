@@ -14,7 +14,9 @@
 //!    exchange reads, and writes a buffer the exchange does not touch (`partial` last travelled
 //!    in the exchange of step `k − 1`, which the block work waited for);
 //! 3. `exchange_wait`: the block work queued after it waits for the exchange; the host waits
-//!    too, with the communicator's watchdog, so a dead peer fails the call instead of hanging;
+//!    too, with the communicator's watchdog, so a dead peer fails the call instead of hanging.
+//!    It runs even when the block work failed, before the error returns: the hop uses this
+//!    call's buffers;
 //! 4. `partial ⊕= incoming` (column statistics merged, or `∂L/∂T` added), then the buffers
 //!    rotate: `next` becomes `cur`, `partial` becomes `done`.
 //!
@@ -220,12 +222,16 @@ fn drive<R: DeviceRing + ?Sized>(
                 ],
             )?;
         }
-        match pass {
-            Pass::Fwd => ring.fwd_block(cur_f, bq, col0[q], partial)?,
-            Pass::Bwd => sum += ring.bwd_block(cur_f, cur_x, bq, col0[q], partial)?,
-        }
+        let worked = match pass {
+            Pass::Fwd => ring.fwd_block(cur_f, bq, col0[q], partial),
+            Pass::Bwd => ring.bwd_block(cur_f, cur_x, bq, col0[q], partial).map(|s| sum += s),
+        };
         if n > 1 {
-            ring.exchange_wait()?;
+            // Even when the block work failed: the hop runs on this call's buffers, which must
+            // not be freed under it (the peers finish their side; the watchdog bounds it).
+            let waited = ring.exchange_wait();
+            worked?;
+            waited?;
             if k > 0 && bq > 0 {
                 match pass {
                     Pass::Fwd => ring.merge_cols(partial, incoming, bq)?,
@@ -234,6 +240,8 @@ fn drive<R: DeviceRing + ?Sized>(
             }
             std::mem::swap(&mut cur_f, &mut next_f);
             std::mem::swap(&mut cur_x, &mut next_x);
+        } else {
+            worked?;
         }
         std::mem::swap(&mut done, &mut partial);
     }

@@ -35,14 +35,43 @@ struct Pending {
     got: Option<Vec<u8>>,
 }
 
+/// What an [`OnDeviceRing`] counts across its rounds.
+#[derive(Default)]
+struct Counts {
+    exchanges: usize,
+    blocks: usize,
+}
+
 /// [`DeviceRing`] on host buffers over a thread communicator, with the CPU's block work.
+/// `fail_at`: the block work with this index (counted over the call) fails instead.
 struct HostRing<'a> {
     comm: &'a mut dyn Communicator,
     blocks: &'a mut dyn ClipBlocks,
     d: usize,
     when: When,
     pending: Option<Pending>,
-    exchanges: &'a mut usize,
+    counts: &'a mut Counts,
+    fail_at: Option<usize>,
+}
+
+impl Drop for HostRing<'_> {
+    fn drop(&mut self) {
+        // A device would free the round's buffers now: no hop may still use them.
+        if !std::thread::panicking() {
+            assert!(self.pending.is_none(), "the round ended with a hop in flight");
+        }
+    }
+}
+
+impl HostRing<'_> {
+    /// Counts a block work; an error where it is told to fail.
+    fn block(&mut self) -> Result<(), LossError> {
+        self.counts.blocks += 1;
+        if self.fail_at == Some(self.counts.blocks - 1) {
+            return Err(LossError::Invalid("injected block failure".into()));
+        }
+        Ok(())
+    }
 }
 
 fn lock(b: &Buf) -> std::sync::MutexGuard<'_, Vec<f32>> {
@@ -60,7 +89,7 @@ impl HostRing<'_> {
         let want = 4 * p.recv.iter().map(|(_, n)| n).sum::<usize>();
         let mut got = Vec::new();
         self.comm.ring_shift_bytes_sized(&bytes, &mut got, want)?;
-        *self.exchanges += 1;
+        self.counts.exchanges += 1;
         p.got = Some(got);
         Ok(())
     }
@@ -153,6 +182,7 @@ impl DeviceRing for HostRing<'_> {
         col0: usize,
         cols: &mut Buf,
     ) -> Result<(), LossError> {
+        self.block()?;
         let f = lock(feat);
         let mut c = lock(cols);
         self.blocks.fwd_block(&f[..nb * self.d], col0, &mut c[..2 * nb])
@@ -166,6 +196,7 @@ impl DeviceRing for HostRing<'_> {
         col0: usize,
         d_feat: &mut Buf,
     ) -> Result<f64, LossError> {
+        self.block()?;
         let (f, k) = (lock(feat), lock(kap));
         let kap: Vec<f64> = (0..nb).map(|j| k[j] as f64 + k[nb + j] as f64).collect();
         let mut g = lock(d_feat);
@@ -193,11 +224,23 @@ struct OnDeviceRing<'a> {
     inner: &'a mut dyn ClipBlocks,
     when: When,
     slots: DeviceSlots<Buf>,
-    exchanges: usize,
+    counts: Counts,
     rounds: usize,
+    fail_at: Option<usize>,
 }
 
-impl OnDeviceRing<'_> {
+impl<'a> OnDeviceRing<'a> {
+    fn new(inner: &'a mut dyn ClipBlocks, when: When, fail_at: Option<usize>) -> Self {
+        OnDeviceRing {
+            inner,
+            when,
+            slots: DeviceSlots::default(),
+            counts: Counts::default(),
+            rounds: 0,
+            fail_at,
+        }
+    }
+
     fn ring<'s>(&'s mut self, comm: &'s mut dyn Communicator, d: usize) -> HostRing<'s> {
         HostRing {
             comm,
@@ -205,7 +248,8 @@ impl OnDeviceRing<'_> {
             d,
             when: self.when,
             pending: None,
-            exchanges: &mut self.exchanges,
+            counts: &mut self.counts,
+            fail_at: self.fail_at,
         }
     }
 }
@@ -316,16 +360,11 @@ fn run(split: &[usize], d: usize, chunk_rows: usize, when: Option<When>) -> Vec<
                 (o.loss, o.d_img_local, o.d_txt_local, o.d_t_partial, 0, 0)
             }
             Some(when) => with_cpu_blocks(&mut ws, im, d, scale, |inner, chunk| {
-                let mut ops = OnDeviceRing {
-                    inner,
-                    when,
-                    slots: DeviceSlots::default(),
-                    exchanges: 0,
-                    rounds: 0,
-                };
+                let mut ops = OnDeviceRing::new(inner, when, None);
                 let o = clip_loss_ring_with(comm, &mut ops, chunk, None, im, tx, b, d, scale, None)
                     .expect("device ring");
-                (o.loss, o.d_img_local, o.d_txt_local, o.d_t_partial, ops.exchanges, ops.rounds)
+                let n = ops.counts.exchanges;
+                (o.loss, o.d_img_local, o.d_txt_local, o.d_t_partial, n, ops.rounds)
             }),
         }
     };
@@ -404,6 +443,51 @@ fn hops_pair_each_send_with_the_next_ranks_receive() {
             let (a, b) = (Hop::home(&sizes, r), Hop::home(&sizes, next));
             assert_eq!(a.acc_out, b.acc_in, "{sizes:?} r {r}: home");
             assert_eq!(a.acc_in, sizes[r]);
+        }
+    }
+}
+
+/// A block work that fails with a hop in flight: the round waits for the hop before it returns
+/// the error (a device would otherwise free buffers the hop still writes), on every rank, at
+/// every exchange moment, in the forward and in the backward.
+#[test]
+fn device_ring_waits_for_the_hop_in_flight_when_block_work_fails() {
+    let (split, d) = ([5usize, 7, 3], 4);
+    let big_b: usize = split.iter().sum();
+    let (img, txt) = (random_features(3, big_b, d), random_features(4, big_b, d));
+    let offs = [0, 5, 12];
+    // Blocks 0–2: the forward's steps (0: no accumulator yet), 3–5: the backward's.
+    for fail_at in [0usize, 1, 2, 4] {
+        for when in [When::Early, When::Mixed, When::Late] {
+            let opts = RingLossOpts { tile_rows: 4, tile_cols: 8, threads: 1, chunk_rows: 64 };
+            let f = |r: usize, comm: &mut ThreadComm| -> String {
+                let (lo, b) = (offs[r], split[r]);
+                let (im, tx) = (&img[lo * d..(lo + b) * d], &txt[lo * d..(lo + b) * d]);
+                let mut ws = RingLossWorkspace::new(&opts).expect("workspace");
+                with_cpu_blocks(&mut ws, im, d, 5.0, |inner, chunk| {
+                    let mut ops = OnDeviceRing::new(inner, when, Some(fail_at));
+                    match clip_loss_ring_with(comm, &mut ops, chunk, None, im, tx, b, d, 5.0, None)
+                    {
+                        Ok(_) => "no error".to_string(),
+                        Err(e) => e.to_string(),
+                    }
+                })
+            };
+            let f = &f;
+            let got: Vec<String> = std::thread::scope(|s| {
+                let hs: Vec<_> = ThreadComm::group(split.len())
+                    .into_iter()
+                    .enumerate()
+                    .map(|(r, mut c)| s.spawn(move || f(r, &mut c)))
+                    .collect();
+                hs.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
+            });
+            for (r, e) in got.iter().enumerate() {
+                assert!(
+                    e.contains("injected block failure"),
+                    "block {fail_at} {when:?} rank {r}: {e}"
+                );
+            }
         }
     }
 }
