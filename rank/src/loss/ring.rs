@@ -993,7 +993,7 @@ fn fwd_tile(
 /// `[Σ G·x, 0, 0]`.
 /// `v` as `hi + lo` in f32 (`hi = v` rounded, `lo` the rest), so `x − v` is formed in f32 as
 /// `(x − hi) − lo` with the accuracy of an f64 difference where it matters (small `|x − v|`).
-fn split_hi_lo(v: f64) -> (f32, f32) {
+pub(crate) fn split_hi_lo(v: f64) -> (f32, f32) {
     let hi = v as f32;
     (hi, (v - hi as f64) as f32)
 }

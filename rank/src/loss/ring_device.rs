@@ -28,7 +28,7 @@
 //! sides agree without announcing them. The backward's extras are a block's column LSEs as
 //! f32 pairs (`[hi; nb]` then `[lo; nb]`, hi + lo = κ), the split the kernels read.
 
-use super::ring::{Hop, LossError};
+use super::ring::{Hop, LossError, split_hi_lo};
 
 /// The device side of the CLIP ring (see the module documentation): buffers, the two queues,
 /// and the block work of [`super::ClipBlocks`] on device buffers.
@@ -291,15 +291,9 @@ pub fn device_bwd_round<R: DeviceRing + ?Sized>(
     own: &[f32],
     kap: &[f64],
 ) -> Result<(Vec<f32>, f64, usize), LossError> {
-    let (hi, lo): (Vec<f32>, Vec<f32>) = kap.iter().map(|&k| hi_lo(k)).unzip();
+    let (hi, lo): (Vec<f32>, Vec<f32>) = kap.iter().map(|&k| split_hi_lo(k)).unzip();
     let mut extra = hi;
     extra.extend_from_slice(&lo);
     let (d_chunk, dt) = drive(ring, slots, Pass::Bwd, lens, col0, d, own, &extra)?;
     Ok((d_chunk, dt, 4 * slots.values(|b| R::capacity(b))))
-}
-
-/// `v` as f32 hi + lo, the split the kernels and the CPU tiles read.
-pub fn hi_lo(v: f64) -> (f32, f32) {
-    let hi = v as f32;
-    (hi, (v - hi as f64) as f32)
 }
