@@ -159,8 +159,31 @@ fn check_job(f: &Finished, what: &str, rank_var: &str, world_var: &str, coordina
 }
 
 /// A free TCP port on loopback (bound, then released for the job's rank 0 to take).
+///
+/// Not one the kernel hands out: between the release here and rank 0's bind, a port of the
+/// ephemeral range (Linux: 32768-60999) can become the local end of any outgoing connection
+/// on the machine, such as a concurrent test's gRPC client (CI saw `Address already in use`
+/// that way). So the port comes from 25000-32767, above the Slurm-derived coordinator ports
+/// (15000-24999) and below the ephemeral range, starting at a point that differs per process
+/// and per call, and the first that binds is taken.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 25000;
+    const SPAN: u32 = 32768 - LOW;
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let start = std::process::id()
+        .wrapping_mul(7919)
+        .wrapping_add(nanos / 1000)
+        .wrapping_add(call.wrapping_mul(131));
+    (0..SPAN)
+        .map(|i| (LOW + (start % SPAN + i) % SPAN) as u16)
+        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .expect("a free loopback port in 25000-32767")
 }
 
 #[test]
