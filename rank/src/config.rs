@@ -98,10 +98,10 @@ pub struct RunConfig {
     /// one node may share a GPU). The optimizer, and the loss of a job with several ranks, stay
     /// on the CPU for now.
     pub device: DeviceKind,
-    /// `run.device = "cuda"` and `loss.name = "clip_tiled"`: `fused` (the default) computes the
-    /// loss with the fused CLIP kernels on the GPU (a job of several ranks: the ring of GPU
-    /// blocks), in `run.cuda_loss_precision` and `run.cuda_loss_mode`; `host` with the tiled
-    /// ring loss on the CPU. Other jobs use the host loss.
+    /// `run.device = "cuda"` and `loss.name = "clip_tiled"` or `"siglip"`: `fused` (the default)
+    /// computes the loss with the fused kernels on the GPU (a job of several ranks, and SigLIP
+    /// always: the ring of GPU blocks), in `run.cuda_loss_precision` and `run.cuda_loss_mode`;
+    /// `host` with the tiled ring loss on the CPU. Other jobs use the host loss.
     pub cuda_loss: String,
     /// `run.cuda_loss = "fused"`: how the fused CLIP kernels compute the logit tiles: `fp32`
     /// (the default: FMA), `tf32x3` (3xTF32 tensor cores, close to fp32), `tf32` (TF32 tensor

@@ -446,14 +446,18 @@ fn train_checked(
         DeviceKind::Cuda => {
             let dev = open_cuda(cfg, info)?;
             // The fused CLIP kernels: the whole batch on one GPU for one rank, the ring of
-            // GPU blocks (Inf-CL's multi-level tiling) across ranks.
-            let fused = cfg.loss.name == LossKind::ClipTiled && cfg.run.cuda_loss == "fused";
+            // GPU blocks (Inf-CL's multi-level tiling) across ranks. SigLIP: the ring of GPU
+            // blocks at every world size (one block of the whole batch on one rank).
+            let siglip = cfg.loss.name == LossKind::Siglip;
+            let fused =
+                (cfg.loss.name == LossKind::ClipTiled || siglip) && cfg.run.cuda_loss == "fused";
+            let what = if siglip { "SigLIP" } else { "CLIP" };
             let (mode, precision) = (
                 LossMode::parse(&cfg.run.cuda_loss_mode).unwrap_or_default(),
                 Precision::parse(&cfg.run.cuda_loss_precision).unwrap_or_default(),
             );
             let mut kernels = FusedClipLoss::default();
-            let mut blocks = if fused && info.world > 1 {
+            let mut blocks = if fused && (info.world > 1 || siglip) {
                 let b = GpuClipBlocks::new(dev.gpu(), mode, precision).map_err(|e| {
                     TrainError::Setup(format!(
                         "run.cuda_loss = \"fused\": {e} (run.cuda_loss = \"host\" computes the \
@@ -474,13 +478,24 @@ fn train_checked(
                               txt: &[f32],
                               b: usize,
                               d: usize,
-                              scale: f32| {
+                              scale: f32,
+                              bias: Option<f32>| {
                 let fail = |e: CudaError| {
                     TrainError::Device(format!(
-                        "the fused CLIP loss on the GPU failed: {e} (run.cuda_loss = \"host\" \
+                        "the fused {what} loss on the GPU failed: {e} (run.cuda_loss = \"host\" \
                          computes the loss on the CPU)"
                     ))
                 };
+                if let (Some(bias), Some(ops)) = (bias, blocks.as_mut()) {
+                    // SigLIP: one pass of the ring over host features.
+                    dev.synchronize();
+                    let chunk_rows = ring.chunk_rows_for(d);
+                    let o = loss::siglip_loss_ring_with(
+                        comm, ops, chunk_rows, None, img, txt, b, d, scale, bias, None,
+                    )?;
+                    let (gi, gt) = (Vals::Host(o.d_img_local), Vals::Host(o.d_txt_local));
+                    return Ok((o.loss, gi, gt, o.d_t_partial, o.d_bias_partial));
+                }
                 if blocks.is_none() && dev.is_managed(img) && dev.is_managed(txt) {
                     // The features as the forward left them, the gradients into the device's
                     // buffers: copies on the GPU in the stream's order, none through the host.
@@ -499,7 +514,8 @@ fn train_checked(
                             &mut gt,
                         )
                         .map_err(fail)?;
-                    return Ok((loss as f32, Vals::Device(gi), Vals::Device(gt), d_t as f32));
+                    let (gi, gt) = (Vals::Device(gi), Vals::Device(gt));
+                    return Ok((loss as f32, gi, gt, d_t as f32, None));
                 }
                 // The ring sends the features through the host, and host features are copied
                 // as host memory: the forward must be done.
@@ -510,11 +526,12 @@ fn train_checked(
                         comm, ops, chunk_rows, None, img, txt, b, d, scale, None,
                     )?;
                     let (gi, gt) = (Vals::Host(o.d_img_local), Vals::Host(o.d_txt_local));
-                    return Ok((o.loss, gi, gt, o.d_t_partial));
+                    return Ok((o.loss, gi, gt, o.d_t_partial, None));
                 }
                 let o =
                     kernels.run(dev.gpu(), img, txt, b, d, scale, mode, precision).map_err(fail)?;
-                Ok((o.loss as f32, Vals::Host(o.d_img), Vals::Host(o.d_txt), o.d_t as f32))
+                let (gi, gt) = (Vals::Host(o.d_img), Vals::Host(o.d_txt));
+                Ok((o.loss as f32, gi, gt, o.d_t as f32, None))
             };
             let device_loss: Option<&mut DeviceLoss<_>> =
                 if fused { Some(&mut on_gpu) } else { None };
@@ -540,8 +557,9 @@ fn train_checked(
     }
 }
 
-/// The CLIP loss computed by the device itself: `(comm, img, txt, b, d, scale)` → the global
-/// loss, this rank's ∂L/∂I and ∂L/∂T, and its share of ∂L/∂t, as the ring loss returns them.
+/// The CLIP loss (`bias` None) or SigLIP (with that logit bias) computed by the device itself:
+/// `(comm, img, txt, b, d, scale, bias)` → the global loss, this rank's ∂L/∂I and ∂L/∂T, and
+/// its shares of ∂L/∂t and (SigLIP) ∂L/∂β, as the ring loss returns them.
 /// The features are the device's buffers as the forward left them, their work possibly still
 /// queued (a consumer on the host synchronizes first); the gradients may stay on the device.
 type DeviceLoss<'a, B> = dyn FnMut(
@@ -551,7 +569,8 @@ type DeviceLoss<'a, B> = dyn FnMut(
         usize,
         usize,
         f32,
-    ) -> Result<(f32, Vals<B>, Vals<B>, f32), TrainError>
+        Option<f32>,
+    ) -> Result<(f32, Vals<B>, Vals<B>, f32, Option<f32>), TrainError>
     + 'a;
 
 /// A step's values (features, feature gradients) on the host or in a device buffer.
@@ -855,7 +874,8 @@ fn train_on<D: Device>(
                 data.train.gather_b(mine, &mut xb);
             }
             let (da, db) = (xa.len() / b_local, xb.len() / b_local);
-            let on_device = cfg.loss.name == LossKind::ClipTiled && device_loss.is_some();
+            let on_device = matches!(cfg.loss.name, LossKind::ClipTiled | LossKind::Siglip)
+                && device_loss.is_some();
             let (fa, fb) = if accumulate && on_device {
                 // GradCache with the loss on the device: the micro-batches' features gathered
                 // into device buffers, on the device.
@@ -907,8 +927,11 @@ fn train_on<D: Device>(
                 }
                 LossKind::ClipTiled if device_loss.is_some() => {
                     let f = device_loss.as_mut().expect("matched on is_some");
-                    let (loss, d_img, d_txt, d_t) = f(comm, &fa, &fb, b_local, d, scale)?;
-                    (loss, d_img, d_txt, d_t, None)
+                    f(comm, &fa, &fb, b_local, d, scale, None)?
+                }
+                LossKind::Siglip if device_loss.is_some() => {
+                    let f = device_loss.as_mut().expect("matched on is_some");
+                    f(comm, &fa, &fb, b_local, d, scale, Some(model.logit_bias()))?
                 }
                 LossKind::ClipTiled => {
                     // The text features are not needed after the loss: their buffer takes

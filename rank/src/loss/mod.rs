@@ -20,6 +20,6 @@ pub use loss_config::{LossConfig, LossKind};
 pub use ring::{
     AUTO_CHUNK_BYTES, ClipBlocks, LossError, LossProgress, RingLossOpts, RingLossOut,
     RingLossWorkspace, clip_loss_ring, clip_loss_ring_with, clip_loss_ring_ws,
-    clip_loss_ring_ws_owned, siglip_loss_reference_f64, siglip_loss_ring, siglip_loss_ring_ws,
-    siglip_loss_ring_ws_owned,
+    clip_loss_ring_ws_owned, siglip_loss_reference_f64, siglip_loss_ring, siglip_loss_ring_with,
+    siglip_loss_ring_ws, siglip_loss_ring_ws_owned,
 };

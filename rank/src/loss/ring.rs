@@ -16,8 +16,8 @@
 //!
 //! The messages here are host bytes. A device whose communicator moves its own buffers (GPU
 //! blocks over NCCL) runs the same schedule on device buffers instead: [`super::ring_device`],
-//! through [`ClipBlocks::fwd_round`] and [`ClipBlocks::bwd_round`]; [`Hop`] is the schedule's
-//! plan of what each hop moves, shared by both.
+//! through [`ClipBlocks::fwd_round`], [`ClipBlocks::bwd_round`] and [`ClipBlocks::sig_round`];
+//! [`Hop`] is the schedule's plan of what each hop moves, shared by both.
 //!
 //! Blocks travel in chunks of at most [`RingLossOpts::chunk_rows`] rows (about 2 MiB of
 //! features by default): round `s` runs the schedule above on chunk `s` of every block, so what
@@ -1283,11 +1283,15 @@ impl TxtIn<'_> {
     }
 }
 
-/// The tile work of the CLIP ring on one rank, behind the ring's schedule: the CPU's tiles
-/// ([`CpuClipBlocks`]) or a GPU's fused kernels. The rows are this rank's image features, fixed
-/// for the call; blocks are chunks of text features visiting on the ring, in the schedule's
-/// order. Every implementation must give the same values as the CPU's (up to its arithmetic),
-/// and merge in an order fixed by the sizes, so that every rank computes the same loss.
+/// The tile work of the contrastive ring losses on one rank, behind the ring's schedule: the
+/// CPU's tiles ([`CpuClipBlocks`]) or a GPU's fused kernels. The rows are this rank's image
+/// features, fixed for the call; blocks are chunks of text features visiting on the ring, in
+/// the schedule's order. Every implementation must give the same values as the CPU's (up to its
+/// arithmetic), and merge in an order fixed by the sizes, so that every rank computes the same
+/// loss.
+///
+/// A call is either CLIP's two passes (`begin`, `fwd_*`, `bwd_*`) or SigLIP's one pass
+/// (`sig_begin`, `sig_block`s, then `bwd_end` for `∂L/∂I`).
 pub trait ClipBlocks {
     /// Starts a call: this rank's `rows × d` image features, the global column of each row's
     /// positive, the logit scale and the global batch.
@@ -1362,6 +1366,45 @@ pub trait ClipBlocks {
     ) -> Result<(Vec<f32>, f64, usize), LossError> {
         host_bwd_round(self, comm, lens, col0, d, own, kap)
     }
+
+    /// Starts a SigLIP call, as [`ClipBlocks::begin`] with the logit bias `bias`; `∂L/∂I`
+    /// starts from zero.
+    #[allow(clippy::too_many_arguments)]
+    fn sig_begin(
+        &mut self,
+        img: &[f32],
+        pos: Vec<usize>,
+        d: usize,
+        scale: f32,
+        bias: f32,
+        big_b: usize,
+    ) -> Result<(), LossError>;
+
+    /// SigLIP over one block (`feat`, `nb × d`, first row at global column `col0`): adds
+    /// `s·G·T` to the rows' `∂L/∂I`, writes the block's `∂L/∂T` over this rank's rows into
+    /// `d_feat` (`nb × d`, overwritten) and returns `[Σ G∘X, Σ −log σ(z(x + β)), Σ G]` over the
+    /// block (its shares of `∂L/∂t`, of `B·L` and of `∂L/∂β`).
+    fn sig_block(
+        &mut self,
+        feat: &[f32],
+        col0: usize,
+        d_feat: &mut [f32],
+    ) -> Result<[f64; 3], LossError>;
+
+    /// One SigLIP round, as [`ClipBlocks::bwd_round`] without riders: adds the round's blocks'
+    /// sums into `sums` in block order and returns this rank's chunk's `∂L/∂T` and the peak
+    /// bytes of the round's buffers.
+    fn sig_round(
+        &mut self,
+        comm: &mut dyn Communicator,
+        lens: &[usize],
+        col0: &[usize],
+        d: usize,
+        own: &[f32],
+        sums: &mut [f64; 3],
+    ) -> Result<(Vec<f32>, usize), LossError> {
+        host_sig_round(self, comm, lens, col0, d, own, sums)
+    }
 }
 
 /// [`ClipBlocks::fwd_round`] with host messages: `ring_drive` through `comm`.
@@ -1397,6 +1440,25 @@ pub fn host_bwd_round<K: ClipBlocks + ?Sized>(
     Ok((d_chunk, d_t, peak))
 }
 
+/// [`ClipBlocks::sig_round`] with host messages: `ring_drive` through `comm`.
+pub fn host_sig_round<K: ClipBlocks + ?Sized>(
+    ops: &mut K,
+    comm: &mut dyn Communicator,
+    lens: &[usize],
+    col0: &[usize],
+    d: usize,
+    own: &[f32],
+    sums: &mut [f64; 3],
+) -> Result<(Vec<f32>, usize), LossError> {
+    ring_drive(comm, lens, d, own, (&[], 0), d, add_into, |q, feat, _extra, partial| {
+        let s = ops.sig_block(feat, col0[q], partial)?;
+        for k in 0..3 {
+            sums[k] += s[k];
+        }
+        Ok(())
+    })
+}
+
 /// [`ClipBlocks`] on the CPU: rayon over row tiles, the tile GEMM and fused passes of [`Kern`].
 struct CpuClipBlocks<'a> {
     kn: Kern<'a>,
@@ -1409,6 +1471,41 @@ struct CpuClipBlocks<'a> {
     kap_hl: (Vec<f32>, Vec<f32>),
     inv2b: f64,
     d_img: Vec<f32>,
+    /// SigLIP: the logit bias and 1/B.
+    bias: f32,
+    inv_b: f64,
+}
+
+impl<'a> CpuClipBlocks<'a> {
+    fn new(
+        ws: &'a mut RingLossWorkspace,
+        img: &'a [f32],
+        d: usize,
+        scale: f32,
+    ) -> (Self, usize, Option<&'a mut LossProgress>) {
+        let RingLossWorkspace { opts, pool, dev, tiles, slots, progress } = ws;
+        let chunk_rows = opts.chunk_rows_for(d);
+        let ops = CpuClipBlocks {
+            kn: Kern { dev, tiles, tr: opts.tile_rows, tc: opts.tile_cols, d, scale },
+            pool,
+            slots,
+            img,
+            pos: Vec::new(),
+            rows: Vec::new(),
+            lse_hl: Vec::new(),
+            kap_hl: (Vec::new(), Vec::new()),
+            inv2b: 0.0,
+            d_img: Vec::new(),
+            bias: 0.0,
+            inv_b: 0.0,
+        };
+        (ops, chunk_rows, progress.as_mut())
+    }
+
+    /// Bytes of the tile buffers and slots (beyond `held_bytes`).
+    fn scratch_bytes(&self) -> usize {
+        self.slots.bytes() + self.kn.tiles.created_bytes.load(Ordering::Relaxed)
+    }
 }
 
 impl ClipBlocks for CpuClipBlocks<'_> {
@@ -1484,6 +1581,38 @@ impl ClipBlocks for CpuClipBlocks<'_> {
             + self.d_img.capacity() * 4
             + self.pos.capacity() * 8
     }
+
+    fn sig_begin(
+        &mut self,
+        img: &[f32],
+        pos: Vec<usize>,
+        _d: usize,
+        _scale: f32,
+        bias: f32,
+        big_b: usize,
+    ) -> Result<(), LossError> {
+        debug_assert!(std::ptr::eq(img, self.img), "CpuClipBlocks is built on the call's rows");
+        self.pos = pos;
+        self.bias = bias;
+        self.inv_b = 1.0 / big_b as f64;
+        self.d_img = vec![0.0; img.len()];
+        Ok(())
+    }
+
+    fn sig_block(
+        &mut self,
+        feat: &[f32],
+        col0: usize,
+        d_feat: &mut [f32],
+    ) -> Result<[f64; 3], LossError> {
+        let Self { kn, pool, slots, img, pos, d_img, bias, inv_b, .. } = self;
+        let (bias, inv_b) = (*bias, *inv_b);
+        Ok(install(pool, || {
+            kn.grad_block(img, pos, feat, col0, d_img, d_feat, slots, |xr, _li, _c0, diag| {
+                siglip_grad_row(xr, bias, diag, inv_b)
+            })
+        }))
+    }
 }
 
 /// Runs `f` with the CPU's tile work for rows `img` and the chunk rows of `ws`'s options (tests
@@ -1496,20 +1625,7 @@ pub(crate) fn with_cpu_blocks<R>(
     scale: f32,
     f: impl FnOnce(&mut dyn ClipBlocks, usize) -> R,
 ) -> R {
-    let RingLossWorkspace { opts, pool, dev, tiles, slots, .. } = ws;
-    let chunk_rows = opts.chunk_rows_for(d);
-    let mut ops = CpuClipBlocks {
-        kn: Kern { dev, tiles, tr: opts.tile_rows, tc: opts.tile_cols, d, scale },
-        pool,
-        slots,
-        img,
-        pos: Vec::new(),
-        rows: Vec::new(),
-        lse_hl: Vec::new(),
-        kap_hl: (Vec::new(), Vec::new()),
-        inv2b: 0.0,
-        d_img: Vec::new(),
-    };
+    let (mut ops, chunk_rows, _) = CpuClipBlocks::new(ws, img, d, scale);
     f(&mut ops, chunk_rows)
 }
 
@@ -1524,33 +1640,11 @@ fn clip_ring(
     scale: f32,
     positives: Option<&[usize]>,
 ) -> Result<RingLossOut, LossError> {
-    let RingLossWorkspace { opts, pool, dev, tiles, slots, progress } = ws;
-    let chunk_rows = opts.chunk_rows_for(d);
-    let mut ops = CpuClipBlocks {
-        kn: Kern { dev, tiles, tr: opts.tile_rows, tc: opts.tile_cols, d, scale },
-        pool,
-        slots,
-        img: img_local,
-        pos: Vec::new(),
-        rows: Vec::new(),
-        lse_hl: Vec::new(),
-        kap_hl: (Vec::new(), Vec::new()),
-        inv2b: 0.0,
-        d_img: Vec::new(),
-    };
+    let (mut ops, chunk_rows, progress) = CpuClipBlocks::new(ws, img_local, d, scale);
     let mut out = clip_ring_with(
-        comm,
-        &mut ops,
-        chunk_rows,
-        progress.as_mut(),
-        img_local,
-        txt,
-        b_local,
-        d,
-        scale,
-        positives,
+        comm, &mut ops, chunk_rows, progress, img_local, txt, b_local, d, scale, positives,
     )?;
-    out.workspace_bytes += slots.bytes() + tiles.created_bytes.load(Ordering::Relaxed);
+    out.workspace_bytes += ops.scratch_bytes();
     Ok(out)
 }
 
@@ -1741,6 +1835,67 @@ fn siglip_ring(
     comm: &mut dyn Communicator,
     ws: &mut RingLossWorkspace,
     img_local: &[f32],
+    txt: TxtIn<'_>,
+    b_local: usize,
+    d: usize,
+    (scale, bias): (f32, f32),
+    positives: Option<&[usize]>,
+) -> Result<RingLossOut, LossError> {
+    let (mut ops, chunk_rows, progress) = CpuClipBlocks::new(ws, img_local, d, scale);
+    let mut out = siglip_ring_with(
+        comm,
+        &mut ops,
+        chunk_rows,
+        progress,
+        img_local,
+        txt,
+        b_local,
+        d,
+        (scale, bias),
+        positives,
+    )?;
+    out.workspace_bytes += ops.scratch_bytes();
+    Ok(out)
+}
+
+/// The SigLIP loss on the ring with the tile work of `ops` (see [`siglip_loss_ring_ws`] for
+/// the contract; `chunk_rows`: rows of a block that travel together). Collective.
+#[allow(clippy::too_many_arguments)]
+pub fn siglip_loss_ring_with<K: ClipBlocks + ?Sized>(
+    comm: &mut dyn Communicator,
+    ops: &mut K,
+    chunk_rows: usize,
+    progress: Option<&mut LossProgress>,
+    img_local: &[f32],
+    txt_local: &[f32],
+    b_local: usize,
+    d: usize,
+    scale: f32,
+    bias: f32,
+    positives: Option<&[usize]>,
+) -> Result<RingLossOut, LossError> {
+    let txt = TxtIn::Borrowed(txt_local, Vec::new());
+    siglip_ring_with(
+        comm,
+        ops,
+        chunk_rows,
+        progress,
+        img_local,
+        txt,
+        b_local,
+        d,
+        (scale, bias),
+        positives,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn siglip_ring_with<K: ClipBlocks + ?Sized>(
+    comm: &mut dyn Communicator,
+    ops: &mut K,
+    chunk_rows: usize,
+    mut progress: Option<&mut LossProgress>,
+    img_local: &[f32],
     mut txt: TxtIn<'_>,
     b_local: usize,
     d: usize,
@@ -1768,55 +1923,42 @@ fn siglip_ring(
             workspace_bytes: 0,
         });
     }
-    let RingLossWorkspace { opts, pool, dev, tiles, slots, progress } = ws;
-    let kn = Kern { dev, tiles, tr: opts.tile_rows, tc: opts.tile_cols, d, scale };
-    let ch = Chunks::new(&sizes, opts.chunk_rows_for(d));
+    let ch = Chunks::new(&sizes, chunk_rows);
     let inv_b = 1.0 / big_b as f64;
-    let mut d_img = vec![0.0f32; b_local * d];
+    ops.sig_begin(img_local, pos, d, scale, bias, big_b)?;
     let mut sums = [0.0f64; 3];
     let mut peak = 0;
     for s in 0..ch.rounds {
         let (starts, lens) = ch.round(&sizes, s);
         let (lo, n) = ch.of(b_local, s);
         let own = &txt.feat()[lo * d..(lo + n) * d];
-        let (d_chunk, p) =
-            ring_drive(comm, &lens, d, own, (&[], 0), d, add_into, |q, feat, _extra, partial| {
-                let s = install(pool, || {
-                    kn.grad_block(
-                        img_local,
-                        &pos,
-                        feat,
-                        offs[q] + starts[q],
-                        &mut d_img,
-                        partial,
-                        slots,
-                        |xr, _li, _c0, diag| siglip_grad_row(xr, bias, diag, inv_b),
-                    )
-                });
-                for k in 0..3 {
-                    sums[k] += s[k];
-                }
-                Ok(())
-            })?;
+        let col0: Vec<usize> = offs.iter().zip(&starts).map(|(o, s)| o + s).collect();
+        let (d_chunk, p) = ops.sig_round(comm, &lens, &col0, d, own, &mut sums)?;
+        if d_chunk.len() != n * d {
+            return Err(LossError::Invalid(format!(
+                "the SigLIP round returned {} gradient values for a chunk of {n} × {d}",
+                d_chunk.len()
+            )));
+        }
         txt.put_grad(lo, d, &d_chunk);
         peak = peak.max(p);
         if let Some(p) = progress.as_mut() {
             p("pass", s + 1, ch.rounds);
         }
     }
+    let d_img = ops.bwd_end()?;
     let mut loss_part = [sums[1]];
     if comm.world() > 1 {
         comm.all_reduce_f64(&mut loss_part, ReduceOp::Sum)?;
     }
-    let held = d_img.capacity() * 4 + txt.grad_bytes() + pos.capacity() * 8;
-    let workspace_bytes = held + peak + slots.bytes() + tiles.created_bytes.load(Ordering::Relaxed);
+    let held = ops.held_bytes() + txt.grad_bytes();
     Ok(RingLossOut {
         loss: (loss_part[0] * inv_b) as f32,
         d_img_local: d_img,
         d_txt_local: txt.into_grad(),
         d_t_partial: sums[0] as f32,
         d_bias_partial: Some(sums[2] as f32),
-        workspace_bytes,
+        workspace_bytes: held + peak,
     })
 }
 

@@ -1,6 +1,6 @@
-//! The CLIP ring's rounds on a device whose communicator moves the device's own buffers (NCCL
-//! send/recv between GPU memory): a block's features, its column LSEs and the accumulators
-//! never pass through the host. [`super::ring`]'s `ring_drive` is the host-message twin; both
+//! The contrastive rings' rounds (CLIP's two passes, SigLIP's one) on a device whose
+//! communicator moves the device's own buffers (NCCL send/recv between GPU memory): a block's
+//! features, its column LSEs and the accumulators never pass through the host. [`super::ring`]'s `ring_drive` is the host-message twin; both
 //! follow the schedule of [`Hop`].
 //!
 //! # Streams
@@ -88,6 +88,17 @@ pub trait DeviceRing {
         d_feat: &mut Self::Buf,
     ) -> Result<f64, LossError>;
 
+    /// SigLIP over the block, as [`super::ClipBlocks::sig_block`]: its `∂L/∂T` over this
+    /// rank's rows into `d_feat` (`nb × d`, overwritten); returns `[Σ G∘X, Σ loss terms, Σ G]`
+    /// over the block.
+    fn sig_block(
+        &mut self,
+        feat: &Self::Buf,
+        nb: usize,
+        col0: usize,
+        d_feat: &mut Self::Buf,
+    ) -> Result<[f64; 3], LossError>;
+
     /// `partial ← incoming ⊕ partial` for column statistics of `nb` columns (`[m; nb]` then
     /// `[z; nb]`, online log-sum-exp merge, `incoming` first).
     fn merge_cols(
@@ -146,10 +157,13 @@ enum Pass {
     Fwd,
     /// Column LSEs as f32 pairs (2 per row) ride along; `∂L/∂T` (d per row), added.
     Bwd,
+    /// SigLIP: nothing rides along; `∂L/∂T` (d per row), added.
+    Sig,
 }
 
 /// One trip of blocks around the ring on the device (see the module documentation); returns
-/// this rank's block's final accumulator on the host and `Σ` of the block work's returns.
+/// this rank's block's final accumulator on the host and adds the block work's returns into
+/// `sum` in block order (the backward's into `sum[0]`).
 #[allow(clippy::too_many_arguments)]
 fn drive<R: DeviceRing + ?Sized>(
     ring: &mut R,
@@ -160,7 +174,8 @@ fn drive<R: DeviceRing + ?Sized>(
     d: usize,
     own_feat: &[f32],
     own_extra: &[f32],
-) -> Result<(Vec<f32>, f64), LossError> {
+    sum: &mut [f64; 3],
+) -> Result<Vec<f32>, LossError> {
     let (n, r) = (sizes.len(), ring.rank());
     if n != ring.world() || r >= n || col0.len() != n {
         return Err(LossError::Invalid(format!(
@@ -173,7 +188,7 @@ fn drive<R: DeviceRing + ?Sized>(
     let epr = 2; // extras per row: none travel in the forward, but the slots are kept alike
     let apr = match pass {
         Pass::Fwd => 2,
-        Pass::Bwd => d,
+        Pass::Bwd | Pass::Sig => d,
     };
     if own_feat.len() != sizes[r] * d || (pass == Pass::Bwd && own_extra.len() != sizes[r] * epr) {
         return Err(LossError::Invalid(format!(
@@ -207,7 +222,6 @@ fn drive<R: DeviceRing + ?Sized>(
         ring.upload(own_extra, cur_x)?;
     }
     let xs = |rows: usize| if pass == Pass::Bwd { rows * epr } else { 0 };
-    let mut sum = 0.0f64;
     for k in 0..n {
         let q = (r + n - k) % n;
         let bq = sizes[q];
@@ -224,7 +238,12 @@ fn drive<R: DeviceRing + ?Sized>(
         }
         let worked = match pass {
             Pass::Fwd => ring.fwd_block(cur_f, bq, col0[q], partial),
-            Pass::Bwd => ring.bwd_block(cur_f, cur_x, bq, col0[q], partial).map(|s| sum += s),
+            Pass::Bwd => ring.bwd_block(cur_f, cur_x, bq, col0[q], partial).map(|s| sum[0] += s),
+            Pass::Sig => ring.sig_block(cur_f, bq, col0[q], partial).map(|s| {
+                for k in 0..3 {
+                    sum[k] += s[k];
+                }
+            }),
         };
         if n > 1 {
             // Even when the block work failed: the hop runs on this call's buffers, which must
@@ -235,7 +254,7 @@ fn drive<R: DeviceRing + ?Sized>(
             if k > 0 && bq > 0 {
                 match pass {
                     Pass::Fwd => ring.merge_cols(partial, incoming, bq)?,
-                    Pass::Bwd => ring.add(partial, incoming, bq * d)?,
+                    Pass::Bwd | Pass::Sig => ring.add(partial, incoming, bq * d)?,
                 }
             }
             std::mem::swap(&mut cur_f, &mut next_f);
@@ -248,7 +267,7 @@ fn drive<R: DeviceRing + ?Sized>(
     let mut out = vec![0.0f32; sizes[r] * apr];
     if n == 1 {
         ring.download(done, &mut out)?;
-        return Ok((out, sum));
+        return Ok(out);
     }
     // Block r+1's accumulator sits here: one more hop takes it home, and ours arrives.
     let h = Hop::home(sizes, r);
@@ -258,7 +277,7 @@ fn drive<R: DeviceRing + ?Sized>(
     )?;
     ring.exchange_wait()?;
     ring.download(incoming, &mut out)?;
-    Ok((out, sum))
+    Ok(out)
 }
 
 fn slot<B>(s: &mut Option<B>) -> Result<&mut B, LossError> {
@@ -275,7 +294,7 @@ pub fn device_fwd_round<R: DeviceRing + ?Sized>(
     d: usize,
     own: &[f32],
 ) -> Result<(Vec<f32>, usize), LossError> {
-    let (cols, _) = drive(ring, slots, Pass::Fwd, lens, col0, d, own, &[])?;
+    let cols = drive(ring, slots, Pass::Fwd, lens, col0, d, own, &[], &mut [0.0; 3])?;
     Ok((cols, 4 * slots.values(|b| R::capacity(b))))
 }
 
@@ -294,6 +313,23 @@ pub fn device_bwd_round<R: DeviceRing + ?Sized>(
     let (hi, lo): (Vec<f32>, Vec<f32>) = kap.iter().map(|&k| split_hi_lo(k)).unzip();
     let mut extra = hi;
     extra.extend_from_slice(&lo);
-    let (d_chunk, dt) = drive(ring, slots, Pass::Bwd, lens, col0, d, own, &extra)?;
-    Ok((d_chunk, dt, 4 * slots.values(|b| R::capacity(b))))
+    let mut sums = [0.0; 3];
+    let d_chunk = drive(ring, slots, Pass::Bwd, lens, col0, d, own, &extra, &mut sums)?;
+    Ok((d_chunk, sums[0], 4 * slots.values(|b| R::capacity(b))))
+}
+
+/// [`super::ClipBlocks::sig_round`] on the device ring: adds the round's block sums into
+/// `sums` in block order; returns this rank's chunk's `∂L/∂T` (host) and the round's device
+/// bytes in flight.
+pub fn device_sig_round<R: DeviceRing + ?Sized>(
+    ring: &mut R,
+    slots: &mut DeviceSlots<R::Buf>,
+    lens: &[usize],
+    col0: &[usize],
+    d: usize,
+    own: &[f32],
+    sums: &mut [f64; 3],
+) -> Result<(Vec<f32>, usize), LossError> {
+    let d_chunk = drive(ring, slots, Pass::Sig, lens, col0, d, own, &[], sums)?;
+    Ok((d_chunk, 4 * slots.values(|b| R::capacity(b))))
 }

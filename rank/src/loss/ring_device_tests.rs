@@ -13,9 +13,11 @@ use tessera_collectives::threads::ThreadComm;
 
 use super::ring::{
     ClipBlocks, Hop, LossError, RingLossOpts, RingLossWorkspace, add_into, clip_loss_ring_with,
-    clip_loss_ring_ws, merge_into, with_cpu_blocks,
+    clip_loss_ring_ws, merge_into, siglip_loss_ring_with, siglip_loss_ring_ws, with_cpu_blocks,
 };
-use super::ring_device::{DeviceRing, DeviceSlots, device_bwd_round, device_fwd_round};
+use super::ring_device::{
+    DeviceRing, DeviceSlots, device_bwd_round, device_fwd_round, device_sig_round,
+};
 
 type Buf = Arc<Mutex<Vec<f32>>>;
 
@@ -203,6 +205,19 @@ impl DeviceRing for HostRing<'_> {
         self.blocks.bwd_block(&f[..nb * self.d], &kap, col0, &mut g[..nb * self.d])
     }
 
+    fn sig_block(
+        &mut self,
+        feat: &Buf,
+        nb: usize,
+        col0: usize,
+        d_feat: &mut Buf,
+    ) -> Result<[f64; 3], LossError> {
+        self.block()?;
+        let f = lock(feat);
+        let mut g = lock(d_feat);
+        self.blocks.sig_block(&f[..nb * self.d], col0, &mut g[..nb * self.d])
+    }
+
     fn merge_cols(
         &mut self,
         partial: &mut Buf,
@@ -326,6 +341,38 @@ impl ClipBlocks for OnDeviceRing<'_> {
         self.slots = slots;
         r
     }
+
+    fn sig_begin(
+        &mut self,
+        img: &[f32],
+        pos: Vec<usize>,
+        d: usize,
+        scale: f32,
+        bias: f32,
+        big_b: usize,
+    ) -> Result<(), LossError> {
+        self.inner.sig_begin(img, pos, d, scale, bias, big_b)
+    }
+
+    fn sig_block(&mut self, _: &[f32], _: usize, _: &mut [f32]) -> Result<[f64; 3], LossError> {
+        unreachable!("the rounds run on the device ring")
+    }
+
+    fn sig_round(
+        &mut self,
+        comm: &mut dyn Communicator,
+        lens: &[usize],
+        col0: &[usize],
+        d: usize,
+        own: &[f32],
+        sums: &mut [f64; 3],
+    ) -> Result<(Vec<f32>, usize), LossError> {
+        self.rounds += 1;
+        let mut slots = std::mem::take(&mut self.slots);
+        let r = device_sig_round(&mut self.ring(comm, d), &mut slots, lens, col0, d, own, sums);
+        self.slots = slots;
+        r
+    }
 }
 
 fn random_features(seed: u64, n: usize, d: usize) -> Vec<f32> {
@@ -339,10 +386,18 @@ fn random_features(seed: u64, n: usize, d: usize) -> Vec<f32> {
 }
 
 /// Every rank's result: loss, ∂L/∂I, ∂L/∂T, its share of ∂L/∂t, and (device ring) the
-/// exchanges and rounds it ran.
-type RankOut = (f32, Vec<f32>, Vec<f32>, f32, usize, usize);
+/// exchanges and rounds it ran; SigLIP: its share of ∂L/∂β.
+type RankOut = (f32, Vec<f32>, Vec<f32>, f32, usize, usize, Option<f32>);
 
-fn run(split: &[usize], d: usize, chunk_rows: usize, when: Option<When>) -> Vec<RankOut> {
+/// The CLIP loss (`bias` None) or SigLIP (with that bias) on the host ring (`when` None) or on
+/// the device ring, every rank a thread.
+fn run(
+    split: &[usize],
+    d: usize,
+    chunk_rows: usize,
+    when: Option<When>,
+    bias: Option<f32>,
+) -> Vec<RankOut> {
     let big_b: usize = split.iter().sum();
     let (img, txt) = (random_features(7, big_b, d), random_features(8, big_b, d));
     let offs: Vec<usize> =
@@ -353,20 +408,26 @@ fn run(split: &[usize], d: usize, chunk_rows: usize, when: Option<When>) -> Vec<
         let (lo, b) = (offs[r], split[r]);
         let (im, tx) = (&img[lo * d..(lo + b) * d], &txt[lo * d..(lo + b) * d]);
         let mut ws = RingLossWorkspace::new(&opts).expect("workspace");
-        match when {
-            None => {
-                let o =
-                    clip_loss_ring_ws(comm, &mut ws, im, tx, b, d, scale, None).expect("host ring");
-                (o.loss, o.d_img_local, o.d_txt_local, o.d_t_partial, 0, 0)
+        let (o, counts) = match (when, bias) {
+            (None, None) => (clip_loss_ring_ws(comm, &mut ws, im, tx, b, d, scale, None), (0, 0)),
+            (None, Some(bias)) => {
+                (siglip_loss_ring_ws(comm, &mut ws, im, tx, b, d, scale, bias, None), (0, 0))
             }
-            Some(when) => with_cpu_blocks(&mut ws, im, d, scale, |inner, chunk| {
+            (Some(when), _) => with_cpu_blocks(&mut ws, im, d, scale, |inner, chunk| {
                 let mut ops = OnDeviceRing::new(inner, when, None);
-                let o = clip_loss_ring_with(comm, &mut ops, chunk, None, im, tx, b, d, scale, None)
-                    .expect("device ring");
-                let n = ops.counts.exchanges;
-                (o.loss, o.d_img_local, o.d_txt_local, o.d_t_partial, n, ops.rounds)
+                let o = match bias {
+                    None => {
+                        clip_loss_ring_with(comm, &mut ops, chunk, None, im, tx, b, d, scale, None)
+                    }
+                    Some(bias) => siglip_loss_ring_with(
+                        comm, &mut ops, chunk, None, im, tx, b, d, scale, bias, None,
+                    ),
+                };
+                (o, (ops.counts.exchanges, ops.rounds))
             }),
-        }
+        };
+        let o = o.expect("the ring loss");
+        (o.loss, o.d_img_local, o.d_txt_local, o.d_t_partial, counts.0, counts.1, o.d_bias_partial)
     };
     let f = &f;
     std::thread::scope(|s| {
@@ -398,10 +459,10 @@ fn device_ring_equals_the_host_ring_at_every_exchange_moment() {
         (&[0, 4], 3, 2),
     ];
     for (split, d, chunk) in cases {
-        let want = run(split, d, chunk, None);
+        let want = run(split, d, chunk, None, None);
         let rounds_per_pass = split.iter().max().copied().unwrap_or(0).div_ceil(chunk).max(1);
         for when in [When::Early, When::Mixed, When::Late] {
-            let got = run(split, d, chunk, Some(when));
+            let got = run(split, d, chunk, Some(when), None);
             for (r, (g, w)) in got.iter().zip(&want).enumerate() {
                 let at = format!("{split:?} d {d} chunk {chunk} {when:?} rank {r}");
                 // The forward's statistics merge as the host ring's do: the loss is the same
@@ -421,6 +482,34 @@ fn device_ring_equals_the_host_ring_at_every_exchange_moment() {
                 let n = split.len();
                 let hops = if n > 1 { n + 1 } else { 0 };
                 assert_eq!(g.4, 2 * rounds_per_pass * hops, "{at}: exchanges");
+            }
+        }
+    }
+}
+
+/// SigLIP's one pass on the device ring gives the host ring's bits on every rank (the same
+/// block work, the same additions in the same order), whichever moment the exchanges run at.
+#[test]
+fn device_ring_siglip_equals_the_host_ring_bitwise() {
+    let cases: [(&[usize], usize, usize); 4] =
+        [(&[9], 5, 4), (&[5, 7], 6, 3), (&[11, 0, 26], 5, 8), (&[1, 17, 2, 6], 7, 5)];
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (split, d, chunk) in cases {
+        let want = run(split, d, chunk, None, Some(-3.0));
+        let rounds = split.iter().max().copied().unwrap_or(0).div_ceil(chunk).max(1);
+        for when in [When::Early, When::Mixed, When::Late] {
+            let got = run(split, d, chunk, Some(when), Some(-3.0));
+            for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+                let at = format!("{split:?} d {d} chunk {chunk} {when:?} rank {r}");
+                assert!(w.0.is_finite() && w.0 > 0.0, "{at}: loss {}", w.0);
+                assert_eq!(g.0.to_bits(), w.0.to_bits(), "{at}: loss {} vs {}", g.0, w.0);
+                assert!(bits(&g.1) == bits(&w.1), "{at}: dI differs");
+                assert!(bits(&g.2) == bits(&w.2), "{at}: dT differs");
+                assert_eq!(g.3.to_bits(), w.3.to_bits(), "{at}: dt {} vs {}", g.3, w.3);
+                assert_eq!(g.6.map(f32::to_bits), w.6.map(f32::to_bits), "{at}: dbias");
+                assert_eq!(g.5, rounds, "{at}: one pass of rounds");
+                let n = split.len();
+                assert_eq!(g.4, rounds * if n > 1 { n + 1 } else { 0 }, "{at}: exchanges");
             }
         }
     }

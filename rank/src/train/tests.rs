@@ -214,13 +214,20 @@ fn training_on_device_buffers_matches_the_cpu() {
 /// A loss on the device (what the fused CLIP kernels are on a GPU) gets the features where
 /// the forward left them and may hand back gradients in device buffers: then a step stages
 /// only its two views, and trains bitwise like the host path. The stand-in computes the ring
-/// loss on the host after a wait and returns its gradients in fresh device buffers.
+/// loss on the host after a wait and returns its gradients in fresh device buffers. SigLIP
+/// (with the logit bias passed in, its gradient handed back) as CLIP.
 #[test]
 fn a_device_loss_keeps_features_and_gradients_on_the_device() {
     // (ranks, settings, staged arguments per step): the two views, per micro-batch twice with
     // GradCache (embedding, replay).
     type Job<'a> = (usize, &'a [&'a str], usize);
-    let jobs: [Job; 3] = [(1, &[], 2), (2, &[], 2), (2, &["batch.micro=4"], 16)];
+    let jobs: [Job; 5] = [
+        (1, &[], 2),
+        (2, &[], 2),
+        (2, &["batch.micro=4"], 16),
+        (1, &["loss.name=\"siglip\""], 2),
+        (2, &["loss.name=\"siglip\"", "batch.micro=4"], 16),
+    ];
     for (world, extra, want_staged) in jobs {
         let dir = tempfile::tempdir().expect("tempdir");
         let want = on_ranks(world, config(&dir.path().join("cpu"), extra), |info, comm, cfg| {
@@ -237,28 +244,26 @@ fn a_device_loss_keeps_features_and_gradients_on_the_device() {
                               txt: &[f32],
                               b: usize,
                               d: usize,
-                              scale: f32| {
+                              scale: f32,
+                              bias: Option<f32>| {
                 calls += 1;
                 let l = dev.ledger();
                 let in_device = l.containing(img).is_some() && l.containing(txt).is_some();
                 drop(l);
                 assert!(in_device, "the features reached the loss through the host");
                 dev.synchronize();
-                let o = loss::clip_loss_ring_ws_owned(
-                    comm,
-                    &mut ws,
-                    img,
-                    txt.to_vec(),
-                    b,
-                    d,
-                    scale,
-                    None,
-                )?;
+                let (ws, txt) = (&mut ws, txt.to_vec());
+                let o = match bias {
+                    None => loss::clip_loss_ring_ws_owned(comm, ws, img, txt, b, d, scale, None)?,
+                    Some(bias) => loss::siglip_loss_ring_ws_owned(
+                        comm, ws, img, txt, b, d, scale, bias, None,
+                    )?,
+                };
                 let (mut gi, mut gt) = (dev.alloc(b * d), dev.alloc(b * d));
                 dev.synchronize();
                 gi.copy_from_slice(&o.d_img_local);
                 gt.copy_from_slice(&o.d_txt_local);
-                Ok((o.loss, Vals::Device(gi), Vals::Device(gt), o.d_t_partial))
+                Ok((o.loss, Vals::Device(gi), Vals::Device(gt), o.d_t_partial, o.d_bias_partial))
             };
             let mut marks = Vec::new();
             let mut on_step = |_: StepReport| marks.push(dev.ledger().foreign);

@@ -107,7 +107,7 @@ fn ring_workload() {
     for (mode, prec) in runs {
         let t = std::time::Instant::now();
         let what = format!("ring {} {}", prec.name(), mode.name());
-        let out = run_ring(&feats, d, scale, chunk, Some((&m, mode, prec, wave, 0)))
+        let out = run_ring(&feats, d, (scale, None), chunk, Some((&m, mode, prec, wave, 0)))
             .unwrap_or_else(|e| panic!("{what}: {e}"));
         for (r, o) in out.iter().enumerate() {
             assert!(o.loss.is_finite(), "{what}: rank {r}'s loss {}", o.loss);

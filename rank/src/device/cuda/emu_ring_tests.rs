@@ -15,6 +15,7 @@ use crate::device::cuda::selftest::{loss_tols, random_features, rel_err};
 use crate::loss::ring::{ClipBlocks, LossError};
 use crate::loss::{
     RingLossOpts, RingLossOut, clip_loss_reference_f64, clip_loss_ring, clip_loss_ring_with,
+    siglip_loss_reference_f64, siglip_loss_ring, siglip_loss_ring_with,
 };
 use crate::rng::Rng;
 use tessera_collectives::threads::ThreadComm;
@@ -45,6 +46,9 @@ struct EmuClipBlocks {
     d: usize,
     scale: f32,
     inv2b: f32,
+    /// SigLIP: the logit bias and 1/B.
+    bias: f32,
+    inv_b: f32,
     row0: i64,
     first: bool,
     img: Guarded<f32>,
@@ -82,6 +86,8 @@ impl EmuClipBlocks {
             d: 0,
             scale: 1.0,
             inv2b: 0.0,
+            bias: 0.0,
+            inv_b: 0.0,
             row0: 0,
             first: true,
             img: stale(0, NAN_F32),
@@ -181,19 +187,23 @@ impl EmuClipBlocks {
         Ok(())
     }
 
-    /// `GpuClipBlocks::bwd`.
+    /// `GpuClipBlocks::bwd` (`kap` Some: CLIP) and `sig_block` (None: SigLIP), through its
+    /// `grad_queue`.
     fn bwd(
         &mut self,
         feat: &[f32],
-        kap: &[f64],
+        kap: Option<&[f64]>,
         col0: usize,
         d_feat: &mut [f32],
-    ) -> Result<f64, LossError> {
+    ) -> Result<[f64; 3], LossError> {
         let d = self.d;
         let nb = feat.len() / d;
         if nb == 0 {
-            return Ok(0.0);
+            return Ok([0.0; 3]);
         }
+        let sig = kap.is_none();
+        let nv = if sig { 3 } else { 1 };
+        let kap = kap.unwrap_or(&[]);
         let (br, bc, d64) = (self.rows as i64, nb as i64, d as i64);
         let (bf16, ld) = (self.bf16(), operand_stride(self.precision, d) as i64);
         let diag = block_diag(self.row0, self.rows, col0, nb);
@@ -204,16 +214,17 @@ impl EmuClipBlocks {
         // Zeroed by ring.rs (memset) before the kernels add into it.
         let mut d_feat_d = Guarded::new(nb * d, 0.0f32, NAN_F32);
         let plan = plan_bwd(self.mode, self.rows, nb, d, self.wave, None);
-        let mut dt_part = stale(plan.dt_parts, NAN_F64);
+        let mut dt_part = stale(nv * plan.dt_parts, NAN_F64);
         let mut parts = stale(plan.parts_len, NAN_F32);
         // ring.rs: fast mode one clip_bwd* pass (the block's dT by atomicAdd), deterministic
         // mode clip_bwd_pair* (both passes, grid y = 2, over the longer pass's row tiles);
         // columns split in grid z as planned.
+        let loss = if sig { "siglip" } else { "clip" };
         let bwd = match self.mode {
-            LossMode::Fast => format!("clip_bwd{}", self.precision.suffix()),
-            LossMode::Deterministic => self.precision.bwd_pair(),
+            LossMode::Fast => format!("{loss}_bwd{}", self.precision.suffix()),
+            LossMode::Deterministic => format!("{loss}_bwd_pair{}", self.precision.suffix()),
         };
-        let mut dt = 0.0;
+        let mut sums = [0.0f64; 3];
         if self.rows > 0 {
             let mut a = Args::new();
             if bf16 {
@@ -221,8 +232,12 @@ impl EmuClipBlocks {
             } else {
                 a.buf(self.img.get()).buf(feat_d.get()).i64(br).i64(bc).i64(d64);
             }
-            a.f32(self.scale).f32(self.inv2b);
-            a.buf(self.la_hi.get()).buf(self.la_lo.get()).buf(lb_hi.get()).buf(lb_lo.get());
+            if sig {
+                a.f32(self.scale).f32(self.bias).f32(self.inv_b);
+            } else {
+                a.f32(self.scale).f32(self.inv2b);
+                a.buf(self.la_hi.get()).buf(self.la_lo.get()).buf(lb_hi.get()).buf(lb_lo.get());
+            }
             a.i64(diag).buf_mut(self.d_img.get_mut()).buf_mut(d_feat_d.get_mut());
             a.buf_mut(dt_part.get_mut());
             if plan.parts_len > 0 {
@@ -246,7 +261,10 @@ impl EmuClipBlocks {
                 a.i32(plan.folds.1 as i32);
                 self.launch("clip_fold_splits", (elem_blocks(cols_n), 1), &mut a);
             }
-            dt = dt_part.get()[..plan.dt_parts].iter().sum();
+            let parts = &dt_part.get()[..nv * plan.dt_parts];
+            for (k, sum) in sums.iter_mut().enumerate().take(nv) {
+                *sum = parts.iter().skip(k).step_by(nv).sum();
+            }
         }
         d_feat.copy_from_slice(&d_feat_d.get()[..nb * d]);
         let ok = [&feat_d, &lb_hi, &lb_lo, &d_feat_d].iter().all(|g| g.intact())
@@ -257,7 +275,7 @@ impl EmuClipBlocks {
         if !ok {
             return Err(wrote_outside(&bwd));
         }
-        Ok(dt)
+        Ok(sums)
     }
 
     /// Whether the buffers held for the call kept their guards.
@@ -331,7 +349,7 @@ impl ClipBlocks for EmuClipBlocks {
         col0: usize,
         d_feat: &mut [f32],
     ) -> Result<f64, LossError> {
-        self.bwd(feat, kap, col0, d_feat)
+        Ok(self.bwd(feat, Some(kap), col0, d_feat)?[0])
     }
 
     fn bwd_end(&mut self) -> Result<Vec<f32>, LossError> {
@@ -341,6 +359,30 @@ impl ClipBlocks for EmuClipBlocks {
     fn held_bytes(&self) -> usize {
         0
     }
+
+    fn sig_begin(
+        &mut self,
+        img: &[f32],
+        pos: Vec<usize>,
+        d: usize,
+        scale: f32,
+        bias: f32,
+        big_b: usize,
+    ) -> Result<(), LossError> {
+        self.begin(img, pos, d, scale, big_b)?;
+        (self.bias, self.inv_b) = (bias, (1.0 / big_b as f64) as f32);
+        self.d_img.get_mut().fill(0.0);
+        Ok(())
+    }
+
+    fn sig_block(
+        &mut self,
+        feat: &[f32],
+        col0: usize,
+        d_feat: &mut [f32],
+    ) -> Result<[f64; 3], LossError> {
+        self.bwd(feat, None, col0, d_feat)
+    }
 }
 
 /// The emulated blocks of a ring run: module, mode, precision, forward wave, and the backward's
@@ -348,11 +390,12 @@ impl ClipBlocks for EmuClipBlocks {
 pub(super) type EmuOps<'a> = (&'a Arc<EmuModule>, LossMode, Precision, usize, u32);
 
 /// One ring run over `world = sizes.len()` ranks as threads: the CPU ring (`ops` None) or the
-/// emulated GPU blocks, one [`RingLossOut`] per rank in rank order.
+/// emulated GPU blocks, one [`RingLossOut`] per rank in rank order. CLIP, or SigLIP with the
+/// logit bias `bias`.
 pub(super) fn run_ring(
     feats: &[(Vec<f32>, Vec<f32>)],
     d: usize,
-    scale: f32,
+    (scale, bias): (f32, Option<f32>),
     chunk_rows: usize,
     ops: Option<EmuOps>,
 ) -> Result<Vec<RingLossOut>, String> {
@@ -367,17 +410,26 @@ pub(super) fn run_ring(
                 let opts = &opts;
                 s.spawn(move || -> Result<RingLossOut, String> {
                     let b = img.len() / d;
-                    with_block_order(order, || match ops {
-                        None => clip_loss_ring(&mut c, img, txt, b, d, scale, opts)
-                            .map_err(|e| e.to_string()),
-                        Some((m, mode, prec, wave, shared)) => {
-                            let mut ops = EmuClipBlocks::new(m.clone(), mode, prec, wave, shared);
-                            clip_loss_ring_with(
-                                &mut c, &mut ops, chunk_rows, None, img, txt, b, d, scale, None,
-                            )
-                            .map_err(|e| e.to_string())
+                    let c = &mut c;
+                    let r = with_block_order(order, || match (ops, bias) {
+                        (None, None) => clip_loss_ring(c, img, txt, b, d, scale, opts),
+                        (None, Some(bias)) => {
+                            siglip_loss_ring(c, img, txt, b, d, scale, bias, opts)
                         }
-                    })
+                        (Some((m, mode, prec, wave, shared)), _) => {
+                            let mut ops = EmuClipBlocks::new(m.clone(), mode, prec, wave, shared);
+                            let k = &mut ops;
+                            match bias {
+                                None => clip_loss_ring_with(
+                                    c, k, chunk_rows, None, img, txt, b, d, scale, None,
+                                ),
+                                Some(bias) => siglip_loss_ring_with(
+                                    c, k, chunk_rows, None, img, txt, b, d, scale, bias, None,
+                                ),
+                            }
+                        }
+                    });
+                    r.map_err(|e| e.to_string())
                 })
             })
             .collect();
@@ -458,7 +510,7 @@ fn check_against_cpu_ring(m: &Arc<EmuModule>, seed: u64, wave: usize, cases: &[C
             .iter()
             .map(|&b| (random_features(&mut rng, b, d), random_features(&mut rng, b, d)))
             .collect();
-        let cpu = run_ring(&feats, d, scale, chunk_rows, None).expect("the CPU ring");
+        let cpu = run_ring(&feats, d, (scale, None), chunk_rows, None).expect("the CPU ring");
         let all_img: Vec<f64> = feats.iter().flat_map(|(i, _)| to64(i)).collect();
         let all_txt: Vec<f64> = feats.iter().flat_map(|(_, t)| to64(t)).collect();
         let big_b = sizes.iter().sum::<usize>();
@@ -467,14 +519,76 @@ fn check_against_cpu_ring(m: &Arc<EmuModule>, seed: u64, wave: usize, cases: &[C
             let t = std::time::Instant::now();
             let tag =
                 format!("rows {sizes:?} d={d} chunk {chunk_rows} {} {}", prec.name(), mode.name());
-            let got = run_ring(&feats, d, scale, chunk_rows, Some((m, mode, prec, wave, 0)))
-                .unwrap_or_else(|e| panic!("{tag}: {e}"));
+            let got =
+                run_ring(&feats, d, (scale, None), chunk_rows, Some((m, mode, prec, wave, 0)))
+                    .unwrap_or_else(|e| panic!("{tag}: {e}"));
             assert_eq!(got.len(), sizes.len());
             for (g, &b) in got.iter().zip(sizes) {
                 assert_eq!((g.d_img_local.len(), g.d_txt_local.len()), (b * d, b * d), "{tag}");
             }
             let errs = ring_errs(&got, &cpu, &reference);
             eprintln!("{tag}: {errs:?} ({:.1?})", t.elapsed());
+            let (tol_loss, tol_grad) = loss_tols(prec, scale);
+            for (what, e_cpu, e_ref) in errs {
+                let tol = if what == "loss" { tol_loss } else { tol_grad };
+                assert!(e_cpu <= tol, "{tag} {what}: {e_cpu:.3e} vs the CPU ring > {tol}");
+                assert!(e_ref <= tol, "{tag} {what}: {e_ref:.3e} vs the reference > {tol}");
+            }
+        }
+    }
+}
+
+/// SigLIP's one pass with its blocks on the emulated `siglip_bwd*` kernels, as
+/// `GpuClipBlocks::sig_block` launches them, against the CPU SigLIP ring (same world and
+/// chunks) and the f64 reference of the whole batch: the loss, dI, dT and the ranks' shares of
+/// ∂L/∂t and ∂L/∂β summed, with `selftest::loss_tols`. Blocks with the positives entirely,
+/// partly and not at all in them, an empty rank, several chunk rounds; fp32 in both modes, TF32
+/// fast and 3xTF32 and BF16 deterministic (the copies' stride after d).
+///
+/// Sensitivity, tried by hand (each mutation then reverted): the positive's `g -= inv2b` left
+/// out of the kernel fails the first case at once (fp32 deterministic, world [150]: dI 0.49 vs
+/// the CPU ring, tolerance 1e-4); the swapped pass given `diag` for `-diag` fails it too (dT
+/// 0.33).
+#[test]
+fn siglip_ring_blocks_match_the_cpu_ring_and_the_f64_reference() {
+    use LossMode::{Deterministic as Det, Fast};
+    use Precision::{Bf16, Fp32, Tf32, Tf32x3};
+    let m = module("clip_loss.cu").unwrap_or_else(|e| panic!("{e}"));
+    let cases: [Case; 3] = [
+        (&[150], 40, 80, &[(Det, Fp32), (Fast, Fp32)]),
+        (&[90, 0, 57], 67, 40, &[(Det, Fp32), (Fast, Tf32)]),
+        (&[70], 40, 40, &[(Det, Tf32x3), (Det, Bf16)]),
+    ];
+    let mut rng = Rng::new(29);
+    let (scale, bias) = (10.0f32, -4.0f32);
+    for &(sizes, d, chunk_rows, runs) in &cases {
+        let feats: Vec<(Vec<f32>, Vec<f32>)> = sizes
+            .iter()
+            .map(|&b| (random_features(&mut rng, b, d), random_features(&mut rng, b, d)))
+            .collect();
+        let sl = (scale, Some(bias));
+        let cpu = run_ring(&feats, d, sl, chunk_rows, None).expect("the CPU ring");
+        let all_img: Vec<f64> = feats.iter().flat_map(|(i, _)| to64(i)).collect();
+        let all_txt: Vec<f64> = feats.iter().flat_map(|(_, t)| to64(t)).collect();
+        let big_b = sizes.iter().sum::<usize>();
+        let (l, di, dtx, dt, db) =
+            siglip_loss_reference_f64(&all_img, &all_txt, big_b, d, scale as f64, bias as f64);
+        let db_sum = |o: &[RingLossOut]| {
+            o.iter().map(|r| r.d_bias_partial.expect("SigLIP's dbias") as f64).sum::<f64>()
+        };
+        for &(mode, prec) in runs {
+            let tag = format!(
+                "siglip rows {sizes:?} d={d} chunk {chunk_rows} {} {}",
+                prec.name(),
+                mode.name()
+            );
+            let got = run_ring(&feats, d, sl, chunk_rows, Some((&m, mode, prec, 4, 0)))
+                .unwrap_or_else(|e| panic!("{tag}: {e}"));
+            let reference = (l, di.clone(), dtx.clone(), dt);
+            let mut errs = ring_errs(&got, &cpu, &reference).to_vec();
+            let g_db = db_sum(&got);
+            errs.push(("dbias", rel_err(&[g_db], &[db_sum(&cpu)]), rel_err(&[g_db], &[db])));
+            eprintln!("{tag}: {errs:?}");
             let (tol_loss, tol_grad) = loss_tols(prec, scale);
             for (what, e_cpu, e_ref) in errs {
                 let tol = if what == "loss" { tol_loss } else { tol_grad };
@@ -497,14 +611,14 @@ fn ring_blocks_with_backward_panels_give_the_single_tile_results_bitwise() {
     let mut rng = Rng::new(23);
     let (b, d, scale, chunk) = (150usize, 40usize, 20.0f32, 80usize);
     let feats = vec![(random_features(&mut rng, b, d), random_features(&mut rng, b, d))];
-    let cpu = run_ring(&feats, d, scale, chunk, None).expect("the CPU ring");
+    let cpu = run_ring(&feats, d, (scale, None), chunk, None).expect("the CPU ring");
     for prec in Precision::ALL {
         let shared = bwd_shared_bytes(prec, &defs);
         let (_, tol_grad) = loss_tols(prec, scale);
         for mode in LossMode::ALL {
             let what = format!("{} {}", prec.name(), mode.name());
             let run = |m, shared| {
-                run_ring(&feats, d, scale, chunk, Some((m, mode, prec, 4, shared)))
+                run_ring(&feats, d, (scale, None), chunk, Some((m, mode, prec, 4, shared)))
                     .unwrap_or_else(|e| panic!("{what}: {e}"))
             };
             let (p, s) = (run(&two, shared), run(&one, 0));
@@ -559,7 +673,8 @@ fn ring_blocks_in_deterministic_mode_give_the_same_bits_whatever_the_block_order
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     for prec in [Precision::Fp32, Precision::Tf32, Precision::Bf16] {
         let ops = Some((&m, LossMode::Deterministic, prec, wave, 0));
-        let run = || run_ring(&feats, d, scale, chunk, ops).unwrap_or_else(|e| panic!("{e}"));
+        let run =
+            || run_ring(&feats, d, (scale, None), chunk, ops).unwrap_or_else(|e| panic!("{e}"));
         let base = run();
         for seed in [1, 2] {
             let got = with_block_order(seed, run);

@@ -3,6 +3,11 @@
 //! so a job of several GPU ranks computes the loss as Inf-CL does: a ring across ranks, a grid
 //! of 64 × 64 tiles inside a rank, the online log-sum-exp fused into each tile.
 //!
+//! SigLIP runs on the same blocks (`sig_begin`, `sig_block`, `sig_round`): one pass of the
+//! ring, each block through `siglip_bwd*`, the backward kernels with the sigmoid's G
+//! (`clip_bwd_impl`'s SIG), which also return the block's loss terms and `Σ G` (∂L/∂β). No
+//! statistics travel: only the blocks and their `∂L/∂T`.
+//!
 //! This rank's image features stay on the GPU for the call; each visiting text block is
 //! uploaded once per pass, and what travels on the ring (a block's column statistics, its
 //! `∂L/∂T`) is downloaded to the host, as the ring's messages are host bytes. The row
@@ -28,8 +33,10 @@ use super::gpu::{
     Gpu, LOSS_TILE, LossMode, Precision, bf16_layout, drv, elem_cfg, plan_fwd_grid_rect,
 };
 use super::nccl::NcclComm;
-use crate::loss::ring::{ClipBlocks, LossError, host_bwd_round, host_fwd_round};
-use crate::loss::ring_device::{DeviceRing, DeviceSlots, device_bwd_round, device_fwd_round};
+use crate::loss::ring::{ClipBlocks, LossError, host_bwd_round, host_fwd_round, host_sig_round};
+use crate::loss::ring_device::{
+    DeviceRing, DeviceSlots, device_bwd_round, device_fwd_round, device_sig_round,
+};
 
 /// The kernels' "no positive in this block" diagonal offset.
 pub(super) const NO_DIAG: i64 = i64::MIN;
@@ -92,6 +99,9 @@ pub struct GpuClipBlocks<'g> {
     d: usize,
     scale: f32,
     inv2b: f32,
+    /// SigLIP: the logit bias and 1/B.
+    bias: f32,
+    inv_b: f32,
     /// Global column of row 0's positive (rows pair with consecutive columns).
     row0: i64,
     /// No block folded into the running row statistics yet.
@@ -126,6 +136,8 @@ impl<'g> GpuClipBlocks<'g> {
             d: 0,
             scale: 1.0,
             inv2b: 0.0,
+            bias: 0.0,
+            inv_b: 0.0,
             row0: 0,
             first: true,
             bufs: Bufs::default(),
@@ -143,10 +155,12 @@ impl<'g> GpuClipBlocks<'g> {
     /// Fast mode: one pass, the block's dT by atomicAdd. Deterministic mode: the pass and its
     /// swap (the block's rows against this rank's rows -> the block's dT) in one launch of the
     /// paired kernel (grid y = 2).
-    fn bwd_kernel(mode: LossMode, precision: Precision) -> String {
+    /// The SigLIP versions (`siglip_bwd*`) where `sig`.
+    fn bwd_kernel(mode: LossMode, precision: Precision, sig: bool) -> String {
+        let loss = if sig { "siglip" } else { "clip" };
         match mode {
-            LossMode::Fast => format!("clip_bwd{}", precision.suffix()),
-            LossMode::Deterministic => precision.bwd_pair(),
+            LossMode::Fast => format!("{loss}_bwd{}", precision.suffix()),
+            LossMode::Deterministic => format!("{loss}_bwd_pair{}", precision.suffix()),
         }
     }
 
@@ -333,18 +347,34 @@ impl<'g> GpuClipBlocks<'g> {
         col0: usize,
         out: Option<&mut CudaSlice<f32>>,
     ) -> Result<f64, CudaError> {
+        Ok(self.grad_queue(Pairwise::Softmax(kap), feat, nb, col0, out)?[0])
+    }
+
+    /// [`Self::bwd_queue`] for either loss: SigLIP's block (`Pairwise::Sigmoid`) returns
+    /// `[Σ G∘X, Σ loss terms, Σ G]`, CLIP's `[Σ G∘X, 0, 0]`.
+    fn grad_queue(
+        &mut self,
+        loss: Pairwise<'_>,
+        feat: Option<&CudaSlice<f32>>,
+        nb: usize,
+        col0: usize,
+        out: Option<&mut CudaSlice<f32>>,
+    ) -> Result<[f64; 3], CudaError> {
         let (gpu, d) = (self.gpu, self.d);
         if nb == 0 {
-            return Ok(0.0);
+            return Ok([0.0; 3]);
         }
+        let sig = matches!(loss, Pairwise::Sigmoid);
+        // Values per block of the partial sums (clip_bwd_impl).
+        let nv = if sig { 3 } else { 1 };
         let (br, bc, d64) = (self.rows as i64, nb as i64, d as i64);
         let (bf16, ld) = (self.bf16(), operand_stride(self.precision, d) as i64);
         let diag = self.diag(col0, nb);
         let b = &mut self.bufs;
-        let kernel = Self::bwd_kernel(self.mode, self.precision);
+        let kernel = Self::bwd_kernel(self.mode, self.precision, sig);
         let bwd_wave = super::gpu::backward_wave(gpu, &kernel)?;
         let plan = super::gpu::plan_bwd(self.mode, self.rows, nb, d, bwd_wave, None);
-        ensure(gpu, &mut b.dt_part, plan.dt_parts)?;
+        ensure(gpu, &mut b.dt_part, nv * plan.dt_parts)?;
         if plan.parts_len > 0 {
             ensure(gpu, &mut b.parts, plan.parts_len)?;
         }
@@ -352,15 +382,18 @@ impl<'g> GpuClipBlocks<'g> {
             Some(f) => f,
             None => buf!(b.feat),
         };
-        let (lb_hi, lb_lo) = match kap {
-            Some(k) if k.len() >= 2 * nb => (k.slice(..nb), k.slice(nb..2 * nb)),
-            Some(k) => {
+        let lb = match loss {
+            Pairwise::Sigmoid => None,
+            Pairwise::Softmax(Some(k)) if k.len() >= 2 * nb => {
+                Some((k.slice(..nb), k.slice(nb..2 * nb)))
+            }
+            Pairwise::Softmax(Some(k)) => {
                 return Err(CudaError::Invalid(format!(
                     "ring backward: {} column LSE values on the device for {nb} columns",
                     k.len()
                 )));
             }
-            None => (buf!(b.lb_hi).slice(..nb), buf!(b.lb_lo).slice(..nb)),
+            Pairwise::Softmax(None) => Some((buf!(b.lb_hi).slice(..nb), buf!(b.lb_lo).slice(..nb))),
         };
         let d_feat: &mut CudaSlice<f32> = match out {
             Some(o) => o,
@@ -382,7 +415,7 @@ impl<'g> GpuClipBlocks<'g> {
         // Self::bwd_kernel; in deterministic mode d_feat takes the swapped pass's dA (the
         // paired kernel's grid covers the longer pass's row tiles). Columns split as planned.
         let f = gpu.func(&kernel)?;
-        let mut dt = 0.0;
+        let mut sums = [0.0f64; 3];
         if self.rows > 0 {
             let cfg = LaunchConfig {
                 grid_dim: plan.grid,
@@ -397,31 +430,49 @@ impl<'g> GpuClipBlocks<'g> {
             } else {
                 l.arg(buf!(b.img)).arg(feat_d).arg(&br).arg(&bc).arg(&d64)
             };
-            l.arg(&self.scale).arg(&self.inv2b);
-            l.arg(buf!(b.la_hi)).arg(buf!(b.la_lo)).arg(&lb_hi).arg(&lb_lo);
+            match &lb {
+                Some((lb_hi, lb_lo)) => {
+                    l.arg(&self.scale).arg(&self.inv2b);
+                    l.arg(buf!(b.la_hi)).arg(buf!(b.la_lo)).arg(lb_hi).arg(lb_lo);
+                }
+                None => {
+                    l.arg(&self.scale).arg(&self.bias).arg(&self.inv_b);
+                }
+            }
             l.arg(&diag).arg(buf_mut!(b.d_img)).arg(&mut *d_feat).arg(buf_mut!(b.dt_part));
             if plan.parts_len > 0 {
                 l.arg(buf_mut!(b.parts));
             } else {
                 l.arg(&null_parts);
             }
-            // SAFETY: matches clip_bwd* and clip_bwd_pair*; A = img (rows·d), Bm = feat
+            // SAFETY: matches clip_bwd* and clip_bwd_pair* (siglip_bwd*: scale, bias, inv_b in
+            // place of scale, inv2b and the four LSE pointers); A = img (rows·d), Bm = feat
             // (nb·d, checked above) (bf16: their copies, bf16_layout(rows, d) and
             // bf16_layout(nb, d) with row stride ld), row LSEs rows, column LSEs nb, dA rows·d,
-            // dB ≥ nb·d (checked), dt_part plan.dt_parts (written by the first pass's blocks
-            // only), parts plan.parts_len or null where the plan has none; the paired kernel's
-            // blocks past a pass's tiles return at once.
-            drv("launch clip_bwd (ring block)", unsafe { l.launch(cfg) })?;
+            // dB ≥ nb·d (checked), dt_part nv · plan.dt_parts (written by the first pass's
+            // blocks only), parts plan.parts_len or null where the plan has none; the paired
+            // kernel's blocks past a pass's tiles return at once.
+            drv(&format!("launch {kernel} (ring block)"), unsafe { l.launch(cfg) })?;
             let d_img = buf_mut!(b.d_img);
             let n_a = self.rows * d;
             super::gpu::fold_bwd_shares(gpu, &plan, b.parts.as_ref(), d_img, n_a, d_feat, nb * d)?;
-            let n = plan.dt_parts;
+            let n = nv * plan.dt_parts;
             let mut host = vec![0.0f64; n];
             drv("download dt partials", s.memcpy_dtoh(&buf!(b.dt_part).slice(..n), &mut host))?;
-            dt = host.iter().sum();
+            for (k, sum) in sums.iter_mut().enumerate().take(nv) {
+                *sum = host.iter().skip(k).step_by(nv).sum();
+            }
         }
-        Ok(dt)
+        Ok(sums)
     }
+}
+
+/// Which loss a block's gradient kernel computes.
+enum Pairwise<'k> {
+    /// CLIP's softmax, with the block's column LSEs on the device (`None`: the upload buffers).
+    Softmax(Option<&'k CudaSlice<f32>>),
+    /// SigLIP's sigmoid (the bias and 1/B of `sig_begin`).
+    Sigmoid,
 }
 
 /// The diagonal offset of a block of `nb` columns starting at global column `col0`, for `rows`
@@ -659,6 +710,67 @@ impl ClipBlocks for GpuClipBlocks<'_> {
         }
         host_bwd_round(self, comm, lens, col0, d, own, kap)
     }
+
+    fn sig_begin(
+        &mut self,
+        img: &[f32],
+        pos: Vec<usize>,
+        d: usize,
+        scale: f32,
+        bias: f32,
+        big_b: usize,
+    ) -> Result<(), LossError> {
+        self.begin(img, pos, d, scale, big_b)?;
+        (self.bias, self.inv_b) = (bias, (1.0 / big_b as f64) as f32);
+        let r = drv("zero dI", self.gpu.stream.memset_zeros(buf_mut!(self.bufs.d_img)));
+        r.map_err(gpu_err)
+    }
+
+    fn sig_block(
+        &mut self,
+        feat: &[f32],
+        col0: usize,
+        d_feat: &mut [f32],
+    ) -> Result<[f64; 3], LossError> {
+        let (gpu, d) = (self.gpu, self.d);
+        let nb = feat.len() / d;
+        if nb == 0 {
+            return Ok([0.0; 3]);
+        }
+        let r = (|| {
+            let b = &mut self.bufs;
+            ensure(gpu, &mut b.feat, nb * d)?;
+            ensure(gpu, &mut b.d_feat, nb * d)?;
+            let s = &gpu.stream;
+            let up = s.memcpy_htod(feat, &mut buf_mut!(b.feat).slice_mut(..nb * d));
+            drv("upload a ring block", up)?;
+            let sums = self.grad_queue(Pairwise::Sigmoid, None, nb, col0, None)?;
+            let down = s.memcpy_dtoh(&buf!(self.bufs.d_feat).slice(..nb * d), d_feat);
+            drv("download the block's dT", down)?;
+            gpu.sync()?;
+            Ok(sums)
+        })();
+        r.map_err(gpu_err)
+    }
+
+    fn sig_round(
+        &mut self,
+        comm: &mut dyn Communicator,
+        lens: &[usize],
+        col0: &[usize],
+        d: usize,
+        own: &[f32],
+        sums: &mut [f64; 3],
+    ) -> Result<(Vec<f32>, usize), LossError> {
+        if let Some(link) = self.link(comm) {
+            let mut slots = std::mem::take(&mut self.ring_slots);
+            let mut ring = GpuRing { link, blocks: self };
+            let r = device_sig_round(&mut ring, &mut slots, lens, col0, d, own, sums);
+            self.ring_slots = slots;
+            return r;
+        }
+        host_sig_round(self, comm, lens, col0, d, own, sums)
+    }
 }
 
 /// How the CLIP ring's rounds move the blocks between GPU ranks (`run.cuda_ring`).
@@ -816,6 +928,17 @@ impl DeviceRing for GpuRing<'_, '_> {
         d_feat: &mut CudaSlice<f32>,
     ) -> Result<f64, LossError> {
         self.blocks.bwd_queue(Some(feat), Some(kap), nb, col0, Some(d_feat)).map_err(gpu_err)
+    }
+
+    fn sig_block(
+        &mut self,
+        feat: &CudaSlice<f32>,
+        nb: usize,
+        col0: usize,
+        d_feat: &mut CudaSlice<f32>,
+    ) -> Result<[f64; 3], LossError> {
+        let b = &mut *self.blocks;
+        b.grad_queue(Pairwise::Sigmoid, Some(feat), nb, col0, Some(d_feat)).map_err(gpu_err)
     }
 
     fn merge_cols(

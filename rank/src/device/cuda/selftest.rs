@@ -1550,9 +1550,16 @@ const RING_CHUNK_ROWS: usize = 96;
 /// BF16 (deterministic and fast) gets a row per quantity, against the CPU ring and the f64
 /// reference of the whole batch, with the single-GPU bf16 tolerances ([`loss_tols`]), and a
 /// bitwise repeat of deterministic mode.
+///
+/// SigLIP's one pass (`siglip_bwd*` blocks) likewise against the CPU's SigLIP ring: fp32 with
+/// host messages, fp32 fast and TF32 on the device ring, a row per quantity (∂L/∂β too) of BF16
+/// against the CPU ring and the f64 reference, and a bitwise repeat of fp32 deterministic.
 fn ring_checks(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
     use super::ring::{BlockTravel, GpuClipBlocks};
-    use crate::loss::{RingLossOpts, RingLossOut, clip_loss_reference_f64, clip_loss_ring_with};
+    use crate::loss::{
+        RingLossOpts, RingLossOut, clip_loss_reference_f64, clip_loss_ring_with,
+        siglip_loss_ring_with,
+    };
     use tessera_collectives::threads::ThreadComm;
     let (d, scale, chunk_rows) = (RING_D, RING_SCALE, RING_CHUNK_ROWS);
     let mut out = Vec::new();
@@ -1563,7 +1570,10 @@ fn ring_checks(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
             .map(|&b| (random_features(rng, b, d), random_features(rng, b, d)))
             .collect();
         let opts = RingLossOpts { chunk_rows, ..RingLossOpts::default() };
-        let run = |gpu_ops: Option<(LossMode, Precision, BlockTravel)>| -> Result<Vec<RingLossOut>, String> {
+        // CLIP, or SigLIP with the logit bias `bias`.
+        let run_loss = |gpu_ops: Option<(LossMode, Precision, BlockTravel)>,
+                        bias: Option<f32>|
+         -> Result<Vec<RingLossOut>, String> {
             std::thread::scope(|s| {
                 let hs: Vec<_> = ThreadComm::group(world)
                     .into_iter()
@@ -1572,22 +1582,31 @@ fn ring_checks(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
                     .map(|((mut c, (img, txt)), &b)| {
                         let opts = &opts;
                         s.spawn(move || -> Result<RingLossOut, String> {
-                            match gpu_ops {
-                                None => {
-                                    crate::loss::clip_loss_ring(&mut c, img, txt, b, d, scale, opts)
-                                        .map_err(|e| e.to_string())
+                            let c = &mut c;
+                            let r = match (gpu_ops, bias) {
+                                (None, None) => {
+                                    crate::loss::clip_loss_ring(c, img, txt, b, d, scale, opts)
                                 }
-                                Some((mode, prec, travel)) => {
+                                (None, Some(bias)) => crate::loss::siglip_loss_ring(
+                                    c, img, txt, b, d, scale, bias, opts,
+                                ),
+                                (Some((mode, prec, travel)), _) => {
                                     let mut ops = GpuClipBlocks::new(gpu, mode, prec)
                                         .map_err(|e| e.to_string())?
                                         .with_travel(travel);
-                                    clip_loss_ring_with(
-                                        &mut c, &mut ops, chunk_rows, None, img, txt, b, d, scale,
-                                        None,
-                                    )
-                                    .map_err(|e| e.to_string())
+                                    let k = &mut ops;
+                                    match bias {
+                                        None => clip_loss_ring_with(
+                                            c, k, chunk_rows, None, img, txt, b, d, scale, None,
+                                        ),
+                                        Some(bias) => siglip_loss_ring_with(
+                                            c, k, chunk_rows, None, img, txt, b, d, scale, bias,
+                                            None,
+                                        ),
+                                    }
                                 }
-                            }
+                            };
+                            r.map_err(|e| e.to_string())
                         })
                     })
                     .collect();
@@ -1596,6 +1615,7 @@ fn ring_checks(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
                     .collect()
             })
         };
+        let run = |gpu_ops| run_loss(gpu_ops, None);
         let cpu = run(None).map_err(|e| CudaError::Invalid(format!("CPU ring loss: {e}")))?;
         let detail = format!("rows {sizes:?} d={d} s={scale} chunk {chunk_rows}");
         // Host messages (the blocks' ring over a communicator other than NCCL), then the device
@@ -1678,6 +1698,106 @@ fn ring_checks(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, CudaError> {
                 });
             }
         }
+        out.extend(siglip_ring_rows(&run_loss, &feats, &sizes, &detail)?);
+    }
+    Ok(out)
+}
+
+/// The SigLIP logit bias of the self-test's rings (with `RING_SCALE`, so that the sigmoids are
+/// neither saturated nor all near one half).
+const RING_SIGLIP_BIAS: f32 = -4.0;
+
+/// A ring run of [`ring_checks`]: GPU blocks (`Some`) or the CPU ring, CLIP or SigLIP (bias).
+type RingRun<'a> = dyn Fn(
+        Option<(LossMode, Precision, super::ring::BlockTravel)>,
+        Option<f32>,
+    ) -> Result<Vec<crate::loss::RingLossOut>, String>
+    + 'a;
+
+/// [`ring_checks`]'s SigLIP rows for one world (see there).
+fn siglip_ring_rows(
+    run: &RingRun<'_>,
+    feats: &[(Vec<f32>, Vec<f32>)],
+    sizes: &[usize],
+    detail: &str,
+) -> Result<Vec<Row>, CudaError> {
+    use super::ring::BlockTravel::{Device, Host};
+    use crate::loss::siglip_loss_reference_f64;
+    use LossMode::{Deterministic as Det, Fast};
+    let (world, d, scale, bias) = (sizes.len(), RING_D, RING_SCALE, RING_SIGLIP_BIAS);
+    let mut out = Vec::new();
+    let detail = format!("{detail} bias={bias}");
+    let cpu = run(None, Some(bias))
+        .map_err(|e| CudaError::Invalid(format!("CPU SigLIP ring loss: {e}")))?;
+    let db = |o: &crate::loss::RingLossOut| o.d_bias_partial.unwrap_or(f32::NAN);
+    for (mode, prec, tol, travel) in [
+        (Det, Precision::Fp32, 1e-4, Host),
+        (Fast, Precision::Fp32, 1e-4, Device),
+        (Det, Precision::Tf32, 5e-2, Device),
+    ] {
+        let name = format!(
+            "siglip ring{} {} {} world {world}",
+            if travel == Device { " device" } else { "" },
+            prec.name(),
+            if mode == Fast { "fast" } else { "det" }
+        );
+        match run(Some((mode, prec, travel)), Some(bias)) {
+            Ok(got) => {
+                let mut err = if got.len() == cpu.len() { 0.0f64 } else { f64::INFINITY };
+                for (g, c) in got.iter().zip(&cpu) {
+                    err = err
+                        .max(rel_err(&[g.loss], &[c.loss]))
+                        .max(rel_err(&g.d_img_local, &c.d_img_local))
+                        .max(rel_err(&g.d_txt_local, &c.d_txt_local))
+                        .max(rel_err(&[g.d_t_partial], &[c.d_t_partial]))
+                        .max(rel_err(&[db(g)], &[db(c)]));
+                }
+                out.push(row("loss", &name, detail.clone(), Some(err), None, tol));
+            }
+            Err(e) => out.push(failed("loss", &name, &CudaError::Invalid(e))),
+        }
+    }
+    // BF16 on the device ring, per quantity against the CPU ring and the f64 reference.
+    let all_img: Vec<f64> = feats.iter().flat_map(|(i, _)| to64(i)).collect();
+    let all_txt: Vec<f64> = feats.iter().flat_map(|(_, t)| to64(t)).collect();
+    let big_b = sizes.iter().sum::<usize>();
+    let (l, di, dtx, dt, dbias) =
+        siglip_loss_reference_f64(&all_img, &all_txt, big_b, d, scale as f64, bias as f64);
+    let tag = format!("siglip ring device bf16 det world {world}");
+    match run(Some((Det, Precision::Bf16, Device)), Some(bias)) {
+        Ok(got) => {
+            let (tol_loss, tol_grad) = loss_tols(Precision::Bf16, scale);
+            let mut errs = ring_errs(&got, &cpu, &(l, di, dtx, dt)).to_vec();
+            let db_sum = |o: &[crate::loss::RingLossOut]| o.iter().map(|r| db(r) as f64).sum();
+            let (g_db, c_db): (f64, f64) = (db_sum(&got), db_sum(&cpu));
+            errs.push(("dbias", rel_err(&[g_db], &[c_db]), rel_err(&[g_db], &[dbias])));
+            for (what, e_cpu, e_ref) in errs {
+                let tol = if what == "loss" { tol_loss } else { tol_grad };
+                let name = format!("{tag} {what}");
+                out.push(row("loss", &name, detail.clone(), Some(e_cpu), Some(e_ref), tol));
+            }
+        }
+        Err(e) => out.push(failed("loss", &tag, &CudaError::Invalid(e))),
+    }
+    // Deterministic mode repeats bitwise (∂L/∂β included).
+    let name = format!("siglip ring device fp32 det world {world} repeat");
+    let twice = run(Some((Det, Precision::Fp32, Device)), Some(bias))
+        .and_then(|a| Ok((run(Some((Det, Precision::Fp32, Device)), Some(bias))?, a)));
+    match twice {
+        Ok((a, b)) => {
+            let same = same_ring_bits(&a, &b)
+                && a.iter().zip(&b).all(|(x, y)| db(x).to_bits() == db(y).to_bits());
+            out.push(Row {
+                group: "loss",
+                name,
+                detail: format!("{detail} bitwise"),
+                err_cpu: None,
+                err_ref: None,
+                tol: None,
+                pass: same,
+            });
+        }
+        Err(e) => out.push(failed("loss", &name, &CudaError::Invalid(e))),
     }
     Ok(out)
 }

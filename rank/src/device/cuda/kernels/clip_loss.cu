@@ -34,6 +34,11 @@
 // tile (grid z): fast mode's then add dA atomically too, deterministic mode's write shares that
 // clip_fold_splits adds in a fixed order.
 //
+// SigLIP (siglip_bwd*, at the end): the backward's kernels with the pairwise sigmoid's G in
+// place of the softmax's, G_ij = (sigma(x_ij + bias) - delta_ij) / B; no forward (no statistic
+// normalises a row or a column), so one launch per block gives the loss terms, dL/dt, dL/dbias
+// and both gradients.
+//
 // Rows and columns past B are masked (-inf in the forward, G = 0 in the backward), so any B
 // and d are valid. The bf16 copies are zero-padded to multiples of 64 rows and 64 columns, so
 // the bf16 kernels load whole 16-byte pieces without bounds tests. Indices are 64-bit.
@@ -1045,14 +1050,21 @@ __device__ __forceinline__ void red_add2(float* p, float x, float y) {
 // while this one's products run; a job's accumulators start from dA's current values (loaded
 // while the previous job's last stage is waited for) and go back to dA when it ends (dB: zero,
 // then atomicAdd).
-template <int MODE>
+//
+// SIG: the pairwise sigmoid loss (SigLIP, ALGORITHMS.md section 3) instead of the softmax one,
+// the same tiles and products with another G: inv2b is 1/B, the LSE pointers are unused (null),
+// and G_ij = (sigma(x_ij + bias) - delta_ij) / B; dt_part then holds three values per block,
+// [3 k] = sum G_ij x_ij, [3 k + 1] = sum -log sigma(z_ij (x_ij + bias)) (not yet divided by B),
+// [3 k + 2] = sum G_ij (dL/dbias).
+template <int MODE, bool SIG = false>
 __device__ __forceinline__ void clip_bwd_impl(
     const typename Tiles<MODE>::Feat* __restrict__ A,
     const typename Tiles<MODE>::Feat* __restrict__ Bm, i64 BR, i64 BC, i64 d, i64 ld,
     float scale, float inv2b, const float* __restrict__ la_hi, const float* __restrict__ la_lo,
     const float* __restrict__ lb_hi, const float* __restrict__ lb_lo, i64 diag,
     float* __restrict__ dA,
-    float* __restrict__ dB, double* __restrict__ dt_part, float* __restrict__ parts) {
+    float* __restrict__ dB, double* __restrict__ dt_part, float* __restrict__ parts,
+    float bias = 0.0f) {
     typedef typename Tiles<MODE>::Feat Feat;
     constexpr int SR = Stage<MODE>::SR, CW = Stage<MODE>::CW, LD = Stage<MODE>::LD;
     constexpr int H = TN / SR;               // stages per tile of a job's contraction
@@ -1191,7 +1203,7 @@ __device__ __forceinline__ void clip_bwd_impl(
             job_elems<MODE, NACC, 1>(o.p, o.rows, o.cols, d, o.interior,
                                      [&](int i, int e, const float* q) { c[i][e] = *q; });
     };
-    double dt_acc = 0.0;
+    double dt_acc = 0.0, loss_acc = 0.0, gs_acc = 0.0;  // (the last two: SIG only)
     for (i64 ct = ct_begin; ct < ct_end; ct += PT) {
         // The panel: nt column tiles from column c0 (one but in the bf16 version).
         const i64 c0 = ct * TN;
@@ -1221,13 +1233,13 @@ __device__ __forceinline__ void clip_bwd_impl(
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const i64 r = r0 + ty + 16 * i;
-                lah[i] = r < BR ? la_hi[r] : 0.0f;
-                lal[i] = r < BR ? -L2E * la_lo[r] : 0.0f;
+                lah[i] = !SIG && r < BR ? la_hi[r] : 0.0f;
+                lal[i] = !SIG && r < BR ? -L2E * la_lo[r] : 0.0f;
             }
             // The positive of local row li is local column li + dl (none: dl out of reach).
             const i64 dl64 = diag == NO_DIAG ? (i64)TN : diag + r0 - c0t;
             const int dl = (dl64 > -TM && dl64 < TN) ? (int)dl64 : 4 * TN;
-            float dt_tile = 0.0f;
+            float dt_tile = 0.0f, loss_tile = 0.0f, gs_tile = 0.0f;
             // Element (i, j) of this thread: local row ty + 16 i, column tx + 16 j; `test`: check
             // that it lies inside the matrix (edge tiles).
             auto elem = [&](int i, int j, float lbh, float lbl, bool test) {
@@ -1235,10 +1247,27 @@ __device__ __forceinline__ void clip_bwd_impl(
                 float g = 0.0f;
                 if (!test || (r0 + li < BR && c0t + lj < BC)) {
                     const float x = Gt[li][lj];
-                    // exp(x - lse) = 2^((x - hi) log2(e) - lo log2(e)), x - hi nearly exact.
-                    g = (ex2(fmaf(x - lah[i], L2E, lal[i])) + ex2(fmaf(x - lbh, L2E, lbl))) *
-                        inv2b;
-                    if (lj - li == dl) g -= 2.0f * inv2b;
+                    if constexpr (SIG) {
+                        // Every pair as a negative first: -log sigma(-u) = softplus(u) =
+                        // max(u, 0) + log(1 + e), e = exp(-|u|); sigma(u) from the same e.
+                        const float u = x + bias;
+                        const float e = ex2(-fabsf(u) * L2E);
+                        const float r = 1.0f / (1.0f + e);
+                        g = (u >= 0.0f ? r : e * r) * inv2b;
+                        float l = fmaxf(u, 0.0f) + log1pf(e);
+                        // The positive: softplus(-u) = softplus(u) - u, and G gains -1/B.
+                        if (lj - li == dl) {
+                            g -= inv2b;
+                            l -= u;
+                        }
+                        loss_tile += l;
+                        gs_tile += g;
+                    } else {
+                        // exp(x - lse) = 2^((x - hi) log2(e) - lo log2(e)), x - hi nearly exact.
+                        g = (ex2(fmaf(x - lah[i], L2E, lal[i])) + ex2(fmaf(x - lbh, L2E, lbl))) *
+                            inv2b;
+                        if (lj - li == dl) g -= 2.0f * inv2b;
+                    }
                     dt_tile = fmaf(g, x, dt_tile);
                 }
                 if constexpr (MODE == 3)
@@ -1252,8 +1281,8 @@ __device__ __forceinline__ void clip_bwd_impl(
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const i64 cc = c0t + tx + 16 * j;
-                const float lbh = cc < BC ? lb_hi[cc] : 0.0f;
-                const float lbl = cc < BC ? -L2E * lb_lo[cc] : 0.0f;
+                const float lbh = !SIG && cc < BC ? lb_hi[cc] : 0.0f;
+                const float lbl = !SIG && cc < BC ? -L2E * lb_lo[cc] : 0.0f;
                 if (edge) {
 #pragma unroll
                     for (int i = 0; i < 4; ++i) elem(i, j, lbh, lbl, true);
@@ -1263,6 +1292,8 @@ __device__ __forceinline__ void clip_bwd_impl(
                 }
             }
             dt_acc += (double)dt_tile;
+            loss_acc += (double)loss_tile;
+            gs_acc += (double)gs_tile;
         }
         if constexpr (MODE == 3) __syncthreads();  // Gs read by all before stage 1 replaces it
         init(first);
@@ -1330,13 +1361,20 @@ __device__ __forceinline__ void clip_bwd_impl(
         }
     }
     if (dt_part != nullptr) {
-        red[t] = dt_acc;
-        __syncthreads();
-        for (int s = NT / 2; s > 0; s >>= 1) {
-            if (t < s) red[t] += red[t + s];
+        constexpr int NV = SIG ? 3 : 1;  // values per block
+        const double vals[3] = {dt_acc, loss_acc, gs_acc};
+        const i64 at = (blockIdx.x + (BR + TM - 1) / TM * split) * NV;
+#pragma unroll
+        for (int v = 0; v < NV; ++v) {
+            red[t] = vals[v];
             __syncthreads();
+            for (int s = NT / 2; s > 0; s >>= 1) {
+                if (t < s) red[t] += red[t + s];
+                __syncthreads();
+            }
+            if (t == 0) dt_part[at + v] = red[0];
+            __syncthreads();  // red[0] read before the next value's sums
         }
-        if (t == 0) dt_part[blockIdx.x + (BR + TM - 1) / TM * split] = red[0];
     }
 }
 
@@ -1375,22 +1413,23 @@ extern "C" __global__ void __launch_bounds__(NT, CLIP_BWD_MIN_BLOCKS)
 // same), but the two passes' blocks fill the GPU together (at B = 4k a pass alone has 64
 // blocks). dB is not an atomic target here. With S > 1 column splits, the first pass's shares
 // are parts[0 .. (S - 1) BR d) and the swapped pass's the (S - 1) BC d floats after them.
-template <int MODE>
+template <int MODE, bool SIG = false>
 __device__ __forceinline__ void clip_bwd_pair_impl(
     const typename Tiles<MODE>::Feat* __restrict__ A,
     const typename Tiles<MODE>::Feat* __restrict__ Bm, i64 BR, i64 BC, i64 d, i64 ld,
     float scale, float inv2b, const float* __restrict__ la_hi, const float* __restrict__ la_lo,
     const float* __restrict__ lb_hi, const float* __restrict__ lb_lo, i64 diag,
     float* __restrict__ dA, float* __restrict__ dB, double* __restrict__ dt_part,
-    float* __restrict__ parts) {
+    float* __restrict__ parts, float bias = 0.0f) {
     const bool sw = blockIdx.y == 1;
     if ((i64)blockIdx.x * TM >= (sw ? BC : BR)) return;
     const i64 dg = (sw && diag != NO_DIAG) ? -diag : diag;
     // One call site, so that the shared memory of clip_bwd_impl exists once.
-    clip_bwd_impl<MODE>(sw ? Bm : A, sw ? A : Bm, sw ? BC : BR, sw ? BR : BC, d, ld, scale, inv2b,
-                        sw ? lb_hi : la_hi, sw ? lb_lo : la_lo, sw ? la_hi : lb_hi,
-                        sw ? la_lo : lb_lo, dg, sw ? dB : dA, nullptr, sw ? nullptr : dt_part,
-                        sw ? parts + (i64)(gridDim.z - 1) * BR * d : parts);
+    clip_bwd_impl<MODE, SIG>(sw ? Bm : A, sw ? A : Bm, sw ? BC : BR, sw ? BR : BC, d, ld, scale,
+                             inv2b, sw ? lb_hi : la_hi, sw ? lb_lo : la_lo, sw ? la_hi : lb_hi,
+                             sw ? la_lo : lb_lo, dg, sw ? dB : dA, nullptr,
+                             sw ? nullptr : dt_part,
+                             sw ? parts + (i64)(gridDim.z - 1) * BR * d : parts, bias);
 }
 
 // The paired versions of clip_bwd* (same parameters; dB receives the swapped pass's dA).
@@ -1409,4 +1448,47 @@ extern "C" __global__ void __launch_bounds__(NT, CLIP_BWD_MIN_BLOCKS)
 extern "C" __global__ void __launch_bounds__(NT, CLIP_BWD_MIN_BLOCKS)
     clip_bwd_pair_bf16(CLIP_BWD_HEAD(unsigned short), i64 ld, CLIP_BWD_TAIL) {
     clip_bwd_pair_impl<3>(A, Bm, BR, BC, d, ld, CLIP_BWD_PASS);
+}
+
+// The pairwise sigmoid (SigLIP) versions of clip_bwd* and clip_bwd_pair* (SIG in clip_bwd_impl):
+// one pass computes the loss and both gradients, as the loss has no normalisation over a row or
+// a column. Parameters as clip_bwd* without the LSEs, with the bias after the scale; inv_b = 1/B;
+// sums: three values per block (clip_bwd_impl), written by the first pass's blocks only.
+#define SIGLIP_BWD_TAIL                                                                    \
+    float scale, float bias, float inv_b, i64 diag, float *__restrict__ dA,               \
+        float *__restrict__ dB, double *__restrict__ sums, float *__restrict__ parts
+#define SIGLIP_BWD_PASS \
+    scale, inv_b, nullptr, nullptr, nullptr, nullptr, diag, dA, dB, sums, parts, bias
+
+extern "C" __global__ void __launch_bounds__(NT, CLIP_BWD_MIN_BLOCKS)
+    siglip_bwd(CLIP_BWD_HEAD(float), SIGLIP_BWD_TAIL) {
+    clip_bwd_impl<0, true>(A, Bm, BR, BC, d, d, SIGLIP_BWD_PASS);
+}
+extern "C" __global__ void __launch_bounds__(NT, CLIP_BWD_MIN_BLOCKS)
+    siglip_bwd_tf32x3(CLIP_BWD_HEAD(float), SIGLIP_BWD_TAIL) {
+    clip_bwd_impl<1, true>(A, Bm, BR, BC, d, d, SIGLIP_BWD_PASS);
+}
+extern "C" __global__ void __launch_bounds__(NT, CLIP_BWD_MIN_BLOCKS)
+    siglip_bwd_tf32(CLIP_BWD_HEAD(float), SIGLIP_BWD_TAIL) {
+    clip_bwd_impl<2, true>(A, Bm, BR, BC, d, d, SIGLIP_BWD_PASS);
+}
+extern "C" __global__ void __launch_bounds__(NT, CLIP_BWD_MIN_BLOCKS)
+    siglip_bwd_bf16(CLIP_BWD_HEAD(unsigned short), i64 ld, SIGLIP_BWD_TAIL) {
+    clip_bwd_impl<3, true>(A, Bm, BR, BC, d, ld, SIGLIP_BWD_PASS);
+}
+extern "C" __global__ void __launch_bounds__(NT, CLIP_BWD_MIN_BLOCKS)
+    siglip_bwd_pair(CLIP_BWD_HEAD(float), SIGLIP_BWD_TAIL) {
+    clip_bwd_pair_impl<0, true>(A, Bm, BR, BC, d, d, SIGLIP_BWD_PASS);
+}
+extern "C" __global__ void __launch_bounds__(NT, CLIP_BWD_MIN_BLOCKS)
+    siglip_bwd_pair_tf32x3(CLIP_BWD_HEAD(float), SIGLIP_BWD_TAIL) {
+    clip_bwd_pair_impl<1, true>(A, Bm, BR, BC, d, d, SIGLIP_BWD_PASS);
+}
+extern "C" __global__ void __launch_bounds__(NT, CLIP_BWD_MIN_BLOCKS)
+    siglip_bwd_pair_tf32(CLIP_BWD_HEAD(float), SIGLIP_BWD_TAIL) {
+    clip_bwd_pair_impl<2, true>(A, Bm, BR, BC, d, d, SIGLIP_BWD_PASS);
+}
+extern "C" __global__ void __launch_bounds__(NT, CLIP_BWD_MIN_BLOCKS)
+    siglip_bwd_pair_bf16(CLIP_BWD_HEAD(unsigned short), i64 ld, SIGLIP_BWD_TAIL) {
+    clip_bwd_pair_impl<3, true>(A, Bm, BR, BC, d, ld, SIGLIP_BWD_PASS);
 }
