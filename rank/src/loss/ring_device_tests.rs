@@ -256,8 +256,16 @@ impl<'a> OnDeviceRing<'a> {
         }
     }
 
-    fn ring<'s>(&'s mut self, comm: &'s mut dyn Communicator, d: usize) -> HostRing<'s> {
-        HostRing {
+    /// Runs one round on the device ring over `comm` with the call's slots.
+    fn round<T>(
+        &mut self,
+        comm: &mut dyn Communicator,
+        d: usize,
+        f: impl FnOnce(&mut HostRing<'_>, &mut DeviceSlots<Buf>) -> Result<T, LossError>,
+    ) -> Result<T, LossError> {
+        self.rounds += 1;
+        let mut slots = std::mem::take(&mut self.slots);
+        let mut ring = HostRing {
             comm,
             blocks: &mut *self.inner,
             d,
@@ -265,7 +273,11 @@ impl<'a> OnDeviceRing<'a> {
             pending: None,
             counts: &mut self.counts,
             fail_at: self.fail_at,
-        }
+        };
+        let r = f(&mut ring, &mut slots);
+        drop(ring);
+        self.slots = slots;
+        r
     }
 }
 
@@ -319,11 +331,7 @@ impl ClipBlocks for OnDeviceRing<'_> {
         d: usize,
         own: &[f32],
     ) -> Result<(Vec<f32>, usize), LossError> {
-        self.rounds += 1;
-        let mut slots = std::mem::take(&mut self.slots);
-        let r = device_fwd_round(&mut self.ring(comm, d), &mut slots, lens, col0, d, own);
-        self.slots = slots;
-        r
+        self.round(comm, d, |ring, slots| device_fwd_round(ring, slots, lens, col0, d, own))
     }
 
     fn bwd_round(
@@ -335,11 +343,7 @@ impl ClipBlocks for OnDeviceRing<'_> {
         own: &[f32],
         kap: &[f64],
     ) -> Result<(Vec<f32>, f64, usize), LossError> {
-        self.rounds += 1;
-        let mut slots = std::mem::take(&mut self.slots);
-        let r = device_bwd_round(&mut self.ring(comm, d), &mut slots, lens, col0, d, own, kap);
-        self.slots = slots;
-        r
+        self.round(comm, d, |ring, slots| device_bwd_round(ring, slots, lens, col0, d, own, kap))
     }
 
     fn sig_begin(
@@ -367,11 +371,7 @@ impl ClipBlocks for OnDeviceRing<'_> {
         own: &[f32],
         sums: &mut [f64; 3],
     ) -> Result<(Vec<f32>, usize), LossError> {
-        self.rounds += 1;
-        let mut slots = std::mem::take(&mut self.slots);
-        let r = device_sig_round(&mut self.ring(comm, d), &mut slots, lens, col0, d, own, sums);
-        self.slots = slots;
-        r
+        self.round(comm, d, |ring, slots| device_sig_round(ring, slots, lens, col0, d, own, sums))
     }
 }
 

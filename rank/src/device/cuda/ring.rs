@@ -193,6 +193,23 @@ impl<'g> GpuClipBlocks<'g> {
         }
     }
 
+    /// Runs `round` on the device ring over `comm` with this call's slots, where the blocks
+    /// travel that way ([`Self::link`]); `None` where they travel as host messages.
+    fn device_round<T>(
+        &mut self,
+        comm: &mut dyn Communicator,
+        round: impl FnOnce(
+            &mut GpuRing<'_, 'g>,
+            &mut DeviceSlots<CudaSlice<f32>>,
+        ) -> Result<T, LossError>,
+    ) -> Option<Result<T, LossError>> {
+        let link = self.link(comm)?;
+        let mut slots = std::mem::take(&mut self.ring_slots);
+        let r = round(&mut GpuRing { link, blocks: self }, &mut slots);
+        self.ring_slots = slots;
+        Some(r)
+    }
+
     fn bf16(&self) -> bool {
         self.precision == Precision::Bf16
     }
@@ -669,20 +686,13 @@ impl ClipBlocks for GpuClipBlocks<'_> {
         d: usize,
         own: &[f32],
     ) -> Result<(Vec<f32>, usize), LossError> {
-        if let Some(link) = self.link(comm) {
-            let mut slots = std::mem::take(&mut self.ring_slots);
-            let r = device_fwd_round(
-                &mut GpuRing { link, blocks: self },
-                &mut slots,
-                lens,
-                col0,
-                d,
-                own,
-            );
-            self.ring_slots = slots;
-            return r;
+        let on_device = |ring: &mut GpuRing<'_, '_>, slots: &mut _| {
+            device_fwd_round(ring, slots, lens, col0, d, own)
+        };
+        match self.device_round(comm, on_device) {
+            Some(r) => r,
+            None => host_fwd_round(self, comm, lens, col0, d, own),
         }
-        host_fwd_round(self, comm, lens, col0, d, own)
     }
 
     fn bwd_round(
@@ -694,21 +704,13 @@ impl ClipBlocks for GpuClipBlocks<'_> {
         own: &[f32],
         kap: &[f64],
     ) -> Result<(Vec<f32>, f64, usize), LossError> {
-        if let Some(link) = self.link(comm) {
-            let mut slots = std::mem::take(&mut self.ring_slots);
-            let r = device_bwd_round(
-                &mut GpuRing { link, blocks: self },
-                &mut slots,
-                lens,
-                col0,
-                d,
-                own,
-                kap,
-            );
-            self.ring_slots = slots;
-            return r;
+        let on_device = |ring: &mut GpuRing<'_, '_>, slots: &mut _| {
+            device_bwd_round(ring, slots, lens, col0, d, own, kap)
+        };
+        match self.device_round(comm, on_device) {
+            Some(r) => r,
+            None => host_bwd_round(self, comm, lens, col0, d, own, kap),
         }
-        host_bwd_round(self, comm, lens, col0, d, own, kap)
     }
 
     fn sig_begin(
@@ -762,14 +764,13 @@ impl ClipBlocks for GpuClipBlocks<'_> {
         own: &[f32],
         sums: &mut [f64; 3],
     ) -> Result<(Vec<f32>, usize), LossError> {
-        if let Some(link) = self.link(comm) {
-            let mut slots = std::mem::take(&mut self.ring_slots);
-            let mut ring = GpuRing { link, blocks: self };
-            let r = device_sig_round(&mut ring, &mut slots, lens, col0, d, own, sums);
-            self.ring_slots = slots;
-            return r;
+        let on_device = |ring: &mut GpuRing<'_, '_>, slots: &mut _| {
+            device_sig_round(ring, slots, lens, col0, d, own, &mut *sums)
+        };
+        match self.device_round(comm, on_device) {
+            Some(r) => r,
+            None => host_sig_round(self, comm, lens, col0, d, own, sums),
         }
-        host_sig_round(self, comm, lens, col0, d, own, sums)
     }
 }
 
