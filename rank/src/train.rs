@@ -489,7 +489,7 @@ fn train_checked(
                 if let (Some(bias), Some(ops)) = (bias, blocks.as_mut()) {
                     // SigLIP: one pass of the ring over host features.
                     dev.synchronize();
-                    let chunk_rows = ring.chunk_rows_for(d);
+                    let chunk_rows = ring.device_chunk_rows();
                     let o = loss::siglip_loss_ring_with(
                         comm, ops, chunk_rows, None, img, txt, b, d, scale, bias, None,
                     )?;
@@ -521,7 +521,7 @@ fn train_checked(
                 // as host memory: the forward must be done.
                 dev.synchronize();
                 if let Some(ops) = blocks.as_mut() {
-                    let chunk_rows = ring.chunk_rows_for(d);
+                    let chunk_rows = ring.device_chunk_rows();
                     let o = loss::clip_loss_ring_with(
                         comm, ops, chunk_rows, None, img, txt, b, d, scale, None,
                     )?;

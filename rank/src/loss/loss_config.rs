@@ -29,8 +29,9 @@ pub struct LossConfig {
     pub tile_cols: usize,
     /// Threads for the tile work; 0 = the rank's shared pool.
     pub threads: usize,
-    /// Rows of a feature block that travel the ring together; 0 = about 2 MiB of features.
-    /// Memory in flight per rank is O(chunk_rows · d) whatever the batch.
+    /// Rows of a feature block that travel the ring together; 0 = about 2 MiB of features
+    /// (whole blocks for the GPU's blocks: `RingLossOpts::device_chunk_rows`). Memory in flight
+    /// per rank is O(chunk_rows · d) whatever the batch.
     pub chunk_rows: usize,
     /// SigLIP: initial bias β (paper: −10).
     pub siglip_bias_init: f32,

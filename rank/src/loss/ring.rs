@@ -107,6 +107,16 @@ impl RingLossOpts {
         let rows = AUTO_CHUNK_BYTES / (4 * d.max(1));
         (rows / self.tile_cols.max(1) * self.tile_cols).max(self.tile_cols).max(1)
     }
+
+    /// The chunk length for blocks whose work runs on a GPU ([`ClipBlocks`] there): the set
+    /// [`RingLossOpts::chunk_rows`], else whole blocks (one round per pass). The blocks then sit
+    /// in device memory, where a rank's block is small beside the GPU, and a chunk much
+    /// narrower than the rows starves the deterministic backward: its swapped pass (the
+    /// chunk's `∂L/∂T`) has one thread block per 64 rows of the chunk, each walking every row
+    /// tile (at 64k rows and 2 MiB chunks of d = 768, 11 thread blocks of 1,024 tiles each).
+    pub fn device_chunk_rows(&self) -> usize {
+        if self.chunk_rows > 0 { self.chunk_rows } else { usize::MAX }
+    }
 }
 
 /// The rounds of a chunked ring: chunk `s` of every block travels in round `s`. Every block

@@ -450,13 +450,17 @@ fn max_rel(got: &[f32], want: &[f32]) -> f64 {
 /// moment the exchanges run at: odd and empty blocks, several chunk rounds, 1–4 ranks.
 #[test]
 fn device_ring_equals_the_host_ring_at_every_exchange_moment() {
-    let cases: [(&[usize], usize, usize); 6] = [
+    // The last: whole blocks, the GPU's default chunk (`RingLossOpts::device_chunk_rows`).
+    let whole = RingLossOpts::default().device_chunk_rows();
+    assert_eq!(whole, usize::MAX, "whole blocks unless loss.chunk_rows is set");
+    let cases: [(&[usize], usize, usize); 7] = [
         (&[9], 5, 4),
         (&[5, 7], 6, 3),
         (&[11, 0, 26], 5, 8),
         (&[3, 3, 3, 3], 4, 64),
         (&[1, 17, 2, 6], 7, 5),
         (&[0, 4], 3, 2),
+        (&[37, 50, 3], 6, whole),
     ];
     for (split, d, chunk) in cases {
         let want = run(split, d, chunk, None, None);
