@@ -486,8 +486,15 @@ fn train_checked(
                          computes the loss on the CPU)"
                     ))
                 };
-                if let (Some(bias), Some(ops)) = (bias, blocks.as_mut()) {
-                    // SigLIP: one pass of the ring over host features.
+                if let Some(bias) = bias {
+                    // SigLIP: one pass of the ring of GPU blocks (made for it at any world).
+                    let Some(ops) = blocks.as_mut() else {
+                        return Err(TrainError::Device(
+                            "the fused SigLIP loss has no GPU blocks (run.cuda_loss = \"host\" \
+                             computes the loss on the CPU)"
+                                .into(),
+                        ));
+                    };
                     dev.synchronize();
                     let chunk_rows = ring.device_chunk_rows();
                     let o = loss::siglip_loss_ring_with(
