@@ -96,6 +96,18 @@ fn a_bad_bwd_splits_is_named_before_touching_the_gpu() {
     }
 }
 
+/// A bad `--loss` of bench-loss is named with the choices before any library is looked for.
+#[test]
+fn a_bad_bench_loss_name_is_named_before_touching_the_gpu() {
+    for bad in ["infonce", "clip,sigmoid", ""] {
+        let (code, _, stderr) = run(&["cuda", "bench-loss", "--loss", bad]);
+        assert_eq!(code, 1, "--loss {bad:?}:\n{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(stderr.contains("expected a comma-separated list of clip, siglip"), "{stderr}");
+        assert!(!stderr.contains("libcuda") && !stderr.contains("libnvrtc"), "{stderr}");
+    }
+}
+
 /// `--help` of the commands that take `--define` names every knob with its default.
 #[test]
 fn define_help_names_every_knob() {

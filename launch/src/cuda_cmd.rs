@@ -111,6 +111,10 @@ pub struct SelftestArgs {
 
 #[derive(Args)]
 pub struct BenchLossArgs {
+    /// The losses, comma-separated: clip (the fused CLIP loss, forward and backward) and
+    /// siglip (SigLIP's one pass, `siglip_bwd*` over the batch as one block).
+    #[arg(long, default_value = "clip", value_delimiter = ',')]
+    pub loss: Vec<String>,
     /// Global batch B (comma-separated for several).
     #[arg(long, default_value = "16384", value_delimiter = ',')]
     pub batch: Vec<usize>,
@@ -174,6 +178,7 @@ pub fn cuda(cmd: CudaCommand) -> Result<ExitCode> {
         CudaCommand::BenchLoss(a) => {
             defines(&a.knobs.define)?; // bad input is named before any library is looked for
             parse_bwd_splits(&a.bwd_splits)?;
+            parse_bench_losses(&a.loss)?;
             ensure_loadable(&[Lib::Driver, Lib::Nvrtc])?;
             bench_loss(&a)
         }
@@ -395,6 +400,7 @@ fn bench_loss(a: &BenchLossArgs) -> Result<ExitCode> {
         m => bail!("--mode {m:?}: expected det, fast or both"),
     };
     let precisions = parse_precisions(&a.precision)?;
+    let losses = parse_bench_losses(&a.loss)?;
     if a.batch.contains(&0) || a.dim.contains(&0) {
         bail!("--batch and --dim must be positive");
     }
@@ -402,12 +408,13 @@ fn bench_loss(a: &BenchLossArgs) -> Result<ExitCode> {
     let splits = parse_bwd_splits(&a.bwd_splits)?;
     let gpu = Gpu::open_with(a.device, &defs).context("cuda bench-loss cannot start")?;
     println!(
-        "device: {} ({}), fused CLIP loss fwd+bwd, fp32 in and out, prec = logit tiles, median \
-         of {} runs; kernel knobs: {defs}; backward column splits: {}",
+        "device: {} ({}), fused CLIP loss fwd+bwd (siglip: SigLIP's one pass), fp32 in and out, \
+         prec = logit tiles, median of {} runs; kernel knobs: {defs}; backward column splits: \
+         {} (siglip: auto)",
         gpu.name, gpu.arch, a.reps, a.bwd_splits
     );
     println!(
-        "{:>8} {:>5} {:<6} {:<7} {:>10} {:>10} {:>9} {:>9} {:>8} {:>12} {:>12} {:>6}",
+        "{:>8} {:>5} {:<6} {:<7} {:>10} {:>10} {:>9} {:>9} {:>8} {:>12} {:>12} {:>6} {:<6}",
         "B",
         "d",
         "mode",
@@ -419,17 +426,22 @@ fn bench_loss(a: &BenchLossArgs) -> Result<ExitCode> {
         "TFLOP/s",
         "ws MiB",
         "loss",
-        "splits"
+        "splits",
+        "kind"
     );
     let mut out = String::new();
     for &b in &a.batch {
         for &d in &a.dim {
             for &p in &precisions {
-                for &m in &modes {
-                    let r = selftest::bench_loss(&gpu, b, d, m, p, a.reps, 1, splits)?;
+                for (&m, &siglip) in modes.iter().flat_map(|m| losses.iter().map(move |l| (m, l))) {
+                    let r = if siglip {
+                        selftest::bench_siglip(&gpu, b, d, m, p, a.reps, 1)?
+                    } else {
+                        selftest::bench_loss(&gpu, b, d, m, p, a.reps, 1, splits)?
+                    };
                     println!(
                         "{:>8} {:>5} {:<6} {:<7} {:>10.3} {:>10.3} {:>9.3} {:>9.3} {:>8.2} \
-                         {:>12.1} {:>12.6} {:>6}",
+                         {:>12.1} {:>12.6} {:>6} {:<6}",
                         r.b,
                         r.d,
                         r.mode,
@@ -441,7 +453,8 @@ fn bench_loss(a: &BenchLossArgs) -> Result<ExitCode> {
                         r.tflops,
                         r.workspace_bytes as f64 / (1 << 20) as f64,
                         r.loss,
-                        r.bwd_splits
+                        r.bwd_splits,
+                        r.loss_name
                     );
                     out += &serde_json::to_string(&r)?;
                     out.push('\n');
@@ -453,6 +466,17 @@ fn bench_loss(a: &BenchLossArgs) -> Result<ExitCode> {
         std::fs::write(p, out).with_context(|| format!("cannot write {}", p.display()))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The `--loss` list of `bench-loss`: for each entry, whether it is SigLIP.
+fn parse_bench_losses(list: &[String]) -> Result<Vec<bool>> {
+    list.iter()
+        .map(|l| match l.trim() {
+            "clip" => Ok(false),
+            "siglip" => Ok(true),
+            other => bail!("--loss {other:?}: expected a comma-separated list of clip, siglip"),
+        })
+        .collect()
 }
 
 /// The `--precision` list of `bench-loss`.

@@ -157,10 +157,12 @@ impl<'g> GpuClipBlocks<'g> {
     /// paired kernel (grid y = 2).
     /// The SigLIP versions (`siglip_bwd*`) where `sig`.
     fn bwd_kernel(mode: LossMode, precision: Precision, sig: bool) -> String {
-        let loss = if sig { "siglip" } else { "clip" };
+        if sig {
+            return siglip_kernel(mode, precision);
+        }
         match mode {
-            LossMode::Fast => format!("{loss}_bwd{}", precision.suffix()),
-            LossMode::Deterministic => format!("{loss}_bwd_pair{}", precision.suffix()),
+            LossMode::Fast => format!("clip_bwd{}", precision.suffix()),
+            LossMode::Deterministic => precision.bwd_pair(),
         }
     }
 
@@ -367,6 +369,20 @@ impl<'g> GpuClipBlocks<'g> {
         Ok(self.grad_queue(Pairwise::Softmax(kap), feat, nb, col0, out)?[0])
     }
 
+    /// SigLIP's work on the block of `nb` rows in `feat` (first row at global column `col0`)
+    /// against the rows of `sig_begin`, its `∂L/∂T` into `out`, on the compute stream: the
+    /// kernels alone, for timing (`tessera cuda bench-loss --loss siglip`). Returns the block's
+    /// `[Σ G∘X, Σ loss terms, Σ G]`.
+    pub fn sig_queue(
+        &mut self,
+        feat: &CudaSlice<f32>,
+        nb: usize,
+        col0: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<[f64; 3], CudaError> {
+        self.grad_queue(Pairwise::Sigmoid, Some(feat), nb, col0, Some(out))
+    }
+
     /// [`Self::bwd_queue`] for either loss: SigLIP's block (`Pairwise::Sigmoid`) returns
     /// `[Σ G∘X, Σ loss terms, Σ G]`, CLIP's `[Σ G∘X, 0, 0]`.
     fn grad_queue(
@@ -481,6 +497,15 @@ impl<'g> GpuClipBlocks<'g> {
             }
         }
         Ok(sums)
+    }
+}
+
+/// SigLIP's block kernel in `mode` and `precision`: fast mode's single pass (`siglip_bwd*`,
+/// the block's dT by atomicAdd) or deterministic mode's pair (`siglip_bwd_pair*`).
+pub(super) fn siglip_kernel(mode: LossMode, precision: Precision) -> String {
+    match mode {
+        LossMode::Fast => format!("siglip_bwd{}", precision.suffix()),
+        LossMode::Deterministic => format!("siglip_bwd_pair{}", precision.suffix()),
     }
 }
 

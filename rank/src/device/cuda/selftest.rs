@@ -1848,9 +1848,11 @@ fn same_ring_bits(a: &[crate::loss::RingLossOut], b: &[crate::loss::RingLossOut]
         })
 }
 
-/// One timing of [`bench_loss`].
+/// One timing of [`bench_loss`] or [`bench_siglip`].
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct BenchRow {
+    /// `clip` or `siglip`.
+    pub loss_name: &'static str,
     pub b: usize,
     pub d: usize,
     pub mode: String,
@@ -1870,7 +1872,8 @@ pub struct BenchRow {
     pub grad_norm_t: f64,
     pub grad_proj_i: f64,
     pub grad_proj_t: f64,
-    /// FP32 TFLOP/s counting `2·B²·d` per GEMM-equivalent (5 deterministic, 4 fast).
+    /// FP32 TFLOP/s counting `2·B²·d` per GEMM-equivalent (CLIP: 5 deterministic, 4 fast;
+    /// SigLIP: 4 and 3).
     pub tflops: f64,
     /// Device bytes of the loss buffers (the caller's fp32 features excluded; bf16: the bf16
     /// copies included).
@@ -1953,6 +1956,7 @@ pub fn bench_loss(
     let (grad_norm_i, grad_proj_i) = grad_fingerprint(&gpu.download(&bufs.d_img)?[..b * d]);
     let (grad_norm_t, grad_proj_t) = grad_fingerprint(&gpu.download(&bufs.d_txt)?[..b * d]);
     Ok(BenchRow {
+        loss_name: "clip",
         b,
         d,
         mode: format!("{mode:?}").to_lowercase(),
@@ -1969,6 +1973,78 @@ pub fn bench_loss(
         workspace_bytes: bufs.bytes(),
         bwd_splits: bufs.last_bwd.map_or(1, |p| p.splits()),
         loss,
+    })
+}
+
+/// Times SigLIP's fused block work on one GPU (`siglip_bwd*` over the whole batch as one
+/// block, the ring's work at world size 1: the loss and both gradients in one pass), as
+/// [`bench_loss`] times CLIP's: features already on the GPU, median of `reps` runs between
+/// events, each run ending with the host's read of the block's partial sums. The forward
+/// columns are 0 (SigLIP has none).
+pub fn bench_siglip(
+    gpu: &Gpu,
+    b: usize,
+    d: usize,
+    mode: LossMode,
+    precision: Precision,
+    reps: usize,
+    seed: u64,
+) -> Result<BenchRow, CudaError> {
+    use super::ring::GpuClipBlocks;
+    use crate::loss::ClipBlocks;
+    let mut rng = Rng::new(seed);
+    let img = random_features(&mut rng, b, d);
+    let txt = gpu.upload(&random_features(&mut rng, b, d))?;
+    let mut d_txt = gpu.zeros::<f32>(b * d)?;
+    let (scale, bias) = (14.3f32, -10.0f32);
+    let mut ops = GpuClipBlocks::new(gpu, mode, precision)?;
+    let invalid = |e: crate::loss::LossError| CudaError::Invalid(e.to_string());
+    ops.sig_begin(&img, (0..b).collect(), d, scale, bias, b).map_err(invalid)?;
+    ops.sig_queue(&txt, b, 0, &mut d_txt)?;
+    gpu.sync()?;
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let mut times = Vec::new();
+    let mut sums = [0.0f64; 3];
+    for _ in 0..reps.max(1) {
+        // dI accumulates over the runs (as over a ring's blocks); the timing is the same.
+        let start = drv("event", gpu.ctx.new_event(flags))?;
+        let stop = drv("event", gpu.ctx.new_event(flags))?;
+        drv("record", start.record(&gpu.stream))?;
+        sums = ops.sig_queue(&txt, b, 0, &mut d_txt)?;
+        drv("record", stop.record(&gpu.stream))?;
+        drv("event sync", stop.synchronize())?;
+        times.push(drv("elapsed", start.elapsed_ms(&stop))? as f64);
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let med = sorted[sorted.len() / 2];
+    let gemms = if mode == LossMode::Fast { 3.0 } else { 4.0 };
+    let flops = gemms * 2.0 * (b as f64) * (b as f64) * d as f64;
+    let workspace_bytes = ops.device_bytes();
+    let d_img = ops.bwd_end().map_err(invalid)?;
+    let runs = (reps.max(1) + 1) as f32; // the warm-up and the timed runs added into dI
+    let d_img: Vec<f32> = d_img.iter().map(|v| v / runs).collect();
+    let (grad_norm_i, grad_proj_i) = grad_fingerprint(&d_img);
+    let (grad_norm_t, grad_proj_t) = grad_fingerprint(&gpu.download(&d_txt)?[..b * d]);
+    let wave = super::gpu::backward_wave(gpu, &super::ring::siglip_kernel(mode, precision))?;
+    Ok(BenchRow {
+        loss_name: "siglip",
+        b,
+        d,
+        mode: format!("{mode:?}").to_lowercase(),
+        precision: precision.name().to_string(),
+        ms_median: med,
+        ms_min: sorted[0],
+        fwd_ms_median: 0.0,
+        bwd_ms_median: med,
+        grad_norm_i,
+        grad_norm_t,
+        grad_proj_i,
+        grad_proj_t,
+        tflops: flops / (med * 1e-3) / 1e12,
+        workspace_bytes,
+        bwd_splits: super::gpu::plan_bwd(mode, b, b, d, wave, None).splits(),
+        loss: sums[1] / b as f64,
     })
 }
 
