@@ -10,9 +10,9 @@ use crate::device::cuda::gpu::{
     LOSS_TILE, LossMode, Precision, bf16_layout, bwd_shared_bytes, plan_bwd, plan_fwd_grid_rect,
 };
 use crate::device::cuda::nvrtc::Defines;
-use crate::device::cuda::ring::{block_diag, hi_lo, operand_stride};
+use crate::device::cuda::ring::{block_diag, operand_stride};
 use crate::device::cuda::selftest::{loss_tols, random_features, rel_err};
-use crate::loss::ring::{ClipBlocks, LossError};
+use crate::loss::ring::{ClipBlocks, LossError, split_hi_lo};
 use crate::loss::{
     RingLossOpts, RingLossOut, clip_loss_reference_f64, clip_loss_ring, clip_loss_ring_with,
     siglip_loss_reference_f64, siglip_loss_ring, siglip_loss_ring_with,
@@ -207,7 +207,7 @@ impl EmuClipBlocks {
         let (br, bc, d64) = (self.rows as i64, nb as i64, d as i64);
         let (bf16, ld) = (self.bf16(), operand_stride(self.precision, d) as i64);
         let diag = block_diag(self.row0, self.rows, col0, nb);
-        let (kh, kl): (Vec<f32>, Vec<f32>) = kap.iter().map(|&k| hi_lo(k)).unzip();
+        let (kh, kl): (Vec<f32>, Vec<f32>) = kap.iter().map(|&k| split_hi_lo(k)).unzip();
         let feat_d = Guarded::from(feat, NAN_F32);
         let feat_h = if bf16 { self.to_bf16(&feat_d, nb) } else { stale(0, NAN_BF16) };
         let (lb_hi, lb_lo) = (Guarded::from(&kh, NAN_F32), Guarded::from(&kl, NAN_F32));
@@ -336,7 +336,7 @@ impl ClipBlocks for EmuClipBlocks {
     fn bwd_begin(&mut self, lse: &[f64]) -> Result<(), LossError> {
         let rows = self.rows;
         for (i, &v) in lse.iter().enumerate().take(rows) {
-            (self.la_hi.get_mut()[i], self.la_lo.get_mut()[i]) = hi_lo(v);
+            (self.la_hi.get_mut()[i], self.la_lo.get_mut()[i]) = split_hi_lo(v);
         }
         self.d_img.get_mut().fill(0.0);
         Ok(())

@@ -33,7 +33,9 @@ use super::gpu::{
     Gpu, LOSS_TILE, LossMode, Precision, bf16_layout, drv, elem_cfg, plan_fwd_grid_rect,
 };
 use super::nccl::NcclComm;
-use crate::loss::ring::{ClipBlocks, LossError, host_bwd_round, host_fwd_round, host_sig_round};
+use crate::loss::ring::{
+    ClipBlocks, LossError, host_bwd_round, host_fwd_round, host_sig_round, split_hi_lo,
+};
 use crate::loss::ring_device::{
     DeviceRing, DeviceSlots, device_bwd_round, device_fwd_round, device_sig_round,
 };
@@ -342,7 +344,7 @@ impl<'g> GpuClipBlocks<'g> {
         ensure(gpu, &mut b.lb_hi, nb)?;
         ensure(gpu, &mut b.lb_lo, nb)?;
         ensure(gpu, &mut b.d_feat, nb * d)?;
-        let (kh, kl): (Vec<f32>, Vec<f32>) = kap.iter().map(|&k| hi_lo(k)).unzip();
+        let (kh, kl): (Vec<f32>, Vec<f32>) = kap.iter().map(|&k| split_hi_lo(k)).unzip();
         let s = &gpu.stream;
         drv("upload a ring block", s.memcpy_htod(feat, &mut buf_mut!(b.feat).slice_mut(..nb * d)))?;
         drv("upload column LSEs", s.memcpy_htod(&kh, &mut buf_mut!(b.lb_hi).slice_mut(..nb)))?;
@@ -577,12 +579,6 @@ fn to_bf16(
     Ok(())
 }
 
-/// `v` as f32 hi + lo (the CPU ring's split, rank/src/loss/ring.rs).
-pub(super) fn hi_lo(v: f64) -> (f32, f32) {
-    let hi = v as f32;
-    (hi, (v - hi as f64) as f32)
-}
-
 impl ClipBlocks for GpuClipBlocks<'_> {
     fn begin(
         &mut self,
@@ -654,7 +650,7 @@ impl ClipBlocks for GpuClipBlocks<'_> {
 
     fn bwd_begin(&mut self, lse: &[f64]) -> Result<(), LossError> {
         let rows = self.rows;
-        let (lh, ll): (Vec<f32>, Vec<f32>) = lse.iter().map(|&v| hi_lo(v)).unzip();
+        let (lh, ll): (Vec<f32>, Vec<f32>) = lse.iter().map(|&v| split_hi_lo(v)).unzip();
         let b = &mut self.bufs;
         let s = &self.gpu.stream;
         let r = (|| {
