@@ -185,12 +185,14 @@ fn drive<R: DeviceRing + ?Sized>(
             ring.world()
         )));
     }
-    let epr = 2; // extras per row: none travel in the forward, but the slots are kept alike
+    // Extras per row: the backward's column LSE pairs; nothing rides with the other passes
+    // (their extras slots hold one value, as the exchange names them with no values).
+    let epr = if pass == Pass::Bwd { 2 } else { 0 };
     let apr = match pass {
         Pass::Fwd => 2,
         Pass::Bwd | Pass::Sig => d,
     };
-    if own_feat.len() != sizes[r] * d || (pass == Pass::Bwd && own_extra.len() != sizes[r] * epr) {
+    if own_feat.len() != sizes[r] * d || own_extra.len() != sizes[r] * epr {
         return Err(LossError::Invalid(format!(
             "device ring: rank {r}'s block has {} features and {} extras for {} rows of {d}",
             own_feat.len(),
@@ -221,7 +223,7 @@ fn drive<R: DeviceRing + ?Sized>(
     if pass == Pass::Bwd {
         ring.upload(own_extra, cur_x)?;
     }
-    let xs = |rows: usize| if pass == Pass::Bwd { rows * epr } else { 0 };
+    let xs = |rows: usize| rows * epr;
     for k in 0..n {
         let q = (r + n - k) % n;
         let bq = sizes[q];

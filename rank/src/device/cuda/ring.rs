@@ -327,33 +327,81 @@ impl<'g> GpuClipBlocks<'g> {
         Ok(())
     }
 
-    fn bwd(
+    /// What both losses' calls begin with: checks the positives, keeps the sizes, uploads this
+    /// rank's image features (and their bf16 copy) and sizes `∂L/∂I`.
+    fn load_rows(
+        &mut self,
+        img: &[f32],
+        pos: &[usize],
+        d: usize,
+        scale: f32,
+    ) -> Result<(), LossError> {
+        let rows = img.len() / d;
+        let row0 = pos.first().copied().unwrap_or(0);
+        if pos.iter().enumerate().any(|(i, &p)| p != row0 + i) {
+            return Err(LossError::Invalid(
+                "the GPU ring loss takes the diagonal positives only (row i pairs with text i); \
+                 use run.cuda_loss = \"host\" for other positives"
+                    .into(),
+            ));
+        }
+        (self.rows, self.d, self.scale, self.row0) = (rows, d, scale, row0 as i64);
+        let (gpu, bf16) = (self.gpu, self.bf16());
+        let b = &mut self.bufs;
+        let r = (|| {
+            ensure(gpu, &mut b.img, rows * d)?;
+            ensure(gpu, &mut b.d_img, rows * d)?;
+            let s = &gpu.stream;
+            drv(
+                "upload image features",
+                s.memcpy_htod(img, &mut buf_mut!(b.img).slice_mut(..rows * d)),
+            )?;
+            if bf16 {
+                // Allocated (at least one value) even without rows: the kernels take it.
+                to_bf16(gpu, buf!(b.img), rows, d, &mut b.img_h)?;
+            }
+            Ok(())
+        })();
+        r.map_err(gpu_err)
+    }
+
+    /// A block's backward as host messages, for either loss: uploads the block's features (and
+    /// CLIP's column LSEs `kap`; `None`: SigLIP), queues [`Self::grad_queue`], downloads the
+    /// block's `∂L/∂T` into `d_feat`. Returns the block's sums as `grad_queue` does.
+    fn grad_block(
         &mut self,
         feat: &[f32],
-        kap: &[f64],
+        kap: Option<&[f64]>,
         col0: usize,
         d_feat: &mut [f32],
-    ) -> Result<f64, CudaError> {
+    ) -> Result<[f64; 3], CudaError> {
         let (gpu, d) = (self.gpu, self.d);
         let nb = feat.len() / d;
         if nb == 0 {
-            return Ok(0.0);
+            return Ok([0.0; 3]);
         }
         let b = &mut self.bufs;
         ensure(gpu, &mut b.feat, nb * d)?;
-        ensure(gpu, &mut b.lb_hi, nb)?;
-        ensure(gpu, &mut b.lb_lo, nb)?;
         ensure(gpu, &mut b.d_feat, nb * d)?;
-        let (kh, kl): (Vec<f32>, Vec<f32>) = kap.iter().map(|&k| split_hi_lo(k)).unzip();
         let s = &gpu.stream;
         drv("upload a ring block", s.memcpy_htod(feat, &mut buf_mut!(b.feat).slice_mut(..nb * d)))?;
-        drv("upload column LSEs", s.memcpy_htod(&kh, &mut buf_mut!(b.lb_hi).slice_mut(..nb)))?;
-        drv("upload column LSEs", s.memcpy_htod(&kl, &mut buf_mut!(b.lb_lo).slice_mut(..nb)))?;
-        let dt = self.bwd_queue(None, None, nb, col0, None)?;
+        let loss = match kap {
+            Some(kap) => {
+                ensure(gpu, &mut b.lb_hi, nb)?;
+                ensure(gpu, &mut b.lb_lo, nb)?;
+                let (kh, kl): (Vec<f32>, Vec<f32>) = kap.iter().map(|&k| split_hi_lo(k)).unzip();
+                let (hi, lo) = (buf_mut!(b.lb_hi), buf_mut!(b.lb_lo));
+                drv("upload column LSEs", s.memcpy_htod(&kh, &mut hi.slice_mut(..nb)))?;
+                drv("upload column LSEs", s.memcpy_htod(&kl, &mut lo.slice_mut(..nb)))?;
+                Pairwise::Softmax(None)
+            }
+            None => Pairwise::Sigmoid,
+        };
+        let sums = self.grad_queue(loss, None, nb, col0, None)?;
         let b = &self.bufs;
         drv("download the block's dT", s.memcpy_dtoh(&buf!(b.d_feat).slice(..nb * d), d_feat))?;
         gpu.sync()?;
-        Ok(dt)
+        Ok(sums)
     }
 
     /// Queues the backward over the block of `nb` rows whose features are `feat` on the device
@@ -588,38 +636,18 @@ impl ClipBlocks for GpuClipBlocks<'_> {
         scale: f32,
         big_b: usize,
     ) -> Result<(), LossError> {
-        let rows = img.len() / d;
-        let row0 = pos.first().copied().unwrap_or(0);
-        if pos.iter().enumerate().any(|(i, &p)| p != row0 + i) {
-            return Err(LossError::Invalid(
-                "the GPU ring loss takes the diagonal positives only (row i pairs with text i); \
-                 use run.cuda_loss = \"host\" for other positives"
-                    .into(),
-            ));
-        }
-        (self.rows, self.d, self.scale, self.row0) = (rows, d, scale, row0 as i64);
+        self.load_rows(img, &pos, d, scale)?;
         self.inv2b = (1.0 / (2.0 * big_b as f64)) as f32;
         self.first = true;
-        let (gpu, bf16) = (self.gpu, self.bf16());
+        let (gpu, rows) = (self.gpu, self.rows);
         let b = &mut self.bufs;
+        // CLIP's row state: the running statistics, the positives' logits, the row LSEs.
         let r = (|| {
-            ensure(gpu, &mut b.img, rows * d)?;
-            ensure(gpu, &mut b.run_m, rows)?;
-            ensure(gpu, &mut b.run_z, rows)?;
-            ensure(gpu, &mut b.pos, rows)?;
-            ensure(gpu, &mut b.la_hi, rows)?;
-            ensure(gpu, &mut b.la_lo, rows)?;
-            ensure(gpu, &mut b.d_img, rows * d)?;
-            let s = &gpu.stream;
-            drv(
-                "upload image features",
-                s.memcpy_htod(img, &mut buf_mut!(b.img).slice_mut(..rows * d)),
-            )?;
-            if bf16 {
-                // Allocated (at least one value) even without rows: the kernels take it.
-                to_bf16(gpu, buf!(b.img), rows, d, &mut b.img_h)?;
+            for buf in [&mut b.pos, &mut b.la_hi, &mut b.la_lo] {
+                ensure(gpu, buf, rows)?;
             }
-            Ok(())
+            ensure(gpu, &mut b.run_m, rows)?;
+            ensure(gpu, &mut b.run_z, rows)
         })();
         r.map_err(gpu_err)
     }
@@ -676,7 +704,7 @@ impl ClipBlocks for GpuClipBlocks<'_> {
         col0: usize,
         d_feat: &mut [f32],
     ) -> Result<f64, LossError> {
-        self.bwd(feat, kap, col0, d_feat).map_err(gpu_err)
+        Ok(self.grad_block(feat, Some(kap), col0, d_feat).map_err(gpu_err)?[0])
     }
 
     fn bwd_end(&mut self) -> Result<Vec<f32>, LossError> {
@@ -743,7 +771,7 @@ impl ClipBlocks for GpuClipBlocks<'_> {
         bias: f32,
         big_b: usize,
     ) -> Result<(), LossError> {
-        self.begin(img, pos, d, scale, big_b)?;
+        self.load_rows(img, &pos, d, scale)?;
         (self.bias, self.inv_b) = (bias, (1.0 / big_b as f64) as f32);
         let r = drv("zero dI", self.gpu.stream.memset_zeros(buf_mut!(self.bufs.d_img)));
         r.map_err(gpu_err)
@@ -755,25 +783,7 @@ impl ClipBlocks for GpuClipBlocks<'_> {
         col0: usize,
         d_feat: &mut [f32],
     ) -> Result<[f64; 3], LossError> {
-        let (gpu, d) = (self.gpu, self.d);
-        let nb = feat.len() / d;
-        if nb == 0 {
-            return Ok([0.0; 3]);
-        }
-        let r = (|| {
-            let b = &mut self.bufs;
-            ensure(gpu, &mut b.feat, nb * d)?;
-            ensure(gpu, &mut b.d_feat, nb * d)?;
-            let s = &gpu.stream;
-            let up = s.memcpy_htod(feat, &mut buf_mut!(b.feat).slice_mut(..nb * d));
-            drv("upload a ring block", up)?;
-            let sums = self.grad_queue(Pairwise::Sigmoid, None, nb, col0, None)?;
-            let down = s.memcpy_dtoh(&buf!(self.bufs.d_feat).slice(..nb * d), d_feat);
-            drv("download the block's dT", down)?;
-            gpu.sync()?;
-            Ok(sums)
-        })();
-        r.map_err(gpu_err)
+        self.grad_block(feat, None, col0, d_feat).map_err(gpu_err)
     }
 
     fn sig_round(
