@@ -27,13 +27,15 @@ fn rendezvous_and_checked_all_reduce_at_1_2_4_8_ranks() {
     }
 }
 
-/// `tessera bench loss` over 3 rank processes: the tiled loss in chunks of 256 rows (4 rounds
-/// for 1,000-row blocks) and the naive all-gathered loss report the same loss, and the JSON
-/// rows carry the fields.
+/// `tessera bench loss` over 3 rank processes: for CLIP and SigLIP, the tiled loss in chunks of
+/// 256 rows (4 rounds for 1,000-row blocks) and the naive all-gathered loss report the same
+/// loss, and the JSON rows carry the fields.
 #[test]
 fn bench_loss_tiled_in_chunks_equals_naive_across_processes() {
     let mut cmd = tessera();
     cmd.args(["bench", "loss", "--nproc", "3", "--batch", "3001", "--dim", "7"]).args([
+        "--loss",
+        "clip,siglip",
         "--chunk-rows",
         "256",
         "--json",
@@ -41,20 +43,39 @@ fn bench_loss_tiled_in_chunks_equals_naive_across_processes() {
     let f = run(cmd, LIMIT);
     assert!(f.status.success(), "{}", f.all_output());
     let rows = common::json_rows(&f);
-    assert_eq!(rows.len(), 2, "{}", f.all_output());
-    let by = |name: &str| {
-        rows.iter().find(|r| r["impl"] == name).unwrap_or_else(|| panic!("no {name} row"))
+    assert_eq!(rows.len(), 4, "{}", f.all_output());
+    let by = |loss: &str, name: &str| {
+        rows.iter()
+            .find(|r| r["loss_name"] == loss && r["impl"] == name)
+            .unwrap_or_else(|| panic!("no {loss} {name} row"))
     };
-    let (tiled, naive) = (by("tiled"), by("naive"));
-    for r in [tiled, naive] {
-        assert_eq!(r["ranks"], 3);
-        assert!(r["time_s"].as_f64().unwrap() > 0.0 && r["gflops"].as_f64().unwrap() > 0.0);
-        assert!(r["peak_rss_total_bytes"].as_f64().unwrap() > 3.0 * 1e6, "{r}");
+    let mut values = Vec::new();
+    for loss in ["clip", "siglip"] {
+        let (tiled, naive) = (by(loss, "tiled"), by(loss, "naive"));
+        for r in [tiled, naive] {
+            assert_eq!(r["ranks"], 3);
+            assert!(r["time_s"].as_f64().unwrap() > 0.0 && r["gflops"].as_f64().unwrap() > 0.0);
+            assert!(r["peak_rss_total_bytes"].as_f64().unwrap() > 3.0 * 1e6, "{r}");
+        }
+        assert_eq!(tiled["chunk_rows"], 256);
+        assert!(tiled["loss_workspace_bytes_max"].as_u64().unwrap() > 0);
+        let (lt, ln) = (tiled["loss"].as_f64().unwrap(), naive["loss"].as_f64().unwrap());
+        assert!((lt - ln).abs() <= 1e-5 * ln.abs(), "{loss}: tiled {lt} vs naive {ln}");
+        values.push(lt);
     }
-    assert_eq!(tiled["chunk_rows"], 256);
-    assert!(tiled["loss_workspace_bytes_max"].as_u64().unwrap() > 0);
-    let (lt, ln) = (tiled["loss"].as_f64().unwrap(), naive["loss"].as_f64().unwrap());
-    assert!((lt - ln).abs() <= 1e-5 * ln.abs(), "tiled {lt} vs naive {ln}");
+    assert!((values[0] - values[1]).abs() > 1e-3, "CLIP and SigLIP gave the same loss");
+}
+
+/// A `--loss` that is not a loss is named, with the choices, before any rank starts.
+#[test]
+fn bench_loss_names_a_bad_loss_before_starting_ranks() {
+    let mut cmd = tessera();
+    cmd.args(["bench", "loss", "--nproc", "2", "--loss", "clip,sigmoid"]);
+    let f = run(cmd, LIMIT);
+    assert!(!f.status.success(), "{}", f.all_output());
+    let out = f.all_output();
+    assert!(out.contains("--loss \"sigmoid\"") && out.contains("clip, siglip"), "{out}");
+    assert!(!out.contains("[rank"), "ranks started: {out}");
 }
 
 #[test]

@@ -14,8 +14,9 @@ use crate::launcher::{JobSpec, launch};
 pub enum BenchCommand {
     /// All-reduce over N local rank processes (TCP ring): size, count, time, algbw, busbw.
     Allreduce(AllreduceArgs),
-    /// Contrastive loss forward+backward over N local rank processes: naive (all-gathered,
-    /// b×B logits per rank) vs tiled (Inf-CL ring), with time, GFLOP/s and peak memory.
+    /// Contrastive loss (CLIP, SigLIP) forward+backward over N local rank processes: naive
+    /// (all-gathered, b×B logits per rank) vs tiled (Inf-CL ring), with time, GFLOP/s and peak
+    /// memory.
     Loss(LossArgs),
     /// The noise-scale estimator through real rank processes on problems whose B_simple is
     /// known exactly (mean estimation, isotropic linear regression), parameters frozen.
@@ -74,6 +75,10 @@ pub struct LossArgs {
     #[arg(long, default_value_t = 2)]
     #[serde(skip)]
     pub nproc: usize,
+    /// The losses, comma-separated: clip (symmetric InfoNCE) and siglip (pairwise sigmoid,
+    /// logit bias −10).
+    #[arg(long, default_value = "clip", value_delimiter = ',')]
+    pub loss: Vec<String>,
     /// Global batch B (rows of image and of text features over all ranks).
     #[arg(long, default_value_t = 16384)]
     pub batch: usize,
@@ -161,7 +166,10 @@ pub fn bench(cmd: BenchCommand) -> Result<ExitCode> {
             cbench::parse_sizes(&a.sizes).map_err(|e| anyhow::anyhow!("--sizes: {e}"))?;
             launch(a.nproc, &benchmark_job("bench-allreduce", &a)?, 30.0)
         }
-        BenchCommand::Loss(a) => launch(a.nproc, &benchmark_job("bench-loss", &a)?, 30.0),
+        BenchCommand::Loss(a) => {
+            parse_losses(&a.loss)?; // named here, before any rank starts
+            launch(a.nproc, &benchmark_job("bench-loss", &a)?, 30.0)
+        }
         BenchCommand::Gns(a) => launch(a.nproc, &benchmark_job("bench-gns", &a)?, 30.0),
         BenchCommand::GnsContrastive(a) => crate::bench_caveat::run(&a),
         BenchCommand::CollectivesSelftest { nproc } => {
@@ -246,10 +254,11 @@ fn peak_rss_bytes() -> f64 {
 }
 
 /// The part of `bench loss` that runs inside each rank; returns rank 0's report. The tiled
-/// loss runs first: peak RSS only grows, so each figure is the peak up to that point.
+/// losses run first: peak RSS only grows, so each figure is the peak up to that point.
 pub fn loss_rank(comm: &mut dyn Communicator, local_size: usize, job_args: &str) -> Result<String> {
     use tessera_rank::loss::{LossImpl, RingLossOpts, bench_loss};
     let a: LossArgs = serde_json::from_str(job_args).context("decoding benchmark arguments")?;
+    let losses = parse_losses(&a.loss)?;
     if a.batch < comm.world() || a.dim == 0 {
         bail!("--batch must be at least the number of ranks and --dim at least 1");
     }
@@ -269,8 +278,9 @@ pub fn loss_rank(comm: &mut dyn Communicator, local_size: usize, job_args: &str)
     if !a.json {
         out += &format!(
             "# contrastive loss forward+backward, B = {}, d = {}, {} ranks, {} thread(s) each, \
-             tiles {}×{}, chunks of {} rows\n\
-             #{:>8} {:>10} {:>9} {:>16} {:>12}\n",
+             tiles {}×{}, chunks of {} rows; GFLOP/s counts B×B×d GEMM-equivalents, 4 for clip, \
+             3 for siglip, whichever the implementation\n\
+             #{:>6} {:>8} {:>10} {:>9} {:>16} {:>12}\n",
             a.batch,
             a.dim,
             comm.world(),
@@ -278,19 +288,22 @@ pub fn loss_rank(comm: &mut dyn Communicator, local_size: usize, job_args: &str)
             opts.tile_rows,
             opts.tile_cols,
             opts.chunk_rows_for(a.dim),
+            "loss",
             "impl",
             "time (s)",
             "GFLOP/s",
             "peak RSS (all)",
-            "loss"
+            "value"
         );
     }
-    for imp in impls {
-        let r = bench_loss(comm, a.batch, a.dim, imp, &opts)?;
+    // Every tiled run before any naive one (see above).
+    for (imp, loss) in impls.iter().flat_map(|&i| losses.iter().map(move |&l| (i, l))) {
+        let r = bench_loss(comm, a.batch, a.dim, loss, imp, &opts)?;
         let mut rss = [peak_rss_bytes()];
         comm.all_reduce_f64(&mut rss, ReduceOp::Sum)?;
         if a.json {
             out += &serde_json::to_string(&serde_json::json!({
+                "loss_name": loss.name(),
                 "impl": imp.name(),
                 "ranks": comm.world(),
                 "batch": a.batch,
@@ -305,7 +318,8 @@ pub fn loss_rank(comm: &mut dyn Communicator, local_size: usize, job_args: &str)
             out.push('\n');
         } else {
             out += &format!(
-                " {:>8} {:>10.3} {:>9.1} {:>13.1} MB {:>12.6}\n",
+                " {:>6} {:>8} {:>10.3} {:>9.1} {:>13.1} MB {:>12.6}\n",
+                loss.name(),
                 imp.name(),
                 r.seconds,
                 r.gflops,
@@ -315,6 +329,17 @@ pub fn loss_rank(comm: &mut dyn Communicator, local_size: usize, job_args: &str)
         }
     }
     Ok(out)
+}
+
+/// The `--loss` list of `bench loss` (and of `cuda bench-loss`).
+pub fn parse_losses(list: &[String]) -> Result<Vec<tessera_rank::loss::BenchedLoss>> {
+    list.iter()
+        .map(|l| {
+            tessera_rank::loss::BenchedLoss::parse(l.trim()).with_context(|| {
+                format!("--loss {l:?}: expected a comma-separated list of clip, siglip")
+            })
+        })
+        .collect()
 }
 
 /// The part of `bench gns` that runs inside each rank; returns rank 0's report.

@@ -9,6 +9,7 @@ use clap::{Args, Subcommand};
 use tessera_rank::device::cuda::gpu::{Gpu, LossMode, Precision};
 use tessera_rank::device::cuda::libs::{self, Lib};
 use tessera_rank::device::cuda::{kcache, nccl, nvrtc, selftest};
+use tessera_rank::loss::BenchedLoss;
 
 /// Set in the environment of the re-executed process (so it re-executes at most once).
 const REEXEC_ENV: &str = "TESSERA_CUDA_REEXEC";
@@ -178,7 +179,7 @@ pub fn cuda(cmd: CudaCommand) -> Result<ExitCode> {
         CudaCommand::BenchLoss(a) => {
             defines(&a.knobs.define)?; // bad input is named before any library is looked for
             parse_bwd_splits(&a.bwd_splits)?;
-            parse_bench_losses(&a.loss)?;
+            crate::bench_cmd::parse_losses(&a.loss)?;
             ensure_loadable(&[Lib::Driver, Lib::Nvrtc])?;
             bench_loss(&a)
         }
@@ -400,7 +401,7 @@ fn bench_loss(a: &BenchLossArgs) -> Result<ExitCode> {
         m => bail!("--mode {m:?}: expected det, fast or both"),
     };
     let precisions = parse_precisions(&a.precision)?;
-    let losses = parse_bench_losses(&a.loss)?;
+    let losses = crate::bench_cmd::parse_losses(&a.loss)?;
     if a.batch.contains(&0) || a.dim.contains(&0) {
         bail!("--batch and --dim must be positive");
     }
@@ -433,8 +434,8 @@ fn bench_loss(a: &BenchLossArgs) -> Result<ExitCode> {
     for &b in &a.batch {
         for &d in &a.dim {
             for &p in &precisions {
-                for (&m, &siglip) in modes.iter().flat_map(|m| losses.iter().map(move |l| (m, l))) {
-                    let r = if siglip {
+                for (&m, &loss) in modes.iter().flat_map(|m| losses.iter().map(move |l| (m, l))) {
+                    let r = if loss == BenchedLoss::Siglip {
                         selftest::bench_siglip(&gpu, b, d, m, p, a.reps, 1)?
                     } else {
                         selftest::bench_loss(&gpu, b, d, m, p, a.reps, 1, splits)?
@@ -466,17 +467,6 @@ fn bench_loss(a: &BenchLossArgs) -> Result<ExitCode> {
         std::fs::write(p, out).with_context(|| format!("cannot write {}", p.display()))?;
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The `--loss` list of `bench-loss`: for each entry, whether it is SigLIP.
-fn parse_bench_losses(list: &[String]) -> Result<Vec<bool>> {
-    list.iter()
-        .map(|l| match l.trim() {
-            "clip" => Ok(false),
-            "siglip" => Ok(true),
-            other => bail!("--loss {other:?}: expected a comma-separated list of clip, siglip"),
-        })
-        .collect()
 }
 
 /// The `--precision` list of `bench-loss`.

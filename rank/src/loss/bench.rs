@@ -1,34 +1,67 @@
-//! `tessera bench loss`: time of one forward+backward of a contrastive loss on synthetic
-//! features, naive (all-gathered) or tiled on the ring.
+//! `tessera bench loss`: time of one forward+backward of a contrastive loss (CLIP or SigLIP)
+//! on synthetic features, naive (all-gathered) or tiled on the ring.
 
 use std::time::Instant;
 
-use tessera_collectives::Communicator;
+use tessera_collectives::{Communicator, ReduceOp};
 
 use super::clip::clip_loss_local;
 use super::ring::{
     LossError, RingLossOpts, RingLossWorkspace, clip_loss_ring_ws_owned, siglip_loss_ring_ws_owned,
 };
+use super::siglip::siglip_loss_local;
 use crate::rng::Rng;
 
-/// Which loss implementation [`bench_loss`] runs.
+/// Which contrastive loss [`bench_loss`] runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LossImpl {
-    /// All-gather the features, then [`clip_loss_local`] (`b × B` logits per rank).
-    Naive,
-    /// [`super::clip_loss_ring_ws`].
-    Tiled,
-    /// [`super::siglip_loss_ring_ws`].
+pub enum BenchedLoss {
+    /// The symmetric CLIP (InfoNCE) loss.
+    Clip,
+    /// The pairwise sigmoid loss (SigLIP), logit bias −10.
     Siglip,
 }
 
+impl BenchedLoss {
+    /// `clip` or `siglip`, as the benchmarks' `--loss` lists and JSON rows name them.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchedLoss::Clip => "clip",
+            BenchedLoss::Siglip => "siglip",
+        }
+    }
+
+    /// The loss named `name` (see [`Self::name`]).
+    pub fn parse(name: &str) -> Option<Self> {
+        [BenchedLoss::Clip, BenchedLoss::Siglip].into_iter().find(|l| l.name() == name)
+    }
+
+    /// B × B × d GEMM-equivalents of one forward+backward as a fused implementation does it:
+    /// CLIP 4 (the forward's logits, their recomputation, ∂L/∂I, ∂L/∂T), SigLIP 3 (no forward:
+    /// nothing normalises a row or a column).
+    pub fn gemm_equivalents(self) -> f64 {
+        match self {
+            BenchedLoss::Clip => 4.0,
+            BenchedLoss::Siglip => 3.0,
+        }
+    }
+}
+
+/// Which implementation of the loss [`bench_loss`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossImpl {
+    /// All-gather the features, then [`clip_loss_local`] or [`siglip_loss_local`] (`b × B`
+    /// logits per rank).
+    Naive,
+    /// The tiled ring: [`clip_loss_ring_ws_owned`] or [`siglip_loss_ring_ws_owned`].
+    Tiled,
+}
+
 impl LossImpl {
-    /// The `impl` name in `--json` output: `naive`, `tiled`, `siglip`.
+    /// The `impl` name in `--json` output: `naive` or `tiled`.
     pub fn name(self) -> &'static str {
         match self {
             LossImpl::Naive => "naive",
             LossImpl::Tiled => "tiled",
-            LossImpl::Siglip => "siglip",
         }
     }
 }
@@ -38,9 +71,10 @@ impl LossImpl {
 pub struct LossBench {
     /// Wall-clock seconds of one forward+backward, the slowest rank (same on all ranks).
     pub seconds: f64,
-    /// `4 · 2·B²·d / seconds / 1e9`: GEMM-equivalents counted as 4 for every implementation.
+    /// `n · 2·B²·d / seconds / 1e9`, `n` the loss's [`BenchedLoss::gemm_equivalents`] for
+    /// every implementation (the naive one computes more): an inverse time on a flop scale.
     pub gflops: f64,
-    /// The loss value (a sanity check that the run happened).
+    /// The global loss value (a check that both implementations computed the same thing).
     pub loss: f32,
     /// The largest [`super::RingLossOut::workspace_bytes`] over the ranks (ring losses; 0 for
     /// the naive loss).
@@ -59,7 +93,7 @@ fn unit_rows(seed: u64, stream: u64, rows: usize, d: usize) -> Vec<f32> {
     v
 }
 
-/// Collective: runs one forward+backward of `imp` over a global batch of `global_b` random
+/// Collective: runs one forward+backward of `loss` by `imp` over a global batch of `global_b` random
 /// unit features of dimension `d` split evenly over the ranks of `comm`, timed between two
 /// barriers. `opts` sets the tiling of the ring implementations; `threads` of the naive
 /// one's GEMMs are its caller's (one thread).
@@ -67,6 +101,7 @@ pub fn bench_loss(
     comm: &mut dyn Communicator,
     global_b: usize,
     d: usize,
+    loss: BenchedLoss,
     imp: LossImpl,
     opts: &RingLossOpts,
 ) -> Result<LossBench, LossError> {
@@ -87,25 +122,39 @@ pub fn bench_loss(
             }
         }));
     }
-    let scale = 14.285_714f32;
+    let (scale, bias) = (14.285_714f32, -10.0f32);
     comm.barrier()?;
     let t0 = Instant::now();
     // The ring losses take the text features by value and return ∂L/∂T in their place, as
     // training does (see `clip_loss_ring_ws_owned`).
-    let (loss, ws_bytes) = match imp {
-        LossImpl::Naive => {
+    let (value, ws_bytes) = match (loss, imp) {
+        (_, LossImpl::Naive) => {
             let mut img_all = vec![0.0f32; global_b * d];
             let mut txt_all = vec![0.0f32; global_b * d];
             gather_rows(comm, &img, &mut img_all, global_b, d)?;
             gather_rows(comm, &txt, &mut txt_all, global_b, d)?;
-            (clip_loss_local(&img_all, &txt_all, global_b, d, off, b, scale).loss, 0)
+            let value = match loss {
+                BenchedLoss::Clip => {
+                    clip_loss_local(&img_all, &txt_all, global_b, d, off, b, scale).loss
+                }
+                BenchedLoss::Siglip => {
+                    let o = siglip_loss_local(&img_all, &txt_all, global_b, d, off, b, scale, bias);
+                    // The ranks' shares summed, as training sums them.
+                    let mut v = [o.loss_partial];
+                    if world > 1 {
+                        comm.all_reduce_f64(&mut v, ReduceOp::Sum)?;
+                    }
+                    v[0] as f32
+                }
+            };
+            (value, 0)
         }
-        LossImpl::Tiled => {
+        (BenchedLoss::Clip, LossImpl::Tiled) => {
             let o = clip_loss_ring_ws_owned(comm, &mut ws, &img, txt, b, d, scale, None)?;
             (o.loss, o.workspace_bytes)
         }
-        LossImpl::Siglip => {
-            let o = siglip_loss_ring_ws_owned(comm, &mut ws, &img, txt, b, d, scale, -10.0, None)?;
+        (BenchedLoss::Siglip, LossImpl::Tiled) => {
+            let o = siglip_loss_ring_ws_owned(comm, &mut ws, &img, txt, b, d, scale, bias, None)?;
             (o.loss, o.workspace_bytes)
         }
     };
@@ -122,11 +171,11 @@ pub fn bench_loss(
     } else {
         (mine, ws_bytes as u64)
     };
-    let flops = 4.0 * 2.0 * (global_b as f64).powi(2) * d as f64;
+    let flops = loss.gemm_equivalents() * 2.0 * (global_b as f64).powi(2) * d as f64;
     Ok(LossBench {
         seconds,
         gflops: flops / seconds.max(1e-12) / 1e9,
-        loss,
+        loss: value,
         workspace_bytes: most as usize,
     })
 }
@@ -170,15 +219,20 @@ mod tests {
     fn bench_runs_and_implementations_agree() {
         assert_eq!(local_rows(10, 3, 0), (0, 4));
         assert_eq!(local_rows(10, 3, 2), (7, 3));
+        let runs = [
+            (BenchedLoss::Clip, LossImpl::Naive),
+            (BenchedLoss::Clip, LossImpl::Tiled),
+            (BenchedLoss::Siglip, LossImpl::Naive),
+            (BenchedLoss::Siglip, LossImpl::Tiled),
+        ];
         let outs: Vec<Vec<LossBench>> = std::thread::scope(|s| {
             let hs: Vec<_> = ThreadComm::group(2)
                 .into_iter()
                 .map(|mut c| {
                     s.spawn(move || {
-                        [LossImpl::Naive, LossImpl::Tiled, LossImpl::Siglip]
-                            .iter()
-                            .map(|&i| {
-                                bench_loss(&mut c, 301, 7, i, &RingLossOpts::default())
+                        runs.iter()
+                            .map(|&(l, i)| {
+                                bench_loss(&mut c, 301, 7, l, i, &RingLossOpts::default())
                                     .expect("bench")
                             })
                             .collect::<Vec<_>>()
@@ -188,9 +242,14 @@ mod tests {
             hs.into_iter().map(|h| h.join().expect("rank")).collect()
         });
         for o in &outs {
-            assert!((o[0].loss - o[1].loss).abs() <= 1e-5 * o[0].loss.abs());
+            for pair in o.chunks_exact(2) {
+                let (naive, tiled) = (pair[0].loss, pair[1].loss);
+                assert!((naive - tiled).abs() <= 1e-5 * naive.abs(), "{naive} vs {tiled}");
+            }
+            assert!(o[0].loss != o[2].loss, "CLIP and SigLIP give different losses");
             assert!(o.iter().all(|b| b.seconds > 0.0 && b.gflops > 0.0 && b.loss.is_finite()));
             assert_eq!(o[1].seconds, outs[0][1].seconds, "time is the max over ranks");
+            assert_eq!(o[2].loss, outs[0][2].loss, "the naive SigLIP loss is summed over ranks");
         }
     }
 }

@@ -12,8 +12,9 @@ pub mod ring_device;
 mod ring_device_tests;
 #[cfg(test)]
 mod ring_tests;
+mod siglip;
 
-pub use bench::{LossBench, LossImpl, bench_loss};
+pub use bench::{BenchedLoss, LossBench, LossImpl, bench_loss};
 pub use clip::{ClipOut, clip_loss_local, clip_loss_reference_f64};
 pub use cross_entropy::{CeOut, cross_entropy};
 pub use loss_config::{LossConfig, LossKind};
@@ -23,3 +24,4 @@ pub use ring::{
     clip_loss_ring_ws_owned, siglip_loss_reference_f64, siglip_loss_ring, siglip_loss_ring_with,
     siglip_loss_ring_ws, siglip_loss_ring_ws_owned,
 };
+pub use siglip::{SiglipOut, siglip_loss_local};

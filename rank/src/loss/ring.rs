@@ -1147,7 +1147,12 @@ fn siglip_grad_row_avx2(xr: &mut [f32], bias: f32, diag: Option<usize>, inv_b: f
     siglip_grad_row_body(xr, bias, diag, inv_b)
 }
 
-fn siglip_grad_row(xr: &mut [f32], bias: f32, diag: Option<usize>, inv_b: f64) -> [f64; 3] {
+pub(super) fn siglip_grad_row(
+    xr: &mut [f32],
+    bias: f32,
+    diag: Option<usize>,
+    inv_b: f64,
+) -> [f64; 3] {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
