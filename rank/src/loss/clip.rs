@@ -184,34 +184,63 @@ pub fn clip_loss_local(
     let (row_lse, col_lse, loss) = stats(&dev, img_all, txt_all, big_b, d, scale);
     let inv2b = 1.0 / (2.0 * big_b as f64);
     let rows = row_offset..row_offset + b_local;
-    let img_local = &img_all[rows.start * d..rows.end * d];
-    let txt_local = &txt_all[rows.start * d..rows.end * d];
-
-    // Row block: x_ij for i local, all j → ∂L/∂I_i and the logit-scale share.
-    let mut x = vec![0.0f32; b_local * big_b];
-    dev.gemm(false, true, b_local, big_b, d, scale, img_local, txt_all, 0.0, &mut x);
     let mut d_t = 0.0f64;
-    for (li, xr) in x.chunks_exact_mut(big_b).enumerate() {
-        let i = row_offset + li;
-        d_t += g_row(xr, row_lse[i], &col_lse, Some(i), inv2b);
-    }
-    let mut d_img_local = vec![0.0f32; b_local * d];
-    dev.gemm(false, false, b_local, d, big_b, scale, &x, txt_all, 0.0, &mut d_img_local);
-
-    // Column block: x_ij for all i, j local → ∂L/∂T_j = s·Σ_i G_ij I_i.
-    let mut d_txt_local = vec![0.0f32; b_local * d];
-    if b_local > 0 {
-        let mut xc = vec![0.0f32; big_b * b_local];
-        dev.gemm(false, true, big_b, b_local, d, scale, img_all, txt_local, 0.0, &mut xc);
-        let col_lse_local = &col_lse[rows.clone()];
-        for (i, xr) in xc.chunks_exact_mut(b_local).enumerate() {
+    let col_lse_local = &col_lse[rows.clone()];
+    let (d_img_local, d_txt_local) = naive_blocks(
+        &dev,
+        img_all,
+        txt_all,
+        d,
+        rows.clone(),
+        scale,
+        |i, xr| d_t += g_row(xr, row_lse[i], &col_lse, Some(i), inv2b),
+        |i, xr| {
             let diag = rows.contains(&i).then(|| i - row_offset);
             g_row(xr, row_lse[i], col_lse_local, diag, inv2b);
-        }
-        dev.gemm(true, false, b_local, d, big_b, scale, &xc, img_all, 0.0, &mut d_txt_local);
-    }
+        },
+    );
 
     ClipOut { loss: loss as f32, d_img_local, d_txt_local, d_t_partial: d_t as f32 }
+}
+
+/// The two blocks of logits a naive loss materialises on a rank that owns `rows` of the
+/// all-gathered `img_all` / `txt_all` (`B × d` each). The row block, `x = s·I_rows·Tᵀ`: `row(i,
+/// x_i)` overwrites global row `i`'s logits with G, then `∂L/∂I_rows = s·G·T`. The column
+/// block, `x = s·I·T_rowsᵀ`: `col(i, x_i)` overwrites row `i`'s logits against this rank's
+/// columns with G, then `∂L/∂T_rows = s·Gᵀ·I`. Returns `(∂L/∂I_rows, ∂L/∂T_rows)`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn naive_blocks(
+    dev: &CpuDevice,
+    img_all: &[f32],
+    txt_all: &[f32],
+    d: usize,
+    rows: std::ops::Range<usize>,
+    scale: f32,
+    mut row: impl FnMut(usize, &mut [f32]),
+    mut col: impl FnMut(usize, &mut [f32]),
+) -> (Vec<f32>, Vec<f32>) {
+    let (big_b, b_local) = (img_all.len() / d.max(1), rows.len());
+    let img_local = &img_all[rows.start * d..rows.end * d];
+    let txt_local = &txt_all[rows.start * d..rows.end * d];
+    let mut d_img_local = vec![0.0f32; b_local * d];
+    let mut d_txt_local = vec![0.0f32; b_local * d];
+    if b_local == 0 || big_b == 0 {
+        return (d_img_local, d_txt_local);
+    }
+    let mut x = vec![0.0f32; b_local * big_b];
+    dev.gemm(false, true, b_local, big_b, d, scale, img_local, txt_all, 0.0, &mut x);
+    for (li, xr) in x.chunks_exact_mut(big_b).enumerate() {
+        row(rows.start + li, xr);
+    }
+    dev.gemm(false, false, b_local, d, big_b, scale, &x, txt_all, 0.0, &mut d_img_local);
+    drop(x);
+    let mut xc = vec![0.0f32; big_b * b_local];
+    dev.gemm(false, true, big_b, b_local, d, scale, img_all, txt_local, 0.0, &mut xc);
+    for (i, xr) in xc.chunks_exact_mut(b_local).enumerate() {
+        col(i, xr);
+    }
+    dev.gemm(true, false, b_local, d, big_b, scale, &xc, img_all, 0.0, &mut d_txt_local);
+    (d_img_local, d_txt_local)
 }
 
 /// Naive one-process f64 reference: `(L, ∂L/∂I, ∂L/∂T, ∂L/∂t)` for `B × d` features and

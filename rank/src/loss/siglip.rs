@@ -9,8 +9,9 @@
 //! (`∂L/∂T`). No statistic spans a row or a column, so nothing else is computed. The per-pair
 //! arithmetic is the ring's own (`siglip_grad_row`), so the two differ only in what they hold.
 
+use super::clip::naive_blocks;
 use super::ring::siglip_grad_row;
-use crate::device::{CpuDevice, Device};
+use crate::device::CpuDevice;
 
 /// One rank's result of [`siglip_loss_local`]. Each `_partial` field is this rank's share: the
 /// sum over ranks is the global quantity.
@@ -58,45 +59,32 @@ pub fn siglip_loss_local(
         "siglip_loss_local: rows {row_offset}..{} exceed the global batch {big_b}",
         row_offset + b_local
     );
-    let mut out = SiglipOut {
-        loss_partial: 0.0,
-        d_img_local: vec![0.0; b_local * d],
-        d_txt_local: vec![0.0; b_local * d],
-        d_t_partial: 0.0,
-        d_bias_partial: 0.0,
-    };
-    if b_local == 0 {
-        return out;
-    }
     let dev = CpuDevice::new(1);
-    let inv_b = 1.0 / big_b as f64;
+    let inv_b = 1.0 / big_b.max(1) as f64;
     let rows = row_offset..row_offset + b_local;
-    let img_local = &img_all[rows.start * d..rows.end * d];
-    let txt_local = &txt_all[rows.start * d..rows.end * d];
-
-    // Row block: this rank's images against every text → loss terms, G, ∂L/∂I.
-    let mut x = vec![0.0f32; b_local * big_b];
-    dev.gemm(false, true, b_local, big_b, d, scale, img_local, txt_all, 0.0, &mut x);
     let mut sums = [0.0f64; 3];
-    for (li, xr) in x.chunks_exact_mut(big_b).enumerate() {
-        let s = siglip_grad_row(xr, bias, Some(row_offset + li), inv_b);
-        sums.iter_mut().zip(s).for_each(|(a, v)| *a += v);
+    let (d_img_local, d_txt_local) = naive_blocks(
+        &dev,
+        img_all,
+        txt_all,
+        d,
+        rows.clone(),
+        scale,
+        |i, xr| {
+            let s = siglip_grad_row(xr, bias, Some(i), inv_b);
+            sums.iter_mut().zip(s).for_each(|(a, v)| *a += v);
+        },
+        |i, xr| {
+            siglip_grad_row(xr, bias, rows.contains(&i).then(|| i - row_offset), inv_b);
+        },
+    );
+    SiglipOut {
+        loss_partial: sums[1] * inv_b,
+        d_img_local,
+        d_txt_local,
+        d_t_partial: sums[0],
+        d_bias_partial: sums[2],
     }
-    dev.gemm(false, false, b_local, d, big_b, scale, &x, txt_all, 0.0, &mut out.d_img_local);
-
-    // Column block: every image against this rank's texts → ∂L/∂T_j = s·Σ_i G_ij I_i.
-    let mut xc = vec![0.0f32; big_b * b_local];
-    dev.gemm(false, true, big_b, b_local, d, scale, img_all, txt_local, 0.0, &mut xc);
-    for (i, xr) in xc.chunks_exact_mut(b_local).enumerate() {
-        let diag = rows.contains(&i).then(|| i - row_offset);
-        siglip_grad_row(xr, bias, diag, inv_b);
-    }
-    dev.gemm(true, false, b_local, d, big_b, scale, &xc, img_all, 0.0, &mut out.d_txt_local);
-
-    out.d_t_partial = sums[0];
-    out.loss_partial = sums[1] * inv_b;
-    out.d_bias_partial = sums[2];
-    out
 }
 
 #[cfg(test)]
