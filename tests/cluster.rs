@@ -61,6 +61,10 @@ fn bench_loss_tiled_in_chunks_equals_naive_across_processes() {
         assert!(tiled["loss_workspace_bytes_max"].as_u64().unwrap() > 0);
         let (lt, ln) = (tiled["loss"].as_f64().unwrap(), naive["loss"].as_f64().unwrap());
         assert!((lt - ln).abs() <= 1e-5 * ln.abs(), "{loss}: tiled {lt} vs naive {ln}");
+        let (ts, ns) = (tiled["time_s"].as_f64().unwrap(), naive["time_s"].as_f64().unwrap());
+        let ratio = naive["tiled_time_over_naive"].as_f64().expect("the naive row's ratio");
+        assert!((ratio - ts / ns).abs() <= 1e-9 * ratio, "{loss}: ratio {ratio}, times {ts} {ns}");
+        assert!(tiled["tiled_time_over_naive"].is_null(), "{tiled}");
         values.push(lt);
     }
     assert!((values[0] - values[1]).abs() > 1e-3, "CLIP and SigLIP gave the same loss");

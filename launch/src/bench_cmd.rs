@@ -279,8 +279,9 @@ pub fn loss_rank(comm: &mut dyn Communicator, local_size: usize, job_args: &str)
         out += &format!(
             "# contrastive loss forward+backward, B = {}, d = {}, {} ranks, {} thread(s) each, \
              tiles {}×{}, chunks of {} rows; GFLOP/s counts B×B×d GEMM-equivalents, 4 for clip, \
-             3 for siglip, whichever the implementation\n\
-             #{:>6} {:>8} {:>10} {:>9} {:>16} {:>12}\n",
+             3 for siglip, whichever the implementation; tiled/naive: the tiled loss's time over \
+             the naive one's, same run\n\
+             #{:>6} {:>8} {:>10} {:>9} {:>16} {:>12} {:>12}\n",
             a.batch,
             a.dim,
             comm.world(),
@@ -293,12 +294,22 @@ pub fn loss_rank(comm: &mut dyn Communicator, local_size: usize, job_args: &str)
             "time (s)",
             "GFLOP/s",
             "peak RSS (all)",
-            "value"
+            "value",
+            "tiled/naive"
         );
     }
-    // Every tiled run before any naive one (see above).
+    // Every tiled run before any naive one (see above); the tiled times, by loss, for the ratio.
+    let mut tiled_s = std::collections::HashMap::new();
     for (imp, loss) in impls.iter().flat_map(|&i| losses.iter().map(move |&l| (i, l))) {
         let r = bench_loss(comm, a.batch, a.dim, loss, imp, &opts)?;
+        // The peer's ratio: on the naive row, the tiled loss's time over this one.
+        let ratio = match imp {
+            LossImpl::Tiled => {
+                tiled_s.insert(loss.name(), r.seconds);
+                None
+            }
+            LossImpl::Naive => tiled_s.get(loss.name()).map(|t| t / r.seconds.max(1e-12)),
+        };
         let mut rss = [peak_rss_bytes()];
         comm.all_reduce_f64(&mut rss, ReduceOp::Sum)?;
         if a.json {
@@ -314,17 +325,19 @@ pub fn loss_rank(comm: &mut dyn Communicator, local_size: usize, job_args: &str)
                 "loss_workspace_bytes_max": r.workspace_bytes,
                 "chunk_rows": opts.chunk_rows_for(a.dim),
                 "loss": r.loss,
+                "tiled_time_over_naive": ratio,
             }))?;
             out.push('\n');
         } else {
             out += &format!(
-                " {:>6} {:>8} {:>10.3} {:>9.1} {:>13.1} MB {:>12.6}\n",
+                " {:>6} {:>8} {:>10.3} {:>9.1} {:>13.1} MB {:>12.6} {:>12}\n",
                 loss.name(),
                 imp.name(),
                 r.seconds,
                 r.gflops,
                 rss[0] / 1e6,
-                r.loss
+                r.loss,
+                ratio.map_or("-".to_string(), |v| format!("{v:.2}"))
             );
         }
     }
