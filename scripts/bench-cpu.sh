@@ -2,7 +2,8 @@
 # The CPU benchmarks recorded in docs/BENCHMARKS.md, each beside its peer in the same run:
 #   1. 64 MiB all-reduce at 2 and 4 ranks: tessera's TCP ring vs Open MPI (shared memory, TCP);
 #   2. sgemm at 1024², 2048², 4096²: the CPU device vs numpy (OpenBLAS);
-#   3. training throughput of the default job at 1, 2 and 4 ranks.
+#   3. training throughput of the default job at 1, 2 and 4 ranks;
+#   4. the contrastive losses (CLIP, SigLIP), tiled ring vs naive, 2 ranks, beside an sgemm.
 # Usage: scripts/bench-cpu.sh [ITERS]   (builds the release binary first)
 set -euo pipefail
 iters="${1:-10}"
@@ -36,3 +37,7 @@ s = json.loads(sys.stdin.read())
 print("ranks %d: %.0f samples/s total, %.0f per rank, final loss %.3f"
       % (s["world"], s["samples_per_s"], s["samples_per_s_per_rank"], s["loss"]))'
 done
+
+echo "## contrastive loss forward+backward, tiled ring vs naive, B = 16384, d = 256, 2 ranks"
+"$tessera" bench gemm --sizes 2048 --reps 3 --no-peer
+"$tessera" bench loss --nproc 2 --batch 16384 --dim 256 --loss clip,siglip 2>/dev/null

@@ -82,6 +82,19 @@ fn bench_loss_names_a_bad_loss_before_starting_ranks() {
     assert!(!out.contains("[rank"), "ranks started: {out}");
 }
 
+/// A naive loss too large for the machine's memory is refused, with the way out, before any
+/// rank starts (B = 10⁷ at d = 8: 200 TB of logits over 2 ranks).
+#[test]
+fn bench_loss_refuses_a_naive_loss_that_cannot_fit() {
+    let mut cmd = tessera();
+    cmd.args(["bench", "loss", "--nproc", "2", "--batch", "10000000", "--dim", "8"]);
+    let f = run(cmd, LIMIT);
+    assert!(!f.status.success(), "{}", f.all_output());
+    let out = f.all_output();
+    assert!(out.contains("--batch 10000000") && out.contains("--skip-naive"), "{out}");
+    assert!(!out.contains("[rank"), "ranks started: {out}");
+}
+
 #[test]
 fn every_collective_matches_a_naive_reference_across_processes() {
     for n in [2usize, 3, 4] {

@@ -167,7 +167,11 @@ pub fn bench(cmd: BenchCommand) -> Result<ExitCode> {
             launch(a.nproc, &benchmark_job("bench-allreduce", &a)?, 30.0)
         }
         BenchCommand::Loss(a) => {
-            parse_losses(&a.loss)?; // named here, before any rank starts
+            // Named here, before any rank starts.
+            parse_losses(&a.loss)?;
+            if !a.skip_naive {
+                check_naive_fits(a.batch, a.dim, a.nproc, mem_available_bytes())?;
+            }
             launch(a.nproc, &benchmark_job("bench-loss", &a)?, 30.0)
         }
         BenchCommand::Gns(a) => launch(a.nproc, &benchmark_job("bench-gns", &a)?, 30.0),
@@ -344,6 +348,44 @@ pub fn loss_rank(comm: &mut dyn Communicator, local_size: usize, job_args: &str)
     Ok(out)
 }
 
+/// Bytes the naive loss holds over `nproc` ranks on one machine at global batch `batch` and
+/// dimension `d`: per rank the all-gathered image and text features (2·B·d), one block of
+/// `b × B` logits at a time (`b` the largest rank's rows) and its two gradient blocks (2·b·d),
+/// in f32.
+fn naive_loss_bytes(batch: usize, d: usize, nproc: usize) -> f64 {
+    let (big, d) = (batch as f64, d as f64);
+    let b = batch.div_ceil(nproc.max(1)) as f64;
+    4.0 * nproc as f64 * (2.0 * big * d + b * big + 2.0 * b * d)
+}
+
+/// `bench loss` refuses, before any rank starts, a naive loss that would not fit in
+/// `available` bytes (`None`: unknown, no check), rather than let the kernel's OOM killer end a
+/// rank.
+fn check_naive_fits(batch: usize, d: usize, nproc: usize, available: Option<f64>) -> Result<()> {
+    let need = naive_loss_bytes(batch, d, nproc);
+    match available {
+        Some(avail) if need > 0.9 * avail => {
+            let gib = |v: f64| v / (1u64 << 30) as f64;
+            bail!(
+                "--batch {batch}: the naive loss would hold about {:.1} GiB over the {nproc} \
+                 ranks (each rank's b × B logits and the all-gathered features), more than the \
+                 {:.1} GiB this machine has available; pass --skip-naive to time the tiled loss \
+                 alone, or a smaller --batch",
+                gib(need),
+                gib(avail)
+            )
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `MemAvailable` of /proc/meminfo in bytes, where the system says.
+fn mem_available_bytes() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    line.split_whitespace().nth(1)?.parse::<f64>().ok().map(|kb| kb * 1024.0)
+}
+
 /// The `--loss` list of `bench loss` (and of `cuda bench-loss`).
 pub fn parse_losses(list: &[String]) -> Result<Vec<tessera_rank::loss::BenchedLoss>> {
     list.iter()
@@ -470,4 +512,26 @@ fn numpy_gflops(sizes: &[usize], reps: usize) -> Option<Vec<f64>> {
     let text = String::from_utf8_lossy(&out.stdout);
     let vals: Vec<f64> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
     (vals.len() == sizes.len()).then_some(vals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The naive loss's bytes by hand at the recorded size (B = 16384, d = 256, 2 ranks:
+    /// 1.17 GB, beside the 1.3 GB peak RSS measured with the processes themselves), and the
+    /// check's three outcomes.
+    #[test]
+    fn the_naive_loss_is_refused_only_where_it_cannot_fit() {
+        let want = 4.0 * 2.0 * (2.0 * 16384.0 * 256.0 + 8192.0 * 16384.0 + 2.0 * 8192.0 * 256.0);
+        assert_eq!(naive_loss_bytes(16384, 256, 2), want);
+        assert_eq!(want, 1_174_405_120.0);
+        // Uneven splits count the largest rank's rows.
+        assert_eq!(naive_loss_bytes(5, 1, 2), 4.0 * 2.0 * (2.0 * 5.0 + 3.0 * 5.0 + 2.0 * 3.0));
+        assert!(check_naive_fits(16384, 256, 2, Some(24e9)).is_ok());
+        assert!(check_naive_fits(16384, 256, 2, None).is_ok(), "unknown memory: no check");
+        let e = check_naive_fits(16384, 256, 2, Some(1e9)).unwrap_err().to_string();
+        assert!(e.contains("--batch 16384") && e.contains("--skip-naive"), "{e}");
+        assert!(e.contains("1.1 GiB") && e.contains("0.9 GiB"), "{e}");
+    }
 }

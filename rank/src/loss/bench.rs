@@ -93,9 +93,9 @@ fn unit_rows(seed: u64, stream: u64, rows: usize, d: usize) -> Vec<f32> {
     v
 }
 
-/// Collective: runs one forward+backward of `loss` by `imp` over a global batch of `global_b` random
-/// unit features of dimension `d` split evenly over the ranks of `comm`, timed between two
-/// barriers. `opts` sets the tiling of the ring implementations; `threads` of the naive
+/// Collective: runs one forward+backward of `loss` by `imp` over a global batch of `global_b`
+/// random unit features of dimension `d` split evenly over the ranks of `comm`, timed between
+/// two barriers. `opts` sets the tiling of the ring implementations; `threads` of the naive
 /// one's GEMMs are its caller's (one thread).
 pub fn bench_loss(
     comm: &mut dyn Communicator,
