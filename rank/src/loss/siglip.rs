@@ -5,9 +5,10 @@
 //! `L = 1/B · Σ_ij −log σ(z_ij (x_ij + β))`, `G_ij = (σ(x_ij + β) − δ_ij)/B`.
 //!
 //! A rank materialises two blocks of `b_local × B` logits, one after the other
-//! (`clip::naive_blocks`): its rows against every text (its loss terms, `∂L/∂I`, and
-//! its shares of `∂L/∂t` and `∂L/∂β`), then every image against its texts (`∂L/∂T`). No statistic spans a row or a column, so nothing else is computed. The per-pair
-//! arithmetic is the ring's own (`siglip_grad_row`), so the two differ only in what they hold.
+//! (`clip::naive_blocks`): its rows against every text (its loss terms, `∂L/∂I`, and its
+//! shares of `∂L/∂t` and `∂L/∂β`), then every image against its texts (`∂L/∂T`). No statistic
+//! spans a row or a column, so nothing else is computed. The per-pair arithmetic is the ring's
+//! own (`siglip_grad_row`), so the two differ only in what they hold.
 
 use super::clip::naive_blocks;
 use super::ring::siglip_grad_row;
