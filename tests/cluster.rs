@@ -70,29 +70,37 @@ fn bench_loss_tiled_in_chunks_equals_naive_across_processes() {
     assert!((values[0] - values[1]).abs() > 1e-3, "CLIP and SigLIP gave the same loss");
 }
 
+/// Runs `tessera` with `args`, expecting it to fail with every one of `needles` in its output
+/// and no rank's line: the refusal came before any rank started.
+fn assert_refused_before_ranks(args: &[&str], needles: &[&str]) {
+    let mut cmd = tessera();
+    cmd.args(args);
+    let f = run(cmd, LIMIT);
+    let out = f.all_output();
+    assert!(!f.status.success(), "{out}");
+    for needle in needles {
+        assert!(out.contains(needle), "no {needle:?} in: {out}");
+    }
+    assert!(!out.contains("[rank"), "ranks started: {out}");
+}
+
 /// A `--loss` that is not a loss is named, with the choices, before any rank starts.
 #[test]
 fn bench_loss_names_a_bad_loss_before_starting_ranks() {
-    let mut cmd = tessera();
-    cmd.args(["bench", "loss", "--nproc", "2", "--loss", "clip,sigmoid"]);
-    let f = run(cmd, LIMIT);
-    assert!(!f.status.success(), "{}", f.all_output());
-    let out = f.all_output();
-    assert!(out.contains("--loss \"sigmoid\"") && out.contains("clip, siglip"), "{out}");
-    assert!(!out.contains("[rank"), "ranks started: {out}");
+    assert_refused_before_ranks(
+        &["bench", "loss", "--nproc", "2", "--loss", "clip,sigmoid"],
+        &["--loss \"sigmoid\"", "clip, siglip"],
+    );
 }
 
 /// A naive loss too large for the machine's memory is refused, with the way out, before any
 /// rank starts (B = 10⁷ at d = 8: 200 TB of logits over 2 ranks).
 #[test]
 fn bench_loss_refuses_a_naive_loss_that_cannot_fit() {
-    let mut cmd = tessera();
-    cmd.args(["bench", "loss", "--nproc", "2", "--batch", "10000000", "--dim", "8"]);
-    let f = run(cmd, LIMIT);
-    assert!(!f.status.success(), "{}", f.all_output());
-    let out = f.all_output();
-    assert!(out.contains("--batch 10000000") && out.contains("--skip-naive"), "{out}");
-    assert!(!out.contains("[rank"), "ranks started: {out}");
+    assert_refused_before_ranks(
+        &["bench", "loss", "--nproc", "2", "--batch", "10000000", "--dim", "8"],
+        &["--batch 10000000", "--skip-naive"],
+    );
 }
 
 #[test]

@@ -220,7 +220,7 @@ fn drive<R: DeviceRing + ?Sized>(
     let (mut done, mut partial, incoming) =
         (slot(&mut a0[0])?, slot(&mut a1[0])?, slot(&mut a2[0])?);
     ring.upload(own_feat, cur_f)?;
-    if pass == Pass::Bwd {
+    if epr > 0 {
         ring.upload(own_extra, cur_x)?;
     }
     let xs = |rows: usize| rows * epr;
