@@ -236,6 +236,82 @@ fn exported_safetensors_load_in_python_with_the_checkpoint_values() {
     assert!(!run(cmd, LIMIT).status.success());
 }
 
+/// Rewrites a safetensors file in float16 (argv 1 → argv 2), as a PyTorch user's half-precision
+/// weights would come.
+const HALF_PY: &str = r#"
+import sys
+from safetensors.numpy import load_file, save_file
+save_file({k: v.astype("float16") for k, v in load_file(sys.argv[1]).items()}, sys.argv[2])
+"#;
+
+/// For every tensor `a.X` of the half-precision file (argv 2): does the LiT run's export (argv 1)
+/// hold exactly its value in `b.X`, and did its own `a.X` move away from it?
+const LIT_PY: &str = r#"
+import json, sys
+import numpy as np
+from safetensors.numpy import load_file
+lit, half = load_file(sys.argv[1]), load_file(sys.argv[2])
+towers = [k[2:] for k in half if k.startswith("a.")]
+print(json.dumps({
+    "tensors": len(towers),
+    "b_equal": sum(bool(np.array_equal(lit["b." + k], half["a." + k].astype(np.float32))) for k in towers),
+    "a_equal": sum(bool(np.array_equal(lit["a." + k], half["a." + k].astype(np.float32))) for k in towers),
+}))
+"#;
+
+/// LiT through real rank processes: a pretrained run's tower a, saved by Python in float16,
+/// starts tower b of a 2-rank run (`model.init_towers = ["b=a"]`), which `model.freeze_b`
+/// keeps exactly; tower a trains from its random start. A missing file stops every rank.
+#[test]
+fn lit_starts_a_locked_tower_from_pretrained_weights() {
+    require_python_with_safetensors();
+    let dir = tempfile::tempdir().unwrap();
+    let pre = dir.path().join("pre");
+    train(1, None, &with(SMALL, &["checkpoint.every=0"]), &[], &pre);
+    let st = dir.path().join("pre.safetensors");
+    let mut cmd = tessera();
+    cmd.args(["export", "--safetensors"]).arg(&st).arg("--dir").arg(&pre);
+    assert!(run(cmd, LIMIT).status.success());
+    let half = dir.path().join("half.safetensors");
+    let mut py = Command::new("python3");
+    py.args(["-c", HALF_PY]).arg(&st).arg(&half);
+    let f = run(py, LIMIT);
+    assert!(f.status.success(), "{}", f.all_output());
+
+    let init = format!("model.init_from={:?}", half.display().to_string());
+    let mut sets: Vec<&str> =
+        with(SMALL, &["checkpoint.every=0", "model.freeze_b=true", "model.init_towers=[\"b=a\"]"]);
+    sets.push(&init);
+    let lit = dir.path().join("lit");
+    let f = run(run_command(2, None, &sets, &[], &lit), LIMIT);
+    assert!(f.status.success(), "{}", f.all_output());
+    assert!(f.stderr.contains("model.init_from: loaded tower b from tower a of"), "{}", f.stderr);
+    let lit_st = dir.path().join("lit.safetensors");
+    let mut cmd = tessera();
+    cmd.args(["export", "--safetensors"]).arg(&lit_st).arg("--dir").arg(&lit);
+    assert!(run(cmd, LIMIT).status.success());
+    let mut py = Command::new("python3");
+    py.args(["-c", LIT_PY]).arg(&lit_st).arg(&half);
+    let f = run(py, LIMIT);
+    assert!(f.status.success(), "{}", f.all_output());
+    let got: serde_json::Value = serde_json::from_str(f.stdout.trim()).unwrap();
+    let n = got["tensors"].as_u64().unwrap();
+    // The default tower: input, 2 residual blocks and the head, each a LayerNorm and a linear
+    // (the input layer a linear only).
+    assert!(n >= 10, "{got}");
+    assert_eq!(got["b_equal"], n, "tower b is not the pretrained tower a: {got}");
+    // Tower a trained from its own random start: its weights are not the file's.
+    assert!(got["a_equal"].as_u64().unwrap() < n / 2, "{got}");
+
+    // A file that is not there: both ranks stop, rank 0 naming the file.
+    let gone = dir.path().join("gone.safetensors");
+    let init = format!("model.init_from={:?}", gone.display().to_string());
+    let mut sets: Vec<&str> = with(SMALL, &["checkpoint.every=0"]);
+    sets.push(&init);
+    let err = train_fails(2, &sets, &[], &dir.path().join("failed"));
+    assert!(err.contains("gone.safetensors") && err.contains("cannot read it"), "{err}");
+}
+
 #[test]
 fn damaged_checkpoints_are_clear_errors_and_nothing_is_overwritten() {
     let dir = tempfile::tempdir().unwrap();

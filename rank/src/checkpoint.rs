@@ -715,7 +715,7 @@ const TAG_BYTES: u64 = 1;
 const TAG_ERROR: u64 = 2;
 
 /// Rank 0 sends `(tag, body)` to every rank; returns what rank 0 sent. Collective.
-fn broadcast_message(
+pub(crate) fn broadcast_message(
     comm: &mut dyn Communicator,
     tag: u64,
     body: Vec<u8>,

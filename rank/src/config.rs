@@ -299,6 +299,10 @@ pub const RESUME_IGNORED_KEYS: &[&str] = &[
     "run.overlap_allreduce",
     "run.allreduce_bucket_bytes",
     "run.cuda_kernel_defines",
+    // Pretrained weights matter only at step 0: a resumed run takes its parameters from the
+    // checkpoint.
+    "model.init_from",
+    "model.init_towers",
 ];
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -346,6 +350,7 @@ impl Config {
                 &mut cfg.data.eval,
                 &mut cfg.eval.knn_train,
                 &mut cfg.eval.knn_test,
+                &mut cfg.model.init_from,
             ]
             .into_iter()
             .flatten()
@@ -385,6 +390,7 @@ impl Config {
         }
         self.optim.validate()?;
         self.loss.validate()?;
+        crate::model::init::tower_loads(&self.model).map_err(|e| e.to_string())?;
         if crate::device::cuda::device::GemmMath::parse(&self.run.cuda_gemm).is_none() {
             return Err(format!(
                 "run.cuda_gemm = {:?}: must be \"fp32\", \"tf32\" or \"bf16\"",

@@ -43,6 +43,8 @@ pub enum TrainError {
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),
     #[error(transparent)]
+    Init(#[from] crate::model::init::InitError),
+    #[error(transparent)]
     Loss(#[from] crate::loss::LossError),
     #[error(transparent)]
     Gns(#[from] GnsError),
@@ -752,6 +754,15 @@ fn train_on<D: Device>(
     }
     // Resume (checkpoint.rs): rank 0 finds and reads the checkpoint, every rank receives it.
     let resumed = checkpoint::fetch_resume(cfg, comm)?;
+    // Pretrained towers (`model.init_from`): rank 0 reads them, every rank receives them. A
+    // resumed run takes its parameters from the checkpoint instead.
+    if resumed.is_none() {
+        let groups = model.param_groups();
+        let loaded = crate::model::init::fetch_init(&model_cfg, &groups, model.params_mut(), comm)?;
+        if let Some(line) = loaded.filter(|_| is_root) {
+            eprintln!("{line}");
+        }
+    }
     let mut metrics = Metrics::open(out_dir, is_root, resumed.as_ref().map(|r| r.checkpoint.step))?;
 
     // Gradient noise scale over the trainable tensors (ALGORITHMS.md §5).

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A short fuzz run of the parsers that read untrusted bytes: the shard reader, the checkpoint
-# reader, the data-plane frame decoder and the data-plane handshake (targets in fuzz/). Installs cargo-fuzz if missing,
+# reader, the safetensors reader of model.init_from, the data-plane frame decoder and the
+# data-plane handshake (targets in fuzz/). Installs cargo-fuzz if missing,
 # seeds each corpus with valid inputs made here, runs each target for FUZZ_SECONDS (default 20)
 # and fails on any crash, panic, leak, timeout or oversized allocation (libFuzzer's
 # -malloc_limit_mb). Crashing inputs are left in fuzz/artifacts/<target>/.
@@ -82,17 +83,32 @@ seed_shard() {
     rm -rf "$tmp"
 }
 
-seed_checkpoint() {
-    local d=$1 tmp
-    tmp=$(mktemp -d)
-    # Two steps of a tiny dual encoder: a checkpoint of a few KiB.
+# Two steps of a tiny dual encoder into folder $1: a checkpoint of a few KiB.
+tiny_run() {
     cargo run --release --quiet -p tessera-launch -- run --nproc 1 --set run.steps=2 \
-        --set run.eval_every=0 --set "run.out_dir=\"$tmp\"" --set data.synth.latent_dim=2 \
+        --set run.eval_every=0 --set "run.out_dir=\"$1\"" --set data.synth.latent_dim=2 \
         --set data.synth.dim_a=3 --set data.synth.dim_b=2 --set model.tower_a.input_dim=3 \
         --set model.tower_b.input_dim=2 --set model.tower_a.width=4 --set model.tower_b.width=4 \
         --set model.tower_a.depth=1 --set model.tower_b.depth=1 \
         --set model.tower_a.output_dim=2 --set model.tower_b.output_dim=2 >/dev/null 2>&1
+}
+
+seed_checkpoint() {
+    local d=$1 tmp
+    tmp=$(mktemp -d)
+    tiny_run "$tmp"
     cp "$tmp"/checkpoints/ckpt-*.tsr "$d/"
+    rm -rf "$tmp"
+}
+
+seed_safetensors() {
+    local d=$1 tmp
+    tmp=$(mktemp -d)
+    # The tiny run's parameters as `tessera export` writes them, and an empty file.
+    tiny_run "$tmp"
+    cargo run --release --quiet -p tessera-launch -- export --safetensors "$d/model.safetensors" \
+        --dir "$tmp" >/dev/null 2>&1
+    put "$d/empty.safetensors" "$(le 2 8){}"
     rm -rf "$tmp"
 }
 
@@ -110,6 +126,7 @@ for t in "${targets[@]}"; do
         frame) seed_frame "$corpus" ;;
         handshake) seed_handshake "$corpus" ;;
         checkpoint) seed_checkpoint "$corpus" ;;
+        safetensors) seed_safetensors "$corpus" ;;
     esac
     echo "fuzz: $t for ${secs}s ($(find "$corpus" -type f | wc -l) corpus inputs)"
     rc=0

@@ -28,10 +28,14 @@
 //! `N(0, 1/fan_in)` (the linear inside a residual block additionally scaled by
 //! `1/√depth` so the residual stream's variance stays bounded), biases and LayerNorm β zero,
 //! LayerNorm γ one, `t = logit_scale_init`. Tensor `k` draws from `Rng::stream(seed, k)`.
+//! The trainer may then load towers from pretrained weights ([`init`], `model.init_from`).
 
 use crate::device::{Device, DeviceBuf};
 use crate::rng::Rng;
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+pub mod init;
 
 #[cfg(test)]
 mod device_tests;
@@ -130,6 +134,14 @@ pub struct ModelConfig {
     /// LiT: tower b is frozen (dual only): its gradients stay zero.
     #[serde(default)]
     pub freeze_b: bool,
+    /// Pretrained weights for the towers: a safetensors file or a Tessera checkpoint (see
+    /// [`init`]). `None`: every tower starts from its random initialisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
+    /// The towers loaded from `init_from`: `"b"` or `"b=a"` (this model's tower b from the
+    /// file's tower a); empty: every tower of the model, by its own name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub init_towers: Vec<String>,
     /// Initial `t`, the logit scale being `s = exp(t)`. Default `ln(1/0.07)`.
     #[serde(default = "default_logit_scale_init")]
     pub logit_scale_init: f32,
@@ -155,6 +167,8 @@ impl Default for ModelConfig {
             tower_a: TowerConfig::default(),
             tower_b: TowerConfig::default(),
             freeze_b: false,
+            init_from: None,
+            init_towers: Vec::new(),
             logit_scale_init: default_logit_scale_init(),
             logit_scale_max: default_logit_scale_max(),
             num_classes: None,
