@@ -261,7 +261,8 @@ print(json.dumps({
 
 /// LiT through real rank processes: a pretrained run's tower a, saved by Python in float16,
 /// starts tower b of a 2-rank run (`model.init_towers = ["b=a"]`), which `model.freeze_b`
-/// keeps exactly; tower a trains from its random start. A missing file stops every rank.
+/// keeps exactly; tower a trains from its random start. `tessera model` checks the same load
+/// without training, and lists the tensors. A missing file stops every rank.
 #[test]
 fn lit_starts_a_locked_tower_from_pretrained_weights() {
     require_python_with_safetensors();
@@ -279,6 +280,30 @@ fn lit_starts_a_locked_tower_from_pretrained_weights() {
     assert!(f.status.success(), "{}", f.all_output());
 
     let init = format!("model.init_from={:?}", half.display().to_string());
+    // `tessera model` lists the tensors and checks the load without training.
+    let dry_run = |more: &[&str]| {
+        let mut cmd = tessera();
+        cmd.args(["model", "--json", "--set", &init, "--set", "model.init_towers=[\"b=a\"]"]);
+        for m in more {
+            cmd.args(["--set", m]);
+        }
+        run(cmd, LIMIT)
+    };
+    let f = dry_run(&[]);
+    assert!(f.status.success(), "{}", f.all_output());
+    assert!(f.stderr.contains("loaded tower b from tower a of"), "{}", f.stderr);
+    let lines: Vec<serde_json::Value> =
+        f.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let (whole, tensors) = lines.split_last().unwrap();
+    assert_eq!(whole["tensors"], tensors.len());
+    let sum: u64 = tensors.iter().map(|t| t["params"].as_u64().unwrap()).sum();
+    assert_eq!(whole["params"], sum);
+    assert!(tensors.iter().any(|t| t["name"] == "b.in.weight"), "{}", f.stdout);
+    let f = dry_run(&["model.tower_b.width=64"]);
+    assert!(!f.status.success(), "{}", f.all_output());
+    let want = "its a.in.weight has shape [32, 128] where this model's b.in.weight has [32, 64]";
+    assert!(f.stderr.contains(want), "{}", f.stderr);
+
     let mut sets: Vec<&str> =
         with(SMALL, &["checkpoint.every=0", "model.freeze_b=true", "model.init_towers=[\"b=a\"]"]);
     sets.push(&init);

@@ -9,6 +9,7 @@ mod envdetect;
 mod export_cmd;
 mod hostlist;
 mod launcher;
+mod model_cmd;
 mod plot_cmd;
 mod rank_main;
 mod selftest;
@@ -49,6 +50,9 @@ enum Command {
     Data(data_cmd::DataCommand),
     /// Write a checkpoint's parameters in another format (safetensors).
     Export(export_cmd::ExportArgs),
+    /// The model a config builds: every tensor's name, shape and size, and a dry run of its
+    /// model.init_from (pretrained weights).
+    Model(model_cmd::ModelArgs),
     /// CUDA: library discovery, NVRTC kernel check, GPU self-test and loss timing.
     #[command(subcommand)]
     Cuda(cuda_cmd::CudaCommand),
@@ -182,6 +186,7 @@ fn main() -> ExitCode {
         Command::Bench(b) => bench_cmd::bench(b),
         Command::Data(d) => data_cmd::data(d),
         Command::Export(e) => export_cmd::export(&e),
+        Command::Model(m) => model_cmd::model(&m),
         Command::Cuda(c) => cuda_cmd::cuda(c),
         Command::Plot(p) => plot_cmd::plot(&p),
     };

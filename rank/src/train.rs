@@ -698,6 +698,18 @@ fn open_cuda(cfg: &Config, info: &RankInfo) -> Result<CudaDevice, TrainError> {
     .map_err(fail)
 }
 
+/// The model `cfg` trains: its `[model]` table, with what the loss adds (SigLIP brings a
+/// learnable logit bias and its own initial scale, ALGORITHMS.md §3).
+pub fn model_config(cfg: &Config) -> crate::model::ModelConfig {
+    let mut model_cfg = cfg.model.clone();
+    if cfg.loss.name == LossKind::Siglip {
+        model_cfg.logit_scale_init = cfg.loss.siglip_scale_init;
+        model_cfg.logit_bias_init = Some(cfg.loss.siglip_bias_init);
+        model_cfg.freeze_logit_bias = !cfg.loss.learnable_bias;
+    }
+    model_cfg
+}
+
 #[allow(clippy::too_many_arguments)]
 fn train_on<D: Device>(
     cfg: &Config,
@@ -723,13 +735,7 @@ fn train_on<D: Device>(
         )));
     }
 
-    // SigLIP brings a learnable logit bias and its own initial scale (ALGORITHMS.md §3).
-    let mut model_cfg = cfg.model.clone();
-    if cfg.loss.name == LossKind::Siglip {
-        model_cfg.logit_scale_init = cfg.loss.siglip_scale_init;
-        model_cfg.logit_bias_init = Some(cfg.loss.siglip_bias_init);
-        model_cfg.freeze_logit_bias = !cfg.loss.learnable_bias;
-    }
+    let model_cfg = model_config(cfg);
     // Parameters, gradients and activations in the device's memory.
     let mut model = Model::new(&model_cfg, cfg.run.seed)?.into_device(dev);
     let mut loss_ws = loss::RingLossWorkspace::new(&RingLossOpts {
