@@ -271,6 +271,40 @@ fn tensor_groups<B: DeviceBuf>(model: &Model<B>) -> Vec<TensorGroup> {
         .collect()
 }
 
+/// The gradient's trainable elements as ascending, maximal ranges: what the all-reduce sends. A
+/// frozen tower's gradient is zero on every rank (its backward does not run), so its range is
+/// left out, as PyTorch DDP leaves out parameters that do not require a gradient.
+fn trainable_spans(groups: &[ParamGroup]) -> Vec<std::ops::Range<usize>> {
+    let mut spans: Vec<std::ops::Range<usize>> = Vec::new();
+    for g in groups.iter().filter(|g| g.trainable && g.len > 0) {
+        match spans.last_mut() {
+            Some(last) if last.end == g.offset => last.end += g.len,
+            _ => spans.push(g.offset..g.offset + g.len),
+        }
+    }
+    spans
+}
+
+/// Sums the gradient `grads` over the ranks in `spans` (see [`trainable_spans`]); the rest is
+/// left as it is. Each span is summed in the order of one all-reduce over the whole buffer
+/// (`all_reduce_f32_part`), so the result is bitwise the whole buffer's all-reduce.
+fn all_reduce_spans(
+    comm: &mut dyn Communicator,
+    grads: &mut [f32],
+    spans: &[std::ops::Range<usize>],
+) -> Result<(), CommError> {
+    let total = grads.len();
+    if let [only] = spans
+        && *only == (0..total)
+    {
+        return comm.all_reduce_f32(grads, ReduceOp::Sum);
+    }
+    for r in spans {
+        comm.all_reduce_f32_part(&mut grads[r.clone()], r.start, total, ReduceOp::Sum)?;
+    }
+    Ok(())
+}
+
 fn sha256_f32(values: &[f32]) -> String {
     let mut h = Sha256::new();
     for v in values {
@@ -794,6 +828,17 @@ fn train_on<D: Device>(
     let mut train_seconds = 0.0f64;
     let contrastive = model.kind() != ModelKind::Classifier;
     let param_groups = model.param_groups();
+    let reduce_spans = trainable_spans(&param_groups);
+    let reduced_values: usize = reduce_spans.iter().map(|r| r.len()).sum();
+    // (The overlapped all-reduce's buckets cover the whole buffer, frozen zeros included.)
+    let plain_reduce = !(cfg.run.overlap_allreduce && (world > 1 || device_overlap.is_some()));
+    if is_root && world > 1 && plain_reduce && reduced_values < model.num_params() {
+        eprintln!(
+            "gradient all-reduce: {reduced_values} of {} values per step (the frozen tensors' \
+             gradients are not sent)",
+            model.num_params()
+        );
+    }
 
     // Adaptive batch (`[gns.adaptive]`): the global batch and the learning-rate factor of every
     // step. Every rank decides alike, from the all-reduced noise-scale figures.
@@ -1113,7 +1158,7 @@ fn train_on<D: Device>(
             (Some(Reduced::Host(r)), _) => model.grads_mut().copy_from_slice(&r),
             (Some(Reduced::Device), Some(ov)) => ov.take(comm, model.grads_mut())?,
             (Some(Reduced::Device), None) => unreachable!("only the device overlap says Device"),
-            (None, _) => comm.all_reduce_f32(model.grads_mut(), ReduceOp::Sum)?,
+            (None, _) => all_reduce_spans(comm, model.grads_mut(), &reduce_spans)?,
         }
         // The estimator's norms of the reduced gradient (one rank's sum is its own gradient:
         // the local norms, when taken, are these).

@@ -283,3 +283,42 @@ fn a_device_loss_keeps_features_and_gradients_on_the_device() {
         }
     }
 }
+
+/// The all-reduce sends the trainable tensors only: a frozen tower b, and SigLIP's fixed
+/// bias, are left out; adjacent trainable tensors merge into one range.
+#[test]
+fn the_all_reduce_spans_leave_out_frozen_tensors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spans = |extra: &[&str]| {
+        let cfg = config(dir.path(), extra);
+        let model = Model::new(&model_config(&cfg), 0).expect("model");
+        let groups = model.param_groups();
+        let offset = |name: &str| groups.iter().find(|g| g.name == name).expect(name).offset;
+        (trainable_spans(&groups), model.num_params(), offset("b.in.weight"), offset("logit_scale"))
+    };
+    let (all, n, _, _) = spans(&[]);
+    assert_eq!(all, vec![0..n]);
+    let (lit, n, b0, t) = spans(&["model.freeze_b=true"]);
+    assert_eq!(t, n - 1);
+    assert_eq!(lit, vec![0..b0, t..n]);
+    let fixed_bias = ["loss.name=\"siglip\"", "loss.learnable_bias=false", "model.freeze_b=true"];
+    let (sig, n, b0, t) = spans(&fixed_bias);
+    assert_eq!((t, n), (n - 2, t + 2));
+    assert_eq!(sig, vec![0..b0, t..t + 1]);
+}
+
+/// LiT on three ranks: the all-reduce of the trainable ranges alone trains bitwise like the
+/// overlapped all-reduce, whose buckets cover the whole buffer (the frozen zeros included).
+#[test]
+fn a_frozen_tower_trains_bitwise_like_the_whole_buffer_all_reduce() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lit = ["model.freeze_b=true", "batch.global=30"];
+    let spans = config(&dir.path().join("spans"), &lit);
+    let mut whole = lit.to_vec();
+    whole.extend(["run.overlap_allreduce=true", "run.allreduce_bucket_bytes=256"]);
+    let whole = config(&dir.path().join("whole"), &whole);
+    let (want, _) = run(3, whole, false);
+    let (got, _) = run(3, spans, false);
+    assert_eq!(got.params_sha256, want.params_sha256);
+    assert_eq!(got.loss.to_bits(), want.loss.to_bits());
+}
