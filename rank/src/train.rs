@@ -1051,7 +1051,8 @@ fn train_on<D: Device>(
             let n_params = model.grads().len();
             for (ci, &(s, m)) in chunks.iter().enumerate() {
                 if accumulate {
-                    model.forward_pair(
+                    // The replay: activations for the backward (a frozen tower b skips it).
+                    model.forward_for_backward(
                         dev,
                         &xa[s * da..(s + m) * da],
                         &xb[s * db..(s + m) * db],

@@ -840,6 +840,35 @@ impl<B: DeviceBuf> Model<B> {
         (fa, fb)
     }
 
+    /// The forward that a [`Model::backward_pair`] needs when the features are already known
+    /// (GradCache's replay): every trainable tower runs, keeping its activations; a frozen
+    /// tower b does not run at all. Returns with the device idle; the features are dropped.
+    ///
+    /// # Panics
+    /// As [`Model::forward_pair`].
+    pub fn forward_for_backward<D: Device<Buf = B>>(
+        &mut self,
+        dev: &D,
+        a: &[f32],
+        b: &[f32],
+        batch: usize,
+    ) {
+        self.assert_contrastive("forward_for_backward");
+        let (fa, ca) = self.towers[0].forward(dev, &self.params, a, batch, true);
+        let tb = self.tower_b();
+        let (fb, cb) = if tb.trainable {
+            let (fb, cb) = tb.forward(dev, &self.params, b, batch, true);
+            (Some(fb), cb)
+        } else {
+            (None, None)
+        };
+        // The features go back to the device's pool only once no kernel writes them.
+        dev.synchronize();
+        drop((fa, fb));
+        self.cache_a = ca;
+        self.cache_b = cb;
+    }
+
     /// Backward of the last [`Model::forward_pair`] from the feature gradients, ACCUMULATING
     /// into the gradient buffer. A frozen tower b receives nothing.
     ///
