@@ -156,8 +156,9 @@ impl Dtype {
     }
 }
 
-/// One tensor of a safetensors file: its element type (`None`: a type that no tower tensor
-/// can be loaded from, kept so the error can name it), shape and bytes in the data section.
+/// One tensor of a safetensors file: its element type (`Err` with the type's name: a type that
+/// no tower tensor loads from, kept so the error can name it), shape and bytes in the data
+/// section.
 #[derive(Clone, Debug)]
 pub struct SafetensorsEntry {
     dtype: Result<Dtype, String>,
@@ -174,7 +175,7 @@ pub struct SafetensorsIndex {
     data_start: usize,
 }
 
-/// Largest header accepted (the format's own readers cap it at 100 MB).
+/// Largest header accepted: 100 MiB (the safetensors library's own limit is 10⁸ bytes).
 const MAX_HEADER: usize = 100 << 20;
 
 /// Reads the header of a safetensors file (8-byte little-endian header length, JSON header,
