@@ -28,9 +28,7 @@ fn newest_in(dir: &Path) -> Result<(PathBuf, Checkpoint)> {
     if !dir.is_dir() {
         bail!("{} is not a directory; pass a run's output directory to --dir", dir.display());
     }
-    let sub = dir.join("checkpoints");
-    let here = checkpoint::list_checkpoints(dir)?;
-    let search = if here.is_empty() && sub.is_dir() { sub } else { dir.to_path_buf() };
+    let search = checkpoint::checkpoints_in(dir);
     match checkpoint::latest_valid(&search)? {
         Some(found) => {
             for s in &found.skipped {

@@ -657,16 +657,18 @@ impl ResumeFrom {
         }
         let p = PathBuf::from(spec);
         if p.is_dir() {
-            // A run's output directory stands for its checkpoints folder.
-            let sub = p.join("checkpoints");
-            let files_here = list_checkpoints(&p).map(|f| !f.is_empty()).unwrap_or(false);
-            if !files_here && sub.is_dir() {
-                return ResumeFrom::Dir(sub);
-            }
-            return ResumeFrom::Dir(p);
+            return ResumeFrom::Dir(checkpoints_in(&p));
         }
         ResumeFrom::File(p)
     }
+}
+
+/// The checkpoints folder that the folder `dir` names: a run's output folder stands for its
+/// `checkpoints` folder, unless it holds checkpoints itself.
+pub fn checkpoints_in(dir: &Path) -> PathBuf {
+    let sub = dir.join("checkpoints");
+    let files_here = list_checkpoints(dir).map(|f| !f.is_empty()).unwrap_or(false);
+    if !files_here && sub.is_dir() { sub } else { dir.to_path_buf() }
 }
 
 /// A checkpoint to resume from, as every rank received it.

@@ -329,9 +329,7 @@ impl Source {
 /// tensors.
 fn open(path: &Path) -> Result<(PathBuf, Source), String> {
     if path.is_dir() {
-        let sub = path.join("checkpoints");
-        let here = checkpoint::list_checkpoints(path).map(|f| !f.is_empty()).unwrap_or(false);
-        let dir = if !here && sub.is_dir() { sub } else { path.to_path_buf() };
+        let dir = checkpoint::checkpoints_in(path);
         let found =
             checkpoint::latest_valid(&dir).map_err(|e| e.to_string())?.ok_or_else(|| {
                 format!(
@@ -340,6 +338,9 @@ fn open(path: &Path) -> Result<(PathBuf, Source), String> {
                     dir.display()
                 )
             })?;
+        for skipped in &found.skipped {
+            eprintln!("model.init_from: warning: skipped a damaged checkpoint: {skipped}");
+        }
         return Ok((found.path, Source::Checkpoint(Box::new(found.checkpoint))));
     }
     let bytes = fs::read(path).map_err(|e| {
