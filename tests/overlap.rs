@@ -41,7 +41,8 @@ fn overlapped_all_reduce_trains_bitwise_like_the_plain_one() {
         (None, &["batch.global=64", "batch.micro=7"]),
         // SigLIP with its learnable bias, one micro-batch per rank.
         (None, &["batch.global=64", "loss.name=\"siglip\"", "optim.lr=0.01"]),
-        // LiT: tower b frozen, so never reported final (sent at the end).
+        // LiT: tower b frozen, so never reported final and never sent (the buckets cover the
+        // trainable ranges only).
         (None, &["batch.global=60", "model.freeze_b=true", "batch.micro=8"]),
         // One tower for both views: final only after the second view's backward.
         (Some(&digits), &["batch.global=48", "batch.micro=5"]),

@@ -651,7 +651,13 @@ impl<B: DeviceBuf> Vals<B> {
 /// host and in the device's queue), `take` to replace the local gradient by the reduced one
 /// (after its last local readers). Collective: every rank makes the same calls.
 trait DeviceOverlap {
-    fn begin(&mut self, comm: &mut dyn Communicator, grads: &[f32]) -> Result<(), CommError>;
+    /// Only the elements in `spans` (ascending ranges) are reduced; `take` leaves the rest.
+    fn begin(
+        &mut self,
+        comm: &mut dyn Communicator,
+        grads: &[f32],
+        spans: &[std::ops::Range<usize>],
+    ) -> Result<(), CommError>;
     fn ready(
         &mut self,
         comm: &mut dyn Communicator,
@@ -679,8 +685,13 @@ impl NcclOverlap {
 }
 
 impl DeviceOverlap for NcclOverlap {
-    fn begin(&mut self, comm: &mut dyn Communicator, grads: &[f32]) -> Result<(), CommError> {
-        self.0.begin(Self::nccl(comm)?, grads)
+    fn begin(
+        &mut self,
+        comm: &mut dyn Communicator,
+        grads: &[f32],
+        spans: &[std::ops::Range<usize>],
+    ) -> Result<(), CommError> {
+        self.0.begin(Self::nccl(comm)?, grads, spans)
     }
     fn ready(
         &mut self,
@@ -830,9 +841,7 @@ fn train_on<D: Device>(
     let param_groups = model.param_groups();
     let reduce_spans = trainable_spans(&param_groups);
     let reduced_values: usize = reduce_spans.iter().map(|r| r.len()).sum();
-    // (The overlapped all-reduce's buckets cover the whole buffer, frozen zeros included.)
-    let plain_reduce = !(cfg.run.overlap_allreduce && (world > 1 || device_overlap.is_some()));
-    if is_root && world > 1 && plain_reduce && reduced_values < model.num_params() {
+    if is_root && world > 1 && reduced_values < model.num_params() {
         eprintln!(
             "gradient all-reduce: {reduced_values} of {} values per step (the frozen tensors' \
              gradients are not sent)",
@@ -1069,7 +1078,7 @@ fn train_on<D: Device>(
                     && ci + 1 == chunks.len()
                     && let Some(ov) = device_overlap.as_deref_mut()
                 {
-                    ov.begin(comm, model.grads())?;
+                    ov.begin(comm, model.grads(), &reduce_spans)?;
                     let mut failed = None;
                     model.backward_pair_queued(dev, ga, gb, &mut |o, g| {
                         if failed.is_none()
@@ -1088,8 +1097,12 @@ fn train_on<D: Device>(
                     reduced = Some(Reduced::Device);
                 } else if overlapped && ci + 1 == chunks.len() {
                     let bucket_bytes = cfg.run.allreduce_bucket_bytes;
-                    let (seen, red) =
-                        overlap::all_reduce_overlapped(comm, n_params, bucket_bytes, |bk| {
+                    let (seen, red) = overlap::all_reduce_overlapped(
+                        comm,
+                        n_params,
+                        &reduce_spans,
+                        bucket_bytes,
+                        |bk| {
                             model.backward_pair_with(dev, ga, gb, &mut |o, g| bk.ready(o, g));
                             let seen = after_backward(
                                 &mut model,
@@ -1104,7 +1117,8 @@ fn train_on<D: Device>(
                             fault::at_grad(model.grads_mut());
                             bk.finish(model.grads());
                             seen
-                        })?;
+                        },
+                    )?;
                     seen?;
                     reduced = Some(Reduced::Host(red));
                 } else {
@@ -1156,7 +1170,13 @@ fn train_on<D: Device>(
             first_nonfinite(dev, &param_groups, model.grads())
         };
         match (reduced, device_overlap.as_deref_mut()) {
-            (Some(Reduced::Host(r)), _) => model.grads_mut().copy_from_slice(&r),
+            (Some(Reduced::Host(r)), _) => {
+                // Outside the spans the local gradient stays, as after `all_reduce_spans`.
+                let g = model.grads_mut();
+                for s in &reduce_spans {
+                    g[s.clone()].copy_from_slice(&r[s.clone()]);
+                }
+            }
             (Some(Reduced::Device), Some(ov)) => ov.take(comm, model.grads_mut())?,
             (Some(Reduced::Device), None) => unreachable!("only the device overlap says Device"),
             (None, _) => all_reduce_spans(comm, model.grads_mut(), &reduce_spans)?,

@@ -22,12 +22,19 @@ struct HostOverlap {
     finished: bool,
     steps: usize,
     reports: usize,
+    /// Elements reduced, over all steps.
+    values: usize,
 }
 
 impl DeviceOverlap for HostOverlap {
-    fn begin(&mut self, _: &mut dyn Communicator, grads: &[f32]) -> Result<(), CommError> {
+    fn begin(
+        &mut self,
+        _: &mut dyn Communicator,
+        grads: &[f32],
+        spans: &[Range<usize>],
+    ) -> Result<(), CommError> {
         assert!(self.plan.is_none(), "begin twice without take");
-        self.plan = Some(BucketPlan::new(grads.len(), 256));
+        self.plan = Some(BucketPlan::new(grads.len(), spans, 256));
         self.addr = grads.as_ptr() as usize;
         self.reduced = vec![f32::NAN; grads.len()];
         self.finished = false;
@@ -53,6 +60,7 @@ impl DeviceOverlap for HostOverlap {
         self.due.extend(plan.finish());
         let total = grads.len();
         for r in std::mem::take(&mut self.due) {
+            self.values += r.len();
             let mut v = grads[r.clone()].to_vec();
             comm.all_reduce_f32_part(&mut v, r.start, total, ReduceOp::Sum)?;
             self.reduced[r].copy_from_slice(&v);
@@ -64,9 +72,14 @@ impl DeviceOverlap for HostOverlap {
     fn take(&mut self, _: &mut dyn Communicator, grads: &mut [f32]) -> Result<(), CommError> {
         assert!(self.finished, "take before finish");
         assert_eq!(grads.as_ptr() as usize, self.addr, "take on another buffer");
-        assert!(self.reduced.iter().all(|x| !x.is_nan()), "an element was never reduced");
-        grads.copy_from_slice(&self.reduced);
-        self.plan = None;
+        let plan = self.plan.take().expect("take before begin");
+        for (i, x) in self.reduced.iter().enumerate() {
+            let inside = plan.spans().iter().any(|s| s.contains(&i));
+            assert_eq!(x.is_nan(), !inside, "element {i}: reduced {x}, inside a span: {inside}");
+        }
+        for s in plan.spans() {
+            grads[s.clone()].copy_from_slice(&self.reduced[s.clone()]);
+        }
         self.steps += 1;
         Ok(())
     }
@@ -117,14 +130,14 @@ fn on_ranks<T: Send + 'static>(
 }
 
 /// Trains on `world` thread ranks; with `overlap`, every rank gets a `HostOverlap`. Returns
-/// rank 0's summary and, per rank, (steps, layer reports) of its overlap.
-fn run(world: usize, cfg: Config, overlap: bool) -> (Summary, Vec<(usize, usize)>) {
+/// rank 0's summary and, per rank, (steps, layer reports, elements reduced) of its overlap.
+fn run(world: usize, cfg: Config, overlap: bool) -> (Summary, Vec<(usize, usize, usize)>) {
     let mut outs = on_ranks(world, cfg, move |info, comm, cfg| {
         let mut ov = HostOverlap::default();
         let dev = CpuDevice::new(1);
         let hook = overlap.then_some(&mut ov as &mut dyn DeviceOverlap);
         let s = train_on(cfg, comm, &info, &mut |_| {}, 1, &dev, None, hook).expect("training");
-        (s, (ov.steps, ov.reports))
+        (s, (ov.steps, ov.reports, ov.values))
     });
     let counts = outs.iter().map(|o| o.1).collect();
     (outs.swap_remove(0).0, counts)
@@ -145,13 +158,15 @@ fn device_overlap_trains_bitwise_like_the_plain_all_reduce() {
             &[&micro_set, "run.overlap_allreduce=true", "run.allreduce_bucket_bytes=256"],
         );
         let (want, _) = run(world, plain, false);
+        let n = Model::new(&model_config(&over), 0).expect("model").num_params();
         let (got, counts) = run(world, over, true);
         let what = format!("world {world}, micro {micro}");
         assert_eq!(got.params_sha256, want.params_sha256, "{what}");
         assert_eq!(got.loss.to_bits(), want.loss.to_bits(), "{what}");
         assert_eq!(got.b_simple.map(f64::to_bits), want.b_simple.map(f64::to_bits), "{what}");
-        for (steps, reports) in counts {
+        for (steps, reports, values) in counts {
             assert_eq!(steps, 4, "{what}: one overlapped all-reduce per step");
+            assert_eq!(values, 4 * n, "{what}: every element reduced once per step");
             // Two towers of 2 blocks: head, 2 blocks, input layer each, every step.
             assert_eq!(reports, 4 * 2 * 4, "{what}: layer reports");
         }
@@ -311,18 +326,66 @@ fn the_all_reduce_spans_leave_out_frozen_tensors() {
     assert_eq!(sig, vec![0..b0, t..t + 1]);
 }
 
-/// LiT on three ranks: the all-reduce of the trainable ranges alone trains bitwise like the
-/// overlapped all-reduce, whose buckets cover the whole buffer (the frozen zeros included).
+/// The trainable ranges' all-reduce sums each range bitwise as the whole buffer's all-reduce
+/// does, and leaves the rest as it was on each rank (its values differ by rank here, so a range
+/// that was sent would show).
 #[test]
-fn a_frozen_tower_trains_bitwise_like_the_whole_buffer_all_reduce() {
+fn all_reduce_spans_sum_the_spans_like_the_whole_buffer() {
+    let total = 1_001;
+    let spans = [0..300, 420..421, 700..1_001];
+    let local = |r: usize| -> Vec<f32> {
+        (0..total).map(|i| ((r * 31 + i * 17) % 101) as f32 * 0.37 - 18.0).collect()
+    };
+    let outs: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+        let hs: Vec<_> = ThreadComm::group(3)
+            .into_iter()
+            .enumerate()
+            .map(|(r, mut c)| {
+                let spans = &spans;
+                s.spawn(move || {
+                    let mut got = local(r);
+                    all_reduce_spans(&mut c, &mut got, spans).expect("spans");
+                    let mut whole = local(r);
+                    c.all_reduce_f32(&mut whole, ReduceOp::Sum).expect("whole");
+                    (got, whole)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("rank")).collect()
+    });
+    for (r, (got, whole)) in outs.iter().enumerate() {
+        let mine = local(r);
+        for i in 0..total {
+            let want = if spans.iter().any(|s| s.contains(&i)) { whole[i] } else { mine[i] };
+            assert_eq!(got[i].to_bits(), want.to_bits(), "rank {r}, element {i}");
+        }
+    }
+}
+
+/// LiT on three ranks: the trainable ranges' all-reduce, the host buckets over them
+/// (`run.overlap_allreduce`) and the device path's buckets (whose stand-in checks at `take`
+/// that no frozen element was reduced) train bitwise alike.
+#[test]
+fn a_frozen_tower_trains_bitwise_alike_on_every_all_reduce_path() {
     let dir = tempfile::tempdir().expect("tempdir");
     let lit = ["model.freeze_b=true", "batch.global=30"];
-    let spans = config(&dir.path().join("spans"), &lit);
-    let mut whole = lit.to_vec();
-    whole.extend(["run.overlap_allreduce=true", "run.allreduce_bucket_bytes=256"]);
-    let whole = config(&dir.path().join("whole"), &whole);
-    let (want, _) = run(3, whole, false);
-    let (got, _) = run(3, spans, false);
-    assert_eq!(got.params_sha256, want.params_sha256);
-    assert_eq!(got.loss.to_bits(), want.loss.to_bits());
+    let mut over = lit.to_vec();
+    over.extend(["run.overlap_allreduce=true", "run.allreduce_bucket_bytes=256"]);
+    let (want, _) = run(3, config(&dir.path().join("plain"), &lit), false);
+    let (host, _) = run(3, config(&dir.path().join("host"), &over), false);
+    let device_cfg = config(&dir.path().join("device"), &over);
+    let groups = Model::new(&model_config(&device_cfg), 0).expect("model").param_groups();
+    let trainable: usize = groups.iter().filter(|g| g.trainable).map(|g| g.len).sum();
+    assert!(trainable < groups.iter().map(|g| g.len).sum::<usize>());
+    let (device, counts) = run(3, device_cfg, true);
+    for (what, got) in [("host buckets", &host), ("device buckets", &device)] {
+        assert_eq!(got.params_sha256, want.params_sha256, "{what}");
+        assert_eq!(got.loss.to_bits(), want.loss.to_bits(), "{what}");
+    }
+    for (steps, reports, values) in counts {
+        assert_eq!(steps, 4, "one overlapped all-reduce per step");
+        assert_eq!(values, 4 * trainable, "the trainable elements, once per step");
+        // Tower a's head, 2 blocks and input layer every step; the frozen tower b reports none.
+        assert_eq!(reports, 4 * 4, "layer reports");
+    }
 }

@@ -1333,8 +1333,14 @@ impl OverlapAllReduce {
         CommError::InvalidArgument { op: OVERLAP, detail }
     }
 
-    /// Starts a step on `grads`, which must lie in one managed allocation.
-    pub fn begin(&mut self, comm: &mut NcclComm, grads: &[f32]) -> Result<()> {
+    /// Starts a step on `grads`, which must lie in one managed allocation, reducing the
+    /// elements in `spans` (`[0..grads.len()]` for all; see [`BucketPlan`]).
+    pub fn begin(
+        &mut self,
+        comm: &mut NcclComm,
+        grads: &[f32],
+        spans: &[std::ops::Range<usize>],
+    ) -> Result<()> {
         let Some(p) = managed_range(f32_bytes(grads)) else {
             return Err(Self::invalid(format!(
                 "the gradient ({} values) is not in CUDA managed memory: the overlapped \
@@ -1367,7 +1373,7 @@ impl OverlapAllReduce {
         self.step = Some(OverlapStep {
             grads: p,
             total: n,
-            plan: BucketPlan::new(n, self.bucket_bytes),
+            plan: BucketPlan::new(n, spans, self.bucket_bytes),
             finished: false,
         });
         Ok(())
@@ -1432,9 +1438,9 @@ impl OverlapAllReduce {
         res
     }
 
-    /// Waits (with the watchdog) for every bucket and copies the reduced gradient over
-    /// `grads`, the buffer given to [`OverlapAllReduce::begin`], after the compute stream's
-    /// work queued so far (which may read the local gradient).
+    /// Waits (with the watchdog) for every bucket and copies the reduced spans over `grads`,
+    /// the buffer given to [`OverlapAllReduce::begin`], after the compute stream's work queued
+    /// so far (which may read the local gradient). Outside the spans `grads` keeps its values.
     pub fn take(&mut self, comm: &mut NcclComm, grads: &mut [f32]) -> Result<()> {
         let st = match self.step.take() {
             Some(st) if st.finished => st,
@@ -1455,9 +1461,15 @@ impl OverlapAllReduce {
         };
         let stream = comm.stream.clone();
         let (src, guard) = reduced.device_ptr_mut(&stream);
-        // SAFETY: both hold total floats; the exclusive borrow of `grads` keeps the host off
-        // it until the wait below, and the compute stream's readers come before on the stream.
-        let r = unsafe { dr::memcpy_dtod_async(st.grads, src, st.total * 4, stream.cu_stream()) };
+        let r = st.plan.spans().iter().try_for_each(|sp| {
+            let at = (sp.start * 4) as ds::CUdeviceptr;
+            // SAFETY: both hold total floats and the plan keeps its spans inside 0..total; the
+            // exclusive borrow of `grads` keeps the host off it until the wait below, and the
+            // compute stream's readers come before on the stream.
+            unsafe {
+                dr::memcpy_dtod_async(st.grads + at, src + at, sp.len() * 4, stream.cu_stream())
+            }
+        });
         drop(guard);
         if let Err(e) = r {
             return Err(comm.fail(OVERLAP, seq, format!("copying the reduced gradient: {e:?}")));
@@ -1684,7 +1696,8 @@ fn abort_check(ctx: &Arc<CudaContext>) -> NcclCheck {
 /// each behind a 64 MiB memset that keeps the stream busy), each slice reported as soon as its
 /// write is queued, element 0's last. The buckets must wait for those writes: the taken
 /// gradient equals them bitwise (a bucket that ran early would read zeros, or the first run's
-/// values the second time). A host buffer is refused.
+/// values the second time). A third run reduces two spans around a frozen hole, which must
+/// keep its local values. A host buffer is refused.
 fn overlap_check(ctx: &Arc<CudaContext>, c: &mut NcclComm, x: &[f32]) -> NcclCheck {
     let n = x.len();
     let setup =
@@ -1703,15 +1716,19 @@ fn overlap_check(ctx: &Arc<CudaContext>, c: &mut NcclComm, x: &[f32]) -> NcclChe
         let m = unsafe { std::slice::from_raw_parts_mut(p as *mut f32, n) };
         m.fill(0.0);
         let mut ov = OverlapAllReduce::new(compute.clone(), 4096);
-        let host_refused = matches!(ov.begin(c, x), Err(CommError::InvalidArgument { .. }));
+        let host_refused = matches!(
+            ov.begin(c, x, std::slice::from_ref(&(0..n))),
+            Err(CommError::InvalidArgument { .. })
+        );
         // Each slice is written on the device (a memset of its own value, run `base` + slice
         // number), so nothing on the host orders the write before the bucket.
         let run = |ov: &mut OverlapAllReduce,
                    c: &mut NcclComm,
                    m: &mut [f32],
-                   base: f32|
+                   base: f32,
+                   spans: &[std::ops::Range<usize>]|
          -> Result<Vec<f32>> {
-            ov.begin(c, m)?;
+            ov.begin(c, m, spans)?;
             let mut want = vec![0.0f32; n];
             let mut hi = n;
             for (k, lo) in [n * 3 / 4, n / 2, n / 2 - 3, n / 4, 7, 0].into_iter().enumerate() {
@@ -1733,10 +1750,19 @@ fn overlap_check(ctx: &Arc<CudaContext>, c: &mut NcclComm, x: &[f32]) -> NcclChe
             ov.take(c, m)?;
             Ok(want)
         };
-        let r = run(&mut ov, c, m, 1.0).map(|want| max_abs_diff(m, &want));
+        let whole = 0..n;
+        let all = std::slice::from_ref(&whole);
+        let r = run(&mut ov, c, m, 1.0, all).map(|want| max_abs_diff(m, &want));
         // Twice, with other values: the reduced buffer is kept and reused.
         let again =
-            r.and_then(|e| run(&mut ov, c, m, 11.0).map(|want| e.max(max_abs_diff(m, &want))));
+            r.and_then(|e| run(&mut ov, c, m, 11.0, all).map(|want| e.max(max_abs_diff(m, &want))));
+        // A third time with a frozen hole (the slice written third): it is neither reduced nor
+        // copied back, so it keeps this run's write; a copy of the whole reduced buffer would
+        // put the second run's value there.
+        let spans = [0..n / 2 - 3, n / 2..n];
+        let again = again.and_then(|e| {
+            run(&mut ov, c, m, 21.0, &spans).map(|want| e.max(max_abs_diff(m, &want)))
+        });
         let _ = compute.synchronize();
         // SAFETY: allocated above; `take` waited for the communication stream and the compute
         // stream is idle (or the communicator was aborted, which ends its work).
@@ -1751,7 +1777,9 @@ fn overlap_check(ctx: &Arc<CudaContext>, c: &mut NcclComm, x: &[f32]) -> NcclChe
     match r {
         Ok(e) => NcclCheck {
             name: OVERLAP.into(),
-            detail: format!("n={n}, 4 KiB buckets behind compute-stream writes, twice"),
+            detail: format!(
+                "n={n}, 4 KiB buckets behind compute-stream writes, twice, then with a frozen hole"
+            ),
             err: Some(e),
             pass: e == 0.0,
         },
