@@ -65,6 +65,26 @@ impl ThreadComm {
         Self::group_with_timeout(world, Duration::from_secs(600))
     }
 
+    /// Runs `f(rank, comm)` for every rank of a new [`ThreadComm::group`] of `world`, each on a
+    /// scoped thread of its own, and returns the results in rank order. A rank's panic is
+    /// raised again here, with its own message.
+    pub fn run_group<R: Send>(
+        world: usize,
+        f: impl Fn(usize, &mut ThreadComm) -> R + Sync,
+    ) -> Vec<R> {
+        let f = &f;
+        std::thread::scope(|s| {
+            let hs: Vec<_> = Self::group(world)
+                .into_iter()
+                .enumerate()
+                .map(|(r, mut c)| s.spawn(move || f(r, &mut c)))
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        })
+    }
+
     /// As [`ThreadComm::group`] with a custom timeout.
     pub fn group_with_timeout(world: usize, timeout: Duration) -> Vec<ThreadComm> {
         let shared = Arc::new(Shared {

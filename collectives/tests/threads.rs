@@ -86,3 +86,21 @@ fn a_sized_ring_shift_of_another_length_names_the_sender() {
     assert!(matches!(e, CommError::Protocol { peer: 0, .. }), "{e}");
     assert!(e.to_string().contains("rank 0 sent 5 bytes where rank 1 expected 6"), "{e}");
 }
+
+/// `run_group` returns every rank's result in rank order, the ranks talking to each other, and
+/// raises a rank's panic again with its message.
+#[test]
+fn run_group_returns_rank_order_and_raises_a_ranks_panic() {
+    let got = ThreadComm::run_group(4, |r, c| {
+        let mut v = [r as f32];
+        c.all_reduce_f32(&mut v, ReduceOp::Sum).expect("all_reduce");
+        (r, c.rank(), v[0])
+    });
+    assert_eq!(got, vec![(0, 0, 6.0), (1, 1, 6.0), (2, 2, 6.0), (3, 3, 6.0)]);
+    let p = std::panic::catch_unwind(|| {
+        ThreadComm::run_group(2, |r, _| assert_ne!(r, 1, "rank one gives up"))
+    })
+    .expect_err("rank 1 panicked");
+    let msg = p.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(msg.contains("rank one gives up"), "{msg}");
+}

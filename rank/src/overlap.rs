@@ -267,35 +267,27 @@ mod tests {
         let total = 1_000;
         let ranges = [(700usize, 1_000usize), (400, 700), (10, 400), (0, 10)];
         for bucket_bytes in [4usize, 40, 1_200, 1 << 20] {
-            let outs: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
-                let hs: Vec<_> = ThreadComm::group(3)
-                    .into_iter()
-                    .enumerate()
-                    .map(|(r, mut c)| {
-                        s.spawn(move || {
-                            let mut local: Vec<f32> = (0..total).map(|i| val(r, i)).collect();
-                            let ((), got) = all_reduce_overlapped(
-                                &mut c,
-                                total,
-                                std::slice::from_ref(&(0..total)),
-                                bucket_bytes,
-                                |b| {
-                                    for &(a, e) in &ranges {
-                                        b.ready(a, &local[a..e]);
-                                    }
-                                    // Changed after its report: element 0 is read at finish.
-                                    local[0] = 5.0;
-                                    b.finish(&local);
-                                },
-                            )
-                            .expect("overlapped");
-                            let mut want = local.clone();
-                            c.all_reduce_f32(&mut want, ReduceOp::Sum).expect("all_reduce");
-                            (got, want)
-                        })
-                    })
-                    .collect();
-                hs.into_iter().map(|h| h.join().expect("rank")).collect()
+            let outs = ThreadComm::run_group(3, |r, c| {
+                let mut local: Vec<f32> = (0..total).map(|i| val(r, i)).collect();
+                let whole = 0..total;
+                let ((), got) = all_reduce_overlapped(
+                    c,
+                    total,
+                    std::slice::from_ref(&whole),
+                    bucket_bytes,
+                    |b| {
+                        for &(a, e) in &ranges {
+                            b.ready(a, &local[a..e]);
+                        }
+                        // Changed after its report: element 0 is read at finish.
+                        local[0] = 5.0;
+                        b.finish(&local);
+                    },
+                )
+                .expect("overlapped");
+                let mut want = local.clone();
+                c.all_reduce_f32(&mut want, ReduceOp::Sum).expect("all_reduce");
+                (got, want)
             });
             for (got, want) in &outs {
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -303,6 +295,18 @@ mod tests {
                 assert_eq!(got[0], 15.0);
             }
         }
+    }
+
+    /// How many of the (non-empty) `buckets` hold each of `total` elements.
+    fn times_covered<'a>(total: usize, buckets: impl Iterator<Item = &'a Range<usize>>) -> Vec<u8> {
+        let mut seen = vec![0u8; total];
+        for r in buckets {
+            assert!(!r.is_empty(), "an empty bucket");
+            for i in r.clone() {
+                seen[i] += 1;
+            }
+        }
+        seen
     }
 
     /// Every element lands in exactly one bucket, no bucket outgrows the limit unless one slice
@@ -322,13 +326,7 @@ mod tests {
             assert!(plan.ready(990, 20).is_empty(), "a slice past the end is ignored");
             assert!(during.iter().all(|r| r.start > 0), "element 0 waits: {during:?}");
             let rest = plan.finish();
-            let mut seen = vec![0u8; total];
-            for r in during.iter().chain(&rest) {
-                assert!(!r.is_empty());
-                for i in r.clone() {
-                    seen[i] += 1;
-                }
-            }
+            let seen = times_covered(total, during.iter().chain(&rest));
             assert!(seen.iter().all(|&c| c == 1), "bucket {bucket_bytes}: {during:?} {rest:?}");
             let largest = reports.iter().map(|r| r.1).max().unwrap_or(0);
             for r in during.iter().chain(&rest) {
@@ -371,17 +369,13 @@ mod tests {
                 during.extend(plan.ready(o, n));
             }
             let rest = plan.finish();
-            let mut seen = vec![0u8; total];
             for r in during.iter().chain(&rest) {
-                assert!(!r.is_empty());
                 assert!(
                     want_spans.iter().any(|s| s.start <= r.start && r.end <= s.end),
                     "bucket {r:?} leaves its span at {bucket_bytes}"
                 );
-                for i in r.clone() {
-                    seen[i] += 1;
-                }
             }
+            let seen = times_covered(total, during.iter().chain(&rest));
             for (i, &c) in seen.iter().enumerate() {
                 let reduced = want_spans.iter().any(|s| s.contains(&i));
                 assert_eq!(c, u8::from(reduced), "element {i} at {bucket_bytes}");
@@ -402,29 +396,18 @@ mod tests {
         let total = 600;
         let spans = [1..200, 260..590];
         for bucket_bytes in [4usize, 256, 1 << 20] {
-            let outs: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
-                let hs: Vec<_> = ThreadComm::group(3)
-                    .into_iter()
-                    .enumerate()
-                    .map(|(r, mut c)| {
-                        let spans = &spans;
-                        s.spawn(move || {
-                            let local: Vec<f32> = (0..total).map(|i| val(r, i)).collect();
-                            let ((), got) =
-                                all_reduce_overlapped(&mut c, total, spans, bucket_bytes, |b| {
-                                    for a in (0..total).step_by(50).rev() {
-                                        b.ready(a, &local[a..a + 50]);
-                                    }
-                                    b.finish(&local);
-                                })
-                                .expect("overlapped");
-                            let mut want = local.clone();
-                            c.all_reduce_f32(&mut want, ReduceOp::Sum).expect("all_reduce");
-                            (got, want)
-                        })
-                    })
-                    .collect();
-                hs.into_iter().map(|h| h.join().expect("rank")).collect()
+            let outs = ThreadComm::run_group(3, |r, c| {
+                let local: Vec<f32> = (0..total).map(|i| val(r, i)).collect();
+                let ((), got) = all_reduce_overlapped(c, total, &spans, bucket_bytes, |b| {
+                    for a in (0..total).step_by(50).rev() {
+                        b.ready(a, &local[a..a + 50]);
+                    }
+                    b.finish(&local);
+                })
+                .expect("overlapped");
+                let mut want = local.clone();
+                c.all_reduce_f32(&mut want, ReduceOp::Sum).expect("all_reduce");
+                (got, want)
             });
             for (got, want) in &outs {
                 for i in 0..total {

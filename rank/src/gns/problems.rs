@@ -232,20 +232,10 @@ pub fn run_frozen_threads(
     seed: u64,
 ) -> Result<Vec<GnsReport>, GnsError> {
     let global_batch: usize = local_batches.iter().sum();
-    let comms = ThreadComm::group(local_batches.len());
-    let results: Vec<Result<Vec<GnsReport>, GnsError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .zip(local_batches)
-            .map(|(mut comm, &local_batch)| {
-                let run = FrozenRun { steps, local_batch, micro_batches, global_batch, seed };
-                s.spawn(move || run_frozen(problem, &mut comm, groups, cfg, &run))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-            .collect()
+    let results = ThreadComm::run_group(local_batches.len(), |rank, comm| {
+        let local_batch = local_batches[rank];
+        let run = FrozenRun { steps, local_batch, micro_batches, global_batch, seed };
+        run_frozen(problem, comm, groups, cfg, &run)
     });
     let mut first = None;
     for r in results {

@@ -21,35 +21,26 @@ fn sq(v: &[f64]) -> f64 {
 /// (gradient-mean vector G_k, b_k) micro-batches) and the report of rank 0 is returned.
 fn one_step(samples: &[Vec<(Vec<f64>, usize)>], groups: &[(usize, usize)]) -> GnsReport {
     let b_global: usize = samples.iter().flatten().map(|s| s.1).sum();
-    let comms = ThreadComm::group(samples.len());
-    let reports: Vec<GnsReport> = std::thread::scope(|s| {
-        let hs: Vec<_> = comms
-            .into_iter()
-            .zip(samples)
-            .map(|(mut comm, mine)| {
-                s.spawn(move || {
-                    let mut est = GnsEstimator::new(&cfg(0.0), groups).unwrap();
-                    let d = mine[0].0.len();
-                    let mut buf = vec![0.0f32; d];
-                    for (g, b) in mine {
-                        // The partial contribution (b/B)·G_k, accumulated as the loop does.
-                        for (o, v) in buf.iter_mut().zip(g) {
-                            *o += (*v * *b as f64 / b_global as f64) as f32;
-                        }
-                        if mine.len() == 1 {
-                            est.observe_local(&buf, *b, b_global).unwrap();
-                        } else {
-                            est.observe_accumulated(&buf, *b, b_global).unwrap();
-                        }
-                    }
-                    comm.all_reduce_f32(&mut buf, ReduceOp::Sum).unwrap();
-                    let mut r = est.finish_step(&mut comm, &buf, b_global).unwrap();
-                    assert_eq!(r.len(), 1, "reduce_every = 1: one report per step");
-                    r.pop().unwrap()
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    let reports = ThreadComm::run_group(samples.len(), |rank, comm| {
+        let mine = &samples[rank];
+        let mut est = GnsEstimator::new(&cfg(0.0), groups).unwrap();
+        let d = mine[0].0.len();
+        let mut buf = vec![0.0f32; d];
+        for (g, b) in mine {
+            // The partial contribution (b/B)·G_k, accumulated as the loop does.
+            for (o, v) in buf.iter_mut().zip(g) {
+                *o += (*v * *b as f64 / b_global as f64) as f32;
+            }
+            if mine.len() == 1 {
+                est.observe_local(&buf, *b, b_global).unwrap();
+            } else {
+                est.observe_accumulated(&buf, *b, b_global).unwrap();
+            }
+        }
+        comm.all_reduce_f32(&mut buf, ReduceOp::Sum).unwrap();
+        let mut r = est.finish_step(comm, &buf, b_global).unwrap();
+        assert_eq!(r.len(), 1, "reduce_every = 1: one report per step");
+        r.pop().unwrap()
     });
     for r in &reports {
         assert_eq!(r, &reports[0], "every rank must report the same figures");
@@ -437,17 +428,7 @@ fn averaging_per_step_ratios_is_wrong_at_small_batches() {
 fn cost_measurement_runs_on_every_rank() {
     let params = 1 << 18;
     let groups: Vec<(usize, usize)> = (0..8).map(|i| (i * params / 8, params / 8)).collect();
-    let comms = ThreadComm::group(2);
-    let costs: Vec<cost::GnsCost> = std::thread::scope(|s| {
-        let hs: Vec<_> = comms
-            .into_iter()
-            .map(|mut c| {
-                let groups = &groups;
-                s.spawn(move || measure_cost(&mut c, params, groups, 5, 20).unwrap())
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let costs = ThreadComm::run_group(2, |_, c| measure_cost(c, params, &groups, 5, 20).unwrap());
     let c = &costs[0];
     eprintln!("{c:?}");
     assert_eq!((c.params, c.groups, c.reduce_every, c.iters), (params, 8, 5, 20));
@@ -461,30 +442,19 @@ fn statistics_can_ride_on_the_loss_all_reduce() {
     let groups = [(0, 2), (2, 3)];
     let ranks: Vec<Vec<(Vec<f64>, usize)>> = samples.iter().map(|s| vec![s.clone()]).collect();
     let want = one_step(&ranks, &groups);
-    let comms = ThreadComm::group(3);
-    let got: Vec<GnsReport> = std::thread::scope(|s| {
-        let hs: Vec<_> = comms
-            .into_iter()
-            .zip(&samples)
-            .map(|(mut comm, (g, b))| {
-                let groups = &groups;
-                s.spawn(move || {
-                    let mut est = GnsEstimator::new(&cfg(0.0), groups).unwrap();
-                    let mut buf: Vec<f32> =
-                        g.iter().map(|v| (v * *b as f64 / 10.0) as f32).collect();
-                    est.observe_local(&buf, *b, 10).unwrap();
-                    // [loss_partial, gns statistics...] in one f64 all-reduce.
-                    let mut s = vec![0.25];
-                    s.extend(est.local_stats().to_f64s());
-                    comm.all_reduce_f64(&mut s, ReduceOp::Sum).unwrap();
-                    assert_eq!(s[0], 0.75);
-                    comm.all_reduce_f32(&mut buf, ReduceOp::Sum).unwrap();
-                    let global = GlobalStats::from_f64s(&s[1..]).unwrap();
-                    est.update(&global, &buf, 10).unwrap()
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    let got = ThreadComm::run_group(3, |rank, comm| {
+        let (g, b) = &samples[rank];
+        let mut est = GnsEstimator::new(&cfg(0.0), &groups).unwrap();
+        let mut buf: Vec<f32> = g.iter().map(|v| (v * *b as f64 / 10.0) as f32).collect();
+        est.observe_local(&buf, *b, 10).unwrap();
+        // [loss_partial, gns statistics...] in one f64 all-reduce.
+        let mut s = vec![0.25];
+        s.extend(est.local_stats().to_f64s());
+        comm.all_reduce_f64(&mut s, ReduceOp::Sum).unwrap();
+        assert_eq!(s[0], 0.75);
+        comm.all_reduce_f32(&mut buf, ReduceOp::Sum).unwrap();
+        let global = GlobalStats::from_f64s(&s[1..]).unwrap();
+        est.update(&global, &buf, 10).unwrap()
     });
     assert_eq!(got[0], want);
     assert_eq!(GlobalStats::from_f64s(&[1.0]), None);

@@ -225,21 +225,12 @@ mod tests {
             (BenchedLoss::Siglip, LossImpl::Naive),
             (BenchedLoss::Siglip, LossImpl::Tiled),
         ];
-        let outs: Vec<Vec<LossBench>> = std::thread::scope(|s| {
-            let hs: Vec<_> = ThreadComm::group(2)
-                .into_iter()
-                .map(|mut c| {
-                    s.spawn(move || {
-                        runs.iter()
-                            .map(|&(l, i)| {
-                                bench_loss(&mut c, 301, 7, l, i, &RingLossOpts::default())
-                                    .expect("bench")
-                            })
-                            .collect::<Vec<_>>()
-                    })
+        let outs = ThreadComm::run_group(2, |_, c| {
+            runs.iter()
+                .map(|&(l, i)| {
+                    bench_loss(c, 301, 7, l, i, &RingLossOpts::default()).expect("bench")
                 })
-                .collect();
-            hs.into_iter().map(|h| h.join().expect("rank")).collect()
+                .collect::<Vec<_>>()
         });
         for o in &outs {
             for pair in o.chunks_exact(2) {

@@ -429,15 +429,7 @@ fn run(
         let o = o.expect("the ring loss");
         (o.loss, o.d_img_local, o.d_txt_local, o.d_t_partial, counts.0, counts.1, o.d_bias_partial)
     };
-    let f = &f;
-    std::thread::scope(|s| {
-        let hs: Vec<_> = ThreadComm::group(split.len())
-            .into_iter()
-            .enumerate()
-            .map(|(r, mut c)| s.spawn(move || f(r, &mut c)))
-            .collect();
-        hs.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
-    })
+    ThreadComm::run_group(split.len(), f)
 }
 
 fn max_rel(got: &[f32], want: &[f32]) -> f64 {
@@ -566,15 +558,7 @@ fn device_ring_waits_for_the_hop_in_flight_when_block_work_fails() {
                     }
                 })
             };
-            let f = &f;
-            let got: Vec<String> = std::thread::scope(|s| {
-                let hs: Vec<_> = ThreadComm::group(split.len())
-                    .into_iter()
-                    .enumerate()
-                    .map(|(r, mut c)| s.spawn(move || f(r, &mut c)))
-                    .collect();
-                hs.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
-            });
+            let got = ThreadComm::run_group(split.len(), f);
             for (r, e) in got.iter().enumerate() {
                 assert!(
                     e.contains("injected block failure"),

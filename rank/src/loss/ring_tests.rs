@@ -25,19 +25,6 @@ fn random_unit(rng: &mut crate::rng::Rng, n: usize, d: usize) -> Vec<f32> {
     v
 }
 
-/// Runs `f(rank, comm)` on `world` thread ranks and returns the results in rank order.
-fn on_ranks<R: Send>(world: usize, f: impl Fn(usize, &mut ThreadComm) -> R + Sync) -> Vec<R> {
-    let f = &f;
-    std::thread::scope(|s| {
-        let hs: Vec<_> = ThreadComm::group(world)
-            .into_iter()
-            .enumerate()
-            .map(|(r, mut c)| s.spawn(move || f(r, &mut c)))
-            .collect();
-        hs.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
-    })
-}
-
 /// `max |got − want| ≤ rel · max(max |want|, floor)`.
 fn assert_close(what: &str, got: &[f64], want: &[f64], rel: f64, floor: f64) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
@@ -85,7 +72,7 @@ fn run_split(
             Some(o)
         })
         .collect();
-    let outs = on_ranks(split.len(), |r, comm| {
+    let outs = ThreadComm::run_group(split.len(), |r, comm| {
         let (o, b) = (offs[r], split[r]);
         let (il, tl) = (&img[o * d..(o + b) * d], &txt[o * d..(o + b) * d]);
         match which {
@@ -341,7 +328,7 @@ fn positives_by_index() {
     let opts = RingLossOpts { tile_rows: 4, tile_cols: 4, threads: 0, chunk_rows: 3 };
     for which in [Which::Clip, Which::Siglip(-1.5)] {
         let offs = [0usize, 9, 15];
-        let outs = on_ranks(3, |r, comm| {
+        let outs = ThreadComm::run_group(3, |r, comm| {
             let mut ws = RingLossWorkspace::new(&opts).expect("workspace");
             let (o, b) = (offs[r], split[r]);
             let il = &img[o * d..(o + b) * d];
@@ -390,7 +377,7 @@ fn positives_by_index() {
 
 #[test]
 fn bad_inputs_are_errors_not_panics() {
-    let outs = on_ranks(1, |_, comm| {
+    let outs = ThreadComm::run_group(1, |_, comm| {
         let opts = RingLossOpts::default();
         let short = clip_loss_ring(comm, &[1.0; 5], &[1.0; 6], 3, 2, 1.0, &opts);
         let zero_d = clip_loss_ring(comm, &[], &[], 3, 0, 1.0, &opts);
@@ -424,7 +411,7 @@ fn bad_inputs_are_errors_not_panics() {
         assert!(e.contains("invalid input"), "case {k}: {e}");
     }
     // Ranks disagreeing on d: every rank gets an error naming the mismatch.
-    let outs = on_ranks(2, |r, comm| {
+    let outs = ThreadComm::run_group(2, |r, comm| {
         let d = if r == 0 { 2 } else { 3 };
         let opts = RingLossOpts::default();
         clip_loss_ring(comm, &vec![1.0; 2 * d], &vec![1.0; 2 * d], 2, d, 1.0, &opts)
@@ -437,7 +424,7 @@ fn bad_inputs_are_errors_not_panics() {
     // A bad input on one rank fails every rank (no rank is left waiting in the ring), and
     // positives given on one rank only are checked by all.
     for case in 0..3 {
-        let outs = on_ranks(3, |r, comm| {
+        let outs = ThreadComm::run_group(3, |r, comm| {
             let opts = RingLossOpts::default();
             let mut ws = RingLossWorkspace::new(&opts).expect("workspace");
             let (img, txt) = (vec![1.0f32; 4], vec![1.0f32; 4]);
@@ -535,7 +522,7 @@ fn owned_variants_match_borrowing_ones_bitwise() {
         // so the workspaces differ by exactly the gradient buffer.
         let opts = RingLossOpts { tile_rows: 4, tile_cols: 4, threads: 1, chunk_rows };
         for which in [Which::Clip, Which::Siglip(-1.0)] {
-            let outs = on_ranks(3, |r, comm| {
+            let outs = ThreadComm::run_group(3, |r, comm| {
                 let mut ws1 = RingLossWorkspace::new(&opts).expect("workspace");
                 let mut ws2 = RingLossWorkspace::new(&opts).expect("workspace");
                 let (o, b) = (offs[r], split[r]);
@@ -577,7 +564,7 @@ fn clip_ring_matches_naive_loss_per_rank() {
     let txt = random_unit(&mut rng, big_b, d);
     let offs = [0usize, 70, 73];
     let opts = RingLossOpts { tile_rows: 32, tile_cols: 48, threads: 2, chunk_rows: 0 };
-    let outs = on_ranks(3, |r, comm| {
+    let outs = ThreadComm::run_group(3, |r, comm| {
         let (o, b) = (offs[r], split[r]);
         let il = &img[o * d..(o + b) * d];
         let tl = &txt[o * d..(o + b) * d];
@@ -603,7 +590,7 @@ fn progress_reports_every_round() {
     let txt = random_unit(&mut rng, big_b, d);
     let offs = [0usize, 13];
     let opts = RingLossOpts { tile_rows: 4, tile_cols: 4, threads: 1, chunk_rows: 4 };
-    let heard = on_ranks(2, |r, comm| {
+    let heard = ThreadComm::run_group(2, |r, comm| {
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut ws = RingLossWorkspace::new(&opts).expect("workspace");
         let log = seen.clone();

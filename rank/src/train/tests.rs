@@ -109,24 +109,15 @@ fn config(out: &std::path::Path, extra: &[&str]) -> Config {
 }
 
 /// Runs `f(info, comm, cfg)` on `world` thread ranks; returns the results in rank order.
-fn on_ranks<T: Send + 'static>(
+fn on_ranks<T: Send>(
     world: usize,
     cfg: Config,
-    f: impl Fn(RankInfo, &mut ThreadComm, &Config) -> T + Send + Sync + 'static,
+    f: impl Fn(RankInfo, &mut ThreadComm, &Config) -> T + Sync,
 ) -> Vec<T> {
-    let (cfg, f) = (std::sync::Arc::new(cfg), std::sync::Arc::new(f));
-    let hs: Vec<_> = ThreadComm::group(world)
-        .into_iter()
-        .enumerate()
-        .map(|(rank, mut comm)| {
-            let (cfg, f) = (cfg.clone(), f.clone());
-            std::thread::spawn(move || {
-                let info = RankInfo { rank, world, local_size: world, local_rank: rank };
-                f(info, &mut comm, &cfg)
-            })
-        })
-        .collect();
-    hs.into_iter().map(|h| h.join().expect("rank thread")).collect()
+    ThreadComm::run_group(world, |rank, comm| {
+        let info = RankInfo { rank, world, local_size: world, local_rank: rank };
+        f(info, comm, &cfg)
+    })
 }
 
 /// Trains on `world` thread ranks; with `overlap`, every rank gets a `HostOverlap`. Returns
@@ -336,22 +327,12 @@ fn all_reduce_spans_sum_the_spans_like_the_whole_buffer() {
     let local = |r: usize| -> Vec<f32> {
         (0..total).map(|i| ((r * 31 + i * 17) % 101) as f32 * 0.37 - 18.0).collect()
     };
-    let outs: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
-        let hs: Vec<_> = ThreadComm::group(3)
-            .into_iter()
-            .enumerate()
-            .map(|(r, mut c)| {
-                let spans = &spans;
-                s.spawn(move || {
-                    let mut got = local(r);
-                    all_reduce_spans(&mut c, &mut got, spans).expect("spans");
-                    let mut whole = local(r);
-                    c.all_reduce_f32(&mut whole, ReduceOp::Sum).expect("whole");
-                    (got, whole)
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().expect("rank")).collect()
+    let outs = ThreadComm::run_group(3, |r, c| {
+        let mut got = local(r);
+        all_reduce_spans(c, &mut got, &spans).expect("spans");
+        let mut whole = local(r);
+        c.all_reduce_f32(&mut whole, ReduceOp::Sum).expect("whole");
+        (got, whole)
     });
     for (r, (got, whole)) in outs.iter().enumerate() {
         let mine = local(r);
