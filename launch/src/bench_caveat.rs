@@ -7,17 +7,13 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tessera_rank::config::Config;
 use tessera_rank::gns::contrastive::{CaveatOpts, measure};
 
 #[derive(Args, Debug)]
 pub struct CaveatArgs {
-    /// TOML config of the contrastive job (default: the embedded default job).
-    #[arg(long, short = 'c')]
-    pub config: Option<PathBuf>,
-    /// Override a config key (repeatable), e.g. --set data.synth.n_train=5000.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub overrides: Vec<String>,
+    /// The contrastive job.
+    #[command(flatten)]
+    pub job: crate::JobArgs,
     /// Measure at these parameters (a run's params.f32) instead of the initial ones.
     #[arg(long, value_name = "PARAMS_F32")]
     pub params: Option<PathBuf>,
@@ -41,7 +37,7 @@ pub struct CaveatArgs {
 }
 
 pub fn run(a: &CaveatArgs) -> Result<ExitCode> {
-    let cfg = Config::load(a.config.as_deref(), &a.overrides)?;
+    let cfg = a.job.load()?;
     let params = match &a.params {
         Some(p) => {
             let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use tessera_coordinator::{AbortInfo, CoordinatorConfig, CoordinatorHandle};
-use tessera_rank::config::Config;
 
 use crate::TrainArgs;
 
@@ -86,7 +85,7 @@ pub fn run_training(
     max_restarts: u32,
 ) -> Result<ExitCode> {
     // Resolve once here so that a bad config fails before any process starts, and print it.
-    let cfg = Config::load(train.config.as_deref(), &train.overrides)?;
+    let cfg = train.job.load()?;
     std::fs::create_dir_all(&cfg.run.out_dir)
         .with_context(|| format!("creating run.out_dir {}", cfg.run.out_dir.display()))?;
     let resolved = cfg.run.out_dir.join("config.toml");
@@ -94,15 +93,7 @@ pub fn run_training(
         .with_context(|| format!("writing {}", resolved.display()))?;
     eprintln!("# resolved config (saved to {})", resolved.display());
     eprint!("{}", cfg.to_toml());
-    let mut rank_args = Vec::new();
-    if let Some(c) = &train.config {
-        rank_args.push("--config".into());
-        rank_args.push(c.display().to_string());
-    }
-    for o in &train.overrides {
-        rank_args.push("--set".into());
-        rank_args.push(o.clone());
-    }
+    let rank_args = train.job.to_args();
     // A restarted job resumes from its newest checkpoint (a fresh start when there is none),
     // or, when the user resumed from a checkpoint elsewhere and the job has not written one of
     // its own yet, from that one again (see `restart_args_now`).

@@ -60,15 +60,44 @@ enum Command {
     Plot(plot_cmd::PlotArgs),
 }
 
-/// How to train: the config and its overrides (shared by `run` and `rank`).
+/// The job's config: a TOML file and `--set` overrides (every command that reads a job's
+/// config takes these two).
 #[derive(Args, Clone, Debug, Default)]
-pub struct TrainArgs {
+pub struct JobArgs {
     /// TOML config file (default: the embedded default job).
     #[arg(long, short = 'c')]
     pub config: Option<PathBuf>,
     /// Override a config key, e.g. --set optim.lr=0.1 --set run.steps=50 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+}
+
+impl JobArgs {
+    /// The config file (or the embedded default) with the overrides applied, checked.
+    pub fn load(&self) -> Result<tessera_rank::config::Config, tessera_rank::config::ConfigError> {
+        tessera_rank::config::Config::load(self.config.as_deref(), &self.overrides)
+    }
+
+    /// The same arguments again, for a child process (`--config F --set K=V ...`).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(c) = &self.config {
+            out.push("--config".into());
+            out.push(c.display().to_string());
+        }
+        for o in &self.overrides {
+            out.push("--set".into());
+            out.push(o.clone());
+        }
+        out
+    }
+}
+
+/// How to train: the config and its overrides (shared by `run` and `rank`).
+#[derive(Args, Clone, Debug, Default)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
     /// Continue from a checkpoint: `auto` (the newest valid one in the run's checkpoint
     /// directory; a fresh start when there is none), a ckpt-*.tsr file, or a run directory.
     /// Shorthand for --set checkpoint.resume=...
@@ -87,7 +116,7 @@ impl TrainArgs {
                     c => vec![c],
                 })
                 .collect();
-            self.overrides.push(format!("checkpoint.resume=\"{quoted}\""));
+            self.job.overrides.push(format!("checkpoint.resume=\"{quoted}\""));
         }
         self
     }

@@ -3,32 +3,26 @@
 //! `model.init_from`, a dry run of that load, so that a pretrained file is checked before a
 //! job is queued.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Args;
 use tessera_collectives::threads::ThreadComm;
-use tessera_rank::config::Config;
 use tessera_rank::model::Model;
 use tessera_rank::model::init::fetch_init;
 use tessera_rank::train::model_config;
 
 #[derive(Args, Debug)]
 pub struct ModelArgs {
-    /// TOML config file (default: the embedded default job).
-    #[arg(long, short = 'c')]
-    pub config: Option<PathBuf>,
-    /// Override a config key (repeatable), e.g. --set model.tower_a.depth=4.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub overrides: Vec<String>,
+    #[command(flatten)]
+    pub job: crate::JobArgs,
     /// One JSON object per tensor, then one for the whole model, instead of the table.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn model(a: &ModelArgs) -> Result<ExitCode> {
-    let cfg = Config::load(a.config.as_deref(), &a.overrides)?;
+    let cfg = a.job.load()?;
     let model_cfg = model_config(&cfg);
     let mut model = Model::new(&model_cfg, cfg.run.seed)?;
     let groups = model.param_groups();

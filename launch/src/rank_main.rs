@@ -23,7 +23,7 @@ use tessera_coordinator::types::Membership;
 use tessera_coordinator::{
     BlockingCoordinator, CoordinatorClient, CoordinatorConfig, JoinInfo, Progress, ProgressCell,
 };
-use tessera_rank::config::{CollectivesKind, Config};
+use tessera_rank::config::CollectivesKind;
 use tessera_rank::device::cuda::gpu::Gpu;
 use tessera_rank::device::cuda::nccl::{NcclComm, NcclOpts, nccl_id_key};
 use tessera_rank::train::{self, RankInfo};
@@ -220,7 +220,7 @@ pub fn rank_main(args: &RankArgs) -> Result<ExitCode> {
     // What the job is, resolved before joining so that its hash can be compared at rendezvous.
     let (cfg, job_hash) = match args.job.as_str() {
         "train" => {
-            let cfg = Config::load(args.train.config.as_deref(), &args.train.overrides)?;
+            let cfg = args.train.job.load()?;
             let hash = cfg.hash();
             (Some(cfg), hash)
         }
