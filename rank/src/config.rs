@@ -303,6 +303,7 @@ pub const RESUME_IGNORED_KEYS: &[&str] = &[
     // checkpoint.
     "model.init_from",
     "model.init_towers",
+    "model.init_exclude",
 ];
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -7,7 +7,9 @@
 //! valid checkpoint). A tower `dst` is loaded from the file's tower `src` (`"b=a"`), every
 //! tensor by name (`src.<rest>` → `dst.<rest>`): the file must hold each of the tower's tensors
 //! with the same shape and no other tensor under `src.`, as PyTorch's strict `load_state_dict`
-//! asks. The logit scale and bias keep their configured initial values.
+//! asks. The logit scale and bias keep their configured initial values. `model.init_exclude`
+//! leaves named tensors of a loaded tower at their initialisation (and ignores the file's
+//! tensors of those names), e.g. a classifier's head when the tower was trained contrastively.
 //!
 //! Rank 0 reads the file and sends the towers' values to every rank, so the file need only be
 //! on rank 0's machine and every rank starts from the same bits.
@@ -57,15 +59,33 @@ pub struct TowerLoad {
 pub fn tower_loads(cfg: &ModelConfig) -> Result<Vec<TowerLoad>, InitError> {
     let towers: &[&str] = if cfg.kind == ModelKind::Dual { &["a", "b"] } else { &["a"] };
     if cfg.init_from.is_none() {
-        if !cfg.init_towers.is_empty() {
-            return Err(InitError::Spec(format!(
-                "model.init_towers = {:?} without model.init_from: set model.init_from to the \
-                 safetensors file or checkpoint to load the towers from",
-                cfg.init_towers
-            )));
+        for (key, v) in [("init_towers", &cfg.init_towers), ("init_exclude", &cfg.init_exclude)] {
+            if !v.is_empty() {
+                return Err(InitError::Spec(format!(
+                    "model.{key} = {v:?} without model.init_from: set model.init_from to the \
+                     safetensors file or checkpoint to load the towers from"
+                )));
+            }
         }
         return Ok(Vec::new());
     }
+    let loads = tower_loads_of(cfg, towers)?;
+    for entry in &cfg.init_exclude {
+        let tower = entry.split_once('.').map(|p| p.0);
+        if !tower.is_some_and(|t| loads.iter().any(|l| l.dst == t)) || entry.ends_with('.') {
+            let loaded: Vec<&str> = loads.iter().map(|l| l.dst.as_str()).collect();
+            return Err(InitError::Spec(format!(
+                "model.init_exclude entry {entry:?}: not a tensor name or prefix inside a loaded \
+                 tower (loaded: {}); write e.g. \"a.out\" for a.out.weight and a.out.bias \
+                 (`tessera model` lists the names)",
+                loaded.join(", ")
+            )));
+        }
+    }
+    Ok(loads)
+}
+
+fn tower_loads_of(cfg: &ModelConfig, towers: &[&str]) -> Result<Vec<TowerLoad>, InitError> {
     if cfg.init_towers.is_empty() {
         return Ok(towers
             .iter()
@@ -117,14 +137,51 @@ fn describe(loads: &[TowerLoad]) -> String {
     parts.join(", ")
 }
 
-/// The model's tensors that `loads` fill, in buffer order.
-pub fn loaded_groups<'g>(groups: &'g [ParamGroup], loads: &[TowerLoad]) -> Vec<&'g ParamGroup> {
+/// Whether tensor `name` is `prefix` or lies under it (`a.out` holds a.out.weight, not
+/// a.outer).
+fn under(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix).is_some_and(|r| r.is_empty() || r.starts_with('.'))
+}
+
+/// The model's tensors that `loads` fill, in buffer order, but for those `exclude` names
+/// (`model.init_exclude`).
+pub fn loaded_groups<'g>(
+    groups: &'g [ParamGroup],
+    loads: &[TowerLoad],
+    exclude: &[String],
+) -> Vec<&'g ParamGroup> {
     groups
         .iter()
         .filter(|g| {
-            loads.iter().any(|l| g.name.strip_prefix(&l.dst).is_some_and(|r| r.starts_with('.')))
+            loads.iter().any(|l| under(&g.name, &l.dst) && g.name != l.dst)
+                && !exclude.iter().any(|e| under(&g.name, e))
         })
         .collect()
+}
+
+/// Each `model.init_exclude` entry must name a tensor of a loaded tower: one that names none
+/// (a typo, or another depth) is refused with the tower's names.
+fn check_exclude(
+    groups: &[ParamGroup],
+    loads: &[TowerLoad],
+    exclude: &[String],
+) -> Result<(), InitError> {
+    for e in exclude {
+        if !groups.iter().any(|g| under(&g.name, e)) {
+            let tower = e.split_once('.').map_or(e.as_str(), |p| p.0);
+            let names: Vec<&str> = groups
+                .iter()
+                .filter(|g| under(&g.name, tower) && loads.iter().any(|l| l.dst == tower))
+                .map(|g| g.name.as_str())
+                .collect();
+            return Err(InitError::Spec(format!(
+                "model.init_exclude entry {e:?} names no tensor of this model (tower {tower}'s: \
+                 {}); name a tensor or a prefix of them, e.g. \"{tower}.out\"",
+                names.join(", ")
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Element types a safetensors file may hold for a loaded tensor (converted to f32).
@@ -363,6 +420,7 @@ fn gather(
     origin: &str,
     groups: &[&ParamGroup],
     loads: &[TowerLoad],
+    exclude: &[String],
 ) -> Result<Vec<f32>, InitError> {
     let mismatch = |reason: String| InitError::Mismatch {
         origin: origin.to_string(),
@@ -374,6 +432,15 @@ fn gather(
     for l in loads {
         let prefix = format!("{}.", l.src);
         let in_file: Vec<&String> = names.iter().filter(|n| n.starts_with(&prefix)).collect();
+        // The file's tensors that land on an excluded name are not loaded, and not extra.
+        let kept: Vec<&String> = in_file
+            .iter()
+            .copied()
+            .filter(|n| {
+                let ours = format!("{}.{}", l.dst, &n[prefix.len()..]);
+                !exclude.iter().any(|e| under(&ours, e))
+            })
+            .collect();
         if in_file.is_empty() {
             let mut towers: Vec<&str> =
                 names.iter().filter_map(|n| n.split_once('.').map(|p| p.0)).collect();
@@ -406,8 +473,15 @@ fn gather(
                     if transposed {
                         ": transposed; Tessera stores a weight as [fan_in, fan_out] (y = x·W), \
                          so save PyTorch nn.Linear weights as weight.T"
+                            .to_string()
+                    } else if under(&g.name, &format!("{}.out", l.dst)) {
+                        format!(
+                            "; for a new head (another output width), model.init_exclude = \
+                             [\"{}.out\"] keeps it at its initialisation",
+                            l.dst
+                        )
                     } else {
-                        ""
+                        String::new()
                     }
                 )));
             }
@@ -421,8 +495,8 @@ fn gather(
             out.extend_from_slice(&v);
             used += 1;
         }
-        if used < in_file.len() {
-            let extra: Vec<&str> = in_file
+        if used < kept.len() {
+            let extra: Vec<&str> = kept
                 .iter()
                 .filter(|n| {
                     let rest = &n[prefix.len()..];
@@ -437,7 +511,7 @@ fn gather(
                 "its tower {:?} has {} tensors that this model's tower {:?} lacks (e.g. {}); the \
                  towers differ (compare model.tower_{}'s depth, norm and dims with the file's)",
                 l.src,
-                in_file.len() - used,
+                kept.len() - used,
                 l.dst,
                 extra.join(", "),
                 l.dst
@@ -463,16 +537,22 @@ pub fn fetch_init(
     let Some(path) = &cfg.init_from else {
         return Ok(None);
     };
-    let wanted = loaded_groups(groups, &loads);
+    check_exclude(groups, &loads, &cfg.init_exclude)?;
+    let wanted = loaded_groups(groups, &loads, &cfg.init_exclude);
     let want: usize = wanted.iter().map(|g| g.len).sum();
     let (values, line) = if comm.rank() == 0 {
         let read = open(path)
             .map_err(|reason| InitError::Source { path: path.display().to_string(), reason })
             .and_then(|(file, source)| {
                 let origin = file.display().to_string();
-                let v = gather(&source, &origin, &wanted, &loads)?;
+                let v = gather(&source, &origin, &wanted, &loads, &cfg.init_exclude)?;
+                let except = if cfg.init_exclude.is_empty() {
+                    String::new()
+                } else {
+                    format!("; kept at their initialisation: {}", cfg.init_exclude.join(", "))
+                };
                 let line = format!(
-                    "model.init_from: loaded {} of {origin} ({} tensors, {} values)",
+                    "model.init_from: loaded {} of {origin} ({} tensors, {} values{except})",
                     describe(&loads),
                     wanted.len(),
                     v.len()

@@ -353,3 +353,66 @@ fn mismatched_towers_are_refused_on_every_rank() {
         assert!(e.contains(needle), "depth {depth}: want {needle:?} in: {e}");
     }
 }
+
+/// `model.init_exclude`: a classifier's tower from a contrastive model's tower a, its head
+/// (another output width) left at its initialisation, every other tensor loaded; without the
+/// exclusion the head's shape is refused. Entries that name no tensor, lie outside the loaded
+/// towers, or come without `model.init_from` are refused, naming the fix.
+#[test]
+fn excluded_tensors_keep_their_initialisation() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = Model::new(&dual(), 5).unwrap();
+    let path = dir.path().join("contrastive.safetensors");
+    fs::write(&path, tower_file(&source, "a", "a", 0.25)).unwrap();
+    let classifier = ModelConfig {
+        kind: ModelKind::Classifier,
+        tower_a: TowerConfig { output_dim: 3, ..dual().tower_a },
+        num_classes: Some(3),
+        ..ModelConfig::default()
+    };
+    let fresh = Model::new(&classifier, 7).unwrap();
+    let mut cfg = with_init(classifier.clone(), &path, &[]);
+    let e = load_on_ranks(&cfg, 1).pop().unwrap().unwrap_err();
+    assert!(e.contains("its a.out.weight has shape [4, 2] where this model's"), "{e}");
+    assert!(e.contains("model.init_exclude = [\"a.out\"] keeps it"), "the fix: {e}");
+    cfg.init_exclude = vec!["a.out.weight".into(), "a.out.bias".into()];
+    let groups = fresh.param_groups();
+    for (r, got) in load_on_ranks(&cfg, 2).into_iter().enumerate() {
+        let got = got.unwrap();
+        for g in &groups {
+            let (lo, hi) = (g.offset, g.offset + g.len);
+            let want: Vec<f32> = if g.name.starts_with("a.out.") && !g.name.contains(".ln.") {
+                fresh.params()[lo..hi].to_vec()
+            } else {
+                let s = source.param_groups().into_iter().find(|s| s.name == g.name).unwrap();
+                source.params()[s.offset..s.offset + s.len].iter().map(|x| x + 0.25).collect()
+            };
+            assert_eq!(got[lo..hi], want[..], "rank {r}: {}", g.name);
+        }
+    }
+    // A prefix takes the head's LayerNorm too.
+    cfg.init_exclude = vec!["a.out".into()];
+    let got = load_on_ranks(&cfg, 1).pop().unwrap().unwrap();
+    let ln = groups.iter().find(|g| g.name == "a.out.ln.gamma").unwrap();
+    assert_eq!(got[ln.offset..ln.offset + ln.len], fresh.params()[ln.offset..ln.offset + ln.len]);
+    // "a.outer" is not under "a.out": it names nothing, and every rank hears it.
+    cfg.init_exclude = vec!["a.outer".into()];
+    for got in load_on_ranks(&cfg, 2) {
+        let e = got.unwrap_err();
+        assert!(e.contains("\"a.outer\" names no tensor of this model"), "{e}");
+        assert!(e.contains("a.out.weight"), "lists the tower's names: {e}");
+    }
+    // Refused when the config loads: outside the loaded towers, a whole tower, no init_from.
+    for (exclude, from, needle) in [
+        ("b.out", true, "not a tensor name or prefix inside a loaded tower (loaded: a)"),
+        ("a", true, "not a tensor name or prefix inside a loaded tower"),
+        ("a.", true, "not a tensor name or prefix"),
+        ("a.out", false, "model.init_exclude = [\"a.out\"] without model.init_from"),
+    ] {
+        let mut c =
+            if from { with_init(classifier.clone(), &path, &[]) } else { classifier.clone() };
+        c.init_exclude = vec![exclude.into()];
+        let e = tower_loads(&c).unwrap_err().to_string();
+        assert!(e.contains(needle), "{exclude}: want {needle:?} in: {e}");
+    }
+}

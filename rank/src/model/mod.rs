@@ -142,6 +142,11 @@ pub struct ModelConfig {
     /// file's tower a); empty: every tower of the model, by its own name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub init_towers: Vec<String>,
+    /// Tensors of the loaded towers that keep their initialisation: a tensor's name, or a
+    /// prefix ending at a dot (`"a.out"`: a.out.weight and a.out.bias), e.g. a classifier's head
+    /// when its tower comes from a contrastive run. Empty: every tensor is loaded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub init_exclude: Vec<String>,
     /// Initial `t`, the logit scale being `s = exp(t)`. Default `ln(1/0.07)`.
     #[serde(default = "default_logit_scale_init")]
     pub logit_scale_init: f32,
@@ -169,6 +174,7 @@ impl Default for ModelConfig {
             freeze_b: false,
             init_from: None,
             init_towers: Vec::new(),
+            init_exclude: Vec::new(),
             logit_scale_init: default_logit_scale_init(),
             logit_scale_max: default_logit_scale_max(),
             num_classes: None,
