@@ -337,6 +337,51 @@ fn lit_starts_a_locked_tower_from_pretrained_weights() {
     assert!(err.contains("gone.safetensors") && err.contains("cannot read it"), "{err}");
 }
 
+/// SimCLR, then a classifier fine-tuned from its tower (real processes, 2 ranks each): the
+/// contrastive head (32 wide) does not fit the classifier's (10 classes), and the refusal names
+/// `model.init_exclude`; with the head excluded, every other tensor of tower a starts as the
+/// SimCLR run ended (compared after steps at learning rate 0) and the head at its own
+/// initialisation.
+#[test]
+fn a_classifier_starts_from_a_simclr_tower_with_a_new_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let simclr = dir.path().join("simclr");
+    let contrastive = repo().join("examples/digits-contrastive.toml");
+    let short = ["run.steps=4", "batch.global=64", "run.eval_every=0", "checkpoint.every=0"];
+    train(2, Some(&contrastive), &short, &[], &simclr);
+    let classifier = repo().join("examples/digits-classifier.toml");
+    let init = format!("model.init_from={:?}", simclr.display().to_string());
+    let mut sets: Vec<&str> =
+        vec!["run.steps=2", "optim.lr=0", "optim.warmup_steps=0", "run.eval_every=0", &init];
+    let f = run(run_command(2, Some(&classifier), &sets, &[], &dir.path().join("x")), LIMIT);
+    assert!(!f.status.success(), "{}", f.all_output());
+    assert!(f.stderr.contains("model.init_exclude = [\"a.out\"] keeps it"), "{}", f.stderr);
+
+    sets.push("model.init_exclude=[\"a.out\"]");
+    let tuned = dir.path().join("tuned");
+    let f = run(run_command(2, Some(&classifier), &sets, &[], &tuned), LIMIT);
+    assert!(f.status.success(), "{}", f.all_output());
+    assert!(f.stderr.contains("kept at their initialisation: a.out)"), "{}", f.stderr);
+    let pre = load_checkpoint(&simclr.join("checkpoints").join(checkpoint_file_name(4))).unwrap();
+    let got = load_checkpoint(&tuned.join("checkpoints").join(checkpoint_file_name(2))).unwrap();
+    let fresh_dir = dir.path().join("fresh");
+    sets.retain(|s| !s.starts_with("model.init_"));
+    train(2, Some(&classifier), &sets, &[], &fresh_dir);
+    let fresh =
+        load_checkpoint(&fresh_dir.join("checkpoints").join(checkpoint_file_name(2))).unwrap();
+    let values = |c: &tessera_rank::checkpoint::Checkpoint, name: &str| -> Vec<f32> {
+        let t = c.tensors.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("{name}"));
+        c.params[t.offset as usize..(t.offset + t.len) as usize].to_vec()
+    };
+    let mut loaded = 0;
+    for t in &got.tensors {
+        let want = if t.name.starts_with("a.out.") { &fresh } else { &pre };
+        assert_eq!(values(&got, &t.name), values(want, &t.name), "{}", t.name);
+        loaded += usize::from(!t.name.starts_with("a.out."));
+    }
+    assert_eq!(loaded, 10, "the input layer and two blocks: {:?}", got.tensors);
+}
+
 #[test]
 fn damaged_checkpoints_are_clear_errors_and_nothing_is_overwritten() {
     let dir = tempfile::tempdir().unwrap();
