@@ -339,7 +339,8 @@ fn lit_starts_a_locked_tower_from_pretrained_weights() {
 
 /// SimCLR, then a classifier fine-tuned from its tower (real processes, 2 ranks each): the
 /// contrastive head (32 wide) does not fit the classifier's (10 classes), and the refusal names
-/// `model.init_exclude`; with the head excluded, every other tensor of tower a starts as the
+/// `model.init_exclude`; `tessera model` marks the head as not from the file; with the head
+/// excluded, every other tensor of tower a starts as the
 /// SimCLR run ended (compared after steps at learning rate 0) and the head at its own
 /// initialisation.
 #[test]
@@ -358,6 +359,19 @@ fn a_classifier_starts_from_a_simclr_tower_with_a_new_head() {
     assert!(f.stderr.contains("model.init_exclude = [\"a.out\"] keeps it"), "{}", f.stderr);
 
     sets.push("model.init_exclude=[\"a.out\"]");
+    // `tessera model` says which tensors come from the file.
+    let mut cmd = tessera();
+    cmd.arg("model").arg("--json").arg("--config").arg(&classifier);
+    cmd.args(["--set", &init, "--set", "model.init_exclude=[\"a.out\"]"]);
+    let f = run(cmd, LIMIT);
+    assert!(f.status.success(), "{}", f.all_output());
+    let listed: Vec<serde_json::Value> =
+        f.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let (_, tensors) = listed.split_last().unwrap();
+    for t in tensors {
+        let head = t["name"].as_str().unwrap().starts_with("a.out.");
+        assert_eq!(t["from_file"], !head, "{t}");
+    }
     let tuned = dir.path().join("tuned");
     let f = run(run_command(2, Some(&classifier), &sets, &[], &tuned), LIMIT);
     assert!(f.status.success(), "{}", f.all_output());

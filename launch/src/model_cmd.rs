@@ -1,7 +1,7 @@
 //! `tessera model`: the model a config builds, tensor by tensor, under the names and shapes
 //! that checkpoints, `tessera export` and `model.init_from` use; and, when the config sets
-//! `model.init_from`, a dry run of that load, so that a pretrained file is checked before a
-//! job is queued.
+//! `model.init_from`, which tensors come from the file and a dry run of that load, so that a
+//! pretrained file is checked before a job is queued.
 
 use std::process::ExitCode;
 
@@ -9,7 +9,7 @@ use anyhow::Result;
 use clap::Args;
 use tessera_collectives::threads::ThreadComm;
 use tessera_rank::model::Model;
-use tessera_rank::model::init::fetch_init;
+use tessera_rank::model::init::{fetch_init, loaded_groups, tower_loads};
 use tessera_rank::train::model_config;
 
 #[derive(Args, Debug)]
@@ -29,11 +29,23 @@ pub fn model(a: &ModelArgs) -> Result<ExitCode> {
     let total = model.num_params();
     let trainable: usize = groups.iter().filter(|g| g.trainable).map(|g| g.len).sum();
     let kind = format!("{:?}", model_cfg.kind).to_lowercase();
+    // With model.init_from: whether each tensor comes from the file (else its initialisation).
+    let from_file: Option<Vec<bool>> = match &model_cfg.init_from {
+        None => None,
+        Some(_) => {
+            let loads = tower_loads(&model_cfg)?;
+            let loaded = loaded_groups(&groups, &loads, &model_cfg.init_exclude);
+            Some(groups.iter().map(|g| loaded.iter().any(|l| l.name == g.name)).collect())
+        }
+    };
     if a.json {
-        for g in &groups {
-            let line = serde_json::json!({
+        for (i, g) in groups.iter().enumerate() {
+            let mut line = serde_json::json!({
                 "name": g.name, "shape": g.shape, "params": g.len, "trainable": g.trainable,
             });
+            if let Some(f) = &from_file {
+                line["from_file"] = f[i].into();
+            }
             println!("{line}");
         }
         let line = serde_json::json!({
@@ -43,10 +55,15 @@ pub fn model(a: &ModelArgs) -> Result<ExitCode> {
         println!("{line}");
     } else {
         let width = groups.iter().map(|g| g.name.len()).max().unwrap_or(4).max(4);
-        println!("{:<width$}  {:<12}  {:>10}  trainable", "name", "shape", "params");
-        for g in &groups {
+        let file_col = if from_file.is_some() { "  from file" } else { "" };
+        println!("{:<width$}  {:<12}  {:>10}  trainable{file_col}", "name", "shape", "params");
+        let yes_no = |b: bool| if b { "yes" } else { "no" };
+        for (i, g) in groups.iter().enumerate() {
             let shape = format!("{:?}", g.shape);
-            let t = if g.trainable { "yes" } else { "no" };
+            let t = match &from_file {
+                None => yes_no(g.trainable).to_string(),
+                Some(f) => format!("{:<9}  {}", yes_no(g.trainable), yes_no(f[i])),
+            };
             println!("{:<width$}  {shape:<12}  {:>10}  {t}", g.name, g.len);
         }
         println!(
