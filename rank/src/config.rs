@@ -392,6 +392,7 @@ impl Config {
         self.optim.validate()?;
         self.loss.validate()?;
         crate::model::init::tower_loads(&self.model).map_err(|e| e.to_string())?;
+        crate::train::model_config(self).validate().map_err(|e| e.to_string())?;
         if crate::device::cuda::device::GemmMath::parse(&self.run.cuda_gemm).is_none() {
             return Err(format!(
                 "run.cuda_gemm = {:?}: must be \"fp32\", \"tf32\" or \"bf16\"",

@@ -19,6 +19,8 @@ pub(crate) struct Ledger {
     /// Kernel arguments outside every live allocation.
     pub(crate) foreign: usize,
     pub(crate) syncs: usize,
+    /// GEMMs queued.
+    pub(crate) gemms: usize,
 }
 
 impl Ledger {
@@ -51,7 +53,9 @@ impl std::ops::DerefMut for TrackedBuf {
 
 impl Drop for TrackedBuf {
     fn drop(&mut self) {
-        let mut l = self.ledger.lock().unwrap();
+        // A test's failed assertion may have poisoned the lock; panicking again here, while
+        // unwinding, would abort the test binary instead of reporting that assertion.
+        let mut l = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
         l.live.remove(&self.start);
         l.dirty.remove(&self.start);
     }
@@ -162,6 +166,7 @@ impl Device for Tracked {
     ) {
         self.reads(&[a, b]);
         self.writes(c);
+        self.ledger().gemms += 1;
         self.cpu.gemm(trans_a, trans_b, m, n, k, alpha, a, b, beta, c)
     }
 

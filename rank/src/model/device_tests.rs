@@ -34,7 +34,7 @@ fn contrastive_on_tracked(cfg: &ModelConfig, batch: usize) {
     let xb = inputs(2, batch * b_dim);
     let d = cfg.tower_a.output_dim;
     let (ga, gb) = (inputs(3, batch * d), inputs(4, batch * d));
-    let frozen_b = cfg.freeze_b;
+    let frozen_b = !host.tower_b().trainable;
     let mut layers = Vec::new();
     for step in 0..2 {
         host.zero_grads();
@@ -197,5 +197,57 @@ fn optimizer_runs_in_device_buffers() {
         }
         drop((on_dev, p_dev, g_dev));
         assert!(dev.ledger().live.is_empty(), "{}: device buffers outlived the optimizer", c.name);
+    }
+}
+
+/// Partly frozen towers (a frozen input layer, a frozen LayerNorm gain, a frozen block) in
+/// device buffers: the spare buffers of frozen γ and β follow the same contract.
+#[test]
+fn partly_frozen_towers_run_in_device_buffers() {
+    let cfg = ModelConfig {
+        tower_a: tower(2, Norm::LayerNorm, Activation::Gelu, true),
+        tower_b: tower(1, Norm::LayerNorm, Activation::Relu, false),
+        freeze: ["a.in", "a.blocks.0.ln.gamma", "a.out.ln.beta", "b.blocks.0"]
+            .map(String::from)
+            .to_vec(),
+        ..ModelConfig::default()
+    };
+    contrastive_on_tracked(&cfg, 5);
+}
+
+/// The backward ends at the lowest layer that trains: a classifier of depth 2 runs 7 GEMMs
+/// (the input layer's dW; dW and dX of both blocks and the head), a linear probe 2 (the
+/// head's dW, and its dX for the head's LayerNorm), or 1 with that LayerNorm frozen too.
+#[test]
+fn the_backward_stops_below_the_lowest_trainable_layer() {
+    let cases: [(&[&str], usize); 5] = [
+        (&[], 7),
+        (&["a.in"], 6),
+        (&["a.in", "a.blocks.0"], 4),
+        (&["a.in", "a.blocks"], 2),
+        (&["a.in", "a.blocks", "a.out.ln"], 1),
+    ];
+    for (freeze, want) in cases {
+        let cfg = ModelConfig {
+            kind: ModelKind::Classifier,
+            tower_a: tower(2, Norm::LayerNorm, Activation::Gelu, true),
+            freeze: freeze.iter().map(|s| s.to_string()).collect(),
+            ..ModelConfig::default()
+        };
+        let cpu = CpuDevice::new(1);
+        let dev = Tracked::new();
+        let mut host = Model::new(&cfg, 2).unwrap();
+        let mut on_dev = host.clone().into_device(&dev);
+        let batch = 6;
+        let x = inputs(5, batch * 7);
+        let g = inputs(6, batch * 5);
+        on_dev.forward_logits(&dev, &x, batch);
+        let gemms0 = dev.ledger().gemms;
+        on_dev.backward_logits(&dev, &g);
+        assert_eq!(dev.ledger().gemms - gemms0, want, "{freeze:?}: GEMMs in the backward");
+        assert_eq!(dev.dirty(), 0);
+        host.forward_logits(&cpu, &x, batch);
+        host.backward_logits(&cpu, &g);
+        same_bits("gradients", on_dev.grads(), host.grads());
     }
 }

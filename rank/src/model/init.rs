@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::{ModelConfig, ModelKind, ParamGroup};
+use super::{ModelConfig, ModelKind, ParamGroup, under};
 use crate::checkpoint::{self, CHECKPOINT_MAGIC, Checkpoint};
 
 /// Errors of `model.init_from` / `model.init_towers`, each naming the key, the file or the
@@ -135,12 +135,6 @@ fn describe(loads: &[TowerLoad]) -> String {
         })
         .collect();
     parts.join(", ")
-}
-
-/// Whether tensor `name` is `prefix` or lies under it (`a.out` holds a.out.weight, not
-/// a.outer).
-fn under(name: &str, prefix: &str) -> bool {
-    name.strip_prefix(prefix).is_some_and(|r| r.is_empty() || r.starts_with('.'))
 }
 
 /// The model's tensors that `loads` fill, in buffer order, but for those `exclude` names

@@ -134,6 +134,13 @@ pub struct ModelConfig {
     /// LiT: tower b is frozen (dual only): its gradients stay zero.
     #[serde(default)]
     pub freeze_b: bool,
+    /// Tensors that keep their initial (or loaded) values: a tensor's name, or a prefix ending
+    /// at a dot (`"a.blocks"`: every block of tower a; `"b"`: tower b, as `freeze_b`;
+    /// `"logit_scale"`: a fixed temperature). Their gradients stay zero and are not
+    /// all-reduced; a tower's backward stops below its lowest trainable layer. A linear probe
+    /// of a classifier: `["a.in", "a.blocks"]`. Empty: everything trains.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub freeze: Vec<String>,
     /// Pretrained weights for the towers: a safetensors file or a Tessera checkpoint (see
     /// [`init`]). `None`: every tower starts from its random initialisation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -172,6 +179,7 @@ impl Default for ModelConfig {
             tower_a: TowerConfig::default(),
             tower_b: TowerConfig::default(),
             freeze_b: false,
+            freeze: Vec::new(),
             init_from: None,
             init_towers: Vec::new(),
             init_exclude: Vec::new(),
@@ -209,6 +217,8 @@ pub enum ModelError {
     LogitScale { init: f32, max: f32 },
     #[error("model has {0} parameters, more than this build can address; shrink the towers")]
     TooLarge(usize),
+    #[error("{0}")]
+    Freeze(String),
 }
 
 /// One parameter tensor's place in the parameter (and gradient) buffer.
@@ -221,7 +231,7 @@ pub struct ParamGroup {
     /// `[fan_in, fan_out]` for weights, `[n]` for biases and LayerNorm γ/β, `[]` for the logit
     /// scale.
     pub shape: Vec<usize>,
-    /// False for a frozen tower's tensors.
+    /// False for a frozen tensor (`model.freeze`, `model.freeze_b`, a fixed logit bias).
     pub trainable: bool,
 }
 
@@ -231,13 +241,29 @@ struct Linear {
     b: usize,
     fan_in: usize,
     fan_out: usize,
+    /// Whether the weight and the bias train (a frozen one gets no gradient).
+    train: (bool, bool),
 }
 
 /// `Linear(act(norm(h)))`.
 #[derive(Clone, Debug)]
 struct Unit {
     ln: Option<(usize, usize)>,
+    /// Whether the LayerNorm's γ and β train.
+    ln_train: (bool, bool),
     lin: Linear,
+}
+
+impl Linear {
+    fn trains(&self) -> bool {
+        self.train.0 || self.train.1
+    }
+}
+
+impl Unit {
+    fn trains(&self) -> bool {
+        self.lin.trains() || (self.ln.is_some() && (self.ln_train.0 || self.ln_train.1))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -247,7 +273,11 @@ struct Tower {
     blocks: Vec<Unit>,
     head: Unit,
     normalize: bool,
+    /// Whether any tensor of the tower trains.
     trainable: bool,
+    /// The lowest layer with a tensor that trains (0: the input layer, `i + 1`: block `i`,
+    /// `depth + 1`: the head): the backward stops there. `None` for a frozen tower.
+    lowest: Option<usize>,
 }
 
 /// What a unit's backward needs, in device buffers.
@@ -278,24 +308,34 @@ struct TowerCache<B> {
     l2: Option<(B, B)>,
 }
 
-struct Layout {
+struct Layout<'f> {
     groups: Vec<ParamGroup>,
     next: usize,
+    /// `model.freeze`: the names and prefixes of frozen tensors.
+    frozen: &'f [String],
 }
 
-impl Layout {
+impl Layout<'_> {
+    /// Adds a tensor; it trains when `trainable` and `model.freeze` does not name it.
     fn add(&mut self, name: String, shape: Vec<usize>, trainable: bool) -> usize {
         let len = shape.iter().product::<usize>();
         let offset = self.next;
+        let trainable = trainable && !self.frozen.iter().any(|f| under(&name, f));
         self.groups.push(ParamGroup { name, offset, len, shape, trainable });
         self.next += len;
         offset
     }
 
+    /// Whether the tensor added last trains.
+    fn trains(&self) -> bool {
+        self.groups.last().is_some_and(|g| g.trainable)
+    }
+
     fn linear(&mut self, prefix: &str, fan_in: usize, fan_out: usize, trainable: bool) -> Linear {
         let w = self.add(format!("{prefix}.weight"), vec![fan_in, fan_out], trainable);
+        let tw = self.trains();
         let b = self.add(format!("{prefix}.bias"), vec![fan_out], trainable);
-        Linear { w, b, fan_in, fan_out }
+        Linear { w, b, fan_in, fan_out, train: (tw, self.trains()) }
     }
 
     fn unit(
@@ -306,27 +346,36 @@ impl Layout {
         fan_out: usize,
         trainable: bool,
     ) -> Unit {
-        let ln = match norm {
+        let (ln, ln_train) = match norm {
             Norm::LayerNorm => {
                 let g = self.add(format!("{prefix}.ln.gamma"), vec![fan_in], trainable);
+                let tg = self.trains();
                 let b = self.add(format!("{prefix}.ln.beta"), vec![fan_in], trainable);
-                Some((g, b))
+                (Some((g, b)), (tg, self.trains()))
             }
-            Norm::None => None,
+            Norm::None => (None, (false, false)),
         };
-        Unit { ln, lin: self.linear(prefix, fan_in, fan_out, trainable) }
+        Unit { ln, ln_train, lin: self.linear(prefix, fan_in, fan_out, trainable) }
     }
 
     fn tower(&mut self, name: &str, cfg: &TowerConfig, normalize: bool, trainable: bool) -> Tower {
         let input = self.linear(&format!("{name}.in"), cfg.input_dim, cfg.width, trainable);
-        let blocks = (0..cfg.depth)
+        let blocks: Vec<Unit> = (0..cfg.depth)
             .map(|i| {
                 self.unit(&format!("{name}.blocks.{i}"), cfg.norm, cfg.width, cfg.width, trainable)
             })
             .collect();
         let head =
             self.unit(&format!("{name}.out"), cfg.norm, cfg.width, cfg.output_dim, trainable);
-        Tower { cfg: cfg.clone(), input, blocks, head, normalize, trainable }
+        let lowest = if input.trains() {
+            Some(0)
+        } else if let Some(i) = blocks.iter().position(Unit::trains) {
+            Some(i + 1)
+        } else {
+            head.trains().then_some(blocks.len() + 1)
+        };
+        let trainable = lowest.is_some();
+        Tower { cfg: cfg.clone(), input, blocks, head, normalize, trainable, lowest }
     }
 }
 
@@ -374,7 +423,7 @@ fn linear_fwd<D: Device>(dev: &D, p: &[f32], l: &Linear, x: &[f32], batch: usize
     y
 }
 
-/// Accumulates dW, db; returns dX when `want_dx`.
+/// Accumulates dW and db (those that train); returns dX when `want_dx`.
 #[allow(clippy::too_many_arguments)]
 fn linear_bwd<D: Device>(
     dev: &D,
@@ -387,8 +436,12 @@ fn linear_bwd<D: Device>(
     want_dx: bool,
 ) -> Option<D::Buf> {
     let (fi, fo) = (l.fan_in, l.fan_out);
-    dev.gemm(true, false, fi, fo, batch, 1.0, x, dy, 1.0, &mut g[l.w..l.w + fi * fo]);
-    dev.bias_grad(dy, batch, fo, &mut g[l.b..l.b + fo]);
+    if l.train.0 {
+        dev.gemm(true, false, fi, fo, batch, 1.0, x, dy, 1.0, &mut g[l.w..l.w + fi * fo]);
+    }
+    if l.train.1 {
+        dev.bias_grad(dy, batch, fo, &mut g[l.b..l.b + fo]);
+    }
     if !want_dx {
         return None;
     }
@@ -429,6 +482,8 @@ fn unit_fwd<D: Device>(
     (y, UnitCache { h, ln, a })
 }
 
+/// Accumulates the unit's gradients (those that train); returns the gradient of its input when
+/// `want_dh` (a layer below trains).
 #[allow(clippy::too_many_arguments)]
 fn unit_bwd<D: Device>(
     dev: &D,
@@ -439,16 +494,25 @@ fn unit_bwd<D: Device>(
     c: &UnitCache<D::Buf>,
     dy: &[f32],
     batch: usize,
-) -> D::Buf {
+    want_dh: bool,
+) -> Option<D::Buf> {
     let n = u.lin.fan_in;
-    let da = linear_bwd(dev, p, g, &u.lin, &c.a, dy, batch, true)
-        .expect("linear_bwd returns dX when asked");
+    let ln_trains = u.ln.is_some() && (u.ln_train.0 || u.ln_train.1);
+    let da = linear_bwd(dev, p, g, &u.lin, &c.a, dy, batch, want_dh || ln_trains)?;
     let mut dz = dev.alloc(batch * n);
     act_bwd(dev, act, c.ln.as_ref().map_or(&c.h, |l| &l.z), &da, &mut dz);
-    match (u.ln, &c.ln) {
+    let dh = match (u.ln, &c.ln) {
         (Some((go, bo)), Some(l)) => {
             let mut dh = dev.alloc(batch * n);
-            let (dgamma, dbeta) = two_mut(g, go, n, bo, n);
+            // A frozen γ or β: the kernel writes its gradient to a spare buffer.
+            let mut spare = (u.ln_train != (true, true)).then(|| dev.alloc(2 * n));
+            let (dgamma, dbeta): (&mut [f32], &mut [f32]) = match (u.ln_train, spare.as_deref_mut())
+            {
+                (_, None) => two_mut(g, go, n, bo, n),
+                ((true, _), Some(s)) => (&mut g[go..go + n], &mut s[..n]),
+                ((false, true), Some(s)) => (&mut s[..n], &mut g[bo..bo + n]),
+                ((false, false), Some(s)) => s.split_at_mut(n),
+            };
             dev.layernorm_bwd(
                 &c.h,
                 &p[go..go + n],
@@ -464,7 +528,8 @@ fn unit_bwd<D: Device>(
             dh
         }
         _ => dz,
-    }
+    };
+    want_dh.then_some(dh)
 }
 
 impl Tower {
@@ -551,9 +616,9 @@ impl Tower {
             dout.len(),
             cfg.output_dim
         );
-        if !self.trainable {
+        let Some(lowest) = self.lowest else {
             return;
-        }
+        };
         let mut dy = dev.alloc(dout.len());
         match &cache.l2 {
             Some((feat, norms)) => {
@@ -574,11 +639,25 @@ impl Tower {
                 (rep.ready)(r.start, &g[r]);
             }
         };
-        let mut dh = unit_bwd(dev, p, g, cfg.activation, &self.head, &cache.units[nb], &dy, batch);
-        report(g, unit_range(&self.head));
-        for (u, c) in self.blocks.iter().zip(&cache.units).rev() {
-            let dx = unit_bwd(dev, p, g, cfg.activation, u, c, &dh, batch);
-            report(g, unit_range(u));
+        // Each layer passes a gradient down only while a layer below it trains: the backward
+        // ends at the lowest one (a linear probe's runs through the head alone).
+        let head = &self.head;
+        let dh =
+            unit_bwd(dev, p, g, cfg.activation, head, &cache.units[nb], &dy, batch, lowest <= nb);
+        if head.trains() {
+            report(g, unit_range(head));
+        }
+        let Some(mut dh) = dh else {
+            return;
+        };
+        for (i, (u, c)) in self.blocks.iter().zip(&cache.units).enumerate().rev() {
+            let dx = unit_bwd(dev, p, g, cfg.activation, u, c, &dh, batch, lowest <= i);
+            if u.trains() {
+                report(g, unit_range(u));
+            }
+            let Some(dx) = dx else {
+                return;
+            };
             if cfg.residual {
                 dev.add_inplace(&mut dh, &dx);
             } else {
@@ -626,9 +705,31 @@ pub struct Model<B = Vec<f32>> {
     cache_b: Option<TowerCache<B>>,
 }
 
-impl Model {
-    /// Validates `cfg` and initialises the parameters deterministically from `seed`.
-    pub fn new(cfg: &ModelConfig, seed: u64) -> Result<Model, ModelError> {
+/// Whether tensor `name` lies under `prefix`: the name itself, or a prefix ending at a dot
+/// (`a.out` holds a.out.weight and a.out.ln.gamma, not a.outer.weight).
+pub(crate) fn under(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix).is_some_and(|r| r.is_empty() || r.starts_with('.'))
+}
+
+/// A model's layout before its parameters exist.
+struct Plan {
+    towers: Vec<Tower>,
+    t_offset: Option<usize>,
+    bias_offset: Option<usize>,
+    groups: Vec<ParamGroup>,
+    total: usize,
+}
+
+impl ModelConfig {
+    /// Checks what [`Model::new`] checks (dimensions, `model.freeze`, …) without allocating
+    /// the parameters: for a configuration's validation before any rank starts.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        Plan::new(self).map(|_| ())
+    }
+}
+
+impl Plan {
+    fn new(cfg: &ModelConfig) -> Result<Plan, ModelError> {
         validate_tower("tower_a", &cfg.tower_a)?;
         match cfg.kind {
             ModelKind::Dual => {
@@ -667,7 +768,7 @@ impl Model {
             });
         }
 
-        let mut layout = Layout { groups: Vec::new(), next: 0 };
+        let mut layout = Layout { groups: Vec::new(), next: 0, frozen: &cfg.freeze };
         let mut towers = vec![layout.tower("a", &cfg.tower_a, contrastive, true)];
         if cfg.kind == ModelKind::Dual {
             towers.push(layout.tower("b", &cfg.tower_b, true, !cfg.freeze_b));
@@ -683,8 +784,50 @@ impl Model {
         if total > (isize::MAX as usize) / 8 {
             return Err(ModelError::TooLarge(total));
         }
+        check_freeze(&cfg.freeze, &layout.groups)?;
+        Ok(Plan { towers, t_offset, bias_offset, groups: layout.groups, total })
+    }
+}
+
+/// Each `model.freeze` entry must name a tensor, and something must be left to train.
+fn check_freeze(freeze: &[String], groups: &[ParamGroup]) -> Result<(), ModelError> {
+    for f in freeze {
+        if f.ends_with('.') || !groups.iter().any(|g| under(&g.name, f)) {
+            let top = f.split('.').next().unwrap_or_default();
+            let mut names: Vec<&str> =
+                groups.iter().filter(|g| under(&g.name, top)).map(|g| g.name.as_str()).collect();
+            let what = if names.is_empty() {
+                names =
+                    groups.iter().map(|g| g.name.split('.').next().unwrap_or_default()).collect();
+                names.dedup();
+                "its towers and scalars".to_string()
+            } else {
+                format!("tower {top}'s tensors")
+            };
+            return Err(ModelError::Freeze(format!(
+                "model.freeze entry {f:?} names no tensor of this model ({what}: {}); name a \
+                 tensor, or a prefix ending at a dot such as \"a.blocks\" (`tessera model` lists \
+                 the names)",
+                names.join(", ")
+            )));
+        }
+    }
+    if !freeze.is_empty() && !groups.iter().any(|g| g.trainable) {
+        return Err(ModelError::Freeze(format!(
+            "model.freeze = {freeze:?}: no tensor of this model is left to train; leave at \
+             least one out (a linear probe of a classifier: [\"a.in\", \
+             \"a.blocks\"])"
+        )));
+    }
+    Ok(())
+}
+
+impl Model {
+    /// Validates `cfg` and initialises the parameters deterministically from `seed`.
+    pub fn new(cfg: &ModelConfig, seed: u64) -> Result<Model, ModelError> {
+        let Plan { towers, t_offset, bias_offset, groups, total } = Plan::new(cfg)?;
         let mut params = vec![0.0f32; total];
-        for (k, g) in layout.groups.iter().enumerate() {
+        for (k, g) in groups.iter().enumerate() {
             let dst = &mut params[g.offset..g.offset + g.len];
             if g.name == "logit_scale" {
                 dst[0] = cfg.logit_scale_init;
@@ -707,7 +850,7 @@ impl Model {
             towers,
             t_offset,
             bias_offset,
-            groups: layout.groups,
+            groups,
             grads: vec![0.0; total],
             params,
             cache_a: None,
@@ -985,11 +1128,18 @@ impl<B: DeviceBuf> Model<B> {
         self.logit_scale_param().exp()
     }
 
-    /// Adds `dt` to `∂L/∂t` (no-op on a classifier).
+    /// Adds `dt` to `∂L/∂t` (no-op on a classifier, or when `t` is frozen).
     pub fn add_logit_scale_grad(&mut self, dt: f32) {
-        if let Some(o) = self.t_offset {
+        if let Some(o) = self.t_offset
+            && self.trains_at(o)
+        {
             self.grads[o] += dt;
         }
+    }
+
+    /// Whether the tensor at `offset` trains (the scalars are the last tensors).
+    fn trains_at(&self, offset: usize) -> bool {
+        self.groups.iter().rev().find(|g| g.offset == offset).is_some_and(|g| g.trainable)
     }
 
     /// The logit bias β (0 when the model has none).
@@ -1000,7 +1150,7 @@ impl<B: DeviceBuf> Model<B> {
     /// Adds `g` to `∂L/∂β` (no-op without a bias, or when it is frozen).
     pub fn add_logit_bias_grad(&mut self, g: f32) {
         if let Some(o) = self.bias_offset
-            && !self.cfg.freeze_logit_bias
+            && self.trains_at(o)
         {
             self.grads[o] += g;
         }

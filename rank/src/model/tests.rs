@@ -364,3 +364,140 @@ fn config_from_toml() {
     let err = toml::from_str::<ModelConfig>("[tower_a]\nnorm = \"batchnorm\"").unwrap_err();
     assert!(err.to_string().contains("batchnorm"), "{err}");
 }
+
+fn names_where(m: &Model, trainable: bool) -> Vec<String> {
+    m.param_groups().into_iter().filter(|g| g.trainable == trainable).map(|g| g.name).collect()
+}
+
+/// `model.freeze` names tensors, or prefixes ending at a dot; `freeze_b` and a frozen logit
+/// bias add theirs.
+#[test]
+fn freeze_marks_the_named_tensors() {
+    let mut cfg = dual(
+        tower(3, 4, 2, 2, Norm::LayerNorm, Activation::Gelu, true),
+        tower(3, 4, 0, 2, Norm::LayerNorm, Activation::Gelu, true),
+    );
+    cfg.freeze = vec!["a.blocks.1".into(), "b.out.ln.gamma".into(), "logit_scale".into()];
+    let frozen = names_where(&Model::new(&cfg, 0).unwrap(), false);
+    let want = [
+        "a.blocks.1.ln.gamma",
+        "a.blocks.1.ln.beta",
+        "a.blocks.1.weight",
+        "a.blocks.1.bias",
+        "b.out.ln.gamma",
+        "logit_scale",
+    ];
+    assert_eq!(frozen, want);
+    // "a.blocks.1" is not a prefix of "a.blocks.10": a prefix ends at a dot.
+    let mut deep = cfg.clone();
+    deep.tower_a.depth = 11;
+    let frozen = names_where(&Model::new(&deep, 0).unwrap(), false);
+    assert_eq!(frozen, want, "depth 11");
+
+    cfg.freeze = vec!["b".into()];
+    let by_name = Model::new(&cfg, 0).unwrap().param_groups();
+    cfg.freeze = Vec::new();
+    cfg.freeze_b = true;
+    assert_eq!(by_name, Model::new(&cfg, 0).unwrap().param_groups(), "\"b\" is freeze_b");
+}
+
+/// Each case's frozen tensors get no gradient, and every other tensor bitwise the gradient it
+/// gets when nothing is frozen: the backward passes the gradient down through frozen layers
+/// while a layer below trains, and stops at the lowest one that does. One case is also checked
+/// against finite differences of the f64 reference.
+#[test]
+fn frozen_tensors_get_no_gradient_and_the_rest_the_whole_models() {
+    let full = dual(
+        tower(3, 5, 3, 4, Norm::LayerNorm, Activation::Gelu, true),
+        tower(2, 5, 2, 4, Norm::None, Activation::Relu, false),
+    );
+    let all = Model::new(&full, 7).unwrap();
+    let weights: Vec<String> = all
+        .param_groups()
+        .into_iter()
+        .filter(|g| g.name.ends_with(".weight"))
+        .map(|g| g.name)
+        .collect();
+    let cases: Vec<Vec<String>> = [
+        // a linear probe of tower a (the head and its LayerNorm train)
+        vec!["a.in", "a.blocks"],
+        // the top block and the head of tower a
+        vec!["a.in", "a.blocks.0", "a.blocks.1"],
+        // frozen layers between trainable ones, with and without a residual stream
+        vec!["a.blocks.1", "b.blocks.0"],
+        // single tensors, and a fixed temperature
+        vec!["a.out.ln.gamma", "a.in.bias", "b.blocks.1.weight", "logit_scale"],
+        // a frozen tower a
+        vec!["a"],
+    ]
+    .into_iter()
+    .map(|c| c.into_iter().map(String::from).collect())
+    .chain([weights]) // BitFit: only the biases and LayerNorms train
+    .collect();
+
+    let dev = CpuDevice::new(1);
+    let batch = 4;
+    let (xa, xb) = (inputs(1, batch * 3), inputs(2, batch * 2));
+    let (ga, gb) = (inputs(3, batch * 4), inputs(4, batch * 4));
+    let grads = |m: &mut Model| {
+        m.forward_pair(&dev, &xa, &xb, batch);
+        m.backward_pair(&dev, &ga, &gb);
+        m.add_logit_scale_grad(0.375);
+        m.grads().to_vec()
+    };
+    let want = grads(&mut all.clone());
+    for freeze in cases {
+        let cfg = ModelConfig { freeze: freeze.clone(), ..full.clone() };
+        let mut m = Model::new(&cfg, 7).unwrap();
+        assert_eq!(m.params(), all.params(), "{freeze:?}: the initialisation");
+        let got = grads(&mut m);
+        let groups = m.param_groups();
+        assert!(groups.iter().any(|g| !g.trainable) && groups.iter().any(|g| g.trainable));
+        for g in groups {
+            let (got, want) = (&got[g.offset..g.offset + g.len], &want[g.offset..g.offset + g.len]);
+            if g.trainable {
+                assert!(
+                    got.iter().zip(want).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{freeze:?}: {} differs from the whole model's gradient",
+                    g.name
+                );
+                assert!(got.iter().any(|v| *v != 0.0), "{freeze:?}: {} has no gradient", g.name);
+            } else {
+                assert!(got.iter().all(|v| *v == 0.0), "{freeze:?}: frozen {} moved", g.name);
+            }
+        }
+    }
+    let probe = ModelConfig { freeze: vec!["a.blocks.1".into(), "b.in".into()], ..full };
+    check_contrastive(&probe, 4, &[1, 3]);
+}
+
+#[test]
+fn freeze_entries_that_name_nothing_are_refused() {
+    let base = ModelConfig { kind: ModelKind::Shared, ..ModelConfig::default() };
+    let refused = |freeze: &[&str]| {
+        let cfg =
+            ModelConfig { freeze: freeze.iter().map(|s| s.to_string()).collect(), ..base.clone() };
+        let e = Model::new(&cfg, 0).unwrap_err();
+        assert!(matches!(e, ModelError::Freeze(_)), "{freeze:?}: {e}");
+        let e = e.to_string();
+        assert_eq!(cfg.validate().unwrap_err().to_string(), e, "validate() refuses as new()");
+        e
+    };
+    let e = refused(&["a.outer"]);
+    assert!(e.contains("\"a.outer\" names no tensor") && e.contains("a.out.weight"), "{e}");
+    let e = refused(&["b"]);
+    assert!(e.contains("its towers and scalars: a, logit_scale"), "{e}");
+    assert!(refused(&["a.blocks."]).contains("prefix ending at a dot"));
+    assert!(refused(&["a.in.w"]).contains("a.in.weight"));
+    let e = refused(&["a", "logit_scale"]);
+    assert!(e.contains("no tensor of this model is left to train"), "{e}");
+    // A classifier has no logit scale: a frozen tower a leaves nothing.
+    let cfg = ModelConfig {
+        kind: ModelKind::Classifier,
+        freeze: vec!["a".into()],
+        ..ModelConfig::default()
+    };
+    assert!(Model::new(&cfg, 0).unwrap_err().to_string().contains("left to train"));
+    let ok = ModelConfig { freeze: vec!["a.in".into(), "logit_scale".into()], ..base };
+    assert_eq!(ok.validate(), Ok(()));
+}

@@ -343,30 +343,36 @@ fn all_reduce_spans_sum_the_spans_like_the_whole_buffer() {
     }
 }
 
-/// LiT on three ranks: the trainable ranges' all-reduce, the host buckets over them
+/// Frozen tensors on three ranks (LiT's tower b; `model.freeze` of a layer in each tower and of
+/// the temperature): the trainable ranges' all-reduce, the host buckets over them
 /// (`run.overlap_allreduce`) and the device path's buckets (whose stand-in checks at `take`
 /// that no frozen element was reduced) train bitwise alike.
 #[test]
-fn a_frozen_tower_trains_bitwise_alike_on_every_all_reduce_path() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let lit = ["model.freeze_b=true", "batch.global=30"];
-    let mut over = lit.to_vec();
-    over.extend(["run.overlap_allreduce=true", "run.allreduce_bucket_bytes=256"]);
-    let (want, _) = run(3, config(&dir.path().join("plain"), &lit), false);
-    let (host, _) = run(3, config(&dir.path().join("host"), &over), false);
-    let device_cfg = config(&dir.path().join("device"), &over);
-    let groups = Model::new(&model_config(&device_cfg), 0).expect("model").param_groups();
-    let trainable: usize = groups.iter().filter(|g| g.trainable).map(|g| g.len).sum();
-    assert!(trainable < groups.iter().map(|g| g.len).sum::<usize>());
-    let (device, counts) = run(3, device_cfg, true);
-    for (what, got) in [("host buckets", &host), ("device buckets", &device)] {
-        assert_eq!(got.params_sha256, want.params_sha256, "{what}");
-        assert_eq!(got.loss.to_bits(), want.loss.to_bits(), "{what}");
-    }
-    for (steps, reports, values) in counts {
-        assert_eq!(steps, 4, "one overlapped all-reduce per step");
-        assert_eq!(values, 4 * trainable, "the trainable elements, once per step");
-        // Tower a's head, 2 blocks and input layer every step; the frozen tower b reports none.
-        assert_eq!(reports, 4 * 4, "layer reports");
+fn frozen_tensors_train_bitwise_alike_on_every_all_reduce_path() {
+    // Layer reports per step: LiT's tower a (head, 2 blocks, input layer); with a frozen input
+    // layer of tower a and block 1 of tower b, 3 of each tower's 4 layers.
+    let cases: [(&str, usize); 2] =
+        [("model.freeze_b=true", 4), (r#"model.freeze=["a.in", "b.blocks.1", "logit_scale"]"#, 6)];
+    for (freeze, layers) in cases {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lit = [freeze, "batch.global=30"];
+        let mut over = lit.to_vec();
+        over.extend(["run.overlap_allreduce=true", "run.allreduce_bucket_bytes=256"]);
+        let (want, _) = run(3, config(&dir.path().join("plain"), &lit), false);
+        let (host, _) = run(3, config(&dir.path().join("host"), &over), false);
+        let device_cfg = config(&dir.path().join("device"), &over);
+        let groups = Model::new(&model_config(&device_cfg), 0).expect("model").param_groups();
+        let trainable: usize = groups.iter().filter(|g| g.trainable).map(|g| g.len).sum();
+        assert!(trainable < groups.iter().map(|g| g.len).sum::<usize>());
+        let (device, counts) = run(3, device_cfg, true);
+        for (what, got) in [("host buckets", &host), ("device buckets", &device)] {
+            assert_eq!(got.params_sha256, want.params_sha256, "{freeze}: {what}");
+            assert_eq!(got.loss.to_bits(), want.loss.to_bits(), "{freeze}: {what}");
+        }
+        for (steps, reports, values) in counts {
+            assert_eq!(steps, 4, "{freeze}: one overlapped all-reduce per step");
+            assert_eq!(values, 4 * trainable, "{freeze}: the trainable elements, once per step");
+            assert_eq!(reports, 4 * layers, "{freeze}: layer reports");
+        }
     }
 }
