@@ -396,6 +396,80 @@ fn a_classifier_starts_from_a_simclr_tower_with_a_new_head() {
     assert_eq!(loaded, 10, "the input layer and two blocks: {:?}", got.tensors);
 }
 
+/// A linear probe (SimCLR's evaluation protocol): a classifier whose tower comes from a SimCLR
+/// run and whose `model.freeze` leaves only the new head to train. After training steps at the
+/// example's learning rate, every frozen tensor holds the SimCLR run's values and every head
+/// tensor has left its initialisation; `tessera model` lists the frozen tensors as not
+/// trainable, and a `model.freeze` entry that names no tensor is refused before any rank
+/// starts, with the tower's names.
+#[test]
+fn a_linear_probe_trains_only_the_head_of_a_simclr_tower() {
+    let dir = tempfile::tempdir().unwrap();
+    let simclr = dir.path().join("simclr");
+    let contrastive = repo().join("examples/digits-contrastive.toml");
+    let short = ["run.steps=4", "batch.global=64", "run.eval_every=0", "checkpoint.every=0"];
+    train(2, Some(&contrastive), &short, &[], &simclr);
+    let classifier = repo().join("examples/digits-classifier.toml");
+    let init = format!("model.init_from={:?}", simclr.display().to_string());
+    let probe = ["model.init_exclude=[\"a.out\"]", "model.freeze=[\"a.in\", \"a.blocks\"]"];
+    let mut sets = vec!["run.steps=3", "run.eval_every=0", "checkpoint.every=0", &init];
+
+    let typo =
+        [&sets[..], &["model.init_exclude=[\"a.out\"]", "model.freeze=[\"a.block\"]"]].concat();
+    let f = run(run_command(2, Some(&classifier), &typo, &[], &dir.path().join("x")), LIMIT);
+    assert!(!f.status.success(), "{}", f.all_output());
+    assert!(
+        f.stderr.contains("model.freeze entry \"a.block\" names no tensor")
+            && f.stderr.contains("a.blocks.0.weight"),
+        "{}",
+        f.stderr
+    );
+    assert!(!f.stderr.contains("panicked") && !f.stderr.contains("rank 1"), "{}", f.stderr);
+
+    sets.extend(probe);
+    let mut cmd = tessera();
+    cmd.arg("model").arg("--json").arg("--config").arg(&classifier);
+    for s in &sets {
+        cmd.args(["--set", s]);
+    }
+    let f = run(cmd, LIMIT);
+    assert!(f.status.success(), "{}", f.all_output());
+    let listed: Vec<serde_json::Value> =
+        f.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let (_, tensors) = listed.split_last().unwrap();
+    for t in tensors {
+        let head = t["name"].as_str().unwrap().starts_with("a.out.");
+        assert_eq!(t["trainable"], head, "{t}");
+    }
+
+    let probed = dir.path().join("probed");
+    train(2, Some(&classifier), &sets, &[], &probed);
+    let pre = load_checkpoint(&simclr.join("checkpoints").join(checkpoint_file_name(4))).unwrap();
+    let got = load_checkpoint(&probed.join("checkpoints").join(checkpoint_file_name(3))).unwrap();
+    let fresh_dir = dir.path().join("fresh");
+    sets.retain(|s| !s.starts_with("model."));
+    sets.extend(["run.steps=1", "optim.lr=0", "optim.warmup_steps=0"]);
+    train(2, Some(&classifier), &sets, &[], &fresh_dir);
+    let fresh =
+        load_checkpoint(&fresh_dir.join("checkpoints").join(checkpoint_file_name(1))).unwrap();
+    let values = |c: &tessera_rank::checkpoint::Checkpoint, name: &str| -> Vec<f32> {
+        let t = c.tensors.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("{name}"));
+        c.params[t.offset as usize..(t.offset + t.len) as usize].to_vec()
+    };
+    let mut frozen = 0;
+    for t in &got.tensors {
+        if t.name.starts_with("a.out.") {
+            assert!(t.trainable, "{}", t.name);
+            assert_ne!(values(&got, &t.name), values(&fresh, &t.name), "{} did not train", t.name);
+        } else {
+            assert!(!t.trainable, "{}", t.name);
+            assert_eq!(values(&got, &t.name), values(&pre, &t.name), "{} moved", t.name);
+            frozen += 1;
+        }
+    }
+    assert_eq!(frozen, 10, "the input layer and two blocks: {:?}", got.tensors);
+}
+
 #[test]
 fn damaged_checkpoints_are_clear_errors_and_nothing_is_overwritten() {
     let dir = tempfile::tempdir().unwrap();

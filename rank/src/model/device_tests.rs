@@ -215,6 +215,33 @@ fn partly_frozen_towers_run_in_device_buffers() {
     contrastive_on_tracked(&cfg, 5);
 }
 
+/// A training forward keeps the activations of the layers its backward runs only: a linear
+/// probe of a depth-2 classifier keeps the head's, and neither the input nor the two blocks'
+/// (`batch × (3·width + 2)` values each: the block's input, LayerNorm output, activation, mean
+/// and rstd).
+#[test]
+fn a_linear_probe_keeps_the_heads_activations_only() {
+    let (batch, input_dim, width) = (6, 7, 12);
+    let kept_bytes = |freeze: &[&str]| {
+        let cfg = ModelConfig {
+            kind: ModelKind::Classifier,
+            tower_a: tower(2, Norm::LayerNorm, Activation::Gelu, true),
+            freeze: freeze.iter().map(|s| s.to_string()).collect(),
+            ..ModelConfig::default()
+        };
+        let dev = Tracked::new();
+        let mut m = Model::new(&cfg, 2).unwrap().into_device(&dev);
+        let before: usize = dev.ledger().live.values().sum();
+        m.forward_logits(&dev, &inputs(5, batch * input_dim), batch);
+        let after: usize = dev.ledger().live.values().sum();
+        after - before
+    };
+    let full = kept_bytes(&[]);
+    let probe = kept_bytes(&["a.in", "a.blocks"]);
+    assert_eq!(full - probe, 4 * (batch * input_dim + 2 * batch * (3 * width + 2)));
+    assert_eq!(kept_bytes(&["a.in"]), full - 4 * batch * input_dim, "the input only");
+}
+
 /// The backward ends at the lowest layer that trains: a classifier of depth 2 runs 7 GEMMs
 /// (the input layer's dW; dW and dX of both blocks and the head), a linear probe 2 (the
 /// head's dW, and its dX for the head's LayerNorm), or 1 with that LayerNorm frozen too.

@@ -299,11 +299,15 @@ struct LnCache<B> {
     rstd: B,
 }
 
+/// What a tower's backward reads: only the layers it runs (those from the lowest trainable
+/// one up) keep their activations.
 #[derive(Clone, Debug)]
 struct TowerCache<B> {
     batch: usize,
-    x: B,
-    units: Vec<UnitCache<B>>,
+    /// The input, when the input layer trains.
+    x: Option<B>,
+    /// Per unit (blocks, then the head): its activations, when the backward runs it.
+    units: Vec<Option<UnitCache<B>>>,
     /// L2-normalised output and the norms (contrastive towers only).
     l2: Option<(B, B)>,
 }
@@ -532,9 +536,16 @@ fn unit_bwd<D: Device>(
     want_dh.then_some(dh)
 }
 
+/// A unit's activations, which the forward keeps for every layer the backward runs.
+fn kept<B>(c: &Option<UnitCache<B>>) -> &UnitCache<B> {
+    c.as_ref().expect("the forward keeps the activations of every layer the backward runs")
+}
+
 impl Tower {
-    /// Forward of `x` (host or device memory): the output, and the activations when `keep`.
-    /// Only queues work; the caller synchronises before the host reads the output.
+    /// Forward of `x` (host or device memory): the output, and with `keep` the activations
+    /// its backward reads (none of a frozen layer below the lowest trainable one, as autograd
+    /// saves nothing for a layer whose inputs and weights need no gradient). Only queues work;
+    /// the caller synchronises before the host reads the output.
     fn forward<D: Device>(
         &self,
         dev: &D,
@@ -551,36 +562,36 @@ impl Tower {
             x.len(),
             cfg.input_dim
         );
+        // Layer `i` (0: the input layer, then the blocks, the head last) keeps its activations
+        // when the backward runs it.
+        let kept_from = if keep { self.lowest } else { None };
+        let keeps = |layer: usize| kept_from.is_some_and(|l| layer >= l);
         // Training keeps the input in device memory, where the first layer and its backward
-        // read it; inference reads it where it is (a GPU stages it for that one GEMM).
-        let xd = keep.then(|| {
+        // read it; otherwise it is read where it is (a GPU stages it for that one GEMM).
+        let xd = keeps(0).then(|| {
             let mut xd = dev.alloc(x.len());
             dev.copy(x, &mut xd);
             xd
         });
         let mut units = Vec::new();
         let mut h = linear_fwd(dev, p, &self.input, xd.as_deref().unwrap_or(x), batch);
-        for u in &self.blocks {
+        for (i, u) in self.blocks.iter().enumerate() {
             let (mut y, c) = unit_fwd(dev, p, cfg.activation, u, h, batch);
             if cfg.residual {
                 // h + y, computed as y + h (the same sum) so the cache keeps h without a copy.
                 dev.add_inplace(&mut y, &c.h);
             }
             h = y;
-            if keep {
-                units.push(c);
-            }
+            units.push(keeps(i + 1).then_some(c));
         }
         let (y, c) = unit_fwd(dev, p, cfg.activation, &self.head, h, batch);
-        if keep {
-            units.push(c);
-        }
+        units.push(keeps(self.blocks.len() + 1).then_some(c));
         let mut l2 = None;
         let out = if self.normalize {
             let mut f = dev.alloc(y.len());
             let mut norms = dev.alloc(batch);
             dev.l2_normalize_fwd(&y, batch, cfg.output_dim, &mut f, &mut norms);
-            if keep {
+            if kept_from.is_some() {
                 let mut kept = dev.alloc(f.len());
                 dev.copy(&f, &mut kept);
                 l2 = Some((kept, norms));
@@ -589,7 +600,7 @@ impl Tower {
         } else {
             y
         };
-        (out, xd.map(|x| TowerCache { batch, x, units, l2 }))
+        (out, keep.then(|| TowerCache { batch, x: xd, units, l2 }))
     }
 
     /// Backward of the tower, accumulating into `g`. With `ready`, after each unit (head,
@@ -642,8 +653,8 @@ impl Tower {
         // Each layer passes a gradient down only while a layer below it trains: the backward
         // ends at the lowest one (a linear probe's runs through the head alone).
         let head = &self.head;
-        let dh =
-            unit_bwd(dev, p, g, cfg.activation, head, &cache.units[nb], &dy, batch, lowest <= nb);
+        let hc = kept(&cache.units[nb]);
+        let dh = unit_bwd(dev, p, g, cfg.activation, head, hc, &dy, batch, lowest <= nb);
         if head.trains() {
             report(g, unit_range(head));
         }
@@ -651,7 +662,7 @@ impl Tower {
             return;
         };
         for (i, (u, c)) in self.blocks.iter().zip(&cache.units).enumerate().rev() {
-            let dx = unit_bwd(dev, p, g, cfg.activation, u, c, &dh, batch, lowest <= i);
+            let dx = unit_bwd(dev, p, g, cfg.activation, u, kept(c), &dh, batch, lowest <= i);
             if u.trains() {
                 report(g, unit_range(u));
             }
@@ -664,7 +675,8 @@ impl Tower {
                 dh = dx;
             }
         }
-        linear_bwd(dev, p, g, &self.input, &cache.x, &dh, batch, false);
+        let x = cache.x.as_ref().expect("the forward keeps the input when the input layer trains");
+        linear_bwd(dev, p, g, &self.input, x, &dh, batch, false);
         report(g, self.input.w..self.input.b + self.input.fan_out);
     }
 }
@@ -991,7 +1003,7 @@ impl<B: DeviceBuf> Model<B> {
 
     /// The forward that a [`Model::backward_pair`] needs when the features are already known
     /// (GradCache's replay): every trainable tower runs, keeping its activations; a frozen
-    /// tower b does not run at all. Returns with the device idle; the features are dropped.
+    /// tower does not run at all. Returns with the device idle; the features are dropped.
     ///
     /// # Panics
     /// As [`Model::forward_pair`].
@@ -1003,7 +1015,14 @@ impl<B: DeviceBuf> Model<B> {
         batch: usize,
     ) {
         self.assert_contrastive("forward_for_backward");
-        let (fa, ca) = self.towers[0].forward(dev, &self.params, a, batch, true);
+        let ta = &self.towers[0];
+        let (fa, ca) = if ta.trainable {
+            let (fa, ca) = ta.forward(dev, &self.params, a, batch, true);
+            (Some(fa), ca)
+        } else {
+            // A frozen tower a: its backward reads nothing but the batch size.
+            (None, Some(TowerCache { batch, x: None, units: Vec::new(), l2: None }))
+        };
         let tb = self.tower_b();
         let (fb, cb) = if tb.trainable {
             let (fb, cb) = tb.forward(dev, &self.params, b, batch, true);

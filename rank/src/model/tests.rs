@@ -451,6 +451,15 @@ fn frozen_tensors_get_no_gradient_and_the_rest_the_whole_models() {
         let mut m = Model::new(&cfg, 7).unwrap();
         assert_eq!(m.params(), all.params(), "{freeze:?}: the initialisation");
         let got = grads(&mut m);
+        // GradCache's replay (the forward without features) gives the same gradient.
+        m.zero_grads();
+        m.forward_for_backward(&dev, &xa, &xb, batch);
+        m.backward_pair(&dev, &ga, &gb);
+        m.add_logit_scale_grad(0.375);
+        assert!(
+            m.grads().iter().zip(&got).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{freeze:?}: the replay's gradient"
+        );
         let groups = m.param_groups();
         assert!(groups.iter().any(|g| !g.trainable) && groups.iter().any(|g| g.trainable));
         for g in groups {
