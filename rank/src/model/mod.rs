@@ -1055,7 +1055,8 @@ impl<B: DeviceBuf> Model<B> {
     /// whose gradient this backward has finished (top layers first, tower a then tower b; in
     /// shared mode only during the second view's pass) it calls `ready(offset, grads)` with
     /// that layer's slice of the gradient buffer. The reported slices are disjoint; the logit
-    /// scale and bias, and a frozen tower's tensors, are never reported.
+    /// scale and bias, and a layer whose tensors are all frozen, are never reported (a reported
+    /// layer's frozen tensors, if any, hold zero).
     ///
     /// # Panics
     /// As [`Model::backward_pair`].
