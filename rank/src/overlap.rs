@@ -93,9 +93,16 @@ impl BucketPlan {
     /// Reports elements `offset..offset + len` final; returns the buckets complete now, in the
     /// order to reduce them.
     pub fn ready(&mut self, offset: usize, len: usize) -> Vec<Range<usize>> {
+        let pieces = self.inside(offset, len);
+        self.ready_pieces(&pieces)
+    }
+
+    /// [`BucketPlan::ready`] of a slice whose [`BucketPlan::inside`] the caller has already
+    /// computed (`pieces`).
+    pub fn ready_pieces(&mut self, pieces: &[Range<usize>]) -> Vec<Range<usize>> {
         let mut out = Vec::new();
-        for piece in self.inside(offset, len) {
-            self.take_piece(piece, &mut out);
+        for piece in pieces {
+            self.take_piece(piece.clone(), &mut out);
         }
         out
     }
@@ -168,10 +175,11 @@ impl Buckets {
     /// holding element 0 is kept back until [`Buckets::finish`], which reads it then (fault
     /// injection poisons element 0 after the backward).
     pub fn ready(&mut self, offset: usize, grads: &[f32]) {
-        for r in self.plan.inside(offset, grads.len()) {
+        let inside = self.plan.inside(offset, grads.len());
+        for r in &inside {
             self.pieces.push((r.start, grads[r.start - offset..r.end - offset].to_vec()));
         }
-        let due = self.plan.ready(offset, grads.len());
+        let due = self.plan.ready_pieces(&inside);
         for r in due {
             let (mut inside, rest): (Vec<_>, Vec<_>) =
                 std::mem::take(&mut self.pieces).into_iter().partition(|p| r.contains(&p.0));
