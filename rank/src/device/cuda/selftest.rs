@@ -1171,6 +1171,7 @@ fn device_checks(
         pass: same && reused,
     });
     out.extend(model_step_checks(&dev, cpu, rng));
+    out.push(frozen_model_step_check(&dev, cpu, rng));
     out.extend(optim_checks(&dev, rng));
     out.push(managed_loss_check(&dev, rng));
     // Tensor-core GEMMs: inputs rounded to 10 (TF32) or 7 (BF16) mantissa bits, so the
@@ -1268,6 +1269,53 @@ fn model_step_checks(dev: &CudaDevice, cpu: &CpuDevice, rng: &mut Rng) -> Vec<Ro
         pass: same && managed[1] == managed[0],
     });
     rows
+}
+
+/// One step of the default dual encoder with parts frozen (`model.freeze`): tower a's input
+/// layer and its first block's LayerNorm gain, tower b's second block. The backward passes the
+/// gradient down through the frozen block, writes the frozen gain's gradient to a spare buffer
+/// and stops above tower a's input layer: the gradient must match the CPU's, with every frozen
+/// tensor's exactly zero.
+fn frozen_model_step_check(dev: &CudaDevice, cpu: &CpuDevice, rng: &mut Rng) -> Row {
+    use crate::model::{Model, ModelConfig};
+    let freeze = ["a.in", "a.blocks.0.ln.gamma", "b.blocks.1"];
+    let cfg = ModelConfig { freeze: freeze.map(String::from).to_vec(), ..ModelConfig::default() };
+    let name = "model step, partly frozen";
+    let batch = 53;
+    let xa = normal(rng, batch * cfg.tower_a.input_dim, 1.0);
+    let xb = normal(rng, batch * cfg.tower_b.input_dim, 1.0);
+    let d = cfg.tower_a.output_dim;
+    let (da, db) = (normal(rng, batch * d, 0.1), normal(rng, batch * d, 0.1));
+    let mut on_cpu = Model::new(&cfg, 7).expect("the frozen tensors exist in the default model");
+    let mut on_gpu = on_cpu.clone().into_device(dev);
+    on_cpu.forward_pair(cpu, &xa, &xb, batch);
+    on_cpu.backward_pair(cpu, &da, &db);
+    let r = catch_fault(|| {
+        on_gpu.forward_pair(dev, &xa, &xb, batch);
+        on_gpu.backward_pair(dev, &da, &db);
+        Ok(())
+    });
+    if let Err(e) = r {
+        return failed("device", name, &e);
+    }
+    let grads = on_gpu.grads();
+    let frozen: Vec<_> = on_gpu.param_groups().into_iter().filter(|g| !g.trainable).collect();
+    let zero = frozen.iter().all(|g| grads[g.offset..g.offset + g.len].iter().all(|v| *v == 0.0));
+    let values: usize = frozen.iter().map(|g| g.len).sum();
+    let mut r = row(
+        "device",
+        name,
+        format!(
+            "{values} of {} values frozen, their gradient {}",
+            grads.len(),
+            if zero { "zero" } else { "NOT ZERO" }
+        ),
+        Some(rel_err(grads, on_cpu.grads())),
+        None,
+        1e-4,
+    );
+    r.pass &= zero;
+    r
 }
 
 /// The optimizer on the GPU ([`Optimizer::step_on`] with its state in managed memory) vs the
