@@ -344,18 +344,23 @@ fn all_reduce_spans_sum_the_spans_like_the_whole_buffer() {
 }
 
 /// Frozen tensors on three ranks (LiT's tower b; `model.freeze` of a layer in each tower and of
-/// the temperature): the trainable ranges' all-reduce, the host buckets over them
-/// (`run.overlap_allreduce`) and the device path's buckets (whose stand-in checks at `take`
-/// that no frozen element was reduced) train bitwise alike.
+/// the temperature; a frozen tower a under GradCache's replay): the trainable ranges'
+/// all-reduce, the host buckets over them (`run.overlap_allreduce`) and the device path's
+/// buckets (whose stand-in checks at `take` that no frozen element was reduced) train bitwise
+/// alike.
 #[test]
 fn frozen_tensors_train_bitwise_alike_on_every_all_reduce_path() {
     // Layer reports per step: LiT's tower a (head, 2 blocks, input layer); with a frozen input
-    // layer of tower a and block 1 of tower b, 3 of each tower's 4 layers.
-    let cases: [(&str, usize); 2] =
-        [("model.freeze_b=true", 4), (r#"model.freeze=["a.in", "b.blocks.1", "logit_scale"]"#, 6)];
-    for (freeze, layers) in cases {
+    // layer of tower a and block 1 of tower b, 3 of each tower's 4 layers; with tower a frozen,
+    // tower b's 4 (in the last micro-batch's replay, the one that overlaps).
+    let cases: [(&str, &str, usize); 3] = [
+        ("model.freeze_b=true", "batch.micro=0", 4),
+        (r#"model.freeze=["a.in", "b.blocks.1", "logit_scale"]"#, "batch.micro=0", 6),
+        (r#"model.freeze=["a"]"#, "batch.micro=4", 4),
+    ];
+    for (freeze, micro, layers) in cases {
         let dir = tempfile::tempdir().expect("tempdir");
-        let lit = [freeze, "batch.global=30"];
+        let lit = [freeze, micro, "batch.global=30"];
         let mut over = lit.to_vec();
         over.extend(["run.overlap_allreduce=true", "run.allreduce_bucket_bytes=256"]);
         let (want, _) = run(3, config(&dir.path().join("plain"), &lit), false);
