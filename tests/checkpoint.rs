@@ -337,6 +337,23 @@ fn lit_starts_a_locked_tower_from_pretrained_weights() {
     assert!(err.contains("gone.safetensors") && err.contains("cannot read it"), "{err}");
 }
 
+/// A short SimCLR run of the digits-contrastive example in `dir`/simclr (2 ranks, 4 steps):
+/// its output folder, the digits-classifier example and the `--set` that loads the run's towers.
+fn simclr_run(dir: &Path) -> (PathBuf, PathBuf, String) {
+    let simclr = dir.join("simclr");
+    let contrastive = repo().join("examples/digits-contrastive.toml");
+    let short = ["run.steps=4", "batch.global=64", "run.eval_every=0", "checkpoint.every=0"];
+    train(2, Some(&contrastive), &short, &[], &simclr);
+    let init = format!("model.init_from={:?}", simclr.display().to_string());
+    (simclr, repo().join("examples/digits-classifier.toml"), init)
+}
+
+/// The values of tensor `name` in checkpoint `c`.
+fn tensor_values(c: &tessera_rank::checkpoint::Checkpoint, name: &str) -> Vec<f32> {
+    let t = c.tensors.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("{name}"));
+    c.params[t.offset as usize..(t.offset + t.len) as usize].to_vec()
+}
+
 /// SimCLR, then a classifier fine-tuned from its tower (real processes, 2 ranks each): the
 /// contrastive head (32 wide) does not fit the classifier's (10 classes), and the refusal names
 /// `model.init_exclude`; `tessera model` marks the head as not from the file; with the head
@@ -346,12 +363,7 @@ fn lit_starts_a_locked_tower_from_pretrained_weights() {
 #[test]
 fn a_classifier_starts_from_a_simclr_tower_with_a_new_head() {
     let dir = tempfile::tempdir().unwrap();
-    let simclr = dir.path().join("simclr");
-    let contrastive = repo().join("examples/digits-contrastive.toml");
-    let short = ["run.steps=4", "batch.global=64", "run.eval_every=0", "checkpoint.every=0"];
-    train(2, Some(&contrastive), &short, &[], &simclr);
-    let classifier = repo().join("examples/digits-classifier.toml");
-    let init = format!("model.init_from={:?}", simclr.display().to_string());
+    let (simclr, classifier, init) = simclr_run(dir.path());
     let mut sets: Vec<&str> =
         vec!["run.steps=2", "optim.lr=0", "optim.warmup_steps=0", "run.eval_every=0", &init];
     let f = run(run_command(2, Some(&classifier), &sets, &[], &dir.path().join("x")), LIMIT);
@@ -383,14 +395,10 @@ fn a_classifier_starts_from_a_simclr_tower_with_a_new_head() {
     train(2, Some(&classifier), &sets, &[], &fresh_dir);
     let fresh =
         load_checkpoint(&fresh_dir.join("checkpoints").join(checkpoint_file_name(2))).unwrap();
-    let values = |c: &tessera_rank::checkpoint::Checkpoint, name: &str| -> Vec<f32> {
-        let t = c.tensors.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("{name}"));
-        c.params[t.offset as usize..(t.offset + t.len) as usize].to_vec()
-    };
     let mut loaded = 0;
     for t in &got.tensors {
         let want = if t.name.starts_with("a.out.") { &fresh } else { &pre };
-        assert_eq!(values(&got, &t.name), values(want, &t.name), "{}", t.name);
+        assert_eq!(tensor_values(&got, &t.name), tensor_values(want, &t.name), "{}", t.name);
         loaded += usize::from(!t.name.starts_with("a.out."));
     }
     assert_eq!(loaded, 10, "the input layer and two blocks: {:?}", got.tensors);
@@ -405,12 +413,7 @@ fn a_classifier_starts_from_a_simclr_tower_with_a_new_head() {
 #[test]
 fn a_linear_probe_trains_only_the_head_of_a_simclr_tower() {
     let dir = tempfile::tempdir().unwrap();
-    let simclr = dir.path().join("simclr");
-    let contrastive = repo().join("examples/digits-contrastive.toml");
-    let short = ["run.steps=4", "batch.global=64", "run.eval_every=0", "checkpoint.every=0"];
-    train(2, Some(&contrastive), &short, &[], &simclr);
-    let classifier = repo().join("examples/digits-classifier.toml");
-    let init = format!("model.init_from={:?}", simclr.display().to_string());
+    let (simclr, classifier, init) = simclr_run(dir.path());
     let probe = ["model.init_exclude=[\"a.out\"]", "model.freeze=[\"a.in\", \"a.blocks\"]"];
     let mut sets = vec!["run.steps=3", "run.eval_every=0", "checkpoint.every=0", &init];
 
@@ -452,18 +455,24 @@ fn a_linear_probe_trains_only_the_head_of_a_simclr_tower() {
     train(2, Some(&classifier), &sets, &[], &fresh_dir);
     let fresh =
         load_checkpoint(&fresh_dir.join("checkpoints").join(checkpoint_file_name(1))).unwrap();
-    let values = |c: &tessera_rank::checkpoint::Checkpoint, name: &str| -> Vec<f32> {
-        let t = c.tensors.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("{name}"));
-        c.params[t.offset as usize..(t.offset + t.len) as usize].to_vec()
-    };
     let mut frozen = 0;
     for t in &got.tensors {
         if t.name.starts_with("a.out.") {
             assert!(t.trainable, "{}", t.name);
-            assert_ne!(values(&got, &t.name), values(&fresh, &t.name), "{} did not train", t.name);
+            assert_ne!(
+                tensor_values(&got, &t.name),
+                tensor_values(&fresh, &t.name),
+                "{} did not train",
+                t.name
+            );
         } else {
             assert!(!t.trainable, "{}", t.name);
-            assert_eq!(values(&got, &t.name), values(&pre, &t.name), "{} moved", t.name);
+            assert_eq!(
+                tensor_values(&got, &t.name),
+                tensor_values(&pre, &t.name),
+                "{} moved",
+                t.name
+            );
             frozen += 1;
         }
     }
