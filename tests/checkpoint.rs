@@ -348,6 +348,21 @@ fn simclr_run(dir: &Path) -> (PathBuf, PathBuf, String) {
     (simclr, repo().join("examples/digits-classifier.toml"), init)
 }
 
+/// The tensor rows of `tessera model --json` for `config` with `sets`.
+fn model_tensors(config: &Path, sets: &[&str]) -> Vec<serde_json::Value> {
+    let mut cmd = tessera();
+    cmd.arg("model").arg("--json").arg("--config").arg(config);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let f = run(cmd, LIMIT);
+    assert!(f.status.success(), "{}", f.all_output());
+    let mut listed: Vec<serde_json::Value> =
+        f.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    listed.pop().expect("the summary line");
+    listed
+}
+
 /// The values of tensor `name` in checkpoint `c`.
 fn tensor_values(c: &tessera_rank::checkpoint::Checkpoint, name: &str) -> Vec<f32> {
     let t = c.tensors.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("{name}"));
@@ -372,15 +387,7 @@ fn a_classifier_starts_from_a_simclr_tower_with_a_new_head() {
 
     sets.push("model.init_exclude=[\"a.out\"]");
     // `tessera model` says which tensors come from the file.
-    let mut cmd = tessera();
-    cmd.arg("model").arg("--json").arg("--config").arg(&classifier);
-    cmd.args(["--set", &init, "--set", "model.init_exclude=[\"a.out\"]"]);
-    let f = run(cmd, LIMIT);
-    assert!(f.status.success(), "{}", f.all_output());
-    let listed: Vec<serde_json::Value> =
-        f.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let (_, tensors) = listed.split_last().unwrap();
-    for t in tensors {
+    for t in model_tensors(&classifier, &[&init, "model.init_exclude=[\"a.out\"]"]) {
         let head = t["name"].as_str().unwrap().starts_with("a.out.");
         assert_eq!(t["from_file"], !head, "{t}");
     }
@@ -430,17 +437,7 @@ fn a_linear_probe_trains_only_the_head_of_a_simclr_tower() {
     assert!(!f.stderr.contains("panicked") && !f.stderr.contains("rank 1"), "{}", f.stderr);
 
     sets.extend(probe);
-    let mut cmd = tessera();
-    cmd.arg("model").arg("--json").arg("--config").arg(&classifier);
-    for s in &sets {
-        cmd.args(["--set", s]);
-    }
-    let f = run(cmd, LIMIT);
-    assert!(f.status.success(), "{}", f.all_output());
-    let listed: Vec<serde_json::Value> =
-        f.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let (_, tensors) = listed.split_last().unwrap();
-    for t in tensors {
+    for t in model_tensors(&classifier, &sets) {
         let head = t["name"].as_str().unwrap().starts_with("a.out.");
         assert_eq!(t["trainable"], head, "{t}");
     }
