@@ -103,6 +103,37 @@ fn bench_loss_refuses_a_naive_loss_that_cannot_fit() {
     );
 }
 
+/// `tessera run` refuses what the world size rules out before it starts a rank: a global batch
+/// that leaves a rank without an example, an adaptive batch range with no multiple of the ranks
+/// in it; and it says a missing config file's cause once.
+#[test]
+fn run_refuses_what_the_world_size_rules_out_before_starting_ranks() {
+    assert_refused_before_ranks(
+        &["run", "--nproc", "4", "--set", "batch.global=3"],
+        &["batch.global = 3 is smaller than the 4 ranks", "(--nproc 4)"],
+    );
+    assert_refused_before_ranks(
+        &[
+            "run",
+            "--nproc",
+            "4",
+            "--set",
+            "gns.adaptive.enabled=true",
+            "--set",
+            "gns.adaptive.max=3",
+        ],
+        &["leave no batch that 4 ranks can split", "widen the range"],
+    );
+    let missing = "/nonexistent/tessera-test.toml";
+    let mut cmd = tessera();
+    cmd.args(["run", "--nproc", "2", "--config", missing]);
+    let f = run(cmd, LIMIT);
+    let out = f.all_output();
+    assert!(!f.status.success(), "{out}");
+    assert!(out.contains(&format!("reading config file {missing}")), "{out}");
+    assert_eq!(out.matches("No such file or directory").count(), 1, "{out}");
+}
+
 #[test]
 fn every_collective_matches_a_naive_reference_across_processes() {
     for n in [2usize, 3, 4] {

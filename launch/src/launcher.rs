@@ -62,6 +62,22 @@ pub fn describe_status(status: ExitStatus) -> String {
     }
 }
 
+/// An error and its causes on one line, as anyhow's `{:#}` writes them, less the causes the
+/// message before already ends with: many errors put their source into their own message
+/// ("reading config file x.toml: No such file or directory") and also name it as their
+/// source, which `{:#}` would print a second time.
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
 /// What the launcher is running: the arguments after `tessera rank`, and the step count for
 /// the progress bar.
 pub struct JobSpec {
@@ -84,8 +100,12 @@ pub fn run_training(
     heartbeat_timeout: f64,
     max_restarts: u32,
 ) -> Result<ExitCode> {
+    if nproc == 0 {
+        bail!("--nproc must be at least 1");
+    }
     // Resolve once here so that a bad config fails before any process starts, and print it.
     let cfg = train.job.load()?;
+    cfg.check_world(nproc).map_err(|e| anyhow::anyhow!("{e} (--nproc {nproc})"))?;
     std::fs::create_dir_all(&cfg.run.out_dir)
         .with_context(|| format!("creating run.out_dir {}", cfg.run.out_dir.display()))?;
     let resolved = cfg.run.out_dir.join("config.toml");
@@ -497,5 +517,29 @@ pub fn standalone_coordinator(
             Ok(ExitCode::FAILURE)
         }
         Err(e) => Err(e).context(format!("running the coordinator on {bind}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+    use anyhow::Context;
+
+    #[test]
+    fn error_chain_prints_each_cause_once() {
+        let read = tessera_rank::config::Config::load(
+            Some(std::path::Path::new("/nonexistent/tessera.toml")),
+            &[],
+        )
+        .map_err(anyhow::Error::from)
+        .unwrap_err();
+        let text = error_chain(&read);
+        assert_eq!(text.matches("No such file or directory").count(), 1, "{text}");
+        assert!(text.starts_with("reading config file /nonexistent/tessera.toml: "), "{text}");
+
+        // Causes that are not part of the message above them are all kept, in order.
+        let io = std::io::Error::other("disk full");
+        let e = Err::<(), _>(io).context("writing x").context("saving step 3").unwrap_err();
+        assert_eq!(error_chain(&e), "saving step 3: writing x: disk full");
     }
 }

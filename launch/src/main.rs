@@ -222,7 +222,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tessera: error: {e:#}");
+            eprintln!("tessera: error: {}", launcher::error_chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -404,7 +404,7 @@ pub fn rank_main(args: &RankArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            let reason = format!("{e:#}");
+            let reason = crate::launcher::error_chain(&e);
             let told = client.report_error(&reason);
             if let Some(c) = hosted {
                 // Shutting down delivers the abort to every rank's watch first.

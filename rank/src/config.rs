@@ -382,6 +382,23 @@ impl Config {
         }
     }
 
+    /// The checks that need the world size: run by every rank, and by `tessera run` before it
+    /// starts any.
+    pub fn check_world(&self, world: usize) -> Result<(), String> {
+        let global = self.batch.global;
+        if global < world {
+            return Err(format!(
+                "batch.global = {global} is smaller than the {world} ranks: every rank needs at \
+                 least one example; raise batch.global"
+            ));
+        }
+        if self.gns.adaptive.enabled {
+            crate::gns::BatchController::new(&self.gns.adaptive, global, world)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), String> {
         if self.run.steps == 0 {
             return Err("run.steps must be at least 1".into());

@@ -460,13 +460,7 @@ fn train_checked(
     info: &RankInfo,
     on_step: &mut dyn FnMut(StepReport),
 ) -> Result<Summary, TrainError> {
-    let (world, global) = (info.world, cfg.batch.global);
-    if global < world {
-        return Err(TrainError::Setup(format!(
-            "batch.global = {global} is smaller than the {world} ranks: every rank needs at least \
-             one example; raise batch.global"
-        )));
-    }
+    cfg.check_world(info.world).map_err(TrainError::Setup)?;
 
     let threads = if cfg.run.threads > 0 {
         cfg.run.threads
