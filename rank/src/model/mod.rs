@@ -215,8 +215,19 @@ pub enum ModelError {
         "model.logit_scale_init = {init} with model.logit_scale_max = {max}: need a finite init with exp(init) <= max and max > 0; the default init is ln(1/0.07) ≈ 2.659 and max 100"
     )]
     LogitScale { init: f32, max: f32 },
-    #[error("model has {0} parameters, more than this build can address; shrink the towers")]
-    TooLarge(usize),
+    #[error(
+        "the model has {0} parameters, more than one rank can hold (at most {MAX_PARAMS}: every \
+         rank keeps the whole model, its gradients and optimizer state); shrink the towers \
+         (model.tower_a / model.tower_b: width, depth)"
+    )]
+    TooLarge(u128),
+    #[error(
+        "the model has {params} parameters: allocating their {:.1} GB ({what}) failed on this \
+         machine; shrink the towers or run on a machine with more memory (`tessera model` lists \
+         every tensor's size)",
+        *params as f64 * 4e-9
+    )]
+    OutOfMemory { params: usize, what: &'static str },
     #[error("{0}")]
     Freeze(String),
 }
@@ -381,6 +392,26 @@ impl Layout<'_> {
         let trainable = lowest.is_some();
         Tower { cfg: cfg.clone(), input, blocks, head, normalize, trainable, lowest }
     }
+}
+
+/// The most parameters a model may have: 2³⁷ (137 billion, 550 GB in f32 before gradients and
+/// optimizer state), beyond any one rank's memory, and far below what the buffers can address.
+pub const MAX_PARAMS: u128 = 1 << 37;
+
+/// A tower's parameter count, in arithmetic that cannot overflow, so that an absurd size is
+/// refused before its layout is built.
+fn tower_params(t: &TowerConfig) -> u128 {
+    let (i, w, o, depth) = (t.input_dim as u128, t.width as u128, t.output_dim as u128, t.depth);
+    let ln = |n: u128| if t.norm == Norm::LayerNorm { 2 * n } else { 0 };
+    (i * w + w) + depth as u128 * (ln(w) + w * w + w) + (ln(w) + w * o + o)
+}
+
+/// A zeroed buffer of `len` floats, or the error that names what did not fit.
+fn zeroed(len: usize, what: &'static str) -> Result<Vec<f32>, ModelError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| ModelError::OutOfMemory { params: len, what })?;
+    v.resize(len, 0.0);
+    Ok(v)
 }
 
 fn validate_tower(tower: &'static str, t: &TowerConfig) -> Result<(), ModelError> {
@@ -780,6 +811,11 @@ impl Plan {
             });
         }
 
+        let towers_params = tower_params(&cfg.tower_a)
+            + if cfg.kind == ModelKind::Dual { tower_params(&cfg.tower_b) } else { 0 };
+        if towers_params > MAX_PARAMS {
+            return Err(ModelError::TooLarge(towers_params));
+        }
         let mut layout = Layout { groups: Vec::new(), next: 0, frozen: &cfg.freeze };
         let mut towers = vec![layout.tower("a", &cfg.tower_a, contrastive, true)];
         if cfg.kind == ModelKind::Dual {
@@ -793,9 +829,6 @@ impl Plan {
             _ => None,
         };
         let total = layout.next;
-        if total > (isize::MAX as usize) / 8 {
-            return Err(ModelError::TooLarge(total));
-        }
         check_freeze(&cfg.freeze, &layout.groups)?;
         Ok(Plan { towers, t_offset, bias_offset, groups: layout.groups, total })
     }
@@ -838,7 +871,7 @@ impl Model {
     /// Validates `cfg` and initialises the parameters deterministically from `seed`.
     pub fn new(cfg: &ModelConfig, seed: u64) -> Result<Model, ModelError> {
         let Plan { towers, t_offset, bias_offset, groups, total } = Plan::new(cfg)?;
-        let mut params = vec![0.0f32; total];
+        let mut params = zeroed(total, "the parameters")?;
         for (k, g) in groups.iter().enumerate() {
             let dst = &mut params[g.offset..g.offset + g.len];
             if g.name == "logit_scale" {
@@ -863,7 +896,7 @@ impl Model {
             t_offset,
             bias_offset,
             groups,
-            grads: vec![0.0; total],
+            grads: zeroed(total, "the gradients")?,
             params,
             cache_a: None,
             cache_b: None,

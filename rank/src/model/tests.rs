@@ -510,3 +510,46 @@ fn freeze_entries_that_name_nothing_are_refused() {
     let ok = ModelConfig { freeze: vec!["a.in".into(), "logit_scale".into()], ..base };
     assert_eq!(ok.validate(), Ok(()));
 }
+
+/// The parameter count is worked out before the layout is built, equal to the layout's, and a
+/// model beyond any rank's memory is refused at once with its true size (no overflow, no
+/// hour spent listing a hundred million blocks).
+#[test]
+fn the_parameter_count_is_checked_before_the_layout_is_built() {
+    for (kind, norm, depth, logit_bias) in [
+        (ModelKind::Dual, Norm::LayerNorm, 2, None),
+        (ModelKind::Dual, Norm::None, 0, Some(-10.0)),
+        (ModelKind::Shared, Norm::LayerNorm, 3, None),
+        (ModelKind::Classifier, Norm::None, 1, None),
+    ] {
+        let t = |i, o| tower(i, 6, depth, o, norm, Activation::Gelu, true);
+        let cfg = ModelConfig {
+            kind,
+            tower_a: t(5, 4),
+            tower_b: t(7, 4),
+            num_classes: None,
+            logit_bias_init: logit_bias,
+            ..ModelConfig::default()
+        };
+        let towers = tower_params(&cfg.tower_a)
+            + if kind == ModelKind::Dual { tower_params(&cfg.tower_b) } else { 0 };
+        let scalars =
+            if kind == ModelKind::Classifier { 0 } else { 1 + logit_bias.is_some() as u128 };
+        assert_eq!(towers + scalars, Model::new(&cfg, 0).unwrap().num_params() as u128, "{kind:?}");
+    }
+    let huge = |f: &dyn Fn(&mut TowerConfig)| {
+        let mut cfg = ModelConfig::default();
+        f(&mut cfg.tower_a);
+        let started = std::time::Instant::now();
+        let e = cfg.validate().unwrap_err();
+        assert!(started.elapsed().as_secs_f64() < 1.0, "the refusal took {:?}", started.elapsed());
+        e
+    };
+    // 10¹⁰ × 10¹⁰ overflows u64: the count is still the true one.
+    let e = huge(&|t| t.width = 10_000_000_000);
+    assert!(matches!(e, ModelError::TooLarge(n) if n > 100_000_000_000_000_000_000), "{e}");
+    let e = huge(&|t| t.depth = 100_000_000).to_string();
+    assert!(e.contains("more than one rank can hold") && e.contains("model.tower_a"), "{e}");
+    let e = ModelError::OutOfMemory { params: 10_000_000_000, what: "the parameters" };
+    assert!(e.to_string().contains("allocating their 40.0 GB (the parameters) failed"), "{e}");
+}
