@@ -59,6 +59,7 @@ fn sigkill_mid_gradient_all_reduce_restarts_from_the_checkpoint_and_ends_equal()
     let err = &f.stderr;
     assert!(err.contains("injecting Kill at Frame (all_reduce_f32) in step 5"), "{err}");
     assert!(err.contains("rank 1 failed (signal 9 (SIGKILL))"), "{err}");
+    assert!(err.contains("nothing in this job sent rank 1 its SIGKILL"), "{err}");
     assert!(err.contains("restart 1 of 1 (generation 2)"), "{err}");
     assert!(err.contains("resuming from") && err.contains("ckpt-00000003.tsr"), "{err}");
     assert_eq!(summary(&f)["params_sha256"], want.as_str(), "{}", f.all_output());
@@ -132,6 +133,8 @@ fn a_stopped_rank_is_declared_dead_and_every_rank_exits_within_15_s() {
     let err = &f.stderr;
     assert!(err.contains("rank 1 failed (signal 9 (SIGKILL))"), "{err}");
     assert!(err.contains("no heartbeat for"), "{err}");
+    // The launcher killed it, so the SIGKILL is not blamed on anyone outside.
+    assert!(!err.contains("nothing in this job sent"), "{err}");
     // The survivors say which collective they were waiting in.
     assert!(err.contains("(this rank was in "), "{err}");
 }

@@ -185,6 +185,14 @@ fn signal_children(children: &mut [Option<Child>], sig: libc::c_int) {
     }
 }
 
+/// SIGKILL to every child not reaped yet, remembering which were sent one.
+fn kill_children(children: &mut [Option<Child>], sent: &mut [bool]) {
+    for (child, sent) in children.iter().zip(sent.iter_mut()) {
+        *sent |= child.is_some();
+    }
+    signal_children(children, libc::SIGKILL);
+}
+
 /// How one attempt of a job ended.
 enum Attempt {
     /// Every rank exited 0; rank 0's report.
@@ -340,6 +348,9 @@ fn run_attempt(
     let mut coord_abort: Option<(AbortInfo, Option<usize>, Instant)> = None;
     let mut interrupted: Option<(i32, Instant)> = None;
     let mut statuses: Vec<Option<ExitStatus>> = vec![None; nproc];
+    // The ranks this launcher sent SIGKILL: a rank killed by SIGKILL that is not among them
+    // was killed from outside the job.
+    let mut kill_sent = vec![false; nproc];
     loop {
         let mut failed_now: Vec<(usize, ExitStatus)> = Vec::new();
         for (i, slot) in children.iter_mut().enumerate() {
@@ -395,6 +406,7 @@ fn run_attempt(
             unsafe {
                 libc::kill(child.id() as libc::pid_t, libc::SIGKILL);
             }
+            kill_sent[*c] = true;
         }
         if children.iter().all(Option::is_none) {
             break;
@@ -409,13 +421,13 @@ fn run_attempt(
                 interrupted = Some((sig, Instant::now()));
                 signal_children(&mut children, libc::SIGTERM);
             } else {
-                signal_children(&mut children, libc::SIGKILL);
+                kill_children(&mut children, &mut kill_sent);
             }
         }
         let deadline_passed = failed_at.is_some_and(|t| t.elapsed() > GRACE)
             || interrupted.is_some_and(|(_, t)| t.elapsed() > GRACE);
         if deadline_passed {
-            signal_children(&mut children, libc::SIGKILL);
+            kill_children(&mut children, &mut kill_sent);
         }
         if let Some(progress) =
             coordinator.progress().into_iter().find(|p| p.rank == 0).and_then(|p| p.progress)
@@ -462,8 +474,17 @@ fn run_attempt(
             .filter(|(i, _)| *i != rank)
             .map(|(i, s)| format!("rank {i}: {}", s.map_or("not reaped".into(), describe_status)))
             .collect();
+        let outside = if status.signal() == Some(libc::SIGKILL) && !kill_sent[rank] {
+            format!(
+                "; nothing in this job sent rank {rank} its SIGKILL: most often it is the \
+                 kernel's out-of-memory killer (`dmesg` or `journalctl -k` says), else a \
+                 scheduler's limit or a person"
+            )
+        } else {
+            String::new()
+        };
         return Ok(Attempt::Failed(format!(
-            "rank {rank} failed ({}){why}; the other ranks were stopped [{}]",
+            "rank {rank} failed ({}){why}; the other ranks were stopped [{}]{outside}",
             describe_status(status),
             others.join(", ")
         )));
