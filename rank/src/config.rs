@@ -338,13 +338,22 @@ impl Config {
         for arg in overrides {
             apply_override(&mut table, arg)?;
         }
-        let mut cfg: Config =
-            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
+        // The path names the key a bad value belongs to ("run.steps: invalid type: ..."),
+        // which the value's own error does not.
+        let mut cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(
+            |e: serde_path_to_error::Error<toml::de::Error>| {
+                let path = e.path().to_string();
+                let message = e.inner().message();
                 ConfigError::Invalid {
                     origin: origin.to_string(),
-                    message: e.message().to_string(),
+                    message: if path == "." {
+                        message.to_string()
+                    } else {
+                        format!("{path}: {message}")
+                    },
                 }
-            })?;
+            },
+        )?;
         if let Some(base) = base_dir {
             for p in [
                 &mut cfg.data.train,
@@ -757,5 +766,23 @@ mod tests {
         assert!(err.contains("run.steps"), "{err}");
         let err = Config::load(None, &["optim.name=\"adamw\"".into()]).unwrap_err().to_string();
         assert!(err.contains("optim.name"), "{err}");
+    }
+
+    /// A value of the wrong type, or a key that does not exist, is named by its whole path
+    /// (the value's own error says only what it expected), from an override or from a file.
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_key() {
+        let bad = |set: &str| Config::load(None, &[set.into()]).unwrap_err().to_string();
+        let err = bad("run.steps=\"abc\"");
+        assert!(err.ends_with("run.steps: invalid type: string \"abc\", expected u64"), "{err}");
+        let err = bad("model.tower_a.width=-3");
+        assert!(err.contains(": model.tower_a.width: invalid value: integer `-3`"), "{err}");
+        let err = bad("gns.adaptive.stepz=1");
+        assert!(err.contains(": gns.adaptive.stepz: unknown field `stepz`"), "{err}");
+        let err = bad("foo=1");
+        assert!(err.contains(": foo: unknown field `foo`"), "{err}");
+        let text = "[run]\nsteps = 10\n[batch]\nglobal = 1.5\n";
+        let err = Config::resolve(text, "x.toml", &[], None).unwrap_err().to_string();
+        assert!(err.starts_with("config x.toml: batch.global: invalid type: floating"), "{err}");
     }
 }
