@@ -416,9 +416,10 @@ fn check_dims(cfg: &Config, ds: &Dataset, what: &str) -> Result<(), TrainError> 
         ),
     };
     Err(TrainError::Setup(format!(
-        "the {what} data holds {:?} but model.kind = {:?} expects {want}: change the config or the data",
-        ds.kind(),
-        m.kind
+        "the {what} data holds {} but model.kind = {:?} expects {want}: change the config or the \
+         data",
+        ds.kind().describe(),
+        format!("{:?}", m.kind).to_lowercase()
     )))
 }
 

@@ -64,6 +64,19 @@ impl DatasetKind {
             DatasetKind::Labeled { .. } => "labeled",
         }
     }
+
+    /// What a row holds, for messages: "paired views of dims 32 and 48", "labeled features of
+    /// dim 64 in 10 classes".
+    pub fn describe(&self) -> String {
+        match *self {
+            DatasetKind::Paired { dim_a, dim_b } => {
+                format!("paired views of dims {dim_a} and {dim_b}")
+            }
+            DatasetKind::Labeled { dim, num_classes } => {
+                format!("labeled features of dim {dim} in {num_classes} classes")
+            }
+        }
+    }
 }
 
 /// Where the numbers live.

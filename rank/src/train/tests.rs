@@ -381,3 +381,24 @@ fn frozen_tensors_train_bitwise_alike_on_every_all_reduce_path() {
         }
     }
 }
+
+/// Data that does not fit the model is named in words, with the keys to change.
+#[test]
+fn data_that_does_not_fit_the_model_is_described() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec =
+        crate::data::SynthSpec { n_train: 8, n_eval: 4, dim_a: 5, dim_b: 6, ..Default::default() };
+    let (train, _) = crate::data::synth(&spec);
+    let cfg = config(dir.path(), &[]);
+    let e = check_dims(&cfg, &train, "training").unwrap_err().to_string();
+    assert!(
+        e.starts_with(
+            "the training data holds paired views of dims 5 and 6 but model.kind = \"dual\" expects \
+             paired views of dims 32 (model.tower_a.input_dim) and 32"
+        ),
+        "{e}"
+    );
+    let cfg = config(dir.path(), &["model.kind=\"classifier\"", "model.tower_a.input_dim=5"]);
+    let e = check_dims(&cfg, &train, "training").unwrap_err().to_string();
+    assert!(e.contains("but model.kind = \"classifier\" expects labeled features of dim 5"), "{e}");
+}
