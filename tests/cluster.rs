@@ -93,6 +93,19 @@ fn bench_loss_names_a_bad_loss_before_starting_ranks() {
     );
 }
 
+/// A batch smaller than the ranks is refused, naming both, before any rank starts.
+#[test]
+fn bench_loss_and_gns_refuse_a_batch_smaller_than_the_ranks_before_starting_ranks() {
+    assert_refused_before_ranks(
+        &["bench", "loss", "--nproc", "2", "--batch", "1"],
+        &["--batch 1", "(--nproc 2)"],
+    );
+    assert_refused_before_ranks(
+        &["bench", "gns", "--nproc", "3", "--global-batch", "2"],
+        &["--global-batch 2", "(--nproc 3)"],
+    );
+}
+
 /// A naive loss too large for the machine's memory is refused, with the way out, before any
 /// rank starts (B = 10⁷ at d = 8: 200 TB of logits over 2 ranks).
 #[test]

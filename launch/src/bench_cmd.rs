@@ -169,12 +169,32 @@ pub fn bench(cmd: BenchCommand) -> Result<ExitCode> {
         BenchCommand::Loss(a) => {
             // Named here, before any rank starts.
             parse_losses(&a.loss)?;
+            if a.batch < a.nproc || a.dim == 0 {
+                bail!(
+                    "--batch {} and --dim {}: the batch must be at least the number of ranks \
+                     (--nproc {}) and --dim at least 1",
+                    a.batch,
+                    a.dim,
+                    a.nproc
+                );
+            }
             if !a.skip_naive {
                 check_naive_fits(a.batch, a.dim, a.nproc, mem_available_bytes())?;
             }
             launch(a.nproc, &benchmark_job("bench-loss", &a)?, 30.0)
         }
-        BenchCommand::Gns(a) => launch(a.nproc, &benchmark_job("bench-gns", &a)?, 30.0),
+        BenchCommand::Gns(a) => {
+            if a.global_batch < a.nproc || a.steps == 0 {
+                bail!(
+                    "--global-batch {} and --steps {}: the batch must be at least the number of \
+                     ranks (--nproc {}) and --steps at least 1",
+                    a.global_batch,
+                    a.steps,
+                    a.nproc
+                );
+            }
+            launch(a.nproc, &benchmark_job("bench-gns", &a)?, 30.0)
+        }
         BenchCommand::GnsContrastive(a) => crate::bench_caveat::run(&a),
         BenchCommand::CollectivesSelftest { nproc } => {
             launch(nproc, &benchmark_job("collectives-selftest", &())?, 30.0)
