@@ -321,3 +321,25 @@ fn ctrl_c_on_the_launcher_stops_every_rank() {
     assert!(f.stderr.contains("interrupted"), "{}", f.all_output());
     assert!(ranks.iter().all(|&p| !alive(p)), "rank processes outlived the launcher");
 }
+
+/// A printing command whose reader goes away (`tessera model | head`) ends quietly, as Unix
+/// tools do, instead of panicking on the broken pipe. The listing is far longer than a pipe's
+/// buffer, so the writes after the reader left do fail.
+#[test]
+fn a_printing_command_ends_quietly_when_its_reader_goes_away() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    let mut cmd = tessera();
+    cmd.args(["model", "--set", "model.tower_a.depth=5000", "--set", "model.tower_a.width=8"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawning tessera model");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert!(first.starts_with("name "), "{first}");
+    // The reader is dropped here: the rest of the 20,000-line listing has nowhere to go.
+    let out = child.wait_with_output().expect("waiting for tessera model");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {stderr}", out.status);
+}

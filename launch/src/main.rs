@@ -196,6 +196,19 @@ fn init_tracing() {
 fn main() -> ExitCode {
     init_tracing();
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Model(_) | Command::Data(_) | Command::Export(_) | Command::Plot(_)
+    ) {
+        // These commands only read files and print: like other Unix tools, they end quietly
+        // when their reader goes away (`tessera model | head`) instead of panicking on EPIPE.
+        // The others keep Rust's ignored SIGPIPE: they supervise processes and sockets, and a
+        // closed pipe or socket is an error they report.
+        // SAFETY: signal(2) before any thread of ours exists, restoring the default action.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Command::Run(a) => {
             let train = a.train.with_resume();
