@@ -42,6 +42,7 @@ pub fn model(a: &ModelArgs) -> Result<ExitCode> {
         for (i, g) in groups.iter().enumerate() {
             let mut line = serde_json::json!({
                 "name": g.name, "shape": g.shape, "params": g.len, "trainable": g.trainable,
+                "lr_scale": cfg.optim.lr_scale_of(&g.name),
             });
             if let Some(f) = &from_file {
                 line["from_file"] = f[i].into();
@@ -56,7 +57,13 @@ pub fn model(a: &ModelArgs) -> Result<ExitCode> {
     } else {
         let width = groups.iter().map(|g| g.name.len()).max().unwrap_or(4).max(4);
         let file_col = if from_file.is_some() { "  from file" } else { "" };
-        println!("{:<width$}  {:<12}  {:>10}  trainable{file_col}", "name", "shape", "params");
+        // The learning-rate factors, when `optim.lr_scale` sets any.
+        let scales = !cfg.optim.lr_scale.is_empty();
+        let lr_col = if scales { "  lr scale" } else { "" };
+        println!(
+            "{:<width$}  {:<12}  {:>10}{lr_col}  trainable{file_col}",
+            "name", "shape", "params"
+        );
         let yes_no = |b: bool| if b { "yes" } else { "no" };
         for (i, g) in groups.iter().enumerate() {
             let shape = format!("{:?}", g.shape);
@@ -64,7 +71,12 @@ pub fn model(a: &ModelArgs) -> Result<ExitCode> {
                 None => yes_no(g.trainable).to_string(),
                 Some(f) => format!("{:<9}  {}", yes_no(g.trainable), yes_no(f[i])),
             };
-            println!("{:<width$}  {shape:<12}  {:>10}  {t}", g.name, g.len);
+            let lr = if scales {
+                format!("  {:>8}", cfg.optim.lr_scale_of(&g.name))
+            } else {
+                String::new()
+            };
+            println!("{:<width$}  {shape:<12}  {:>10}{lr}  {t}", g.name, g.len);
         }
         println!(
             "{kind} model: {} tensors, {total} parameters ({trainable} trainable), {:.1} MiB in f32",

@@ -418,7 +418,8 @@ impl Config {
         self.optim.validate()?;
         self.loss.validate()?;
         crate::model::init::tower_loads(&self.model).map_err(|e| e.to_string())?;
-        crate::train::model_config(self).validate().map_err(|e| e.to_string())?;
+        let names = crate::train::model_config(self).tensor_names().map_err(|e| e.to_string())?;
+        self.optim.check_lr_scale(&names)?;
         if crate::device::cuda::device::GemmMath::parse(&self.run.cuda_gemm).is_none() {
             return Err(format!(
                 "run.cuda_gemm = {:?}: must be \"fp32\", \"tf32\" or \"bf16\"",
@@ -766,6 +767,37 @@ mod tests {
         assert!(err.contains("run.steps"), "{err}");
         let err = Config::load(None, &["optim.name=\"adamw\"".into()]).unwrap_err().to_string();
         assert!(err.contains("optim.name"), "{err}");
+    }
+
+    /// `optim.lr_scale`: from `--set` as an inline table or from a file's table, the longest
+    /// matching key wins, it survives the resolved config's round trip and is part of the
+    /// resume hash; a key that names no tensor, or a factor below 0, is refused.
+    #[test]
+    fn lr_scale_keys_are_tensor_names_or_prefixes() {
+        let set = "optim.lr_scale={\"a\" = 0.1, \"a.out\" = 10.0, \"logit_scale\" = 0}";
+        let cfg = Config::load(None, &[set.into()]).unwrap();
+        let o = &cfg.optim;
+        assert_eq!(o.lr_scale_of("a.out.weight"), 10.0);
+        assert_eq!(o.lr_scale_of("a.blocks.0.weight"), 0.1);
+        assert_eq!(o.lr_scale_of("logit_scale"), 0.0);
+        assert_eq!(o.lr_scale_of("b.out.weight"), 1.0);
+        assert_eq!(o.lr_scale_of("a.outer"), 0.1, "\"a.out\" is not a prefix of a.outer");
+        let again = Config::resolve(&cfg.to_toml(), "resolved", &[], None).unwrap();
+        assert_eq!(again.optim.lr_scale, cfg.optim.lr_scale);
+        let plain = Config::load(None, &[]).unwrap();
+        assert_ne!(cfg.resume_hash(), plain.resume_hash());
+        assert!(!plain.to_toml().contains("optim.lr_scale"), "an unset table changes every hash");
+        let file = format!("{DEFAULT_CONFIG}\n[optim.lr_scale]\n\"b.blocks\" = 0.5\n");
+        let from_file = Config::resolve(&file, "x.toml", &[], None).unwrap();
+        assert_eq!(from_file.optim.lr_scale_of("b.blocks.1.ln.gamma"), 0.5);
+
+        let bad = |set: &str| Config::load(None, &[set.into()]).unwrap_err().to_string();
+        let e = bad("optim.lr_scale={\"a.head\" = 2}");
+        assert!(e.contains("optim.lr_scale key \"a.head\" names no tensor"), "{e}");
+        assert!(e.contains("a.out.weight"), "{e}");
+        assert!(bad("optim.lr_scale={\"a.\" = 2}").contains("names no tensor"));
+        let e = bad("optim.lr_scale={\"a\" = -1}");
+        assert!(e.contains("optim.lr_scale \"a\" = -1 must be a finite number >= 0"), "{e}");
     }
 
     /// A value of the wrong type, or a key that does not exist, is named by its whole path

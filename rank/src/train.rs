@@ -30,7 +30,7 @@ use crate::fault;
 use crate::gns::{BatchController, GnsError, GnsEstimator, GnsReport};
 use crate::loss::{self, LossKind, RingLossOpts};
 use crate::model::{Model, ModelKind, ParamGroup};
-use crate::optim::{Optimizer, TensorGroup};
+use crate::optim::{OptimConfig, Optimizer, TensorGroup};
 use crate::overlap;
 use crate::rng::Rng;
 
@@ -263,11 +263,15 @@ fn gather_rows(
     Ok(out)
 }
 
-fn tensor_groups<B: DeviceBuf>(model: &Model<B>) -> Vec<TensorGroup> {
+/// The optimizer's view of the model's tensors, each with its `optim.lr_scale` factor.
+fn tensor_groups<B: DeviceBuf>(model: &Model<B>, optim: &OptimConfig) -> Vec<TensorGroup> {
     model
         .param_groups()
         .into_iter()
-        .map(|g| TensorGroup::from_shape(g.name, g.offset, g.len, &g.shape, g.trainable))
+        .map(|g| TensorGroup {
+            lr_scale: optim.lr_scale_of(&g.name),
+            ..TensorGroup::from_shape(g.name, g.offset, g.len, &g.shape, g.trainable)
+        })
         .collect()
 }
 
@@ -782,7 +786,20 @@ fn train_on<D: Device>(
         threads: if cfg.loss.threads > 0 { cfg.loss.threads } else { threads },
         ..cfg.loss.ring_opts()
     })?;
-    let groups = tensor_groups(&model);
+    let groups = tensor_groups(&model, &cfg.optim);
+    if is_root && !cfg.optim.lr_scale.is_empty() {
+        let scaled: Vec<String> = groups
+            .iter()
+            .filter(|g| g.trainable && g.lr_scale != 1.0)
+            .map(|g| format!("{} × {}", g.name, g.lr_scale))
+            .collect();
+        eprintln!(
+            "optim.lr_scale: {} of {} tensors at a scaled learning rate: {}",
+            scaled.len(),
+            groups.len(),
+            scaled.join(", ")
+        );
+    }
     // The optimizer's state lives beside the parameters, and its passes run on the device.
     let mut opt = Optimizer::new(&cfg.optim, groups)
         .map_err(|e| TrainError::Setup(e.to_string()))?

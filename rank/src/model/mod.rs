@@ -767,7 +767,13 @@ impl ModelConfig {
     /// Checks what [`Model::new`] checks (dimensions, `model.freeze`, …) without allocating
     /// the parameters: for a configuration's validation before any rank starts.
     pub fn validate(&self) -> Result<(), ModelError> {
-        Plan::new(self).map(|_| ())
+        self.tensor_names().map(|_| ())
+    }
+
+    /// The names of the model's tensors in their order in the flat buffer, after the checks
+    /// of [`ModelConfig::validate`].
+    pub fn tensor_names(&self) -> Result<Vec<String>, ModelError> {
+        Ok(Plan::new(self)?.groups.into_iter().map(|g| g.name).collect())
     }
 }
 

@@ -10,14 +10,16 @@ fn cfg(name: &str) -> OptimConfig {
 }
 
 /// Seven tensors over 95 values: weights, biases, a frozen tensor, a LayerNorm gain, the logit
-/// scale and a long one; decay and the trust ratio by the default rule.
+/// scale and a long one; decay and the trust ratio by the default rule; two tensors with a
+/// learning-rate factor (`optim.lr_scale`), an adapted one and one without a trust ratio.
 pub fn model_groups() -> Vec<TensorGroup> {
+    let scaled = |lr_scale: f64, g: TensorGroup| TensorGroup { lr_scale, ..g };
     vec![
         TensorGroup::from_shape("in.weight", 0, 20, &[4, 5], true),
-        TensorGroup::from_shape("in.bias", 20, 5, &[5], true),
+        scaled(0.5, TensorGroup::from_shape("in.bias", 20, 5, &[5], true)),
         TensorGroup::from_shape("frozen.weight", 25, 4, &[2, 2], false),
         TensorGroup::from_shape("ln.gamma", 29, 7, &[7], true),
-        TensorGroup::from_shape("out.weight", 36, 21, &[3, 7], true),
+        scaled(3.0, TensorGroup::from_shape("out.weight", 36, 21, &[3, 7], true)),
         TensorGroup::from_shape("logit_scale", 57, 1, &[], true),
         TensorGroup::from_shape("big.weight", 58, 37, &[37, 1], true),
     ]

@@ -7,6 +7,8 @@
 //! authors' released code pins; setting one of those keys to another value is an error that
 //! points to the `tvlars` preset.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::schedule::{Schedule, ScheduleKind};
@@ -112,6 +114,14 @@ pub struct OptimConfig {
     /// timm, MLPerf and the TVLARS code. LARS base rates are large (the adapted tensors move by
     /// lr·η‖w‖/‖g‖), so a value below 1 keeps such a rate off the excluded tensors.
     pub excluded_lr_scale: f64,
+    /// Learning-rate multipliers per tensor, as PyTorch's parameter groups give each group its
+    /// own `lr`: keys are tensor names or prefixes ending at a dot (`"a.out"`, `"a.blocks"`),
+    /// the longest matching key wins, other tensors take 1. The factor multiplies the scheduled
+    /// rate under every optimizer (and on top of `excluded_lr_scale`). Default: none.
+    /// Left out of the resolved config when empty, so that configs without it keep their
+    /// hashes (and older checkpoints stay resumable).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub lr_scale: BTreeMap<String, f64>,
 }
 
 impl Default for OptimConfig {
@@ -141,6 +151,7 @@ impl Default for OptimConfig {
             tvlars_delay: None,
             tvlars_min: None,
             excluded_lr_scale: 1.0,
+            lr_scale: BTreeMap::new(),
         }
     }
 }
@@ -210,6 +221,32 @@ fn pinned<T: PartialEq + std::fmt::Debug>(key: &str, set: Option<T>, pin: T) -> 
 }
 
 impl OptimConfig {
+    /// The learning-rate factor of the tensor `name`: the value of the longest
+    /// `optim.lr_scale` key that is `name` or a prefix of it ending at a dot; 1 when none is.
+    pub fn lr_scale_of(&self, name: &str) -> f64 {
+        self.lr_scale
+            .iter()
+            .filter(|(k, _)| crate::model::under(name, k))
+            .max_by_key(|(k, _)| k.len())
+            .map_or(1.0, |(_, &v)| v)
+    }
+
+    /// Each `optim.lr_scale` key must name one of the model's tensors (`names`), or a prefix
+    /// of some ending at a dot.
+    pub fn check_lr_scale(&self, names: &[String]) -> Result<(), String> {
+        for key in self.lr_scale.keys() {
+            if key.ends_with('.') || !names.iter().any(|n| crate::model::under(n, key)) {
+                return Err(format!(
+                    "optim.lr_scale key {key:?} names no tensor of this model; name a tensor, or \
+                     a prefix ending at a dot such as \"a.blocks\" (`tessera model` lists the \
+                     names: {})",
+                    names.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         self.settings().map(|_| ())
     }
@@ -452,6 +489,11 @@ impl OptimConfig {
             ));
         }
         finite_nonneg("excluded_lr_scale", self.excluded_lr_scale)?;
+        for (key, &v) in &self.lr_scale {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(format!("optim.lr_scale {key:?} = {v} must be a finite number >= 0"));
+            }
+        }
         if self.excluded_lr_scale != 1.0 && family == Family::Sgd {
             return Err(format!(
                 "optim.excluded_lr_scale = {} only applies to lars, tvlars, tvlars-code and \

@@ -570,8 +570,19 @@ impl<B: DeviceBuf> Optimizer<B> {
             if v.is_empty() { "none".into() } else { v.join(", ") }
         };
         let frozen = self.groups.iter().filter(|g| !g.trainable).count();
+        let scaled: Vec<String> = self
+            .groups
+            .iter()
+            .filter(|g| g.trainable && g.lr_scale != 1.0)
+            .map(|g| format!("{} × {}", g.name, g.lr_scale))
+            .collect();
+        let scaled = if scaled.is_empty() {
+            String::new()
+        } else {
+            format!("; learning rate of {}", scaled.join(", "))
+        };
         format!(
-            "optimizer {}: {} tensors ({} frozen); weight decay {} on all but: {}; {}",
+            "optimizer {}: {} tensors ({} frozen); weight decay {} on all but: {}; {}{scaled}",
             s.name,
             self.groups.len(),
             frozen,
@@ -723,6 +734,7 @@ impl<B: DeviceBuf> Optimizer<B> {
             let groups = &self.groups;
             let mut rate = |j: usize, uu: f64, ww: f64| -> f64 {
                 let gi = owners[j];
+                let lr = lr * groups[gi].lr_scale;
                 let adapted = groups[gi].adapt;
                 let ratio = if adapted {
                     let wn = ww.sqrt();
@@ -745,6 +757,7 @@ impl<B: DeviceBuf> Optimizer<B> {
             let mut owners = Vec::new();
             let mut mjobs = Vec::new();
             for (gi, grp) in self.groups.iter().enumerate().filter(|(_, g)| g.trainable) {
+                let lr = lr * grp.lr_scale;
                 let adapted = grp.adapt && st.family != Family::Sgd;
                 let s = sums_of(gi);
                 let (r, wd) = if adapted {

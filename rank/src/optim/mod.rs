@@ -39,6 +39,9 @@ pub struct TensorGroup {
     pub adapt: bool,
     /// False for frozen tensors (a LiT-locked tower): never updated.
     pub trainable: bool,
+    /// Multiplies the step's learning rate for this tensor (`optim.lr_scale`; default 1), as
+    /// a PyTorch parameter group's own `lr` does.
+    pub lr_scale: f64,
 }
 
 impl TensorGroup {
@@ -60,6 +63,7 @@ impl TensorGroup {
             decay: big,
             adapt: big,
             trainable,
+            lr_scale: 1.0,
         }
     }
 }

@@ -52,6 +52,7 @@ impl Reference {
             if !grp.trainable {
                 continue;
             }
+            let lr = lr * grp.lr_scale;
             let r0 = grp.offset..grp.offset + grp.len;
             let g = g_all[r0.clone()].to_vec();
             let w = self.w[r0.clone()].to_vec();

@@ -324,7 +324,9 @@ fn matches_f64_reference_over_100_random_steps() {
 /// The old stand-alone Sgd and the engine's sgd agree (same convention, default config).
 #[test]
 fn engine_sgd_matches_the_old_sgd() {
-    let groups = model_groups();
+    // The old Sgd has no per-tensor learning rate.
+    let groups: Vec<TensorGroup> =
+        model_groups().into_iter().map(|g| TensorGroup { lr_scale: 1.0, ..g }).collect();
     let c = OptimConfig { weight_decay: Some(1e-3), ..cfg("sgd") };
     let mut a = Optimizer::new(&c, groups.clone()).unwrap();
     let mut b = Sgd::new(groups, c.momentum, false, 1e-3);
@@ -406,7 +408,13 @@ fn summary_reports_first_last_and_spread_of_adapted_tensors() {
     let mut sorted = adapted.clone();
     sorted.sort_by(f64::total_cmp);
     assert_eq!((s.ratio_min, s.ratio_median, s.ratio_max), (sorted[0], sorted[1], sorted[2]));
-    assert_eq!(s.lr_max, 2.0 * sorted[2]);
+    // The effective rates: lr × the tensor's lr_scale (out.weight: 3) × its ratio.
+    let lrs: Vec<f64> = [0, 4, 6].iter().map(|&i| stats.groups[i].lr).collect();
+    for (k, &i) in [0, 4, 6].iter().enumerate() {
+        assert_eq!(lrs[k], 2.0 * groups[i].lr_scale * adapted[k], "{}", groups[i].name);
+    }
+    assert_eq!(groups[4].lr_scale, 3.0);
+    assert_eq!(s.lr_max, lrs.iter().copied().fold(0.0, f64::max));
     // Under SGD nothing is adapted: the summary covers every trainable tensor, ratio 1.
     let mut sgd = Optimizer::new(&cfg("sgd"), groups).unwrap();
     let s = sgd.step(&mut p, &g, 0.1, 0).summary(sgd.groups()).unwrap();
@@ -562,4 +570,39 @@ fn excluded_lr_scale_multiplies_the_rate_of_excluded_tensors_only() {
     let c = OptimConfig { excluded_lr_scale: 0.1, ..cfg("sgd") };
     let err = Optimizer::new(&c, groups).unwrap_err().to_string();
     assert!(err.contains("optim.excluded_lr_scale"), "{err}");
+}
+
+/// `optim.lr_scale`: a tensor with factor k moves exactly as it would at k × the rate, and
+/// every other tensor exactly as without the factor, under every optimizer variant (ratios,
+/// clipping and LARC's clip included).
+#[test]
+fn lr_scale_multiplies_the_rate_of_its_tensor_only() {
+    let unscaled: Vec<TensorGroup> =
+        model_groups().into_iter().map(|g| TensorGroup { lr_scale: 1.0, ..g }).collect();
+    let out = unscaled.iter().position(|g| g.name == "out.weight").unwrap();
+    let mut scaled = unscaled.clone();
+    scaled[out].lr_scale = 2.0;
+    for c in variants() {
+        let mut rng = crate::rng::Rng::new(41);
+        let p0: Vec<f32> = (0..95).map(|_| rng.normal() as f32).collect();
+        let mut a = Optimizer::new(&c, scaled.clone()).unwrap();
+        let mut base = Optimizer::new(&c, unscaled.clone()).unwrap();
+        let mut double = Optimizer::new(&c, unscaled.clone()).unwrap();
+        let (mut pa, mut pb, mut pd) = (p0.clone(), p0.clone(), p0.clone());
+        for step in 0..4u64 {
+            let g: Vec<f32> = (0..95).map(|_| rng.normal() as f32).collect();
+            let lr = 0.05 * (step + 1) as f64;
+            let sa = a.step(&mut pa, &g, lr, step);
+            base.step(&mut pb, &g, lr, step);
+            let sd = double.step(&mut pd, &g, lr * 2.0, step);
+            assert_eq!(sa.groups[out], sd.groups[out], "{} step {step}", c.name);
+        }
+        for (gi, grp) in scaled.iter().enumerate() {
+            let r = grp.offset..grp.offset + grp.len;
+            let want = if gi == out { &pd[r.clone()] } else { &pb[r.clone()] };
+            let same = pa[r].iter().zip(want).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{}: {} is not what its rate gives", c.name, grp.name);
+        }
+        assert_ne!(pa, pb, "{}: the factor changed nothing", c.name);
+    }
 }

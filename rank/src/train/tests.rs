@@ -402,3 +402,20 @@ fn data_that_does_not_fit_the_model_is_described() {
     let e = check_dims(&cfg, &train, "training").unwrap_err().to_string();
     assert!(e.contains("but model.kind = \"classifier\" expects labeled features of dim 5"), "{e}");
 }
+
+/// `optim.lr_scale` reaches the optimizer through the training loop: tower b at factor 0 keeps
+/// its initial values (its gradient is still computed and all-reduced), so the run ends with
+/// the parameters of a run with tower b frozen, bitwise; at factor 0.5 it moves, and differently.
+#[test]
+fn lr_scale_zero_on_a_tower_trains_like_freezing_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (frozen, _) = run(2, config(&dir.path().join("frozen"), &["model.freeze_b=true"]), false);
+    let zero = config(&dir.path().join("zero"), &[r#"optim.lr_scale={"b" = 0.0}"#]);
+    let (still, _) = run(2, zero, false);
+    assert_eq!(still.params_sha256, frozen.params_sha256);
+    let half = config(&dir.path().join("half"), &[r#"optim.lr_scale={"b" = 0.5}"#]);
+    let (half, _) = run(2, half, false);
+    let (full, _) = run(2, config(&dir.path().join("full"), &[]), false);
+    let hashes = [&frozen.params_sha256, &half.params_sha256, &full.params_sha256];
+    assert!(hashes[0] != hashes[1] && hashes[1] != hashes[2], "{hashes:?}");
+}
