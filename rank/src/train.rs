@@ -787,23 +787,19 @@ fn train_on<D: Device>(
         ..cfg.loss.ring_opts()
     })?;
     let groups = tensor_groups(&model, &cfg.optim);
-    if is_root && !cfg.optim.lr_scale.is_empty() {
-        let scaled: Vec<String> = groups
-            .iter()
-            .filter(|g| g.trainable && g.lr_scale != 1.0)
-            .map(|g| format!("{} × {}", g.name, g.lr_scale))
-            .collect();
-        eprintln!(
-            "optim.lr_scale: {} of {} tensors at a scaled learning rate: {}",
-            scaled.len(),
-            groups.len(),
-            scaled.join(", ")
-        );
-    }
     // The optimizer's state lives beside the parameters, and its passes run on the device.
     let mut opt = Optimizer::new(&cfg.optim, groups)
         .map_err(|e| TrainError::Setup(e.to_string()))?
         .into_device(dev);
+    if is_root && !cfg.optim.lr_scale.is_empty() {
+        let scaled = opt.scaled_rates();
+        eprintln!(
+            "optim.lr_scale: {} of {} tensors at a scaled learning rate: {}",
+            scaled.len(),
+            opt.groups().len(),
+            scaled.join(", ")
+        );
+    }
     let schedule = cfg.optim.lr_schedule(cfg.run.steps).map_err(TrainError::Setup)?;
     // One global-batch stream for all ranks: the same permutation everywhere, each rank taking
     // its rows, so that N ranks see exactly what one rank with the whole batch would.

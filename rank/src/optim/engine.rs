@@ -570,12 +570,7 @@ impl<B: DeviceBuf> Optimizer<B> {
             if v.is_empty() { "none".into() } else { v.join(", ") }
         };
         let frozen = self.groups.iter().filter(|g| !g.trainable).count();
-        let scaled: Vec<String> = self
-            .groups
-            .iter()
-            .filter(|g| g.trainable && g.lr_scale != 1.0)
-            .map(|g| format!("{} × {}", g.name, g.lr_scale))
-            .collect();
+        let scaled = self.scaled_rates();
         let scaled = if scaled.is_empty() {
             String::new()
         } else {
@@ -598,6 +593,16 @@ impl<B: DeviceBuf> Optimizer<B> {
                 "no trust ratio".into()
             }
         )
+    }
+
+    /// The trainable tensors with a learning-rate factor other than 1 (`optim.lr_scale`), as
+    /// "name × factor".
+    pub fn scaled_rates(&self) -> Vec<String> {
+        self.groups
+            .iter()
+            .filter(|g| g.trainable && g.lr_scale != 1.0)
+            .map(|g| format!("{} × {}", g.name, g.lr_scale))
+            .collect()
     }
 
     /// LARS/TVLARS ratio and the decay that goes with it, from the tensor's sums (`gw` is only
