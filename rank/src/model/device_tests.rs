@@ -34,7 +34,7 @@ fn contrastive_on_tracked(cfg: &ModelConfig, batch: usize) {
     let xb = inputs(2, batch * b_dim);
     let d = cfg.tower_a.output_dim;
     let (ga, gb) = (inputs(3, batch * d), inputs(4, batch * d));
-    let frozen_b = !host.tower_b().trainable;
+    let frozen_b = !host.tower_b().trains();
     let mut layers = Vec::new();
     for step in 0..2 {
         host.zero_grads();

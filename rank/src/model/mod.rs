@@ -273,7 +273,12 @@ impl Linear {
 
 impl Unit {
     fn trains(&self) -> bool {
-        self.lin.trains() || (self.ln.is_some() && (self.ln_train.0 || self.ln_train.1))
+        self.lin.trains() || self.ln_trains()
+    }
+
+    /// Whether the unit has a LayerNorm with a tensor that trains.
+    fn ln_trains(&self) -> bool {
+        self.ln.is_some() && (self.ln_train.0 || self.ln_train.1)
     }
 }
 
@@ -284,8 +289,6 @@ struct Tower {
     blocks: Vec<Unit>,
     head: Unit,
     normalize: bool,
-    /// Whether any tensor of the tower trains.
-    trainable: bool,
     /// The lowest layer with a tensor that trains (0: the input layer, `i + 1`: block `i`,
     /// `depth + 1`: the head): the backward stops there. `None` for a frozen tower.
     lowest: Option<usize>,
@@ -389,8 +392,7 @@ impl Layout<'_> {
         } else {
             head.trains().then_some(blocks.len() + 1)
         };
-        let trainable = lowest.is_some();
-        Tower { cfg: cfg.clone(), input, blocks, head, normalize, trainable, lowest }
+        Tower { cfg: cfg.clone(), input, blocks, head, normalize, lowest }
     }
 }
 
@@ -532,7 +534,7 @@ fn unit_bwd<D: Device>(
     want_dh: bool,
 ) -> Option<D::Buf> {
     let n = u.lin.fan_in;
-    let ln_trains = u.ln.is_some() && (u.ln_train.0 || u.ln_train.1);
+    let ln_trains = u.ln_trains();
     let da = linear_bwd(dev, p, g, &u.lin, &c.a, dy, batch, want_dh || ln_trains)?;
     let mut dz = dev.alloc(batch * n);
     act_bwd(dev, act, c.ln.as_ref().map_or(&c.h, |l| &l.z), &da, &mut dz);
@@ -573,6 +575,11 @@ fn kept<B>(c: &Option<UnitCache<B>>) -> &UnitCache<B> {
 }
 
 impl Tower {
+    /// Whether any tensor of the tower trains.
+    fn trains(&self) -> bool {
+        self.lowest.is_some()
+    }
+
     /// Forward of `x` (host or device memory): the output, and with `keep` the activations
     /// its backward reads (none of a frozen layer below the lowest trainable one, as autograd
     /// saves nothing for a layer whose inputs and weights need no gradient). Only queues work;
@@ -1034,7 +1041,7 @@ impl<B: DeviceBuf> Model<B> {
         self.assert_contrastive("forward_pair");
         let (fa, ca) = self.towers[0].forward(dev, &self.params, a, batch, true);
         let tb = self.tower_b();
-        let (fb, cb) = tb.forward(dev, &self.params, b, batch, tb.trainable);
+        let (fb, cb) = tb.forward(dev, &self.params, b, batch, tb.trains());
         self.cache_a = ca;
         self.cache_b = cb;
         (fa, fb)
@@ -1055,7 +1062,7 @@ impl<B: DeviceBuf> Model<B> {
     ) {
         self.assert_contrastive("forward_for_backward");
         let ta = &self.towers[0];
-        let (fa, ca) = if ta.trainable {
+        let (fa, ca) = if ta.trains() {
             let (fa, ca) = ta.forward(dev, &self.params, a, batch, true);
             (Some(fa), ca)
         } else {
@@ -1063,7 +1070,7 @@ impl<B: DeviceBuf> Model<B> {
             (None, Some(TowerCache { batch, x: None, units: Vec::new(), l2: None }))
         };
         let tb = self.tower_b();
-        let (fb, cb) = if tb.trainable {
+        let (fb, cb) = if tb.trains() {
             let (fb, cb) = tb.forward(dev, &self.params, b, batch, true);
             (Some(fb), cb)
         } else {
