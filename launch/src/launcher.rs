@@ -109,8 +109,7 @@ pub fn run_training(
     std::fs::create_dir_all(&cfg.run.out_dir)
         .with_context(|| format!("creating run.out_dir {}", cfg.run.out_dir.display()))?;
     let resolved = cfg.run.out_dir.join("config.toml");
-    std::fs::write(&resolved, cfg.to_toml())
-        .with_context(|| format!("writing {}", resolved.display()))?;
+    tessera_rank::atomic_file::write_atomic(&resolved, cfg.to_toml().as_bytes())?;
     eprintln!("# resolved config (saved to {})", resolved.display());
     eprint!("{}", cfg.to_toml());
     let rank_args = train.job.to_args();

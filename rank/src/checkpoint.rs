@@ -32,7 +32,6 @@
 //! ranks, so only rank 0 needs to see the checkpoint directory.
 
 use std::fs::{self, File};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -40,6 +39,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tessera_collectives::{CommError, Communicator};
 
+use crate::atomic_file::{AtomicWriteError, write_atomic, write_atomic_with};
 use crate::config::{Config, differing_keys};
 use crate::device::DeviceBuf;
 use crate::gns::{BatchChange, BatchSchedule, GnsEstimator, GnsReport, GnsState};
@@ -102,6 +102,12 @@ pub enum CheckpointError {
 impl From<CommError> for CheckpointError {
     fn from(e: CommError) -> Self {
         CheckpointError::Comm(e)
+    }
+}
+
+impl From<AtomicWriteError> for CheckpointError {
+    fn from(AtomicWriteError { op, path, source }: AtomicWriteError) -> CheckpointError {
+        CheckpointError::Io { op, path, source }
     }
 }
 
@@ -584,25 +590,9 @@ pub fn write_checkpoint(
 ) -> Result<(PathBuf, u64), CheckpointError> {
     let bytes = encode(ck)?;
     fs::create_dir_all(dir).map_err(io_err("creating checkpoint directory", dir))?;
-    let name = checkpoint_file_name(ck.step);
-    let path = dir.join(&name);
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let result = (|| {
-        let mut f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
-        let (first, second) = bytes.split_at(bytes.len() / 2);
-        f.write_all(first).map_err(io_err("writing", &tmp))?;
-        // Fault-injection tests kill the process here, with half of the file written.
-        crate::fault::at_checkpoint();
-        f.write_all(second).map_err(io_err("writing", &tmp))?;
-        f.sync_all().map_err(io_err("fsync of", &tmp))?;
-        drop(f);
-        fs::rename(&tmp, &path).map_err(io_err("renaming a temporary file onto", &path))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result?;
-    sync_dir(dir);
+    let path = dir.join(checkpoint_file_name(ck.step));
+    // Fault-injection tests kill the process halfway, with half of the file written.
+    write_atomic_with(&path, &bytes, crate::fault::at_checkpoint)?;
     prune(dir, keep, ck.step)?;
     Ok((path, bytes.len() as u64))
 }
@@ -1085,26 +1075,7 @@ pub fn safetensors_bytes(ck: &Checkpoint) -> Result<Vec<u8>, CheckpointError> {
 /// partial file). Returns the size in bytes.
 pub fn write_safetensors(path: &Path, ck: &Checkpoint) -> Result<u64, CheckpointError> {
     let bytes = safetensors_bytes(ck)?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path.file_name().ok_or_else(|| CheckpointError::Io {
-        op: "writing",
-        path: path.to_path_buf(),
-        source: std::io::Error::other("the output path has no file name"),
-    })?;
-    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
-    let result = (|| {
-        let mut f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
-        f.write_all(&bytes).map_err(io_err("writing", &tmp))?;
-        f.sync_all().map_err(io_err("fsync of", &tmp))?;
-        fs::rename(&tmp, path).map_err(io_err("renaming a temporary file onto", path))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result?;
+    write_atomic(path, &bytes)?;
     Ok(bytes.len() as u64)
 }
 

@@ -1,5 +1,6 @@
 //! One Tessera rank: device kernels, models, losses, data and the training loop.
 
+pub mod atomic_file;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

@@ -1379,7 +1379,8 @@ fn train_on<D: Device>(
     if is_root {
         let path = out_dir.join("params.f32");
         let bytes: Vec<u8> = model.params().iter().flat_map(|v| v.to_le_bytes()).collect();
-        fs::write(&path, bytes).map_err(|source| TrainError::Output { path, source })?;
+        crate::atomic_file::write_atomic(&path, &bytes)
+            .map_err(|e| TrainError::Output { path: e.path, source: e.source })?;
     }
 
     summary.steps = end_step;

@@ -17,8 +17,7 @@
 //! the class count, features finite), so a damaged file is an error, never a panic or UB.
 
 use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use rkyv::{Archive, Serialize};
@@ -128,29 +127,8 @@ pub(crate) fn shard_bytes(data: &Dataset, meta: &ShardMeta) -> Result<Vec<u8>, D
 /// fsync of the directory. Returns the number of bytes written.
 pub fn write_shard(path: &Path, data: &Dataset, meta: &ShardMeta) -> Result<u64, DataError> {
     let bytes = shard_bytes(data, meta)?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = path.file_name().ok_or_else(|| {
-        DataError::Shape(format!("shard path {} has no file name", path.display()))
-    })?;
-    let tmp = dir.join(format!(".{}.tmp{}", file_name.to_string_lossy(), std::process::id()));
-    let result = (|| {
-        let mut f = File::create(&tmp).map_err(|e| DataError::io("create", &tmp, e))?;
-        f.write_all(&bytes).map_err(|e| DataError::io("write", &tmp, e))?;
-        f.sync_all().map_err(|e| DataError::io("fsync", &tmp, e))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(|e| DataError::io("rename into", path, e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result?;
-    // Make the rename durable; not every platform lets a directory be opened and synced.
-    if let Ok(d) = File::open(&dir) {
-        let _ = d.sync_all();
-    }
+    crate::atomic_file::write_atomic(path, &bytes)
+        .map_err(|e| DataError::io(e.op, e.path, e.source))?;
     Ok(bytes.len() as u64)
 }
 
@@ -361,6 +339,8 @@ pub fn open_shard(path: &Path) -> Result<Dataset, DataError> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
 
     fn sample_paired() -> Dataset {
