@@ -69,11 +69,16 @@ pub fn write_atomic_with(
         let _ = fs::remove_file(&tmp);
     }
     result?;
-    // Makes the rename durable; not every platform lets a directory be opened and synced.
-    if let Ok(d) = File::open(parent_dir(path)) {
+    sync_dir(&parent_dir(path));
+    Ok(())
+}
+
+/// Makes renames and deletions in `dir` durable; not every platform lets a directory be opened
+/// and synced, so a failure is ignored.
+pub fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
-    Ok(())
 }
 
 #[cfg(test)]

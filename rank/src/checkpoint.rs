@@ -31,7 +31,7 @@
 //! writer is enough. Resuming, rank 0 reads the file and broadcasts its bytes to the other
 //! ranks, so only rank 0 needs to see the checkpoint directory.
 
-use std::fs::{self, File};
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -39,7 +39,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tessera_collectives::{CommError, Communicator};
 
-use crate::atomic_file::{AtomicWriteError, write_atomic, write_atomic_with};
+use crate::atomic_file::{AtomicWriteError, sync_dir, write_atomic, write_atomic_with};
 use crate::config::{Config, differing_keys};
 use crate::device::DeviceBuf;
 use crate::gns::{BatchChange, BatchSchedule, GnsEstimator, GnsReport, GnsState};
@@ -571,13 +571,6 @@ pub fn latest_valid(dir: &Path) -> Result<Option<Found>, CheckpointError> {
             skipped.join("; ")
         ),
     })
-}
-
-fn sync_dir(dir: &Path) {
-    // Makes the rename durable; not every platform lets a directory be opened and synced.
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
 }
 
 /// Writes `ck` into `dir` atomically as [`checkpoint_file_name`]`(ck.step)` (temporary file,

@@ -761,6 +761,12 @@ pub(crate) fn under(name: &str, prefix: &str) -> bool {
     name.strip_prefix(prefix).is_some_and(|r| r.is_empty() || r.starts_with('.'))
 }
 
+/// Whether a config entry (`model.freeze`, `optim.lr_scale`) names at least one of `names`: a
+/// tensor's name, or a prefix of some ending at a dot (an entry ending with a dot names none).
+pub(crate) fn names_a_tensor<'a>(entry: &str, mut names: impl Iterator<Item = &'a str>) -> bool {
+    !entry.ends_with('.') && names.any(|n| under(n, entry))
+}
+
 /// A model's layout before its parameters exist.
 struct Plan {
     towers: Vec<Tower>,
@@ -850,7 +856,7 @@ impl Plan {
 /// Each `model.freeze` entry must name a tensor, and something must be left to train.
 fn check_freeze(freeze: &[String], groups: &[ParamGroup]) -> Result<(), ModelError> {
     for f in freeze {
-        if f.ends_with('.') || !groups.iter().any(|g| under(&g.name, f)) {
+        if !names_a_tensor(f, groups.iter().map(|g| g.name.as_str())) {
             let top = f.split('.').next().unwrap_or_default();
             let mut names: Vec<&str> =
                 groups.iter().filter(|g| under(&g.name, top)).map(|g| g.name.as_str()).collect();

@@ -235,7 +235,7 @@ impl OptimConfig {
     /// of some ending at a dot.
     pub fn check_lr_scale(&self, names: &[String]) -> Result<(), String> {
         for key in self.lr_scale.keys() {
-            if key.ends_with('.') || !names.iter().any(|n| crate::model::under(n, key)) {
+            if !crate::model::names_a_tensor(key, names.iter().map(String::as_str)) {
                 return Err(format!(
                     "optim.lr_scale key {key:?} names no tensor of this model; name a tensor, or \
                      a prefix ending at a dot such as \"a.blocks\" (`tessera model` lists the \
